@@ -1,0 +1,106 @@
+"""Settings, read once from the environment at start-up.
+
+This is the only module that reads os.environ. The managed plugin's config.json maps each of these to a settable
+`env` entry, so every knob has an environment name and a default here.
+"""
+
+import dataclasses
+import ipaddress
+import logging
+import re
+import socket
+from typing import Mapping, Optional, Tuple
+from urllib.parse import urlsplit
+
+from plugin.errors import ConfigError
+
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    socket_path: str = "/run/docker/plugins/vxnet.sock"
+    etcd_endpoints: Tuple[str, ...] = ()  # empty: start the embedded etcd
+    etcd_ca: Optional[str] = None
+    etcd_cert: Optional[str] = None
+    etcd_key: Optional[str] = None
+    embedded_etcd_port: int = 23790
+    state_dir: str = "/var/lib/vxnet"
+    advertise_addr: Optional[str] = None  # None: address of the default-route interface
+    scope: str = "local"
+    log_level: str = "info"
+    host_id: str = ""
+    key_prefix: str = "/vxnet/v1"
+
+    @property
+    def embedded(self) -> bool:
+        return not self.etcd_endpoints
+
+    @property
+    def log_level_number(self) -> int:
+        return getattr(logging, self.log_level.upper())
+
+
+def _endpoints(raw: str) -> Tuple[str, ...]:
+    out = []
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        parts = urlsplit(item)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.port is None:
+            raise ConfigError(
+                f"ETCD_ENDPOINTS: {item!r} is not a URL of the form http(s)://host:port")
+        out.append(item.rstrip("/"))
+    return tuple(out)
+
+
+def _port(name: str, raw: str) -> int:
+    if not raw.isdigit() or not 1 <= int(raw) <= 65534:
+        raise ConfigError(f"{name}: {raw!r} is not a TCP port (1-65534; the next port is used for peers)")
+    return int(raw)
+
+
+def load(environ: Mapping[str, str]) -> Settings:
+    """Build Settings from an environment mapping; raise ConfigError naming the first bad setting."""
+
+    def get(name: str, default: str = "") -> str:
+        return environ.get(name, default).strip()
+
+    socket_path = get("VXNET_SOCKET", Settings.socket_path)
+    if not socket_path.startswith("/"):
+        raise ConfigError(f"VXNET_SOCKET: {socket_path!r} must be an absolute path")
+    state_dir = get("VXNET_STATE_DIR", Settings.state_dir)
+    if not state_dir.startswith("/"):
+        raise ConfigError(f"VXNET_STATE_DIR: {state_dir!r} must be an absolute path")
+    advertise = get("VXNET_ADVERTISE_ADDR") or None
+    if advertise is not None:
+        try:
+            if ipaddress.ip_address(advertise).version != 4:
+                raise ValueError
+        except ValueError:
+            raise ConfigError(f"VXNET_ADVERTISE_ADDR: {advertise!r} is not an IPv4 address") from None
+    scope = get("VXNET_SCOPE", Settings.scope).lower()
+    if scope not in ("local", "global"):
+        raise ConfigError(f"VXNET_SCOPE: {scope!r} must be 'local' or 'global'")
+    level = get("VXNET_LOG_LEVEL", Settings.log_level).lower()
+    if level not in _LOG_LEVELS:
+        raise ConfigError(f"VXNET_LOG_LEVEL: {level!r} must be one of {', '.join(_LOG_LEVELS)}")
+    host_id = get("VXNET_HOST_ID") or socket.gethostname()
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", host_id):
+        raise ConfigError(f"VXNET_HOST_ID: {host_id!r} must be 1-63 letters, digits, '.', '_' or '-'")
+    tls = {}
+    for name, attr in (("ETCD_CA_FILE", "etcd_ca"), ("ETCD_CERT_FILE", "etcd_cert"), ("ETCD_KEY_FILE", "etcd_key")):
+        tls[attr] = get(name) or None
+    if bool(tls["etcd_cert"]) != bool(tls["etcd_key"]):
+        raise ConfigError("ETCD_CERT_FILE/ETCD_KEY_FILE: give both or neither")
+    return Settings(
+        socket_path=socket_path,
+        etcd_endpoints=_endpoints(get("ETCD_ENDPOINTS")),
+        embedded_etcd_port=_port("VXNET_EMBEDDED_ETCD_PORT", get("VXNET_EMBEDDED_ETCD_PORT", "23790")),
+        state_dir=state_dir,
+        advertise_addr=advertise,
+        scope=scope,
+        log_level=level,
+        host_id=host_id,
+        **tls,
+    )

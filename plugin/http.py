@@ -1,0 +1,66 @@
+"""The HTTP face of the plugin: decode, dispatch through routes.ROUTES, encode. The only place that writes
+`Err`/`Error`.
+
+Every call is `POST /<Receiver>.<Method>` with a JSON body (dockerd sends no Content-Type, so the body is parsed
+whatever the header says). Errors: status from the error class, body `{"Err": msg, "Error": msg}`: the network
+driver reads `Err`, the IPAM client reads `Error` (and on 200 ignores `Err`), so both are always set and the
+status is never 200.
+"""
+
+import json
+import logging
+import time
+from typing import Mapping
+
+from flask import Flask, Response, request
+
+from plugin.errors import InvalidRequest, VxnetError
+from plugin.routes import ROUTES
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPE = "application/vnd.docker.plugins.v1+json"
+
+
+def _reply(body: dict, status: int = 200) -> Response:
+    return Response(json.dumps(body), status=status, content_type=CONTENT_TYPE)
+
+
+def _error(message: str, status: int) -> Response:
+    return _reply({"Err": message, "Error": message}, status)
+
+
+def make_app(drivers: Mapping[str, object]) -> Flask:
+    """drivers: receiver name ("NetworkDriver", "IpamDriver") -> driver object with one method per call."""
+    app = Flask("vxnet")
+
+    @app.post("/Plugin.Activate")
+    def activate():
+        return _reply({"Implements": [name for name in drivers]})
+
+    @app.route("/<path:call>", methods=["GET", "POST", "PUT", "DELETE"])
+    def dispatch(call: str):
+        route = ROUTES.get("/" + call)
+        if route is None or route.receiver not in drivers:
+            return _error(f"unknown call /{call}", 404)
+        if request.method != "POST":
+            return _error(f"/{call} takes POST", 405)
+        started = time.monotonic()
+        try:
+            raw = request.get_data(cache=False)
+            try:
+                body = json.loads(raw) if raw.strip() else None
+            except ValueError as exc:
+                raise InvalidRequest(f"request body is not JSON: {exc}") from None
+            req = route.decoder.decode(body)
+            reply = getattr(drivers[route.receiver], route.handler_name)(req)
+        except VxnetError as exc:
+            log.warning("%s.%s failed (%d): %s", route.receiver, route.method, exc.status, exc)
+            return _error(str(exc), exc.status)
+        except Exception as exc:  # a bug: say so, keep serving
+            log.exception("%s.%s crashed", route.receiver, route.method)
+            return _error(f"internal error in {route.method}: {type(exc).__name__}: {exc}", 500)
+        log.debug("%s.%s ok in %.1f ms", route.receiver, route.method, (time.monotonic() - started) * 1000)
+        return _reply(reply or {})
+
+    return app

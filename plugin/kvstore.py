@@ -1,0 +1,186 @@
+"""A thin etcd v3 wrapper over etcd3gw's HTTP session: the only module that speaks to etcd.
+
+Keys and values are str (values are JSON written by the stores). Every failure to reach etcd becomes
+StoreUnavailable naming the endpoints, so a `docker` user reads "etcd unreachable at http://...".
+The stores build on five primitives: get, get_prefix, put, delete and `commit`, a compare-and-swap
+transaction (keys that must be absent, keys that must be at a given revision, then puts and deletes).
+"""
+
+import base64
+import dataclasses
+import json
+import logging
+import threading
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from etcd3gw import exceptions as etcd_exc
+from etcd3gw.client import Etcd3Client
+
+from plugin.errors import StoreUnavailable, VxnetError
+
+log = logging.getLogger(__name__)
+
+# dockerd waits for a plugin call as long as it takes, but a user at `docker network create` should hear that
+# etcd is gone within 5 s: 4 s per endpoint attempt leaves room for the rest of the call.
+DEFAULT_TIMEOUT = 4.0
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def _unb64(text: str) -> str:
+    return base64.b64decode(text).decode()
+
+
+def prefix_end(prefix: str) -> str:
+    """The etcd range_end that selects every key starting with prefix (last byte + 1)."""
+    raw = bytearray(prefix.encode())
+    raw[-1] += 1
+    return raw.decode()
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    key: str
+    value: str
+    mod_revision: int
+    create_revision: int
+    lease: int = 0
+
+    def json(self):
+        return json.loads(self.value)
+
+
+def _entry(kv: dict) -> Entry:
+    return Entry(
+        key=_unb64(kv["key"]),
+        value=_unb64(kv.get("value", "")),
+        mod_revision=int(kv.get("mod_revision", 0)),
+        create_revision=int(kv.get("create_revision", 0)),
+        lease=int(kv.get("lease", 0)),
+    )
+
+
+class EtcdKV:
+    """etcd v3 over its JSON gateway. Thread-safe: each call is one HTTP request on a pooled session."""
+
+    def __init__(self, endpoints: Sequence[str], ca: Optional[str] = None, cert: Optional[str] = None,
+                 key: Optional[str] = None, timeout: float = DEFAULT_TIMEOUT,
+                 client_factory: Callable[..., Etcd3Client] = Etcd3Client):
+        if not endpoints:
+            raise ValueError("EtcdKV needs at least one endpoint")
+        self.endpoints = tuple(endpoints)
+        self._clients = []
+        for url in self.endpoints:
+            scheme, rest = url.split("://", 1)
+            host, port = rest.rsplit(":", 1)
+            self._clients.append(client_factory(
+                host=host.strip("[]"), port=int(port), protocol=scheme, ca_cert=ca, cert_key=key,
+                cert_cert=cert, timeout=timeout, api_path="/v3/"))
+        self._preferred = 0
+        self._lock = threading.Lock()
+
+    # -- transport ---------------------------------------------------------------------------------------------
+    def _call(self, path: str, body: dict) -> dict:
+        """POST body to /v3/<path> on the first endpoint that answers; StoreUnavailable if none does."""
+        errors = []
+        with self._lock:
+            order = list(range(len(self._clients)))
+            order = order[self._preferred:] + order[:self._preferred]
+        for index in order:
+            client = self._clients[index]
+            try:
+                reply = client.post(client.get_url(path), data=json.dumps(body))
+            except (etcd_exc.ConnectionFailedError, etcd_exc.ConnectionTimeoutError) as exc:
+                errors.append(f"{self.endpoints[index]}: {_short(exc)}")
+                continue
+            except etcd_exc.Etcd3Exception as exc:
+                raise StoreUnavailable(
+                    f"etcd at {self.endpoints[index]} refused {path}: {exc.detail_text or exc}") from None
+            except OSError as exc:  # TLS files unreadable, bad certificates
+                errors.append(f"{self.endpoints[index]}: {exc}")
+                continue
+            with self._lock:
+                self._preferred = index
+            return reply
+        raise StoreUnavailable("etcd unreachable at " + ", ".join(self.endpoints) + " (" + "; ".join(errors) + ")")
+
+    # -- reads -------------------------------------------------------------------------------------------------
+    def get(self, key: str) -> Optional[Entry]:
+        reply = self._call("kv/range", {"key": _b64(key)})
+        kvs = reply.get("kvs") or []
+        return _entry(kvs[0]) if kvs else None
+
+    def get_prefix(self, prefix: str) -> Tuple[List[Entry], int]:
+        """Every entry under prefix, sorted by key, and the store revision they were read at."""
+        reply = self._call("kv/range", {"key": _b64(prefix), "range_end": _b64(prefix_end(prefix))})
+        entries = sorted((_entry(kv) for kv in reply.get("kvs") or []), key=lambda e: e.key)
+        return entries, int(reply.get("header", {}).get("revision", 0))
+
+    # -- writes ------------------------------------------------------------------------------------------------
+    def put(self, key: str, value: str, lease: int = 0) -> int:
+        body = {"key": _b64(key), "value": _b64(value)}
+        if lease:
+            body["lease"] = lease
+        return int(self._call("kv/put", body).get("header", {}).get("revision", 0))
+
+    def delete(self, key: str) -> bool:
+        reply = self._call("kv/deleterange", {"key": _b64(key)})
+        return int(reply.get("deleted", 0)) > 0
+
+    def delete_prefix(self, prefix: str) -> int:
+        reply = self._call("kv/deleterange", {"key": _b64(prefix), "range_end": _b64(prefix_end(prefix))})
+        return int(reply.get("deleted", 0))
+
+    def create(self, key: str, value: str, lease: int = 0) -> bool:
+        """Put key only if it does not exist; True if this call created it."""
+        return self.commit(absent=[key], puts={key: value}, lease=lease)
+
+    def commit(self, absent: Iterable[str] = (), revisions: Optional[Dict[str, int]] = None,
+               puts: Optional[Dict[str, str]] = None, deletes: Iterable[str] = (), lease: int = 0) -> bool:
+        """One atomic transaction: if every key in `absent` is missing and every key in `revisions` is at that
+        mod_revision (0 = missing), apply `puts` and `deletes` and return True; otherwise change nothing and
+        return False."""
+        compare = [{"key": _b64(k), "target": "CREATE", "result": "EQUAL", "create_revision": 0} for k in absent]
+        for k, rev in (revisions or {}).items():
+            compare.append({"key": _b64(k), "target": "MOD", "result": "EQUAL", "mod_revision": rev})
+        success = []
+        for k, v in (puts or {}).items():
+            put = {"key": _b64(k), "value": _b64(v)}
+            if lease:
+                put["lease"] = lease
+            success.append({"request_put": put})
+        success += [{"request_delete_range": {"key": _b64(k)}} for k in deletes]
+        reply = self._call("kv/txn", {"compare": compare, "success": success, "failure": []})
+        return bool(reply.get("succeeded", False))
+
+    # -- leases ------------------------------------------------------------------------------------------------
+    def lease_grant(self, ttl: int) -> int:
+        return int(self._call("lease/grant", {"TTL": ttl, "ID": 0})["ID"])
+
+    def lease_keepalive(self, lease_id: int) -> int:
+        """Refresh a lease; returns the remaining TTL, 0 if the lease is gone."""
+        reply = self._call("lease/keepalive", {"ID": lease_id})
+        return int(reply.get("result", {}).get("TTL", 0))
+
+    def lease_revoke(self, lease_id: int) -> None:
+        try:
+            self._call("lease/revoke", {"ID": lease_id})
+        except StoreUnavailable:
+            raise
+        except VxnetError:
+            pass
+
+    def revision(self) -> int:
+        reply = self._call("kv/range", {"key": _b64("\0"), "limit": 1})
+        return int(reply.get("header", {}).get("revision", 0))
+
+
+def _short(exc: Exception) -> str:
+    text = getattr(exc, "detail_text", None) or str(exc)
+    if "Connection refused" in text:
+        return "connection refused"
+    if "timed out" in text.lower():
+        return "timed out"
+    return text[:200]

@@ -1,0 +1,261 @@
+"""Typed records for every libnetwork remote-driver and remote-IPAM call, and their decoders.
+
+Field names on the wire are Go field names without JSON tags (moby libnetwork/drivers/remote/api/api.go and
+libnetwork/ipams/remote/api/api.go): exact and case-sensitive. Go writes a nil map or slice as `null`, so null
+is read as empty. A decoder raises InvalidRequest naming the field and what was wrong with it; drivers receive
+only well-typed records.
+"""
+
+import dataclasses
+from typing import Any, Dict, List, Optional, Tuple
+
+from plugin.errors import InvalidRequest
+
+_MISSING = object()
+
+
+def _get(body: dict, name: str, kind, required: bool = True, where: str = ""):
+    value = body.get(name, _MISSING)
+    label = f"{where}{name}"
+    if value is _MISSING or value is None:
+        if required and value is _MISSING:
+            raise InvalidRequest(f"{label}: missing")
+        return {dict: {}, list: [], str: "", bool: False, int: 0}[kind]
+    if kind is int and isinstance(value, bool):
+        raise InvalidRequest(f"{label}: expected a number, got {type(value).__name__}")
+    if not isinstance(value, kind):
+        names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number"}
+        raise InvalidRequest(f"{label}: expected {names[kind]}, got {_json_type(value)}")
+    return value
+
+
+def _json_type(value) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
+            float: "a number"}.get(type(value), type(value).__name__)
+
+
+def _id(body: dict, name: str) -> str:
+    value = _get(body, name, str)
+    if not value:
+        raise InvalidRequest(f"{name}: empty")
+    return value
+
+
+def _body(raw: Any) -> dict:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise InvalidRequest(f"request body: expected a JSON object, got {_json_type(raw)}")
+    return raw
+
+
+# --- NetworkDriver --------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class IPAMData:
+    """`{"AddressSpace","Pool":"10.0.1.0/24","Gateway":"10.0.1.1/24","AuxAddresses":{"n":"10.0.1.5/24"}}`"""
+    address_space: str
+    pool: str
+    gateway: str
+    aux_addresses: Dict[str, str]
+
+    @classmethod
+    def decode(cls, raw: Any, where: str) -> "IPAMData":
+        if not isinstance(raw, dict):
+            raise InvalidRequest(f"{where}: expected an object, got {_json_type(raw)}")
+        aux = _get(raw, "AuxAddresses", dict, required=False, where=where + ".")
+        for key, value in aux.items():
+            if not isinstance(value, str):
+                raise InvalidRequest(f"{where}.AuxAddresses.{key}: expected a string")
+        return cls(
+            address_space=_get(raw, "AddressSpace", str, required=False, where=where + "."),
+            pool=_get(raw, "Pool", str, where=where + "."),
+            gateway=_get(raw, "Gateway", str, required=False, where=where + "."),
+            aux_addresses=dict(aux),
+        )
+
+
+def _ipam_list(body: dict, name: str, required: bool) -> Tuple[IPAMData, ...]:
+    items = _get(body, name, list, required=required)
+    return tuple(IPAMData.decode(item, f"{name}[{i}]") for i, item in enumerate(items))
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkIDRequest:
+    """DeleteNetwork, FreeNetwork: `{"NetworkID"}`."""
+    network_id: str
+
+    @classmethod
+    def decode(cls, raw: Any) -> "NetworkIDRequest":
+        return cls(network_id=_id(_body(raw), "NetworkID"))
+
+
+@dataclasses.dataclass(frozen=True)
+class CreateNetworkRequest:
+    """CreateNetwork and AllocateNetwork:
+    `{"NetworkID","Options":{...},"IPv4Data":[IPAMData],"IPv6Data":[IPAMData]}`.
+    Options holds `com.docker.network.generic` (the `-o` map), `com.docker.network.enable_ipv6`,
+    `com.docker.network.internal`."""
+    network_id: str
+    options: Dict[str, Any]
+    ipv4_data: Tuple[IPAMData, ...]
+    ipv6_data: Tuple[IPAMData, ...]
+
+    @classmethod
+    def decode(cls, raw: Any) -> "CreateNetworkRequest":
+        body = _body(raw)
+        return cls(
+            network_id=_id(body, "NetworkID"),
+            options=dict(_get(body, "Options", dict, required=False)),
+            ipv4_data=_ipam_list(body, "IPv4Data", required=False),
+            ipv6_data=_ipam_list(body, "IPv6Data", required=False),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class EndpointInterface:
+    address: str
+    address_ipv6: str
+    mac_address: str
+
+
+@dataclasses.dataclass(frozen=True)
+class CreateEndpointRequest:
+    """`{"NetworkID","EndpointID","Interface":{"Address","AddressIPv6","MacAddress"},"Options":{...}}`"""
+    network_id: str
+    endpoint_id: str
+    interface: EndpointInterface
+    options: Dict[str, Any]
+
+    @classmethod
+    def decode(cls, raw: Any) -> "CreateEndpointRequest":
+        body = _body(raw)
+        iface = _get(body, "Interface", dict, required=False)
+        return cls(
+            network_id=_id(body, "NetworkID"),
+            endpoint_id=_id(body, "EndpointID"),
+            interface=EndpointInterface(
+                address=_get(iface, "Address", str, required=False, where="Interface."),
+                address_ipv6=_get(iface, "AddressIPv6", str, required=False, where="Interface."),
+                mac_address=_get(iface, "MacAddress", str, required=False, where="Interface."),
+            ),
+            options=dict(_get(body, "Options", dict, required=False)),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class EndpointRequest:
+    """EndpointOperInfo, DeleteEndpoint, Leave, RevokeExternalConnectivity: `{"NetworkID","EndpointID"}`;
+    ProgramExternalConnectivity adds `"Options"`."""
+    network_id: str
+    endpoint_id: str
+    options: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def decode(cls, raw: Any) -> "EndpointRequest":
+        body = _body(raw)
+        return cls(network_id=_id(body, "NetworkID"), endpoint_id=_id(body, "EndpointID"),
+                   options=dict(_get(body, "Options", dict, required=False)))
+
+
+@dataclasses.dataclass(frozen=True)
+class JoinRequest:
+    """`{"NetworkID","EndpointID","SandboxKey","Options":{...}}`"""
+    network_id: str
+    endpoint_id: str
+    sandbox_key: str
+    options: Dict[str, Any]
+
+    @classmethod
+    def decode(cls, raw: Any) -> "JoinRequest":
+        body = _body(raw)
+        return cls(network_id=_id(body, "NetworkID"), endpoint_id=_id(body, "EndpointID"),
+                   sandbox_key=_get(body, "SandboxKey", str, required=False),
+                   options=dict(_get(body, "Options", dict, required=False)))
+
+
+@dataclasses.dataclass(frozen=True)
+class DiscoveryRequest:
+    """DiscoverNew/DiscoverDelete: `{"DiscoveryType":1,"DiscoveryData":{"Address","BindAddress","Self"}}`"""
+    discovery_type: int
+    data: Dict[str, Any]
+
+    @classmethod
+    def decode(cls, raw: Any) -> "DiscoveryRequest":
+        body = _body(raw)
+        data = body.get("DiscoveryData")
+        return cls(discovery_type=_get(body, "DiscoveryType", int),
+                   data=dict(data) if isinstance(data, dict) else {})
+
+
+@dataclasses.dataclass(frozen=True)
+class EmptyRequest:
+    """GetCapabilities, GetDefaultAddressSpaces, Plugin.Activate: no body, or one we ignore."""
+
+    @classmethod
+    def decode(cls, raw: Any) -> "EmptyRequest":
+        return cls()
+
+
+# --- IpamDriver -----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class RequestPoolRequest:
+    """`{"AddressSpace","Pool","SubPool","Options","V6"}`"""
+    address_space: str
+    pool: str
+    sub_pool: str
+    options: Dict[str, str]
+    v6: bool
+
+    @classmethod
+    def decode(cls, raw: Any) -> "RequestPoolRequest":
+        body = _body(raw)
+        return cls(address_space=_get(body, "AddressSpace", str, required=False),
+                   pool=_get(body, "Pool", str, required=False),
+                   sub_pool=_get(body, "SubPool", str, required=False),
+                   options=_str_map(body, "Options"),
+                   v6=_get(body, "V6", bool, required=False))
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolIDRequest:
+    """ReleasePool: `{"PoolID"}`"""
+    pool_id: str
+
+    @classmethod
+    def decode(cls, raw: Any) -> "PoolIDRequest":
+        return cls(pool_id=_id(_body(raw), "PoolID"))
+
+
+@dataclasses.dataclass(frozen=True)
+class AddressRequest:
+    """RequestAddress `{"PoolID","Address":"" or "a.b.c.d","Options"}`; ReleaseAddress `{"PoolID","Address"}`."""
+    pool_id: str
+    address: str
+    options: Dict[str, str]
+
+    @classmethod
+    def decode(cls, raw: Any) -> "AddressRequest":
+        body = _body(raw)
+        return cls(pool_id=_id(body, "PoolID"), address=_get(body, "Address", str, required=False),
+                   options=_str_map(body, "Options"))
+
+
+def _str_map(body: dict, name: str) -> Dict[str, str]:
+    value = _get(body, name, dict, required=False)
+    for key, item in value.items():
+        if not isinstance(item, str):
+            raise InvalidRequest(f"{name}.{key}: expected a string, got {_json_type(item)}")
+    return dict(value)
+
+
+def ipv4_from_cidr(text: str, field: str) -> Optional[str]:
+    """Gateway and aux addresses arrive as CIDR strings ("10.0.1.1/24"); return the bare address."""
+    if not text:
+        return None
+    import ipaddress
+    try:
+        return str(ipaddress.ip_interface(text).ip)
+    except ValueError:
+        raise InvalidRequest(f"{field}: {text!r} is not an address in CIDR form") from None

@@ -1,0 +1,94 @@
+"""Fakes that model state (not call recorders), shared by the unit tests.
+
+FakeKV behaves like plugin.kvstore.EtcdKV: a revisioned key space with create-if-absent and compare-and-swap
+transactions, and an `unavailable` switch that makes every call fail as an unreachable etcd does.
+"""
+
+import threading
+from typing import Dict, Iterable, List, Optional, Tuple
+
+from plugin.errors import StoreUnavailable
+from plugin.kvstore import Entry
+
+
+class FakeKV:
+    def __init__(self):
+        self.data: Dict[str, Entry] = {}
+        self.rev = 1
+        self.unavailable = False
+        self.fail_after: Optional[int] = None  # number of further writes that succeed before etcd "goes away"
+        self._lock = threading.RLock()
+        self.endpoints = ("http://fake:2379",)
+
+    def _check(self, write: bool = False):
+        if self.unavailable:
+            raise StoreUnavailable("etcd unreachable at http://fake:2379 (connection refused)")
+        if write and self.fail_after is not None:
+            if self.fail_after <= 0:
+                self.unavailable = True
+                raise StoreUnavailable("etcd unreachable at http://fake:2379 (connection refused)")
+            self.fail_after -= 1
+
+    def _put(self, key, value, lease=0):
+        self.rev += 1
+        old = self.data.get(key)
+        self.data[key] = Entry(key, value, self.rev, old.create_revision if old else self.rev, lease)
+
+    def get(self, key: str) -> Optional[Entry]:
+        with self._lock:
+            self._check()
+            return self.data.get(key)
+
+    def get_prefix(self, prefix: str) -> Tuple[List[Entry], int]:
+        with self._lock:
+            self._check()
+            return sorted((e for k, e in self.data.items() if k.startswith(prefix)), key=lambda e: e.key), self.rev
+
+    def put(self, key: str, value: str, lease: int = 0) -> int:
+        with self._lock:
+            self._check(write=True)
+            self._put(key, value, lease)
+            return self.rev
+
+    def delete(self, key: str) -> bool:
+        with self._lock:
+            self._check(write=True)
+            if key in self.data:
+                self.rev += 1
+                del self.data[key]
+                return True
+            return False
+
+    def delete_prefix(self, prefix: str) -> int:
+        with self._lock:
+            self._check(write=True)
+            keys = [k for k in self.data if k.startswith(prefix)]
+            if keys:
+                self.rev += 1
+            for k in keys:
+                del self.data[k]
+            return len(keys)
+
+    def create(self, key: str, value: str, lease: int = 0) -> bool:
+        return self.commit(absent=[key], puts={key: value}, lease=lease)
+
+    def commit(self, absent: Iterable[str] = (), revisions: Optional[Dict[str, int]] = None,
+               puts: Optional[Dict[str, str]] = None, deletes: Iterable[str] = (), lease: int = 0) -> bool:
+        with self._lock:
+            self._check(write=True)
+            if any(k in self.data for k in absent):
+                return False
+            for k, rev in (revisions or {}).items():
+                current = self.data[k].mod_revision if k in self.data else 0
+                if current != rev:
+                    return False
+            self.rev += 1
+            for k, v in (puts or {}).items():
+                old = self.data.get(k)
+                self.data[k] = Entry(k, v, self.rev, old.create_revision if old else self.rev, lease)
+            for k in deletes:
+                self.data.pop(k, None)
+            return True
+
+    def keys(self, prefix: str = "") -> List[str]:
+        return sorted(k for k in self.data if k.startswith(prefix))
