@@ -92,3 +92,54 @@ class FakeKV:
 
     def keys(self, prefix: str = "") -> List[str]:
         return sorted(k for k in self.data if k.startswith(prefix))
+
+
+class FakeDataPlane:
+    """The per-network data plane as state: networks (id -> vni, mtu), endpoints per network, peers per network.
+
+    `fail_on` names an operation ("ensure_network", "ensure_endpoint") that raises KernelError, to test rollback.
+    """
+
+    def __init__(self):
+        self.networks = {}  # network id -> {"vni": int, "mtu": int}
+        self.endpoints = {}  # network id -> {endpoint id: ifname}
+        self.peers = {}  # network id -> {ip: (mac, vtep)}
+        self.fail_on = set()
+
+    def _maybe_fail(self, op):
+        if op in self.fail_on:
+            from plugin.errors import KernelError
+            raise KernelError(f"{op}: injected failure")
+
+    def ensure_network(self, network):
+        self._maybe_fail("ensure_network")
+        self.networks[network.id] = {"vni": network.vni, "mtu": network.mtu}
+        self.endpoints.setdefault(network.id, {})
+        self.peers.setdefault(network.id, {})
+
+    def remove_network(self, network_id, vni=None):
+        for nid in [n for n in self.networks if n[:12] == network_id[:12]]:
+            del self.networks[nid]
+            self.endpoints.pop(nid, None)
+            self.peers.pop(nid, None)
+
+    def ensure_endpoint(self, network, endpoint):
+        self._maybe_fail("ensure_endpoint")
+        if network.id not in self.networks:
+            from plugin.errors import KernelError
+            raise KernelError(f"namespace of {network.id[:12]} does not exist")
+        ifname = "vxc" + endpoint.id[:11]
+        self.endpoints[network.id][endpoint.id] = ifname
+        return ifname
+
+    def remove_endpoint(self, network_id, endpoint_id):
+        self.endpoints.get(network_id, {}).pop(endpoint_id, None)
+
+    def network_ids(self):
+        return [n[:12] for n in self.networks]
+
+    def ensure_peer(self, network, peer):
+        self.peers[network.id][peer.ip] = (peer.mac, peer.vtep)
+
+    def remove_peer(self, network, peer):
+        self.peers.get(network.id, {}).pop(peer.ip, None)

@@ -1,0 +1,246 @@
+"""The NetworkDriver verbs: validate, record desired state in etcd, program the data plane, roll back on failure.
+
+No netlink and no etcd calls here: the driver receives a NetworkStore and a DataPlane. Each method takes the
+decoded record from plugin.protocol and returns the wire reply (shapes in each docstring, after
+moby libnetwork/drivers/remote/api/api.go).
+"""
+
+import contextlib
+import ipaddress
+import logging
+from typing import Callable, Iterator, List, Optional
+
+from netdriver import names, options
+from netdriver.models import Endpoint, Network, PeerRecord, Subnet
+from netdriver.store import NetworkStore, segment_of
+from plugin import protocol as p
+from plugin.errors import InvalidOption, InvalidRequest, NotFound
+
+log = logging.getLogger(__name__)
+
+# RFC 7348 encapsulation over IPv4: outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14 = 50 bytes.
+VXLAN_OVERHEAD = 50
+
+
+class _Undo:
+    """Actions that reverse what a call has done so far; run newest first if the call fails."""
+
+    def __init__(self):
+        self._actions: List[Callable[[], None]] = []
+
+    def push(self, action: Callable[[], None]) -> None:
+        self._actions.append(action)
+
+    def run(self) -> None:
+        for action in reversed(self._actions):
+            try:
+                action()
+            except Exception:  # keep undoing the rest; the original error is what the user must see
+                log.exception("rollback step failed")
+
+
+@contextlib.contextmanager
+def _rollback() -> Iterator[_Undo]:
+    undo = _Undo()
+    try:
+        yield undo
+    except BaseException:
+        undo.run()
+        raise
+
+
+def mac_for(ip: str) -> str:
+    """A locally administered MAC derived from the IPv4 address (Docker's 02:42:<ip> convention), so a replayed
+    endpoint gets the same MAC and peers never see two MACs for one address."""
+    octets = ipaddress.IPv4Address(ip).packed
+    return "02:42:" + ":".join(f"{b:02x}" for b in octets)
+
+
+def _subnets(data) -> List[Subnet]:
+    if not data:
+        raise InvalidRequest("IPv4Data: vxnet needs an IPv4 subnet (use --subnet or --ipam-driver vxnet)")
+    out = []
+    for i, item in enumerate(data):
+        try:
+            pool = str(ipaddress.IPv4Network(item.pool))
+        except ValueError:
+            raise InvalidRequest(f"IPv4Data[{i}].Pool: {item.pool!r} is not an IPv4 subnet") from None
+        out.append(Subnet(pool=pool, gateway=p.ipv4_from_cidr(item.gateway, f"IPv4Data[{i}].Gateway")))
+    return out
+
+
+class NetworkDriver:
+    def __init__(self, store: NetworkStore, dataplane, host_id: str, scope: str, underlay_mtu: int,
+                 vtep: str):
+        self.store = store
+        self.dataplane = dataplane
+        self.host_id = host_id
+        self.scope = scope
+        self.underlay_mtu = underlay_mtu
+        self.vtep = vtep
+
+    # -- capabilities and discovery -----------------------------------------------------------------------------
+    def get_capabilities(self, req: p.EmptyRequest) -> dict:
+        """-> `{"Scope": "local"|"global", "ConnectivityScope": same}`"""
+        return {"Scope": self.scope, "ConnectivityScope": self.scope}
+
+    def discover_new(self, req: p.DiscoveryRequest) -> dict:
+        """`{"DiscoveryType":1,"DiscoveryData":{"Address","BindAddress","Self"}}` -> `{}`. Peers come from etcd."""
+        return {}
+
+    def discover_delete(self, req: p.DiscoveryRequest) -> dict:
+        return {}
+
+    # -- Swarm manager ------------------------------------------------------------------------------------------
+    def allocate_network(self, req: p.CreateNetworkRequest) -> dict:
+        """Swarm manager only. `{"NetworkID","Options":{str:str},"IPv4Data","IPv6Data"}` -> `{"Options":{...}}`.
+
+        The reply replaces the network's driver options on every node, so it echoes every input option and adds
+        the VNI workers must use. Replays (leader change) return the same VNI."""
+        opts = options.parse({options.GENERIC: req.options})
+        vni = self.store.allocate_segment(segment_of(req.network_id, opts.overlay), opts.vni)
+        return {"Options": {**{str(k): str(v) for k, v in req.options.items()}, "vni": str(vni)}}
+
+    def free_network(self, req: p.NetworkIDRequest) -> dict:
+        """Swarm manager only. `{"NetworkID"}` -> `{}`: the VNI goes back once no host still has the network."""
+        self.store.release_segment(req.network_id)
+        return {}
+
+    # -- networks -----------------------------------------------------------------------------------------------
+    def create_network(self, req: p.CreateNetworkRequest) -> dict:
+        """`{"NetworkID","Options":{...},"IPv4Data":[IPAMData],"IPv6Data":[...]}` -> `{}`"""
+        opts = options.parse(req.options)
+        subnets = _subnets(req.ipv4_data)
+        if req.ipv6_data:
+            raise InvalidOption("--ipv6: vxnet networks are IPv4 only")
+        existing = self.store.get_network(req.network_id)
+        if existing is not None:  # a replay: make sure the kernel matches, change nothing else
+            self.dataplane.ensure_network(existing)
+            return {}
+        mtu = opts.mtu or self.underlay_mtu - VXLAN_OVERHEAD
+        segment = segment_of(req.network_id, opts.overlay)
+        with _rollback() as undo:
+            had_segment = self.store.segment_vni(segment) is not None
+            vni = self.store.allocate_segment(segment, opts.vni)
+            if not had_segment:
+                undo.push(lambda: self.store.release_segment(segment))
+            network = Network(id=req.network_id, vni=vni, mtu=mtu, internal=opts.internal, subnets=subnets,
+                              overlay=opts.overlay, options=opts.generic)
+            self.store.put_network(network, self.host_id, segment)
+            undo.push(lambda: self.store.delete_network(network.id, self.host_id, segment))
+            undo.push(lambda: self.dataplane.remove_network(network.id, network.vni))
+            self.dataplane.ensure_network(network)
+        log.info("network created nid=%s vni=%d mtu=%d internal=%s", network.id[:12], vni, mtu, opts.internal)
+        return {}
+
+    def delete_network(self, req: p.NetworkIDRequest) -> dict:
+        """`{"NetworkID"}` -> `{}`. Unknown networks succeed: dockerd replays deletes after a crash."""
+        network = self.store.get_network(req.network_id)
+        if network is None:
+            self.dataplane.remove_network(req.network_id)
+            return {}
+        segment = segment_of(network.id, network.overlay)
+        for endpoint in self.store.list_endpoints(network.id):
+            if endpoint.host == self.host_id:
+                self.store.delete_peer(segment, endpoint.id)
+        self.dataplane.remove_network(network.id, network.vni)
+        self.store.delete_network(network.id, self.host_id, segment)
+        self.store.release_segment(segment)
+        log.info("network deleted nid=%s vni=%d", network.id[:12], network.vni)
+        return {}
+
+    def _network(self, network_id: str) -> Network:
+        network = self.store.get_network(network_id)
+        if network is None:
+            raise NotFound(f"network {network_id[:12]} is not known to vxnet (not in its etcd store)")
+        return network
+
+    # -- endpoints ----------------------------------------------------------------------------------------------
+    def create_endpoint(self, req: p.CreateEndpointRequest) -> dict:
+        """`{"NetworkID","EndpointID","Interface":{"Address","AddressIPv6","MacAddress"},"Options"}` ->
+        `{"Interface":{"MacAddress"}}` when the request had no MAC (only fields that were empty), else `{}`."""
+        network = self._network(req.network_id)
+        if not req.interface.address:
+            raise InvalidRequest("Interface.Address: vxnet needs the endpoint's IPv4 address from IPAM")
+        if req.interface.address_ipv6:
+            raise InvalidOption("Interface.AddressIPv6: vxnet networks are IPv4 only")
+        try:
+            iface = ipaddress.IPv4Interface(req.interface.address)
+        except ValueError:
+            raise InvalidRequest(f"Interface.Address: {req.interface.address!r} is not an IPv4 CIDR") from None
+        if not any(iface.ip in ipaddress.IPv4Network(s.pool) for s in network.subnets):
+            raise InvalidRequest(f"Interface.Address: {iface.ip} is outside the network's subnets")
+        mac = (req.interface.mac_address or mac_for(str(iface.ip))).lower()
+        self.store.put_endpoint(Endpoint(network_id=network.id, id=req.endpoint_id, ip=str(iface), mac=mac,
+                                         host=self.host_id))
+        return {} if req.interface.mac_address else {"Interface": {"MacAddress": mac}}
+
+    def endpoint_oper_info(self, req: p.EndpointRequest) -> dict:
+        """`{"NetworkID","EndpointID"}` -> `{"Value":{...}}`: shown by `docker inspect` under the endpoint."""
+        endpoint = self.store.get_endpoint(req.network_id, req.endpoint_id)
+        if endpoint is None:
+            return {"Value": {}}
+        network = self.store.get_network(req.network_id)
+        value = {"vxnet.ip": endpoint.ip, "vxnet.mac": endpoint.mac, "vxnet.host": endpoint.host,
+                 "vxnet.ifname": names.veth_container(endpoint.id)}
+        if network is not None:
+            value["vxnet.vni"] = str(network.vni)
+        return {"Value": value}
+
+    def delete_endpoint(self, req: p.EndpointRequest) -> dict:
+        """`{"NetworkID","EndpointID"}` -> `{}`; unknown IDs succeed."""
+        network = self.store.get_network(req.network_id)
+        self.dataplane.remove_endpoint(req.network_id, req.endpoint_id)
+        if network is not None:
+            self.store.delete_peer(segment_of(network.id, network.overlay), req.endpoint_id)
+        self.store.delete_endpoint(req.network_id, req.endpoint_id)
+        return {}
+
+    def join(self, req: p.JoinRequest) -> dict:
+        """`{"NetworkID","EndpointID","SandboxKey","Options"}` ->
+        `{"InterfaceName":{"SrcName","DstPrefix"},"DisableGatewayService":bool}`.
+
+        No Gateway: on a non-internal network dockerd then attaches the container to docker_gwbridge for egress,
+        as it does for Docker's own overlay; internal networks get no way out."""
+        network = self._network(req.network_id)
+        endpoint = self.store.get_endpoint(req.network_id, req.endpoint_id)
+        if endpoint is None:
+            raise NotFound(f"endpoint {req.endpoint_id[:12]} was never created on network {network.id[:12]}")
+        segment = segment_of(network.id, network.overlay)
+        with _rollback() as undo:
+            self.dataplane.ensure_network(network)
+            undo.push(lambda: self.dataplane.remove_endpoint(network.id, endpoint.id))
+            ifname = self.dataplane.ensure_endpoint(network, endpoint)
+            undo.push(lambda: self.store.delete_peer(segment, endpoint.id))
+            self.store.put_peer(segment, PeerRecord(
+                network_id=network.id, endpoint_id=endpoint.id, ip=endpoint.ip.split("/")[0], mac=endpoint.mac,
+                vtep=self.vtep, host=self.host_id))
+        return {"InterfaceName": {"SrcName": ifname, "DstPrefix": names.CONTAINER_PREFIX},
+                "DisableGatewayService": network.internal}
+
+    def leave(self, req: p.EndpointRequest) -> dict:
+        """`{"NetworkID","EndpointID"}` -> `{}`: other hosts forget the peer; the veth goes at DeleteEndpoint."""
+        network = self.store.get_network(req.network_id)
+        if network is not None:
+            self.store.delete_peer(segment_of(network.id, network.overlay), req.endpoint_id)
+        return {}
+
+    def program_external_connectivity(self, req: p.EndpointRequest) -> dict:
+        """Egress and published ports go through docker_gwbridge, which dockerd programs itself. -> `{}`"""
+        return {}
+
+    def revoke_external_connectivity(self, req: p.EndpointRequest) -> dict:
+        return {}
+
+    # -- start-up -----------------------------------------------------------------------------------------------
+    def reconcile(self) -> None:
+        """Make the kernel match etcd for this host: rebuild the namespaces of networks this host is a member of,
+        remove vxnet namespaces no network claims. Running containers keep their veth pairs untouched."""
+        desired = self.store.member_networks(self.host_id)
+        wanted = {n.id[:12] for n in desired}
+        for network in desired:
+            self.dataplane.ensure_network(network)
+        for prefix in self.dataplane.network_ids():
+            if prefix not in wanted:
+                log.info("removing stale namespace %s", names.netns(prefix))
+                self.dataplane.remove_network(prefix)

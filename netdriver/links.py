@@ -1,0 +1,248 @@
+"""The only module that speaks netlink (pyroute2): namespaces, links, addresses, neighbour and FDB entries.
+
+Every call names its namespace: `ns=None` is the namespace the plugin runs in (the host's), anything else is
+a named namespace under /run/netns. One long-lived netlink socket per namespace (opening one forks and costs
+~10 ms here), opened with flags=0 so a missing namespace is an error instead of being created behind our back.
+Errno values become KernelError with the object named, in `_kernel` only.
+"""
+
+import contextlib
+import errno
+import ipaddress
+import logging
+import os
+import threading
+from typing import Dict, Iterator, List, Optional
+
+from pyroute2 import IPRoute, NetNS, netns as pr_netns
+from pyroute2.netlink.exceptions import NetlinkError
+
+from plugin.errors import KernelError
+
+log = logging.getLogger(__name__)
+
+NETNS_DIR = "/run/netns"
+
+
+@contextlib.contextmanager
+def _kernel(what: str) -> Iterator[None]:
+    """Turn netlink and OS errors into KernelError naming what we were doing."""
+    try:
+        yield
+    except NetlinkError as exc:
+        raise KernelError(f"{what}: {os.strerror(exc.code) if exc.code else exc} (errno {exc.code})") from None
+    except OSError as exc:
+        raise KernelError(f"{what}: {exc.strerror or exc} (errno {exc.errno})") from None
+
+
+class Links:
+    """Semantic netlink operations. Thread-safe: one lock serialises use of the cached sockets."""
+
+    def __init__(self):
+        self._sockets: Dict[Optional[str], object] = {}
+        self._lock = threading.RLock()
+
+    # -- sockets -----------------------------------------------------------------------------------------------
+    def _ipr(self, ns: Optional[str]):
+        sock = self._sockets.get(ns)
+        if sock is None:
+            with _kernel(f"open netlink in namespace {ns or 'host'}"):
+                sock = IPRoute() if ns is None else NetNS(ns, flags=0)
+            self._sockets[ns] = sock
+        return sock
+
+    def _forget(self, ns: Optional[str]) -> None:
+        sock = self._sockets.pop(ns, None)
+        if sock is not None:
+            try:
+                sock.close()
+            except Exception:  # closing a socket whose namespace is gone: nothing left to free
+                pass
+
+    def close(self) -> None:
+        with self._lock:
+            for ns in list(self._sockets):
+                self._forget(ns)
+
+    # -- namespaces --------------------------------------------------------------------------------------------
+    def list_netns(self) -> List[str]:
+        try:
+            return sorted(os.listdir(NETNS_DIR))
+        except FileNotFoundError:
+            return []
+
+    def netns_exists(self, name: str) -> bool:
+        return os.path.exists(os.path.join(NETNS_DIR, name))
+
+    def ensure_netns(self, name: str) -> None:
+        with self._lock, _kernel(f"create namespace {name}"):
+            if not self.netns_exists(name):
+                pr_netns.create(name)
+
+    def remove_netns(self, name: str) -> None:
+        """Remove a namespace and so everything in it (our veth ends take their container-side peers along)."""
+        with self._lock:
+            self._forget(name)
+            if self.netns_exists(name):
+                with _kernel(f"remove namespace {name}"):
+                    pr_netns.remove(name)
+
+    # -- links -------------------------------------------------------------------------------------------------
+    def _index(self, ns: Optional[str], name: str) -> Optional[int]:
+        found = self._ipr(ns).link_lookup(ifname=name)
+        return found[0] if found else None
+
+    def link_exists(self, ns: Optional[str], name: str) -> bool:
+        with self._lock, _kernel(f"look up {name} in {ns or 'host'}"):
+            return self._index(ns, name) is not None
+
+    def link_info(self, ns: Optional[str], name: str) -> Optional[dict]:
+        """{"kind", "mtu", "master" (name or None), "up", "mac", "vni"} or None if there is no such link."""
+        with self._lock, _kernel(f"read {name} in {ns or 'host'}"):
+            ipr = self._ipr(ns)
+            idx = self._index(ns, name)
+            if idx is None:
+                return None
+            link = ipr.get_links(idx)[0]
+            info = link.get_attr("IFLA_LINKINFO")
+            kind = info.get_attr("IFLA_INFO_KIND") if info else None
+            vni = None
+            if kind == "vxlan":
+                vni = info.get_attr("IFLA_INFO_DATA").get_attr("IFLA_VXLAN_ID")
+            master_idx = link.get_attr("IFLA_MASTER")
+            master = None
+            if master_idx:
+                master = ipr.get_links(master_idx)[0].get_attr("IFLA_IFNAME")
+            return {"kind": kind, "mtu": link.get_attr("IFLA_MTU"), "master": master,
+                    "up": bool(link["flags"] & 1), "mac": link.get_attr("IFLA_ADDRESS"), "vni": vni}
+
+    def list_links(self, ns: Optional[str]) -> List[str]:
+        with self._lock, _kernel(f"list links in {ns or 'host'}"):
+            return [link.get_attr("IFLA_IFNAME") for link in self._ipr(ns).get_links()]
+
+    def remove_link(self, ns: Optional[str], name: str) -> None:
+        with self._lock:
+            if ns is not None and not self.netns_exists(ns):
+                return
+            with _kernel(f"delete {name} in {ns or 'host'}"):
+                idx = self._index(ns, name)
+                if idx is not None:
+                    try:
+                        self._ipr(ns).link("del", index=idx)
+                    except NetlinkError as exc:
+                        if exc.code != errno.ENODEV:  # gone meanwhile (its peer was deleted)
+                            raise
+
+    def ensure_bridge(self, ns: str, name: str, mtu: int) -> None:
+        with self._lock, _kernel(f"create bridge {name} in {ns}"):
+            ipr = self._ipr(ns)
+            if self._index(ns, name) is None:
+                ipr.link("add", ifname=name, kind="bridge")
+            ipr.link("set", index=self._index(ns, name), mtu=mtu, state="up")
+
+    def ensure_vxlan(self, ns: str, name: str, staging: str, vni: int, local: str, port: int, mtu: int,
+                     master: str) -> None:
+        """A VXLAN device inside `ns`, created in the host namespace first so its UDP socket stays there.
+
+        learning off: peers are programmed from etcd, never learnt from flooded traffic; proxy on: ARP for known
+        peers is answered from our neighbour entries instead of crossing the underlay."""
+        with self._lock, _kernel(f"create VXLAN {vni} in {ns}"):
+            ipr = self._ipr(ns)
+            idx = self._index(ns, name)
+            if idx is not None:
+                current = self.link_info(ns, name)
+                if current["vni"] != vni:
+                    ipr.link("del", index=idx)
+                    idx = None
+            if idx is None:
+                host = self._ipr(None)
+                stale = self._index(None, staging)
+                if stale is not None:
+                    host.link("del", index=stale)
+                host.link("add", ifname=staging, kind="vxlan", vxlan_id=vni, vxlan_local=local,
+                          vxlan_port=port, vxlan_learning=0, vxlan_proxy=1)
+                host.link("set", index=self._index(None, staging), net_ns_fd=ns)
+                ipr.link("set", index=self._index(ns, staging), ifname=name)
+            ipr.link("set", index=self._index(ns, name), mtu=mtu, master=self._index(ns, master), state="up")
+
+    def ensure_veth(self, ns: str, bridge_end: str, container_end: str, master: str, mtu: int,
+                    mac: Optional[str]) -> None:
+        """A veth pair: `bridge_end` enslaved to `master` inside ns, `container_end` left in the host namespace
+        for dockerd to move into the container. Replays with the bridge end in place change nothing."""
+        with self._lock, _kernel(f"create veth {container_end} for {ns}"):
+            ipr = self._ipr(ns)
+            host = self._ipr(None)
+            if self._index(ns, bridge_end) is None:
+                stale = self._index(None, container_end)
+                if stale is not None:
+                    host.link("del", index=stale)
+                host.link("add", ifname=container_end, kind="veth", peer={"ifname": bridge_end})
+                host.link("set", index=self._index(None, bridge_end), net_ns_fd=ns)
+                args = {"mtu": mtu}
+                if mac:
+                    args["address"] = mac
+                host.link("set", index=self._index(None, container_end), **args)
+            ipr.link("set", index=self._index(ns, bridge_end), mtu=mtu, master=self._index(ns, master),
+                     state="up")
+
+    # -- host facts --------------------------------------------------------------------------------------------
+    def default_route_address(self) -> Optional[str]:
+        """The primary IPv4 address of the interface holding the default route, if there is one."""
+        with self._lock, _kernel("read the default route"):
+            ipr = self._ipr(None)
+            for route in ipr.get_default_routes(family=2):
+                oif = route.get_attr("RTA_OIF")
+                for addr in ipr.get_addr(family=2, index=oif):
+                    return addr.get_attr("IFA_ADDRESS")
+        return None
+
+    def mtu_of_address(self, address: str) -> Optional[int]:
+        """MTU of the interface that carries `address` (the underlay), or None if no interface has it."""
+        with self._lock, _kernel(f"find the interface of {address}"):
+            ipr = self._ipr(None)
+            for addr in ipr.get_addr(family=2):
+                if addr.get_attr("IFA_ADDRESS") == address:
+                    return ipr.get_links(addr["index"])[0].get_attr("IFLA_MTU")
+        return None
+
+    # -- neighbours and FDB (remote peers) --------------------------------------------------------------------
+    def ensure_peer(self, ns: str, vxlan: str, ip: str, mac: str, vtep: str) -> None:
+        """Permanent neighbour (ip -> mac) and FDB (mac -> vtep) entries on the VXLAN device."""
+        with self._lock, _kernel(f"program peer {ip} via {vtep} in {ns}"):
+            ipr = self._ipr(ns)
+            idx = self._index(ns, vxlan)
+            # NUD_PERMANENT (0x80): never aged out, never probed; NTF_SELF (0x02): the VXLAN FDB, not the bridge's.
+            ipr.neigh("replace", family=7, ifindex=idx, lladdr=mac, dst=vtep, state=0x80, flags=0x02)
+            ipr.neigh("replace", family=2, ifindex=idx, dst=str(ipaddress.ip_address(ip)), lladdr=mac,
+                      state=0x80)
+
+    def remove_peer(self, ns: str, vxlan: str, ip: str, mac: str, vtep: str) -> None:
+        with self._lock:
+            if not self.netns_exists(ns):
+                return
+            with _kernel(f"remove peer {ip} in {ns}"):
+                ipr = self._ipr(ns)
+                idx = self._index(ns, vxlan)
+                if idx is None:
+                    return
+                for args in ({"family": 2, "ifindex": idx, "dst": ip, "lladdr": mac},
+                             {"family": 7, "ifindex": idx, "lladdr": mac, "dst": vtep, "flags": 0x02}):
+                    try:
+                        ipr.neigh("del", **args)
+                    except NetlinkError as exc:
+                        if exc.code not in (errno.ENOENT, errno.ESRCH):
+                            raise
+
+    def peers(self, ns: str, vxlan: str) -> Dict[str, str]:
+        """Programmed FDB entries: mac -> vtep (permanent, on the VXLAN device)."""
+        out = {}
+        with self._lock, _kernel(f"read FDB in {ns}"):
+            idx = self._index(ns, vxlan)
+            if idx is None:
+                return out
+            for entry in self._ipr(ns).get_neighbours(family=7, ifindex=idx):
+                dst = entry.get_attr("NDA_DST")
+                mac = entry.get_attr("NDA_LLADDR")
+                if dst and mac and mac != "00:00:00:00:00:00":
+                    out[mac] = dst
+        return out

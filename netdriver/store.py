@@ -1,0 +1,139 @@
+"""The network driver's desired state in etcd: the only place that knows these keys.
+
+Layout under <prefix> (default /vxnet/v1):
+  networks/<network id>            Network: one docker network as this plugin knows it
+  segments/<segment>               {"vni": N}: one overlay; segment = `-o overlay=NAME` or the network id
+  vnis/<vni>                       segment: the VNI allocation, taken by create-if-absent
+  members/<segment>/<host>         {"network_id": ...}: hosts that have the overlay's namespace
+  endpoints/<network id>/<eid>     Endpoint: written at CreateEndpoint, removed at DeleteEndpoint
+  peers/<segment>/<eid>            PeerRecord: written at Join, removed at Leave; other hosts program it
+"""
+
+import json
+import logging
+from typing import Callable, List, Optional
+
+from netdriver.models import Endpoint, Network, PeerRecord
+from netdriver.options import VNI_AUTO_BASE, VNI_MAX
+from plugin.errors import Conflict, Exhausted
+
+log = logging.getLogger(__name__)
+
+_RETRIES = 32
+
+
+def segment_of(network_id: str, overlay: Optional[str]) -> str:
+    return f"overlay-{overlay}" if overlay else network_id
+
+
+class NetworkStore:
+    def __init__(self, kv, prefix: str = "/vxnet/v1"):
+        self.kv = kv
+        self.prefix = prefix.rstrip("/") + "/"
+
+    # -- keys --------------------------------------------------------------------------------------------------
+    def _k(self, *parts: str) -> str:
+        return self.prefix + "/".join(parts)
+
+    # -- networks ----------------------------------------------------------------------------------------------
+    def get_network(self, network_id: str) -> Optional[Network]:
+        entry = self.kv.get(self._k("networks", network_id))
+        return Network.from_json(entry.value) if entry else None
+
+    def list_networks(self) -> List[Network]:
+        entries, _ = self.kv.get_prefix(self._k("networks", ""))
+        return [Network.from_json(e.value) for e in entries]
+
+    def segment_vni(self, segment: str) -> Optional[int]:
+        entry = self.kv.get(self._k("segments", segment))
+        return int(entry.json()["vni"]) if entry else None
+
+    def allocate_segment(self, segment: str, wanted_vni: Optional[int],
+                         validate: Callable[[int], None] = lambda vni: None) -> int:
+        """Give `segment` a VNI (create-if-absent on vnis/<vni>), or return the one it already has.
+
+        A wanted VNI held by another segment is a Conflict naming it. Idempotent: replays return the same VNI."""
+        for _ in range(_RETRIES):
+            existing = self.segment_vni(segment)
+            if existing is not None:
+                if wanted_vni is not None and wanted_vni != existing:
+                    raise Conflict(f"option vni: overlay {segment} already uses VNI {existing}, not {wanted_vni}")
+                return existing
+            if wanted_vni is not None:
+                holder = self.kv.get(self._k("vnis", str(wanted_vni)))
+                if holder is not None and holder.value != segment:
+                    raise Conflict(f"option vni: VNI {wanted_vni} is already used by network {holder.value[:12]}")
+                candidate = wanted_vni
+            else:
+                candidate = self._free_vni()
+            validate(candidate)
+            if self.kv.commit(absent=[self._k("vnis", str(candidate)), self._k("segments", segment)],
+                              puts={self._k("vnis", str(candidate)): segment,
+                                    self._k("segments", segment): json.dumps({"vni": candidate})}):
+                return candidate
+        raise Conflict(f"could not allocate a VNI for {segment}: too much contention, try again")
+
+    def _free_vni(self) -> int:
+        entries, _ = self.kv.get_prefix(self._k("vnis", ""))
+        used = {int(e.key.rsplit("/", 1)[1]) for e in entries}
+        candidate = VNI_AUTO_BASE
+        while candidate in used:
+            candidate += 1
+        if candidate > VNI_MAX:
+            raise Exhausted("no free VXLAN VNI left")
+        return candidate
+
+    def release_segment(self, segment: str) -> None:
+        """Drop the segment and its VNI once no host is a member any more."""
+        members, _ = self.kv.get_prefix(self._k("members", segment, ""))
+        if members:
+            return
+        vni = self.segment_vni(segment)
+        deletes = [self._k("segments", segment)]
+        if vni is not None:
+            holder = self.kv.get(self._k("vnis", str(vni)))
+            if holder is not None and holder.value == segment:
+                deletes.append(self._k("vnis", str(vni)))
+        self.kv.commit(deletes=deletes)
+        self.kv.delete_prefix(self._k("peers", segment, ""))
+
+    def put_network(self, network: Network, host: str, segment: str) -> None:
+        self.kv.commit(puts={
+            self._k("networks", network.id): network.to_json(),
+            self._k("members", segment, host): json.dumps({"network_id": network.id}),
+        })
+
+    def delete_network(self, network_id: str, host: str, segment: str) -> None:
+        self.kv.commit(deletes=[self._k("networks", network_id), self._k("members", segment, host)])
+        self.kv.delete_prefix(self._k("endpoints", network_id, ""))
+
+    def member_networks(self, host: str) -> List[Network]:
+        """Networks this host should have a namespace for."""
+        return [n for n in self.list_networks()
+                if self.kv.get(self._k("members", segment_of(n.id, n.overlay), host)) is not None]
+
+    # -- endpoints ---------------------------------------------------------------------------------------------
+    def get_endpoint(self, network_id: str, endpoint_id: str) -> Optional[Endpoint]:
+        entry = self.kv.get(self._k("endpoints", network_id, endpoint_id))
+        return Endpoint.from_json(entry.value) if entry else None
+
+    def list_endpoints(self, network_id: str) -> List[Endpoint]:
+        entries, _ = self.kv.get_prefix(self._k("endpoints", network_id, ""))
+        return [Endpoint.from_json(e.value) for e in entries]
+
+    def put_endpoint(self, endpoint: Endpoint) -> None:
+        self.kv.put(self._k("endpoints", endpoint.network_id, endpoint.id), endpoint.to_json())
+
+    def delete_endpoint(self, network_id: str, endpoint_id: str) -> None:
+        self.kv.delete(self._k("endpoints", network_id, endpoint_id))
+
+    # -- peers -------------------------------------------------------------------------------------------------
+    def put_peer(self, segment: str, peer: PeerRecord) -> None:
+        self.kv.put(self._k("peers", segment, peer.endpoint_id), peer.to_json())
+
+    def delete_peer(self, segment: str, endpoint_id: str) -> None:
+        self.kv.delete(self._k("peers", segment, endpoint_id))
+
+    def list_peers(self, segment: str) -> List[PeerRecord]:
+        entries, _ = self.kv.get_prefix(self._k("peers", segment, ""))
+        return [PeerRecord.from_json(e.value) for e in entries]

@@ -1,0 +1,5 @@
+import sys
+
+from plugin.main import main
+
+sys.exit(main())

@@ -1,0 +1,214 @@
+"""The network driver over a FakeKV and a FakeDataPlane: end state in etcd and in the (fake) kernel."""
+
+import pytest
+
+from netdriver.driver import NetworkDriver, mac_for
+from netdriver.options import VNI_AUTO_BASE
+from netdriver.store import NetworkStore
+from plugin import protocol as p
+from plugin.errors import Conflict, InvalidOption, InvalidRequest, KernelError, NotFound, StoreUnavailable
+from tests.fakes import FakeDataPlane, FakeKV
+
+NID = "a" * 64
+NID2 = "b" * 64
+EID = "e" * 64
+
+
+def make(kv=None, host="h1", plane=None):
+    kv = kv or FakeKV()
+    plane = plane or FakeDataPlane()
+    return NetworkDriver(NetworkStore(kv), plane, host, "local", 1500, "192.0.2.1"), kv, plane
+
+
+def create_req(nid=NID, generic=None, pool="10.1.0.0/24", gateway="10.1.0.1/24", **extra):
+    opts = {"com.docker.network.generic": generic or {}}
+    opts.update(extra)
+    return p.CreateNetworkRequest.decode({
+        "NetworkID": nid, "Options": opts,
+        "IPv4Data": [{"AddressSpace": "vxnet-local", "Pool": pool, "Gateway": gateway}], "IPv6Data": None})
+
+
+def endpoint_req(nid=NID, eid=EID, address="10.1.0.5/24", mac=""):
+    return p.CreateEndpointRequest.decode({"NetworkID": nid, "EndpointID": eid,
+                                           "Interface": {"Address": address, "MacAddress": mac}})
+
+
+def test_create_network_records_state_and_builds_namespace():
+    drv, kv, plane = make()
+    assert drv.create_network(create_req()) == {}
+    net = drv.store.get_network(NID)
+    assert net.vni == VNI_AUTO_BASE and net.mtu == 1450 and not net.internal
+    assert plane.networks[NID] == {"vni": VNI_AUTO_BASE, "mtu": 1450}
+    assert kv.get(f"/vxnet/v1/vnis/{VNI_AUTO_BASE}").value == NID
+
+
+def test_second_network_gets_next_vni_and_options_are_honoured():
+    drv, kv, plane = make()
+    drv.create_network(create_req())
+    drv.create_network(create_req(NID2, {"com.docker.network.driver.mtu": "1400"}, pool="10.2.0.0/24",
+                                  gateway="", **{"com.docker.network.internal": True}))
+    net2 = drv.store.get_network(NID2)
+    assert (net2.vni, net2.mtu, net2.internal) == (VNI_AUTO_BASE + 1, 1400, True)
+
+
+def test_create_network_replay_is_a_no_op():
+    drv, kv, plane = make()
+    drv.create_network(create_req())
+    before = dict(kv.data)
+    plane.networks.clear()  # the namespace vanished meanwhile: the replay rebuilds it
+    drv.create_network(create_req())
+    assert kv.data == before and NID in plane.networks
+
+
+@pytest.mark.parametrize("generic,needle", [
+    ({"bogus": "1"}, "bogus"),
+    ({"vni": "0"}, "vni"),
+    ({"vni": "abc"}, "'abc'"),
+    ({"com.docker.network.driver.mtu": "99999"}, "com.docker.network.driver.mtu"),
+    ({"overlay": "bad name"}, "overlay"),
+])
+def test_bad_options_are_refused_by_name_and_leave_nothing(generic, needle):
+    drv, kv, plane = make()
+    with pytest.raises(InvalidOption) as err:
+        drv.create_network(create_req(generic=generic))
+    assert needle in str(err.value)
+    assert kv.keys() == [] and plane.networks == {}
+
+
+def test_ipv6_is_refused():
+    drv, kv, _ = make()
+    with pytest.raises(InvalidOption, match="IPv4 only"):
+        drv.create_network(create_req(**{"com.docker.network.enable_ipv6": True}))
+    assert kv.keys() == []
+
+
+def test_explicit_vni_and_conflict():
+    drv, kv, plane = make()
+    drv.create_network(create_req(generic={"vni": "5000"}))
+    assert drv.store.get_network(NID).vni == 5000
+    with pytest.raises(Conflict, match="5000"):
+        drv.create_network(create_req(NID2, generic={"vni": "5000"}, pool="10.2.0.0/24"))
+    assert drv.store.get_network(NID2) is None and NID2 not in plane.networks
+
+
+def test_kernel_failure_rolls_back_etcd():
+    drv, kv, plane = make()
+    plane.fail_on.add("ensure_network")
+    with pytest.raises(KernelError):
+        drv.create_network(create_req())
+    assert kv.keys() == [] and plane.networks == {}
+
+
+def test_etcd_failure_half_way_leaves_no_key_and_no_namespace():
+    drv, kv, plane = make()
+    kv.fail_after = 1  # the VNI allocation succeeds, writing the network record fails
+    with pytest.raises(StoreUnavailable):
+        drv.create_network(create_req())
+    kv.unavailable = False
+    kv.fail_after = None
+    # The rollback could not reach etcd either: what is left is only the VNI reservation, which the next
+    # create of the same network reuses (allocation is idempotent per segment) and delete releases.
+    drv.create_network(create_req())
+    drv.delete_network(p.NetworkIDRequest.decode({"NetworkID": NID}))
+    assert kv.keys() == [] and plane.networks == {}
+
+
+def test_endpoint_lifecycle_and_join_reply():
+    drv, kv, plane = make()
+    drv.create_network(create_req())
+    reply = drv.create_endpoint(endpoint_req())
+    assert reply == {"Interface": {"MacAddress": mac_for("10.1.0.5")}}
+    join = drv.join(p.JoinRequest.decode({"NetworkID": NID, "EndpointID": EID, "SandboxKey": "/x"}))
+    assert join == {"InterfaceName": {"SrcName": "vxc" + EID[:11], "DstPrefix": "eth"},
+                    "DisableGatewayService": False}
+    peer = drv.store.list_peers(NID)[0]
+    assert (peer.ip, peer.mac, peer.vtep, peer.host) == ("10.1.0.5", "02:42:0a:01:00:05", "192.0.2.1", "h1")
+    info = drv.endpoint_oper_info(p.EndpointRequest.decode({"NetworkID": NID, "EndpointID": EID}))
+    assert info["Value"]["vxnet.vni"] == str(VNI_AUTO_BASE)
+    drv.leave(p.EndpointRequest.decode({"NetworkID": NID, "EndpointID": EID}))
+    assert drv.store.list_peers(NID) == []
+    drv.delete_endpoint(p.EndpointRequest.decode({"NetworkID": NID, "EndpointID": EID}))
+    assert plane.endpoints[NID] == {}
+    drv.delete_network(p.NetworkIDRequest.decode({"NetworkID": NID}))
+    assert kv.keys() == [] and plane.networks == {}
+
+
+def test_given_mac_is_kept_and_not_echoed():
+    drv, _, _ = make()
+    drv.create_network(create_req())
+    assert drv.create_endpoint(endpoint_req(mac="02:00:00:00:00:09")) == {}
+    assert drv.store.get_endpoint(NID, EID).mac == "02:00:00:00:00:09"
+
+
+def test_endpoint_errors_name_the_field():
+    drv, _, _ = make()
+    with pytest.raises(NotFound, match="not known to vxnet"):
+        drv.create_endpoint(endpoint_req())
+    drv.create_network(create_req())
+    with pytest.raises(InvalidRequest, match="Interface.Address"):
+        drv.create_endpoint(endpoint_req(address=""))
+    with pytest.raises(InvalidRequest, match="outside"):
+        drv.create_endpoint(endpoint_req(address="10.9.0.5/24"))
+
+
+def test_join_failure_rolls_back_and_internal_disables_gateway_service():
+    drv, kv, plane = make()
+    drv.create_network(create_req(**{"com.docker.network.internal": True}))
+    drv.create_endpoint(endpoint_req())
+    plane.fail_on.add("ensure_endpoint")
+    with pytest.raises(KernelError):
+        drv.join(p.JoinRequest.decode({"NetworkID": NID, "EndpointID": EID}))
+    assert drv.store.list_peers(NID) == [] and plane.endpoints[NID] == {}
+    plane.fail_on.clear()
+    reply = drv.join(p.JoinRequest.decode({"NetworkID": NID, "EndpointID": EID}))
+    assert reply["DisableGatewayService"] is True
+
+
+def test_unknown_ids_succeed_for_replayed_deletes():
+    drv, kv, _ = make()
+    req = p.EndpointRequest.decode({"NetworkID": NID, "EndpointID": EID})
+    assert drv.leave(req) == {} and drv.delete_endpoint(req) == {}
+    assert drv.delete_network(p.NetworkIDRequest.decode({"NetworkID": NID})) == {}
+    assert kv.keys() == []
+
+
+def test_reconcile_rebuilds_member_networks_and_drops_stale_namespaces():
+    kv = FakeKV()
+    drv, _, plane = make(kv)
+    drv.create_network(create_req())
+    plane.networks.clear()
+    plane.networks["c" * 64] = {"vni": 1, "mtu": 1450}  # left over from an earlier run
+    drv.reconcile()
+    assert set(plane.networks) == {NID}
+
+
+def test_overlay_option_shares_one_vni_across_hosts():
+    kv = FakeKV()
+    h1, _, _ = make(kv, "h1")
+    h2, _, _ = make(kv, "h2")
+    h1.create_network(create_req(NID, {"overlay": "blue"}))
+    h2.create_network(create_req(NID2, {"overlay": "blue"}))
+    assert h1.store.get_network(NID).vni == h2.store.get_network(NID2).vni
+    h1.delete_network(p.NetworkIDRequest.decode({"NetworkID": NID}))
+    assert h2.store.segment_vni("overlay-blue") is not None  # h2 still uses it
+    h2.delete_network(p.NetworkIDRequest.decode({"NetworkID": NID2}))
+    assert kv.keys() == []
+
+
+def test_allocate_network_echoes_options_and_is_idempotent():
+    drv, kv, _ = make()
+    req = p.CreateNetworkRequest.decode({"NetworkID": NID, "Options": {"mtu": "1400"}, "IPv4Data": []})
+    first = drv.allocate_network(req)
+    assert first == {"Options": {"mtu": "1400", "vni": str(VNI_AUTO_BASE)}}
+    assert drv.allocate_network(req) == first
+    with pytest.raises(InvalidOption, match="bogus"):
+        drv.allocate_network(p.CreateNetworkRequest.decode({"NetworkID": NID2, "Options": {"bogus": "1"}}))
+    drv.free_network(p.NetworkIDRequest.decode({"NetworkID": NID}))
+    assert kv.keys() == []
+
+
+def test_etcd_unreachable_is_reported():
+    drv, kv, _ = make()
+    kv.unavailable = True
+    with pytest.raises(StoreUnavailable, match="etcd unreachable"):
+        drv.create_network(create_req())
