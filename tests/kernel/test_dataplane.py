@@ -1,0 +1,155 @@
+"""The data plane against the real kernel: namespaces, bridge, VXLAN, veth, MTU, cleanup, and the network
+driver over a real etcd rolling back a failed create. Every name carries this run's random tag so nothing of
+anyone else's is touched, and everything is removed even when a test fails."""
+
+import os
+import secrets
+
+import pytest
+
+from netdriver import names
+from netdriver.driver import NetworkDriver
+from netdriver.links import Links
+from netdriver.models import Endpoint, Network, PeerRecord, Subnet
+from netdriver.sandbox import DataPlane
+from netdriver.store import NetworkStore
+from plugin import protocol as p
+from plugin.errors import KernelError
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces")
+
+
+@pytest.fixture
+def links():
+    l = Links()
+    yield l
+    l.close()
+
+
+@pytest.fixture
+def ids():
+    """Random network/endpoint ids; the namespaces and host links they name are removed afterwards."""
+    made = []
+
+    def new():
+        value = secrets.token_hex(32)
+        made.append(value)
+        return value
+
+    yield new
+    cleaner = Links()
+    for value in made:
+        cleaner.remove_netns(names.netns(value))
+        cleaner.remove_link(None, names.veth_container(value))
+    cleaner.close()
+
+
+def net(nid, vni, mtu=1450):
+    return Network(id=nid, vni=vni, mtu=mtu, internal=False, subnets=[Subnet("10.77.0.0/24", None)])
+
+
+def test_network_namespace_bridge_vxlan_and_veth(links, ids):
+    plane = DataPlane(links, "127.0.0.1")
+    nid, eid = ids(), ids()
+    network = net(nid, 9000001, mtu=1400)
+    plane.ensure_network(network)
+    plane.ensure_network(network)  # idempotent
+    ns = names.netns(nid)
+    assert ns in links.list_netns()
+    br = links.link_info(ns, names.BRIDGE)
+    vx = links.link_info(ns, names.VXLAN)
+    assert (br["kind"], br["mtu"], br["up"]) == ("bridge", 1400, True)
+    assert (vx["kind"], vx["vni"], vx["mtu"], vx["master"]) == ("vxlan", 9000001, 1400, names.BRIDGE)
+    assert not links.link_exists(None, names.vxlan_staging(9000001))
+
+    endpoint = Endpoint(nid, eid, "10.77.0.5/24", "02:42:0a:4d:00:05", "h")
+    ifname = plane.ensure_endpoint(network, endpoint)
+    assert plane.ensure_endpoint(network, endpoint) == ifname
+    host_end = links.link_info(None, ifname)
+    bridge_end = links.link_info(ns, names.veth_bridge(eid))
+    assert (host_end["kind"], host_end["mtu"], host_end["mac"]) == ("veth", 1400, "02:42:0a:4d:00:05")
+    assert (bridge_end["master"], bridge_end["mtu"], bridge_end["up"]) == (names.BRIDGE, 1400, True)
+
+    plane.ensure_peer(network, PeerRecord(nid, "x", "10.77.0.9", "02:42:0a:4d:00:09", "127.0.0.2", "h2"))
+    assert links.peers(ns, names.VXLAN) == {"02:42:0a:4d:00:09": "127.0.0.2"}
+    plane.remove_peer(network, PeerRecord(nid, "x", "10.77.0.9", "02:42:0a:4d:00:09", "127.0.0.2", "h2"))
+    assert links.peers(ns, names.VXLAN) == {}
+
+    plane.remove_endpoint(nid, eid)
+    plane.remove_endpoint(nid, eid)
+    assert not links.link_exists(None, ifname) and not links.link_exists(ns, names.veth_bridge(eid))
+    plane.remove_network(nid, 9000001)
+    plane.remove_network(nid, 9000001)
+    assert ns not in links.list_netns()
+
+
+def test_two_endpoints_talk_across_the_bridge(links, ids):
+    """Two veth ends moved into namespaces of their own (as dockerd does) reach each other through the bridge."""
+    import subprocess
+    plane = DataPlane(links, "127.0.0.1")
+    nid = ids()
+    network = net(nid, 9000002)
+    plane.ensure_network(network)
+    made = []
+    try:
+        for i in (5, 6):
+            eid = ids()
+            ifname = plane.ensure_endpoint(network, Endpoint(nid, eid, f"10.77.0.{i}/24", f"02:42:0a:4d:00:0{i}", "h"))
+            cns = f"vxt-{eid[:8]}"
+            subprocess.run(["ip", "netns", "add", cns], check=True)
+            made.append(cns)
+            subprocess.run(["ip", "link", "set", ifname, "netns", cns], check=True)
+            subprocess.run(["ip", "-n", cns, "addr", "add", f"10.77.0.{i}/24", "dev", ifname], check=True)
+            subprocess.run(["ip", "-n", cns, "link", "set", ifname, "up"], check=True)
+        out = subprocess.run(["ip", "netns", "exec", made[0], "ping", "-c", "2", "-W", "2", "-i", "0.2",
+                              "10.77.0.6"], capture_output=True, text=True)
+        assert out.returncode == 0, out.stdout + out.stderr
+    finally:
+        for cns in made:
+            subprocess.run(["ip", "netns", "del", cns])
+        plane.remove_network(nid, 9000002)
+
+
+def test_vxlan_vni_clash_is_a_kernel_error_naming_the_vni(links, ids):
+    plane = DataPlane(links, "127.0.0.1")
+    a, b = ids(), ids()
+    plane.ensure_network(net(a, 9000003))
+    try:
+        with pytest.raises(KernelError, match="9000003"):
+            plane.ensure_network(net(b, 9000003))
+    finally:
+        plane.remove_network(b, 9000003)
+        plane.remove_network(a, 9000003)
+    assert not links.link_exists(None, names.vxlan_staging(9000003))
+
+
+@pytest.fixture(scope="module")
+def etcd(tmp_path_factory):
+    from tests.harness.etcd import EtcdServer
+    server = EtcdServer(tmp_path_factory.mktemp("etcd"))
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_driver_rolls_back_a_failed_create_against_real_etcd(links, ids, etcd):
+    from plugin.kvstore import EtcdKV
+    kv = EtcdKV([etcd.url])
+    prefix = f"/vxnet-test-{secrets.token_hex(4)}"
+    plane = DataPlane(links, "127.0.0.1")
+    drv = NetworkDriver(NetworkStore(kv, prefix), plane, "h1", "local", 1500, "127.0.0.1")
+    blocker, victim = ids(), ids()
+    # Another network already holds VNI 9000004 in the kernel (not in etcd): the create reaches the kernel and
+    # fails there, after writing etcd.
+    plane.ensure_network(net(blocker, 9000004))
+    try:
+        req = p.CreateNetworkRequest.decode({
+            "NetworkID": victim, "Options": {"com.docker.network.generic": {"vni": "9000004"}},
+            "IPv4Data": [{"Pool": "10.77.1.0/24", "Gateway": "10.77.1.1/24"}]})
+        with pytest.raises(KernelError):
+            drv.create_network(req)
+        assert kv.get_prefix(prefix + "/")[0] == []
+        assert names.netns(victim) not in links.list_netns()
+    finally:
+        plane.remove_network(blocker, 9000004)
+        kv.delete_prefix(prefix + "/")

@@ -1,0 +1,50 @@
+import pytest
+
+from netdriver import names, options
+from plugin import config
+from plugin.errors import ConfigError, InvalidOption
+
+
+def test_defaults():
+    s = config.load({"VXNET_HOST_ID": "h1"})
+    assert (s.socket_path, s.embedded, s.scope, s.state_dir, s.host_id) == (
+        "/run/docker/plugins/vxnet.sock", True, "local", "/var/lib/vxnet", "h1")
+
+
+def test_values_are_read():
+    s = config.load({"ETCD_ENDPOINTS": "http://10.0.0.1:2379, https://[::1]:2379", "VXNET_SCOPE": "GLOBAL",
+                     "VXNET_ADVERTISE_ADDR": "192.0.2.4", "VXNET_LOG_LEVEL": "debug"})
+    assert s.etcd_endpoints == ("http://10.0.0.1:2379", "https://[::1]:2379")
+    assert (s.scope, s.advertise_addr, s.embedded) == ("global", "192.0.2.4", False)
+
+
+@pytest.mark.parametrize("env,needle", [
+    ({"ETCD_ENDPOINTS": "10.0.0.1:2379"}, "ETCD_ENDPOINTS"),
+    ({"VXNET_SCOPE": "swarm"}, "VXNET_SCOPE"),
+    ({"VXNET_ADVERTISE_ADDR": "300.1.1.1"}, "VXNET_ADVERTISE_ADDR"),
+    ({"VXNET_SOCKET": "relative.sock"}, "VXNET_SOCKET"),
+    ({"VXNET_LOG_LEVEL": "loud"}, "VXNET_LOG_LEVEL"),
+    ({"ETCD_CERT_FILE": "/c.pem"}, "ETCD_KEY_FILE"),
+    ({"VXNET_EMBEDDED_ETCD_PORT": "70000"}, "VXNET_EMBEDDED_ETCD_PORT"),
+    ({"VXNET_HOST_ID": "bad host"}, "VXNET_HOST_ID"),
+])
+def test_bad_settings_name_the_setting(env, needle):
+    with pytest.raises(ConfigError, match=needle):
+        config.load(env)
+
+
+def test_names_fit_ifnamsiz():
+    eid = "f" * 64
+    for name in (names.veth_container(eid), names.veth_bridge(eid), names.vxlan_staging(options.VNI_MAX)):
+        assert len(name) <= 15 and name.startswith("vx")
+    assert names.network_id_prefix(names.netns("a" * 64)) == "a" * 12
+    assert names.network_id_prefix("docker-ns") == ""
+
+
+def test_options_parse():
+    o = options.parse({options.GENERIC: {"vni": "42", "mtu": "1400", "overlay": "blue"}, options.INTERNAL: True})
+    assert (o.vni, o.mtu, o.overlay, o.internal) == (42, 1400, "blue", True)
+    with pytest.raises(InvalidOption, match="encrypted"):
+        options.parse({options.GENERIC: {"encrypted": ""}})
+    with pytest.raises(InvalidOption, match="com.docker.network.internal"):
+        options.parse({options.INTERNAL: "maybe"})
