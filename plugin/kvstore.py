@@ -7,11 +7,15 @@ transaction (keys that must be absent, keys that must be at a given revision, th
 """
 
 import base64
+import http.client
+import socket
+import ssl
 import dataclasses
 import json
 import logging
 import threading
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from urllib.parse import urlsplit
 
 from etcd3gw import exceptions as etcd_exc
 from etcd3gw.client import Etcd3Client
@@ -78,6 +82,7 @@ class EtcdKV:
             self._clients.append(client_factory(
                 host=host.strip("[]"), port=int(port), protocol=scheme, ca_cert=ca, cert_key=key,
                 cert_cert=cert, timeout=timeout, api_path="/v3/"))
+        self._tls = (ca, cert, key)
         self._preferred = 0
         self._lock = threading.Lock()
 
@@ -172,9 +177,124 @@ class EtcdKV:
         except VxnetError:
             pass
 
+    def watch(self, prefix: str, start_revision: int) -> "WatchStream":
+        return WatchStream(self, prefix, start_revision)
+
+    def current_endpoint(self) -> str:
+        with self._lock:
+            return self.endpoints[self._preferred]
+
+    def http_connection(self, url: str) -> http.client.HTTPConnection:
+        """A connection of our own for a long-lived stream (its socket can be shut down from another thread)."""
+        parts = urlsplit(url)
+        if parts.scheme == "https":
+            context = ssl.create_default_context(cafile=self._tls[0])
+            if self._tls[1]:
+                context.load_cert_chain(self._tls[1], self._tls[2])
+            return http.client.HTTPSConnection(parts.hostname, parts.port, timeout=DEFAULT_TIMEOUT, context=context)
+        return http.client.HTTPConnection(parts.hostname, parts.port, timeout=DEFAULT_TIMEOUT)
+
     def revision(self) -> int:
         reply = self._call("kv/range", {"key": _b64("\0"), "limit": 1})
         return int(reply.get("header", {}).get("revision", 0))
+
+
+@dataclasses.dataclass(frozen=True)
+class WatchEvent:
+    kind: str  # "put" or "delete"
+    key: str
+    value: Optional[str]  # None for deletes
+    prev_value: Optional[str]  # None when the key was created (or etcd no longer had the previous version)
+    mod_revision: int
+
+
+class Compacted(VxnetError):
+    """The watch asked for a revision etcd has compacted away: the watcher must resync from a fresh read."""
+
+    status = 503
+
+    def __init__(self, compact_revision: int):
+        super().__init__(f"etcd compacted past revision {compact_revision}")
+        self.compact_revision = compact_revision
+
+
+class WatchStream:
+    """One watch on a key prefix from a start revision. Iterate for events; `close()` (from any thread) ends the
+    iteration. Raises StoreUnavailable when the stream breaks and Compacted when the start revision is gone."""
+
+    def __init__(self, kv: "EtcdKV", prefix: str, start_revision: int):
+        self.kv = kv
+        self.prefix = prefix
+        self.start_revision = start_revision
+        self._conn = None
+        self._closed = threading.Event()
+
+    def close(self) -> None:
+        self._closed.set()
+        conn = self._conn
+        if conn is not None and conn.sock is not None:
+            # Shutting the socket down is what wakes a reader blocked in recv() on another thread; close() alone
+            # waits for that reader.
+            try:
+                conn.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def __iter__(self):
+        request = {"create_request": {"key": _b64(self.prefix), "range_end": _b64(prefix_end(self.prefix)),
+                                      "start_revision": self.start_revision, "prev_kv": True}}
+        url = self.kv.current_endpoint()
+        try:
+            self._conn = self.kv.http_connection(url)
+            self._conn.request("POST", "/v3/watch", body=json.dumps(request),
+                               headers={"Content-Type": "application/json"})
+            # No read timeout from here on: a quiet watch is normal. A dead etcd closes the connection; a silent
+            # partition is caught by the lease keepalive, which closes this stream.
+            self._conn.sock.settimeout(None)
+            resp = self._conn.getresponse()
+            if resp.status != 200:
+                raise StoreUnavailable(f"etcd at {url} refused the watch: HTTP {resp.status}")
+        except OSError as exc:
+            if self._closed.is_set():
+                return
+            raise StoreUnavailable(f"etcd unreachable at {url} (watch: {exc})") from None
+        buffer = b""
+        try:
+            while not self._closed.is_set():
+                chunk = resp.read1(65536)
+                if not chunk:
+                    break
+                buffer += chunk
+                while b"\n" in buffer:
+                    line, buffer = buffer.split(b"\n", 1)
+                    if line.strip():
+                        yield from self._events(json.loads(line))
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            if not self._closed.is_set():
+                raise StoreUnavailable(f"etcd watch on {url} broke: {exc}") from None
+        finally:
+            self._conn.close()
+        if not self._closed.is_set():
+            raise StoreUnavailable(f"etcd at {url} closed the watch stream")
+
+    def _events(self, message: dict):
+        result = message.get("result") or {}
+        if "error" in message:
+            raise StoreUnavailable(f"etcd watch error: {message['error']}")
+        if int(result.get("compact_revision", 0) or 0) > 0:
+            raise Compacted(int(result["compact_revision"]))
+        if result.get("canceled"):
+            raise StoreUnavailable(f"etcd cancelled the watch: {result.get('cancel_reason', '')}")
+        for event in result.get("events") or []:
+            kv = event["kv"]
+            prev = event.get("prev_kv")
+            yield WatchEvent(
+                kind="delete" if event.get("type") == "DELETE" else "put",
+                key=_unb64(kv["key"]),
+                value=None if event.get("type") == "DELETE" else _unb64(kv.get("value", "")),
+                prev_value=_unb64(prev.get("value", "")) if prev else None,
+                mod_revision=int(kv.get("mod_revision", 0)),
+            )
 
 
 def _short(exc: Exception) -> str:

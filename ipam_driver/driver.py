@@ -1,0 +1,126 @@
+"""The six IpamDriver verbs of the libnetwork remote IPAM protocol (moby libnetwork/ipams/remote/api/api.go,
+docs/ipam.md; summary in design/protocol.md). Orchestration only: pool arithmetic lives in pools.py, etcd keys
+and transactions in store.py.
+
+What Docker expects, and why the replays are confirmations:
+- In the global address space (Swarm) the manager allocates, then every worker that runs a task asks again for
+  the manager's pool, gateway and task addresses, and a new leader replays everything it recorded. So a
+  request for something already held is a confirmation there.
+- In the local address space a second standalone host may join a network with the same --subnet (the overlay
+  is shared): the pool and the gateway are confirmed for it. A second network on the *same* host with that
+  subnet, or a container address already in use, is a Conflict.
+- Releases of anything unknown succeed: dockerd replays them after a crash and must be able to delete its
+  networks.
+"""
+
+import ipaddress
+import logging
+
+from ipam_driver import pools
+from ipam_driver.store import CONTAINER, GATEWAY, IpamStore
+from plugin.errors import InvalidOption
+from plugin.protocol import AddressRequest, EmptyRequest, PoolIDRequest, RequestPoolRequest
+
+log = logging.getLogger(__name__)
+
+LOCAL_SPACE = "vxnet-local"
+GLOBAL_SPACE = "vxnet-global"
+# Options["RequestAddressType"] of the one RequestAddress per network that asks for the gateway. Aux addresses
+# (--aux-address) arrive with no options, exactly like a container's --ip, so they are held as "container".
+GATEWAY_REQUEST = "com.docker.network.gateway"
+# dockerd and Swarm put their own keys under this prefix (e.g. com.docker.network.ipam.serial); anything else
+# in --ipam-opt is the user's and vxnet takes none.
+DOCKER_OPTION_PREFIX = "com.docker.network."
+
+
+class IpamDriver:
+    """host_id names this host in the holders of pools and addresses; scope ("local"/"global") is the plugin's
+    network scope and picks the address space when a request names none; keys live under
+    `<key_prefix>/ipam/`."""
+
+    def __init__(self, kv, host_id: str, scope: str, key_prefix: str = "/vxnet/v1"):
+        if scope not in ("local", "global"):
+            raise ValueError(f"scope must be 'local' or 'global', not {scope!r}")
+        self.host_id = host_id
+        self.scope = scope
+        self.store = IpamStore(kv, key_prefix.rstrip("/") + "/ipam/")
+
+    # -- capabilities --------------------------------------------------------------------------------------------
+    def get_capabilities(self, req: EmptyRequest) -> dict:
+        """-> `{"RequiresMACAddress": false, "RequiresRequestReplay": false}`: what we hold lives in etcd, so
+        dockerd need not replay its requests when it restarts."""
+        return {"RequiresMACAddress": False, "RequiresRequestReplay": False}
+
+    def get_default_address_spaces(self, req: EmptyRequest) -> dict:
+        """-> `{"LocalDefaultAddressSpace": "vxnet-local", "GlobalDefaultAddressSpace": "vxnet-global"}`"""
+        return {"LocalDefaultAddressSpace": LOCAL_SPACE, "GlobalDefaultAddressSpace": GLOBAL_SPACE}
+
+    # -- pools ---------------------------------------------------------------------------------------------------
+    def request_pool(self, req: RequestPoolRequest) -> dict:
+        """`{"AddressSpace","Pool","SubPool","Options","V6"}` -> `{"PoolID","Pool":"10.1.0.0/24","Data":{}}`.
+        Pool empty: a free /24 from pools.DEFAULT_RANGE."""
+        if req.v6:
+            raise InvalidOption("V6: vxnet IPAM serves IPv4 only")
+        space = self._space(req.address_space)
+        for key in req.options:
+            if not key.startswith(DOCKER_OPTION_PREFIX):
+                raise InvalidOption(f"Options: unknown IPAM option {key!r} (vxnet IPAM takes none)")
+        want = sub_pool = None
+        if req.pool:
+            want = pools.parse_pool(req.pool)
+            pools.check_pool_size(want)
+            sub_pool = pools.parse_sub_pool(req.sub_pool, want)
+        elif req.sub_pool:
+            raise InvalidOption(f"SubPool: {req.sub_pool!r} needs a Pool (--ip-range needs --subnet)")
+        cidr = self.store.hold_pool(space, want, self.host_id, replay_ok=space == GLOBAL_SPACE)
+        pool_id = pools.pool_id(space, cidr, sub_pool)
+        log.info("pool held: pool=%s host=%s", pool_id, self.host_id)
+        return {"PoolID": pool_id, "Pool": str(cidr), "Data": {}}
+
+    def release_pool(self, req: PoolIDRequest) -> dict:
+        """`{"PoolID"}` -> `{}`. The last holder's release deletes the pool and its addresses."""
+        try:
+            space, cidr, _ = pools.parse_pool_id(req.pool_id)
+        except InvalidOption:
+            log.warning("release of foreign pool ignored: pool=%s", req.pool_id)
+            return {}
+        self.store.release_pool(space, cidr, self.host_id)
+        log.info("pool released: pool=%s host=%s", req.pool_id, self.host_id)
+        return {}
+
+    # -- addresses -----------------------------------------------------------------------------------------------
+    def request_address(self, req: AddressRequest) -> dict:
+        """`{"PoolID","Address":"" or "a.b.c.d","Options"}` -> `{"Address":"a.b.c.d/nn","Data":{}}`, nn the pool's
+        prefix length. Empty Address: the lowest free one (inside the PoolID's --ip-range, if any); a given
+        Address may be anywhere in the pool."""
+        space, cidr, sub_pool = pools.parse_pool_id(req.pool_id)
+        self._space(space, field="PoolID")
+        kind = GATEWAY if req.options.get("RequestAddressType") == GATEWAY_REQUEST else CONTAINER
+        if req.address:
+            ip = pools.parse_address(req.address, cidr)
+            self.store.reserve_address(space, cidr, ip, self.host_id, kind, replay_ok=space == GLOBAL_SPACE)
+        else:
+            ip = self.store.allocate_address(space, cidr, self.host_id, kind, sub_pool)
+        log.debug("address held: pool=%s ip=%s kind=%s host=%s", req.pool_id, ip, kind, self.host_id)
+        return {"Address": pools.reply_address(ip, cidr), "Data": {}}
+
+    def release_address(self, req: AddressRequest) -> dict:
+        """`{"PoolID","Address"}` -> `{}`."""
+        try:
+            space, cidr, _ = pools.parse_pool_id(req.pool_id)
+            ip = ipaddress.IPv4Address(req.address)
+        except (InvalidOption, ValueError):
+            log.warning("release of foreign address ignored: pool=%s ip=%s", req.pool_id, req.address)
+            return {}
+        if ip in cidr:
+            self.store.release_address(space, cidr, ip, self.host_id)
+        log.debug("address released: pool=%s ip=%s host=%s", req.pool_id, ip, self.host_id)
+        return {}
+
+    # -------------------------------------------------------------------------------------------------------------
+    def _space(self, name: str, field: str = "AddressSpace") -> str:
+        if not name:
+            return GLOBAL_SPACE if self.scope == "global" else LOCAL_SPACE
+        if name not in (LOCAL_SPACE, GLOBAL_SPACE):
+            raise InvalidOption(f"{field}: {name!r} is not a vxnet address space ({LOCAL_SPACE}, {GLOBAL_SPACE})")
+        return name

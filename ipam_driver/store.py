@@ -1,0 +1,280 @@
+"""Pools and addresses in etcd: the only module that knows the IPAM keys. Every write is one transaction that
+compares what it read, so any number of plugin processes sharing one etcd agree on who holds what.
+
+Keys, under the prefix given to IpamStore (e.g. `/vxnet/v1/ipam/`):
+- `pools/<space>/<cidr, '/' -> '_'>`: `{"cidr", "space", "hosts": [host_id, ...], "created"}`
+- `addresses/<space>/<cidr, '/' -> '_'>/<ip>`: `{"address", "pool", "kind": "gateway"|"container", "hosts", "created"}`
+- `pools-rev`: rewritten by every pool creation; creations compare its revision, so two overlapping pools can
+  never both be created from the same view of the pool list.
+
+`hosts` is a multiset: one entry per hold, because several clients on one host may hold the same thing. In a
+Swarm the manager's allocator and the node's own dockerd both request the pool, gateway and task addresses and
+release them independently; counting holds means the first release cannot free what the other still uses.
+
+An address key never outlives its pool. Releasing the last hold first rewrites the pool with no hosts (its
+revision changes, so every allocation in flight, which compares that revision, fails and finds the pool gone),
+then deletes the addresses and the pool key. A pool left without hosts (etcd lost between the two steps) is
+finished off by the next RequestPool or ReleasePool.
+"""
+
+import dataclasses
+import datetime
+import json
+from typing import Dict, List, Optional, Tuple
+
+from ipam_driver import pools
+from ipam_driver.pools import Address, Network
+from plugin.errors import Conflict, Exhausted, NotFound
+
+GATEWAY = "gateway"
+CONTAINER = "container"
+
+# Each failed compare means another writer changed what we read and made progress, so this bound is only hit
+# under pathological churn; it turns a livelock into an error the user can retry.
+MAX_ROUNDS = 100
+# etcd refuses a transaction with more than 128 operations (its --max-txn-ops default).
+TXN_BATCH = 100
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolEntry:
+    key: str
+    revision: int
+    space: str
+    cidr: Network
+    hosts: Tuple[str, ...]
+    created: str
+
+
+@dataclasses.dataclass(frozen=True)
+class AddressEntry:
+    key: str
+    revision: int
+    ip: Address
+    kind: str
+    hosts: Tuple[str, ...]
+    created: str
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _without_one(hosts: Tuple[str, ...], host: str) -> Tuple[str, ...]:
+    index = hosts.index(host)
+    return hosts[:index] + hosts[index + 1:]
+
+
+def _escape(cidr: Network) -> str:
+    return str(cidr).replace("/", "_")
+
+
+class IpamStore:
+    def __init__(self, kv, prefix: str):
+        self.kv = kv
+        self.prefix = prefix if prefix.endswith("/") else prefix + "/"
+        self.index_key = self.prefix + "pools-rev"
+
+    # -- keys ------------------------------------------------------------------------------------------------------
+    def pool_key(self, space: str, cidr: Network) -> str:
+        return f"{self.prefix}pools/{space}/{_escape(cidr)}"
+
+    def addresses_prefix(self, space: str, cidr: Network) -> str:
+        return f"{self.prefix}addresses/{space}/{_escape(cidr)}/"
+
+    def address_key(self, space: str, cidr: Network, ip: Address) -> str:
+        return self.addresses_prefix(space, cidr) + str(ip)
+
+    # -- reads -----------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _pool_entry(entry) -> PoolEntry:
+        value = entry.json()
+        return PoolEntry(entry.key, entry.mod_revision, value["space"], Network(value["cidr"]),
+                         tuple(value["hosts"]), value.get("created", ""))
+
+    @staticmethod
+    def _address_entry(entry) -> AddressEntry:
+        value = entry.json()
+        return AddressEntry(entry.key, entry.mod_revision, Address(value["address"]), value["kind"],
+                            tuple(value["hosts"]), value.get("created", ""))
+
+    def pools(self) -> List[PoolEntry]:
+        entries, _ = self.kv.get_prefix(self.prefix + "pools/")
+        return [self._pool_entry(e) for e in entries]
+
+    def pool(self, space: str, cidr: Network) -> Optional[PoolEntry]:
+        entry = self.kv.get(self.pool_key(space, cidr))
+        return self._pool_entry(entry) if entry else None
+
+    def addresses(self, space: str, cidr: Network) -> Dict[Address, AddressEntry]:
+        entries, _ = self.kv.get_prefix(self.addresses_prefix(space, cidr))
+        return {a.ip: a for a in map(self._address_entry, entries)}
+
+    # -- writes of records -----------------------------------------------------------------------------------------
+    def _pool_value(self, space: str, cidr: Network, hosts: Tuple[str, ...], created: str) -> str:
+        return json.dumps({"cidr": str(cidr), "space": space, "hosts": list(hosts), "created": created})
+
+    def _address_value(self, cidr: Network, ip: Address, kind: str, hosts: Tuple[str, ...],
+                       created: str = "") -> str:
+        return json.dumps({"address": str(ip), "pool": str(cidr), "kind": kind, "hosts": list(hosts),
+                           "created": created or _now()})
+
+    def _set_pool_hosts(self, pool: PoolEntry, hosts: Tuple[str, ...]) -> bool:
+        value = self._pool_value(pool.space, pool.cidr, hosts, pool.created)
+        return self.kv.commit(revisions={pool.key: pool.revision}, puts={pool.key: value})
+
+    def _live_pool(self, space: str, cidr: Network) -> PoolEntry:
+        pool = self.pool(space, cidr)
+        if pool is None or not pool.hosts:
+            raise NotFound(f"PoolID: pool {cidr} in address space {space} is not allocated "
+                           "(released, or never requested)")
+        return pool
+
+    # -- pools -----------------------------------------------------------------------------------------------------
+    def hold_pool(self, space: str, want: Optional[Network], host: str, replay_ok: bool) -> Network:
+        """Hold pool `want` in `space` for host, or with want None a new /24 from pools.DEFAULT_RANGE that overlaps
+        no pool of any space. An existing pool with the same CIDR is joined (host added to its holders) when host
+        does not hold it yet, or when replay_ok; otherwise, and on any partial overlap, Conflict."""
+        for _ in range(MAX_ROUNDS):
+            index = self.kv.get(self.index_key)
+            index_rev = index.mod_revision if index else 0
+            held = self.pools()
+            retired = [p for p in held if not p.hosts]
+            if retired:
+                for pool in retired:
+                    self._reap(pool)
+                continue
+            if want is None:
+                cidr = pools.pick_free_pool(p.cidr for p in held)
+                if cidr is None:
+                    raise Exhausted(f"Pool: no free /{pools.DEFAULT_PREFIX} left in {pools.DEFAULT_RANGE}; "
+                                    "give --subnet explicitly")
+            else:
+                cidr = want
+                same = next((p for p in held if p.space == space and p.cidr == want), None)
+                if same is not None:
+                    if host in same.hosts and not replay_ok:
+                        raise Conflict(f"Pool: {want} is already in use on this host by another network "
+                                       f"(address space {space}); choose another --subnet")
+                    if self._set_pool_hosts(same, same.hosts + (host,)):
+                        return want
+                    continue
+                other = pools.overlapping(want, (p.cidr for p in held if p.space == space))
+                if other is not None:
+                    raise Conflict(f"Pool: {want} overlaps pool {other} already in use in address space {space}")
+            key = self.pool_key(space, cidr)
+            value = self._pool_value(space, cidr, (host,), _now())
+            if self.kv.commit(absent=[key], revisions={self.index_key: index_rev},
+                              puts={key: value, self.index_key: json.dumps({"created": str(cidr)})}):
+                return cidr
+        raise Conflict(f"Pool: gave up after {MAX_ROUNDS} attempts, pools are changing too fast; retry")
+
+    def release_pool(self, space: str, cidr: Network, host: str) -> None:
+        """Drop one hold of host; the last hold deletes the pool and every address in it. Unknown pools and
+        hosts that hold nothing succeed (dockerd replays releases after a crash)."""
+        for _ in range(MAX_ROUNDS):
+            pool = self.pool(space, cidr)
+            if pool is None:
+                return
+            if not pool.hosts:
+                if self._reap(pool):
+                    return
+                continue
+            if host not in pool.hosts:
+                return
+            remaining = _without_one(pool.hosts, host)
+            if not self._set_pool_hosts(pool, remaining):
+                continue
+            if remaining:
+                return
+            # That was the last hold: the pool is retired now, and the next round reaps it.
+        raise Conflict(f"PoolID: gave up releasing {cidr} after {MAX_ROUNDS} attempts; retry")
+
+    def _reap(self, pool: PoolEntry) -> bool:
+        """Delete a pool that has no holders and its addresses. Each batch compares the pool's revision, so
+        nothing is deleted from a pool that was reaped and created anew meanwhile; the pool key goes last, so
+        an address key never outlives its pool. False if the pool changed under us."""
+        entries, _ = self.kv.get_prefix(self.addresses_prefix(pool.space, pool.cidr))
+        keys = [e.key for e in entries]
+        while len(keys) >= TXN_BATCH:
+            batch, keys = keys[:TXN_BATCH], keys[TXN_BATCH:]
+            if not self.kv.commit(revisions={pool.key: pool.revision}, deletes=batch):
+                return False
+        return self.kv.commit(revisions={pool.key: pool.revision}, deletes=keys + [pool.key])
+
+    # -- addresses -------------------------------------------------------------------------------------------------
+    def _add_holder(self, pool: PoolEntry, entry: AddressEntry, host: str) -> bool:
+        value = self._address_value(pool.cidr, entry.ip, entry.kind, entry.hosts + (host,), entry.created)
+        return self.kv.commit(revisions={entry.key: entry.revision, pool.key: pool.revision},
+                              puts={entry.key: value})
+
+    def reserve_address(self, space: str, cidr: Network, ip: Address, host: str, kind: str,
+                        replay_ok: bool) -> None:
+        """Hold the specific address ip. If it is held already, this is a confirmation (host added to its
+        holders) when replay_ok or when both are the gateway (one gateway serves every host of a network);
+        otherwise Conflict."""
+        key = self.address_key(space, cidr, ip)
+        for _ in range(MAX_ROUNDS):
+            pool = self._live_pool(space, cidr)
+            raw = self.kv.get(key)
+            if raw is None:
+                value = self._address_value(cidr, ip, kind, (host,))
+                if self.kv.commit(absent=[key], revisions={pool.key: pool.revision}, puts={key: value}):
+                    return
+                continue
+            entry = self._address_entry(raw)
+            if not (replay_ok or kind == entry.kind == GATEWAY):
+                what = "the gateway" if entry.kind == GATEWAY else "in use"
+                raise Conflict(f"Address: {ip} is already {what} in pool {cidr}")
+            if self._add_holder(pool, entry, host):
+                return
+        raise Conflict(f"Address: gave up reserving {ip} after {MAX_ROUNDS} attempts; retry")
+
+    def allocate_address(self, space: str, cidr: Network, host: str, kind: str,
+                         sub_pool: Optional[Network]) -> Address:
+        """Hold the lowest free host address (inside sub_pool if given) and return it. A gateway request joins
+        the pool's existing gateway if there is one. Exhausted when no address is left."""
+        for _ in range(MAX_ROUNDS):
+            pool = self._live_pool(space, cidr)
+            held = self.addresses(space, cidr)
+            gateway = next((a for a in held.values() if a.kind == GATEWAY), None) if kind == GATEWAY else None
+            if gateway is not None:
+                if self._add_holder(pool, gateway, host):
+                    return gateway.ip
+                continue
+            taken = set(held)
+            while True:
+                ip = pools.next_free_address(cidr, taken, sub_pool)
+                if ip is None:
+                    where = f"range {sub_pool} of pool {cidr}" if sub_pool else f"pool {cidr}"
+                    raise Exhausted(f"no free address left in {where}")
+                key = self.address_key(space, cidr, ip)
+                value = self._address_value(cidr, ip, kind, (host,))
+                if self.kv.commit(absent=[key], revisions={pool.key: pool.revision}, puts={key: value}):
+                    return ip
+                # Someone took ip, or the pool itself changed: only the latter needs a fresh read.
+                taken.add(ip)
+                current = self.kv.get(pool.key)
+                if current is None or current.mod_revision != pool.revision:
+                    break
+        raise Conflict(f"Address: gave up allocating in {cidr} after {MAX_ROUNDS} attempts; retry")
+
+    def release_address(self, space: str, cidr: Network, ip: Address, host: str) -> None:
+        """Drop one hold of host on ip; the last hold deletes the key. Unknown addresses succeed."""
+        key = self.address_key(space, cidr, ip)
+        for _ in range(MAX_ROUNDS):
+            raw = self.kv.get(key)
+            if raw is None:
+                return
+            entry = self._address_entry(raw)
+            if host not in entry.hosts:
+                return
+            hosts = _without_one(entry.hosts, host)
+            if hosts:
+                value = self._address_value(cidr, ip, entry.kind, hosts, entry.created)
+                done = self.kv.commit(revisions={key: entry.revision}, puts={key: value})
+            else:
+                done = self.kv.commit(revisions={key: entry.revision}, deletes=[key])
+            if done:
+                return
+        raise Conflict(f"Address: gave up releasing {ip} after {MAX_ROUNDS} attempts; retry")
