@@ -4,8 +4,8 @@ compares what it read, so any number of plugin processes sharing one etcd agree 
 Keys, under the prefix given to IpamStore (e.g. `/vxnet/v1/ipam/`):
 - `pools/<space>/<cidr, '/' -> '_'>`: `{"cidr", "space", "hosts": [host_id, ...], "created"}`
 - `addresses/<space>/<cidr, '/' -> '_'>/<ip>`: `{"address", "pool", "kind": "gateway"|"container", "hosts", "created"}`
-- `pools-rev`: rewritten by every pool creation; creations compare its revision, so two overlapping pools can
-  never both be created from the same view of the pool list.
+A pool is created only if no key under `pools/` was written since the pool list was read (a range compare in
+the same transaction), so two overlapping pools can never both be created from the same view of the list.
 
 `hosts` is a multiset: one entry per hold, because several clients on one host may hold the same thing. In a
 Swarm the manager's allocator and the node's own dockerd both request the pool, gateway and task addresses and
@@ -73,7 +73,6 @@ class IpamStore:
     def __init__(self, kv, prefix: str):
         self.kv = kv
         self.prefix = prefix if prefix.endswith("/") else prefix + "/"
-        self.index_key = self.prefix + "pools-rev"
 
     # -- keys ------------------------------------------------------------------------------------------------------
     def pool_key(self, space: str, cidr: Network) -> str:
@@ -99,8 +98,12 @@ class IpamStore:
                             tuple(value["hosts"]), value.get("created", ""))
 
     def pools(self) -> List[PoolEntry]:
-        entries, _ = self.kv.get_prefix(self.prefix + "pools/")
-        return [self._pool_entry(e) for e in entries]
+        return self._pools_at()[0]
+
+    def _pools_at(self) -> Tuple[List[PoolEntry], int]:
+        """The pools and the store revision they were read at."""
+        entries, revision = self.kv.get_prefix(self.prefix + "pools/")
+        return [self._pool_entry(e) for e in entries], revision
 
     def pool(self, space: str, cidr: Network) -> Optional[PoolEntry]:
         entry = self.kv.get(self.pool_key(space, cidr))
@@ -136,9 +139,7 @@ class IpamStore:
         no pool of any space. An existing pool with the same CIDR is joined (host added to its holders) when host
         does not hold it yet, or when replay_ok; otherwise, and on any partial overlap, Conflict."""
         for _ in range(MAX_ROUNDS):
-            index = self.kv.get(self.index_key)
-            index_rev = index.mod_revision if index else 0
-            held = self.pools()
+            held, read_at = self._pools_at()
             retired = [p for p in held if not p.hosts]
             if retired:
                 for pool in retired:
@@ -164,8 +165,7 @@ class IpamStore:
                     raise Conflict(f"Pool: {want} overlaps pool {other} already in use in address space {space}")
             key = self.pool_key(space, cidr)
             value = self._pool_value(space, cidr, (host,), _now())
-            if self.kv.commit(absent=[key], revisions={self.index_key: index_rev},
-                              puts={key: value, self.index_key: json.dumps({"created": str(cidr)})}):
+            if self.kv.commit(absent=[key], unchanged_since={self.prefix + "pools/": read_at}, puts={key: value}):
                 return cidr
         raise Conflict(f"Pool: gave up after {MAX_ROUNDS} attempts, pools are changing too fast; retry")
 

@@ -143,13 +143,19 @@ class EtcdKV:
         return self.commit(absent=[key], puts={key: value}, lease=lease)
 
     def commit(self, absent: Iterable[str] = (), revisions: Optional[Dict[str, int]] = None,
-               puts: Optional[Dict[str, str]] = None, deletes: Iterable[str] = (), lease: int = 0) -> bool:
-        """One atomic transaction: if every key in `absent` is missing and every key in `revisions` is at that
-        mod_revision (0 = missing), apply `puts` and `deletes` and return True; otherwise change nothing and
-        return False."""
+               puts: Optional[Dict[str, str]] = None, deletes: Iterable[str] = (), lease: int = 0,
+               unchanged_since: Optional[Dict[str, int]] = None) -> bool:
+        """One atomic transaction: if every key in `absent` is missing, every key in `revisions` is at that
+        mod_revision (0 = missing), and no key under a prefix in `unchanged_since` was written after that
+        revision (so none was created either), apply `puts` and `deletes` and return True; otherwise change
+        nothing and return False."""
         compare = [{"key": _b64(k), "target": "CREATE", "result": "EQUAL", "create_revision": 0} for k in absent]
         for k, rev in (revisions or {}).items():
             compare.append({"key": _b64(k), "target": "MOD", "result": "EQUAL", "mod_revision": rev})
+        for prefix, rev in (unchanged_since or {}).items():
+            # A compare with range_end applies to every key in the range (etcd >= 3.3).
+            compare.append({"key": _b64(prefix), "range_end": _b64(prefix_end(prefix)), "target": "MOD",
+                            "result": "LESS", "mod_revision": rev + 1})
         success = []
         for k, v in (puts or {}).items():
             put = {"key": _b64(k), "value": _b64(v)}

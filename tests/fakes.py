@@ -73,11 +73,15 @@ class FakeKV:
         return self.commit(absent=[key], puts={key: value}, lease=lease)
 
     def commit(self, absent: Iterable[str] = (), revisions: Optional[Dict[str, int]] = None,
-               puts: Optional[Dict[str, str]] = None, deletes: Iterable[str] = (), lease: int = 0) -> bool:
+               puts: Optional[Dict[str, str]] = None, deletes: Iterable[str] = (), lease: int = 0,
+               unchanged_since: Optional[Dict[str, int]] = None) -> bool:
         with self._lock:
             self._check(write=True)
             if any(k in self.data for k in absent):
                 return False
+            for prefix, rev in (unchanged_since or {}).items():
+                if any(e.mod_revision > rev for k, e in self.data.items() if k.startswith(prefix)):
+                    return False
             for k, rev in (revisions or {}).items():
                 current = self.data[k].mod_revision if k in self.data else 0
                 if current != rev:
