@@ -71,9 +71,13 @@ def _subnets(data) -> List[Subnet]:
 
 class NetworkDriver:
     def __init__(self, store: NetworkStore, dataplane, host_id: str, scope: str, underlay_mtu: int,
-                 vtep: str):
+                 vtep: str, peers=None, lease_id: Callable[[], int] = lambda: 0):
+        """peers: a PeerSync told when a network's namespace comes and goes (None: single host, no peers);
+        lease_id: the host lease that this host's peer records live under."""
         self.store = store
         self.dataplane = dataplane
+        self.peers = peers
+        self.lease_id = lease_id
         self.host_id = host_id
         self.scope = scope
         self.underlay_mtu = underlay_mtu
@@ -116,6 +120,7 @@ class NetworkDriver:
         existing = self.store.get_network(req.network_id)
         if existing is not None:  # a replay: make sure the kernel matches, change nothing else
             self.dataplane.ensure_network(existing)
+            self._network_up(existing)
             return {}
         mtu = opts.mtu or self.underlay_mtu - VXLAN_OVERHEAD
         segment = segment_of(req.network_id, opts.overlay)
@@ -130,6 +135,7 @@ class NetworkDriver:
             undo.push(lambda: self.store.delete_network(network.id, self.host_id, segment))
             undo.push(lambda: self.dataplane.remove_network(network.id, network.vni))
             self.dataplane.ensure_network(network)
+            self._network_up(network)
         log.info("network created nid=%s vni=%d mtu=%d internal=%s", network.id[:12], vni, mtu, opts.internal)
         return {}
 
@@ -143,6 +149,8 @@ class NetworkDriver:
         for endpoint in self.store.list_endpoints(network.id):
             if endpoint.host == self.host_id:
                 self.store.delete_peer(segment, endpoint.id)
+        if self.peers is not None:
+            self.peers.network_down(network)
         self.dataplane.remove_network(network.id, network.vni)
         self.store.delete_network(network.id, self.host_id, segment)
         self.store.release_segment(segment)
@@ -209,12 +217,11 @@ class NetworkDriver:
         segment = segment_of(network.id, network.overlay)
         with _rollback() as undo:
             self.dataplane.ensure_network(network)
+            self._network_up(network)
             undo.push(lambda: self.dataplane.remove_endpoint(network.id, endpoint.id))
             ifname = self.dataplane.ensure_endpoint(network, endpoint)
             undo.push(lambda: self.store.delete_peer(segment, endpoint.id))
-            self.store.put_peer(segment, PeerRecord(
-                network_id=network.id, endpoint_id=endpoint.id, ip=endpoint.ip.split("/")[0], mac=endpoint.mac,
-                vtep=self.vtep, host=self.host_id))
+            self._publish(network, endpoint)
         return {"InterfaceName": {"SrcName": ifname, "DstPrefix": names.CONTAINER_PREFIX},
                 "DisableGatewayService": network.internal}
 
@@ -232,15 +239,40 @@ class NetworkDriver:
     def revoke_external_connectivity(self, req: p.EndpointRequest) -> dict:
         return {}
 
+    def _network_up(self, network: Network) -> None:
+        if self.peers is not None:
+            self.peers.network_up(network)
+
+    def _publish(self, network: Network, endpoint: Endpoint) -> None:
+        self.store.put_peer(segment_of(network.id, network.overlay), PeerRecord(
+            network_id=network.id, endpoint_id=endpoint.id, ip=endpoint.ip.split("/")[0], mac=endpoint.mac,
+            vtep=self.vtep, host=self.host_id), lease=self.lease_id())
+
     # -- start-up -----------------------------------------------------------------------------------------------
     def reconcile(self) -> None:
         """Make the kernel match etcd for this host: rebuild the namespaces of networks this host is a member of,
-        remove vxnet namespaces no network claims. Running containers keep their veth pairs untouched."""
+        remove vxnet namespaces no network record claims, republish the peers of endpoints still wired here and
+        withdraw the ones that are not. Running containers keep their veth pairs untouched."""
         desired = self.store.member_networks(self.host_id)
-        wanted = {n.id[:12] for n in desired}
         for network in desired:
             self.dataplane.ensure_network(network)
+            self._network_up(network)
+        known = {n.id[:12] for n in self.store.list_networks()}
         for prefix in self.dataplane.network_ids():
-            if prefix not in wanted:
+            if prefix not in known:
                 log.info("removing stale namespace %s", names.netns(prefix))
                 self.dataplane.remove_network(prefix)
+        self.republish_peers(desired)
+
+    def republish_peers(self, networks: Optional[List[Network]] = None) -> None:
+        """Write this host's peer records under the current lease (after a new lease, or at start-up)."""
+        for network in networks if networks is not None else self.store.member_networks(self.host_id):
+            segment = segment_of(network.id, network.overlay)
+            mine = {p.endpoint_id for p in self.store.list_peers(segment) if p.host == self.host_id}
+            for endpoint in self.store.list_endpoints(network.id):
+                if endpoint.host != self.host_id:
+                    continue
+                if self.dataplane.endpoint_present(network.id, endpoint.id):
+                    self._publish(network, endpoint)
+                elif endpoint.id in mine:
+                    self.store.delete_peer(segment, endpoint.id)

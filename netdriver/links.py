@@ -206,43 +206,69 @@ class Links:
         return None
 
     # -- neighbours and FDB (remote peers) --------------------------------------------------------------------
-    def ensure_peer(self, ns: str, vxlan: str, ip: str, mac: str, vtep: str) -> None:
-        """Permanent neighbour (ip -> mac) and FDB (mac -> vtep) entries on the VXLAN device."""
-        with self._lock, _kernel(f"program peer {ip} via {vtep} in {ns}"):
-            ipr = self._ipr(ns)
-            idx = self._index(ns, vxlan)
-            # NUD_PERMANENT (0x80): never aged out, never probed; NTF_SELF (0x02): the VXLAN FDB, not the bridge's.
-            ipr.neigh("replace", family=7, ifindex=idx, lladdr=mac, dst=vtep, state=0x80, flags=0x02)
-            ipr.neigh("replace", family=2, ifindex=idx, dst=str(ipaddress.ip_address(ip)), lladdr=mac,
-                      state=0x80)
+    # NUD_PERMANENT (0x80): never aged out, never probed. NTF_SELF (0x02): the VXLAN device's own FDB, which maps
+    # an inner MAC to the remote VTEP, not the bridge's FDB.
+    _PERMANENT = 0x80
+    _NTF_SELF = 0x02
+    _AF_BRIDGE = 7
 
-    def remove_peer(self, ns: str, vxlan: str, ip: str, mac: str, vtep: str) -> None:
-        with self._lock:
-            if not self.netns_exists(ns):
-                return
-            with _kernel(f"remove peer {ip} in {ns}"):
-                ipr = self._ipr(ns)
-                idx = self._index(ns, vxlan)
-                if idx is None:
-                    return
-                for args in ({"family": 2, "ifindex": idx, "dst": ip, "lladdr": mac},
-                             {"family": 7, "ifindex": idx, "lladdr": mac, "dst": vtep, "flags": 0x02}):
-                    try:
-                        ipr.neigh("del", **args)
-                    except NetlinkError as exc:
-                        if exc.code not in (errno.ENOENT, errno.ESRCH):
-                            raise
+    def _device(self, ns: str, dev: str) -> Optional[int]:
+        if not self.netns_exists(ns):
+            return None
+        return self._index(ns, dev)
 
-    def peers(self, ns: str, vxlan: str) -> Dict[str, str]:
-        """Programmed FDB entries: mac -> vtep (permanent, on the VXLAN device)."""
+    def fdb(self, ns: str, dev: str) -> Dict[str, str]:
+        """Unicast FDB entries of a VXLAN device: inner mac -> remote VTEP."""
         out = {}
-        with self._lock, _kernel(f"read FDB in {ns}"):
-            idx = self._index(ns, vxlan)
+        with self._lock, _kernel(f"read FDB of {dev} in {ns}"):
+            idx = self._device(ns, dev)
             if idx is None:
                 return out
-            for entry in self._ipr(ns).get_neighbours(family=7, ifindex=idx):
-                dst = entry.get_attr("NDA_DST")
-                mac = entry.get_attr("NDA_LLADDR")
-                if dst and mac and mac != "00:00:00:00:00:00":
+            for entry in self._ipr(ns).get_neighbours(family=self._AF_BRIDGE, ifindex=idx):
+                mac, dst = entry.get_attr("NDA_LLADDR"), entry.get_attr("NDA_DST")
+                if mac and dst and mac != "00:00:00:00:00:00":
                     out[mac] = dst
         return out
+
+    def neighbours(self, ns: str, dev: str) -> Dict[str, str]:
+        """Permanent IPv4 neighbour entries of a device: ip -> mac."""
+        out = {}
+        with self._lock, _kernel(f"read neighbours of {dev} in {ns}"):
+            idx = self._device(ns, dev)
+            if idx is None:
+                return out
+            for entry in self._ipr(ns).get_neighbours(family=2, ifindex=idx):
+                if entry["state"] & self._PERMANENT and entry.get_attr("NDA_LLADDR"):
+                    out[entry.get_attr("NDA_DST")] = entry.get_attr("NDA_LLADDR")
+        return out
+
+    def set_fdb(self, ns: str, dev: str, mac: str, vtep: str) -> None:
+        with self._lock, _kernel(f"add FDB {mac} -> {vtep} in {ns}"):
+            self._ipr(ns).fdb("replace", ifindex=self._index(ns, dev), lladdr=mac, dst=vtep,
+                              state=self._PERMANENT, flags=self._NTF_SELF)
+
+    def del_fdb(self, ns: str, dev: str, mac: str, vtep: str) -> None:
+        with self._lock, _kernel(f"delete FDB {mac} in {ns}"):
+            idx = self._device(ns, dev)
+            if idx is not None:
+                self._ignore_missing(lambda: self._ipr(ns).fdb(
+                    "del", ifindex=idx, lladdr=mac, dst=vtep, flags=self._NTF_SELF))
+
+    def set_neigh(self, ns: str, dev: str, ip: str, mac: str) -> None:
+        with self._lock, _kernel(f"add neighbour {ip} -> {mac} in {ns}"):
+            self._ipr(ns).neigh("replace", family=2, ifindex=self._index(ns, dev), dst=ip, lladdr=mac,
+                                state=self._PERMANENT)
+
+    def del_neigh(self, ns: str, dev: str, ip: str) -> None:
+        with self._lock, _kernel(f"delete neighbour {ip} in {ns}"):
+            idx = self._device(ns, dev)
+            if idx is not None:
+                self._ignore_missing(lambda: self._ipr(ns).neigh("del", family=2, ifindex=idx, dst=ip))
+
+    @staticmethod
+    def _ignore_missing(action) -> None:
+        try:
+            action()
+        except NetlinkError as exc:
+            if exc.code not in (errno.ENOENT, errno.ESRCH, errno.ENODEV):
+                raise

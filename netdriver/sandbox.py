@@ -7,15 +7,16 @@ Interface contract (the unit tests' FakeDataPlane models the same state):
   ensure_endpoint(network, endpoint) -> str   idempotent; the host-side interface name for Join's SrcName
   remove_endpoint(network_id, endpoint_id)    idempotent
   network_ids() -> list of 12-char id prefixes that have a namespace here
-  ensure_peer(network, peer) / remove_peer(network, peer)   neighbour + FDB entries for a remote endpoint
+  endpoint_present(network_id, endpoint_id) -> bool           joined and still wired to the bridge
+  sync_peers(network, fdb, neigh)         the VXLAN device holds exactly these remote entries
 """
 
 import logging
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from netdriver import names
 from netdriver.links import Links
-from netdriver.models import Endpoint, Network, PeerRecord
+from netdriver.models import Endpoint, Network
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,33 @@ class DataPlane:
     def network_ids(self) -> List[str]:
         return [names.network_id_prefix(n) for n in self.links.list_netns() if names.network_id_prefix(n)]
 
-    def ensure_peer(self, network: Network, peer: PeerRecord) -> None:
-        self.links.ensure_peer(names.netns(network.id), names.VXLAN, peer.ip, peer.mac, peer.vtep)
+    def endpoint_present(self, network_id: str, endpoint_id: str) -> bool:
+        """True if the endpoint's bridge-side veth is in the network namespace (it was joined and still is)."""
+        ns = names.netns(network_id)
+        return self.links.netns_exists(ns) and self.links.link_exists(ns, names.veth_bridge(endpoint_id))
 
-    def remove_peer(self, network: Network, peer: PeerRecord) -> None:
-        self.links.remove_peer(names.netns(network.id), names.VXLAN, peer.ip, peer.mac, peer.vtep)
+    def sync_peers(self, network: Network, fdb: Dict[str, str], neigh: Dict[str, str]) -> None:
+        """Make the VXLAN device hold exactly these remote entries: fdb mac -> vtep, neigh ip -> mac.
+        Reads what the kernel has, so it also repairs entries someone else changed. No namespace: nothing to do
+        (the entries are applied when the namespace is created)."""
+        ns = names.netns(network.id)
+        if not self.links.netns_exists(ns):
+            return
+        have_fdb = self.links.fdb(ns, names.VXLAN)
+        have_neigh = self.links.neighbours(ns, names.VXLAN)
+        for ip in have_neigh.keys() - neigh.keys():
+            self.links.del_neigh(ns, names.VXLAN, ip)
+        for mac, vtep in have_fdb.items():
+            if fdb.get(mac) != vtep:
+                self.links.del_fdb(ns, names.VXLAN, mac, vtep)
+        for mac, vtep in fdb.items():
+            if have_fdb.get(mac) != vtep:
+                self.links.set_fdb(ns, names.VXLAN, mac, vtep)
+        for ip, mac in neigh.items():
+            if have_neigh.get(ip) != mac:
+                self.links.set_neigh(ns, names.VXLAN, ip, mac)
+
+    def peers(self, network_id: str):
+        """(fdb, neigh) as programmed in the kernel, for tests and diagnostics."""
+        ns = names.netns(network_id)
+        return self.links.fdb(ns, names.VXLAN), self.links.neighbours(ns, names.VXLAN)

@@ -6,12 +6,13 @@ Layout under <prefix> (default /vxnet/v1):
   vnis/<vni>                       segment: the VNI allocation, taken by create-if-absent
   members/<segment>/<host>         {"network_id": ...}: hosts that have the overlay's namespace
   endpoints/<network id>/<eid>     Endpoint: written at CreateEndpoint, removed at DeleteEndpoint
-  peers/<segment>/<eid>            PeerRecord: written at Join, removed at Leave; other hosts program it
+  peers/<segment>/<eid>            PeerRecord: written at Join under the host's lease, removed at Leave
+  hosts/<host>                     {"vtep", "version"} under the host's lease: who is alive
 """
 
 import json
 import logging
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 from netdriver.models import Endpoint, Network, PeerRecord
 from netdriver.options import VNI_AUTO_BASE, VNI_MAX
@@ -20,6 +21,7 @@ from plugin.errors import Conflict, Exhausted
 log = logging.getLogger(__name__)
 
 _RETRIES = 32
+VERSION = "0.1.0"
 
 
 def segment_of(network_id: str, overlay: Optional[str]) -> str:
@@ -128,11 +130,37 @@ class NetworkStore:
         self.kv.delete(self._k("endpoints", network_id, endpoint_id))
 
     # -- peers -------------------------------------------------------------------------------------------------
-    def put_peer(self, segment: str, peer: PeerRecord) -> None:
-        self.kv.put(self._k("peers", segment, peer.endpoint_id), peer.to_json())
+    def put_peer(self, segment: str, peer: PeerRecord, lease: int = 0) -> None:
+        self.kv.put(self._k("peers", segment, peer.endpoint_id), peer.to_json(), lease=lease)
 
     def delete_peer(self, segment: str, endpoint_id: str) -> None:
         self.kv.delete(self._k("peers", segment, endpoint_id))
+
+    def peers_prefix(self) -> str:
+        return self._k("peers", "")
+
+    def parse_peer_key(self, key: str) -> Optional[Tuple[str, str]]:
+        """peers/<segment>/<eid> -> (segment, eid), None for anything else."""
+        rest = key[len(self.peers_prefix()):].split("/")
+        return (rest[0], rest[1]) if key.startswith(self.peers_prefix()) and len(rest) == 2 else None
+
+    def all_peers(self) -> Tuple[List[Tuple[str, int, PeerRecord]], int]:
+        """Every peer record as (segment, mod_revision, record), and the revision they were read at."""
+        entries, revision = self.kv.get_prefix(self.peers_prefix())
+        out = []
+        for entry in entries:
+            parsed = self.parse_peer_key(entry.key)
+            if parsed is not None:
+                out.append((parsed[0], entry.mod_revision, PeerRecord.from_json(entry.value)))
+        return out, revision
+
+    # -- hosts -------------------------------------------------------------------------------------------------
+    def register_host(self, host: str, vtep: str, lease: int) -> None:
+        self.kv.put(self._k("hosts", host), json.dumps({"vtep": vtep, "version": VERSION}), lease=lease)
+
+    def hosts(self) -> dict:
+        entries, _ = self.kv.get_prefix(self._k("hosts", ""))
+        return {e.key.rsplit("/", 1)[1]: e.json() for e in entries}
 
     def list_peers(self, segment: str) -> List[PeerRecord]:
         entries, _ = self.kv.get_prefix(self._k("peers", segment, ""))

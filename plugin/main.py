@@ -16,9 +16,12 @@ import waitress
 
 from ipam_driver.driver import IpamDriver
 from netdriver.driver import NetworkDriver
+from netdriver.hosts import HostLease
 from netdriver.links import Links
+from netdriver.peerdb import PeerDB
 from netdriver.sandbox import DataPlane
 from netdriver.store import NetworkStore
+from netdriver.watcher import PeerSync, PeerWatcher
 from plugin import config
 from plugin.embedded_etcd import EmbeddedEtcd
 from plugin.errors import ConfigError, VxnetError
@@ -39,13 +42,18 @@ def _underlay(settings: config.Settings, links: Links):
     return vtep, mtu
 
 
-def _reconcile_when_ready(driver: NetworkDriver, stop: threading.Event) -> None:
-    """Reconcile once etcd answers; keep trying (etcd may still be starting, or down) until it succeeds."""
+def _start_control_plane(driver: NetworkDriver, lease: HostLease, watcher: PeerWatcher,
+                         stop: threading.Event) -> None:
+    """Once etcd answers: reconcile the kernel, then keep the host lease and the peer watch running. Keeps
+    trying while etcd is still starting or down."""
     delay = 0.2
     while not stop.is_set():
         try:
+            lease.acquire()
             driver.reconcile()
             log.info("start-up reconciliation done")
+            lease.start()
+            watcher.start()
             return
         except VxnetError as exc:
             log.warning("start-up reconciliation waits for etcd: %s", exc)
@@ -63,8 +71,13 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
         return 2
     logging.basicConfig(level=settings.log_level_number, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Library chatter (every netlink message, every HTTP connection) drowns our own debug lines.
+    for noisy in ("pyroute2", "urllib3", "asyncio", "waitress.queue"):
+        logging.getLogger(noisy).setLevel(max(settings.log_level_number, logging.INFO))
     links = Links()
     embedded: Optional[EmbeddedEtcd] = None
+    watcher: Optional[PeerWatcher] = None
+    lease: Optional[HostLease] = None
     stop = threading.Event()
 
     def on_signal(signum, _frame):
@@ -84,8 +97,16 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
             embedded = EmbeddedEtcd(os.path.join(settings.state_dir, "etcd"), settings.embedded_etcd_port)
         kv = EtcdKV(endpoints or (f"http://127.0.0.1:{settings.embedded_etcd_port}",), ca=settings.etcd_ca,
                     cert=settings.etcd_cert, key=settings.etcd_key)
-        net = NetworkDriver(NetworkStore(kv, settings.key_prefix), DataPlane(links, vtep), settings.host_id,
-                            settings.scope, underlay_mtu, vtep)
+        store = NetworkStore(kv, settings.key_prefix)
+        dataplane = DataPlane(links, vtep)
+        sync = PeerSync(PeerDB(settings.host_id), dataplane)
+        watcher = PeerWatcher(kv, store, sync)
+        lease = HostLease(kv, store, settings.host_id, vtep,
+                          os.path.join(settings.state_dir, f"lease-{settings.host_id}"),
+                          on_outage=watcher.kick)
+        net = NetworkDriver(store, dataplane, settings.host_id, settings.scope, underlay_mtu, vtep,
+                            peers=sync, lease_id=lambda: lease.id)
+        lease.on_new_lease = net.republish_peers
         ipam = IpamDriver(kv, settings.host_id, settings.scope, settings.key_prefix)
         server = waitress.create_server(make_app({NETWORK: net, IPAM: ipam}), unix_socket=settings.socket_path,
                                         unix_socket_perms="660", threads=8, ident="vxnet")
@@ -94,7 +115,8 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
                  (" (embedded)" if embedded else ""))
         if embedded is not None:
             embedded.start()
-        threading.Thread(target=_reconcile_when_ready, args=(net, stop), name="reconcile", daemon=True).start()
+        threading.Thread(target=_start_control_plane, args=(net, lease, watcher, stop), name="start-up",
+                         daemon=True).start()
         server.run()
     except ConfigError as exc:
         print(f"vxnet: {exc}", file=sys.stderr)
@@ -103,6 +125,9 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
         log.info("stopping")
     finally:
         stop.set()
+        for part in (watcher, lease):
+            if part is not None:
+                part.stop()
         if embedded is not None:
             embedded.stop()
         links.close()

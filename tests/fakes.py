@@ -94,6 +94,31 @@ class FakeKV:
                 self.data.pop(k, None)
             return True
 
+    # -- leases: keys written under a lease vanish when it expires, as etcd deletes them ----------------------------
+    def lease_grant(self, ttl: int) -> int:
+        with self._lock:
+            self._check(write=True)
+            self.leases = getattr(self, "leases", {})
+            self.granted = getattr(self, "granted", 1000) + 1
+            lease_id = self.granted
+            self.leases[lease_id] = ttl
+            return lease_id
+
+    def lease_keepalive(self, lease_id: int) -> int:
+        with self._lock:
+            self._check()
+            return getattr(self, "leases", {}).get(lease_id, 0)
+
+    def expire(self, lease_id: int) -> None:
+        """What etcd does TTL seconds after the last renewal."""
+        with self._lock:
+            self.leases.pop(lease_id, None)
+            doomed = [k for k, e in self.data.items() if e.lease == lease_id]
+            if doomed:
+                self.rev += 1
+            for k in doomed:
+                del self.data[k]
+
     def keys(self, prefix: str = "") -> List[str]:
         return sorted(k for k in self.data if k.startswith(prefix))
 
@@ -107,7 +132,7 @@ class FakeDataPlane:
     def __init__(self):
         self.networks = {}  # network id -> {"vni": int, "mtu": int}
         self.endpoints = {}  # network id -> {endpoint id: ifname}
-        self.peers = {}  # network id -> {ip: (mac, vtep)}
+        self.peers = {}  # network id -> {ip: (mac, vtep)}: the remote entries programmed
         self.fail_on = set()
 
     def _maybe_fail(self, op):
@@ -142,8 +167,9 @@ class FakeDataPlane:
     def network_ids(self):
         return [n[:12] for n in self.networks]
 
-    def ensure_peer(self, network, peer):
-        self.peers[network.id][peer.ip] = (peer.mac, peer.vtep)
+    def endpoint_present(self, network_id, endpoint_id):
+        return endpoint_id in self.endpoints.get(network_id, {})
 
-    def remove_peer(self, network, peer):
-        self.peers.get(network.id, {}).pop(peer.ip, None)
+    def sync_peers(self, network, fdb, neigh):
+        if network.id in self.networks:
+            self.peers[network.id] = {ip: (mac, fdb.get(mac)) for ip, mac in neigh.items()}

@@ -10,7 +10,7 @@ import pytest
 from netdriver import names
 from netdriver.driver import NetworkDriver
 from netdriver.links import Links
-from netdriver.models import Endpoint, Network, PeerRecord, Subnet
+from netdriver.models import Endpoint, Network, Subnet
 from netdriver.sandbox import DataPlane
 from netdriver.store import NetworkStore
 from plugin import protocol as p
@@ -70,10 +70,17 @@ def test_network_namespace_bridge_vxlan_and_veth(links, ids):
     assert (host_end["kind"], host_end["mtu"], host_end["mac"]) == ("veth", 1400, "02:42:0a:4d:00:05")
     assert (bridge_end["master"], bridge_end["mtu"], bridge_end["up"]) == (names.BRIDGE, 1400, True)
 
-    plane.ensure_peer(network, PeerRecord(nid, "x", "10.77.0.9", "02:42:0a:4d:00:09", "127.0.0.2", "h2"))
-    assert links.peers(ns, names.VXLAN) == {"02:42:0a:4d:00:09": "127.0.0.2"}
-    plane.remove_peer(network, PeerRecord(nid, "x", "10.77.0.9", "02:42:0a:4d:00:09", "127.0.0.2", "h2"))
-    assert links.peers(ns, names.VXLAN) == {}
+    assert plane.endpoint_present(nid, eid)
+    fdb = {"02:42:0a:4d:00:09": "127.0.0.2", "02:42:0a:4d:00:0a": "127.0.0.3"}
+    neigh = {"10.77.0.9": "02:42:0a:4d:00:09", "10.77.0.10": "02:42:0a:4d:00:0a"}
+    plane.sync_peers(network, fdb, neigh)
+    plane.sync_peers(network, fdb, neigh)
+    assert plane.peers(nid) == (fdb, neigh)
+    moved = {"02:42:0a:4d:00:09": "127.0.0.4"}  # one peer moved to another VTEP, the other left
+    plane.sync_peers(network, moved, {"10.77.0.9": "02:42:0a:4d:00:09"})
+    assert plane.peers(nid) == (moved, {"10.77.0.9": "02:42:0a:4d:00:09"})
+    plane.sync_peers(network, {}, {})
+    assert plane.peers(nid) == ({}, {})
 
     plane.remove_endpoint(nid, eid)
     plane.remove_endpoint(nid, eid)

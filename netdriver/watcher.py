@@ -1,0 +1,130 @@
+"""From etcd to the kernel: PeerSync keeps each local VXLAN device's peer entries equal to the peer table, and
+PeerWatcher feeds the table from etcd (a full read, then a watch from the next revision; a fresh full read after
+a compaction, a broken stream or an etcd outage).
+
+Both start-up and every event go through the same path: update PeerDB, then `sync_peers` for the segment.
+"""
+
+import logging
+import threading
+from typing import Dict, Optional
+
+from netdriver.models import Network, PeerRecord
+from netdriver.peerdb import PeerDB
+from netdriver.store import NetworkStore, segment_of
+from plugin.errors import VxnetError
+from plugin.kvstore import Compacted
+
+log = logging.getLogger(__name__)
+
+
+class PeerSync:
+    """The local networks (segment -> Network with a namespace here) and the peer table, applied to the kernel."""
+
+    def __init__(self, peerdb: PeerDB, dataplane):
+        self.peerdb = peerdb
+        self.dataplane = dataplane
+        self._local: Dict[str, Network] = {}
+        self._lock = threading.RLock()
+
+    def _sync(self, segment: str) -> None:
+        network = self._local.get(segment)
+        if network is None:
+            return  # no namespace here: the table keeps the records until one is created
+        fdb, neigh = self.peerdb.entries(segment)
+        try:
+            self.dataplane.sync_peers(network, fdb, neigh)
+        except VxnetError as exc:
+            # Left for the next event or resync to retry; the error is logged, never swallowed silently.
+            log.error("peer sync failed seg=%s nid=%s: %s", segment, network.id[:12], exc)
+
+    def network_up(self, network: Network) -> None:
+        with self._lock:
+            segment = segment_of(network.id, network.overlay)
+            self._local[segment] = network
+            self._sync(segment)
+
+    def network_down(self, network: Network) -> None:
+        with self._lock:
+            self._local.pop(segment_of(network.id, network.overlay), None)
+
+    def resync(self, records) -> None:
+        """records: (segment, revision, PeerRecord) for every peer in etcd."""
+        with self._lock:
+            for segment in set(self.peerdb.replace(records)) | set(self._local):
+                self._sync(segment)
+
+    def put(self, segment: str, revision: int, record: PeerRecord) -> None:
+        with self._lock:
+            if self.peerdb.put(segment, revision, record):
+                self._sync(segment)
+
+    def delete(self, segment: str, endpoint_id: str) -> None:
+        with self._lock:
+            if self.peerdb.delete(segment, endpoint_id):
+                self._sync(segment)
+
+
+class PeerWatcher:
+    """A thread: etcd peers/ -> PeerSync. `stop()` ends it; `kick()` forces a reconnect and full resync."""
+
+    def __init__(self, kv, store: NetworkStore, sync: PeerSync, max_backoff: float = 2.0):
+        self.kv = kv
+        self.store = store
+        self.sync = sync
+        self.max_backoff = max_backoff  # bounds how long after etcd returns new peers show up
+        self._stop = threading.Event()
+        self._stream = None
+        self._thread: Optional[threading.Thread] = None
+        self.synced = threading.Event()  # set after each successful full read
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="peer-watcher", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.kick()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def kick(self) -> None:
+        stream = self._stream
+        if stream is not None:
+            stream.close()
+
+    def _run(self) -> None:
+        backoff = 0.1
+        while not self._stop.is_set():
+            try:
+                records, revision = self.store.all_peers()
+                self.sync.resync(records)
+                self.synced.set()
+                backoff = 0.1
+                self._stream = self.kv.watch(self.store.peers_prefix(), revision + 1)
+                if self._stop.is_set():
+                    return
+                for event in self._stream:
+                    parsed = self.store.parse_peer_key(event.key)
+                    if parsed is None:
+                        continue
+                    segment, endpoint_id = parsed
+                    if event.kind == "put":
+                        self.sync.put(segment, event.mod_revision, PeerRecord.from_json(event.value))
+                    else:
+                        self.sync.delete(segment, endpoint_id)
+            except Compacted as exc:
+                log.info("peer watch resyncs: %s", exc)
+                continue
+            except VxnetError as exc:
+                if self._stop.is_set():
+                    return
+                log.warning("peer watch interrupted, resync in %.1f s: %s", backoff, exc)
+            except Exception:  # a bug: log it and resync rather than leave the kernel unmanaged
+                log.exception("peer watch crashed; resyncing")
+            finally:
+                self._stream = None
+            self.synced.clear()
+            if self._stop.wait(backoff):
+                return
+            backoff = min(backoff * 2, self.max_backoff)

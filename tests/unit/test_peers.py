@@ -1,0 +1,93 @@
+"""Peer distribution over fakes: the peer table, its application to local namespaces, host leases, and the
+driver republishing its peers."""
+
+from netdriver.driver import NetworkDriver
+from netdriver.hosts import HostLease
+from netdriver.models import Network, PeerRecord, Subnet
+from netdriver.peerdb import PeerDB
+from netdriver.store import NetworkStore
+from netdriver.watcher import PeerSync
+from plugin import protocol as p
+from tests.fakes import FakeDataPlane, FakeKV
+
+
+def rec(eid, ip, mac, vtep, host="h2", nid="n"):
+    return PeerRecord(network_id=nid, endpoint_id=eid, ip=ip, mac=mac, vtep=vtep, host=host)
+
+
+def test_peerdb_skips_own_records_and_newest_record_wins_a_shared_mac():
+    db = PeerDB("h1")
+    assert not db.put("s", 1, rec("e0", "10.0.0.9", "m9", "192.0.2.1", host="h1"))
+    db.put("s", 5, rec("e1", "10.0.0.2", "m2", "192.0.2.2"))
+    db.put("s", 7, rec("e2", "10.0.0.2", "m2", "192.0.2.3"))  # the same endpoint address, moved to host 3
+    assert db.entries("s") == ({"m2": "192.0.2.3"}, {"10.0.0.2": "m2"})
+    db.delete("s", "e2")  # the newer record goes: the older one still asks for the MAC, so it stays
+    assert db.entries("s") == ({"m2": "192.0.2.2"}, {"10.0.0.2": "m2"})
+    db.delete("s", "e1")
+    assert db.entries("s") == ({}, {}) and db.segments() == []
+
+
+def test_peerdb_replace_reports_segments_that_lost_everything():
+    db = PeerDB("h1")
+    db.put("a", 1, rec("e1", "10.0.0.2", "m2", "v"))
+    touched = db.replace([("b", 2, rec("e3", "10.0.1.2", "m3", "v"))])
+    assert touched == ["a", "b"] and db.entries("a") == ({}, {})
+
+
+def network(nid="n" * 64, overlay=None):
+    return Network(id=nid, vni=7, mtu=1450, internal=False, subnets=[Subnet("10.0.0.0/24", None)], overlay=overlay)
+
+
+def test_peers_recorded_before_the_namespace_exist_are_applied_when_it_comes_up():
+    plane = FakeDataPlane()
+    sync = PeerSync(PeerDB("h1"), plane)
+    net = network()
+    sync.put(net.id, 3, rec("e1", "10.0.0.2", "m2", "192.0.2.2"))
+    assert plane.peers == {}
+    plane.ensure_network(net)
+    sync.network_up(net)
+    assert plane.peers[net.id] == {"10.0.0.2": ("m2", "192.0.2.2")}
+    sync.delete(net.id, "e1")
+    assert plane.peers[net.id] == {}
+    sync.resync([(net.id, 9, rec("e4", "10.0.0.4", "m4", "192.0.2.4"))])
+    assert plane.peers[net.id] == {"10.0.0.4": ("m4", "192.0.2.4")}
+
+
+def test_host_lease_is_reused_after_restart_and_replaced_after_expiry(tmp_path):
+    kv = FakeKV()
+    store = NetworkStore(kv)
+    state = str(tmp_path / "lease")
+    first = HostLease(kv, store, "h1", "192.0.2.1", state)
+    assert first.acquire() is True
+    assert store.hosts() == {"h1": {"vtep": "192.0.2.1", "version": "0.1.0"}}
+    again = HostLease(kv, store, "h1", "192.0.2.1", state)  # the plugin restarted within the TTL
+    assert again.acquire() is False and again.id == first.id
+    kv.expire(first.id)
+    assert store.hosts() == {}
+    later = HostLease(kv, store, "h1", "192.0.2.1", state)
+    assert later.acquire() is True and later.id != first.id and "h1" in store.hosts()
+
+
+def test_peers_live_under_the_lease_and_republish_restores_them():
+    kv = FakeKV()
+    store = NetworkStore(kv)
+    plane = FakeDataPlane()
+    lease = {"id": kv.lease_grant(10)}
+    drv = NetworkDriver(store, plane, "h1", "local", 1500, "192.0.2.1", lease_id=lambda: lease["id"])
+    nid, eid = "a" * 64, "e" * 64
+    drv.create_network(p.CreateNetworkRequest.decode({
+        "NetworkID": nid, "Options": {}, "IPv4Data": [{"Pool": "10.1.0.0/24", "Gateway": "10.1.0.1/24"}]}))
+    drv.create_endpoint(p.CreateEndpointRequest.decode({"NetworkID": nid, "EndpointID": eid,
+                                                        "Interface": {"Address": "10.1.0.5/24"}}))
+    drv.join(p.JoinRequest.decode({"NetworkID": nid, "EndpointID": eid}))
+    assert len(store.list_peers(nid)) == 1
+    kv.expire(lease["id"])  # etcd was unreachable longer than the TTL: the peer vanished
+    assert store.list_peers(nid) == []
+    lease["id"] = kv.lease_grant(10)
+    drv.republish_peers()
+    (peer,) = store.list_peers(nid)
+    assert kv.get(f"/vxnet/v1/peers/{nid}/{eid}").lease == lease["id"] and peer.ip == "10.1.0.5"
+    # An endpoint whose veth is gone (its container died while the plugin was down) is withdrawn.
+    plane.remove_endpoint(nid, eid)
+    drv.republish_peers()
+    assert store.list_peers(nid) == []
