@@ -1,7 +1,8 @@
 """The only module that speaks netlink (pyroute2): namespaces, links, addresses, neighbour and FDB entries.
 
 Every call names its namespace: `ns=None` is the namespace the plugin runs in (the host's), anything else is
-a named namespace under /run/netns. One long-lived netlink socket per namespace (opening one forks and costs
+a named namespace under `netns_dir` (/run/netns by default, where `ip netns` finds them; the managed plugin keeps
+them under its propagated mount so they outlive a plugin restart). One long-lived netlink socket per namespace (opening one forks and costs
 ~10 ms here), opened with flags=0 so a missing namespace is an error instead of being created behind our back.
 Errno values become KernelError with the object named, in `_kernel` only.
 """
@@ -21,8 +22,6 @@ from plugin.errors import KernelError
 
 log = logging.getLogger(__name__)
 
-NETNS_DIR = "/run/netns"
-
 
 @contextlib.contextmanager
 def _kernel(what: str) -> Iterator[None]:
@@ -38,7 +37,8 @@ def _kernel(what: str) -> Iterator[None]:
 class Links:
     """Semantic netlink operations. Thread-safe: one lock serialises use of the cached sockets."""
 
-    def __init__(self):
+    def __init__(self, netns_dir: str = "/run/netns"):
+        self.netns_dir = netns_dir
         self._sockets: Dict[Optional[str], object] = {}
         self._lock = threading.RLock()
 
@@ -47,7 +47,7 @@ class Links:
         sock = self._sockets.get(ns)
         if sock is None:
             with _kernel(f"open netlink in namespace {ns or 'host'}"):
-                sock = IPRoute() if ns is None else NetNS(ns, flags=0)
+                sock = IPRoute() if ns is None else NetNS(self._path(ns), flags=0)
             self._sockets[ns] = sock
         return sock
 
@@ -65,19 +65,22 @@ class Links:
                 self._forget(ns)
 
     # -- namespaces --------------------------------------------------------------------------------------------
+    def _path(self, name: str) -> str:
+        return os.path.join(self.netns_dir, name)
+
     def list_netns(self) -> List[str]:
         try:
-            return sorted(os.listdir(NETNS_DIR))
+            return sorted(os.listdir(self.netns_dir))
         except FileNotFoundError:
             return []
 
     def netns_exists(self, name: str) -> bool:
-        return os.path.exists(os.path.join(NETNS_DIR, name))
+        return os.path.exists(self._path(name))
 
     def ensure_netns(self, name: str) -> None:
         with self._lock, _kernel(f"create namespace {name}"):
             if not self.netns_exists(name):
-                pr_netns.create(name)
+                pr_netns.create(self._path(name))
 
     def remove_netns(self, name: str) -> None:
         """Remove a namespace and so everything in it (our veth ends take their container-side peers along)."""
@@ -85,7 +88,7 @@ class Links:
             self._forget(name)
             if self.netns_exists(name):
                 with _kernel(f"remove namespace {name}"):
-                    pr_netns.remove(name)
+                    pr_netns.remove(self._path(name))
 
     # -- links -------------------------------------------------------------------------------------------------
     def _index(self, ns: Optional[str], name: str) -> Optional[int]:
@@ -161,7 +164,7 @@ class Links:
                     host.link("del", index=stale)
                 host.link("add", ifname=staging, kind="vxlan", vxlan_id=vni, vxlan_local=local,
                           vxlan_port=port, vxlan_learning=0, vxlan_proxy=1)
-                host.link("set", index=self._index(None, staging), net_ns_fd=ns)
+                host.link("set", index=self._index(None, staging), net_ns_fd=self._path(ns))
                 ipr.link("set", index=self._index(ns, staging), ifname=name)
             ipr.link("set", index=self._index(ns, name), mtu=mtu, master=self._index(ns, master), state="up")
 
@@ -177,7 +180,7 @@ class Links:
                 if stale is not None:
                     host.link("del", index=stale)
                 host.link("add", ifname=container_end, kind="veth", peer={"ifname": bridge_end})
-                host.link("set", index=self._index(None, bridge_end), net_ns_fd=ns)
+                host.link("set", index=self._index(None, bridge_end), net_ns_fd=self._path(ns))
                 args = {"mtu": mtu}
                 if mac:
                     args["address"] = mac

@@ -26,6 +26,7 @@ class Settings:
     etcd_key: Optional[str] = None
     embedded_etcd_port: int = 23790
     state_dir: str = "/var/lib/vxnet"
+    netns_dir: str = "/run/netns"  # where per-network namespaces are mounted (`ip netns` looks here)
     advertise_addr: Optional[str] = None  # None: address of the default-route interface
     scope: str = "local"
     log_level: str = "info"
@@ -72,6 +73,9 @@ def load(environ: Mapping[str, str]) -> Settings:
     state_dir = get("VXNET_STATE_DIR", Settings.state_dir)
     if not state_dir.startswith("/"):
         raise ConfigError(f"VXNET_STATE_DIR: {state_dir!r} must be an absolute path")
+    netns_dir = get("VXNET_NETNS_DIR", Settings.netns_dir)
+    if not netns_dir.startswith("/"):
+        raise ConfigError(f"VXNET_NETNS_DIR: {netns_dir!r} must be an absolute path")
     advertise = get("VXNET_ADVERTISE_ADDR") or None
     if advertise is not None:
         try:
@@ -98,6 +102,7 @@ def load(environ: Mapping[str, str]) -> Settings:
         etcd_endpoints=_endpoints(get("ETCD_ENDPOINTS")),
         embedded_etcd_port=_port("VXNET_EMBEDDED_ETCD_PORT", get("VXNET_EMBEDDED_ETCD_PORT", "23790")),
         state_dir=state_dir,
+        netns_dir=netns_dir,
         advertise_addr=advertise,
         scope=scope,
         log_level=level,

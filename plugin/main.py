@@ -74,7 +74,7 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
     # Library chatter (every netlink message, every HTTP connection) drowns our own debug lines.
     for noisy in ("pyroute2", "urllib3", "asyncio", "waitress.queue"):
         logging.getLogger(noisy).setLevel(max(settings.log_level_number, logging.INFO))
-    links = Links()
+    links = Links(settings.netns_dir)
     embedded: Optional[EmbeddedEtcd] = None
     watcher: Optional[PeerWatcher] = None
     lease: Optional[HostLease] = None
