@@ -2,20 +2,29 @@
 
 Every call names its namespace: `ns=None` is the namespace the plugin runs in (the host's), anything else is
 a named namespace under `netns_dir` (/run/netns by default, where `ip netns` finds them; the managed plugin keeps
-them under its propagated mount so they outlive a plugin restart). One long-lived netlink socket per namespace (opening one forks and costs
-~10 ms here), opened with flags=0 so a missing namespace is an error instead of being created behind our back.
-Errno values become KernelError with the object named, in `_kernel` only.
+them under its propagated mount so they outlive a plugin restart). Errno values become KernelError with the
+object named, in `_kernel` only.
+
+All netlink work runs on one thread of its own. pyroute2 0.9 opens a socket per calling thread, and for a
+named namespace it forks a helper process to do so; forking a process whose other threads hold locks (waitress
+workers, the watcher, logging) can deadlock the child, and did here. On its own thread Links opens one socket
+per namespace, by entering the namespace with setns(2) (which moves only the calling thread), creating the
+socket there and returning: no fork at all. Namespaces are created the same way (unshare(2) on that thread).
 """
 
+import concurrent.futures
 import contextlib
+import ctypes
+import ctypes.util
 import errno
+import functools
 import ipaddress
 import logging
 import os
 import threading
 from typing import Dict, Iterator, List, Optional
 
-from pyroute2 import IPRoute, NetNS, netns as pr_netns
+from pyroute2 import IPRoute, netns as pr_netns
 from pyroute2.netlink.exceptions import NetlinkError
 
 from plugin.errors import KernelError
@@ -34,20 +43,93 @@ def _kernel(what: str) -> Iterator[None]:
         raise KernelError(f"{what}: {exc.strerror or exc} (errno {exc.errno})") from None
 
 
+CLONE_NEWNET = 0x40000000  # <linux/sched.h>
+_libc = None
+
+
+MS_BIND = 0x1000  # <linux/mount.h>
+
+
+def _setns(fd: int) -> None:
+    _libc_call("setns", fd, CLONE_NEWNET)
+
+
+def _libc_call(name: str, *args) -> None:
+    global _libc
+    _libc = _libc or ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    if getattr(_libc, name)(*args) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{name}: {os.strerror(err)}")
+
+
+def _netlink_thread(method):
+    """Run the method on Links' own thread (directly when already there)."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        if threading.get_ident() == self._worker_ident:
+            return method(self, *args, **kwargs)
+        return self._executor.submit(method, self, *args, **kwargs).result()
+    return wrapper
+
+
 class Links:
-    """Semantic netlink operations. Thread-safe: one lock serialises use of the cached sockets."""
+    """Semantic netlink operations, all executed on one thread of their own (see the module docstring)."""
 
     def __init__(self, netns_dir: str = "/run/netns"):
         self.netns_dir = netns_dir
         self._sockets: Dict[Optional[str], object] = {}
         self._lock = threading.RLock()
+        self._worker_ident = None
+        self._home_fd = -1
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="netlink", initializer=self._init_worker)
+
+    def _init_worker(self) -> None:
+        self._worker_ident = threading.get_ident()
+        # The namespace this thread starts in (the plugin's, i.e. the host's): every excursion returns here.
+        self._home_fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+
+    @contextlib.contextmanager
+    def _inside(self, ns: str) -> Iterator[None]:
+        """Run the body with this thread in namespace ns, then come home whatever happens."""
+        fd = os.open(self._path(ns), os.O_RDONLY)
+        try:
+            _setns(fd)
+            try:
+                yield
+            finally:
+                _setns(self._home_fd)
+        finally:
+            os.close(fd)
+
+    def _create_netns(self, path: str) -> None:
+        """A new network namespace bind-mounted at path, as `ip netns add` makes one, without forking: this thread
+        unshares into a fresh namespace, its own /proc/thread-self/ns/net (not /proc/self, which is the main
+        thread's) is bind-mounted at path, and the thread goes home."""
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0o444))
+        try:
+            _libc_call("unshare", CLONE_NEWNET)
+            try:
+                _libc_call("mount", b"/proc/thread-self/ns/net", path.encode(), b"none", MS_BIND, None)
+            finally:
+                _setns(self._home_fd)
+        except OSError:
+            os.unlink(path)
+            raise
 
     # -- sockets -----------------------------------------------------------------------------------------------
     def _ipr(self, ns: Optional[str]):
         sock = self._sockets.get(ns)
         if sock is None:
             with _kernel(f"open netlink in namespace {ns or 'host'}"):
-                sock = IPRoute() if ns is None else NetNS(self._path(ns), flags=0)
+                if ns is None:
+                    sock = IPRoute()
+                    sock.link_lookup(ifname="lo")
+                else:
+                    with self._inside(ns):
+                        sock = IPRoute()
+                        sock.link_lookup(ifname="lo")  # the socket is made now, in ns, and stays bound to it
             self._sockets[ns] = sock
         return sock
 
@@ -59,10 +141,17 @@ class Links:
             except Exception:  # closing a socket whose namespace is gone: nothing left to free
                 pass
 
+    @_netlink_thread
+    def _close_sockets(self) -> None:
+        for ns in list(self._sockets):
+            self._forget(ns)
+        if self._home_fd >= 0:
+            os.close(self._home_fd)
+            self._home_fd = -1
+
     def close(self) -> None:
-        with self._lock:
-            for ns in list(self._sockets):
-                self._forget(ns)
+        self._close_sockets()
+        self._executor.shutdown(wait=True)
 
     # -- namespaces --------------------------------------------------------------------------------------------
     def _path(self, name: str) -> str:
@@ -77,11 +166,14 @@ class Links:
     def netns_exists(self, name: str) -> bool:
         return os.path.exists(self._path(name))
 
+    @_netlink_thread
     def ensure_netns(self, name: str) -> None:
         with self._lock, _kernel(f"create namespace {name}"):
             if not self.netns_exists(name):
-                pr_netns.create(self._path(name))
+                self._create_netns(self._path(name))
+                self._ipr(name).link("set", index=self._index(name, "lo"), state="up")
 
+    @_netlink_thread
     def remove_netns(self, name: str) -> None:
         """Remove a namespace and so everything in it (our veth ends take their container-side peers along)."""
         with self._lock:
@@ -95,10 +187,12 @@ class Links:
         found = self._ipr(ns).link_lookup(ifname=name)
         return found[0] if found else None
 
+    @_netlink_thread
     def link_exists(self, ns: Optional[str], name: str) -> bool:
         with self._lock, _kernel(f"look up {name} in {ns or 'host'}"):
             return self._index(ns, name) is not None
 
+    @_netlink_thread
     def link_info(self, ns: Optional[str], name: str) -> Optional[dict]:
         """{"kind", "mtu", "master" (name or None), "up", "mac", "vni"} or None if there is no such link."""
         with self._lock, _kernel(f"read {name} in {ns or 'host'}"):
@@ -119,10 +213,12 @@ class Links:
             return {"kind": kind, "mtu": link.get_attr("IFLA_MTU"), "master": master,
                     "up": bool(link["flags"] & 1), "mac": link.get_attr("IFLA_ADDRESS"), "vni": vni}
 
+    @_netlink_thread
     def list_links(self, ns: Optional[str]) -> List[str]:
         with self._lock, _kernel(f"list links in {ns or 'host'}"):
             return [link.get_attr("IFLA_IFNAME") for link in self._ipr(ns).get_links()]
 
+    @_netlink_thread
     def remove_link(self, ns: Optional[str], name: str) -> None:
         with self._lock:
             if ns is not None and not self.netns_exists(ns):
@@ -136,6 +232,7 @@ class Links:
                         if exc.code != errno.ENODEV:  # gone meanwhile (its peer was deleted)
                             raise
 
+    @_netlink_thread
     def ensure_bridge(self, ns: str, name: str, mtu: int) -> None:
         with self._lock, _kernel(f"create bridge {name} in {ns}"):
             ipr = self._ipr(ns)
@@ -143,6 +240,7 @@ class Links:
                 ipr.link("add", ifname=name, kind="bridge")
             ipr.link("set", index=self._index(ns, name), mtu=mtu, state="up")
 
+    @_netlink_thread
     def ensure_vxlan(self, ns: str, name: str, staging: str, vni: int, local: str, port: int, mtu: int,
                      master: str) -> None:
         """A VXLAN device inside `ns`, created in the host namespace first so its UDP socket stays there.
@@ -168,6 +266,7 @@ class Links:
                 ipr.link("set", index=self._index(ns, staging), ifname=name)
             ipr.link("set", index=self._index(ns, name), mtu=mtu, master=self._index(ns, master), state="up")
 
+    @_netlink_thread
     def ensure_veth(self, ns: str, bridge_end: str, container_end: str, master: str, mtu: int,
                     mac: Optional[str]) -> None:
         """A veth pair: `bridge_end` enslaved to `master` inside ns, `container_end` left in the host namespace
@@ -189,6 +288,7 @@ class Links:
                      state="up")
 
     # -- host facts --------------------------------------------------------------------------------------------
+    @_netlink_thread
     def default_route_address(self) -> Optional[str]:
         """The primary IPv4 address of the interface holding the default route, if there is one."""
         with self._lock, _kernel("read the default route"):
@@ -199,6 +299,7 @@ class Links:
                     return addr.get_attr("IFA_ADDRESS")
         return None
 
+    @_netlink_thread
     def mtu_of_address(self, address: str) -> Optional[int]:
         """MTU of the interface that carries `address` (the underlay), or None if no interface has it."""
         with self._lock, _kernel(f"find the interface of {address}"):
@@ -220,6 +321,7 @@ class Links:
             return None
         return self._index(ns, dev)
 
+    @_netlink_thread
     def fdb(self, ns: str, dev: str) -> Dict[str, str]:
         """Unicast FDB entries of a VXLAN device: inner mac -> remote VTEP."""
         out = {}
@@ -233,6 +335,7 @@ class Links:
                     out[mac] = dst
         return out
 
+    @_netlink_thread
     def neighbours(self, ns: str, dev: str) -> Dict[str, str]:
         """Permanent IPv4 neighbour entries of a device: ip -> mac."""
         out = {}
@@ -245,11 +348,13 @@ class Links:
                     out[entry.get_attr("NDA_DST")] = entry.get_attr("NDA_LLADDR")
         return out
 
+    @_netlink_thread
     def set_fdb(self, ns: str, dev: str, mac: str, vtep: str) -> None:
         with self._lock, _kernel(f"add FDB {mac} -> {vtep} in {ns}"):
             self._ipr(ns).fdb("replace", ifindex=self._index(ns, dev), lladdr=mac, dst=vtep,
                               state=self._PERMANENT, flags=self._NTF_SELF)
 
+    @_netlink_thread
     def del_fdb(self, ns: str, dev: str, mac: str, vtep: str) -> None:
         with self._lock, _kernel(f"delete FDB {mac} in {ns}"):
             idx = self._device(ns, dev)
@@ -257,11 +362,13 @@ class Links:
                 self._ignore_missing(lambda: self._ipr(ns).fdb(
                     "del", ifindex=idx, lladdr=mac, dst=vtep, flags=self._NTF_SELF))
 
+    @_netlink_thread
     def set_neigh(self, ns: str, dev: str, ip: str, mac: str) -> None:
         with self._lock, _kernel(f"add neighbour {ip} -> {mac} in {ns}"):
             self._ipr(ns).neigh("replace", family=2, ifindex=self._index(ns, dev), dst=ip, lladdr=mac,
                                 state=self._PERMANENT)
 
+    @_netlink_thread
     def del_neigh(self, ns: str, dev: str, ip: str) -> None:
         with self._lock, _kernel(f"delete neighbour {ip} in {ns}"):
             idx = self._device(ns, dev)

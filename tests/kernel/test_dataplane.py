@@ -61,6 +61,7 @@ def test_network_namespace_bridge_vxlan_and_veth(links, ids):
     assert (br["kind"], br["mtu"], br["up"]) == ("bridge", 1400, True)
     assert (vx["kind"], vx["vni"], vx["mtu"], vx["master"]) == ("vxlan", 9000001, 1400, names.BRIDGE)
     assert not links.link_exists(None, names.vxlan_staging(9000001))
+    assert sorted(links.list_links(ns)) == ["br0", "lo", "vxlan0"]  # a namespace of its own, not the host's
 
     endpoint = Endpoint(nid, eid, "10.77.0.5/24", "02:42:0a:4d:00:05", "h")
     ifname = plane.ensure_endpoint(network, endpoint)
