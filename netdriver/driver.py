@@ -14,7 +14,7 @@ from netdriver import names, options
 from netdriver.models import Endpoint, Network, PeerRecord, Subnet
 from netdriver.store import NetworkStore, segment_of
 from plugin import protocol as p
-from plugin.errors import InvalidOption, InvalidRequest, NotFound
+from plugin.errors import InvalidOption, InvalidRequest, KernelError, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +255,13 @@ class NetworkDriver:
         withdraw the ones that are not. Running containers keep their veth pairs untouched."""
         desired = self.store.member_networks(self.host_id)
         for network in desired:
-            self.dataplane.ensure_network(network)
+            try:
+                self.dataplane.ensure_network(network)
+            except KernelError as exc:
+                # One broken network must not keep the others (and the peer watcher) down; its next Join
+                # or CreateNetwork replay tries again and reports the error to the user.
+                log.error("cannot rebuild network nid=%s vni=%d: %s", network.id[:12], network.vni, exc)
+                continue
             self._network_up(network)
         known = {n.id[:12] for n in self.store.list_networks()}
         for prefix in self.dataplane.network_ids():

@@ -110,9 +110,17 @@ class NetworkStore:
         self.kv.delete_prefix(self._k("endpoints", network_id, ""))
 
     def member_networks(self, host: str) -> List[Network]:
-        """Networks this host should have a namespace for."""
-        return [n for n in self.list_networks()
-                if self.kv.get(self._k("members", segment_of(n.id, n.overlay), host)) is not None]
+        """The networks this host should have a namespace for: per segment, the network its member key names
+        (on standalone hosts sharing `-o overlay=NAME`, each host has its own docker network id)."""
+        entries, _ = self.kv.get_prefix(self._k("members", ""))
+        out = []
+        for entry in entries:
+            if entry.key.rsplit("/", 1)[1] != host:
+                continue
+            network = self.get_network(entry.json()["network_id"])
+            if network is not None:
+                out.append(network)
+        return out
 
     # -- endpoints ---------------------------------------------------------------------------------------------
     def get_endpoint(self, network_id: str, endpoint_id: str) -> Optional[Endpoint]:

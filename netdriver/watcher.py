@@ -26,11 +26,14 @@ class PeerSync:
         self.dataplane = dataplane
         self._local: Dict[str, Network] = {}
         self._lock = threading.RLock()
+        # Until the first full read of etcd the table is empty, not known to be empty: applying it then would
+        # wipe the entries a restarted plugin finds in the kernel and cut running containers off.
+        self._loaded = False
 
     def _sync(self, segment: str) -> None:
         network = self._local.get(segment)
-        if network is None:
-            return  # no namespace here: the table keeps the records until one is created
+        if network is None or not self._loaded:
+            return  # no namespace here (the table keeps the records until one is created), or nothing read yet
         fdb, neigh = self.peerdb.entries(segment)
         try:
             self.dataplane.sync_peers(network, fdb, neigh)
@@ -51,6 +54,7 @@ class PeerSync:
     def resync(self, records) -> None:
         """records: (segment, revision, PeerRecord) for every peer in etcd."""
         with self._lock:
+            self._loaded = True
             for segment in set(self.peerdb.replace(records)) | set(self._local):
                 self._sync(segment)
 

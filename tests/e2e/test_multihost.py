@@ -60,7 +60,9 @@ def test_containers_on_three_hosts_reach_each_other_and_overlays_stay_apart(thre
         if capture.poll() is None:
             capture.kill()
         capture.wait()
-    assert len(lines) == 3 and all(f"{h1.ip}." in l and f"> {h2.ip}.4789" in l for l in lines), lines
+    outer = [line for line in lines if ".4789: VXLAN" in line]  # tcpdump prints the inner packet below each
+    assert len(outer) == 3 and all(f"IP {h1.ip}." in l and f"> {h2.ip}.4789: VXLAN" in l for l in outer), lines
+    assert any(f"> {ips[2]}: ICMP echo request" in line for line in lines), lines
 
     # A second overlay on hosts 1 and 2 works within itself and cannot reach the first.
     overlay(h1, "red", RED)
@@ -104,6 +106,10 @@ def test_plugin_killed_mid_ping_loses_nothing_and_a_dead_hosts_peers_expire(thre
     wait_until(lambda: ip3 not in neighbours(h1, nets[h1]) and ip3 not in neighbours(h2, nets[h2]), 40,
                "host 3's peer to expire from hosts 1 and 2")
     assert ip2 in neighbours(h1, nets[h1])  # the others stay
+
+    # Host 3 comes back with a new lease: it republishes its container, which is reachable again.
+    p3.start()
+    wait_ping(h1, "c1", ip3)
 
 
 def test_etcd_outage_keeps_traffic_and_refuses_changes_then_recovers(hosts, vxnet_plugin, etcd):

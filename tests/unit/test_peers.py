@@ -42,6 +42,7 @@ def test_peers_recorded_before_the_namespace_exist_are_applied_when_it_comes_up(
     plane = FakeDataPlane()
     sync = PeerSync(PeerDB("h1"), plane)
     net = network()
+    sync.resync([])
     sync.put(net.id, 3, rec("e1", "10.0.0.2", "m2", "192.0.2.2"))
     assert plane.peers == {}
     plane.ensure_network(net)
@@ -91,3 +92,25 @@ def test_peers_live_under_the_lease_and_republish_restores_them():
     plane.remove_endpoint(nid, eid)
     drv.republish_peers()
     assert store.list_peers(nid) == []
+
+
+def test_a_restarted_plugin_leaves_kernel_entries_alone_until_it_has_read_etcd():
+    plane = FakeDataPlane()
+    net = network()
+    plane.ensure_network(net)
+    plane.peers[net.id] = {"10.0.0.2": ("m2", "192.0.2.2")}  # programmed by the previous process
+    sync = PeerSync(PeerDB("h1"), plane)
+    sync.network_up(net)  # start-up reconciliation, before the watcher's first read
+    assert plane.peers[net.id] == {"10.0.0.2": ("m2", "192.0.2.2")}
+    sync.resync([(net.id, 4, rec("e1", "10.0.0.2", "m2", "192.0.2.2"))])
+    assert plane.peers[net.id] == {"10.0.0.2": ("m2", "192.0.2.2")}
+
+
+def test_member_networks_are_this_hosts_own_network_of_a_shared_overlay():
+    kv = FakeKV()
+    drivers = [NetworkDriver(NetworkStore(kv), FakeDataPlane(), h, "local", 1500, "192.0.2.1") for h in ("h1", "h2")]
+    for drv, nid in zip(drivers, ("a" * 64, "b" * 64)):
+        drv.create_network(p.CreateNetworkRequest.decode({
+            "NetworkID": nid, "Options": {"com.docker.network.generic": {"overlay": "blue"}},
+            "IPv4Data": [{"Pool": "10.1.0.0/24"}]}))
+    assert [n.id for n in NetworkStore(kv).member_networks("h2")] == ["b" * 64]
