@@ -107,6 +107,8 @@ class Links:
         unshares into a fresh namespace, its own /proc/thread-self/ns/net (not /proc/self, which is the main
         thread's) is bind-mounted at path, and the thread goes home."""
         os.makedirs(os.path.dirname(path), exist_ok=True)
+        if os.path.exists(path):  # a leftover file with no namespace mounted on it (see netns_exists)
+            os.unlink(path)
         os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0o444))
         try:
             _libc_call("unshare", CLONE_NEWNET)
@@ -164,7 +166,12 @@ class Links:
             return []
 
     def netns_exists(self, name: str) -> bool:
-        return os.path.exists(self._path(name))
+        """True if a namespace is mounted at the name: a file left behind without its mount (a crash between
+        creating the file and mounting it, an unmount by someone else) is not a namespace."""
+        try:
+            return os.stat(self._path(name)).st_dev == os.stat("/proc/self/ns/net").st_dev
+        except FileNotFoundError:
+            return False
 
     @_netlink_thread
     def ensure_netns(self, name: str) -> None:
@@ -178,9 +185,12 @@ class Links:
         """Remove a namespace and so everything in it (our veth ends take their container-side peers along)."""
         with self._lock:
             self._forget(name)
-            if self.netns_exists(name):
-                with _kernel(f"remove namespace {name}"):
-                    pr_netns.remove(self._path(name))
+            path = self._path(name)
+            with _kernel(f"remove namespace {name}"):
+                if self.netns_exists(name):
+                    pr_netns.remove(path)
+                elif os.path.exists(path):
+                    os.unlink(path)
 
     # -- links -------------------------------------------------------------------------------------------------
     def _index(self, ns: Optional[str], name: str) -> Optional[int]:

@@ -69,7 +69,8 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
     except ConfigError as exc:
         print(f"vxnet: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level_number, stream=sys.stderr,
+    # stdout: dockerd logs a managed plugin's stderr at level=error, so info lines there would read as errors.
+    logging.basicConfig(level=settings.log_level_number, stream=sys.stdout,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Library chatter (every netlink message, every HTTP connection) drowns our own debug lines.
     for noisy in ("pyroute2", "urllib3", "asyncio", "waitress.queue"):
@@ -80,9 +81,16 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
     lease: Optional[HostLease] = None
     stop = threading.Event()
 
+    main_pid = os.getpid()
+
     def on_signal(signum, _frame):
         # Python as PID 1 in a managed plugin ignores SIGTERM unless handled: without this every
         # `docker plugin disable` waits 10 s for the kill.
+        if os.getpid() != main_pid:
+            # A child that pyroute2 forks to open a socket in a namespace inherits this handler, and pyroute2
+            # ends it with SIGTERM, sometimes before it has exited by itself: it must just die, not unwind into
+            # the server (it would go on accepting on our socket) or our clean-up (it would stop etcd).
+            os._exit(0)
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, on_signal)

@@ -161,3 +161,18 @@ def test_driver_rolls_back_a_failed_create_against_real_etcd(links, ids, etcd):
     finally:
         plane.remove_network(blocker, 9000004)
         kv.delete_prefix(prefix + "/")
+
+
+def test_a_namespace_file_without_its_mount_is_recreated(links, ids):
+    """A crash can leave /run/netns/<name> as a plain file: it is not a namespace, and ensure makes a real one."""
+    import os
+    plane = DataPlane(links, "127.0.0.1")
+    nid = ids()
+    ns = names.netns(nid)
+    os.makedirs(links.netns_dir, exist_ok=True)
+    open(os.path.join(links.netns_dir, ns), "w").close()
+    assert not links.netns_exists(ns)
+    plane.ensure_network(net(nid, 9000005))
+    assert links.netns_exists(ns) and sorted(links.list_links(ns)) == ["br0", "lo", "vxlan0"]
+    plane.remove_network(nid, 9000005)
+    assert ns not in links.list_netns()

@@ -1,0 +1,124 @@
+"""The managed plugin as `make plugin` makes it (scripts/build-plugin.sh), installed on a simulated host's dockerd.
+
+The script builds build/plugin/ (config.json + rootfs/) through the host's own dockerd, offline (a debootstrap base
+and wheels prepared on this machine; a fresh build when the sources changed, else only `docker plugin create`),
+then creates, configures and enables vxnet:latest there. Everything a user sees goes through the docker CLI.
+"""
+
+import os
+import re
+
+import pytest
+
+from tests.harness.containers import addresses, network_id, pings, run_sleeper, wait_ping
+from tests.harness.plugin import REPO
+from tests.harness.proc import run, wait_until
+
+PLUGIN = "vxnet:latest"
+SUBNET = "10.200.31.0/24"
+BUILD = os.path.join(REPO, "scripts", "build-plugin.sh")
+ROOTFS = os.path.join(REPO, "build", "plugin", "rootfs")
+
+
+def install(host, *settings: str):
+    """scripts/build-plugin.sh against the host's dockerd, with plugin settings (KEY=VALUE) set before enabling."""
+    env = dict(os.environ, DOCKER_HOST=host.docker_host)
+    proc = run(["bash", BUILD, *settings], env=env, timeout=900, check=False)
+    assert proc.returncode == 0, f"build-plugin.sh failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+@pytest.fixture
+def host(hosts):
+    (host,) = hosts(1)
+    yield host
+    # Containers and networks go while the plugin still answers, then the plugin, then (hosts) dockerd.
+    ids = host.docker("ps", "-aq", check=False).stdout.split()
+    if ids:
+        host.docker("rm", "-f", *ids, timeout=60, check=False)
+    nets = host.docker("network", "ls", "-q", "--filter", f"driver={PLUGIN}", check=False).stdout.split()
+    if nets:
+        host.docker("network", "rm", *nets, timeout=60, check=False)
+    if host.docker("plugin", "inspect", PLUGIN, check=False).returncode == 0:
+        host.docker("plugin", "disable", "-f", PLUGIN, check=False, timeout=30)
+        host.docker("plugin", "rm", "-f", PLUGIN, check=False, timeout=30)
+
+
+def plugin_field(host, template: str) -> str:
+    return host.docker("plugin", "inspect", "--format", template, PLUGIN).stdout.strip()
+
+
+def netns_inode(host, name: str) -> str:
+    """The identity of a named namespace in the host: the inode of the nsfs mounted on /run/netns/<name>."""
+    return host.run(["stat", "-L", "-c", "%i", f"/run/netns/{name}"]).stdout.strip()
+
+
+def ping_summary(host, container: str, path: str):
+    """(transmitted, received) from a finished background ping's log, or None while it still runs."""
+    out = host.docker("exec", container, "cat", path, check=False).stdout
+    found = re.search(r"(\d+) packets transmitted, (\d+) packets received", out)
+    return (int(found.group(1)), int(found.group(2))) if found else None
+
+
+def test_built_plugin_is_installed_enabled_with_its_settings(host):
+    out = install(host, "VXNET_SCOPE=local", f"VXNET_ADVERTISE_ADDR={host.ip}", "VXNET_LOG_LEVEL=debug")
+    assert f"{PLUGIN} enabled" in out
+    assert plugin_field(host, "{{.Enabled}}") == "true"
+    assert plugin_field(host, "{{json .Config.Interface.Types}}") == \
+        '["docker.networkdriver/1.0","docker.ipamdriver/1.0"]'
+    env = plugin_field(host, '{{join .Settings.Env " "}}').split()
+    assert "VXNET_SCOPE=local" in env and f"VXNET_ADVERTISE_ADDR={host.ip}" in env
+    assert "VXNET_LOG_LEVEL=debug" in env and "ETCD_ENDPOINTS=" in env
+    # The plugin directory other engines can `docker plugin create` from.
+    assert os.path.isfile(os.path.join(REPO, "build", "plugin", "config.json"))
+    assert os.path.isfile(os.path.join(ROOTFS, "usr", "bin", "etcd"))
+    assert os.path.isfile(os.path.join(ROOTFS, "opt", "vxnet", "plugin", "main.py"))
+
+
+def test_containers_keep_talking_while_the_plugin_is_disabled_and_enabled(host):
+    # The embedded etcd (ETCD_ENDPOINTS empty, the default): its data lives in the plugin's propagated mount.
+    install(host, "VXNET_SCOPE=local", f"VXNET_ADVERTISE_ADDR={host.ip}")
+    host.docker("network", "create", "-d", PLUGIN, "--ipam-driver", PLUGIN, "--subnet", SUBNET, "t1")
+    netns = f"vxnet-{network_id(host, 't1')[:12]}"
+    run_sleeper(host, "c1", "t1")
+    run_sleeper(host, "c2", "t1")
+    ip2 = addresses(host, "c2")["t1"]
+    wait_ping(host, "c1", ip2)
+    wait_ping(host, "c2", "c1")
+    assert netns in host.netns()  # in the host's /run/netns, outside the plugin
+    before = netns_inode(host, netns)
+
+    # 10 s of pings across the restart: disable -f, a look while it is down, enable.
+    host.docker("exec", "-d", "c1", "sh", "-c", f"ping -i 0.1 -c 100 -W 1 {ip2} >/tmp/ping.log 2>&1")
+    host.docker("plugin", "disable", "-f", PLUGIN, timeout=30)
+    assert plugin_field(host, "{{.Enabled}}") == "false"
+    assert netns in host.netns() and netns_inode(host, netns) == before
+    assert pings(host, "c2", addresses(host, "c1")["t1"])
+    host.docker("plugin", "enable", PLUGIN, timeout=60)
+
+    # The same namespace, traffic still flowing, and a new container attaches and reaches the others.
+    assert netns_inode(host, netns) == before
+    run_sleeper(host, "c3", "t1")
+    wait_ping(host, "c3", ip2)
+    wait_ping(host, "c3", "c1")
+    wait_ping(host, "c1", addresses(host, "c3")["t1"])
+    sent, received = wait_until(lambda: ping_summary(host, "c1", "/tmp/ping.log"), 30,
+                                "the background ping to finish")
+    assert sent == 100 and received >= 90, f"{sent - received} of {sent} pings lost across disable/enable"
+
+
+def test_an_unknown_option_is_refused_and_the_error_names_it(host, etcd):
+    install(host, "VXNET_SCOPE=local", f"VXNET_ADVERTISE_ADDR={host.ip}", f"ETCD_ENDPOINTS={etcd.url}",
+            f"VXNET_HOST_ID={host.name}")
+    proc = host.docker("network", "create", "-d", PLUGIN, "--ipam-driver", PLUGIN, "--subnet", SUBNET,
+                       "-o", "bogus=1", "x", check=False)
+    assert proc.returncode != 0
+    assert "Error response from daemon" in proc.stderr
+    assert "bogus" in proc.stderr
+    assert host.docker("network", "ls", "-q", "--filter", "name=^x$").stdout.strip() == ""
+    assert not [ns for ns in host.netns() if ns.startswith("vxnet-")]
+    # The plugin runs against the shared etcd it was given: its host record is there, and no network is.
+    wait_until(lambda: [k for k in etcd.keys("/vxnet/v1/hosts/") if host.name in k], 20,
+               f"{host.name}'s host record in the test etcd")
+    wait_until(lambda: not [k for k in etcd.keys("/vxnet/v1/") if not k.startswith("/vxnet/v1/hosts/")], 10,
+               "nothing in the test etcd but host records")
