@@ -70,18 +70,21 @@ def _subnets(data) -> List[Subnet]:
 
 
 class NetworkDriver:
-    def __init__(self, store: NetworkStore, dataplane, host_id: str, scope: str, underlay_mtu: int,
-                 vtep: str, peers=None, lease_id: Callable[[], int] = lambda: 0):
-        """peers: a PeerSync told when a network's namespace comes and goes (None: single host, no peers);
-        lease_id: the host lease that this host's peer records live under."""
+    def __init__(self, store: NetworkStore, dataplane, host_id: str, scope: str, underlay,
+                 peers=None, lease_id: Callable[[], int] = lambda: 0,
+                 on_vtep_change: Callable[[], None] = lambda: None):
+        """underlay: this host's VTEP (netdriver.underlay.Underlay: address, mtu, discovered());
+        peers: a PeerSync told when a network's namespace comes and goes (None: single host, no peers);
+        lease_id: the host lease that this host's peer records live under;
+        on_vtep_change: called after Swarm's DiscoverNew moved the VTEP (re-register the host)."""
         self.store = store
         self.dataplane = dataplane
         self.peers = peers
         self.lease_id = lease_id
         self.host_id = host_id
         self.scope = scope
-        self.underlay_mtu = underlay_mtu
-        self.vtep = vtep
+        self.underlay = underlay
+        self.on_vtep_change = on_vtep_change
 
     # -- capabilities and discovery -----------------------------------------------------------------------------
     def get_capabilities(self, req: p.EmptyRequest) -> dict:
@@ -89,7 +92,15 @@ class NetworkDriver:
         return {"Scope": self.scope, "ConnectivityScope": self.scope}
 
     def discover_new(self, req: p.DiscoveryRequest) -> dict:
-        """`{"DiscoveryType":1,"DiscoveryData":{"Address","BindAddress","Self"}}` -> `{}`. Peers come from etcd."""
+        """`{"DiscoveryType":1,"DiscoveryData":{"Address","BindAddress","Self"}}` -> `{}`.
+
+        Swarm only ever tells a plugin about its own node (Self: true); that address becomes the VTEP unless
+        VXNET_ADVERTISE_ADDR is set. Other hosts are found through etcd, never through this call."""
+        data = req.data
+        if req.discovery_type == 1 and data.get("Self") is True and isinstance(data.get("Address"), str):
+            if self.underlay.discovered(data["Address"]):
+                self.on_vtep_change()
+                self.republish_peers()
         return {}
 
     def discover_delete(self, req: p.DiscoveryRequest) -> dict:
@@ -122,7 +133,8 @@ class NetworkDriver:
             self.dataplane.ensure_network(existing)
             self._network_up(existing)
             return {}
-        mtu = opts.mtu or self.underlay_mtu - VXLAN_OVERHEAD
+        self.underlay.require()
+        mtu = opts.mtu or self.underlay.mtu - VXLAN_OVERHEAD
         segment = segment_of(req.network_id, opts.overlay)
         with _rollback() as undo:
             had_segment = self.store.segment_vni(segment) is not None
@@ -246,7 +258,7 @@ class NetworkDriver:
     def _publish(self, network: Network, endpoint: Endpoint) -> None:
         self.store.put_peer(segment_of(network.id, network.overlay), PeerRecord(
             network_id=network.id, endpoint_id=endpoint.id, ip=endpoint.ip.split("/")[0], mac=endpoint.mac,
-            vtep=self.vtep, host=self.host_id), lease=self.lease_id())
+            vtep=self.underlay.require(), host=self.host_id), lease=self.lease_id())
 
     # -- start-up -----------------------------------------------------------------------------------------------
     def reconcile(self) -> None:

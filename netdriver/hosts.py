@@ -21,7 +21,7 @@ LEASE_TTL = 10
 
 
 class HostLease:
-    def __init__(self, kv, store: NetworkStore, host_id: str, vtep: str, state_file: str,
+    def __init__(self, kv, store: NetworkStore, host_id: str, vtep: Callable[[], Optional[str]], state_file: str,
                  on_new_lease: Callable[[], None] = lambda: None, ttl: int = LEASE_TTL,
                  on_outage: Callable[[], None] = lambda: None):
         self.kv = kv
@@ -61,8 +61,12 @@ class HostLease:
             fresh = True
             log.info("host lease granted id=%x ttl=%d", self.id, self.ttl)
         self._save()
-        self.store.register_host(self.host_id, self.vtep, self.id)
+        self.register()
         return fresh
+
+    def register(self) -> None:
+        """(Re)write the host record: after acquiring the lease, and when the VTEP moved."""
+        self.store.register_host(self.host_id, self.vtep() or "", self.id)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="host-lease", daemon=True)

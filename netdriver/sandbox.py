@@ -25,16 +25,17 @@ VXLAN_PORT = 4789
 
 
 class DataPlane:
-    def __init__(self, links: Links, local_ip: str, vxlan_port: int = VXLAN_PORT):
+    def __init__(self, links: Links, underlay, vxlan_port: int = VXLAN_PORT):
+        """underlay: has `.require()` -> the VTEP address VXLAN devices send from."""
         self.links = links
-        self.local_ip = local_ip
+        self.underlay = underlay
         self.vxlan_port = vxlan_port
 
     def ensure_network(self, network: Network) -> None:
         ns = names.netns(network.id)
         self.links.ensure_netns(ns)
         self.links.ensure_bridge(ns, names.BRIDGE, network.mtu)
-        self.links.ensure_vxlan(ns, names.VXLAN, names.vxlan_staging(network.vni), network.vni, self.local_ip,
+        self.links.ensure_vxlan(ns, names.VXLAN, names.vxlan_staging(network.vni), network.vni, self.underlay.require(),
                                 self.vxlan_port, network.mtu, names.BRIDGE)
 
     def remove_network(self, network_id: str, vni: Optional[int] = None) -> None:

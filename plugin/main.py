@@ -21,6 +21,7 @@ from netdriver.links import Links
 from netdriver.peerdb import PeerDB
 from netdriver.sandbox import DataPlane
 from netdriver.store import NetworkStore
+from netdriver.underlay import Underlay
 from netdriver.watcher import PeerSync, PeerWatcher
 from plugin import config
 from plugin.embedded_etcd import EmbeddedEtcd
@@ -32,14 +33,15 @@ from plugin.routes import IPAM, NETWORK
 log = logging.getLogger("vxnet")
 
 
-def _underlay(settings: config.Settings, links: Links):
-    vtep = settings.advertise_addr or links.default_route_address()
-    if not vtep:
-        raise ConfigError("VXNET_ADVERTISE_ADDR: not set and this host has no default route to take it from")
-    mtu = links.mtu_of_address(vtep)
-    if mtu is None:
-        raise ConfigError(f"VXNET_ADVERTISE_ADDR: {vtep} is not an address of any interface on this host")
-    return vtep, mtu
+def _underlay(settings: config.Settings, links: Links) -> Underlay:
+    if settings.advertise_addr and links.mtu_of_address(settings.advertise_addr) is None:
+        raise ConfigError(f"VXNET_ADVERTISE_ADDR: {settings.advertise_addr} is not an address of any interface "
+                          "on this host")
+    underlay = Underlay(links.mtu_of_address, settings.advertise_addr, links.default_route_address())
+    if underlay.address is None:
+        log.warning("no VXNET_ADVERTISE_ADDR and no default route: waiting for Swarm's DiscoverNew to name "
+                    "this host's address")
+    return underlay
 
 
 def _start_control_plane(driver: NetworkDriver, lease: HostLease, watcher: PeerWatcher,
@@ -96,7 +98,7 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        vtep, underlay_mtu = _underlay(settings, links)
+        underlay = _underlay(settings, links)
         os.makedirs(os.path.dirname(settings.socket_path), exist_ok=True)
         if os.path.exists(settings.socket_path):
             os.unlink(settings.socket_path)
@@ -106,20 +108,20 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
         kv = EtcdKV(endpoints or (f"http://127.0.0.1:{settings.embedded_etcd_port}",), ca=settings.etcd_ca,
                     cert=settings.etcd_cert, key=settings.etcd_key)
         store = NetworkStore(kv, settings.key_prefix)
-        dataplane = DataPlane(links, vtep)
+        dataplane = DataPlane(links, underlay)
         sync = PeerSync(PeerDB(settings.host_id), dataplane)
         watcher = PeerWatcher(kv, store, sync)
-        lease = HostLease(kv, store, settings.host_id, vtep,
+        lease = HostLease(kv, store, settings.host_id, lambda: underlay.address,
                           os.path.join(settings.state_dir, f"lease-{settings.host_id}"),
                           on_outage=watcher.kick)
-        net = NetworkDriver(store, dataplane, settings.host_id, settings.scope, underlay_mtu, vtep,
-                            peers=sync, lease_id=lambda: lease.id)
+        net = NetworkDriver(store, dataplane, settings.host_id, settings.scope, underlay,
+                            peers=sync, lease_id=lambda: lease.id, on_vtep_change=lease.register)
         lease.on_new_lease = net.republish_peers
         ipam = IpamDriver(kv, settings.host_id, settings.scope, settings.key_prefix)
         server = waitress.create_server(make_app({NETWORK: net, IPAM: ipam}), unix_socket=settings.socket_path,
                                         unix_socket_perms="660", threads=8, ident="vxnet")
         log.info("listening on %s host=%s vtep=%s underlay-mtu=%d scope=%s etcd=%s", settings.socket_path,
-                 settings.host_id, vtep, underlay_mtu, settings.scope, ",".join(kv.endpoints) +
+                 settings.host_id, underlay.address, underlay.mtu, settings.scope, ",".join(kv.endpoints) +
                  (" (embedded)" if embedded else ""))
         if embedded is not None:
             embedded.start()

@@ -13,6 +13,7 @@ from netdriver.links import Links
 from netdriver.models import Endpoint, Network, Subnet
 from netdriver.sandbox import DataPlane
 from netdriver.store import NetworkStore
+from netdriver.underlay import Underlay
 from plugin import protocol as p
 from plugin.errors import KernelError
 
@@ -49,7 +50,7 @@ def net(nid, vni, mtu=1450):
 
 
 def test_network_namespace_bridge_vxlan_and_veth(links, ids):
-    plane = DataPlane(links, "127.0.0.1")
+    plane = DataPlane(links, Underlay(lambda a: 65536, "127.0.0.1"))
     nid, eid = ids(), ids()
     network = net(nid, 9000001, mtu=1400)
     plane.ensure_network(network)
@@ -94,7 +95,7 @@ def test_network_namespace_bridge_vxlan_and_veth(links, ids):
 def test_two_endpoints_talk_across_the_bridge(links, ids):
     """Two veth ends moved into namespaces of their own (as dockerd does) reach each other through the bridge."""
     import subprocess
-    plane = DataPlane(links, "127.0.0.1")
+    plane = DataPlane(links, Underlay(lambda a: 65536, "127.0.0.1"))
     nid = ids()
     network = net(nid, 9000002)
     plane.ensure_network(network)
@@ -119,7 +120,7 @@ def test_two_endpoints_talk_across_the_bridge(links, ids):
 
 
 def test_vxlan_vni_clash_is_a_kernel_error_naming_the_vni(links, ids):
-    plane = DataPlane(links, "127.0.0.1")
+    plane = DataPlane(links, Underlay(lambda a: 65536, "127.0.0.1"))
     a, b = ids(), ids()
     plane.ensure_network(net(a, 9000003))
     try:
@@ -144,8 +145,8 @@ def test_driver_rolls_back_a_failed_create_against_real_etcd(links, ids, etcd):
     from plugin.kvstore import EtcdKV
     kv = EtcdKV([etcd.url])
     prefix = f"/vxnet-test-{secrets.token_hex(4)}"
-    plane = DataPlane(links, "127.0.0.1")
-    drv = NetworkDriver(NetworkStore(kv, prefix), plane, "h1", "local", 1500, "127.0.0.1")
+    plane = DataPlane(links, Underlay(lambda a: 65536, "127.0.0.1"))
+    drv = NetworkDriver(NetworkStore(kv, prefix), plane, "h1", "local", Underlay(lambda a: 1500, "127.0.0.1"))
     blocker, victim = ids(), ids()
     # Another network already holds VNI 9000004 in the kernel (not in etcd): the create reaches the kernel and
     # fails there, after writing etcd.
@@ -166,7 +167,7 @@ def test_driver_rolls_back_a_failed_create_against_real_etcd(links, ids, etcd):
 def test_a_namespace_file_without_its_mount_is_recreated(links, ids):
     """A crash can leave /run/netns/<name> as a plain file: it is not a namespace, and ensure makes a real one."""
     import os
-    plane = DataPlane(links, "127.0.0.1")
+    plane = DataPlane(links, Underlay(lambda a: 65536, "127.0.0.1"))
     nid = ids()
     ns = names.netns(nid)
     os.makedirs(links.netns_dir, exist_ok=True)

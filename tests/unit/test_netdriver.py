@@ -5,6 +5,7 @@ import pytest
 from netdriver.driver import NetworkDriver, mac_for
 from netdriver.options import VNI_AUTO_BASE
 from netdriver.store import NetworkStore
+from netdriver.underlay import Underlay
 from plugin import protocol as p
 from plugin.errors import Conflict, InvalidOption, InvalidRequest, KernelError, NotFound, StoreUnavailable
 from tests.fakes import FakeDataPlane, FakeKV
@@ -17,7 +18,7 @@ EID = "e" * 64
 def make(kv=None, host="h1", plane=None):
     kv = kv or FakeKV()
     plane = plane or FakeDataPlane()
-    return NetworkDriver(NetworkStore(kv), plane, host, "local", 1500, "192.0.2.1"), kv, plane
+    return NetworkDriver(NetworkStore(kv), plane, host, "local", Underlay(lambda a: 1500, "192.0.2.1")), kv, plane
 
 
 def create_req(nid=NID, generic=None, pool="10.1.0.0/24", gateway="10.1.0.1/24", **extra):
@@ -212,3 +213,25 @@ def test_etcd_unreachable_is_reported():
     kv.unavailable = True
     with pytest.raises(StoreUnavailable, match="etcd unreachable"):
         drv.create_network(create_req())
+
+
+def test_swarm_discover_new_sets_the_vtep_unless_one_was_configured():
+    from netdriver.underlay import Underlay
+    kv = FakeKV()
+    mtus = {"192.0.2.7": 9000}
+    underlay = Underlay(mtus.get, None, None)
+    moved = []
+    drv = NetworkDriver(NetworkStore(kv), FakeDataPlane(), "h1", "global", underlay,
+                        on_vtep_change=lambda: moved.append(underlay.address))
+    with pytest.raises(InvalidRequest, match="VXNET_ADVERTISE_ADDR"):
+        drv.create_network(create_req())
+    assert kv.keys() == []
+    drv.discover_new(p.DiscoveryRequest.decode(
+        {"DiscoveryType": 1, "DiscoveryData": {"Address": "192.0.2.7", "BindAddress": "", "Self": True}}))
+    assert moved == ["192.0.2.7"]
+    drv.create_network(create_req())
+    assert drv.store.get_network(NID).mtu == 8950  # the discovered interface's MTU - 50
+    drv.discover_new(p.DiscoveryRequest.decode(  # an address no interface has is not taken
+        {"DiscoveryType": 1, "DiscoveryData": {"Address": "198.51.100.1", "Self": True}}))
+    fixed = Underlay(mtus.get, "192.0.2.1", None)
+    assert not fixed.discovered("192.0.2.7") and fixed.address == "192.0.2.1"

@@ -6,6 +6,7 @@ from netdriver.hosts import HostLease
 from netdriver.models import Network, PeerRecord, Subnet
 from netdriver.peerdb import PeerDB
 from netdriver.store import NetworkStore
+from netdriver.underlay import Underlay
 from netdriver.watcher import PeerSync
 from plugin import protocol as p
 from tests.fakes import FakeDataPlane, FakeKV
@@ -58,14 +59,14 @@ def test_host_lease_is_reused_after_restart_and_replaced_after_expiry(tmp_path):
     kv = FakeKV()
     store = NetworkStore(kv)
     state = str(tmp_path / "lease")
-    first = HostLease(kv, store, "h1", "192.0.2.1", state)
+    first = HostLease(kv, store, "h1", lambda: "192.0.2.1", state)
     assert first.acquire() is True
     assert store.hosts() == {"h1": {"vtep": "192.0.2.1", "version": "0.1.0"}}
-    again = HostLease(kv, store, "h1", "192.0.2.1", state)  # the plugin restarted within the TTL
+    again = HostLease(kv, store, "h1", lambda: "192.0.2.1", state)  # the plugin restarted within the TTL
     assert again.acquire() is False and again.id == first.id
     kv.expire(first.id)
     assert store.hosts() == {}
-    later = HostLease(kv, store, "h1", "192.0.2.1", state)
+    later = HostLease(kv, store, "h1", lambda: "192.0.2.1", state)
     assert later.acquire() is True and later.id != first.id and "h1" in store.hosts()
 
 
@@ -74,7 +75,7 @@ def test_peers_live_under_the_lease_and_republish_restores_them():
     store = NetworkStore(kv)
     plane = FakeDataPlane()
     lease = {"id": kv.lease_grant(10)}
-    drv = NetworkDriver(store, plane, "h1", "local", 1500, "192.0.2.1", lease_id=lambda: lease["id"])
+    drv = NetworkDriver(store, plane, "h1", "local", Underlay(lambda a: 1500, "192.0.2.1"), lease_id=lambda: lease["id"])
     nid, eid = "a" * 64, "e" * 64
     drv.create_network(p.CreateNetworkRequest.decode({
         "NetworkID": nid, "Options": {}, "IPv4Data": [{"Pool": "10.1.0.0/24", "Gateway": "10.1.0.1/24"}]}))
@@ -108,7 +109,7 @@ def test_a_restarted_plugin_leaves_kernel_entries_alone_until_it_has_read_etcd()
 
 def test_member_networks_are_this_hosts_own_network_of_a_shared_overlay():
     kv = FakeKV()
-    drivers = [NetworkDriver(NetworkStore(kv), FakeDataPlane(), h, "local", 1500, "192.0.2.1") for h in ("h1", "h2")]
+    drivers = [NetworkDriver(NetworkStore(kv), FakeDataPlane(), h, "local", Underlay(lambda a: 1500, "192.0.2.1")) for h in ("h1", "h2")]
     for drv, nid in zip(drivers, ("a" * 64, "b" * 64)):
         drv.create_network(p.CreateNetworkRequest.decode({
             "NetworkID": nid, "Options": {"com.docker.network.generic": {"overlay": "blue"}},
