@@ -1,0 +1,40 @@
+# vxnet: `make run` shows it working on this machine, `make test` runs every test. Both install what is missing.
+PYTHON ?= python3
+PYTEST ?= $(PYTHON) -m pytest
+PYTEST_ARGS ?=
+N ?= 3
+# Every test layer; tests/ipsec joins when it exists.
+TEST_DIRS := tests/unit tests/kernel tests/e2e $(wildcard tests/ipsec)
+
+.PHONY: deps test test-unit test-kernel test-e2e run clean-run hosts-up hosts-down
+
+deps:
+	scripts/install-deps.sh
+
+test: deps
+	$(PYTEST) $(PYTEST_ARGS) $(TEST_DIRS)
+
+test-unit: deps
+	$(PYTEST) $(PYTEST_ARGS) tests/unit
+
+test-kernel: deps
+	$(PYTEST) $(PYTEST_ARGS) tests/kernel
+
+test-e2e: deps
+	$(PYTEST) $(PYTEST_ARGS) tests/e2e
+
+# The demo on this machine (not in a simulated host): dockerd if none answers, the plugin with its embedded
+# etcd, network vxnet-demo with two containers. `make clean-run` removes what it made.
+run: deps
+	scripts/run-demo.sh
+
+clean-run:
+	scripts/clean-run.sh
+
+# Simulated Docker hosts for debugging by hand: `make hosts-up N=3 [PLUGIN=1]`, then `make hosts-down`.
+# `$(PYTHON) -m tests.harness status` and `$(PYTHON) -m tests.harness shell host1` while they are up.
+hosts-up: deps
+	$(PYTHON) -m tests.harness up -n $(N) $(if $(PLUGIN),--plugin)
+
+hosts-down:
+	$(PYTHON) -m tests.harness down
