@@ -8,11 +8,12 @@ moby libnetwork/drivers/remote/api/api.go).
 import contextlib
 import ipaddress
 import logging
+import threading
 from typing import Callable, Iterator, List, Optional
 
 from netdriver import names, options
 from netdriver.models import Endpoint, Network, PeerRecord, Subnet
-from netdriver.store import NetworkStore, segment_of
+from netdriver.store import SWARM_HOLDER, NetworkStore, segment_of
 from plugin import protocol as p
 from plugin.errors import InvalidOption, InvalidRequest, KernelError, NotFound
 
@@ -85,6 +86,9 @@ class NetworkDriver:
         self.scope = scope
         self.underlay = underlay
         self.on_vtep_change = on_vtep_change
+        # Rules are computed from the endpoints present and applied whole: serialise so that the last writer
+        # saw every veth made before it.
+        self._guard_lock = threading.Lock()
 
     # -- capabilities and discovery -----------------------------------------------------------------------------
     def get_capabilities(self, req: p.EmptyRequest) -> dict:
@@ -111,14 +115,20 @@ class NetworkDriver:
         """Swarm manager only. `{"NetworkID","Options":{str:str},"IPv4Data","IPv6Data"}` -> `{"Options":{...}}`.
 
         The reply replaces the network's driver options on every node, so it echoes every input option and adds
-        the VNI workers must use. Replays (leader change) return the same VNI."""
+        the VNI workers must use. Replays (leader change) return the same VNI. The manager holds the segment until
+        FreeNetwork, so the VNI stays the network's while no task runs anywhere."""
         opts = options.parse({options.GENERIC: req.options})
-        vni = self.store.allocate_segment(segment_of(req.network_id, opts.overlay), opts.vni)
+        segment = segment_of(req.network_id, opts.overlay)
+        vni = self.store.allocate_segment(segment, opts.vni)
+        self.store.add_member(req.network_id, SWARM_HOLDER, segment)
         return {"Options": {**{str(k): str(v) for k, v in req.options.items()}, "vni": str(vni)}}
 
     def free_network(self, req: p.NetworkIDRequest) -> dict:
-        """Swarm manager only. `{"NetworkID"}` -> `{}`: the VNI goes back once no host still has the network."""
-        self.store.release_segment(req.network_id)
+        """Swarm manager only. `{"NetworkID"}` -> `{}`: the manager's hold goes; the VNI goes back once no host
+        still has the network."""
+        segment = self.store.swarm_segment(req.network_id)
+        self.store.delete_network(req.network_id, SWARM_HOLDER, segment)
+        self.store.release_segment(segment)
         return {}
 
     # -- networks -----------------------------------------------------------------------------------------------
@@ -129,7 +139,10 @@ class NetworkDriver:
         if req.ipv6_data:
             raise InvalidOption("--ipv6: vxnet networks are IPv4 only")
         existing = self.store.get_network(req.network_id)
-        if existing is not None:  # a replay: make sure the kernel matches, change nothing else
+        if existing is not None:
+            # A replay, or this host joining a network that spans hosts (Swarm: one ID everywhere): this host
+            # becomes a member, the kernel is made to match, nothing else changes.
+            self.store.add_member(existing.id, self.host_id, segment_of(existing.id, existing.overlay))
             self.dataplane.ensure_network(existing)
             self._network_up(existing)
             return {}
@@ -148,6 +161,7 @@ class NetworkDriver:
             undo.push(lambda: self.dataplane.remove_network(network.id, network.vni))
             self.dataplane.ensure_network(network)
             self._network_up(network)
+            self._guard_host()
         log.info("network created nid=%s vni=%d mtu=%d internal=%s", network.id[:12], vni, mtu, opts.internal)
         return {}
 
@@ -165,6 +179,7 @@ class NetworkDriver:
             self.peers.network_down(network)
         self.dataplane.remove_network(network.id, network.vni)
         self.store.delete_network(network.id, self.host_id, segment)
+        self._guard_host()
         self.store.release_segment(segment)
         log.info("network deleted nid=%s vni=%d", network.id[:12], network.vni)
         return {}
@@ -214,6 +229,8 @@ class NetworkDriver:
         if network is not None:
             self.store.delete_peer(segment_of(network.id, network.overlay), req.endpoint_id)
         self.store.delete_endpoint(req.network_id, req.endpoint_id)
+        if network is not None:
+            self._guard(network)
         return {}
 
     def join(self, req: p.JoinRequest) -> dict:
@@ -232,6 +249,8 @@ class NetworkDriver:
             self._network_up(network)
             undo.push(lambda: self.dataplane.remove_endpoint(network.id, endpoint.id))
             ifname = self.dataplane.ensure_endpoint(network, endpoint)
+            undo.push(lambda: self._guard(network))
+            self._guard(network)  # before dockerd gets the interface: no window without anti-spoofing
             undo.push(lambda: self.store.delete_peer(segment, endpoint.id))
             self._publish(network, endpoint)
         return {"InterfaceName": {"SrcName": ifname, "DstPrefix": names.CONTAINER_PREFIX},
@@ -250,6 +269,16 @@ class NetworkDriver:
 
     def revoke_external_connectivity(self, req: p.EndpointRequest) -> dict:
         return {}
+
+    def _guard(self, network: Network) -> None:
+        with self._guard_lock:
+            present = [e for e in self.store.list_endpoints(network.id)
+                       if e.host == self.host_id and self.dataplane.endpoint_present(network.id, e.id)]
+            self.dataplane.guard_endpoints(network, present)
+
+    def _guard_host(self) -> None:
+        with self._guard_lock:
+            self.dataplane.guard_host(self.store.member_networks(self.host_id))
 
     def _network_up(self, network: Network) -> None:
         if self.peers is not None:
@@ -275,6 +304,8 @@ class NetworkDriver:
                 log.error("cannot rebuild network nid=%s vni=%d: %s", network.id[:12], network.vni, exc)
                 continue
             self._network_up(network)
+            self._guard(network)
+        self._guard_host()
         known = {n.id[:12] for n in self.store.list_networks()}
         for prefix in self.dataplane.network_ids():
             if prefix not in known:

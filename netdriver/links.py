@@ -159,6 +159,10 @@ class Links:
     def _path(self, name: str) -> str:
         return os.path.join(self.netns_dir, name)
 
+    def netns_path(self, name: str) -> str:
+        """Where a named namespace is mounted (for tools entered with nsenter --net=PATH)."""
+        return self._path(name)
+
     def list_netns(self) -> List[str]:
         try:
             return sorted(os.listdir(self.netns_dir))

@@ -9,6 +9,8 @@ Interface contract (the unit tests' FakeDataPlane models the same state):
   network_ids() -> list of 12-char id prefixes that have a namespace here
   endpoint_present(network_id, endpoint_id) -> bool           joined and still wired to the bridge
   sync_peers(network, fdb, neigh)         the VXLAN device holds exactly these remote entries
+  guard_endpoints(network, endpoints)     anti-spoofing rules for exactly these local endpoints
+  guard_host(networks)                    isolation rules for exactly these networks' subnets
 """
 
 import logging
@@ -25,10 +27,12 @@ VXLAN_PORT = 4789
 
 
 class DataPlane:
-    def __init__(self, links: Links, underlay, vxlan_port: int = VXLAN_PORT):
-        """underlay: has `.require()` -> the VTEP address VXLAN devices send from."""
+    def __init__(self, links: Links, underlay, firewall=None, vxlan_port: int = VXLAN_PORT):
+        """underlay: has `.require()` -> the VTEP address VXLAN devices send from;
+        firewall: a netdriver.isolation.Firewall (None: no anti-spoofing or isolation rules)."""
         self.links = links
         self.underlay = underlay
+        self.firewall = firewall
         self.vxlan_port = vxlan_port
 
     def ensure_network(self, network: Network) -> None:
@@ -39,7 +43,13 @@ class DataPlane:
                                 self.vxlan_port, network.mtu, names.BRIDGE)
 
     def remove_network(self, network_id: str, vni: Optional[int] = None) -> None:
-        self.links.remove_netns(names.netns(network_id))
+        ns = names.netns(network_id)
+        if self.links.netns_exists(ns):
+            # The kernel dismantles a dropped namespace later, in a work queue; until then its VXLAN device still
+            # holds the VNI on the shared UDP socket and a new network given the same VNI fails with EEXIST.
+            # Deleting the device first releases the VNI now.
+            self.links.remove_link(ns, names.VXLAN)
+        self.links.remove_netns(ns)
         if vni is not None:
             # A create that died between making the VXLAN device and moving it leaves it in the host namespace,
             # holding the VNI on the shared UDP socket: the next create with that VNI would fail with EEXIST.
@@ -85,6 +95,18 @@ class DataPlane:
         for ip, mac in neigh.items():
             if have_neigh.get(ip) != mac:
                 self.links.set_neigh(ns, names.VXLAN, ip, mac)
+
+    def guard_endpoints(self, network: Network, endpoints: List[Endpoint]) -> None:
+        """Anti-spoofing in the network's namespace: exactly these endpoints' ports are guarded."""
+        ns = names.netns(network.id)
+        if self.firewall is not None and self.links.netns_exists(ns):
+            self.firewall.guard_endpoints(self.links.netns_path(ns), [
+                (names.veth_bridge(e.id), e.ip.split("/")[0], e.mac) for e in endpoints])
+
+    def guard_host(self, networks: List[Network]) -> None:
+        """Isolation in the host namespace for the subnets of these networks (all of this host's)."""
+        if self.firewall is not None:
+            self.firewall.guard_host([s.pool for n in networks for s in n.subnets])
 
     def peers(self, network_id: str):
         """(fdb, neigh) as programmed in the kernel, for tests and diagnostics."""

@@ -4,7 +4,8 @@ Layout under <prefix> (default /vxnet/v1):
   networks/<network id>            Network: one docker network as this plugin knows it
   segments/<segment>               {"vni": N}: one overlay; segment = `-o overlay=NAME` or the network id
   vnis/<vni>                       segment: the VNI allocation, taken by create-if-absent
-  members/<segment>/<host>         {"network_id": ...}: hosts that have the overlay's namespace
+  members/<segment>/<host>         {"network_id": ...}: hosts that have the overlay's namespace; SWARM_HOLDER
+                                   holds a Swarm network's segment from AllocateNetwork to FreeNetwork
   endpoints/<network id>/<eid>     Endpoint: written at CreateEndpoint, removed at DeleteEndpoint
   peers/<segment>/<eid>            PeerRecord: written at Join under the host's lease, removed at Leave
   hosts/<host>                     {"vtep", "version"} under the host's lease: who is alive
@@ -22,6 +23,8 @@ log = logging.getLogger(__name__)
 
 _RETRIES = 32
 VERSION = "0.1.0"
+# A member name no host can have (host IDs start with a letter or digit): the Swarm manager's hold on a network.
+SWARM_HOLDER = "@swarm"
 
 
 def segment_of(network_id: str, overlay: Optional[str]) -> str:
@@ -105,9 +108,36 @@ class NetworkStore:
             self._k("members", segment, host): json.dumps({"network_id": network.id}),
         })
 
+    def add_member(self, network_id: str, host: str, segment: str) -> None:
+        """host has the network too (a Swarm or global network: one record, one ID on every host); create-if-absent,
+        so a replay writes nothing."""
+        key = self._k("members", segment, host)
+        self.kv.commit(absent=[key], puts={key: json.dumps({"network_id": network_id})})
+
+    def swarm_segment(self, network_id: str) -> str:
+        """The segment the Swarm manager's hold on network_id is under (the network ID if there is none)."""
+        prefix = self._k("members", "")
+        entries, _ = self.kv.get_prefix(prefix)
+        for entry in entries:
+            segment, member = entry.key[len(prefix):].rsplit("/", 1)
+            if member == SWARM_HOLDER and entry.json().get("network_id") == network_id:
+                return segment
+        return network_id
+
     def delete_network(self, network_id: str, host: str, segment: str) -> None:
-        self.kv.commit(deletes=[self._k("networks", network_id), self._k("members", segment, host)])
-        self.kv.delete_prefix(self._k("endpoints", network_id, ""))
+        """host leaves the network; the record and its endpoints go with the last member (a network that spans
+        hosts has one record for all of them). The record is deleted only if no member key was written since the
+        members were read, so a host joining meanwhile keeps it."""
+        members_prefix = self._k("members", segment, "")
+        self.kv.delete(self._k("members", segment, host))
+        for _ in range(_RETRIES):
+            members, revision = self.kv.get_prefix(members_prefix)
+            if any(m.json().get("network_id") == network_id for m in members):
+                return
+            if self.kv.commit(unchanged_since={members_prefix: revision}, deletes=[self._k("networks", network_id)]):
+                self.kv.delete_prefix(self._k("endpoints", network_id, ""))
+                return
+        raise Conflict(f"could not delete network {network_id[:12]}: its members keep changing, try again")
 
     def member_networks(self, host: str) -> List[Network]:
         """The networks this host should have a namespace for: per segment, the network its member key names

@@ -17,6 +17,7 @@ import waitress
 from ipam_driver.driver import IpamDriver
 from netdriver.driver import NetworkDriver
 from netdriver.hosts import HostLease
+from netdriver.isolation import Firewall
 from netdriver.links import Links
 from netdriver.peerdb import PeerDB
 from netdriver.sandbox import DataPlane
@@ -108,7 +109,7 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
         kv = EtcdKV(endpoints or (f"http://127.0.0.1:{settings.embedded_etcd_port}",), ca=settings.etcd_ca,
                     cert=settings.etcd_cert, key=settings.etcd_key)
         store = NetworkStore(kv, settings.key_prefix)
-        dataplane = DataPlane(links, underlay)
+        dataplane = DataPlane(links, underlay, Firewall())
         sync = PeerSync(PeerDB(settings.host_id), dataplane)
         watcher = PeerWatcher(kv, store, sync)
         lease = HostLease(kv, store, settings.host_id, lambda: underlay.address,

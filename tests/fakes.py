@@ -133,6 +133,8 @@ class FakeDataPlane:
         self.networks = {}  # network id -> {"vni": int, "mtu": int}
         self.endpoints = {}  # network id -> {endpoint id: ifname}
         self.peers = {}  # network id -> {ip: (mac, vtep)}: the remote entries programmed
+        self.guarded = {}  # network id -> [(endpoint id, ip, mac)] under anti-spoofing rules
+        self.host_subnets = []  # subnets the host isolation rules cover
         self.fail_on = set()
 
     def _maybe_fail(self, op):
@@ -166,6 +168,12 @@ class FakeDataPlane:
 
     def network_ids(self):
         return [n[:12] for n in self.networks]
+
+    def guard_endpoints(self, network, endpoints):
+        self.guarded[network.id] = sorted((e.id, e.ip, e.mac) for e in endpoints)
+
+    def guard_host(self, networks):
+        self.host_subnets = sorted({s.pool for n in networks for s in n.subnets})
 
     def endpoint_present(self, network_id, endpoint_id):
         return endpoint_id in self.endpoints.get(network_id, {})

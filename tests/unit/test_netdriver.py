@@ -124,14 +124,16 @@ def test_endpoint_lifecycle_and_join_reply():
                     "DisableGatewayService": False}
     peer = drv.store.list_peers(NID)[0]
     assert (peer.ip, peer.mac, peer.vtep, peer.host) == ("10.1.0.5", "02:42:0a:01:00:05", "192.0.2.1", "h1")
+    assert plane.guarded[NID] == [(EID, "10.1.0.5/24", "02:42:0a:01:00:05")]
+    assert plane.host_subnets == ["10.1.0.0/24"]
     info = drv.endpoint_oper_info(p.EndpointRequest.decode({"NetworkID": NID, "EndpointID": EID}))
     assert info["Value"]["vxnet.vni"] == str(VNI_AUTO_BASE)
     drv.leave(p.EndpointRequest.decode({"NetworkID": NID, "EndpointID": EID}))
     assert drv.store.list_peers(NID) == []
     drv.delete_endpoint(p.EndpointRequest.decode({"NetworkID": NID, "EndpointID": EID}))
-    assert plane.endpoints[NID] == {}
+    assert plane.endpoints[NID] == {} and plane.guarded[NID] == []
     drv.delete_network(p.NetworkIDRequest.decode({"NetworkID": NID}))
-    assert kv.keys() == [] and plane.networks == {}
+    assert kv.keys() == [] and plane.networks == {} and plane.host_subnets == []
 
 
 def test_given_mac_is_kept_and_not_echoed():

@@ -1,0 +1,126 @@
+"""Firewall rules that keep networks apart and containers honest, in nftables tables of our own, written with
+`nft -j -f -` as one atomic batch per change (the whole table is replaced, so a replay changes nothing and a
+half-applied state never exists).
+
+Two tables:
+- `bridge vxnet` inside each network's namespace (anti-spoofing): a frame entering the bridge from an endpoint's
+  port must carry that endpoint's MAC, and its IPv4 packets and ARP that endpoint's address; IPv6 is dropped
+  (vxnet networks are IPv4-only). A container with NET_ADMIN that changes its address or MAC gets nothing through.
+- `inet vxnet` in the host namespace (isolation): traffic within a vxnet network is bridged inside its namespace
+  and never routed by the host, so any packet the host would forward to or from a vxnet subnet is a container on
+  one network trying another through the host (docker_gwbridge egress, a forged source): it is dropped, and so
+  is anything reaching the host itself from a vxnet subnet. A drop in any nftables table is final, so this holds
+  beside Docker's own iptables rules.
+
+Every rule carries a comment naming what it is for, so `nft list ruleset` explains itself.
+"""
+
+import ipaddress
+import json
+import logging
+import subprocess
+from typing import Iterable, List, Optional, Sequence, Tuple
+
+from plugin.errors import KernelError
+
+log = logging.getLogger(__name__)
+
+TABLE = "vxnet"
+# Before Docker's filter rules (priority 0), so our verdict is reached first; a drop there is final anyway.
+PRIORITY = -10
+
+
+def _match(left: dict, right, op: str = "==") -> dict:
+    return {"match": {"op": op, "left": left, "right": right}}
+
+
+def _payload(protocol: str, field: str) -> dict:
+    return {"payload": {"protocol": protocol, "field": field}}
+
+
+def _iif(name: str) -> dict:
+    return _match({"meta": {"key": "iifname"}}, name)
+
+
+def _rule(family: str, chain: str, comment: str, *expr: dict) -> dict:
+    return {"add": {"rule": {"family": family, "table": TABLE, "chain": chain, "comment": comment,
+                             "expr": list(expr) + [{"drop": None}]}}}
+
+
+def _replace_table(family: str) -> List[dict]:
+    """Add, delete and add again: the delete cannot fail on a missing table, and the batch is atomic."""
+    table = {"table": {"family": family, "name": TABLE}}
+    return [{"add": table}, {"delete": table}, {"add": table}]
+
+
+def _chain(family: str, name: str, hook: str) -> dict:
+    return {"add": {"chain": {"family": family, "table": TABLE, "name": name, "type": "filter", "hook": hook,
+                              "prio": PRIORITY, "policy": "accept"}}}
+
+
+def endpoint_guard_batch(endpoints: Sequence[Tuple[str, str, str]]) -> List[dict]:
+    """The anti-spoofing table for one network namespace. endpoints: (port name, ip, mac) of each local one."""
+    batch = _replace_table("bridge") + [_chain("bridge", "forward", "forward")]
+    for port, ip, mac in sorted(endpoints):
+        tag = f"vxnet:{port}"
+        batch += [
+            _rule("bridge", "forward", f"{tag}:mac", _iif(port), _match(_payload("ether", "saddr"), mac, "!=")),
+            _rule("bridge", "forward", f"{tag}:ip", _iif(port), _match(_payload("ip", "saddr"), ip, "!=")),
+            _rule("bridge", "forward", f"{tag}:arp-ip", _iif(port),
+                  _match(_payload("arp", "saddr ip"), ip, "!=")),
+            _rule("bridge", "forward", f"{tag}:arp-mac", _iif(port),
+                  _match(_payload("arp", "saddr ether"), mac, "!=")),
+            _rule("bridge", "forward", f"{tag}:ipv6", _iif(port), _match(_payload("ether", "type"), "ip6")),
+        ]
+    return batch
+
+
+def host_guard_batch(subnets: Iterable[str]) -> List[dict]:
+    """The host table: drop what the host would route to or from any vxnet subnet, and what reaches it from one."""
+    nets = sorted({str(ipaddress.IPv4Network(s)) for s in subnets})
+    batch = _replace_table("inet") + [
+        {"add": {"set": {"family": "inet", "table": TABLE, "name": "subnets", "type": "ipv4_addr",
+                         "flags": ["interval"]}}},
+        _chain("inet", "forward", "forward"),
+        _chain("inet", "input", "input"),
+    ]
+    if nets:
+        elems = [{"prefix": {"addr": n.split("/")[0], "len": int(n.split("/")[1])}} for n in nets]
+        batch.append({"add": {"element": {"family": "inet", "table": TABLE, "name": "subnets", "elem": elems}}})
+    batch += [
+        _rule("inet", "forward", "vxnet:isolation:to-overlay", _match(_payload("ip", "daddr"), "@subnets")),
+        _rule("inet", "forward", "vxnet:isolation:from-overlay", _match(_payload("ip", "saddr"), "@subnets")),
+        _rule("inet", "input", "vxnet:isolation:overlay-to-host", _match(_payload("ip", "saddr"), "@subnets")),
+    ]
+    return batch
+
+
+class Firewall:
+    """Applies the batches with the nft command (inside a namespace through nsenter: a fork-exec, not a fork of
+    this threaded process)."""
+
+    def __init__(self, nft: str = "nft", runner=subprocess.run):
+        self.nft = nft
+        self.runner = runner
+
+    def _apply(self, netns_path: Optional[str], batch: List[dict], what: str) -> None:
+        argv = [self.nft, "-j", "-f", "-"]
+        if netns_path is not None:
+            argv = ["nsenter", f"--net={netns_path}", "--"] + argv
+        try:
+            proc = self.runner(argv, input=json.dumps({"nftables": batch}), capture_output=True, text=True,
+                               timeout=10)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise KernelError(f"{what}: cannot run {self.nft}: {exc}") from None
+        if proc.returncode != 0:
+            raise KernelError(f"{what}: nft refused the rules: {proc.stderr.strip()[:300]}")
+
+    def guard_endpoints(self, netns_path: str, endpoints: Sequence[Tuple[str, str, str]]) -> None:
+        self._apply(netns_path, endpoint_guard_batch(endpoints), f"anti-spoofing rules in {netns_path}")
+
+    def guard_host(self, subnets: Iterable[str]) -> None:
+        self._apply(None, host_guard_batch(subnets), "isolation rules in the host namespace")
+
+    def unguard_host(self) -> None:
+        table = {"table": {"family": "inet", "name": TABLE}}
+        self._apply(None, [{"add": table}, {"delete": table}], "removing the host isolation table")
