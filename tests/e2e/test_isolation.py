@@ -1,0 +1,74 @@
+"""Isolation as a user sees it on one host: networks cannot reach each other through the gateway bridge or the
+host, a container with NET_ADMIN cannot forge its address or MAC, and --internal networks have no way out."""
+
+from tests.harness.containers import addresses, pings, run_sleeper, serve_tcp, tcp_answers, wait_ping
+
+SUBNET_A = "10.200.40.0/24"
+SUBNET_B = "10.200.41.0/24"
+SUBNET_I = "10.200.42.0/24"
+
+
+def create(host, name, subnet, *extra):
+    host.docker("network", "create", "-d", "vxnet", "--ipam-driver", "vxnet", "--subnet", subnet, *extra, name)
+
+
+def gwbridge_ip(host, container):
+    """The container's docker_gwbridge address (eth1: dockerd attaches it after our eth0; `docker inspect` does
+    not list that endpoint), or None when it has none."""
+    out = host.docker("exec", container, "ip", "-4", "-o", "addr", "show", "eth1", check=False).stdout.split()
+    return out[3].split("/")[0] if len(out) > 3 else None
+
+
+def exec_(host, container, *argv):
+    return host.docker("exec", container, *argv, check=False, timeout=30)
+
+
+def test_no_path_between_networks_and_no_forged_identity(hosts, vxnet_plugin):
+    (host,) = hosts(1)
+    vxnet_plugin(host)
+    create(host, "net-a", SUBNET_A)
+    create(host, "net-b", SUBNET_B)
+    run_sleeper(host, "a1", "net-a")
+    run_sleeper(host, "a2", "net-a", "--cap-add", "NET_ADMIN")
+    run_sleeper(host, "b1", "net-b", "--cap-add", "NET_ADMIN")
+    a1, a2 = addresses(host, "a1")["net-a"], addresses(host, "a2")["net-a"]
+    a1_gw = gwbridge_ip(host, "a1")
+    assert a1_gw, "non-internal vxnet networks egress through docker_gwbridge"
+    serve_tcp(host, "a1")
+    wait_ping(host, "a2", a1)
+
+    # From network B, a1 is unreachable on its vxnet address and on its gateway-bridge address, by ping and TCP,
+    # even with a route b1 adds itself towards A's subnet through the gateway bridge.
+    exec_(host, "b1", "ip", "route", "add", SUBNET_A, "dev", "eth1")
+    for target in (a1, a1_gw):
+        assert not pings(host, "b1", target, count=2, wait_s=1), target
+        assert not tcp_answers(host, "b1", target), target
+
+    # a2 (NET_ADMIN) takes another address of its own subnet: nothing gets through; back to its own, it does.
+    exec_(host, "a2", "ip", "addr", "flush", "dev", "eth0")
+    exec_(host, "a2", "ip", "addr", "add", "10.200.40.99/24", "dev", "eth0")
+    assert not pings(host, "a2", a1, count=2, wait_s=1)
+    exec_(host, "a2", "ip", "addr", "flush", "dev", "eth0")
+    exec_(host, "a2", "ip", "addr", "add", f"{a2}/24", "dev", "eth0")
+    wait_ping(host, "a2", a1)
+    # ... and another MAC: nothing either.
+    exec_(host, "a2", "ip", "link", "set", "eth0", "address", "02:42:0a:c8:28:63")
+    exec_(host, "a1", "ip", "neigh", "flush", "all")
+    assert not pings(host, "a2", a1, count=2, wait_s=1)
+
+
+def test_internal_network_has_no_way_out(hosts, vxnet_plugin):
+    (host,) = hosts(1)
+    vxnet_plugin(host)
+    create(host, "inside", SUBNET_I, "--internal")
+    run_sleeper(host, "i1", "inside")
+    run_sleeper(host, "i2", "inside")
+    wait_ping(host, "i1", addresses(host, "i2")["inside"])
+    assert gwbridge_ip(host, "i1") is None
+    routes = exec_(host, "i1", "ip", "route").stdout
+    assert "default" not in routes, routes
+    # Not even the host's own addresses: the underlay address, and the gateway bridge's.
+    assert not pings(host, "i1", host.ip, count=2, wait_s=1)
+    gw = host.run(["ip", "-4", "-o", "addr", "show", "docker_gwbridge"], check=False).stdout.split()
+    if len(gw) > 3:
+        assert not pings(host, "i1", gw[3].split("/")[0], count=1, wait_s=1)
