@@ -13,10 +13,12 @@ import ssl
 import dataclasses
 import json
 import logging
+import re
 import threading
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 from urllib.parse import urlsplit
 
+import requests
 from etcd3gw import exceptions as etcd_exc
 from etcd3gw.client import Etcd3Client
 
@@ -66,6 +68,18 @@ def _entry(kv: dict) -> Entry:
     )
 
 
+def _session(ca: Optional[str], cert: Optional[str], key: Optional[str]) -> requests.Session:
+    """An HTTP session that uses exactly our TLS files. trust_env off: requests otherwise lets REQUESTS_CA_BUNDLE
+    or CURL_CA_BUNDLE from the environment override the session's CA (and sends etcd traffic to HTTP proxies)."""
+    session = requests.Session()
+    session.trust_env = False
+    if ca:
+        session.verify = ca
+    if cert and key:
+        session.cert = (cert, key)
+    return session
+
+
 class EtcdKV:
     """etcd v3 over its JSON gateway. Thread-safe: each call is one HTTP request on a pooled session."""
 
@@ -80,8 +94,8 @@ class EtcdKV:
             scheme, rest = url.split("://", 1)
             host, port = rest.rsplit(":", 1)
             self._clients.append(client_factory(
-                host=host.strip("[]"), port=int(port), protocol=scheme, ca_cert=ca, cert_key=key,
-                cert_cert=cert, timeout=timeout, api_path="/v3/"))
+                host=host.strip("[]"), port=int(port), protocol=scheme, timeout=timeout, api_path="/v3/",
+                session=_session(ca, cert, key)))
         self._tls = (ca, cert, key)
         self._preferred = 0
         self._lock = threading.Lock()
@@ -305,6 +319,10 @@ class WatchStream:
 
 def _short(exc: Exception) -> str:
     text = getattr(exc, "detail_text", None) or str(exc)
+    ssl_reason = re.search(r"\[SSL[^\]]*\] ([^'\")(]+)", text) or re.search(r"(certificate [^'\")(]+)", text)
+    if "SSL" in text or "certificate" in text.lower():
+        return "TLS handshake failed: " + (ssl_reason.group(1).strip() if ssl_reason else text[:200]) + \
+            " (check ETCD_CA_FILE, ETCD_CERT_FILE, ETCD_KEY_FILE)"
     if "Connection refused" in text:
         return "connection refused"
     if "timed out" in text.lower():
