@@ -1,9 +1,5 @@
 """The IPAM driver against a real etcd: parallel allocation from two hosts, and etcd going away."""
 
-import os
-import shutil
-import socket
-import subprocess
 import threading
 import time
 
@@ -13,60 +9,16 @@ from ipam_driver.driver import IpamDriver
 from plugin.errors import StoreUnavailable
 from plugin.kvstore import EtcdKV
 from plugin.protocol import AddressRequest, PoolIDRequest, RequestPoolRequest
-
-ETCD = shutil.which("etcd") or "/usr/bin/etcd"
-pytestmark = pytest.mark.skipif(not os.access(ETCD, os.X_OK), reason="etcd binary not installed")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_etcd(data_dir: str, timeout: float = 20.0):
-    """Start a single-member etcd on free loopback ports; return (process, client URL) once it answers."""
-    client, peer = f"http://127.0.0.1:{_free_port()}", f"http://127.0.0.1:{_free_port()}"
-    proc = subprocess.Popen(
-        [ETCD, "--name", "ipam-test", "--data-dir", data_dir,
-         "--listen-client-urls", client, "--advertise-client-urls", client,
-         "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-         "--initial-cluster", f"ipam-test={peer}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    probe = EtcdKV([client], timeout=1.0)
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"etcd exited with {proc.returncode}: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            probe.revision()
-            return proc, client
-        except StoreUnavailable:
-            if time.monotonic() > deadline:
-                stop_etcd(proc)
-                raise RuntimeError(f"etcd at {client} did not answer within {timeout} s")
-            time.sleep(0.05)  # poll interval, not a wait for an event
-
-
-def stop_etcd(proc) -> None:
-    """Stop etcd by its PID: SIGTERM, then SIGKILL if it lingers."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    proc.stderr.close()
-
+from tests.harness.etcd import EtcdServer
 
 @pytest.fixture
 def etcd(tmp_path):
-    proc, url = start_etcd(str(tmp_path / "etcd"))
+    """An etcd of this test's own (one test stops it), on free loopback ports, removed afterwards."""
+    server = EtcdServer(tmp_path).start()
     try:
-        yield proc, url
+        yield server
     finally:
-        stop_etcd(proc)
+        server.close()
 
 
 def _pool(driver, cidr):
@@ -74,7 +26,7 @@ def _pool(driver, cidr):
 
 
 def test_two_hosts_allocate_200_unique_addresses_in_parallel(etcd):
-    _, url = etcd
+    url = etcd.url
     hosts = [IpamDriver(EtcdKV([url]), "h1", "local"), IpamDriver(EtcdKV([url]), "h2", "local")]
     pid = _pool(hosts[0], "10.1.0.0/24")
     assert _pool(hosts[1], "10.1.0.0/24") == pid
@@ -105,10 +57,10 @@ def test_two_hosts_allocate_200_unique_addresses_in_parallel(etcd):
 
 
 def test_etcd_stopped_gives_store_unavailable_within_5_s(etcd):
-    proc, url = etcd
+    url = etcd.url
     driver = IpamDriver(EtcdKV([url]), "h1", "local")
     pid = _pool(driver, "10.1.0.0/24")
-    stop_etcd(proc)
+    etcd.stop()
     started = time.monotonic()
     with pytest.raises(StoreUnavailable, match=r"etcd unreachable at " + url):
         driver.request_address(AddressRequest(pid, "", {}))
