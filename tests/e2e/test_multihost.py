@@ -8,7 +8,8 @@ import threading
 import pytest
 
 from netdriver import names
-from tests.harness.containers import addresses, network_id, pings, run_sleeper, wait_ping
+from tests.harness.containers import (addresses, network_id, pings, run_sleeper, serve_tcp, tcp_answers,
+                                      wait_ping)
 from tests.harness.proc import wait_until
 
 BLUE = "10.200.20.0/24"
@@ -72,6 +73,9 @@ def test_containers_on_three_hosts_reach_each_other_and_overlays_stay_apart(thre
     wait_ping(h1, "r1", addresses(h2, "r2")["red"])
     assert not pings(h1, "r1", ips[2], count=2, wait_s=1)
     assert not pings(h2, "r2", ips[1], count=2, wait_s=1)
+    serve_tcp(h2, "c2")
+    wait_until(lambda: tcp_answers(h1, "c1", ips[2]), 10, "c1 on host 1 to reach c2's TCP server on host 2")
+    assert not tcp_answers(h1, "r1", ips[2])
     # Peers are programmed from etcd, not learnt: host 1's blue namespace knows exactly c2 and c3.
     assert set(neighbours(h1, nets[h1])) == {ips[2], ips[3]}
 
