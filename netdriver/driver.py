@@ -306,11 +306,15 @@ class NetworkDriver:
             self._network_up(network)
             self._guard(network)
         self._guard_host()
-        known = {n.id[:12] for n in self.store.list_networks()}
+        networks = self.store.list_networks()
+        known = {n.id[:12] for n in networks}
         for prefix in self.dataplane.network_ids():
             if prefix not in known:
                 log.info("removing stale namespace %s", names.netns(prefix))
                 self.dataplane.remove_network(prefix)
+        mine = [e.id for n in networks for e in self.store.list_endpoints(n.id) if e.host == self.host_id]
+        for name in self.dataplane.sweep_host_links(mine):
+            log.info("removed stale link %s", name)
         self.republish_peers(desired)
 
     def republish_peers(self, networks: Optional[List[Network]] = None) -> None:

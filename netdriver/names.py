@@ -38,3 +38,11 @@ def veth_bridge(endpoint_id: str) -> str:
 def network_id_prefix(netns_name: str) -> str:
     """The 12-character network id prefix a namespace name was built from ("" if it is not one of ours)."""
     return netns_name[len(NETNS_PREFIX):] if netns_name.startswith(NETNS_PREFIX) else ""
+
+
+def is_vxlan_staging(name: str) -> bool:
+    return name.startswith("vxl") and name[3:].isdigit()
+
+
+def is_veth_container(name: str) -> bool:
+    return name.startswith("vxc") and len(name) == 14

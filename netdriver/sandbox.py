@@ -67,6 +67,17 @@ class DataPlane:
         self.links.remove_link(names.netns(network_id), names.veth_bridge(endpoint_id))
         self.links.remove_link(None, names.veth_container(endpoint_id))
 
+    def sweep_host_links(self, endpoint_ids: List[str]) -> List[str]:
+        """Delete leftovers of ours in the host namespace: VXLAN devices still under their staging name (a create
+        that died before moving them) and container-side veth ends of endpoints no record knows. Returns what went."""
+        known = {names.veth_container(e) for e in endpoint_ids}
+        gone = []
+        for name in self.links.list_links(None):
+            if names.is_vxlan_staging(name) or (names.is_veth_container(name) and name not in known):
+                self.links.remove_link(None, name)
+                gone.append(name)
+        return gone
+
     def network_ids(self) -> List[str]:
         return [names.network_id_prefix(n) for n in self.links.list_netns() if names.network_id_prefix(n)]
 

@@ -134,6 +134,7 @@ class FakeDataPlane:
         self.endpoints = {}  # network id -> {endpoint id: ifname}
         self.peers = {}  # network id -> {ip: (mac, vtep)}: the remote entries programmed
         self.guarded = {}  # network id -> [(endpoint id, ip, mac)] under anti-spoofing rules
+        self.host_links = set()  # leftover vx* links in the host namespace
         self.host_subnets = []  # subnets the host isolation rules cover
         self.fail_on = set()
 
@@ -168,6 +169,11 @@ class FakeDataPlane:
 
     def network_ids(self):
         return [n[:12] for n in self.networks]
+
+    def sweep_host_links(self, endpoint_ids):
+        gone = sorted(set(self.host_links) - {"vxc" + e[:11] for e in endpoint_ids})
+        self.host_links -= set(gone)
+        return gone
 
     def guard_endpoints(self, network, endpoints):
         self.guarded[network.id] = sorted((e.id, e.ip, e.mac) for e in endpoints)

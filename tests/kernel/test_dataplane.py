@@ -177,3 +177,25 @@ def test_a_namespace_file_without_its_mount_is_recreated(links, ids):
     assert links.netns_exists(ns) and sorted(links.list_links(ns)) == ["br0", "lo", "vxlan0"]
     plane.remove_network(nid, 9000005)
     assert ns not in links.list_netns()
+
+
+def test_start_up_sweeps_our_leftover_host_links_only(links, ids):
+    """A staging VXLAN device and a container-side veth whose endpoint no record knows are ours and stale;
+    a veth end of a known endpoint stays."""
+    plane = DataPlane(links, Underlay(lambda a: 65536, "127.0.0.1"))
+    nid, known, stale = ids(), ids(), ids()
+    network = net(nid, 9000006)
+    plane.ensure_network(network)
+    try:
+        for eid in (known, stale):
+            plane.ensure_endpoint(network, Endpoint(nid, eid, "10.77.0.7/24", "02:42:0a:4d:00:07", "h"))
+        import subprocess
+        subprocess.run(["ip", "link", "add", "vxl9000007", "type", "vxlan", "id", "9000007", "dstport", "4789",
+                        "local", "127.0.0.1"], check=True)
+        gone = plane.sweep_host_links([known])
+        assert sorted(gone) == sorted([names.veth_container(stale), "vxl9000007"])
+        assert links.link_exists(None, names.veth_container(known))
+        assert not links.link_exists(None, names.veth_container(stale))
+    finally:
+        links.remove_link(None, "vxl9000007")
+        plane.remove_network(nid, 9000006)
