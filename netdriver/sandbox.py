@@ -37,10 +37,16 @@ class DataPlane:
 
     def ensure_network(self, network: Network) -> None:
         ns = names.netns(network.id)
+        fresh = not self.links.netns_exists(ns)
         self.links.ensure_netns(ns)
-        self.links.ensure_bridge(ns, names.BRIDGE, network.mtu)
-        self.links.ensure_vxlan(ns, names.VXLAN, names.vxlan_staging(network.vni), network.vni, self.underlay.require(),
-                                self.vxlan_port, network.mtu, names.BRIDGE)
+        try:
+            self.links.ensure_bridge(ns, names.BRIDGE, network.mtu)
+            self.links.ensure_vxlan(ns, names.VXLAN, names.vxlan_staging(network.vni), network.vni,
+                                    self.underlay.require(), self.vxlan_port, network.mtu, names.BRIDGE)
+        except BaseException:
+            if fresh:  # no half-built namespace: what this call started, it takes back
+                self.remove_network(network.id, network.vni)
+            raise
 
     def remove_network(self, network_id: str, vni: Optional[int] = None) -> None:
         ns = names.netns(network_id)

@@ -126,6 +126,7 @@ def test_vxlan_vni_clash_is_a_kernel_error_naming_the_vni(links, ids):
     try:
         with pytest.raises(KernelError, match="9000003"):
             plane.ensure_network(net(b, 9000003))
+        assert names.netns(b) not in links.list_netns()  # the failed create took its namespace back
     finally:
         plane.remove_network(b, 9000003)
         plane.remove_network(a, 9000003)

@@ -28,9 +28,9 @@ def wired():
     plane = DataPlane(links, Underlay(lambda a: 65536, "127.0.0.1"), Firewall())
     nid = secrets.token_hex(32)
     network = Network(id=nid, vni=9000011, mtu=1450, internal=False, subnets=[Subnet("10.77.5.0/24", None)])
-    plane.ensure_network(network)
     made, endpoints = [], []
     try:
+        plane.ensure_network(network)
         for i in (5, 6):
             ep = Endpoint(nid, secrets.token_hex(32), f"10.77.5.{i}/24", f"02:42:0a:4d:05:0{i}", "h")
             ifname = plane.ensure_endpoint(network, ep)
