@@ -237,3 +237,28 @@ def test_swarm_discover_new_sets_the_vtep_unless_one_was_configured():
         {"DiscoveryType": 1, "DiscoveryData": {"Address": "198.51.100.1", "Self": True}}))
     fixed = Underlay(mtus.get, "192.0.2.1", None)
     assert not fixed.discovered("192.0.2.7") and fixed.address == "192.0.2.1"
+
+
+def test_swarm_network_lifecycle_across_manager_and_workers():
+    """One Swarm network has one ID on every node: the record lives while any node (or the manager's hold from
+    AllocateNetwork to FreeNetwork) has it, and nothing is left once all are gone."""
+    kv = FakeKV()
+    mgr, _, _ = make(kv, "m")
+    w2, _, _ = make(kv, "h2")
+    w3, _, _ = make(kv, "h3")
+    alloc = mgr.allocate_network(p.CreateNetworkRequest.decode({"NetworkID": NID, "Options": {}, "IPv4Data": []}))
+    vni = alloc["Options"]["vni"]
+    worker_req = create_req(generic=alloc["Options"])
+    w2.create_network(worker_req)
+    w3.create_network(worker_req)
+    assert w3.store.get_network(NID).vni == int(vni)
+    w2.create_endpoint(endpoint_req(eid="2" * 64, address="10.1.0.2/24"))
+    w3.create_endpoint(endpoint_req(eid="3" * 64, address="10.1.0.3/24"))
+    w2.delete_network(p.NetworkIDRequest.decode({"NetworkID": NID}))
+    assert w3.store.get_network(NID) is not None  # h3 still has it, and its endpoint record
+    assert w3.store.get_endpoint(NID, "3" * 64) is not None
+    w3.delete_network(p.NetworkIDRequest.decode({"NetworkID": NID}))
+    assert kv.get(f"/vxnet/v1/vnis/{vni}") is not None  # the manager's hold keeps the VNI until FreeNetwork
+    for _ in range(2):  # FreeNetwork replayed after a leader change
+        mgr.free_network(p.NetworkIDRequest.decode({"NetworkID": NID}))
+    assert kv.keys() == []

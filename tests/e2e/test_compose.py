@@ -1,0 +1,83 @@
+"""Docker Compose (Debian's docker-compose 1.29) on one Docker host with the managed plugin: what a single-host
+user does. Without a Swarm a global-scope driver is refused ("This node is not a swarm manager"), so the plugin
+runs with VXNET_SCOPE=local; `docker stack deploy` across a Swarm is in test_swarm.py.
+"""
+
+import os
+import shutil
+
+import pytest
+
+from tests.harness.containers import addresses, wait_ping
+from tests.harness.images import IMAGE
+from tests.harness.proc import run
+from tests.harness.swarm import PLUGIN, install_plugin, plugin_settings, remove_plugin, wait_clean
+
+COMPOSE = shutil.which("docker-compose")
+PROJECT = "vxc"
+SUBNET = "10.200.38.0/24"
+
+COMPOSE_FILE = """\
+version: "3.8"
+services:
+  web:
+    image: {image}
+    command: ["sleep", "86400"]
+    init: true
+    networks: [x]
+  client:
+    image: {image}
+    command: ["sleep", "86400"]
+    init: true
+    networks: [x]
+networks:
+  x:
+    driver: {plugin}
+    ipam:
+      driver: {plugin}
+      config:
+        - subnet: {subnet}
+"""
+
+
+def compose(host, path: str, *args: str, check: bool = True):
+    """docker-compose -p vxc -f path ... against the host's dockerd."""
+    env = dict(os.environ, DOCKER_HOST=host.docker_host)
+    return run([COMPOSE, "--no-ansi", "-p", PROJECT, "-f", path, *args], env=env, timeout=120, check=check)
+
+
+@pytest.fixture
+def host(hosts):
+    (host,) = hosts(1)
+    yield host
+    # Containers and networks while the plugin still answers, then the plugin, then (hosts) dockerd.
+    ids = host.docker("ps", "-aq", check=False).stdout.split()
+    if ids:
+        host.docker("rm", "-f", *ids, timeout=60, check=False)
+    nets = host.docker("network", "ls", "-q", "--filter", f"driver={PLUGIN}", check=False).stdout.split()
+    if nets:
+        host.docker("network", "rm", *nets, timeout=60, check=False)
+    remove_plugin(host)
+
+
+def test_compose_services_on_a_vxnet_network_talk_by_name(host, etcd, tmp_path):
+    assert COMPOSE, "docker-compose is not installed (make deps / scripts/install-deps.sh installs Debian's)"
+    install_plugin(host, *plugin_settings(host, etcd.url, "VXNET_SCOPE=local"))
+    path = str(tmp_path / "docker-compose.yml")
+    with open(path, "w") as f:
+        f.write(COMPOSE_FILE.format(image=IMAGE, plugin=PLUGIN, subnet=SUBNET))
+
+    compose(host, path, "up", "-d")
+    net = f"{PROJECT}_x"
+    shape = "{{.Driver}} {{.IPAM.Driver}} {{(index .IPAM.Config 0).Subnet}}"
+    assert host.docker("network", "inspect", "--format", shape, net).stdout.split() == [PLUGIN, PLUGIN, SUBNET]
+    web = compose(host, path, "ps", "-q", "web").stdout.strip()
+    client = compose(host, path, "ps", "-q", "client").stdout.strip()
+    assert web and client
+    assert addresses(host, web)[net].startswith("10.200.38.")
+    wait_ping(host, client, "web")  # Compose's service names, from Docker's DNS on the user-defined network
+    wait_ping(host, web, "client")
+
+    compose(host, path, "down")
+    assert host.docker("network", "ls", "-q", "--filter", f"name={net}").stdout.strip() == ""
+    wait_clean([host], etcd)
