@@ -145,6 +145,7 @@ class NetworkDriver:
             self.store.add_member(existing.id, self.host_id, segment_of(existing.id, existing.overlay))
             self.dataplane.ensure_network(existing)
             self._network_up(existing)
+            self._guard_host()
             return {}
         self.underlay.require()
         mtu = opts.mtu or self.underlay.mtu - VXLAN_OVERHEAD

@@ -252,6 +252,7 @@ def test_swarm_network_lifecycle_across_manager_and_workers():
     w2.create_network(worker_req)
     w3.create_network(worker_req)
     assert w3.store.get_network(NID).vni == int(vni)
+    assert w3.dataplane.host_subnets == ["10.1.0.0/24"]  # a worker joining guards the subnet too
     w2.create_endpoint(endpoint_req(eid="2" * 64, address="10.1.0.2/24"))
     w3.create_endpoint(endpoint_req(eid="3" * 64, address="10.1.0.3/24"))
     w2.delete_network(p.NetworkIDRequest.decode({"NetworkID": NID}))
