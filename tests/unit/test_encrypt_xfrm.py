@@ -108,7 +108,7 @@ def test_sa_message_lands_on_the_c_fields():
         ("192.0.2.1", "192.0.2.2", 4790, 0xFFFF, 17)
     assert (c.sel.family, c.sel.prefixlen_d, c.sel.prefixlen_s) == (2, 32, 32)
     assert (_ip(c.id.daddr), _be32(c.id.spi), c.id.proto, _ip(c.saddr)) == ("192.0.2.2", 0x12345678, 50, "192.0.2.1")
-    assert (c.reqid, c.family, c.mode, c.replay_window) == (X.REQID, 2, 0, 32)
+    assert (c.reqid, c.family, c.mode, c.replay_window) == (X.REQID, 2, 0, 0)
     assert c.lft.hard_byte_limit == c.lft.hard_packet_limit == X.XFRM_INF and c.lft.hard_add == 0
     # XFRMA_ALG_AEAD follows: name (64), key bits, ICV bits, key.
     attr = body[ctypes.sizeof(xfrm_usersa_info):]

@@ -1,0 +1,397 @@
+"""Per-peer ESP between this host's VTEP and every remote VTEP an encrypted network needs, kept equal to the
+desired state: the key ring, the local VTEP, and which peers each holder (an overlay segment) needs.
+
+Several encrypted networks between the same two hosts share one set of SAs and policies (they all send VXLAN from
+one VTEP to the other on one port): a peer is programmed while at least one holder names it, and removed when the
+last one lets go. Holders are sets, not counters, so a replayed call changes nothing.
+
+Per peer, in this order (the same order serves adding a peer and rotating keys, so a rotation is just a
+convergence to a new ring):
+  1. inbound SAs (peer -> here) for every key in the ring       new keys can be received
+  2. outbound SA (here -> peer) for the primary key
+  3. inbound policy: UDP to the port from the peer must have come through one of our SAs
+  4. outbound policy: UDP to the port for the peer leaves through the primary SA (level required)
+  5. outbound SAs of other keys deleted                           nothing refers to them since 4
+  6. inbound SAs of keys no longer in the ring deleted            pruned
+Removing a peer goes the other way: outbound policy, outbound SAs, inbound policy, inbound SAs. With the
+firewall table in place there is no step after which cleartext could cross the underlay.
+
+Failures raise (KernelError naming every peer that failed) after the other peers were tried: the desired state
+is recorded first, so the next call or resync retries.
+"""
+
+import errno
+import gzip
+import logging
+import os
+import threading
+from typing import Dict, Iterable, List, Optional, Set, Tuple
+
+from pyroute2.netlink.exceptions import NetlinkError
+
+from encrypt.firewall import Firewall
+from encrypt.keys import KeyRing, MATERIAL_BYTES
+from encrypt.spi import spi_for
+from encrypt.xfrm import SA, Policy, SAState, Xfrm, netlink_reason, open_socket
+from plugin.errors import KernelError
+
+log = logging.getLogger(__name__)
+
+# Encrypted networks send VXLAN to this UDP port instead of IANA's 4789 (RFC 7348): the XFRM policies select
+# their traffic by port alone, so no packet marking is needed, and cleartext VXLAN of an encrypted network is
+# recognisable by port alone (firewall.py drops it). 4790 is IANA's VXLAN-GPE port; vxnet never uses GPE, and
+# Docker's overlay uses 4789.
+ENCRYPTED_VXLAN_PORT = 4790
+
+# RFC 4303 transport-mode ESP with rfc4106(gcm(aes)), over IPv4: outer IPv4 20 + ESP header 8 (SPI, sequence) +
+# IV 8 + ICV 16 around a payload padded to a multiple of 4 that carries the 2-byte trailer (pad length, next
+# header) and the UDP datagram: UDP 8 + VXLAN 8 + inner Ethernet 14 + the inner packet.
+_ESP_FIXED = 20 + 8 + 8 + 16
+_PAYLOAD_FIXED = 2 + 8 + 8 + 14
+
+
+def inner_mtu(underlay_mtu: int) -> int:
+    """The largest inner (container) MTU whose encrypted VXLAN packet fits the underlay MTU: 1416 for 1500."""
+    return ((underlay_mtu - _ESP_FIXED) // 4) * 4 - _PAYLOAD_FIXED
+
+
+# -- does this kernel do ESP? -------------------------------------------------------------------------------------
+# What rfc4106(gcm(aes)) transport-mode ESP needs, in load order, with the kernel option that builds each. The
+# RNG: ESP's IV generator (seqiv) takes the kernel's default RNG (drbg, HMAC-SHA512), which seeds from
+# jitterentropy, which hashes with SHA-3; without them every SA add fails with "Kernel was unable to initialize
+# cryptographic operations".
+ESP_MODULES = (
+    ("xfrm_algo", ("CONFIG_XFRM_ALGO",)),
+    ("xfrm_user", ("CONFIG_XFRM_USER",)),
+    ("esp4", ("CONFIG_INET_ESP",)),
+    ("aead", ("CONFIG_CRYPTO_AEAD",)),
+    ("gf128mul", ("CONFIG_CRYPTO_GF128MUL", "CONFIG_CRYPTO_LIB_GF128MUL")),
+    ("ghash_generic", ("CONFIG_CRYPTO_GHASH",)),
+    ("ctr", ("CONFIG_CRYPTO_CTR",)),
+    ("gcm", ("CONFIG_CRYPTO_GCM",)),
+    ("seqiv", ("CONFIG_CRYPTO_SEQIV",)),
+    ("sha512_generic", ("CONFIG_CRYPTO_SHA512",)),
+    ("sha3_generic", ("CONFIG_CRYPTO_SHA3",)),
+    ("jitterentropy_rng", ("CONFIG_CRYPTO_JITTERENTROPY",)),
+    ("drbg", ("CONFIG_CRYPTO_DRBG",)),
+)
+_PROBE_SPI = 0x100  # lowest non-reserved SPI (RFC 4303 2.1); the probe SA lives in a namespace of its own
+_PROBE_SRC, _PROBE_DST = "192.0.2.1", "192.0.2.2"  # RFC 5737 TEST-NET-1
+
+
+class EncryptionUnavailable(KernelError):
+    """The kernel cannot do what encrypted networks need; the message names the missing modules."""
+
+    status = 501
+
+
+def _kernel_config() -> Optional[Dict[str, str]]:
+    """The running kernel's build options (/proc/config.gz or /boot/config-<release>), None if unreadable."""
+    release = os.uname().release
+    for path, opener in (("/proc/config.gz", gzip.open), (f"/boot/config-{release}", open)):
+        try:
+            with opener(path, "rt") as f:
+                out = {}
+                for line in f:
+                    if line.startswith("CONFIG_") and "=" in line:
+                        name, value = line.strip().split("=", 1)
+                        out[name] = value
+                return out
+        except OSError:
+            continue
+    return None
+
+
+def _builtin_modules() -> Set[str]:
+    try:
+        with open(f"/lib/modules/{os.uname().release}/modules.builtin") as f:
+            return {os.path.basename(line.strip())[:-3] for line in f if line.strip().endswith(".ko")}
+    except OSError:
+        return set()
+
+
+def missing_modules() -> List[str]:
+    """The ESP_MODULES this kernel lacks, each with why: "esp4 (CONFIG_INET_ESP is not set)" when the kernel
+    was built without it, "esp4 (not loaded)" when it is a module that is not loaded (or nothing says otherwise)."""
+    config = _kernel_config()
+    builtin = _builtin_modules()
+    out = []
+    for name, options in ESP_MODULES:
+        if os.path.isdir(f"/sys/module/{name}") or name in builtin:
+            continue
+        if config is not None:
+            values = [config.get(o) for o in options]
+            if "y" in values:
+                continue
+            if "m" not in values:
+                out.append(f"{name} ({options[0]} is not set)")
+                continue
+        out.append(f"{name} (not loaded)")
+    return out
+
+
+def _probe_sa(sock) -> None:
+    """Add and delete one rfc4106(gcm(aes)) transport SA: the kernel loads what it can and says what it lacks."""
+    probe = SA(_PROBE_SRC, _PROBE_DST, _PROBE_SPI, bytes(MATERIAL_BYTES), ENCRYPTED_VXLAN_PORT)
+    with Xfrm(sock=sock) as xfrm:
+        xfrm.delete_sa(_PROBE_DST, _PROBE_SPI)
+        xfrm.add_sa(probe)
+        xfrm.delete_sa(_PROBE_DST, _PROBE_SPI)
+
+
+_esp_ok = False
+_esp_lock = threading.Lock()
+
+
+def esp_unavailable_reason() -> Optional[str]:
+    """None if this kernel can add an ESP SA with rfc4106(gcm(aes)); otherwise the message to show, naming the
+    missing modules. Probed by adding a real SA in a private, throwaway network namespace (nothing is left
+    behind on the host); a success is remembered, a failure is probed again next time (modules can be loaded
+    meanwhile)."""
+    global _esp_ok
+    with _esp_lock:
+        if _esp_ok:
+            return None
+        try:
+            try:
+                sock = open_socket(private=True)
+            except OSError as exc:
+                if exc.errno != errno.EPERM:
+                    raise
+                sock = open_socket()  # no CAP_SYS_ADMIN: probe here, with TEST-NET addresses and our reqid
+            _probe_sa(sock)
+        except (KernelError, NetlinkError, OSError) as exc:
+            missing = missing_modules()
+            modules = [name for name, _ in ESP_MODULES]
+            refused = netlink_reason(exc.__cause__) if isinstance(exc.__cause__, NetlinkError) else str(exc)
+            return (f"this kernel cannot encrypt VXLAN with IPsec ESP (it refused a test SA: {refused}). Missing: "
+                    f"{', '.join(missing) if missing else 'no module detectably, see the error'}. Encrypted "
+                    f"networks need the kernel modules {', '.join(modules)} (load them with `modprobe -a "
+                    f"{' '.join(modules)}` on the host, or use a kernel that has them), or create the network "
+                    "without -o encrypted")
+        _esp_ok = True
+        return None
+
+
+def kernel_supports_esp() -> bool:
+    return esp_unavailable_reason() is None
+
+
+def require_esp() -> None:
+    """Raise EncryptionUnavailable (HTTP 501 to dockerd, the message to the user) unless ESP works here."""
+    reason = esp_unavailable_reason()
+    if reason is not None:
+        raise EncryptionUnavailable(reason)
+
+
+# -- the manager --------------------------------------------------------------------------------------------------
+class EncryptionManager:
+    """Converges the kernel's vxnet SAs and policies (and the firewall table) on the desired state. Thread-safe;
+    every call is idempotent."""
+
+    def __init__(self, xfrm: Optional[Xfrm] = None, firewall: Optional[Firewall] = None,
+                 port: int = ENCRYPTED_VXLAN_PORT):
+        """xfrm None: the plugin's own namespace's, opened on first use (so a kernel without XFRM netlink only
+        fails encrypted networks, with require()'s message, not the plugin's start); firewall None: the table
+        for `port` in the plugin's namespace."""
+        self._xfrm = xfrm
+        self.firewall = firewall or Firewall(port)
+        self.port = port
+        self._lock = threading.RLock()
+        self._ring: Optional[KeyRing] = None
+        self._local: Optional[str] = None
+        self._holders: Dict[str, Set[str]] = {}  # holder (segment) -> remote VTEPs it needs
+        # Peers whose SAs and policies are in place for the current ring and VTEP. A peer whose programming
+        # failed is not in it, so the next call that names it (a replayed set_peers, an event) tries again.
+        self._programmed: Set[str] = set()
+        self._firewall_ready = False
+
+    @property
+    def xfrm(self) -> Xfrm:
+        if self._xfrm is None:
+            self._xfrm = Xfrm()
+        return self._xfrm
+
+    def require(self) -> None:
+        """What an encrypted network needs before its VXLAN device exists: ESP in the kernel (else
+        EncryptionUnavailable, naming the missing modules) and the fail-closed firewall table."""
+        require_esp()
+        self.ensure_firewall()
+
+    # -- desired state ---------------------------------------------------------------------------------------
+    @property
+    def ring(self) -> Optional[KeyRing]:
+        return self._ring
+
+    @property
+    def local(self) -> Optional[str]:
+        return self._local
+
+    def peers(self) -> Dict[str, Set[str]]:
+        """Remote VTEP -> the holders that need it."""
+        with self._lock:
+            out: Dict[str, Set[str]] = {}
+            for holder, vteps in self._holders.items():
+                for vtep in vteps:
+                    out.setdefault(vtep, set()).add(holder)
+            return out
+
+    def _wanted(self) -> Set[str]:
+        return {v for vteps in self._holders.values() for v in vteps if v != self._local}
+
+    def ensure_firewall(self) -> None:
+        """The fail-closed table; call before the first encrypted VXLAN device exists."""
+        with self._lock:
+            self.firewall.ensure()
+            self._firewall_ready = True
+
+    def set_keyring(self, ring: KeyRing) -> None:
+        """A new ring (from etcd): every peer converges on it, in the rotation order of the module docstring."""
+        with self._lock:
+            old, self._ring = self._ring, ring
+            if old is not None and old == ring:
+                return
+            log.info("key ring now %s (was %s)", ring, old)
+            self._converge(self._wanted(), strict=False)
+
+    def set_local(self, vtep: str) -> None:
+        """This host's VTEP; a change re-keys every peer from the new address and removes the old SAs."""
+        with self._lock:
+            old, self._local = self._local, vtep
+            if old == vtep:
+                return
+            self._converge(self._wanted(), prune=True, strict=False)
+
+    def set_peers(self, holder: str, vteps: Iterable[str]) -> None:
+        """The remote VTEPs `holder` needs now (an empty set releases them all)."""
+        with self._lock:
+            vteps = set(vteps)
+            if vteps:
+                self._holders[holder] = vteps
+            else:
+                self._holders.pop(holder, None)
+            wanted = self._wanted()
+            errors = []
+            try:
+                self._converge(wanted - self._programmed)
+            except KernelError as exc:
+                errors.append(str(exc))
+            for peer in sorted(self._programmed - wanted):
+                try:
+                    self._remove_peer(peer)
+                    self._programmed.discard(peer)
+                except KernelError as exc:
+                    errors.append(str(exc))
+            if errors:
+                raise KernelError("; ".join(errors))
+
+    def sync_all(self, holders: Dict[str, Iterable[str]]) -> None:
+        """Replace the whole desired state (start-up, resync) and remove every SA and policy of ours that it does
+        not call for, including those left by an earlier run."""
+        with self._lock:
+            self._holders = {h: set(v) for h, v in holders.items() if v}
+            self._converge(self._wanted(), prune=True)
+
+    def remove_all(self, firewall: bool = False) -> None:
+        """Delete every SA and policy vxnet made here (and the firewall table if asked: only when no encrypted
+        network is left)."""
+        with self._lock:
+            self._holders = {}
+            self._programmed = set()
+            self.xfrm.remove_ours()
+            if firewall:
+                self.firewall.remove()
+                self._firewall_ready = False
+
+    # -- kernel ----------------------------------------------------------------------------------------------
+    def _require_ready(self) -> Tuple[str, KeyRing]:
+        if self._local is None:
+            raise KernelError("encryption: this host's VTEP address is not known yet")
+        if self._ring is None:
+            raise KernelError("encryption: no key ring loaded yet (etcd not read)")
+        if not self._firewall_ready:
+            self.ensure_firewall()
+        return self._local, self._ring
+
+    def _converge(self, peers: Set[str], prune: bool = False, strict: bool = True) -> None:
+        """Program `peers` (and with prune, remove what is not wanted). Until both the VTEP and the ring are
+        known nothing can be programmed: strict callers (who asked for peers) get the error, the others (the VTEP
+        or the ring arriving) return, and the missing half converges when it comes."""
+        if not peers and not prune:
+            return
+        if self._local is None or self._ring is None:
+            if peers and strict:
+                self._require_ready()
+            return
+        local, ring = self._require_ready()
+        have = self.xfrm.sas()
+        errors = []
+        for peer in sorted(peers):
+            try:
+                self._converge_peer(local, peer, ring, have)
+                self._programmed.add(peer)
+            except KernelError as exc:
+                self._programmed.discard(peer)
+                errors.append(str(exc))
+        if prune:
+            try:
+                self._prune(local, peers)
+                self._programmed &= peers
+            except KernelError as exc:
+                errors.append(str(exc))
+        if errors:
+            raise KernelError("; ".join(errors))
+
+    def _converge_peer(self, local: str, peer: str, ring: KeyRing, have: List[SAState]) -> None:
+        inbound = {spi_for(peer, local, k.tag): k for k in ring.keys}
+        out_spi = spi_for(local, peer, ring.primary)
+        for spi, key in inbound.items():  # 1
+            self.xfrm.ensure_sa(SA(peer, local, spi, key.material, self.port))
+        self.xfrm.ensure_sa(SA(local, peer, out_spi, ring.primary_key.material, self.port))  # 2
+        self.xfrm.ensure_policy(Policy(peer, local, self.port, "in"))  # 3
+        self.xfrm.ensure_policy(Policy(local, peer, self.port, "out", spi=out_spi))  # 4
+        for sa in have:
+            if sa.dport != self.port:
+                continue
+            if sa.src == local and sa.dst == peer and sa.spi != out_spi:  # 5
+                self.xfrm.delete_sa(sa.dst, sa.spi)
+        for sa in have:
+            if sa.dport == self.port and sa.src == peer and sa.dst == local and sa.spi not in inbound:  # 6
+                self.xfrm.delete_sa(sa.dst, sa.spi)
+        log.debug("esp peer=%s local=%s keys=%s primary=%d", peer, local, list(ring.tags), ring.primary)
+
+    def _remove_peer(self, peer: str) -> None:
+        local = self._local
+        if local is None:
+            return
+        self.xfrm.delete_policy(local, peer, self.port, "out")
+        sas = [s for s in self.xfrm.sas() if s.dport == self.port]
+        for sa in sas:
+            if sa.src == local and sa.dst == peer:
+                self.xfrm.delete_sa(sa.dst, sa.spi)
+        self.xfrm.delete_policy(peer, local, self.port, "in")
+        for sa in sas:
+            if sa.src == peer and sa.dst == local:
+                self.xfrm.delete_sa(sa.dst, sa.spi)
+        log.info("esp peer removed peer=%s local=%s", peer, local)
+
+    def _prune(self, local: str, peers: Set[str]) -> None:
+        """Remove ours that the desired state does not name: other ports, other local addresses, other peers."""
+        def wanted(src: str, dst: str, dport: int) -> bool:
+            return dport == self.port and ((src == local and dst in peers) or (dst == local and src in peers))
+
+        policies = [p for p in self.xfrm.policies() if not wanted(p.src, p.dst, p.dport)]
+        sas = [s for s in self.xfrm.sas() if not wanted(s.src, s.dst, s.dport)]
+        # The removal order of _remove_peer: outbound policies, outbound SAs, inbound policies, inbound SAs.
+        for policy in policies:
+            if policy.direction == "out":
+                self.xfrm.delete_policy(policy.src, policy.dst, policy.dport, "out")
+        for sa in sas:
+            if sa.dst != local:
+                self.xfrm.delete_sa(sa.dst, sa.spi)
+        for policy in policies:
+            if policy.direction == "in":
+                self.xfrm.delete_policy(policy.src, policy.dst, policy.dport, "in")
+        for sa in sas:
+            if sa.dst == local:
+                self.xfrm.delete_sa(sa.dst, sa.spi)

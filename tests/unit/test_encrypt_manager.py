@@ -1,0 +1,277 @@
+"""EncryptionManager over a fake XFRM that models the kernel's SA and policy tables. Two hosts' fakes are checked
+after every single kernel operation: whatever a host sends with, the other can receive, and an outbound policy
+is never missing while the peer is wanted (no packet lost, none sent in clear)."""
+
+import errno
+
+import pytest
+from pyroute2.netlink.exceptions import NetlinkError
+
+from encrypt import manager as M
+from encrypt.keys import KeyRing
+from encrypt.spi import spi_for
+from encrypt.xfrm import PolicyState, SAState
+from plugin.errors import KernelError
+
+PORT = M.ENCRYPTED_VXLAN_PORT
+H1, H2, H3 = "192.0.2.1", "192.0.2.2", "192.0.2.3"
+
+
+class FakeXfrm:
+    """The kernel's SA table (dst, spi) and policy table (src, dst, dport, dir), as Xfrm shows them."""
+
+    def __init__(self):
+        self.sa = {}
+        self.sp = {}
+        self.after_change = lambda: None
+        self.fail_for = set()  # peers whose SAs the "kernel" refuses
+        self.ops = []
+
+    def _changed(self, op):
+        self.ops.append(op)
+        self.after_change()
+
+    def ensure_sa(self, sa):
+        if sa.src in self.fail_for or sa.dst in self.fail_for:
+            raise KernelError(f"add ESP SA {sa.src} -> {sa.dst}: injected failure")
+        state = SAState(sa.src, sa.dst, sa.spi, sa.reqid, 0, "rfc4106(gcm(aes))", sa.key, sa.icv_bits, sa.dport,
+                        0, 0, 0, 0)
+        if self.sa.get((sa.dst, sa.spi)) != state:
+            self.sa[(sa.dst, sa.spi)] = state
+            self._changed(("add_sa", sa.src, sa.dst, sa.spi))
+
+    def delete_sa(self, dst, spi):
+        if self.sa.pop((dst, spi), None) is not None:
+            self._changed(("del_sa", dst, spi))
+            return True
+        return False
+
+    def sas(self, ours_only=True):
+        return [s for s in self.sa.values() if s.ours or not ours_only]
+
+    def ensure_policy(self, p):
+        state = PolicyState(p.src, p.dst, p.dport, 17, p.direction, p.spi, p.reqid, False)
+        if self.sp.get((p.src, p.dst, p.dport, p.direction)) != state:
+            self.sp[(p.src, p.dst, p.dport, p.direction)] = state
+            self._changed(("set_policy", p.direction, p.src, p.dst, p.spi))
+
+    def delete_policy(self, src, dst, dport, direction):
+        if self.sp.pop((src, dst, dport, direction), None) is not None:
+            self._changed(("del_policy", direction, src, dst))
+            return True
+        return False
+
+    def policies(self, ours_only=True):
+        return [p for p in self.sp.values() if p.ours or not ours_only]
+
+    def remove_ours(self):
+        for p in self.policies():
+            self.delete_policy(p.src, p.dst, p.dport, p.direction)
+        for s in self.sas():
+            self.delete_sa(s.dst, s.spi)
+
+
+class FakeFirewall:
+    def __init__(self, log):
+        self.log = log
+        self.present = False
+
+    def ensure(self):
+        self.present = True
+        self.log.append(("firewall",))
+
+    def remove(self):
+        self.present = False
+
+
+def host(vtep):
+    xfrm = FakeXfrm()
+    mgr = M.EncryptionManager(xfrm, FakeFirewall(xfrm.ops), PORT)
+    mgr.set_local(vtep)
+    return mgr, xfrm
+
+
+def deliverable(sender_vtep, sender, receiver_vtep, receiver) -> bool:
+    """Can sender's VXLAN to receiver get through right now? Its outbound policy names an SA that exists on both
+    ends with the same key."""
+    policy = sender.sp.get((sender_vtep, receiver_vtep, PORT, "out"))
+    if policy is None:
+        return False
+    out = sender.sa.get((receiver_vtep, policy.spi))
+    inn = receiver.sa.get((receiver_vtep, policy.spi))
+    return out is not None and inn is not None and out.key == inn.key and \
+        (sender_vtep, receiver_vtep, PORT, "in") in receiver.sp
+
+
+def test_rotations_applied_host_by_host_never_break_either_direction():
+    (m1, x1), (m2, x2) = host(H1), host(H2)
+    ring = KeyRing.initial(now=0)
+    for mgr in (m1, m2):
+        mgr.set_keyring(ring)
+        mgr.set_peers("seg", {H2 if mgr is m1 else H1})
+    checked = []
+
+    def invariant():
+        checked.append(1)
+        assert deliverable(H1, x1, H2, x2), f"h1 -> h2 broken after {x1.ops[-1:]} / {x2.ops[-1:]}"
+        assert deliverable(H2, x2, H1, x1), f"h2 -> h1 broken after {x1.ops[-1:]} / {x2.ops[-1:]}"
+
+    invariant()
+    x1.after_change = x2.after_change = invariant
+    for order in ((m1, m2), (m2, m1), (m1, m2)):
+        ring = ring.rotate(now=len(checked))
+        for mgr in order:
+            mgr.set_keyring(ring)
+    assert len(checked) > 20  # the invariant really ran at each step
+    for vtep, peer, x in ((H1, H2, x1), (H2, H1, x2)):
+        out = [s.spi for s in x.sas() if s.src == vtep]
+        assert out == [spi_for(vtep, peer, ring.primary)]
+        assert {s.spi for s in x.sas() if s.dst == vtep} == {spi_for(peer, vtep, t) for t in ring.tags}
+
+
+def test_rotation_order_on_one_host():
+    mgr, x = host(H1)
+    ring = KeyRing.initial(now=0)
+    mgr.set_keyring(ring)
+    mgr.set_peers("seg", {H2})
+    del x.ops[:]
+    new = ring.rotate(now=1)
+    mgr.set_keyring(new)
+    kinds = [op[0] + (f":{op[1]}" if op[0] == "set_policy" else "") for op in x.ops]
+    new_in = spi_for(H2, H1, 3)
+    new_out = spi_for(H1, H2, 2)
+    assert x.ops.index(("add_sa", H2, H1, new_in)) < x.ops.index(("add_sa", H1, H2, new_out)) \
+        < x.ops.index(("set_policy", "out", H1, H2, new_out)) < x.ops.index(("del_sa", H2, spi_for(H1, H2, 1)))
+    assert kinds.count("set_policy:out") == 1 and "del_policy" not in kinds
+
+
+def test_a_peer_stays_while_any_holder_needs_it():
+    mgr, x = host(H1)
+    mgr.set_keyring(KeyRing.initial(now=0))
+    mgr.set_peers("a", {H2, H3})
+    mgr.set_peers("b", {H2})
+    mgr.set_peers("a", set())
+    assert {s.dst for s in x.sas() if s.src == H1} == {H2} and mgr.peers() == {H2: {"b"}}
+    mgr.set_peers("b", {H2})  # a replay changes nothing
+    ops = len(x.ops)
+    mgr.set_peers("b", {H2})
+    assert len(x.ops) == ops
+    mgr.set_peers("b", [])
+    assert x.sa == {} and x.sp == {} and mgr.peers() == {}
+
+
+def test_removing_a_peer_drops_the_outbound_policy_first():
+    mgr, x = host(H1)
+    mgr.set_keyring(KeyRing.initial(now=0))
+    mgr.set_peers("a", {H2})
+    del x.ops[:]
+    mgr.set_peers("a", set())
+    assert x.ops[0] == ("del_policy", "out", H1, H2)
+    assert x.ops.index(("del_policy", "in", H2, H1)) > max(
+        i for i, op in enumerate(x.ops) if op[0] == "del_sa" and op[1] == H2)
+
+
+def test_firewall_is_in_place_before_the_first_sa():
+    mgr, x = host(H1)
+    mgr.set_keyring(KeyRing.initial(now=0))
+    mgr.set_peers("a", {H2})
+    assert x.ops[0] == ("firewall",) and mgr.firewall.present
+
+
+def test_sync_all_removes_leftovers_of_ours_and_nothing_else():
+    mgr, x = host(H1)
+    ring = KeyRing.initial(now=0)
+    mgr.set_keyring(ring)
+    mgr.set_peers("a", {H2, H3})
+    foreign = SAState(H1, "198.51.100.7", 0x999, 5, 0, "rfc4106(gcm(aes))", b"k" * 20, 128, 500, 0, 0, 0, 0)
+    x.sa[(foreign.dst, foreign.spi)] = foreign
+    x.sp[(H1, "198.51.100.7", 500, "out")] = PolicyState(H1, "198.51.100.7", 500, 17, "out", 0x999, 5, False)
+    restarted = M.EncryptionManager(x, mgr.firewall, PORT)  # a plugin restart: knows nothing, kernel kept all
+    restarted.set_local(H1)
+    restarted.set_keyring(ring)
+    del x.ops[:]
+    restarted.sync_all({"a": {H2}})
+    assert all(op[0] in ("del_sa", "del_policy", "firewall") for op in x.ops), x.ops  # nothing re-added
+    assert {s.dst for s in x.sas() if s.src == H1} == {H2} and {s.src for s in x.sas() if s.dst == H1} == {H2}
+    assert (foreign.dst, foreign.spi) in x.sa and (H1, "198.51.100.7", 500, "out") in x.sp
+
+
+def test_a_new_local_address_rekeys_and_removes_the_old_sas():
+    mgr, x = host(H1)
+    ring = KeyRing.initial(now=0)
+    mgr.set_keyring(ring)
+    mgr.set_peers("a", {H2})
+    mgr.set_local(H3)
+    assert {(s.src, s.dst) for s in x.sas()} == {(H3, H2), (H2, H3)}
+    assert {(p.src, p.dst) for p in x.policies()} == {(H3, H2), (H2, H3)}
+
+
+def test_failures_raise_after_the_other_peers_and_are_retried():
+    mgr, x = host(H1)
+    mgr.set_keyring(KeyRing.initial(now=0))
+    x.fail_for = {H3}
+    with pytest.raises(KernelError, match="192.0.2.3 -> 192.0.2.1: injected failure"):
+        mgr.set_peers("a", {H2, H3})
+    assert {s.dst for s in x.sas() if s.src == H1} == {H2}
+    assert mgr.peers() == {H2: {"a"}, H3: {"a"}}  # desired state kept for the retry
+    x.fail_for = set()
+    mgr.set_peers("a", {H2, H3})  # the same call again (the next event): the failed peer is retried
+    assert {s.dst for s in x.sas() if s.src == H1} == {H2, H3}
+
+
+def test_nothing_is_programmed_before_the_vtep_and_the_ring_are_known():
+    x = FakeXfrm()
+    mgr = M.EncryptionManager(x, FakeFirewall(x.ops), PORT)
+    with pytest.raises(KernelError, match="VTEP"):
+        mgr.set_peers("a", {H2})
+    mgr.set_local(H1)
+    with pytest.raises(KernelError, match="no key ring"):
+        mgr.set_peers("a", {H2})
+    assert x.sa == {}
+    mgr.set_keyring(KeyRing.initial(now=0))
+    assert {s.dst for s in x.sas() if s.src == H1} == {H2}
+
+
+def test_inner_mtu_leaves_room_for_esp_and_vxlan():
+    assert M.inner_mtu(1500) == 1416  # checked on the wire in the guest: ESP packets of exactly 1500 bytes
+    for underlay in range(1280, 9001, 7):
+        inner = M.inner_mtu(underlay)
+        payload = 2 + 8 + 8 + 14 + inner
+        padded = (payload + 3) // 4 * 4
+        assert 20 + 8 + 8 + padded + 16 <= underlay < 20 + 8 + 8 + padded + 16 + 4 + 4
+
+
+def test_a_kernel_without_esp_is_refused_with_the_modules_named(monkeypatch):
+    def refuse(sock):
+        try:
+            raise NetlinkError(errno.ENOSYS, "Requested AEAD algorithm not found")
+        except NetlinkError as exc:
+            raise KernelError("add ESP SA: refused") from exc
+
+    monkeypatch.setattr(M, "_esp_ok", False)
+    monkeypatch.setattr(M, "open_socket", lambda **kw: None)
+    monkeypatch.setattr(M, "_probe_sa", refuse)
+    monkeypatch.setattr(M, "_kernel_config", lambda: {"CONFIG_XFRM_USER": "y", "CONFIG_CRYPTO_GCM": "m"})
+    monkeypatch.setattr(M, "_builtin_modules", lambda: set())
+    monkeypatch.setattr(M.os.path, "isdir", lambda path: False)
+    with pytest.raises(M.EncryptionUnavailable) as exc:
+        M.require_esp()
+    text = str(exc.value)
+    assert "Requested AEAD algorithm not found" in text
+    assert "esp4 (CONFIG_INET_ESP is not set)" in text and "gcm (not loaded)" in text
+    assert "xfrm_user (" not in text.split("Missing:")[1].split(".")[0]
+    assert "modprobe -a" in text and "without -o encrypted" in text
+    assert exc.value.status == 501 and not M.kernel_supports_esp()
+    xfrm = FakeXfrm()
+    mgr = M.EncryptionManager(xfrm, FakeFirewall(xfrm.ops), PORT)
+    with pytest.raises(M.EncryptionUnavailable):
+        mgr.require()
+    assert not mgr.firewall.present  # refused before anything is made
+
+
+def test_require_installs_the_firewall_where_esp_works(monkeypatch):
+    monkeypatch.setattr(M, "esp_unavailable_reason", lambda: None)
+    xfrm = FakeXfrm()
+    mgr = M.EncryptionManager(xfrm, FakeFirewall(xfrm.ops), PORT)
+    mgr.require()
+    assert mgr.firewall.present and xfrm.ops == [("firewall",)] and xfrm.sa == {} and xfrm.sp == {}
