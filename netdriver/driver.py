@@ -11,6 +11,7 @@ import logging
 import threading
 from typing import Callable, Iterator, List, Optional
 
+from encrypt.manager import inner_mtu
 from netdriver import names, options
 from netdriver.models import Endpoint, Network, PeerRecord, Subnet
 from netdriver.store import SWARM_HOLDER, NetworkStore, segment_of
@@ -73,12 +74,14 @@ def _subnets(data) -> List[Subnet]:
 class NetworkDriver:
     def __init__(self, store: NetworkStore, dataplane, host_id: str, scope: str, underlay,
                  peers=None, lease_id: Callable[[], int] = lambda: 0,
-                 on_vtep_change: Callable[[], None] = lambda: None):
+                 on_vtep_change: Callable[[], None] = lambda: None, encryption=None):
         """underlay: this host's VTEP (netdriver.underlay.Underlay: address, mtu, discovered());
         peers: a PeerSync told when a network's namespace comes and goes (None: single host, no peers);
         lease_id: the host lease that this host's peer records live under;
-        on_vtep_change: called after Swarm's DiscoverNew moved the VTEP (re-register the host)."""
+        on_vtep_change: called after Swarm's DiscoverNew moved the VTEP (re-register the host);
+        encryption: an encrypt.manager.EncryptionManager (None: no cluster secret, `-o encrypted` refused)."""
         self.store = store
+        self.encryption = encryption
         self.dataplane = dataplane
         self.peers = peers
         self.lease_id = lease_id
@@ -142,13 +145,17 @@ class NetworkDriver:
         if existing is not None:
             # A replay, or this host joining a network that spans hosts (Swarm: one ID everywhere): this host
             # becomes a member, the kernel is made to match, nothing else changes.
+            if existing.encrypted:
+                self._require_encryption()
             self.store.add_member(existing.id, self.host_id, segment_of(existing.id, existing.overlay))
             self.dataplane.ensure_network(existing)
             self._network_up(existing)
             self._guard_host()
             return {}
         self.underlay.require()
-        mtu = opts.mtu or self.underlay.mtu - VXLAN_OVERHEAD
+        if opts.encrypted:
+            self._require_encryption()  # before anything is written: a kernel without ESP fails here, at once
+        mtu = opts.mtu or (inner_mtu(self.underlay.mtu) if opts.encrypted else self.underlay.mtu - VXLAN_OVERHEAD)
         segment = segment_of(req.network_id, opts.overlay)
         with _rollback() as undo:
             had_segment = self.store.segment_vni(segment) is not None
@@ -156,14 +163,15 @@ class NetworkDriver:
             if not had_segment:
                 undo.push(lambda: self.store.release_segment(segment))
             network = Network(id=req.network_id, vni=vni, mtu=mtu, internal=opts.internal, subnets=subnets,
-                              overlay=opts.overlay, options=opts.generic)
+                              overlay=opts.overlay, options=opts.generic, encrypted=opts.encrypted)
             self.store.put_network(network, self.host_id, segment)
             undo.push(lambda: self.store.delete_network(network.id, self.host_id, segment))
             undo.push(lambda: self.dataplane.remove_network(network.id, network.vni))
             self.dataplane.ensure_network(network)
             self._network_up(network)
             self._guard_host()
-        log.info("network created nid=%s vni=%d mtu=%d internal=%s", network.id[:12], vni, mtu, opts.internal)
+        log.info("network created nid=%s vni=%d mtu=%d internal=%s encrypted=%s", network.id[:12], vni, mtu,
+                 opts.internal, opts.encrypted)
         return {}
 
     def delete_network(self, req: p.NetworkIDRequest) -> dict:
@@ -184,6 +192,13 @@ class NetworkDriver:
         self.store.release_segment(segment)
         log.info("network deleted nid=%s vni=%d", network.id[:12], network.vni)
         return {}
+
+    def _require_encryption(self) -> None:
+        """ESP in the kernel and the fail-closed firewall, or the error the user sees at `docker network create`."""
+        if self.encryption is None:
+            raise InvalidOption("option encrypted: no cluster secret is configured (set VXNET_ENCRYPTION_SECRET_FILE "
+                                "to the same 32-byte secret on every host)")
+        self.encryption.require()
 
     def _network(self, network_id: str) -> Network:
         network = self.store.get_network(network_id)

@@ -23,6 +23,7 @@ class Network:
     subnets: List[Subnet]
     overlay: Optional[str] = None
     options: dict = dataclasses.field(default_factory=dict)
+    encrypted: bool = False
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -32,7 +33,8 @@ class Network:
         raw = json.loads(text)
         return cls(id=raw["id"], vni=int(raw["vni"]), mtu=int(raw["mtu"]), internal=bool(raw["internal"]),
                    subnets=[Subnet(s["pool"], s.get("gateway")) for s in raw.get("subnets", [])],
-                   overlay=raw.get("overlay"), options=raw.get("options", {}))
+                   overlay=raw.get("overlay"), options=raw.get("options", {}),
+                   encrypted=bool(raw.get("encrypted", False)))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,6 +37,7 @@ class NetworkOptions:
     vni: Optional[int] = None  # None: allocate
     overlay: Optional[str] = None  # standalone hosts naming the same overlay share one VNI and pool
     internal: bool = False
+    encrypted: bool = False  # IPsec ESP between VTEPs (encrypt/), VXLAN on its own port
     generic: Dict[str, str] = dataclasses.field(default_factory=dict)
 
 
@@ -79,12 +80,11 @@ def parse(options: Dict[str, Any]) -> NetworkOptions:
         overlay = str(generic["overlay"])
         if not _OVERLAY_NAME.fullmatch(overlay):
             raise InvalidOption(f"option overlay: {overlay!r} must be 1-63 letters, digits, '.', '_' or '-'")
-    if "encrypted" in generic and _truthy("encrypted", generic["encrypted"]):
-        raise InvalidOption("option encrypted: IPsec encryption is not available in this vxnet version")
     return NetworkOptions(
         mtu=mtu,
         vni=vni,
         overlay=overlay,
         internal=_truthy(INTERNAL, options.get(INTERNAL, False)),
+        encrypted="encrypted" in generic and _truthy("encrypted", generic["encrypted"]),
         generic={str(k): str(v) for k, v in generic.items()},
     )

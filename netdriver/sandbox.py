@@ -16,6 +16,7 @@ Interface contract (the unit tests' FakeDataPlane models the same state):
 import logging
 from typing import Dict, List, Optional
 
+from encrypt.manager import ENCRYPTED_VXLAN_PORT
 from netdriver import names
 from netdriver.links import Links
 from netdriver.models import Endpoint, Network
@@ -41,8 +42,11 @@ class DataPlane:
         self.links.ensure_netns(ns)
         try:
             self.links.ensure_bridge(ns, names.BRIDGE, network.mtu)
+            # Encrypted networks use a port of their own: the IPsec policies select their VXLAN by port alone, and
+            # the fail-closed firewall drops cleartext on it (encrypt/manager.py ENCRYPTED_VXLAN_PORT).
+            port = ENCRYPTED_VXLAN_PORT if network.encrypted else self.vxlan_port
             self.links.ensure_vxlan(ns, names.VXLAN, names.vxlan_staging(network.vni), network.vni,
-                                    self.underlay.require(), self.vxlan_port, network.mtu, names.BRIDGE)
+                                    self.underlay.require(), port, network.mtu, names.BRIDGE)
         except BaseException:
             if fresh:  # no half-built namespace: what this call started, it takes back
                 self.remove_network(network.id, network.vni)

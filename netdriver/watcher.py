@@ -21,9 +21,12 @@ log = logging.getLogger(__name__)
 class PeerSync:
     """The local networks (segment -> Network with a namespace here) and the peer table, applied to the kernel."""
 
-    def __init__(self, peerdb: PeerDB, dataplane):
+    def __init__(self, peerdb: PeerDB, dataplane, encryption=None):
+        """encryption: an encrypt.manager.EncryptionManager, told which remote VTEPs each encrypted segment
+        reaches (None: no encrypted networks here)."""
         self.peerdb = peerdb
         self.dataplane = dataplane
+        self.encryption = encryption
         self._local: Dict[str, Network] = {}
         self._lock = threading.RLock()
         # Until the first full read of etcd the table is empty, not known to be empty: applying it then would
@@ -35,6 +38,16 @@ class PeerSync:
         if network is None or not self._loaded:
             return  # no namespace here (the table keeps the records until one is created), or nothing read yet
         fdb, neigh = self.peerdb.entries(segment)
+        if network.encrypted and self.encryption is not None:
+            # SAs before FDB entries, so the first packet to a new peer finds its SA. Without one (the key ring
+            # not read yet, a kernel error) packets are dropped, never sent in clear: the FDB is programmed all
+            # the same, and the manager, which keeps the wanted peers, programs them when the ring comes or with
+            # the next change.
+            try:
+                self.encryption.set_peers(segment, set(fdb.values()))
+            except VxnetError as exc:
+                log.error("encryption not in place seg=%s nid=%s (its traffic is dropped until it is): %s",
+                          segment, network.id[:12], exc)
         try:
             self.dataplane.sync_peers(network, fdb, neigh)
         except VxnetError as exc:
@@ -49,13 +62,26 @@ class PeerSync:
 
     def network_down(self, network: Network) -> None:
         with self._lock:
-            self._local.pop(segment_of(network.id, network.overlay), None)
+            segment = segment_of(network.id, network.overlay)
+            self._local.pop(segment, None)
+            if network.encrypted and self.encryption is not None:
+                self.encryption.set_peers(segment, ())  # raises: the delete fails and is retried by dockerd
 
     def resync(self, records) -> None:
         """records: (segment, revision, PeerRecord) for every peer in etcd."""
         with self._lock:
             self._loaded = True
-            for segment in set(self.peerdb.replace(records)) | set(self._local):
+            touched = set(self.peerdb.replace(records)) | set(self._local)
+            if self.encryption is not None:
+                # The whole desired state at once: SAs and policies of ours that no local encrypted segment needs
+                # any more (peers gone while the plugin was down) are removed.
+                holders = {segment: set(self.peerdb.entries(segment)[0].values())
+                           for segment, network in self._local.items() if network.encrypted}
+                try:
+                    self.encryption.sync_all(holders)
+                except VxnetError as exc:
+                    log.error("encryption resync failed: %s", exc)
+            for segment in touched:
                 self._sync(segment)
 
     def put(self, segment: str, revision: int, record: PeerRecord) -> None:

@@ -32,6 +32,10 @@ class Settings:
     log_level: str = "info"
     host_id: str = ""
     key_prefix: str = "/vxnet/v1"
+    # The cluster secret that seals the ESP key ring in etcd: a file holding 32 bytes as hex or base64, the same on
+    # every host. A file, not a value: `docker plugin inspect` shows every env value. None: `-o encrypted` refused.
+    encryption_secret_file: Optional[str] = None
+    key_rotation_seconds: int = 43200  # 12 h, as Docker's overlay; 0: only on demand (`python3 -m encrypt rotate`)
 
     @property
     def embedded(self) -> bool:
@@ -97,6 +101,12 @@ def load(environ: Mapping[str, str]) -> Settings:
         tls[attr] = get(name) or None
     if bool(tls["etcd_cert"]) != bool(tls["etcd_key"]):
         raise ConfigError("ETCD_CERT_FILE/ETCD_KEY_FILE: give both or neither")
+    secret_file = get("VXNET_ENCRYPTION_SECRET_FILE") or None
+    if secret_file is not None and not secret_file.startswith("/"):
+        raise ConfigError(f"VXNET_ENCRYPTION_SECRET_FILE: {secret_file!r} must be an absolute path")
+    rotation = get("VXNET_KEY_ROTATION_SECONDS", str(Settings.key_rotation_seconds))
+    if not rotation.isdigit() or 0 < int(rotation) < 60:
+        raise ConfigError(f"VXNET_KEY_ROTATION_SECONDS: {rotation!r} must be 0 (only on demand) or at least 60")
     return Settings(
         socket_path=socket_path,
         etcd_endpoints=_endpoints(get("ETCD_ENDPOINTS")),
@@ -107,5 +117,7 @@ def load(environ: Mapping[str, str]) -> Settings:
         scope=scope,
         log_level=level,
         host_id=host_id,
+        encryption_secret_file=secret_file,
+        key_rotation_seconds=int(rotation),
         **tls,
     )

@@ -14,6 +14,8 @@ from typing import Mapping, Optional
 
 import waitress
 
+from encrypt.keys import KeyRingWatcher, KeyRotator, KeyStore, read_secret_file
+from encrypt.manager import EncryptionManager
 from ipam_driver.driver import IpamDriver
 from netdriver.driver import NetworkDriver
 from netdriver.hosts import HostLease
@@ -46,8 +48,9 @@ def _underlay(settings: config.Settings, links: Links) -> Underlay:
 
 
 def _start_control_plane(driver: NetworkDriver, lease: HostLease, watcher: PeerWatcher,
-                         stop: threading.Event) -> None:
-    """Once etcd answers: reconcile the kernel, then keep the host lease and the peer watch running. Keeps
+                         stop: threading.Event, before_peers=()) -> None:
+    """Once etcd answers: reconcile the kernel, then keep the host lease and the peer watch running (after
+    `before_peers`: the key ring watcher and rotator, so the ring is usually read before peers arrive). Keeps
     trying while etcd is still starting or down."""
     delay = 0.2
     while not stop.is_set():
@@ -56,6 +59,8 @@ def _start_control_plane(driver: NetworkDriver, lease: HostLease, watcher: PeerW
             driver.reconcile()
             log.info("start-up reconciliation done")
             lease.start()
+            for part in before_peers:
+                part.start()
             watcher.start()
             return
         except VxnetError as exc:
@@ -82,6 +87,8 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
     embedded: Optional[EmbeddedEtcd] = None
     watcher: Optional[PeerWatcher] = None
     lease: Optional[HostLease] = None
+    keyring: Optional[KeyRingWatcher] = None
+    rotator: Optional[KeyRotator] = None
     stop = threading.Event()
 
     main_pid = os.getpid()
@@ -110,13 +117,29 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
                     cert=settings.etcd_cert, key=settings.etcd_key)
         store = NetworkStore(kv, settings.key_prefix)
         dataplane = DataPlane(links, underlay, Firewall())
-        sync = PeerSync(PeerDB(settings.host_id), dataplane)
+        encryption: Optional[EncryptionManager] = None
+        if settings.encryption_secret_file:
+            keystore = KeyStore(kv, read_secret_file(settings.encryption_secret_file), settings.key_prefix)
+            encryption = EncryptionManager()  # XFRM netlink opened on first use, in this (the host's) namespace
+            if underlay.address:
+                encryption.set_local(underlay.address)
+            keyring = KeyRingWatcher(kv, keystore, encryption.set_keyring)
+            if settings.key_rotation_seconds:
+                rotator = KeyRotator(keystore, settings.key_rotation_seconds)
+        sync = PeerSync(PeerDB(settings.host_id), dataplane, encryption)
         watcher = PeerWatcher(kv, store, sync)
         lease = HostLease(kv, store, settings.host_id, lambda: underlay.address,
                           os.path.join(settings.state_dir, f"lease-{settings.host_id}"),
                           on_outage=watcher.kick)
+
+        def vtep_changed() -> None:
+            lease.register()
+            if encryption is not None:
+                encryption.set_local(underlay.address)  # SAs follow the VTEP
+
         net = NetworkDriver(store, dataplane, settings.host_id, settings.scope, underlay,
-                            peers=sync, lease_id=lambda: lease.id, on_vtep_change=lease.register)
+                            peers=sync, lease_id=lambda: lease.id, on_vtep_change=vtep_changed,
+                            encryption=encryption)
         lease.on_new_lease = net.republish_peers
         ipam = IpamDriver(kv, settings.host_id, settings.scope, settings.key_prefix)
         server = waitress.create_server(make_app({NETWORK: net, IPAM: ipam}), unix_socket=settings.socket_path,
@@ -126,8 +149,8 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
                  (" (embedded)" if embedded else ""))
         if embedded is not None:
             embedded.start()
-        threading.Thread(target=_start_control_plane, args=(net, lease, watcher, stop), name="start-up",
-                         daemon=True).start()
+        threading.Thread(target=_start_control_plane, name="start-up", daemon=True,
+                         args=(net, lease, watcher, stop, [p for p in (keyring, rotator) if p is not None])).start()
         server.run()
     except ConfigError as exc:
         print(f"vxnet: {exc}", file=sys.stderr)
@@ -136,7 +159,7 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
         log.info("stopping")
     finally:
         stop.set()
-        for part in (watcher, lease):
+        for part in (watcher, keyring, rotator, lease):
             if part is not None:
                 part.stop()
         if embedded is not None:

@@ -6,10 +6,12 @@ set -euo pipefail
 # docker.io brings dockerd 20.10, containerd, runc and tini (docker-init for `docker run --init`).
 # etcd-server/etcd-client: the test etcd and etcdctl. busybox-static: the test image. The rest: the data plane
 # (iproute2, nftables) and what the tests use to look at it (ping, nc, tcpdump, iperf3, unshare/nsenter, pgrep).
+# qemu-system-x86: tests/ipsec boots Debian's stock kernel (it has ESP, this machine's may not) under TCG; the kernel
+# package itself is fetched by the test with `apt-get download` into build/ipsec-guest/.
 # debootstrap: the managed plugin's base image where no registry serves one. docker-compose: the Compose tests.
 APT_PACKAGES=(
   docker.io etcd-server etcd-client busybox-static iproute2 nftables iptables iperf3 tcpdump iputils-ping
-  netcat-openbsd util-linux procps make debootstrap docker-compose
+  netcat-openbsd util-linux procps make debootstrap docker-compose qemu-system-x86
 )
 # PyPI name -> import name, in pairs.
 PIP_PACKAGES=(

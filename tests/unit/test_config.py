@@ -16,6 +16,9 @@ def test_values_are_read():
                      "VXNET_ADVERTISE_ADDR": "192.0.2.4", "VXNET_LOG_LEVEL": "debug"})
     assert s.etcd_endpoints == ("http://10.0.0.1:2379", "https://[::1]:2379")
     assert (s.scope, s.advertise_addr, s.embedded) == ("global", "192.0.2.4", False)
+    assert (s.encryption_secret_file, s.key_rotation_seconds) == (None, 43200)
+    s = config.load({"VXNET_ENCRYPTION_SECRET_FILE": "/etc/vxnet/tls/encryption.key", "VXNET_KEY_ROTATION_SECONDS": "0"})
+    assert (s.encryption_secret_file, s.key_rotation_seconds) == ("/etc/vxnet/tls/encryption.key", 0)
 
 
 @pytest.mark.parametrize("env,needle", [
@@ -27,6 +30,9 @@ def test_values_are_read():
     ({"ETCD_CERT_FILE": "/c.pem"}, "ETCD_KEY_FILE"),
     ({"VXNET_EMBEDDED_ETCD_PORT": "70000"}, "VXNET_EMBEDDED_ETCD_PORT"),
     ({"VXNET_HOST_ID": "bad host"}, "VXNET_HOST_ID"),
+    ({"VXNET_ENCRYPTION_SECRET_FILE": "secret.key"}, "VXNET_ENCRYPTION_SECRET_FILE"),
+    ({"VXNET_KEY_ROTATION_SECONDS": "5"}, "VXNET_KEY_ROTATION_SECONDS"),
+    ({"VXNET_KEY_ROTATION_SECONDS": "1h"}, "VXNET_KEY_ROTATION_SECONDS"),
 ])
 def test_bad_settings_name_the_setting(env, needle):
     with pytest.raises(ConfigError, match=needle):
@@ -44,7 +50,6 @@ def test_names_fit_ifnamsiz():
 def test_options_parse():
     o = options.parse({options.GENERIC: {"vni": "42", "mtu": "1400", "overlay": "blue"}, options.INTERNAL: True})
     assert (o.vni, o.mtu, o.overlay, o.internal) == (42, 1400, "blue", True)
-    with pytest.raises(InvalidOption, match="encrypted"):
-        options.parse({options.GENERIC: {"encrypted": ""}})
+    assert options.parse({options.GENERIC: {"encrypted": ""}}).encrypted
     with pytest.raises(InvalidOption, match="com.docker.network.internal"):
         options.parse({options.INTERNAL: "maybe"})
