@@ -102,3 +102,20 @@ def test_the_plugin_restarted_between_network_create_and_run_still_works(host, p
     run_sleeper(host, "a2", "net-a")
     wait_ping(host, "a1", addresses(host, "a2")["net-a"])
     wait_ping(host, "a2", "a1")
+
+
+def test_encrypted_network_on_a_kernel_without_esp_fails_at_once_naming_the_modules(hosts, vxnet_plugin):
+    """This machine's kernel has no ESP: `-o encrypted` must fail at create, saying so, never run in clear."""
+    import os
+    (host,) = hosts(1)
+    secret = os.path.join(host.dir, "vxnet", "encryption.key")
+    os.makedirs(os.path.dirname(secret), exist_ok=True)
+    with open(secret, "w") as f:
+        f.write("ab" * 32)
+    vxnet_plugin(host, env={"VXNET_ENCRYPTION_SECRET_FILE": secret})
+    proc = host.docker("network", "create", "-d", "vxnet", "--ipam-driver", "vxnet", "--subnet", SUBNET_A,
+                       "-o", "encrypted", "secret-net", check=False)
+    assert proc.returncode != 0 and "Error response from daemon" in proc.stderr
+    assert "esp4" in proc.stderr, proc.stderr
+    assert host.docker("network", "ls", "-q", "--filter", "name=^secret-net$").stdout.strip() == ""
+    assert not [ns for ns in host.netns() if ns.startswith("vxnet-")]
