@@ -6,6 +6,7 @@ Two tables:
 - `bridge vxnet` inside each network's namespace (anti-spoofing): a frame entering the bridge from an endpoint's
   port must carry that endpoint's MAC, and its IPv4 packets and ARP that endpoint's address; IPv6 is dropped
   (vxnet networks are IPv4-only). A container with NET_ADMIN that changes its address or MAC gets nothing through.
+  The endpoints are set elements (port, MAC) and (port, address), looked up by five fixed rules.
 - `inet vxnet` in the host namespace (isolation): traffic within a vxnet network is bridged inside its namespace
   and never routed by the host, so any packet the host would forward to or from a vxnet subnet is a container on
   one network trying another through the host (docker_gwbridge egress, a forged source): it is dropped, and so
@@ -58,21 +59,41 @@ def _chain(family: str, name: str, hook: str) -> dict:
                               "prio": PRIORITY, "policy": "accept"}}}
 
 
+def _set(family: str, name: str, kind) -> dict:
+    return {"add": {"set": {"family": family, "table": TABLE, "name": name, "type": kind}}}
+
+
+def _elements(family: str, name: str, elems: list) -> List[dict]:
+    return [{"add": {"element": {"family": family, "table": TABLE, "name": name, "elem": elems}}}] if elems else []
+
+
 def endpoint_guard_batch(endpoints: Sequence[Tuple[str, str, str]]) -> List[dict]:
-    """The anti-spoofing table for one network namespace. endpoints: (port name, ip, mac) of each local one."""
-    batch = _replace_table("bridge") + [_chain("bridge", "forward", "forward")]
-    for port, ip, mac in sorted(endpoints):
-        tag = f"vxnet:{port}"
-        batch += [
-            _rule("bridge", "forward", f"{tag}:mac", _iif(port), _match(_payload("ether", "saddr"), mac, "!=")),
-            _rule("bridge", "forward", f"{tag}:ip", _iif(port), _match(_payload("ip", "saddr"), ip, "!=")),
-            _rule("bridge", "forward", f"{tag}:arp-ip", _iif(port),
-                  _match(_payload("arp", "saddr ip"), ip, "!=")),
-            _rule("bridge", "forward", f"{tag}:arp-mac", _iif(port),
-                  _match(_payload("arp", "saddr ether"), mac, "!=")),
-            _rule("bridge", "forward", f"{tag}:ipv6", _iif(port), _match(_payload("ether", "type"), "ip6")),
-        ]
-    return batch
+    """The anti-spoofing table for one network namespace. endpoints: (port name, ip, mac) of each local one.
+
+    Five rules whatever the number of endpoints: each looks up (port, address) in a set, so the cost per frame
+    does not grow with the endpoints (a chain of rules per endpoint halved throughput at 50 endpoints)."""
+    endpoints = sorted(endpoints)
+    guarded = _match({"meta": {"key": "iifname"}}, "@ports")
+
+    def pair(protocol: str, field: str) -> dict:
+        return {"concat": [{"meta": {"key": "iifname"}}, _payload(protocol, field)]}
+
+    return _replace_table("bridge") + [
+        _set("bridge", "ports", "ifname"),
+        _set("bridge", "macs", ["ifname", "ether_addr"]),
+        _set("bridge", "ips", ["ifname", "ipv4_addr"]),
+        _chain("bridge", "forward", "forward"),
+        _rule("bridge", "forward", "vxnet:anti-spoofing:mac", guarded, _match(pair("ether", "saddr"), "@macs", "!=")),
+        _rule("bridge", "forward", "vxnet:anti-spoofing:ip", guarded, _match(pair("ip", "saddr"), "@ips", "!=")),
+        _rule("bridge", "forward", "vxnet:anti-spoofing:arp-ip", guarded,
+              _match(pair("arp", "saddr ip"), "@ips", "!=")),
+        _rule("bridge", "forward", "vxnet:anti-spoofing:arp-mac", guarded,
+              _match(pair("arp", "saddr ether"), "@macs", "!=")),
+        _rule("bridge", "forward", "vxnet:anti-spoofing:no-ipv6", guarded,
+              _match(_payload("ether", "type"), "ip6")),
+    ] + _elements("bridge", "ports", [port for port, _, _ in endpoints]) \
+      + _elements("bridge", "macs", [{"concat": [port, mac]} for port, _, mac in endpoints]) \
+      + _elements("bridge", "ips", [{"concat": [port, ip]} for port, ip, _ in endpoints])
 
 
 def host_guard_batch(subnets: Iterable[str]) -> List[dict]:

@@ -6,13 +6,19 @@ from netdriver.isolation import Firewall, endpoint_guard_batch, host_guard_batch
 from plugin.errors import KernelError
 
 
-def test_endpoint_batch_replaces_the_table_and_labels_every_rule():
+def test_endpoint_batch_replaces_the_table_and_keeps_rules_fixed_as_endpoints_grow():
     batch = endpoint_guard_batch([("vxpb", "10.0.0.6", "02:42:0a:00:00:06"), ("vxpa", "10.0.0.5", "m5")])
     assert [list(op)[0] for op in batch[:3]] == ["add", "delete", "add"]
     rules = [op["add"]["rule"] for op in batch if "rule" in op.get("add", {})]
-    assert len(rules) == 10 and all(r["comment"].startswith("vxnet:vxp") for r in rules)
-    assert rules[0]["comment"] == "vxnet:vxpa:mac"  # sorted: the same input always gives the same batch
+    assert len(rules) == 5 and all(r["comment"].startswith("vxnet:anti-spoofing:") for r in rules)
     assert all(r["expr"][-1] == {"drop": None} for r in rules)
+    elements = {op["add"]["element"]["name"]: op["add"]["element"]["elem"]
+                for op in batch if "element" in op.get("add", {})}
+    assert elements == {"ports": ["vxpa", "vxpb"],  # sorted: the same input always gives the same batch
+                        "macs": [{"concat": ["vxpa", "m5"]}, {"concat": ["vxpb", "02:42:0a:00:00:06"]}],
+                        "ips": [{"concat": ["vxpa", "10.0.0.5"]}, {"concat": ["vxpb", "10.0.0.6"]}]}
+    many = endpoint_guard_batch([(f"vxp{i}", f"10.0.0.{i}", f"02:00:00:00:00:{i:02x}") for i in range(50)])
+    assert len([op for op in many if "rule" in op.get("add", {})]) == 5
 
 
 def test_host_batch_deduplicates_shared_subnets():
