@@ -6,7 +6,7 @@ N ?= 3
 # Every test layer; tests/ipsec joins when it exists.
 TEST_DIRS := tests/unit tests/kernel tests/e2e $(wildcard tests/ipsec)
 
-.PHONY: deps test test-unit test-kernel test-e2e test-ipsec run clean-run hosts-up hosts-down plugin
+.PHONY: deps test test-unit test-kernel test-e2e test-ipsec run clean-run hosts-up hosts-down plugin bench
 
 deps:
 	scripts/install-deps.sh
@@ -26,6 +26,10 @@ test-e2e: deps
 # The encrypted data path in a qemu (TCG) guest with Debian's stock kernel: this machine's kernel has no ESP.
 test-ipsec: deps
 	$(PYTEST) $(PYTEST_ARGS) tests/ipsec
+
+# Benchmarks (issues 3 and 4): vxnet vs Docker's overlay on two simulated hosts; prints ratios, about 5 min.
+bench: deps
+	$(PYTHON) -m bench $(BENCH_ARGS)
 
 # The managed plugin: build/plugin/ (config.json + rootfs/), installed and enabled as vxnet:latest on the engine
 # of DOCKER_HOST. Settings: make plugin PLUGIN_SETTINGS="VXNET_SCOPE=local"
