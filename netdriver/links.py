@@ -292,12 +292,17 @@ class Links:
                 stale = self._index(None, container_end)
                 if stale is not None:
                     host.link("del", index=stale)
-                host.link("add", ifname=container_end, kind="veth", peer={"ifname": bridge_end})
-                host.link("set", index=self._index(None, bridge_end), net_ns_fd=self._path(ns))
+                # The bridge end is born inside ns: moving a link between namespaces afterwards costs ~20 ms in
+                # the kernel (measured by bench/), creating it there ~1 ms.
                 args = {"mtu": mtu}
                 if mac:
                     args["address"] = mac
-                host.link("set", index=self._index(None, container_end), **args)
+                fd = os.open(self._path(ns), os.O_RDONLY)
+                try:
+                    host.link("add", ifname=container_end, kind="veth",
+                              peer={"ifname": bridge_end, "net_ns_fd": fd, "mtu": mtu}, **args)
+                finally:
+                    os.close(fd)
             ipr.link("set", index=self._index(ns, bridge_end), mtu=mtu, master=self._index(ns, master),
                      state="up")
 

@@ -8,7 +8,8 @@ Interface contract (the unit tests' FakeDataPlane models the same state):
   remove_endpoint(network_id, endpoint_id)    idempotent
   network_ids() -> list of 12-char id prefixes that have a namespace here
   endpoint_present(network_id, endpoint_id) -> bool           joined and still wired to the bridge
-  sync_peers(network, fdb, neigh)         the VXLAN device holds exactly these remote entries
+  sync_peers(network, fdb, neigh)         the VXLAN device holds exactly these remote entries (reads the kernel)
+  update_peers(network, before, after)    apply the difference between two (fdb, neigh) tables
   guard_endpoints(network, endpoints)     anti-spoofing rules for exactly these local endpoints
   guard_host(networks)                    isolation rules for exactly these networks' subnets
 """
@@ -103,18 +104,24 @@ class DataPlane:
         ns = names.netns(network.id)
         if not self.links.netns_exists(ns):
             return
-        have_fdb = self.links.fdb(ns, names.VXLAN)
-        have_neigh = self.links.neighbours(ns, names.VXLAN)
-        for ip in have_neigh.keys() - neigh.keys():
+        have = (self.links.fdb(ns, names.VXLAN), self.links.neighbours(ns, names.VXLAN))
+        self.update_peers(network, have, (fdb, neigh))
+
+    def update_peers(self, network: Network, before, after) -> None:
+        """Apply only the difference between two (fdb, neigh) tables, without reading the kernel: one watch event
+        costs one or two netlink calls however many peers the network has."""
+        ns = names.netns(network.id)
+        (old_fdb, old_neigh), (fdb, neigh) = before, after
+        for ip in old_neigh.keys() - neigh.keys():
             self.links.del_neigh(ns, names.VXLAN, ip)
-        for mac, vtep in have_fdb.items():
+        for mac, vtep in old_fdb.items():
             if fdb.get(mac) != vtep:
                 self.links.del_fdb(ns, names.VXLAN, mac, vtep)
         for mac, vtep in fdb.items():
-            if have_fdb.get(mac) != vtep:
+            if old_fdb.get(mac) != vtep:
                 self.links.set_fdb(ns, names.VXLAN, mac, vtep)
         for ip, mac in neigh.items():
-            if have_neigh.get(ip) != mac:
+            if old_neigh.get(ip) != mac:
                 self.links.set_neigh(ns, names.VXLAN, ip, mac)
 
     def guard_endpoints(self, network: Network, endpoints: List[Endpoint]) -> None:

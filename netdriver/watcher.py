@@ -28,16 +28,20 @@ class PeerSync:
         self.dataplane = dataplane
         self.encryption = encryption
         self._local: Dict[str, Network] = {}
+        # segment -> (fdb, neigh) as last programmed: watch events apply only their difference from it. Missing
+        # (first sync, or a failed one): the next sync reads the kernel and repairs it whole.
+        self._applied: Dict[str, tuple] = {}
         self._lock = threading.RLock()
         # Until the first full read of etcd the table is empty, not known to be empty: applying it then would
         # wipe the entries a restarted plugin finds in the kernel and cut running containers off.
         self._loaded = False
 
-    def _sync(self, segment: str) -> None:
+    def _sync(self, segment: str, full: bool = False) -> None:
         network = self._local.get(segment)
         if network is None or not self._loaded:
             return  # no namespace here (the table keeps the records until one is created), or nothing read yet
         fdb, neigh = self.peerdb.entries(segment)
+        before = None if full else self._applied.get(segment)
         if network.encrypted and self.encryption is not None:
             # SAs before FDB entries, so the first packet to a new peer finds its SA. Without one (the key ring
             # not read yet, a kernel error) packets are dropped, never sent in clear: the FDB is programmed all
@@ -48,8 +52,13 @@ class PeerSync:
             except VxnetError as exc:
                 log.error("encryption not in place seg=%s nid=%s (its traffic is dropped until it is): %s",
                           segment, network.id[:12], exc)
+        self._applied.pop(segment, None)
         try:
-            self.dataplane.sync_peers(network, fdb, neigh)
+            if before is None:
+                self.dataplane.sync_peers(network, fdb, neigh)
+            else:
+                self.dataplane.update_peers(network, before, (fdb, neigh))
+            self._applied[segment] = (fdb, neigh)
         except VxnetError as exc:
             # Left for the next event or resync to retry; the error is logged, never swallowed silently.
             log.error("peer sync failed seg=%s nid=%s: %s", segment, network.id[:12], exc)
@@ -58,12 +67,13 @@ class PeerSync:
         with self._lock:
             segment = segment_of(network.id, network.overlay)
             self._local[segment] = network
-            self._sync(segment)
+            self._sync(segment, full=True)
 
     def network_down(self, network: Network) -> None:
         with self._lock:
             segment = segment_of(network.id, network.overlay)
             self._local.pop(segment, None)
+            self._applied.pop(segment, None)
             if network.encrypted and self.encryption is not None:
                 self.encryption.set_peers(segment, ())  # raises: the delete fails and is retried by dockerd
 
@@ -82,7 +92,7 @@ class PeerSync:
                 except VxnetError as exc:
                     log.error("encryption resync failed: %s", exc)
             for segment in touched:
-                self._sync(segment)
+                self._sync(segment, full=True)
 
     def put(self, segment: str, revision: int, record: PeerRecord) -> None:
         with self._lock:

@@ -185,5 +185,12 @@ class FakeDataPlane:
         return endpoint_id in self.endpoints.get(network_id, {})
 
     def sync_peers(self, network, fdb, neigh):
+        self.full_syncs = getattr(self, "full_syncs", 0) + 1
         if network.id in self.networks:
             self.peers[network.id] = {ip: (mac, fdb.get(mac)) for ip, mac in neigh.items()}
+
+    def update_peers(self, network, before, after):
+        have = {ip: (mac, before[0].get(mac)) for ip, mac in before[1].items()}
+        assert self.peers.get(network.id, {}) == have, "incremental update from a state the kernel is not in"
+        fdb, neigh = after
+        self.peers[network.id] = {ip: (mac, fdb.get(mac)) for ip, mac in neigh.items()}

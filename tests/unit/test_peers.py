@@ -115,3 +115,18 @@ def test_member_networks_are_this_hosts_own_network_of_a_shared_overlay():
             "NetworkID": nid, "Options": {"com.docker.network.generic": {"overlay": "blue"}},
             "IPv4Data": [{"Pool": "10.1.0.0/24"}]}))
     assert [n.id for n in NetworkStore(kv).member_networks("h2")] == ["b" * 64]
+
+
+def test_watch_events_are_applied_incrementally_after_one_full_sync():
+    plane = FakeDataPlane()
+    sync = PeerSync(PeerDB("h1"), plane)
+    net = network()
+    plane.ensure_network(net)
+    sync.resync([])
+    sync.network_up(net)
+    full = plane.full_syncs
+    for i in range(2, 12):
+        sync.put(net.id, i, rec(f"e{i}", f"10.0.0.{i}", f"m{i}", "192.0.2.2"))
+    sync.delete(net.id, "e5")
+    assert plane.full_syncs == full  # each event: only its difference, no re-read of the whole table
+    assert len(plane.peers[net.id]) == 9 and "10.0.0.5" not in plane.peers[net.id]
