@@ -32,8 +32,8 @@ from pyroute2.netlink.exceptions import NetlinkError
 from encrypt.firewall import Firewall
 from encrypt.keys import KeyRing, MATERIAL_BYTES
 from encrypt.spi import spi_for
-from encrypt.xfrm import SA, Policy, SAState, Xfrm, netlink_reason, open_socket
-from plugin.errors import KernelError
+from encrypt.xfrm import SA, Policy, SAState, Xfrm, open_socket
+from plugin.errors import KernelError, netlink_reason
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,6 @@ written with XFRM_MSG_UPDPOLICY (create or replace in one step, which is how a r
 sends with).
 """
 
-import contextlib
 import ctypes
 import ctypes.util
 import dataclasses
@@ -29,14 +28,14 @@ import itertools
 import os
 import socket
 import threading
-from typing import Iterator, List, Optional
+from typing import List, Optional
 
 from pyroute2.netlink import (NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_MULTI, NLM_F_REQUEST,
                               NLMSG_DONE, NLMSG_ERROR, nla, nlmsg)
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.marshal import Marshal
 
-from plugin.errors import KernelError
+from plugin.errors import KernelError, kernel_errors
 
 # <linux/netlink.h>, <linux/xfrm.h>, <linux/in.h>
 NETLINK_XFRM = 6
@@ -314,22 +313,7 @@ def open_socket(netns: Optional[str] = None, private: bool = False) -> socket.so
     return result["sock"]
 
 
-def netlink_reason(exc: NetlinkError) -> str:
-    text = os.strerror(exc.code) if exc.code else "error"
-    extra = exc.args[1] if len(exc.args) > 1 and exc.args[1] else None
-    if isinstance(extra, bytes):
-        extra = extra.decode(errors="replace").strip("\0")
-    return f"{extra} ({text}, errno {exc.code})" if extra else f"{text} (errno {exc.code})"
-
-
-@contextlib.contextmanager
-def _kernel(what: str) -> Iterator[None]:
-    try:
-        yield
-    except NetlinkError as exc:
-        raise KernelError(f"{what}: {netlink_reason(exc)}") from exc
-    except OSError as exc:
-        raise KernelError(f"{what}: {exc.strerror or exc} (errno {exc.errno})") from exc
+_kernel = kernel_errors
 
 
 def _missing(exc: BaseException) -> bool:

@@ -3,7 +3,7 @@
 Every call names its namespace: `ns=None` is the namespace the plugin runs in (the host's), anything else is
 a named namespace under `netns_dir` (/run/netns by default, where `ip netns` finds them; the managed plugin keeps
 them under its propagated mount so they outlive a plugin restart). Errno values become KernelError with the
-object named, in `_kernel` only.
+object named, by plugin.errors.kernel_errors only.
 
 All netlink work runs on one thread of its own. pyroute2 0.9 opens a socket per calling thread, and for a
 named namespace it forks a helper process to do so; forking a process whose other threads hold locks (waitress
@@ -18,7 +18,6 @@ import ctypes
 import ctypes.util
 import errno
 import functools
-import ipaddress
 import logging
 import os
 import threading
@@ -27,20 +26,12 @@ from typing import Dict, Iterator, List, Optional
 from pyroute2 import IPRoute, netns as pr_netns
 from pyroute2.netlink.exceptions import NetlinkError
 
-from plugin.errors import KernelError
+from plugin.errors import kernel_errors
 
 log = logging.getLogger(__name__)
 
 
-@contextlib.contextmanager
-def _kernel(what: str) -> Iterator[None]:
-    """Turn netlink and OS errors into KernelError naming what we were doing."""
-    try:
-        yield
-    except NetlinkError as exc:
-        raise KernelError(f"{what}: {os.strerror(exc.code) if exc.code else exc} (errno {exc.code})") from None
-    except OSError as exc:
-        raise KernelError(f"{what}: {exc.strerror or exc} (errno {exc.errno})") from None
+_kernel = kernel_errors
 
 
 CLONE_NEWNET = 0x40000000  # <linux/sched.h>

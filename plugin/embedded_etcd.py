@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 import threading
-import time
 from typing import List, Optional
 
 from plugin.errors import ConfigError

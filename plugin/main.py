@@ -9,7 +9,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from typing import Mapping, Optional
 
 import waitress

@@ -7,7 +7,7 @@ only well-typed records.
 """
 
 import dataclasses
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from plugin.errors import InvalidRequest
 

@@ -11,7 +11,7 @@ import pytest
 from tests.harness.containers import addresses, wait_ping
 from tests.harness.images import IMAGE
 from tests.harness.proc import run
-from tests.harness.swarm import PLUGIN, install_plugin, plugin_settings, remove_plugin, wait_clean
+from tests.harness.swarm import PLUGIN, clear_host, install_plugin, plugin_settings, wait_clean
 
 COMPOSE = shutil.which("docker-compose")
 PROJECT = "vxc"
@@ -50,14 +50,7 @@ def compose(host, path: str, *args: str, check: bool = True):
 def host(hosts):
     (host,) = hosts(1)
     yield host
-    # Containers and networks while the plugin still answers, then the plugin, then (hosts) dockerd.
-    ids = host.docker("ps", "-aq", check=False).stdout.split()
-    if ids:
-        host.docker("rm", "-f", *ids, timeout=60, check=False)
-    nets = host.docker("network", "ls", "-q", "--filter", f"driver={PLUGIN}", check=False).stdout.split()
-    if nets:
-        host.docker("network", "rm", *nets, timeout=60, check=False)
-    remove_plugin(host)
+    clear_host(host)
 
 
 def test_compose_services_on_a_vxnet_network_talk_by_name(host, etcd, tmp_path):

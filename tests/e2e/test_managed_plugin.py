@@ -13,6 +13,7 @@ import pytest
 from tests.harness.containers import addresses, network_id, pings, run_sleeper, wait_ping
 from tests.harness.plugin import REPO
 from tests.harness.proc import run, wait_until
+from tests.harness.swarm import clear_host
 
 PLUGIN = "vxnet:latest"
 SUBNET = "10.200.31.0/24"
@@ -32,16 +33,7 @@ def install(host, *settings: str):
 def host(hosts):
     (host,) = hosts(1)
     yield host
-    # Containers and networks go while the plugin still answers, then the plugin, then (hosts) dockerd.
-    ids = host.docker("ps", "-aq", check=False).stdout.split()
-    if ids:
-        host.docker("rm", "-f", *ids, timeout=60, check=False)
-    nets = host.docker("network", "ls", "-q", "--filter", f"driver={PLUGIN}", check=False).stdout.split()
-    if nets:
-        host.docker("network", "rm", *nets, timeout=60, check=False)
-    if host.docker("plugin", "inspect", PLUGIN, check=False).returncode == 0:
-        host.docker("plugin", "disable", "-f", PLUGIN, check=False, timeout=30)
-        host.docker("plugin", "rm", "-f", PLUGIN, check=False, timeout=30)
+    clear_host(host)
 
 
 def plugin_field(host, template: str) -> str:

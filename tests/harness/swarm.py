@@ -55,6 +55,18 @@ def remove_plugin(host: Host) -> None:
         host.docker("plugin", "rm", "-f", PLUGIN, check=False, timeout=30)
 
 
+def clear_host(host: Host) -> None:
+    """Containers and vxnet networks go while the plugin still answers, then the plugin (the hosts fixture stops
+    dockerd after): a plugin removed first would leave container removal hanging on its dead socket."""
+    ids = host.docker("ps", "-aq", check=False).stdout.split()
+    if ids:
+        host.docker("rm", "-f", *ids, timeout=60, check=False)
+    nets = host.docker("network", "ls", "-q", "--filter", f"driver={PLUGIN}", check=False).stdout.split()
+    if nets:
+        host.docker("network", "rm", *nets, timeout=60, check=False)
+    remove_plugin(host)
+
+
 # --- what is left behind ----------------------------------------------------------------------------------------------
 def leftovers(hosts: Sequence[Host], etcd) -> List[str]:
     """Everything vxnet made that is still there: vxnet-* namespaces and vx* links in each host, and etcd keys other
