@@ -19,8 +19,6 @@ written with XFRM_MSG_UPDPOLICY (create or replace in one step, which is how a r
 sends with).
 """
 
-import ctypes
-import ctypes.util
 import dataclasses
 import errno
 import ipaddress
@@ -36,6 +34,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.marshal import Marshal
 
 from plugin.errors import KernelError, kernel_errors
+from plugin.syscalls import setns, unshare_net
 
 # <linux/netlink.h>, <linux/xfrm.h>, <linux/in.h>
 NETLINK_XFRM = 6
@@ -253,18 +252,6 @@ class PolicyState:
 
 
 # -- namespaces ---------------------------------------------------------------------------------------------------
-CLONE_NEWNET = 0x40000000  # <linux/sched.h>
-_libc = None
-
-
-def _libc_call(name: str, *args) -> None:
-    global _libc
-    _libc = _libc or ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    if getattr(_libc, name)(*args) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{name}: {os.strerror(err)}")
-
-
 def _new_socket() -> socket.socket:
     try:
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_XFRM)
@@ -294,11 +281,11 @@ def open_socket(netns: Optional[str] = None, private: bool = False) -> socket.so
     def enter_and_open():
         try:
             if private:
-                _libc_call("unshare", CLONE_NEWNET)
+                unshare_net()
             else:
                 fd = os.open(netns, os.O_RDONLY)
                 try:
-                    _libc_call("setns", fd, CLONE_NEWNET)
+                    setns(fd)
                 finally:
                     os.close(fd)
             result["sock"] = _new_socket()

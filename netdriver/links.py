@@ -14,8 +14,6 @@ socket there and returning: no fork at all. Namespaces are created the same way 
 
 import concurrent.futures
 import contextlib
-import ctypes
-import ctypes.util
 import errno
 import functools
 import logging
@@ -27,30 +25,12 @@ from pyroute2 import IPRoute, netns as pr_netns
 from pyroute2.netlink.exceptions import NetlinkError
 
 from plugin.errors import kernel_errors
+from plugin.syscalls import MS_BIND, libc_call, setns, unshare_net
 
 log = logging.getLogger(__name__)
 
 
 _kernel = kernel_errors
-
-
-CLONE_NEWNET = 0x40000000  # <linux/sched.h>
-_libc = None
-
-
-MS_BIND = 0x1000  # <linux/mount.h>
-
-
-def _setns(fd: int) -> None:
-    _libc_call("setns", fd, CLONE_NEWNET)
-
-
-def _libc_call(name: str, *args) -> None:
-    global _libc
-    _libc = _libc or ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    if getattr(_libc, name)(*args) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{name}: {os.strerror(err)}")
 
 
 def _netlink_thread(method):
@@ -85,11 +65,11 @@ class Links:
         """Run the body with this thread in namespace ns, then come home whatever happens."""
         fd = os.open(self._path(ns), os.O_RDONLY)
         try:
-            _setns(fd)
+            setns(fd)
             try:
                 yield
             finally:
-                _setns(self._home_fd)
+                setns(self._home_fd)
         finally:
             os.close(fd)
 
@@ -102,11 +82,11 @@ class Links:
             os.unlink(path)
         os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0o444))
         try:
-            _libc_call("unshare", CLONE_NEWNET)
+            unshare_net()
             try:
-                _libc_call("mount", b"/proc/thread-self/ns/net", path.encode(), b"none", MS_BIND, None)
+                libc_call("mount", b"/proc/thread-self/ns/net", path.encode(), b"none", MS_BIND, None)
             finally:
-                _setns(self._home_fd)
+                setns(self._home_fd)
         except OSError:
             os.unlink(path)
             raise
