@@ -462,6 +462,11 @@ def capture_would_see_cleartext(lab: Lab) -> str:
     zero counts above were the protection's doing, not a blind capture."""
     for host in lab.hosts.values():
         host.firewall.remove()
+    # The previous check left the path dead long enough for neighbour entries to go stale: let the first exchange
+    # (ARP in the containers and on the underlay) finish before the three pings that are counted.
+    deadline = time.monotonic() + 10
+    while ping("h1", "h2", count=1, wait=1)["received"] != 1 and time.monotonic() < deadline:
+        pass
     cap = Capture()
     result = ping("h1", "h2", count=3, interval=0.2, wait=3)
     seen = cap.stop()
