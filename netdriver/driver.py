@@ -122,7 +122,7 @@ class NetworkDriver:
         FreeNetwork, so the VNI stays the network's while no task runs anywhere."""
         opts = options.parse({options.GENERIC: req.options})
         segment = segment_of(req.network_id, opts.overlay)
-        vni = self.store.allocate_segment(segment, opts.vni)
+        vni = self.store.allocate_segment(segment, opts.vni, opts.encrypted)
         self.store.add_member(req.network_id, SWARM_HOLDER, segment)
         return {"Options": {**{str(k): str(v) for k, v in req.options.items()}, "vni": str(vni)}}
 
@@ -159,7 +159,7 @@ class NetworkDriver:
         segment = segment_of(req.network_id, opts.overlay)
         with _rollback() as undo:
             had_segment = self.store.segment_vni(segment) is not None
-            vni = self.store.allocate_segment(segment, opts.vni)
+            vni = self.store.allocate_segment(segment, opts.vni, opts.encrypted)
             if not had_segment:
                 undo.push(lambda: self.store.release_segment(segment))
             network = Network(id=req.network_id, vni=vni, mtu=mtu, internal=opts.internal, subnets=subnets,

@@ -2,7 +2,8 @@
 
 Layout under <prefix> (default /vxnet/v1):
   networks/<network id>            Network: one docker network as this plugin knows it
-  segments/<segment>               {"vni": N}: one overlay; segment = `-o overlay=NAME` or the network id
+  segments/<segment>               {"vni": N, "encrypted": bool}: one overlay; segment = `-o overlay=NAME` or the
+                                   network id. Every network on a segment shares its VNI and its encryption
   vnis/<vni>                       segment: the VNI allocation, taken by create-if-absent
   members/<segment>/<host>         {"network_id": ...}: hosts that have the overlay's namespace; SWARM_HOLDER
                                    holds a Swarm network's segment from AllocateNetwork to FreeNetwork
@@ -50,20 +51,33 @@ class NetworkStore:
         return [Network.from_json(e.value) for e in entries]
 
     def segment_vni(self, segment: str) -> Optional[int]:
-        entry = self.kv.get(self._k("segments", segment))
-        return int(entry.json()["vni"]) if entry else None
+        record = self._segment(segment)
+        return int(record["vni"]) if record else None
 
-    def allocate_segment(self, segment: str, wanted_vni: Optional[int],
+    def _segment(self, segment: str) -> Optional[dict]:
+        entry = self.kv.get(self._k("segments", segment))
+        return entry.json() if entry else None
+
+    def allocate_segment(self, segment: str, wanted_vni: Optional[int], encrypted: bool = False,
                          validate: Callable[[int], None] = lambda vni: None) -> int:
         """Give `segment` a VNI (create-if-absent on vnis/<vni>), or return the one it already has.
 
-        A wanted VNI held by another segment is a Conflict naming it. Idempotent: replays return the same VNI."""
+        A wanted VNI held by another segment is a Conflict naming it; so is joining a segment whose encryption
+        differs (one side would send ESP, the other cleartext VXLAN on another port: they could never talk, and
+        an unencrypted member would silently weaken an encrypted overlay). Idempotent: replays return the same
+        VNI."""
         for _ in range(_RETRIES):
-            existing = self.segment_vni(segment)
+            existing = self._segment(segment)
             if existing is not None:
-                if wanted_vni is not None and wanted_vni != existing:
-                    raise Conflict(f"option vni: overlay {segment} already uses VNI {existing}, not {wanted_vni}")
-                return existing
+                vni = int(existing["vni"])
+                if wanted_vni is not None and wanted_vni != vni:
+                    raise Conflict(f"option vni: overlay {segment} already uses VNI {vni}, not {wanted_vni}")
+                if bool(existing.get("encrypted", False)) != encrypted:
+                    state = "encrypted" if existing.get("encrypted") else "not encrypted"
+                    fix = "add -o encrypted" if existing.get("encrypted") else "drop -o encrypted"
+                    raise Conflict(f"option encrypted: overlay {segment} is {state} on the hosts that already "
+                                   f"have it; {fix} to join it")
+                return vni
             if wanted_vni is not None:
                 holder = self.kv.get(self._k("vnis", str(wanted_vni)))
                 if holder is not None and holder.value != segment:
@@ -74,7 +88,8 @@ class NetworkStore:
             validate(candidate)
             if self.kv.commit(absent=[self._k("vnis", str(candidate)), self._k("segments", segment)],
                               puts={self._k("vnis", str(candidate)): segment,
-                                    self._k("segments", segment): json.dumps({"vni": candidate})}):
+                                    self._k("segments", segment): json.dumps({"vni": candidate,
+                                                                              "encrypted": encrypted})}):
                 return candidate
         raise Conflict(f"could not allocate a VNI for {segment}: too much contention, try again")
 

@@ -15,7 +15,7 @@ from netdriver.store import NetworkStore
 from netdriver.underlay import Underlay
 from netdriver.watcher import PeerSync
 from plugin import protocol as p
-from plugin.errors import InvalidOption, KernelError
+from plugin.errors import Conflict, InvalidOption, KernelError
 from tests.fakes import FakeDataPlane, FakeKV
 
 NID = "c" * 64
@@ -45,16 +45,16 @@ class FakeEncryption:
         self.holders = {h: set(v) for h, v in holders.items() if v}
 
 
-def create_req(generic):
+def create_req(generic, nid=NID):
     return p.CreateNetworkRequest.decode({
-        "NetworkID": NID, "Options": {"com.docker.network.generic": generic},
+        "NetworkID": nid, "Options": {"com.docker.network.generic": generic},
         "IPv4Data": [{"AddressSpace": "vxnet-local", "Pool": "10.9.0.0/24", "Gateway": "10.9.0.1/24"}],
         "IPv6Data": None})
 
 
-def make(encryption):
-    kv, plane = FakeKV(), FakeDataPlane()
-    driver = NetworkDriver(NetworkStore(kv), plane, "h1", "local", Underlay(lambda a: 1500, "192.0.2.1"),
+def make(encryption, kv=None, host="h1"):
+    kv, plane = kv or FakeKV(), FakeDataPlane()
+    driver = NetworkDriver(NetworkStore(kv), plane, host, "local", Underlay(lambda a: 1500, "192.0.2.1"),
                            encryption=encryption)
     return driver, kv, plane
 
@@ -76,6 +76,34 @@ def test_an_encrypted_network_that_cannot_be_is_refused_before_anything_is_made(
     with pytest.raises(error, match=needle):
         driver.create_network(create_req({"encrypted": "true"}))
     assert kv.keys() == [] and plane.networks == {}
+
+
+@pytest.mark.parametrize("first, second, needle", [
+    ({"overlay": "blue", "encrypted": "true"}, {"overlay": "blue"}, "is encrypted .* add -o encrypted"),
+    ({"overlay": "blue"}, {"overlay": "blue", "encrypted": "true"}, "is not encrypted .* drop -o encrypted"),
+])
+def test_hosts_sharing_an_overlay_must_agree_on_encryption(first, second, needle):
+    kv = FakeKV()
+    h1, _, _ = make(FakeEncryption(), kv, "h1")
+    h2, _, plane2 = make(FakeEncryption(), kv, "h2")
+    h1.create_network(create_req(first))
+    before = dict(kv.data)
+    with pytest.raises(Conflict, match=f"option encrypted: overlay overlay-blue {needle}"):
+        h2.create_network(create_req(second, nid="d" * 64))
+    assert kv.data == before and plane2.networks == {}  # refused before anything was written or built
+    h2.create_network(create_req(first, nid="d" * 64))  # agreeing, it joins
+    assert h2.store.get_network("d" * 64).vni == h1.store.get_network(NID).vni
+
+
+def test_a_swarm_network_keeps_its_encryption_for_every_worker():
+    kv = FakeKV()
+    manager, _, _ = make(FakeEncryption(), kv, "m")
+    reply = manager.allocate_network(p.CreateNetworkRequest.decode(
+        {"NetworkID": NID, "Options": {"overlay": "blue", "encrypted": "true"}, "IPv4Data": []}))
+    assert reply["Options"]["encrypted"] == "true"
+    with pytest.raises(Conflict, match="option encrypted"):
+        manager.allocate_network(p.CreateNetworkRequest.decode(
+            {"NetworkID": "d" * 64, "Options": {"overlay": "blue"}, "IPv4Data": []}))
 
 
 def test_an_encrypted_network_is_recorded_with_room_for_esp():
