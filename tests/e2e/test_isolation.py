@@ -72,3 +72,62 @@ def test_internal_network_has_no_way_out(hosts, vxnet_plugin):
     gw = host.run(["ip", "-4", "-o", "addr", "show", "docker_gwbridge"], check=False).stdout.split()
     if len(gw) > 3:
         assert not pings(host, "i1", gw[3].split("/")[0], count=1, wait_s=1)
+
+
+SUBNET_XA = "10.200.43.0/24"
+SUBNET_XB = "10.200.44.0/24"
+
+
+def test_no_path_between_networks_across_hosts_and_no_forged_source(hosts, vxnet_plugin):
+    """Two overlays spanning two hosts (`-o overlay=NAME`). Nothing of network B reaches network A's container on
+    the other host (its overlay address, its gateway-bridge address, ping and TCP), and a container that forges
+    its source, as another container of its own network living on the other host, or as a container of the
+    other network, gets nothing across the VXLAN link."""
+    h1, h2 = hosts(2)
+    for host in (h1, h2):
+        vxnet_plugin(host)
+        create(host, "xa", SUBNET_XA, "-o", "overlay=xa")
+        create(host, "xb", SUBNET_XB, "-o", "overlay=xb")
+    run_sleeper(h1, "a1", "xa")
+    run_sleeper(h1, "a4", "xa")
+    run_sleeper(h1, "b1", "xb", "--cap-add", "NET_ADMIN")
+    run_sleeper(h2, "a2", "xa", "--cap-add", "NET_ADMIN")
+    run_sleeper(h2, "a3", "xa")
+    a1, a2, a3 = addresses(h1, "a1")["xa"], addresses(h2, "a2")["xa"], addresses(h2, "a3")["xa"]
+    a4, b1 = addresses(h1, "a4")["xa"], addresses(h1, "b1")["xb"]
+    a2_gw = gwbridge_ip(h2, "a2")
+    serve_tcp(h2, "a2")
+    serve_tcp(h1, "a4")
+    wait_ping(h1, "a1", a2)  # the overlay itself works across the hosts
+    assert tcp_answers(h1, "a1", a2)
+
+    # B on host 1 towards A on host 2: by the overlay address, and by the gateway-bridge address with a route
+    # of its own through eth1, ping and TCP.
+    exec_(h1, "b1", "ip", "route", "add", SUBNET_XA, "dev", "eth1")
+    for target in (a2, a2_gw):
+        assert not pings(h1, "b1", target, count=2, wait_s=1), target
+        assert not tcp_answers(h1, "b1", target), target
+
+    # b1 (NET_ADMIN) adds an address inside A's subnet: nothing crosses from B's overlay into A's.
+    exec_(h1, "b1", "ip", "addr", "add", "10.200.43.200/24", "dev", "eth0")
+    assert not pings(h1, "b1", a2, count=2, wait_s=1)
+    assert not tcp_answers(h1, "b1", a2)
+
+    # a2 (NET_ADMIN, host 2) takes the address of a1, which lives on host 1, and then a free one of its own
+    # subnet: neither a3 beside it nor a4 across the hosts answers (nothing leaves host 2's bridge port).
+    for forged in (a1, "10.200.43.201"):
+        exec_(h2, "a2", "ip", "addr", "flush", "dev", "eth0")
+        exec_(h2, "a2", "ip", "addr", "add", f"{forged}/24", "dev", "eth0")
+        assert not pings(h2, "a2", a3, count=2, wait_s=1), forged
+        assert not pings(h2, "a2", b1, count=2, wait_s=1), forged
+        assert not pings(h2, "a2", a4, count=2, wait_s=1), forged
+        assert not tcp_answers(h2, "a2", a4), forged
+    # Back to its own address it reaches a1 across the hosts again: the drops were the forgery, not a broken link.
+    exec_(h2, "a2", "ip", "addr", "flush", "dev", "eth0")
+    exec_(h2, "a2", "ip", "addr", "add", f"{a2}/24", "dev", "eth0")
+    wait_ping(h2, "a2", a4)
+    assert tcp_answers(h2, "a2", a4)
+    # A forged MAC with its own address: nothing across either.
+    exec_(h2, "a2", "ip", "link", "set", "eth0", "address", "02:42:0a:c8:2b:63")
+    exec_(h1, "a4", "ip", "neigh", "flush", "all")
+    assert not pings(h2, "a2", a4, count=2, wait_s=1)
