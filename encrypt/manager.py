@@ -204,6 +204,9 @@ class EncryptionManager:
         # Peers whose SAs and policies are in place for the current ring and VTEP. A peer whose programming
         # failed is not in it, so the next call that names it (a replayed set_peers, an event) tries again.
         self._programmed: Set[str] = set()
+        # A sync_all that came before the VTEP or the ring (a restarted plugin reads its peers while the ring is
+        # still on its way): its clean-up of leftovers is owed, and done when both are known.
+        self._prune_owed = False
         self._firewall_ready = False
 
     @property
@@ -252,7 +255,7 @@ class EncryptionManager:
             if old is not None and old == ring:
                 return
             log.info("key ring now %s (was %s)", ring, old)
-            self._converge(self._wanted(), strict=False)
+            self._converge(self._wanted(), prune=self._prune_owed, strict=False)
 
     def set_local(self, vtep: str) -> None:
         """This host's VTEP; a change re-keys every peer from the new address and removes the old SAs."""
@@ -287,10 +290,13 @@ class EncryptionManager:
 
     def sync_all(self, holders: Dict[str, Iterable[str]]) -> None:
         """Replace the whole desired state (start-up, resync) and remove every SA and policy of ours that it does
-        not call for, including those left by an earlier run."""
+        not call for, including those left by an earlier run. Before the VTEP and the ring are known it only
+        records the state (what the kernel holds stays, so running traffic keeps flowing): the peers and the
+        clean-up follow when the missing half arrives."""
         with self._lock:
             self._holders = {h: set(v) for h, v in holders.items() if v}
-            self._converge(self._wanted(), prune=True)
+            self._prune_owed = True
+            self._converge(self._wanted(), prune=True, strict=False)
 
     def remove_all(self, firewall: bool = False) -> None:
         """Delete every SA and policy vxnet made here (and the firewall table if asked: only when no encrypted
@@ -337,6 +343,7 @@ class EncryptionManager:
             try:
                 self._prune(local, peers)
                 self._programmed &= peers
+                self._prune_owed = False
             except KernelError as exc:
                 errors.append(str(exc))
         if errors:

@@ -17,7 +17,12 @@ from plugin.errors import VxnetError
 log = logging.getLogger(__name__)
 
 # etcd expires the lease TTL seconds after the last renewal; renewing every TTL/3 survives two lost renewals.
-LEASE_TTL = 10
+# The TTL is how long a plugin may be away (restart, upgrade, `docker plugin disable`/`enable`, a slow start)
+# before the other hosts withdraw its peers. While it is away its containers keep running and the kernel keeps
+# forwarding their traffic, so withdrawing early would cut live traffic; withdrawing late only leaves a dead
+# host's entries (whose traffic is lost anyway) a little longer. 10 s was measured too short: a plugin restart
+# on a slow machine (the ESP guest under TCG) took 8 s, and the lease had been renewed up to TTL/3 before it.
+LEASE_TTL = 30
 
 
 class HostLease:
@@ -73,10 +78,16 @@ class HostLease:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop renewing. The lease is not revoked: a restarting plugin picks it up again within the TTL."""
+        """Stop renewing, after one last renewal: the lease is not revoked, and a restarting plugin has a whole
+        TTL to pick it up again."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        if self.id:
+            try:
+                self.kv.lease_keepalive(self.id)
+            except VxnetError as exc:
+                log.warning("last host lease renewal failed: %s", exc)
 
     def _run(self) -> None:
         healthy = self.id != 0  # start() follows a successful acquire()

@@ -46,6 +46,9 @@ def _underlay(settings: config.Settings, links: Links) -> Underlay:
     return underlay
 
 
+RING_WAIT_SECONDS = 5.0
+
+
 def _start_control_plane(driver: NetworkDriver, lease: HostLease, watcher: PeerWatcher,
                          stop: threading.Event, before_peers=()) -> None:
     """Once etcd answers: reconcile the kernel, then keep the host lease and the peer watch running (after
@@ -60,6 +63,12 @@ def _start_control_plane(driver: NetworkDriver, lease: HostLease, watcher: PeerW
             lease.start()
             for part in before_peers:
                 part.start()
+            for part in before_peers:
+                # The key ring first (bounded: an unreadable ring is the ring watcher's to report), so that a
+                # restarted plugin's first peer read finds it and encrypted peers are programmed, not deferred.
+                synced = getattr(part, "synced", None)
+                if synced is not None:
+                    synced.wait(RING_WAIT_SECONDS)
             watcher.start()
             return
         except VxnetError as exc:

@@ -107,7 +107,7 @@ def test_plugin_killed_mid_ping_loses_nothing_and_a_dead_hosts_peers_expire(thre
     # Host 3's plugin stops for good: once its lease expires, hosts 1 and 2 forget its container.
     assert ip3 in neighbours(h1, nets[h1])
     p3.kill()
-    wait_until(lambda: ip3 not in neighbours(h1, nets[h1]) and ip3 not in neighbours(h2, nets[h2]), 40,
+    wait_until(lambda: ip3 not in neighbours(h1, nets[h1]) and ip3 not in neighbours(h2, nets[h2]), 60,
                "host 3's peer to expire from hosts 1 and 2")
     assert ip2 in neighbours(h1, nets[h1])  # the others stay
 

@@ -8,8 +8,9 @@ The guest (checked by running, see environment.md):
 - initramfs: static busybox + the modules the checks need (and, from modules.dep-style `depends=` in each
   module, what they need), loaded in order by /init. ESP also needs a default RNG: sha3_generic, then
   jitterentropy_rng, then drbg.
-- root: this machine's / shared read-only over virtio-9p, with a tmpfs overlay on top, so the guest runs the
-  host's python3, site-packages, ip, nft, tcpdump and this repository as they are. The command is a script on the
+- root: this machine's / shared read-only over virtio-9p, with a tmpfs overlay on top, made the guest's root with
+  switch_root (so mount namespaces made inside see it as / too), so the guest runs the host's python3,
+  site-packages, ip, nft, tcpdump, etcd and this repository as they are. The command is a script on the
   host whose path goes on the kernel command line; its output comes back over the serial console, its exit code
   on a marker line.
 - no network card at all (`-nic none`): the guest's traffic stays in its own namespaces.
@@ -43,12 +44,13 @@ QEMU = "qemu-system-x86_64"
 EXIT_MARKER = "VXNET-GUEST-EXIT"
 
 # Loaded in this order (each after its dependencies). 9p, virtio and overlay mount the host root; veth, bridge,
-# vxlan and nf_tables (whose libcrc32c wants crc32c) build the simulated hosts; the rest is ESP with
+# vxlan and nf_tables (whose libcrc32c wants crc32c; nft_meta_bridge for the anti-spoofing table's iifname in the
+# bridge family) build the simulated hosts; the rest is ESP with
 # rfc4106(gcm(aes)) and the default RNG it needs (drbg's default is HMAC-SHA512, seeded by jitterentropy, which
 # hashes with SHA-3).
 MODULES = (
     "virtio_pci", "9pnet_virtio", "9p", "overlay",
-    "veth", "bridge", "vxlan", "crc32c_generic", "nf_tables",
+    "veth", "bridge", "vxlan", "crc32c_generic", "nf_tables", "nft_meta_bridge",
     "xfrm_user", "esp4", "aead", "gf128mul", "ghash_generic", "ctr", "gcm", "seqiv",
     "sha512_generic", "sha3_generic", "jitterentropy_rng", "drbg",
 )
@@ -84,16 +86,27 @@ ln -sf /proc/self/fd /mnt/root/dev/fd
 for i in 0:stdin 1:stdout 2:stderr; do ln -sf /proc/self/fd/${i%%:*} /mnt/root/dev/${i#*:}; done
 mount -t tmpfs tmpfs /mnt/root/run
 mount -t tmpfs tmpfs /mnt/root/tmp
+# The kernel's module requests keep being noted after the switch (the initramfs is gone then).
+printf '#!/bin/busybox sh\necho "$*" >>/run/vxnet-modprobe.log\nexit 1\n' >/mnt/root/run/vxnet-modprobe
+chmod 755 /mnt/root/run/vxnet-modprobe
+echo /run/vxnet-modprobe >/proc/sys/kernel/modprobe
+[ -s /modprobe.log ] && cp /modprobe.log /mnt/root/run/vxnet-modprobe.log
 cmd=$(sed -n 's/.*vxnet_cmd=\([^ ]*\).*/\1/p' /proc/cmdline)
 echo "vxnet-guest: up $(cut -d' ' -f1 /proc/uptime) s, running $cmd"
-chroot /mnt/root /usr/bin/env -i HOME=/root \
-  PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin /bin/sh "$cmd"
-rc=$?
-[ -s /modprobe.log ] && echo "vxnet-guest: the kernel asked for modules:" \
-  "$(sed 's/^-q -- //' /modprobe.log | sort -u | tr '\n' ' ')"
-echo "VXNET-GUEST-EXIT $rc after $(cut -d' ' -f1 /proc/uptime) s"
-sync
-reboot -f
+# switch_root, not chroot: the host root becomes the root of the initial mount namespace, so namespaces made
+# later (unshare --mount, nsenter -m: the simulated hosts of tests/harness) see it as / too, not the initramfs.
+cat >/mnt/root/run/vxnet-stage2 <<STAGE2
+#!/bin/busybox sh
+/usr/bin/env -i HOME=/root PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin /bin/sh "$cmd"
+rc=\$?
+[ -s /run/vxnet-modprobe.log ] && echo "vxnet-guest: the kernel asked for modules:" \
+  "\$(/bin/busybox sed 's/^-q -- //' /run/vxnet-modprobe.log | /bin/busybox sort -u | /bin/busybox tr '\n' ' ')"
+echo "VXNET-GUEST-EXIT \$rc after \$(/bin/busybox cut -d' ' -f1 /proc/uptime) s"
+/bin/busybox sync
+/bin/busybox reboot -f
+STAGE2
+chmod 755 /mnt/root/run/vxnet-stage2
+exec switch_root /mnt/root /run/vxnet-stage2
 """
 
 

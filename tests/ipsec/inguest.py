@@ -76,10 +76,10 @@ class Capture:
     """tcpdump on the underlay bridge into a pcap file; stop() returns what crossed, by kind. Immediate mode:
     without it libpcap hands packets over in blocks, and what sits in an unfinished block is lost at SIGINT."""
 
-    def __init__(self, ns: str = "ul", iface: str = "br0"):
+    def __init__(self, ns: str = "ul", iface: str = "br0", enter: Optional[List[str]] = None):
         fd, self.path = tempfile.mkstemp(suffix=".pcap")
         os.close(fd)
-        self.proc = subprocess.Popen(["ip", "netns", "exec", ns, "tcpdump", "-i", iface, "-n", "-U", "-Z", "root",
+        self.proc = subprocess.Popen((enter or ["ip", "netns", "exec", ns]) + ["tcpdump", "-i", iface, "-n", "-U", "-Z", "root",
                                       "--immediate-mode",
                                       "-s", "96", "-w", self.path], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True)
@@ -144,7 +144,11 @@ def ping(src: str, dst_host: str, count: int, interval: float = 0.2, size: Optio
         argv += ["-s", str(size)]
     if dont_fragment:
         argv += ["-M", "do"]
-    out = sh(*argv, CONTAINER[dst_host], check=False, timeout=count * interval + 30)
+    return parse_ping(sh(*argv, CONTAINER[dst_host], check=False, timeout=count * interval + 30))
+
+
+def parse_ping(out: str) -> Dict[str, int]:
+    """{"sent", "received"} from ping's summary line."""
     match = re.search(r"(\d+) packets transmitted, (\d+) received", out)
     if not match:
         raise RuntimeError(f"unexpected ping output: {out!r}")
@@ -194,17 +198,53 @@ class Lab:
         self.ring = ring
 
 
-CHECKS: List[Callable[[Lab], str]] = []
-ESSENTIAL = set()
+class CheckList:
+    """Checks in the order they were registered, run on one shared state; each reports one marker line, and
+    after a failed check marked essential the rest are reported as not run.
+
+        check = CheckList()
+        @check(essential=True)
+        def first(state) -> str: ...      # returns what it showed; an exception (assert) is a failure
+    """
+
+    def __init__(self):
+        self.fns: List[Callable] = []
+        self.essential = set()
+
+    def __call__(self, essential: bool = False):
+        def register(fn):
+            self.fns.append(fn)
+            if essential:
+                self.essential.add(fn.__name__)
+            return fn
+        return register
+
+    @property
+    def names(self) -> List[str]:
+        return [fn.__name__ for fn in self.fns]
+
+    def run(self, state) -> int:
+        failed_essential = None
+        failures = 0
+        for fn in self.fns:
+            start = time.monotonic()
+            if failed_essential:
+                record = {"name": fn.__name__, "ok": False, "detail": f"not run: {failed_essential} failed"}
+            else:
+                try:
+                    record = {"name": fn.__name__, "ok": True, "detail": fn(state)}
+                except Exception as exc:
+                    tb = traceback.format_exc(limit=4)
+                    record = {"name": fn.__name__, "ok": False, "detail": f"{type(exc).__name__}: {exc}\n{tb}"}
+                    if fn.__name__ in self.essential:
+                        failed_essential = fn.__name__
+            record["seconds"] = round(time.monotonic() - start, 2)
+            failures += not record["ok"]
+            print(f"{MARKER} {json.dumps(record)}", flush=True)
+        return 1 if failures else 0
 
 
-def check(essential: bool = False):
-    def register(fn):
-        CHECKS.append(fn)
-        if essential:
-            ESSENTIAL.add(fn.__name__)
-        return fn
-    return register
+check = CheckList()
 
 
 # -- the checks, in order ---------------------------------------------------------------------------------------
@@ -477,29 +517,11 @@ def capture_would_see_cleartext(lab: Lab) -> str:
     return f"without any protection: ping {result}, underlay {seen}"
 
 
-CHECK_NAMES = [fn.__name__ for fn in CHECKS]
+CHECK_NAMES = check.names
 
 
 def main() -> int:
-    lab = Lab()
-    failed_essential = None
-    failures = 0
-    for fn in CHECKS:
-        start = time.monotonic()
-        if failed_essential:
-            record = {"name": fn.__name__, "ok": False, "detail": f"not run: {failed_essential} failed"}
-        else:
-            try:
-                record = {"name": fn.__name__, "ok": True, "detail": fn(lab)}
-            except Exception as exc:
-                tb = traceback.format_exc(limit=4)
-                record = {"name": fn.__name__, "ok": False, "detail": f"{type(exc).__name__}: {exc}\n{tb}"}
-                if fn.__name__ in ESSENTIAL:
-                    failed_essential = fn.__name__
-        record["seconds"] = round(time.monotonic() - start, 2)
-        failures += not record["ok"]
-        print(f"{MARKER} {json.dumps(record)}", flush=True)
-    return 1 if failures else 0
+    return check.run(Lab())
 
 
 if __name__ == "__main__":

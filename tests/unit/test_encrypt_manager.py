@@ -196,6 +196,21 @@ def test_sync_all_removes_leftovers_of_ours_and_nothing_else():
     assert (foreign.dst, foreign.spi) in x.sa and (H1, "198.51.100.7", 500, "out") in x.sp
 
 
+def test_a_restart_that_reads_peers_before_the_ring_keeps_the_kernel_then_cleans_up():
+    mgr, x = host(H1)
+    ring = KeyRing.initial(now=0)
+    mgr.set_keyring(ring)
+    mgr.set_peers("a", {H2, H3})
+    restarted = M.EncryptionManager(x, mgr.firewall, PORT)
+    restarted.set_local(H1)
+    before = dict(x.sa)
+    restarted.sync_all({"a": {H2}})  # the peer table came first: no error, nothing touched yet
+    assert x.sa == before
+    restarted.set_keyring(ring)  # now H3, gone while the plugin was down, is cleaned up
+    assert {s.dst for s in x.sas() if s.src == H1} == {H2} and {s.src for s in x.sas() if s.dst == H1} == {H2}
+    assert {(p.src, p.dst) for p in x.policies()} == {(H1, H2), (H2, H1)}
+
+
 def test_a_new_local_address_rekeys_and_removes_the_old_sas():
     mgr, x = host(H1)
     ring = KeyRing.initial(now=0)

@@ -1,0 +1,370 @@
+"""The encrypted network end to end through the real plugin, run inside the qemu guest (a kernel with ESP) by
+test_esp_guest.py:
+
+    python3 -m tests.ipsec.inguest_plugin     # inside the guest only
+
+Two simulated hosts of tests/harness (own network, mount and UTS namespaces on an underlay bridge, the test etcd
+on the bridge), `python3 -m plugin` in each with the same cluster secret, as `make hosts-up` runs it. The test
+plays dockerd's part for `docker network create -d vxnet -o encrypted` and `docker run --network`: the same
+NetworkDriver calls over the plugin's socket, and the interface moved into a container namespace the way
+libnetwork does it (dockerd itself is too heavy to boot under TCG). Everything else is the product: DataPlane,
+PeerSync over etcd, EncryptionManager, the key ring watcher and the `python3 -m encrypt` CLI.
+
+Each check prints one `VXNET-CHECK {...}` line (tests/ipsec/inguest.py's CheckList).
+"""
+
+import concurrent.futures
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional
+
+from encrypt import manager as mgr
+from encrypt.spi import spi_for
+from encrypt.xfrm import Xfrm
+from netdriver import names
+from tests.harness.hosts import NSENTER, Host, Lab
+from tests.harness.plugin import REPO, Plugin
+from tests.harness.proc import wait_until
+from tests.harness.unixhttp import request
+from tests.ipsec.inguest import Capture, CheckList, parse_ping
+
+SUBNET, GATEWAY = "10.50.0.0/24", "10.50.0.1/24"
+OVERLAY = "sec"
+CONTAINER_IP = {"h1": "10.50.0.11", "h2": "10.50.0.12"}
+# Under TCG a plugin takes 10-15 s to import and start; two start at once.
+START_TIMEOUT = 120
+
+
+class CallFailed(Exception):
+    pass
+
+
+class Engine:
+    """dockerd's side of the remote driver protocol on one host, for networks with addresses it chose itself
+    (as with the default IPAM) and for containers that are network namespaces of the host."""
+
+    def __init__(self, name: str, host: Host, plugin: Plugin):
+        self.name, self.host, self.plugin = name, host, plugin
+        self.endpoints: Dict[str, tuple] = {}  # container -> (network id, endpoint id)
+
+    def call(self, method: str, body: dict) -> dict:
+        status, raw = request(self.plugin.socket_path, "POST", f"/NetworkDriver.{method}", body, timeout=60)
+        reply = json.loads(raw or b"{}")
+        if status != 200 or reply.get("Err"):
+            raise CallFailed(f"{self.name} {method}: HTTP {status}: {reply.get('Err')}")
+        return reply
+
+    def create_network(self, nid: str, generic: Dict[str, str]) -> None:
+        self.call("CreateNetwork", {
+            "NetworkID": nid, "Options": {"com.docker.network.generic": generic},
+            "IPv4Data": [{"AddressSpace": "LocalDefault", "Pool": SUBNET, "Gateway": GATEWAY}], "IPv6Data": []})
+
+    def run_container(self, container: str, nid: str, ip: str) -> None:
+        """CreateEndpoint, Join, then what libnetwork does with the reply: the host end goes into the sandbox,
+        renamed to DstPrefix + index, given the endpoint's address, up."""
+        eid = secrets.token_hex(32)
+        self.call("CreateEndpoint", {"NetworkID": nid, "EndpointID": eid,
+                                     "Interface": {"Address": f"{ip}/24", "AddressIPv6": "", "MacAddress": ""}})
+        self.host.run(["ip", "netns", "add", container])
+        joined = self.call("Join", {"NetworkID": nid, "EndpointID": eid,
+                                    "SandboxKey": f"/run/netns/{container}", "Options": {}})
+        src, prefix = joined["InterfaceName"]["SrcName"], joined["InterfaceName"]["DstPrefix"]
+        self.host.run(["ip", "link", "set", src, "netns", container])
+        self.host.run(["ip", "-n", container, "-batch", "-"], input="\n".join([
+            f"link set {src} name {prefix}0",
+            f"addr add {ip}/24 dev {prefix}0",
+            f"link set {prefix}0 up",
+            "link set lo up",
+        ]) + "\n")
+        self.endpoints[container] = (nid, eid)
+
+    def remove_container(self, container: str) -> None:
+        nid, eid = self.endpoints.pop(container)
+        self.call("Leave", {"NetworkID": nid, "EndpointID": eid})
+        self.host.run(["ip", "netns", "del", container])  # the sandbox goes, and the veth pair with it
+        self.call("DeleteEndpoint", {"NetworkID": nid, "EndpointID": eid})
+
+    def ping(self, container: str, target: str, count: int, interval: float = 0.2, wait: float = 1.0) -> dict:
+        out = self.host.run(["ip", "netns", "exec", container, "ping", "-n", "-q", "-c", str(count), "-i",
+                             str(interval), "-W", str(wait), target], check=False,
+                            timeout=count * (interval + wait) + 30).stdout
+        return parse_ping(out)
+
+    def ping_loop(self, container: str, target: str, count: int, interval: float) -> subprocess.Popen:
+        return subprocess.Popen(self.host.nsenter + ["--", "ip", "netns", "exec", container, "ping", "-n", "-q",
+                                                     "-c", str(count), "-i", str(interval), "-W", "2", target],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def xfrm(self) -> Xfrm:
+        return Xfrm(f"/proc/{self.host.anchor.pid}/ns/net")
+
+
+class World:
+    def __init__(self):
+        self.lab: Optional[Lab] = None
+        self.engines: Dict[str, Engine] = {}
+        self.secret_file = ""
+        self.nids = {"h1": secrets.token_hex(32), "h2": secrets.token_hex(32)}
+        self.primary = 0
+
+    @property
+    def h1(self) -> Engine:
+        return self.engines["h1"]
+
+    @property
+    def h2(self) -> Engine:
+        return self.engines["h2"]
+
+    def capture(self) -> Capture:
+        return Capture(enter=[NSENTER, "-t", str(self.lab.underlay.anchor.pid), "-n", "--"], iface="br0")
+
+    def sa_packets(self, engine: Engine, src: Engine, dst: Engine) -> int:
+        """Packets counted by `engine`'s SAs for the direction src -> dst (every key tag)."""
+        xfrm = engine.xfrm()
+        try:
+            return sum(sa.packets for sa in xfrm.sas() if (sa.src, sa.dst) == (src.host.ip, dst.host.ip))
+        finally:
+            xfrm.close()
+
+    def outbound_spis(self, engine: Engine, peer: Engine) -> List[int]:
+        xfrm = engine.xfrm()
+        try:
+            return sorted(sa.spi for sa in xfrm.sas() if (sa.src, sa.dst) == (engine.host.ip, peer.host.ip))
+        finally:
+            xfrm.close()
+
+    def encrypt_cli(self, *args: str) -> str:
+        """`python3 -m encrypt ...` on host 1 (etcd is reachable from the hosts only)."""
+        proc = self.h1.host.run([sys.executable, "-m", "encrypt", *args, "--etcd", self.lab.etcd.url,
+                                 "--secret-file", self.secret_file], check=False, cwd=REPO,
+                                env=dict(os.environ, PYTHONPATH=REPO))
+        assert proc.returncode == 0, f"python3 -m encrypt {' '.join(args)}: {proc.stderr or proc.stdout}"
+        return proc.stdout.strip()
+
+
+def _primary(described: str) -> int:
+    """The primary tag in `python3 -m encrypt show|rotate` output: 'keys 1 (previous), 2 (primary), ...'."""
+    for part in described.split(","):
+        if "(primary)" in part:
+            return int(part.split("(")[0].split()[-1])
+    raise AssertionError(f"no primary key in {described!r}")
+
+
+def _interesting(log: str, lines: int = 40) -> str:
+    keep = [line for line in log.splitlines() if " DEBUG " not in line or "peer" in line or "lease" in line]
+    return "\n".join(keep[-lines:])
+
+
+def _loop_result(proc: subprocess.Popen, timeout: float) -> dict:
+    out, _ = proc.communicate(timeout=timeout)
+    return parse_ping(out)
+
+
+check = CheckList()
+
+
+@check(essential=True)
+def esp_supported(world: World) -> str:
+    reason = mgr.esp_unavailable_reason()
+    assert reason is None, reason
+    return "this kernel does ESP with rfc4106(gcm(aes))"
+
+
+@check(essential=True)
+def plugins_start_with_one_cluster_secret(world: World) -> str:
+    started = time.monotonic()
+    world.lab = Lab().start()
+    hosts = world.lab.add_hosts(2, docker=False, image=False)
+    world.secret_file = os.path.join(world.lab.dir, "encryption.key")
+    with open(world.secret_file, "w") as f:
+        f.write(secrets.token_hex(32) + "\n")
+    os.chmod(world.secret_file, 0o600)
+    for name, host in zip(("h1", "h2"), hosts):
+        plugin = Plugin(host, world.lab.etcd.url, {"VXNET_ENCRYPTION_SECRET_FILE": world.secret_file})
+        world.engines[name] = Engine(name, host, plugin.start(wait=False))
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        for future in [pool.submit(e.plugin.wait_ready, START_TIMEOUT) for e in world.engines.values()]:
+            future.result()
+    for engine in world.engines.values():
+        wait_until(lambda: "key ring now" in engine.plugin.log(), 60, f"{engine.name}: the key ring loaded")
+    world.primary = _primary(world.encrypt_cli("show"))
+    return f"etcd, two hosts and two plugins up in {time.monotonic() - started:.1f} s; primary key {world.primary}"
+
+
+@check(essential=True)
+def encrypted_network_on_both_hosts(world: World) -> str:
+    for name, engine in world.engines.items():
+        engine.create_network(world.nids[name], {"overlay": OVERLAY, "encrypted": "true"})
+    details = []
+    for name, engine in world.engines.items():
+        out = engine.host.run(["ip", "-d", "-n", names.netns(world.nids[name]), "link", "show",
+                               names.VXLAN]).stdout
+        assert f"mtu {mgr.inner_mtu(1500)} " in out, f"{name}: the VXLAN MTU leaves no room for ESP: {out}"
+        assert f"dstport {mgr.ENCRYPTED_VXLAN_PORT} " in out, f"{name}: not on the encrypted port: {out}"
+        details.append(f"{name} mtu {mgr.inner_mtu(1500)} dstport {mgr.ENCRYPTED_VXLAN_PORT}")
+    # A third network that would join the overlay unencrypted is refused, naming the option, leaving nothing.
+    stray = secrets.token_hex(32)
+    try:
+        world.h2.create_network(stray, {"overlay": OVERLAY})
+        raise AssertionError("an unencrypted member of an encrypted overlay was accepted")
+    except CallFailed as exc:
+        assert "option encrypted" in str(exc), exc
+        refusal = str(exc)
+    leftovers = [k for k in world.lab.etcd.keys("/vxnet/") if stray in k]
+    assert not leftovers, f"the refused network left keys: {leftovers}"
+    assert names.netns(stray) not in world.h2.host.netns(), "the refused network left a namespace"
+    return "; ".join(details) + f"; unencrypted member refused: {refusal}"
+
+
+@check(essential=True)
+def containers_talk_across_hosts(world: World) -> str:
+    for name, engine in world.engines.items():
+        engine.run_container("c1", world.nids[name], CONTAINER_IP[name])
+    started = time.monotonic()
+    wait_until(lambda: world.h1.ping("c1", CONTAINER_IP["h2"], 1, wait=1)["received"] == 1, 60,
+               "c1 on host 1 to reach c1 on host 2 over the encrypted network")
+    result = world.h1.ping("c1", CONTAINER_IP["h2"], 5, interval=0.1)
+    assert result["received"] == 5, result
+    return f"first reply after {time.monotonic() - started:.1f} s; then {result}"
+
+
+@check()
+def the_underlay_carries_only_esp(world: World) -> str:
+    cap = world.capture()
+    result = world.h1.ping("c1", CONTAINER_IP["h2"], 10, interval=0.1)
+    seen = cap.stop()
+    assert result["received"] == 10, result
+    assert seen["esp"] >= 20, f"expected ESP both ways: {seen}"
+    assert seen["udp_encrypted_port"] == 0 and seen["udp_other"] == 0, f"cleartext VXLAN on the underlay: {seen}"
+    return f"ping {result}; underlay {seen}"
+
+
+@check()
+def sa_counters_rise(world: World) -> str:
+    h1, h2 = world.h1, world.h2
+    before = (world.sa_packets(h1, h1, h2), world.sa_packets(h2, h1, h2))
+    result = h1.ping("c1", CONTAINER_IP["h2"], 10, interval=0.05)
+    after = (world.sa_packets(h1, h1, h2), world.sa_packets(h2, h1, h2))
+    sent, received = after[0] - before[0], after[1] - before[1]
+    assert result["received"] == 10, result
+    assert sent >= 10 and received >= 10, f"SA packets host1->host2: out +{sent} on host 1, in +{received} on host 2"
+    spi = spi_for(h1.host.ip, h2.host.ip, world.primary)
+    assert world.outbound_spis(h1, h2) == [spi], f"outbound SA is not the primary key's {spi:#x}"
+    return f"host 1 out +{sent}, host 2 in +{received} (spi {spi:#010x})"
+
+
+@check()
+def sas_gone_traffic_stops(world: World) -> str:
+    """Every SA of host 1 deleted behind the plugin's back: the policies and the firewall still hold, so nothing
+    crosses, in clear or at all."""
+    world.h1.host.run(["ip", "xfrm", "state", "flush"])
+    cap = world.capture()
+    result = world.h1.ping("c1", CONTAINER_IP["h2"], 3, interval=0.3)
+    seen = cap.stop()
+    assert result["received"] == 0, f"traffic flowed without SAs: {result}"
+    assert seen["udp_encrypted_port"] == 0 and seen["udp_other"] == 0, f"cleartext VXLAN on the underlay: {seen}"
+    return f"ping {result}; underlay {seen}"
+
+
+@check()
+def restart_restores_the_sas(world: World) -> str:
+    code = world.h1.plugin.restart(timeout=START_TIMEOUT)
+    assert code == 0, f"the plugin exited {code} on SIGTERM"
+    started = time.monotonic()
+    wait_until(lambda: world.h1.ping("c1", CONTAINER_IP["h2"], 1, wait=1)["received"] == 1, 60,
+               "traffic after host 1's plugin restarted")
+    spi = spi_for(world.h1.host.ip, world.h2.host.ip, world.primary)
+    assert world.outbound_spis(world.h1, world.h2) == [spi]
+    return f"start-up reconciliation put the SAs back; traffic {time.monotonic() - started:.1f} s after it answered"
+
+
+@check()
+def restart_under_traffic_loses_nothing(world: World) -> str:
+    count = 300
+    cap = world.capture()
+    loop = world.h1.ping_loop("c1", CONTAINER_IP["h2"], count, 0.05)
+    started = time.monotonic()
+    code = world.h2.plugin.restart(timeout=START_TIMEOUT)
+    took = time.monotonic() - started
+    result = _loop_result(loop, count * 0.5 + 60)
+    seen = cap.stop()
+    assert code == 0, f"the plugin exited {code} on SIGTERM"
+    assert result["received"] == result["sent"] == count, (
+        f"loss while host 2's plugin restarted ({took:.1f} s to answer again): {result}\n"
+        f"--- host 1 ---\n{_interesting(world.h1.plugin.log(400))}\n--- host 2 ---\n{_interesting(world.h2.plugin.log(400))}")
+    assert seen["udp_encrypted_port"] == 0 and seen["udp_other"] == 0, f"cleartext VXLAN on the underlay: {seen}"
+    return f"host 2's plugin restarted during {result}; underlay {seen}"
+
+
+@check()
+def rotation_and_prune_by_cli_lose_nothing(world: World) -> str:
+    h1, h2 = world.h1, world.h2
+    count = 400
+    cap = world.capture()
+    loop = h1.ping_loop("c1", CONTAINER_IP["h2"], count, 0.05)
+    time.sleep(1.0)  # some traffic on the old key first
+    rotated = world.encrypt_cli("rotate", "--min-age", "0")
+    new = _primary(rotated)
+    assert new != world.primary, rotated
+    want = {"h1": spi_for(h1.host.ip, h2.host.ip, new), "h2": spi_for(h2.host.ip, h1.host.ip, new)}
+    wait_until(lambda: world.outbound_spis(h1, h2) == [want["h1"]] and world.outbound_spis(h2, h1) == [want["h2"]],
+               60, "both plugins to send with the new primary key")
+    pruned = world.encrypt_cli("prune")
+    old_in = spi_for(h2.host.ip, h1.host.ip, world.primary)
+    wait_until(lambda: old_in not in [sa.spi for sa in _sas(h1)], 60, "host 1 to drop the pruned key's SAs")
+    result = _loop_result(loop, count * 0.5 + 60)
+    seen = cap.stop()
+    assert result["received"] == result["sent"] == count, f"loss across rotation and prune: {result}"
+    assert seen["udp_encrypted_port"] == 0 and seen["udp_other"] == 0, f"cleartext VXLAN on the underlay: {seen}"
+    world.primary = new
+    return f"{rotated}; {pruned}; ping {result}; underlay {seen}"
+
+
+def _sas(engine: Engine):
+    xfrm = engine.xfrm()
+    try:
+        return xfrm.sas()
+    finally:
+        xfrm.close()
+
+
+@check()
+def removing_everything_leaves_nothing(world: World) -> str:
+    for name, engine in world.engines.items():
+        engine.remove_container("c1")
+        engine.call("DeleteNetwork", {"NetworkID": world.nids[name]})
+    for name, engine in world.engines.items():
+        xfrm = engine.xfrm()
+        try:
+            sas, policies = xfrm.sas(), xfrm.policies()
+        finally:
+            xfrm.close()
+        assert not sas and not policies, f"{name}: SAs {sas} policies {policies} left"
+        left = [ns for ns in engine.host.netns() if ns.startswith("vxnet-")]
+        assert not left, f"{name}: namespaces left: {left}"
+    keys = [k for k in world.lab.etcd.keys("/vxnet/v1/")
+            if not k.startswith(("/vxnet/v1/hosts/", "/vxnet/v1/encryption/"))]
+    assert not keys, f"etcd keys left: {keys}"
+    return "no SA, no policy, no namespace, no etcd key of the networks on either host"
+
+
+CHECK_NAMES = check.names
+
+
+def main() -> int:
+    world = World()
+    try:
+        return check.run(world)
+    finally:
+        if world.lab is not None:
+            errors = world.lab.teardown()
+            if errors:
+                print(f"teardown: {errors}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
