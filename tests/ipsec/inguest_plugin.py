@@ -13,6 +13,7 @@ PeerSync over etcd, EncryptionManager, the key ring watcher and the `python3 -m 
 Each check prints one `VXNET-CHECK {...}` line (tests/ipsec/inguest.py's CheckList).
 """
 
+import base64
 import concurrent.futures
 import json
 import os
@@ -330,6 +331,33 @@ def _sas(engine: Engine):
         return xfrm.sas()
     finally:
         xfrm.close()
+
+
+@check()
+def no_key_material_in_logs_or_argv(world: World) -> str:
+    """The cluster secret and every SA key in the kernel, in hex and base64, appear in neither plugin's log nor
+    in any process's command line."""
+    with open(world.secret_file) as f:
+        secrets_seen = [f.read().strip()]
+    for engine in world.engines.values():
+        secrets_seen += [sa.key.hex() for sa in _sas(engine)]
+    needles = set(secrets_seen) | {base64.b64encode(bytes.fromhex(h)).decode() for h in secrets_seen}
+    needles |= {n[:16] for n in needles}  # a fragment is a leak too
+    logs = {e.name: e.plugin.log(100000) for e in world.engines.values()}
+    argv = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    argv.append(f.read().replace(b"\0", b" ").decode(errors="replace"))
+            except OSError:
+                pass
+    for needle in needles:
+        for name, text in logs.items():
+            assert needle not in text, f"key material in {name}'s plugin log"
+        assert not any(needle in line for line in argv), "key material in a command line"
+    return (f"{len(secrets_seen) - 1} SA keys and the secret: in none of {sum(len(t) for t in logs.values())} "
+            f"bytes of plugin logs (debug level) nor {len(argv)} command lines")
 
 
 @check()
