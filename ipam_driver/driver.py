@@ -9,6 +9,11 @@ What Docker expects, and why the replays are confirmations:
 - In the local address space a second standalone host may join a network with the same --subnet (the overlay
   is shared): the pool and the gateway are confirmed for it. A second network on the *same* host with that
   subnet, or a container address already in use, is a Conflict.
+- A Swarm worker asks again in the *local* space: libnetwork gives swarm-scoped networks a local data scope, so
+  a node confirms the manager's task addresses under vxnet-local. With the plugin in global scope (Swarm mode,
+  where every vxnet network is a swarm network, allocated by the manager) a held address asked for again in the
+  local space is a confirmation too: otherwise a task address the manager hands out again after its node died
+  (still held there, never released) would fail on the node that now runs the task.
 - Releases of anything unknown succeed: dockerd replays them after a crash and must be able to delete its
   networks.
 """
@@ -98,7 +103,8 @@ class IpamDriver:
         kind = GATEWAY if req.options.get("RequestAddressType") == GATEWAY_REQUEST else CONTAINER
         if req.address:
             ip = pools.parse_address(req.address, cidr)
-            self.store.reserve_address(space, cidr, ip, self.host_id, kind, replay_ok=space == GLOBAL_SPACE)
+            self.store.reserve_address(space, cidr, ip, self.host_id, kind,
+                                       replay_ok=space == GLOBAL_SPACE or self.scope == "global")
         else:
             ip = self.store.allocate_address(space, cidr, self.host_id, kind, sub_pool)
         log.debug("address held: pool=%s ip=%s kind=%s host=%s", req.pool_id, ip, kind, self.host_id)

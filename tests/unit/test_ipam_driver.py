@@ -222,6 +222,19 @@ def test_held_address_is_a_conflict_in_local_space(kv):
     assert value(kv, ROOT + "addresses/vxnet-local/10.1.0.0_24/10.1.0.5")["hosts"] == ["h1"]
 
 
+def test_swarm_nodes_confirm_task_addresses_in_the_local_space(kv):
+    """Global scope: node A ran a task at .5 and died holding it; the manager gives .5 to a task on node B, whose
+    dockerd asks for it in the local space (libnetwork's data scope for swarm networks): a confirmation."""
+    a, b = driver(kv, "a", "global"), driver(kv, "b", "global")
+    pid = a.request_pool(pool_req("10.1.0.0/24"))["PoolID"]
+    assert b.request_pool(pool_req("10.1.0.0/24"))["PoolID"] == pid == "vxnet-local/10.1.0.0/24"
+    a.request_address(addr_req(pid, "10.1.0.5"))
+    assert b.request_address(addr_req(pid, "10.1.0.5"))["Address"] == "10.1.0.5/24"
+    assert value(kv, ROOT + "addresses/vxnet-local/10.1.0.0_24/10.1.0.5")["hosts"] == ["a", "b"]
+    a.release_address(addr_req(pid, "10.1.0.5"))  # node A comes back and cleans up: B's hold stays
+    assert value(kv, ROOT + "addresses/vxnet-local/10.1.0.0_24/10.1.0.5")["hosts"] == ["b"]
+
+
 def test_gateway_is_shared_by_hosts_joining_a_local_pool(kv):
     h1, h2, h3 = driver(kv, "h1"), driver(kv, "h2"), driver(kv, "h3")
     pid = h1.request_pool(pool_req("10.1.0.0/24"))["PoolID"]
