@@ -33,6 +33,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from plugin.errors import ConfigError, Conflict, VxnetError
+from plugin.watchloop import WatchLoop
 
 log = logging.getLogger(__name__)
 
@@ -286,66 +287,34 @@ class KeyStore:
         raise Conflict(f"could not prune the key ring at {self.key}: too much contention, try again")
 
 
-class KeyRingWatcher:
+class KeyRingWatcher(WatchLoop):
     """A thread: the ring in etcd -> on_ring(ring). A full read (creating the ring if there is none) at start
     and after every break, then a watch from the next revision. on_ring errors are logged and retried after a
     back-off from a fresh read, as the peer watcher does; nothing is skipped."""
 
+    what = "key ring watch"
+    failure_level = logging.ERROR  # until it is applied, encrypted peers cannot be programmed
+
     def __init__(self, kv, store: KeyStore, on_ring: Callable[[KeyRing], None], max_backoff: float = 2.0):
-        self.kv = kv
+        super().__init__(kv, max_backoff)
         self.store = store
         self.on_ring = on_ring
-        self.max_backoff = max_backoff
-        self._stop = threading.Event()
-        self._stream = None
-        self._thread: Optional[threading.Thread] = None
-        self.synced = threading.Event()  # set after each successful full read and apply
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="keyring-watcher", daemon=True)
-        self._thread.start()
+    def load(self):
+        self.store.ensure()
+        ring, revision = self.store.read_at_revision()
+        if ring is None:
+            raise KeyringError(f"the key ring at {self.store.key} vanished while being read")
+        self.on_ring(ring)
+        return self.store.key, revision
 
-    def stop(self) -> None:
-        self._stop.set()
-        stream = self._stream
-        if stream is not None:
-            stream.close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        backoff = 0.1
-        while not self._stop.is_set():
-            try:
-                self.store.ensure()
-                ring, revision = self.store.read_at_revision()
-                if ring is None:
-                    raise KeyringError(f"the key ring at {self.store.key} vanished while being read")
-                self.on_ring(ring)
-                self.synced.set()
-                backoff = 0.1
-                self._stream = self.kv.watch(self.store.key, revision + 1)
-                if self._stop.is_set():
-                    return
-                for event in self._stream:
-                    if event.key != self.store.key:
-                        continue  # the watch is on a prefix: <key>-something is not ours
-                    if event.kind == "put":
-                        self.on_ring(self.store.decode(event.value))
-                    else:  # deleted (etcd wiped by hand): the next full read makes a new ring
-                        break
-            except VxnetError as exc:
-                if self._stop.is_set():
-                    return
-                log.error("key ring not applied, retry in %.1f s: %s", backoff, exc)
-            except Exception:  # a bug: log it and start over rather than leave the keys stale
-                log.exception("key ring watcher crashed; retrying")
-            finally:
-                self._stream = None
-            self.synced.clear()
-            if self._stop.wait(backoff):
-                return
-            backoff = min(backoff * 2, self.max_backoff)
+    def apply(self, event) -> bool:
+        if event.key != self.store.key:
+            return True  # the watch is on a prefix: <key>-something is not ours
+        if event.kind == "put":
+            self.on_ring(self.store.decode(event.value))
+            return True
+        return False  # deleted (etcd wiped by hand): the next full read makes a new ring
 
 
 class KeyRotator:

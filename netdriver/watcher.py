@@ -7,13 +7,13 @@ Both start-up and every event go through the same path: update PeerDB, then `syn
 
 import logging
 import threading
-from typing import Dict, Optional
+from typing import Dict
 
 from netdriver.models import Network, PeerRecord
 from netdriver.peerdb import PeerDB
 from netdriver.store import NetworkStore, segment_of
 from plugin.errors import VxnetError
-from plugin.kvstore import Compacted
+from plugin.watchloop import WatchLoop
 
 log = logging.getLogger(__name__)
 
@@ -105,66 +105,27 @@ class PeerSync:
                 self._sync(segment)
 
 
-class PeerWatcher:
+class PeerWatcher(WatchLoop):
     """A thread: etcd peers/ -> PeerSync. `stop()` ends it; `kick()` forces a reconnect and full resync."""
 
+    what = "peer watch"
+
     def __init__(self, kv, store: NetworkStore, sync: PeerSync, max_backoff: float = 2.0):
-        self.kv = kv
+        super().__init__(kv, max_backoff)
         self.store = store
         self.sync = sync
-        self.max_backoff = max_backoff  # bounds how long after etcd returns new peers show up
-        self._stop = threading.Event()
-        self._stream = None
-        self._thread: Optional[threading.Thread] = None
-        self.synced = threading.Event()  # set after each successful full read
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="peer-watcher", daemon=True)
-        self._thread.start()
+    def load(self):
+        records, revision = self.store.all_peers()
+        self.sync.resync(records)
+        return self.store.peers_prefix(), revision
 
-    def stop(self) -> None:
-        self._stop.set()
-        self.kick()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def kick(self) -> None:
-        stream = self._stream
-        if stream is not None:
-            stream.close()
-
-    def _run(self) -> None:
-        backoff = 0.1
-        while not self._stop.is_set():
-            try:
-                records, revision = self.store.all_peers()
-                self.sync.resync(records)
-                self.synced.set()
-                backoff = 0.1
-                self._stream = self.kv.watch(self.store.peers_prefix(), revision + 1)
-                if self._stop.is_set():
-                    return
-                for event in self._stream:
-                    parsed = self.store.parse_peer_key(event.key)
-                    if parsed is None:
-                        continue
-                    segment, endpoint_id = parsed
-                    if event.kind == "put":
-                        self.sync.put(segment, event.mod_revision, PeerRecord.from_json(event.value))
-                    else:
-                        self.sync.delete(segment, endpoint_id)
-            except Compacted as exc:
-                log.info("peer watch resyncs: %s", exc)
-                continue
-            except VxnetError as exc:
-                if self._stop.is_set():
-                    return
-                log.warning("peer watch interrupted, resync in %.1f s: %s", backoff, exc)
-            except Exception:  # a bug: log it and resync rather than leave the kernel unmanaged
-                log.exception("peer watch crashed; resyncing")
-            finally:
-                self._stream = None
-            self.synced.clear()
-            if self._stop.wait(backoff):
-                return
-            backoff = min(backoff * 2, self.max_backoff)
+    def apply(self, event) -> bool:
+        parsed = self.store.parse_peer_key(event.key)
+        if parsed is not None:
+            segment, endpoint_id = parsed
+            if event.kind == "put":
+                self.sync.put(segment, event.mod_revision, PeerRecord.from_json(event.value))
+            else:
+                self.sync.delete(segment, endpoint_id)
+        return True

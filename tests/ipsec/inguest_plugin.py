@@ -31,6 +31,7 @@ from tests.harness.hosts import NSENTER, Host, Lab
 from tests.harness.plugin import REPO, Plugin
 from tests.harness.proc import wait_until
 from tests.harness.unixhttp import request
+from tests.ipsec import inguest
 from tests.ipsec.inguest import Capture, CheckList, parse_ping
 
 SUBNET, GATEWAY = "10.50.0.0/24", "10.50.0.1/24"
@@ -168,11 +169,7 @@ def _loop_result(proc: subprocess.Popen, timeout: float) -> dict:
 check = CheckList()
 
 
-@check(essential=True)
-def esp_supported(world: World) -> str:
-    reason = mgr.esp_unavailable_reason()
-    assert reason is None, reason
-    return "this kernel does ESP with rfc4106(gcm(aes))"
+check(essential=True)(inguest.esp_supported)  # the same first check: nothing else can work without it
 
 
 @check(essential=True)

@@ -3,7 +3,6 @@ transactions, the watch stream) and is refused with a clear error with the wrong
 
 import datetime
 import ipaddress
-import os
 import threading
 
 import pytest
