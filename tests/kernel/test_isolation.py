@@ -25,7 +25,7 @@ def pings(ns, target):
 @pytest.fixture
 def wired():
     links = Links()
-    plane = DataPlane(links, Underlay(lambda a: 65536, "127.0.0.1"), Firewall())
+    plane = DataPlane(links, Underlay(lambda a: 65536, "127.0.0.1"), Firewall(links.nft))
     nid = secrets.token_hex(32)
     network = Network(id=nid, vni=9000011, mtu=1450, internal=False, subnets=[Subnet("10.77.5.0/24", None)])
     made, endpoints = [], []
