@@ -214,7 +214,7 @@ class NetworkDriver:
     def create_endpoint(self, req: p.CreateEndpointRequest) -> dict:
         """`{"NetworkID","EndpointID","Interface":{"Address","AddressIPv6","MacAddress"},"Options"}` ->
         `{"Interface":{"MacAddress"}}` when the request had no MAC (only fields that were empty), else `{}`."""
-        network = self._network(req.network_id)
+        network = self._ready.get(req.network_id) or self._network(req.network_id)  # see leave()
         if not req.interface.address:
             raise InvalidRequest("Interface.Address: vxnet needs the endpoint's IPv4 address from IPAM")
         if req.interface.address_ipv6:

@@ -209,11 +209,14 @@ def test_guard_follows_joins_and_deletes_one_endpoint_at_a_time_and_a_restart_re
     assert plane.guarded[NID] == incremental
 
 
-def test_join_on_a_ready_network_only_wires_its_endpoint_in_two_etcd_round_trips():
+def test_calls_on_a_ready_network_only_touch_their_endpoint_in_few_etcd_round_trips():
     drv, kv, plane = make()
     drv.create_network(create_req())
     drv.create_endpoint(endpoint_req())
     plane.fail_on.add("ensure_network")  # the namespace is whole already: a Join must not need it
+    before = kv.round_trips
+    drv.create_endpoint(endpoint_req(eid=_eid(7), address="10.1.0.7/24"))
+    assert kv.round_trips - before == 1  # the network record is the one kept for the namespace
     before = kv.round_trips
     drv.join(p.JoinRequest.decode({"NetworkID": NID, "EndpointID": EID}))
     assert kv.round_trips - before == 2  # both records in one read; the peer record
@@ -221,7 +224,8 @@ def test_join_on_a_ready_network_only_wires_its_endpoint_in_two_etcd_round_trips
     before = kv.round_trips
     drv.delete_endpoint(p.EndpointRequest.decode({"NetworkID": NID, "EndpointID": EID}))
     assert kv.round_trips - before == 2  # both records in one read; endpoint and peer deleted in one transaction
-    assert plane.guarded[NID] == [] and kv.keys("/vxnet/v1/endpoints/") == [] and kv.keys("/vxnet/v1/peers/") == []
+    assert plane.guarded[NID] == [] and kv.keys("/vxnet/v1/peers/") == []
+    assert kv.keys("/vxnet/v1/endpoints/") == [f"/vxnet/v1/endpoints/{NID}/{_eid(7)}"]
 
 
 def test_a_namespace_or_table_gone_behind_our_back_is_rebuilt_by_the_next_join():
