@@ -31,6 +31,8 @@ def log(msg: str) -> None:
 
 class BenchLab:
     def __init__(self, quiet_plugin: bool = True):
+        """quiet_plugin: the plugins log at info level (debug logs every call with its duration, which costs a
+        little; bench --plugin-timings turns it on to read those durations)."""
         self.lab: Optional[Lab] = None
         self.h1: Optional[Host] = None
         self.h2: Optional[Host] = None
@@ -39,6 +41,10 @@ class BenchLab:
         self.swarm = False
         self.networks: List[tuple] = []  # (host, name) made here, removed at teardown
         self.quiet_plugin = quiet_plugin
+
+    @property
+    def plugin_log_level(self) -> str:
+        return "info" if self.quiet_plugin else "debug"
 
     @property
     def hosts(self) -> List[Host]:
@@ -72,7 +78,7 @@ class BenchLab:
 
     # --- vxnet as a host process ---------------------------------------------------------------------------------
     def start_plugins(self) -> None:
-        env = {"VXNET_LOG_LEVEL": "info"} if self.quiet_plugin else None
+        env = {"VXNET_LOG_LEVEL": self.plugin_log_level}
         for host in self.hosts:
             if host.name not in self.plugins:
                 self.plugins[host.name] = Plugin(host, self.lab.etcd.url, env).start()

@@ -70,6 +70,9 @@ def main(argv=None) -> int:
                              "network, or both, one after the other (default)")
     parser.add_argument("--startup-host", type=int, choices=(1, 2), default=1,
                         help="host that runs the timed containers (1: Swarm manager, 2: worker)")
+    parser.add_argument("--plugin-timings", action="store_true",
+                        help="startup: run the plugins at debug level and report the median duration of each "
+                             "plugin call during the timed runs, as the plugin logs it (costs a little)")
     parser.add_argument("--wait-load", type=float, default=1.0, metavar="LOAD",
                         help="before starting, wait while the 1-minute load average is >= LOAD (default 1.0; "
                              "0: do not wait)")
@@ -109,7 +112,7 @@ def main(argv=None) -> int:
     log(f"vxnet bench: parts {', '.join(parts)}; load average {results['load_at_start']} ({os.cpu_count()} CPUs)")
     failed: List[str] = []
     status = 0
-    bl = BenchLab()
+    bl = BenchLab(quiet_plugin=not args.plugin_timings)
     try:
         bl.start()
         log(f"two simulated hosts up ({time.monotonic() - started:.0f} s)")

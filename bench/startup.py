@@ -17,6 +17,7 @@ reversed every other round; one uncounted warm-up each. Times are the docker CLI
 
 import concurrent.futures
 import os
+import re
 import time
 from typing import Dict, List, Optional, Tuple
 
@@ -43,7 +44,8 @@ def install_managed(bl: BenchLab) -> float:
     def install(host):
         env = dict(os.environ, DOCKER_HOST=host.docker_host)
         proc = run(["bash", BUILD, "VXNET_SCOPE=global", f"ETCD_ENDPOINTS={bl.lab.etcd.url}",
-                    f"VXNET_ADVERTISE_ADDR={host.ip}", f"VXNET_HOST_ID={host.name}"],
+                    f"VXNET_ADVERTISE_ADDR={host.ip}", f"VXNET_HOST_ID={host.name}",
+                    f"VXNET_LOG_LEVEL={bl.plugin_log_level}"],
                    env=env, timeout=420, check=False)
         if proc.returncode != 0:
             raise BenchError(f"build-plugin.sh on {host.name} failed: {(proc.stderr or proc.stdout)[-800:]}")
@@ -83,6 +85,34 @@ def _prepare(bl: BenchLab, mode: str) -> Tuple[str, str, Optional[float]]:
     return mode, VX_NET, None
 
 
+# plugin/http.py's debug line for every call that succeeded; in dockerd's log (managed plugin) it sits inside msg="...".
+_CALL_TIME = re.compile(r"(NetworkDriver|IpamDriver)\.(\w+) ok in ([0-9.]+) ms")
+
+
+def _plugin_log(bl: BenchLab, mode: str, host) -> str:
+    """Where the plugin on host writes its lines: its own log (host process), or dockerd's (managed plugin)."""
+    if mode == "managed":
+        return os.path.join(host.dir, "logs", "dockerd.log")
+    return bl.plugins[host.name].log_path
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+def _call_times(path: str, offset: int) -> Dict[str, List[float]]:
+    """Durations (ms) per plugin call logged in path after offset."""
+    out: Dict[str, List[float]] = {}
+    with open(path, errors="replace") as f:
+        f.seek(offset)
+        for match in _CALL_TIME.finditer(f.read()):
+            out.setdefault(match.group(2), []).append(float(match.group(3)))
+    return out
+
+
 def _measure(bl: BenchLab, count: int, host_index: int, vx_net: str) -> Dict[str, List[float]]:
     """Interleaved timings: vxnet, the built-in overlay, and the default bridge (the floor: no overlay at all)."""
     bl.endpoints(vx_net)  # the vxnet network carries traffic between the hosts before it is timed
@@ -116,12 +146,17 @@ def run_part(bl: BenchLab, count: int, mode: str, host_index: int) -> Dict[str, 
                 results.append({"mode": "managed", "note": note, "error": str(exc)})
                 continue
             used, vx_net, install_s = _prepare(bl, "process")
+        plugin_log = _plugin_log(bl, used, bl.hosts[host_index - 1])
+        offset = _size(plugin_log)
         times = _measure(bl, count, host_index, vx_net)
+        calls = {} if bl.quiet_plugin else _call_times(plugin_log, offset)
         medians = {name: median(values) for name, values in times.items()}
         results.append({
             "mode": used, "note": note, "vxnet_network": vx_net, "plugin_install_s": install_s,
             "times_s": {name: [round(t, 3) for t in values] for name, values in times.items()},
             "median_s": medians, "ratio": ratio(medians["vxnet"], medians["builtin"]),
+            "plugin_calls_ms": {call: {"count": len(v), "median": round(median(v), 1), "max": round(max(v), 1)}
+                                for call, v in sorted(calls.items())},
         })
     return {"host": bl.hosts[host_index - 1].name, "runs": count, "results": results}
 
@@ -142,6 +177,10 @@ def report(s: Dict[str, object]) -> List[str]:
         for name, values in r["times_s"].items():
             lines.append(f"    {name:8s} {fmt(r['median_s'][name])} s  ({', '.join(f'{t:.2f}' for t in values)})")
         lines.append(f"    vxnet/builtin {fmt(r['ratio'])}x   (target <= 0.8x: {verdict(r['ratio'], 0.8, False)})")
+        if r.get("plugin_calls_ms"):
+            lines.append("    plugin calls during the timed runs, as the plugin logs them (ms, median/max/count): "
+                         + ", ".join(f"{call} {t['median']}/{t['max']}/{t['count']}"
+                                     for call, t in r["plugin_calls_ms"].items()))
         if r["plugin_install_s"] is not None:
             lines.append(f"    (installing the managed plugin on both hosts took {r['plugin_install_s']:.0f} s, "
                          "not part of the times above)")

@@ -20,11 +20,12 @@ finished off by the next RequestPool or ReleasePool.
 import dataclasses
 import datetime
 import json
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from ipam_driver import pools
 from ipam_driver.pools import Address, Network
 from plugin.errors import Conflict, Exhausted, NotFound
+from plugin.kvstore import Snapshot
 
 GATEWAY = "gateway"
 CONTAINER = "container"
@@ -126,12 +127,17 @@ class IpamStore:
         value = self._pool_value(pool.space, pool.cidr, hosts, pool.created)
         return self.kv.commit(revisions={pool.key: pool.revision}, puts={pool.key: value})
 
-    def _live_pool(self, space: str, cidr: Network) -> PoolEntry:
-        pool = self.pool(space, cidr)
+    def _live_pool(self, space: str, cidr: Network, keys: Sequence[str] = (),
+                   prefixes: Sequence[str] = ()) -> Tuple[PoolEntry, Snapshot]:
+        """The pool, which must be held, and the given keys and prefixes, read in one round trip at one revision
+        (an address call then costs that read and its one transaction)."""
+        snap = self.kv.read(keys=[self.pool_key(space, cidr), *keys], prefixes=prefixes)
+        raw = snap.entries[self.pool_key(space, cidr)]
+        pool = self._pool_entry(raw) if raw else None
         if pool is None or not pool.hosts:
             raise NotFound(f"PoolID: pool {cidr} in address space {space} is not allocated "
                            "(released, or never requested)")
-        return pool
+        return pool, snap
 
     # -- pools -----------------------------------------------------------------------------------------------------
     def hold_pool(self, space: str, want: Optional[Network], host: str, replay_ok: bool) -> Network:
@@ -215,8 +221,8 @@ class IpamStore:
         otherwise Conflict."""
         key = self.address_key(space, cidr, ip)
         for _ in range(MAX_ROUNDS):
-            pool = self._live_pool(space, cidr)
-            raw = self.kv.get(key)
+            pool, snap = self._live_pool(space, cidr, keys=[key])
+            raw = snap.entries[key]
             if raw is None:
                 value = self._address_value(cidr, ip, kind, (host,))
                 if self.kv.commit(absent=[key], revisions={pool.key: pool.revision}, puts={key: value}):
@@ -234,9 +240,10 @@ class IpamStore:
                          sub_pool: Optional[Network]) -> Address:
         """Hold the lowest free host address (inside sub_pool if given) and return it. A gateway request joins
         the pool's existing gateway if there is one. Exhausted when no address is left."""
+        prefix = self.addresses_prefix(space, cidr)
         for _ in range(MAX_ROUNDS):
-            pool = self._live_pool(space, cidr)
-            held = self.addresses(space, cidr)
+            pool, snap = self._live_pool(space, cidr, prefixes=[prefix])
+            held = {a.ip: a for a in map(self._address_entry, snap.ranges[prefix])}
             gateway = next((a for a in held.values() if a.kind == GATEWAY), None) if kind == GATEWAY else None
             if gateway is not None:
                 if self._add_holder(pool, gateway, host):

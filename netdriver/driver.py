@@ -9,7 +9,7 @@ import contextlib
 import ipaddress
 import logging
 import threading
-from typing import Callable, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 from encrypt.manager import inner_mtu
 from netdriver import names, options
@@ -89,9 +89,15 @@ class NetworkDriver:
         self.scope = scope
         self.underlay = underlay
         self.on_vtep_change = on_vtep_change
-        # Rules are computed from the endpoints present and applied whole: serialise so that the last writer
-        # saw every veth made before it.
+        # Serialises the anti-spoofing changes of all networks. A whole-table rebuild computes the endpoints
+        # present and then applies them; an endpoint's own add (after its veth exists) or removal (after its veth
+        # is gone) taken in between would be undone by it. Under one lock, whichever comes second sees the other.
         self._guard_lock = threading.Lock()
+        # Networks whose namespace this process has made whole (ensure_network, peers applied, anti-spoofing table
+        # rebuilt): network id -> record. A Join there only wires its endpoint (ensure_network alone costs ~6 ms
+        # and the peer resync reads the whole FDB). Filled by CreateNetwork, start-up and the first Join; an entry
+        # goes with the namespace and after any kernel error in it, so the next call rebuilds from scratch.
+        self._ready: Dict[str, Network] = {}
 
     # -- capabilities and discovery -----------------------------------------------------------------------------
     def get_capabilities(self, req: p.EmptyRequest) -> dict:
@@ -148,8 +154,7 @@ class NetworkDriver:
             if existing.encrypted:
                 self._require_encryption()
             self.store.add_member(existing.id, self.host_id, segment_of(existing.id, existing.overlay))
-            self.dataplane.ensure_network(existing)
-            self._network_up(existing)
+            self._prepare(existing)
             self._guard_host()
             return {}
         self.underlay.require()
@@ -166,9 +171,8 @@ class NetworkDriver:
                               overlay=opts.overlay, options=opts.generic, encrypted=opts.encrypted)
             self.store.put_network(network, self.host_id, segment)
             undo.push(lambda: self.store.delete_network(network.id, self.host_id, segment))
-            undo.push(lambda: self.dataplane.remove_network(network.id, network.vni))
-            self.dataplane.ensure_network(network)
-            self._network_up(network)
+            undo.push(lambda: self._remove_namespace(network.id, network.vni))
+            self._prepare(network)
             self._guard_host()
         log.info("network created nid=%s vni=%d mtu=%d internal=%s encrypted=%s", network.id[:12], vni, mtu,
                  opts.internal, opts.encrypted)
@@ -178,7 +182,7 @@ class NetworkDriver:
         """`{"NetworkID"}` -> `{}`. Unknown networks succeed: dockerd replays deletes after a crash."""
         network = self.store.get_network(req.network_id)
         if network is None:
-            self.dataplane.remove_network(req.network_id)
+            self._remove_namespace(req.network_id)
             return {}
         segment = segment_of(network.id, network.overlay)
         for endpoint in self.store.list_endpoints(network.id):
@@ -186,7 +190,7 @@ class NetworkDriver:
                 self.store.delete_peer(segment, endpoint.id)
         if self.peers is not None:
             self.peers.network_down(network)
-        self.dataplane.remove_network(network.id, network.vni)
+        self._remove_namespace(network.id, network.vni)
         self.store.delete_network(network.id, self.host_id, segment)
         self._guard_host()
         self.store.release_segment(segment)
@@ -210,7 +214,7 @@ class NetworkDriver:
     def create_endpoint(self, req: p.CreateEndpointRequest) -> dict:
         """`{"NetworkID","EndpointID","Interface":{"Address","AddressIPv6","MacAddress"},"Options"}` ->
         `{"Interface":{"MacAddress"}}` when the request had no MAC (only fields that were empty), else `{}`."""
-        network = self._network(req.network_id)
+        network = self._ready.get(req.network_id) or self._network(req.network_id)  # see leave()
         if not req.interface.address:
             raise InvalidRequest("Interface.Address: vxnet needs the endpoint's IPv4 address from IPAM")
         if req.interface.address_ipv6:
@@ -239,14 +243,24 @@ class NetworkDriver:
         return {"Value": value}
 
     def delete_endpoint(self, req: p.EndpointRequest) -> dict:
-        """`{"NetworkID","EndpointID"}` -> `{}`; unknown IDs succeed."""
-        network = self.store.get_network(req.network_id)
-        self.dataplane.remove_endpoint(req.network_id, req.endpoint_id)
-        if network is not None:
-            self.store.delete_peer(segment_of(network.id, network.overlay), req.endpoint_id)
-        self.store.delete_endpoint(req.network_id, req.endpoint_id)
-        if network is not None:
-            self._guard(network)
+        """`{"NetworkID","EndpointID"}` -> `{}`; unknown IDs succeed.
+
+        Records go last, in one transaction: a failure before it leaves them for dockerd's replay to finish with."""
+        network, endpoint = self.store.network_and_endpoint(req.network_id, req.endpoint_id)
+        self.dataplane.remove_endpoint(req.network_id, req.endpoint_id)  # the port goes before its guard
+        if network is None:
+            self.store.delete_endpoint(req.network_id, req.endpoint_id)
+            return {}
+        if endpoint is not None and network.id in self._ready:
+            try:
+                self._unguard(network, endpoint)
+            except KernelError as exc:
+                log.warning("anti-spoofing of nid=%s rebuilt whole: %s", network.id[:12], exc)
+                self._ready.pop(network.id, None)
+                self._guard(network)
+        else:
+            self._guard(network)  # no record to name its elements, or a table this process has not made
+        self.store.delete_endpoint(network.id, req.endpoint_id, segment_of(network.id, network.overlay))
         return {}
 
     def join(self, req: p.JoinRequest) -> dict:
@@ -255,26 +269,45 @@ class NetworkDriver:
 
         No Gateway: on a non-internal network dockerd then attaches the container to docker_gwbridge for egress,
         as it does for Docker's own overlay; internal networks get no way out."""
-        network = self._network(req.network_id)
-        endpoint = self.store.get_endpoint(req.network_id, req.endpoint_id)
+        network, endpoint = self.store.network_and_endpoint(req.network_id, req.endpoint_id)
+        if network is None:
+            raise NotFound(f"network {req.network_id[:12]} is not known to vxnet (not in its etcd store)")
         if endpoint is None:
             raise NotFound(f"endpoint {req.endpoint_id[:12]} was never created on network {network.id[:12]}")
-        segment = segment_of(network.id, network.overlay)
-        with _rollback() as undo:
-            self.dataplane.ensure_network(network)
-            self._network_up(network)
-            undo.push(lambda: self.dataplane.remove_endpoint(network.id, endpoint.id))
-            ifname = self.dataplane.ensure_endpoint(network, endpoint)
-            undo.push(lambda: self._guard(network))
-            self._guard(network)  # before dockerd gets the interface: no window without anti-spoofing
-            undo.push(lambda: self.store.delete_peer(segment, endpoint.id))
-            self._publish(network, endpoint)
+        ready = network.id in self._ready
+        try:
+            ifname = self._wire(network, endpoint, whole=not ready)
+        except KernelError as exc:
+            self._ready.pop(network.id, None)
+            if not ready:
+                raise
+            # The namespace or its table changed behind our back (removed by hand, say): rebuild them, once.
+            log.warning("network nid=%s rebuilt for Join eid=%s: %s", network.id[:12], endpoint.id[:12], exc)
+            ifname = self._wire(network, endpoint, whole=True)
         return {"InterfaceName": {"SrcName": ifname, "DstPrefix": names.CONTAINER_PREFIX},
                 "DisableGatewayService": network.internal}
 
+    def _wire(self, network: Network, endpoint: Endpoint, whole: bool) -> str:
+        """The endpoint's veth, its anti-spoofing elements, then its peer record; whole: make the network's
+        namespace whole first."""
+        segment = segment_of(network.id, network.overlay)
+        with _rollback() as undo:
+            if whole:
+                self._prepare(network)
+            undo.push(lambda: self.dataplane.remove_endpoint(network.id, endpoint.id))
+            ifname = self.dataplane.ensure_endpoint(network, endpoint)
+            with self._guard_lock:  # before dockerd gets the interface: no window without anti-spoofing
+                self.dataplane.guard_endpoint(network, endpoint)
+            undo.push(lambda: self._unwire(network, endpoint))
+            undo.push(lambda: self.store.delete_peer(segment, endpoint.id))
+            self._publish(network, endpoint)
+        return ifname
+
     def leave(self, req: p.EndpointRequest) -> dict:
         """`{"NetworkID","EndpointID"}` -> `{}`: other hosts forget the peer; the veth goes at DeleteEndpoint."""
-        network = self.store.get_network(req.network_id)
+        # A network record never changes while this host is a member, so the one kept for a ready namespace
+        # names the segment without a round trip to etcd.
+        network = self._ready.get(req.network_id) or self.store.get_network(req.network_id)
         if network is not None:
             self.store.delete_peer(segment_of(network.id, network.overlay), req.endpoint_id)
         return {}
@@ -286,11 +319,35 @@ class NetworkDriver:
     def revoke_external_connectivity(self, req: p.EndpointRequest) -> dict:
         return {}
 
+    def _prepare(self, network: Network) -> None:
+        """Make the network's namespace whole: bridge and VXLAN, the peers, the anti-spoofing table rebuilt from
+        the endpoints present. Afterwards Joins only add their own endpoint."""
+        self._ready.pop(network.id, None)
+        self.dataplane.ensure_network(network)
+        self._network_up(network)
+        self._guard(network)
+        self._ready[network.id] = network
+
+    def _remove_namespace(self, network_id: str, vni: Optional[int] = None) -> None:
+        for known in [n for n in self._ready if n[:12] == network_id[:12]]:  # network_id may be a 12-char prefix
+            self._ready.pop(known, None)
+        self.dataplane.remove_network(network_id, vni)
+
     def _guard(self, network: Network) -> None:
+        """The whole anti-spoofing table, from this host's endpoint records whose veth is in the namespace."""
         with self._guard_lock:
-            present = [e for e in self.store.list_endpoints(network.id)
-                       if e.host == self.host_id and self.dataplane.endpoint_present(network.id, e.id)]
-            self.dataplane.guard_endpoints(network, present)
+            mine = [e for e in self.store.list_endpoints(network.id) if e.host == self.host_id]
+            wired = self.dataplane.wired_endpoints(network.id, [e.id for e in mine])
+            self.dataplane.guard_endpoints(network, [e for e in mine if e.id in wired])
+
+    def _unguard(self, network: Network, endpoint: Endpoint) -> None:
+        with self._guard_lock:
+            self.dataplane.unguard_endpoint(network, endpoint)
+
+    def _unwire(self, network: Network, endpoint: Endpoint) -> None:
+        """The veth, then its anti-spoofing elements: a port never exists unguarded."""
+        self.dataplane.remove_endpoint(network.id, endpoint.id)
+        self._unguard(network, endpoint)
 
     def _guard_host(self) -> None:
         with self._guard_lock:
@@ -313,21 +370,19 @@ class NetworkDriver:
         desired = self.store.member_networks(self.host_id)
         for network in desired:
             try:
-                self.dataplane.ensure_network(network)
+                self._prepare(network)
             except KernelError as exc:
                 # One broken network must not keep the others (and the peer watcher) down; its next Join
                 # or CreateNetwork replay tries again and reports the error to the user.
                 log.error("cannot rebuild network nid=%s vni=%d: %s", network.id[:12], network.vni, exc)
                 continue
-            self._network_up(network)
-            self._guard(network)
         self._guard_host()
         networks = self.store.list_networks()
         known = {n.id[:12] for n in networks}
         for prefix in self.dataplane.network_ids():
             if prefix not in known:
                 log.info("removing stale namespace %s", names.netns(prefix))
-                self.dataplane.remove_network(prefix)
+                self._remove_namespace(prefix)
         mine = [e.id for n in networks for e in self.store.list_endpoints(n.id) if e.host == self.host_id]
         for name in self.dataplane.sweep_host_links(mine):
             log.info("removed stale link %s", name)
@@ -338,10 +393,10 @@ class NetworkDriver:
         for network in networks if networks is not None else self.store.member_networks(self.host_id):
             segment = segment_of(network.id, network.overlay)
             mine = {p.endpoint_id for p in self.store.list_peers(segment) if p.host == self.host_id}
-            for endpoint in self.store.list_endpoints(network.id):
-                if endpoint.host != self.host_id:
-                    continue
-                if self.dataplane.endpoint_present(network.id, endpoint.id):
+            endpoints = [e for e in self.store.list_endpoints(network.id) if e.host == self.host_id]
+            wired = self.dataplane.wired_endpoints(network.id, [e.id for e in endpoints])
+            for endpoint in endpoints:
+                if endpoint.id in wired:
                     self._publish(network, endpoint)
                 elif endpoint.id in mine:
                     self.store.delete_peer(segment, endpoint.id)

@@ -1,6 +1,8 @@
-"""Firewall rules that keep networks apart and containers honest, in nftables tables of our own, written with
-`nft -j -f -` as one atomic batch per change (the whole table is replaced, so a replay changes nothing and a
-half-applied state never exists).
+"""Firewall rules that keep networks apart and containers honest, in nftables tables of our own, written as
+nftables JSON, one atomic batch per change (through libnftables on the netlink thread: Links.nft). A batch either
+replaces a whole table (start-up, network creation: a replay changes nothing and a half-applied state never
+exists) or, on Join and DeleteEndpoint, adds or removes one endpoint's elements in the sets the fixed rules look
+up: O(1) per container, whatever the number of endpoints.
 
 Two tables:
 - `bridge vxnet` inside each network's namespace (anti-spoofing): a frame entering the bridge from an endpoint's
@@ -17,12 +19,8 @@ Every rule carries a comment naming what it is for, so `nft list ruleset` explai
 """
 
 import ipaddress
-import json
 import logging
-import subprocess
-from typing import Iterable, List, Optional, Sequence, Tuple
-
-from plugin.errors import KernelError
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +61,15 @@ def _set(family: str, name: str, kind) -> dict:
     return {"add": {"set": {"family": family, "table": TABLE, "name": name, "type": kind}}}
 
 
-def _elements(family: str, name: str, elems: list) -> List[dict]:
-    return [{"add": {"element": {"family": family, "table": TABLE, "name": name, "elem": elems}}}] if elems else []
+def _elements(family: str, name: str, elems: list, op: str = "add") -> List[dict]:
+    return [{op: {"element": {"family": family, "table": TABLE, "name": name, "elem": elems}}}] if elems else []
+
+
+def _endpoint_elements(endpoints: Sequence[Tuple[str, str, str]]) -> List[Tuple[str, list]]:
+    """(set name, elements) of the anti-spoofing sets for these (port, ip, mac) endpoints."""
+    return [("ports", [port for port, _, _ in endpoints]),
+            ("macs", [{"concat": [port, mac]} for port, _, mac in endpoints]),
+            ("ips", [{"concat": [port, ip]} for port, ip, _ in endpoints])]
 
 
 def endpoint_guard_batch(endpoints: Sequence[Tuple[str, str, str]]) -> List[dict]:
@@ -91,9 +96,23 @@ def endpoint_guard_batch(endpoints: Sequence[Tuple[str, str, str]]) -> List[dict
               _match(pair("arp", "saddr ether"), "@macs", "!=")),
         _rule("bridge", "forward", "vxnet:anti-spoofing:no-ipv6", guarded,
               _match(_payload("ether", "type"), "ip6")),
-    ] + _elements("bridge", "ports", [port for port, _, _ in endpoints]) \
-      + _elements("bridge", "macs", [{"concat": [port, mac]} for port, _, mac in endpoints]) \
-      + _elements("bridge", "ips", [{"concat": [port, ip]} for port, ip, _ in endpoints])
+    ] + [op for name, elems in _endpoint_elements(endpoints) for op in _elements("bridge", name, elems)]
+
+
+def endpoint_add_batch(port: str, ip: str, mac: str) -> List[dict]:
+    """One endpoint's elements into the sets of an existing anti-spoofing table. Adding an element that is there
+    already is no error, so a replay changes nothing. A missing table is an error (nothing is created here: sets
+    without their rules would guard nothing), and the caller rebuilds the table whole."""
+    return [op for name, elems in _endpoint_elements([(port, ip, mac)]) for op in _elements("bridge", name, elems)]
+
+
+def endpoint_remove_batch(port: str, ip: str, mac: str) -> List[dict]:
+    """One endpoint's elements out of the sets. nftables refuses to delete a missing element, so each is added
+    first in the same transaction: the batch succeeds whether or not they were there, and a replay changes
+    nothing."""
+    return endpoint_add_batch(port, ip, mac) + [
+        op for name, elems in _endpoint_elements([(port, ip, mac)]) for op in _elements("bridge", name, elems,
+                                                                                          "delete")]
 
 
 def host_guard_batch(subnets: Iterable[str]) -> List[dict]:
@@ -117,27 +136,20 @@ def host_guard_batch(subnets: Iterable[str]) -> List[dict]:
 
 
 class Firewall:
-    """Applies the batches with the nft command (inside a namespace through nsenter: a fork-exec, not a fork of
-    this threaded process)."""
+    """Applies the batches. apply(ns, commands, what): run nftables JSON commands as one transaction inside the
+    named namespace (None: the host's), KernelError naming `what` if refused; in the plugin that is Links.nft."""
 
-    def __init__(self, nft: str = "nft", runner=subprocess.run):
-        self.nft = nft
-        self.runner = runner
+    def __init__(self, apply: Callable[[Optional[str], List[dict], str], object]):
+        self._apply = apply
 
-    def _apply(self, netns_path: Optional[str], batch: List[dict], what: str) -> None:
-        argv = [self.nft, "-j", "-f", "-"]
-        if netns_path is not None:
-            argv = ["nsenter", f"--net={netns_path}", "--"] + argv
-        try:
-            proc = self.runner(argv, input=json.dumps({"nftables": batch}), capture_output=True, text=True,
-                               timeout=10)
-        except (OSError, subprocess.SubprocessError) as exc:
-            raise KernelError(f"{what}: cannot run {self.nft}: {exc}") from None
-        if proc.returncode != 0:
-            raise KernelError(f"{what}: nft refused the rules: {proc.stderr.strip()[:300]}")
+    def guard_endpoints(self, ns: str, endpoints: Sequence[Tuple[str, str, str]]) -> None:
+        self._apply(ns, endpoint_guard_batch(endpoints), f"anti-spoofing rules in {ns}")
 
-    def guard_endpoints(self, netns_path: str, endpoints: Sequence[Tuple[str, str, str]]) -> None:
-        self._apply(netns_path, endpoint_guard_batch(endpoints), f"anti-spoofing rules in {netns_path}")
+    def guard_endpoint(self, ns: str, port: str, ip: str, mac: str) -> None:
+        self._apply(ns, endpoint_add_batch(port, ip, mac), f"anti-spoofing for {port} in {ns}")
+
+    def unguard_endpoint(self, ns: str, port: str, ip: str, mac: str) -> None:
+        self._apply(ns, endpoint_remove_batch(port, ip, mac), f"removing anti-spoofing for {port} in {ns}")
 
     def guard_host(self, subnets: Iterable[str]) -> None:
         self._apply(None, host_guard_batch(subnets), "isolation rules in the host namespace")

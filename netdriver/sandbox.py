@@ -8,14 +8,17 @@ Interface contract (the unit tests' FakeDataPlane models the same state):
   remove_endpoint(network_id, endpoint_id)    idempotent
   network_ids() -> list of 12-char id prefixes that have a namespace here
   endpoint_present(network_id, endpoint_id) -> bool           joined and still wired to the bridge
+  wired_endpoints(network_id, endpoint_ids) -> set            those of the ids present (one link dump)
   sync_peers(network, fdb, neigh)         the VXLAN device holds exactly these remote entries (reads the kernel)
   update_peers(network, before, after)    apply the difference between two (fdb, neigh) tables
-  guard_endpoints(network, endpoints)     anti-spoofing rules for exactly these local endpoints
+  guard_endpoints(network, endpoints)     anti-spoofing rules for exactly these local endpoints (whole table)
+  guard_endpoint(network, endpoint)       idempotent; this endpoint's port added to an existing table
+  unguard_endpoint(network, endpoint)     idempotent; this endpoint's port taken out (no namespace: nothing)
   guard_host(networks)                    isolation rules for exactly these networks' subnets
 """
 
 import logging
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Set, Tuple
 
 from encrypt.manager import ENCRYPTED_VXLAN_PORT
 from netdriver import names
@@ -26,6 +29,11 @@ log = logging.getLogger(__name__)
 
 # IANA-assigned VXLAN port (RFC 7348 section 5).
 VXLAN_PORT = 4789
+
+
+def _guarded(endpoint: Endpoint) -> Tuple[str, str, str]:
+    """(bridge port, address, MAC) of an endpoint, as the anti-spoofing sets hold it."""
+    return names.veth_bridge(endpoint.id), endpoint.ip.split("/")[0], endpoint.mac
 
 
 class DataPlane:
@@ -97,6 +105,15 @@ class DataPlane:
         ns = names.netns(network_id)
         return self.links.netns_exists(ns) and self.links.link_exists(ns, names.veth_bridge(endpoint_id))
 
+    def wired_endpoints(self, network_id: str, endpoint_ids: List[str]) -> Set[str]:
+        """The endpoint_present ones among endpoint_ids, from one dump of the namespace's links instead of one
+        lookup per endpoint."""
+        ns = names.netns(network_id)
+        if not self.links.netns_exists(ns):
+            return set()
+        have = set(self.links.list_links(ns))
+        return {e for e in endpoint_ids if names.veth_bridge(e) in have}
+
     def sync_peers(self, network: Network, fdb: Dict[str, str], neigh: Dict[str, str]) -> None:
         """Make the VXLAN device hold exactly these remote entries: fdb mac -> vtep, neigh ip -> mac.
         Reads what the kernel has, so it also repairs entries someone else changed. No namespace: nothing to do
@@ -128,8 +145,19 @@ class DataPlane:
         """Anti-spoofing in the network's namespace: exactly these endpoints' ports are guarded."""
         ns = names.netns(network.id)
         if self.firewall is not None and self.links.netns_exists(ns):
-            self.firewall.guard_endpoints(self.links.netns_path(ns), [
-                (names.veth_bridge(e.id), e.ip.split("/")[0], e.mac) for e in endpoints])
+            self.firewall.guard_endpoints(ns, [_guarded(e) for e in endpoints])
+
+    def guard_endpoint(self, network: Network, endpoint: Endpoint) -> None:
+        """Add this endpoint's port to the anti-spoofing table guard_endpoints made. KernelError if the namespace
+        or the table is missing: the caller rebuilds them."""
+        if self.firewall is not None:
+            self.firewall.guard_endpoint(names.netns(network.id), *_guarded(endpoint))
+
+    def unguard_endpoint(self, network: Network, endpoint: Endpoint) -> None:
+        """Take this endpoint's port out of the table; nothing to do without the namespace."""
+        ns = names.netns(network.id)
+        if self.firewall is not None and self.links.netns_exists(ns):
+            self.firewall.unguard_endpoint(ns, *_guarded(endpoint))
 
     def guard_host(self, networks: List[Network]) -> None:
         """Isolation in the host namespace for the subnets of these networks (all of this host's)."""

@@ -176,11 +176,23 @@ class NetworkStore:
         entries, _ = self.kv.get_prefix(self._k("endpoints", network_id, ""))
         return [Endpoint.from_json(e.value) for e in entries]
 
+    def network_and_endpoint(self, network_id: str, endpoint_id: str) -> Tuple[Optional[Network],
+                                                                                Optional[Endpoint]]:
+        """Both records in one round trip (Join and DeleteEndpoint need both)."""
+        net_key, ep_key = self._k("networks", network_id), self._k("endpoints", network_id, endpoint_id)
+        found = self.kv.read(keys=[net_key, ep_key]).entries
+        return (Network.from_json(found[net_key].value) if found[net_key] else None,
+                Endpoint.from_json(found[ep_key].value) if found[ep_key] else None)
+
     def put_endpoint(self, endpoint: Endpoint) -> None:
         self.kv.put(self._k("endpoints", endpoint.network_id, endpoint.id), endpoint.to_json())
 
-    def delete_endpoint(self, network_id: str, endpoint_id: str) -> None:
-        self.kv.delete(self._k("endpoints", network_id, endpoint_id))
+    def delete_endpoint(self, network_id: str, endpoint_id: str, segment: Optional[str] = None) -> None:
+        """The endpoint's record, and with segment its peer record too, in one transaction."""
+        deletes = [self._k("endpoints", network_id, endpoint_id)]
+        if segment is not None:
+            deletes.append(self._k("peers", segment, endpoint_id))
+        self.kv.commit(deletes=deletes)
 
     # -- peers -------------------------------------------------------------------------------------------------
     def put_peer(self, segment: str, peer: PeerRecord, lease: int = 0) -> None:

@@ -2,8 +2,9 @@
 
 Keys and values are str (values are JSON written by the stores). Every failure to reach etcd becomes
 StoreUnavailable naming the endpoints, so a `docker` user reads "etcd unreachable at http://...".
-The stores build on five primitives: get, get_prefix, put, delete and `commit`, a compare-and-swap
-transaction (keys that must be absent, keys that must be at a given revision, then puts and deletes).
+The stores build on six primitives: get, get_prefix, `read` (several keys and prefixes in one round trip, at
+one revision), put, delete and `commit`, a compare-and-swap transaction (keys that must be absent, keys that must
+be at a given revision, then puts and deletes).
 """
 
 import base64
@@ -56,6 +57,15 @@ class Entry:
 
     def json(self):
         return json.loads(self.value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    """What `read` returns: each key's entry (None if missing), each prefix's entries sorted by key, and the
+    revision they were all read at."""
+    entries: Dict[str, Optional[Entry]]
+    ranges: Dict[str, List[Entry]]
+    revision: int
 
 
 def _entry(kv: dict) -> Entry:
@@ -136,6 +146,20 @@ class EtcdKV:
         reply = self._call("kv/range", {"key": _b64(prefix), "range_end": _b64(prefix_end(prefix))})
         entries = sorted((_entry(kv) for kv in reply.get("kvs") or []), key=lambda e: e.key)
         return entries, int(reply.get("header", {}).get("revision", 0))
+
+    def read(self, keys: Sequence[str] = (), prefixes: Sequence[str] = ()) -> "Snapshot":
+        """Several keys and prefixes in one round trip (a transaction of reads only), all at one revision."""
+        ops = [{"request_range": {"key": _b64(k)}} for k in keys]
+        ops += [{"request_range": {"key": _b64(p), "range_end": _b64(prefix_end(p))}} for p in prefixes]
+        reply = self._call("kv/txn", {"compare": [], "success": ops, "failure": []})
+        results = [[_entry(kv) for kv in (r.get("response_range") or {}).get("kvs") or []]
+                   for r in reply.get("responses") or []]
+        if len(results) != len(ops):
+            raise StoreUnavailable(f"etcd answered {len(results)} of {len(ops)} reads in one transaction")
+        return Snapshot(
+            entries={k: (found[0] if found else None) for k, found in zip(keys, results)},
+            ranges={p: sorted(found, key=lambda e: e.key) for p, found in zip(prefixes, results[len(keys):])},
+            revision=int(reply.get("header", {}).get("revision", 0)))
 
     # -- writes ------------------------------------------------------------------------------------------------
     def put(self, key: str, value: str, lease: int = 0) -> int:

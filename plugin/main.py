@@ -25,7 +25,7 @@ from netdriver.sandbox import DataPlane
 from netdriver.store import NetworkStore
 from netdriver.underlay import Underlay
 from netdriver.watcher import PeerSync, PeerWatcher
-from plugin import config
+from plugin import config, libnftables
 from plugin.embedded_etcd import EmbeddedEtcd
 from plugin.errors import ConfigError, VxnetError
 from plugin.http import make_app
@@ -124,7 +124,11 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
         kv = EtcdKV(endpoints or (f"http://127.0.0.1:{settings.embedded_etcd_port}",), ca=settings.etcd_ca,
                     cert=settings.etcd_cert, key=settings.etcd_key)
         store = NetworkStore(kv, settings.key_prefix)
-        dataplane = DataPlane(links, underlay, Firewall())
+        try:
+            libnftables.require()  # without it no anti-spoofing or isolation: refuse to start, saying why
+        except libnftables.NftablesError as exc:
+            raise ConfigError(f"nftables: {exc}") from None
+        dataplane = DataPlane(links, underlay, Firewall(links.nft))
         encryption: Optional[EncryptionManager] = None
         if settings.encryption_secret_file:
             keystore = KeyStore(kv, read_secret_file(settings.encryption_secret_file), settings.key_prefix)

@@ -8,7 +8,7 @@ import threading
 from typing import Dict, Iterable, List, Optional, Tuple
 
 from plugin.errors import StoreUnavailable
-from plugin.kvstore import Entry
+from plugin.kvstore import Entry, Snapshot
 
 
 class FakeKV:
@@ -19,8 +19,10 @@ class FakeKV:
         self.fail_after: Optional[int] = None  # number of further writes that succeed before etcd "goes away"
         self._lock = threading.RLock()
         self.endpoints = ("http://fake:2379",)
+        self.round_trips = 0  # calls that would each be one request to etcd
 
     def _check(self, write: bool = False):
+        self.round_trips += 1
         if self.unavailable:
             raise StoreUnavailable("etcd unreachable at http://fake:2379 (connection refused)")
         if write and self.fail_after is not None:
@@ -43,6 +45,14 @@ class FakeKV:
         with self._lock:
             self._check()
             return sorted((e for k, e in self.data.items() if k.startswith(prefix)), key=lambda e: e.key), self.rev
+
+    def read(self, keys: Iterable[str] = (), prefixes: Iterable[str] = ()) -> Snapshot:
+        with self._lock:
+            self._check()
+            return Snapshot(entries={k: self.data.get(k) for k in keys},
+                            ranges={p: sorted((e for k, e in self.data.items() if k.startswith(p)),
+                                              key=lambda e: e.key) for p in prefixes},
+                            revision=self.rev)
 
     def put(self, key: str, value: str, lease: int = 0) -> int:
         with self._lock:
@@ -154,6 +164,7 @@ class FakeDataPlane:
             del self.networks[nid]
             self.endpoints.pop(nid, None)
             self.peers.pop(nid, None)
+            self.guarded.pop(nid, None)  # the table lives in the namespace
 
     def ensure_endpoint(self, network, endpoint):
         self._maybe_fail("ensure_endpoint")
@@ -176,7 +187,27 @@ class FakeDataPlane:
         return gone
 
     def guard_endpoints(self, network, endpoints):
-        self.guarded[network.id] = sorted((e.id, e.ip, e.mac) for e in endpoints)
+        if network.id in self.networks:
+            self.guarded[network.id] = sorted((e.id, e.ip, e.mac) for e in endpoints)
+
+    def guard_endpoint(self, network, endpoint):
+        """Like the real sets: adding needs the table guard_endpoints made; adding twice changes nothing."""
+        self._maybe_fail("guard_endpoint")
+        if network.id not in self.guarded:
+            from plugin.errors import KernelError
+            raise KernelError(f"anti-spoofing table of {network.id[:12]} does not exist")
+        self.guarded[network.id] = sorted(set(self.guarded[network.id]) | {(endpoint.id, endpoint.ip, endpoint.mac)})
+
+    def unguard_endpoint(self, network, endpoint):
+        if network.id in self.networks and network.id not in self.guarded:
+            from plugin.errors import KernelError
+            raise KernelError(f"anti-spoofing table of {network.id[:12]} does not exist")
+        if network.id in self.guarded:
+            self.guarded[network.id] = sorted(set(self.guarded[network.id]) - {(endpoint.id, endpoint.ip,
+                                                                                 endpoint.mac)})
+
+    def wired_endpoints(self, network_id, endpoint_ids):
+        return {e for e in endpoint_ids if e in self.endpoints.get(network_id, {})}
 
     def guard_host(self, networks):
         self.host_subnets = sorted({s.pool for n in networks for s in n.subnets})

@@ -514,3 +514,20 @@ def test_pool_left_without_holders_is_finished_by_the_next_request_pool(kv):
         d.request_address(addr_req(pid))
     assert driver(kv, "h2").request_pool(pool_req("10.1.0.0/16"))["Pool"] == "10.1.0.0/16"
     assert kv.keys(ROOT + "pools/") == [ROOT + "pools/vxnet-local/10.1.0.0_16"] and address_keys(kv) == []
+
+
+def test_address_calls_cost_one_read_and_one_transaction(kv):
+    """A container start in a Swarm makes two RequestAddress and two ReleaseAddress calls: each is one read of
+    everything it compares, then one transaction."""
+    d = driver(kv, scope="global")
+    pool_id = d.request_pool(pool_req("10.9.0.0/24", space="vxnet-global"))["PoolID"]
+    for request in (addr_req(pool_id), addr_req(pool_id, "10.9.0.20"), addr_req(pool_id, "10.9.0.20"),
+                    addr_req(pool_id, options=GW)):
+        before = kv.round_trips
+        d.request_address(request)
+        assert kv.round_trips - before == 2, request
+    for _ in range(2):
+        before = kv.round_trips
+        d.release_address(addr_req(pool_id, "10.9.0.20"))
+        assert kv.round_trips - before == 2
+    assert "10.9.0.20" not in [key.rsplit("/", 1)[1] for key in address_keys(kv)]

@@ -175,6 +175,86 @@ def test_unknown_ids_succeed_for_replayed_deletes():
     assert kv.keys() == []
 
 
+def _eid(i):
+    return f"{i:02x}" * 32
+
+
+def _wired_records(drv, plane, nid=NID):
+    """(id, ip, mac) of the endpoint records whose veth is in the namespace: what the guard must hold."""
+    return sorted((e.id, e.ip, e.mac) for e in drv.store.list_endpoints(nid) if e.id in plane.endpoints.get(nid, {}))
+
+
+def test_guard_follows_joins_and_deletes_one_endpoint_at_a_time_and_a_restart_rebuilds_the_same():
+    drv, kv, plane = make()
+    drv.create_network(create_req())
+    assert plane.guarded[NID] == []  # the table exists from network creation on
+    steps = [("join", 1), ("join", 2), ("join", 3), ("delete", 2), ("join", 4), ("create", 5), ("delete", 5),
+             ("delete", 1), ("delete", 1), ("join", 6), ("delete", 3)]
+    for verb, i in steps:
+        req = {"NetworkID": NID, "EndpointID": _eid(i)}
+        if verb in ("create", "join") and drv.store.get_endpoint(NID, _eid(i)) is None:
+            drv.create_endpoint(endpoint_req(eid=_eid(i), address=f"10.1.0.{10 + i}/24"))
+        if verb == "join":
+            drv.join(p.JoinRequest.decode(req))
+        elif verb == "delete":
+            drv.leave(p.EndpointRequest.decode(req))
+            drv.delete_endpoint(p.EndpointRequest.decode(req))
+        assert plane.guarded[NID] == _wired_records(drv, plane), (verb, i)
+    assert [e for e, _, _ in plane.guarded[NID]] == [_eid(4), _eid(6)]
+    # A restart: the process remembers nothing, start-up rebuilds the table whole from etcd and the kernel.
+    incremental = plane.guarded[NID]
+    plane.guarded.clear()
+    restarted, _, _ = make(kv, plane=plane)
+    restarted.reconcile()
+    assert plane.guarded[NID] == incremental
+
+
+def test_calls_on_a_ready_network_only_touch_their_endpoint_in_few_etcd_round_trips():
+    drv, kv, plane = make()
+    drv.create_network(create_req())
+    drv.create_endpoint(endpoint_req())
+    plane.fail_on.add("ensure_network")  # the namespace is whole already: a Join must not need it
+    before = kv.round_trips
+    drv.create_endpoint(endpoint_req(eid=_eid(7), address="10.1.0.7/24"))
+    assert kv.round_trips - before == 1  # the network record is the one kept for the namespace
+    before = kv.round_trips
+    drv.join(p.JoinRequest.decode({"NetworkID": NID, "EndpointID": EID}))
+    assert kv.round_trips - before == 2  # both records in one read; the peer record
+    assert plane.guarded[NID] == _wired_records(drv, plane) != []
+    before = kv.round_trips
+    drv.delete_endpoint(p.EndpointRequest.decode({"NetworkID": NID, "EndpointID": EID}))
+    assert kv.round_trips - before == 2  # both records in one read; endpoint and peer deleted in one transaction
+    assert plane.guarded[NID] == [] and kv.keys("/vxnet/v1/peers/") == []
+    assert kv.keys("/vxnet/v1/endpoints/") == [f"/vxnet/v1/endpoints/{NID}/{_eid(7)}"]
+
+
+def test_a_namespace_or_table_gone_behind_our_back_is_rebuilt_by_the_next_join():
+    drv, kv, plane = make()
+    drv.create_network(create_req())
+    for i in (1, 2):
+        drv.create_endpoint(endpoint_req(eid=_eid(i), address=f"10.1.0.{10 + i}/24"))
+    drv.join(p.JoinRequest.decode({"NetworkID": NID, "EndpointID": _eid(1)}))
+    del plane.guarded[NID]  # someone deleted the anti-spoofing table
+    drv.join(p.JoinRequest.decode({"NetworkID": NID, "EndpointID": _eid(2)}))
+    assert plane.guarded[NID] == _wired_records(drv, plane) and len(plane.guarded[NID]) == 2
+    plane.remove_network(NID)  # someone deleted the namespace
+    drv.join(p.JoinRequest.decode({"NetworkID": NID, "EndpointID": _eid(1)}))
+    assert NID in plane.networks and plane.guarded[NID] == _wired_records(drv, plane) != []
+    del plane.guarded[NID]  # and the table again, before a delete: rebuilt whole instead of edited
+    drv.delete_endpoint(p.EndpointRequest.decode({"NetworkID": NID, "EndpointID": _eid(1)}))
+    assert plane.guarded[NID] == [] and drv.store.get_endpoint(NID, _eid(1)) is None
+
+
+def test_a_join_failing_after_its_guard_takes_the_port_out_again():
+    drv, kv, plane = make()
+    drv.create_network(create_req())
+    drv.create_endpoint(endpoint_req())
+    kv.fail_after = 0  # the peer record cannot be written
+    with pytest.raises(StoreUnavailable):
+        drv.join(p.JoinRequest.decode({"NetworkID": NID, "EndpointID": EID}))
+    assert plane.endpoints[NID] == {} and plane.guarded[NID] == []
+
+
 def test_reconcile_rebuilds_member_networks_and_drops_stale_namespaces():
     kv = FakeKV()
     drv, _, plane = make(kv)
