@@ -43,6 +43,13 @@ def test_no_path_between_networks_and_no_forged_identity(hosts, vxnet_plugin):
     for target in (a1, a1_gw):
         assert not pings(host, "b1", target, count=2, wait_s=1), target
         assert not tcp_answers(host, "b1", target), target
+    # And the other way: from A, b1 is unreachable too, with a route of a1's own towards B.
+    b1, b1_gw = addresses(host, "b1")["net-b"], gwbridge_ip(host, "b1")
+    serve_tcp(host, "b1")
+    exec_(host, "a2", "ip", "route", "add", SUBNET_B, "dev", "eth1")
+    for target in (b1, b1_gw):
+        assert not pings(host, "a2", target, count=2, wait_s=1), target
+        assert not tcp_answers(host, "a2", target), target
 
     # a2 (NET_ADMIN) takes another address of its own subnet: nothing gets through; back to its own, it does.
     exec_(host, "a2", "ip", "addr", "flush", "dev", "eth0")
@@ -80,7 +87,7 @@ SUBNET_XB = "10.200.44.0/24"
 
 def test_no_path_between_networks_across_hosts_and_no_forged_source(hosts, vxnet_plugin):
     """Two overlays spanning two hosts (`-o overlay=NAME`). Nothing of network B reaches network A's container on
-    the other host (its overlay address, its gateway-bridge address, ping and TCP), and a container that forges
+    the other host, nor the other way (overlay and gateway-bridge addresses, ping and TCP), and a container that forges
     its source, as another container of its own network living on the other host, or as a container of the
     other network, gets nothing across the VXLAN link."""
     h1, h2 = hosts(2)
@@ -107,6 +114,14 @@ def test_no_path_between_networks_across_hosts_and_no_forged_source(hosts, vxnet
     for target in (a2, a2_gw):
         assert not pings(h1, "b1", target, count=2, wait_s=1), target
         assert not tcp_answers(h1, "b1", target), target
+    # And the other way: A on host 2 towards B on host 1, with a route of a2's own towards B.
+    b1_gw = gwbridge_ip(h1, "b1")
+    serve_tcp(h1, "b1")
+    exec_(h2, "a2", "ip", "route", "add", SUBNET_XB, "dev", "eth1")
+    for target in (b1, b1_gw):
+        assert not pings(h2, "a2", target, count=2, wait_s=1), target
+        assert not tcp_answers(h2, "a2", target), target
+    exec_(h2, "a2", "ip", "route", "del", SUBNET_XB, "dev", "eth1")
 
     # b1 (NET_ADMIN) adds an address inside A's subnet: nothing crosses from B's overlay into A's.
     exec_(h1, "b1", "ip", "addr", "add", "10.200.43.200/24", "dev", "eth0")
