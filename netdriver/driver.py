@@ -127,6 +127,10 @@ class NetworkDriver:
         the VNI workers must use. Replays (leader change) return the same VNI. The manager holds the segment until
         FreeNetwork, so the VNI stays the network's while no task runs anywhere."""
         opts = options.parse({options.GENERIC: req.options})
+        if opts.encrypted:
+            # Refused here, where `docker network create` is answered, rather than by every worker's
+            # CreateNetwork later, where a task would fail to start with the reason only in its status.
+            self._require_encryption()
         segment = segment_of(req.network_id, opts.overlay)
         vni = self.store.allocate_segment(segment, opts.vni, opts.encrypted)
         self.store.add_member(req.network_id, SWARM_HOLDER, segment)

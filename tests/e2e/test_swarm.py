@@ -113,22 +113,36 @@ def _allocation_error(host, network: str) -> str:
         return next((line for line in f if f"Failed allocation for network {network}" in line), "")
 
 
-def test_an_unknown_option_is_refused_on_the_manager_naming_the_key(swarm, etcd):
-    proc = swarm.create_network("bogusnet", "--ipam-driver", PLUGIN, "--attachable", "--subnet", "10.200.32.0/24",
-                                "-o", "bogus=1", check=False)
+def _refused_on_the_manager(swarm, name: str, subnet: str, *options: str) -> str:
+    """`docker network create` of a swarm network the plugin refuses: the error message, wherever it shows."""
+    proc = swarm.create_network(name, "--ipam-driver", PLUGIN, "--attachable", "--subnet", subnet, *options,
+                                check=False)
     if proc.returncode != 0:
-        message = proc.stderr  # an engine that allocates before it answers
-    else:
-        # dockerd 20.10 stores the network spec and answers at once; the manager's allocator then calls
-        # AllocateNetwork, which refuses, and the daemon logs the plugin's message: the network is never allocated.
-        nid = proc.stdout.strip()
-        message = wait_until(lambda: _allocation_error(swarm.manager, nid), 20,
-                             "the manager to log the failed allocation", interval=0.2)
-        net = swarm.network("bogusnet")
-        assert net is not None and not (net.get("Options") or {}).get("vni"), net
+        return proc.stderr  # an engine that allocates before it answers
+    # dockerd 20.10 stores the network spec and answers at once; the manager's allocator then calls
+    # AllocateNetwork, which refuses, and the daemon logs the plugin's message: the network is never allocated.
+    nid = proc.stdout.strip()
+    message = wait_until(lambda: _allocation_error(swarm.manager, nid), 20,
+                         "the manager to log the failed allocation", interval=0.2)
+    net = swarm.network(name)
+    assert net is not None and not (net.get("Options") or {}).get("vni"), net
+    return message
+
+
+def test_an_unknown_option_is_refused_on_the_manager_naming_the_key(swarm, etcd):
+    message = _refused_on_the_manager(swarm, "bogusnet", "10.200.32.0/24", "-o", "bogus=1")
     assert "AllocateNetwork" in message and "bogus" in message, message
     assert re.search(r"unknown option 'bogus'", message), message
     swarm.remove_network("bogusnet")
+    assert leftovers(swarm.hosts, etcd) == []
+
+
+def test_an_encrypted_network_that_cannot_be_is_refused_on_the_manager(swarm, etcd):
+    """No cluster secret is set here (and this kernel has no ESP): refused at allocation, saying why, never
+    allocated to fail later on every node."""
+    message = _refused_on_the_manager(swarm, "secretnet", "10.200.33.0/24", "-o", "encrypted")
+    assert "AllocateNetwork" in message and "option encrypted" in message, message
+    swarm.remove_network("secretnet")
     assert leftovers(swarm.hosts, etcd) == []
 
 

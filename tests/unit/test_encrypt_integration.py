@@ -95,6 +95,18 @@ def test_hosts_sharing_an_overlay_must_agree_on_encryption(first, second, needle
     assert h2.store.get_network("d" * 64).vni == h1.store.get_network(NID).vni
 
 
+@pytest.mark.parametrize("encryption, error, needle", [
+    (None, InvalidOption, "no cluster secret"),
+    (FakeEncryption("this kernel cannot encrypt VXLAN with IPsec ESP ... esp4"), EncryptionUnavailable, "esp4"),
+])
+def test_the_swarm_manager_refuses_an_encrypted_network_that_cannot_be(encryption, error, needle):
+    manager, kv, _ = make(encryption)
+    with pytest.raises(error, match=needle):
+        manager.allocate_network(p.CreateNetworkRequest.decode(
+            {"NetworkID": NID, "Options": {"encrypted": "true"}, "IPv4Data": []}))
+    assert kv.keys() == []
+
+
 def test_a_swarm_network_keeps_its_encryption_for_every_worker():
     kv = FakeKV()
     manager, _, _ = make(FakeEncryption(), kv, "m")
