@@ -3,9 +3,11 @@ docs/ipam.md; summary in design/protocol.md). Orchestration only: pool arithmeti
 and transactions in store.py.
 
 What Docker expects, and why the replays are confirmations:
-- In the global address space (Swarm) the manager allocates, then every worker that runs a task asks again for
-  the manager's pool, gateway and task addresses, and a new leader replays everything it recorded. So a
-  request for something already held is a confirmation there.
+- In the global address space (Swarm) only the manager's allocator asks, and a new leader replays everything it
+  recorded (pool, gateway, every task address). With the plugin in global scope its holds belong to the Swarm
+  (holder SWARM_HOLDER, uncounted), not to the manager that happened to ask: a replay, from the same or another
+  manager, is a confirmation that changes nothing, and the allocator's one release frees the address, so a
+  leader change leaks nothing.
 - In the local address space a second standalone host may join a network with the same --subnet (the overlay
   is shared): the pool and the gateway are confirmed for it. A second network on the *same* host with that
   subnet, or a container address already in use, is a Conflict.
@@ -30,6 +32,8 @@ log = logging.getLogger(__name__)
 
 LOCAL_SPACE = "vxnet-local"
 GLOBAL_SPACE = "vxnet-global"
+# The holder of the Swarm allocator's pools and addresses (not a host name: those never start with '@').
+SWARM_HOLDER = "@swarm"
 # Options["RequestAddressType"] of the one RequestAddress per network that asks for the gateway. Aux addresses
 # (--aux-address) arrive with no options, exactly like a container's --ip, so they are held as "container".
 GATEWAY_REQUEST = "com.docker.network.gateway"
@@ -77,7 +81,8 @@ class IpamDriver:
             sub_pool = pools.parse_sub_pool(req.sub_pool, want)
         elif req.sub_pool:
             raise InvalidOption(f"SubPool: {req.sub_pool!r} needs a Pool (--ip-range needs --subnet)")
-        cidr = self.store.hold_pool(space, want, self.host_id, replay_ok=space == GLOBAL_SPACE)
+        holder, counted = self._holder(space)
+        cidr = self.store.hold_pool(space, want, holder, replay_ok=space == GLOBAL_SPACE, counted=counted)
         pool_id = pools.pool_id(space, cidr, sub_pool)
         log.info("pool held: pool=%s host=%s", pool_id, self.host_id)
         return {"PoolID": pool_id, "Pool": str(cidr), "Data": {}}
@@ -89,7 +94,7 @@ class IpamDriver:
         except InvalidOption:
             log.warning("release of foreign pool ignored: pool=%s", req.pool_id)
             return {}
-        self.store.release_pool(space, cidr, self.host_id)
+        self.store.release_pool(space, cidr, self._holder(space)[0])
         log.info("pool released: pool=%s host=%s", req.pool_id, self.host_id)
         return {}
 
@@ -101,12 +106,13 @@ class IpamDriver:
         space, cidr, sub_pool = pools.parse_pool_id(req.pool_id)
         self._space(space, field="PoolID")
         kind = GATEWAY if req.options.get("RequestAddressType") == GATEWAY_REQUEST else CONTAINER
+        holder, counted = self._holder(space)
         if req.address:
             ip = pools.parse_address(req.address, cidr)
-            self.store.reserve_address(space, cidr, ip, self.host_id, kind,
-                                       replay_ok=space == GLOBAL_SPACE or self.scope == "global")
+            self.store.reserve_address(space, cidr, ip, holder, kind,
+                                       replay_ok=space == GLOBAL_SPACE or self.scope == "global", counted=counted)
         else:
-            ip = self.store.allocate_address(space, cidr, self.host_id, kind, sub_pool)
+            ip = self.store.allocate_address(space, cidr, holder, kind, sub_pool, counted=counted)
         log.debug("address held: pool=%s ip=%s kind=%s host=%s", req.pool_id, ip, kind, self.host_id)
         return {"Address": pools.reply_address(ip, cidr), "Data": {}}
 
@@ -119,11 +125,18 @@ class IpamDriver:
             log.warning("release of foreign address ignored: pool=%s ip=%s", req.pool_id, req.address)
             return {}
         if ip in cidr:
-            self.store.release_address(space, cidr, ip, self.host_id)
+            self.store.release_address(space, cidr, ip, self._holder(space)[0])
         log.debug("address released: pool=%s ip=%s host=%s", req.pool_id, ip, self.host_id)
         return {}
 
     # -------------------------------------------------------------------------------------------------------------
+    def _holder(self, space: str):
+        """(holder, counted) for a request in `space`: the Swarm allocator's (see the module docstring) in the
+        global space of a global-scope plugin, else this host's, counted."""
+        if space == GLOBAL_SPACE and self.scope == "global":
+            return SWARM_HOLDER, False
+        return self.host_id, True
+
     def _space(self, name: str, field: str = "AddressSpace") -> str:
         if not name:
             return GLOBAL_SPACE if self.scope == "global" else LOCAL_SPACE

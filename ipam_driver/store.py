@@ -7,9 +7,11 @@ Keys, under the prefix given to IpamStore (e.g. `/vxnet/v1/ipam/`):
 A pool is created only if no key under `pools/` was written since the pool list was read (a range compare in
 the same transaction), so two overlapping pools can never both be created from the same view of the list.
 
-`hosts` is a multiset: one entry per hold, because several clients on one host may hold the same thing. In a
-Swarm the manager's allocator and the node's own dockerd both request the pool, gateway and task addresses and
-release them independently; counting holds means the first release cannot free what the other still uses.
+`hosts` is a multiset: one entry per hold, because several clients on one host may hold the same thing (two
+hosts joining one local overlay, each with its own networks' holds), and the first release must not free what
+another still uses. A holder can also be uncounted (`counted=False`): it holds a thing once however often it
+asks, and one release frees it. The Swarm allocator is such a holder (ipam_driver/driver.py): it replays all
+it recorded whenever the leadership moves, from whichever manager leads, and releases once.
 
 An address key never outlives its pool. Releasing the last hold first rewrites the pool with no hosts (its
 revision changes, so every allocation in flight, which compares that revision, fails and finds the pool gone),
@@ -140,10 +142,12 @@ class IpamStore:
         return pool, snap
 
     # -- pools -----------------------------------------------------------------------------------------------------
-    def hold_pool(self, space: str, want: Optional[Network], host: str, replay_ok: bool) -> Network:
+    def hold_pool(self, space: str, want: Optional[Network], host: str, replay_ok: bool,
+                  counted: bool = True) -> Network:
         """Hold pool `want` in `space` for host, or with want None a new /24 from pools.DEFAULT_RANGE that overlaps
         no pool of any space. An existing pool with the same CIDR is joined (host added to its holders) when host
-        does not hold it yet, or when replay_ok; otherwise, and on any partial overlap, Conflict."""
+        does not hold it yet, or when replay_ok; otherwise, and on any partial overlap, Conflict. An uncounted
+        holder that holds it already changes nothing."""
         for _ in range(MAX_ROUNDS):
             held, read_at = self._pools_at()
             retired = [p for p in held if not p.hosts]
@@ -160,6 +164,8 @@ class IpamStore:
                 cidr = want
                 same = next((p for p in held if p.space == space and p.cidr == want), None)
                 if same is not None:
+                    if host in same.hosts and not counted:
+                        return want
                     if host in same.hosts and not replay_ok:
                         raise Conflict(f"Pool: {want} is already in use on this host by another network "
                                        f"(address space {space}); choose another --subnet")
@@ -215,10 +221,10 @@ class IpamStore:
                               puts={entry.key: value})
 
     def reserve_address(self, space: str, cidr: Network, ip: Address, host: str, kind: str,
-                        replay_ok: bool) -> None:
+                        replay_ok: bool, counted: bool = True) -> None:
         """Hold the specific address ip. If it is held already, this is a confirmation (host added to its
         holders) when replay_ok or when both are the gateway (one gateway serves every host of a network);
-        otherwise Conflict."""
+        otherwise Conflict. An uncounted holder that holds it already changes nothing."""
         key = self.address_key(space, cidr, ip)
         for _ in range(MAX_ROUNDS):
             pool, snap = self._live_pool(space, cidr, keys=[key])
@@ -229,6 +235,8 @@ class IpamStore:
                     return
                 continue
             entry = self._address_entry(raw)
+            if host in entry.hosts and not counted:
+                return
             if not (replay_ok or kind == entry.kind == GATEWAY):
                 what = "the gateway" if entry.kind == GATEWAY else "in use"
                 raise Conflict(f"Address: {ip} is already {what} in pool {cidr}")
@@ -237,16 +245,17 @@ class IpamStore:
         raise Conflict(f"Address: gave up reserving {ip} after {MAX_ROUNDS} attempts; retry")
 
     def allocate_address(self, space: str, cidr: Network, host: str, kind: str,
-                         sub_pool: Optional[Network]) -> Address:
+                         sub_pool: Optional[Network], counted: bool = True) -> Address:
         """Hold the lowest free host address (inside sub_pool if given) and return it. A gateway request joins
-        the pool's existing gateway if there is one. Exhausted when no address is left."""
+        the pool's existing gateway if there is one (an uncounted holder that holds it already just gets it).
+        Exhausted when no address is left."""
         prefix = self.addresses_prefix(space, cidr)
         for _ in range(MAX_ROUNDS):
             pool, snap = self._live_pool(space, cidr, prefixes=[prefix])
             held = {a.ip: a for a in map(self._address_entry, snap.ranges[prefix])}
             gateway = next((a for a in held.values() if a.kind == GATEWAY), None) if kind == GATEWAY else None
             if gateway is not None:
-                if self._add_holder(pool, gateway, host):
+                if (host in gateway.hosts and not counted) or self._add_holder(pool, gateway, host):
                     return gateway.ip
                 continue
             taken = set(held)

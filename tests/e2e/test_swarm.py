@@ -146,6 +146,11 @@ def test_an_encrypted_network_that_cannot_be_is_refused_on_the_manager(swarm, et
     assert leftovers(swarm.hosts, etcd) == []
 
 
+def _dockerd_log(host) -> str:
+    with open(os.path.join(host.dir, "logs", "dockerd.log"), errors="replace") as f:
+        return f.read()
+
+
 def _netns_inode(host, name: str) -> str:
     return host.run(["stat", "-L", "-c", "%i", f"/run/netns/{name}"]).stdout.strip()
 
@@ -254,4 +259,29 @@ def test_stack_deploy_services_reach_each_other_by_name_across_nodes(swarm, etcd
     assert network_id(h2, "vxs_x") == net["Id"]
 
     swarm.remove_stack("vxs")
+    wait_clean(swarm.hosts, etcd)
+
+
+def test_leadership_moves_and_nothing_leaks(swarm, etcd):
+    """Last in the module (the leader changes). The new leader's allocator replays what it finds allocated (the
+    network's pool, gateway and task addresses): in etcd that changes nothing, and removing the service and the
+    network through the new leader leaves nothing behind."""
+    swarm.create_network("leadnet", "--ipam-driver", PLUGIN, "--attachable", "--subnet", "10.200.34.0/24")
+    swarm.wait_network("leadnet")
+    swarm.create_service("lead", "--network", "leadnet", "--endpoint-mode", "dnsrr", "--mode", "global", *SLEEPER)
+    swarm.wait_tasks("lead", {h.name: 1 for h in swarm.hosts})
+
+    def allocator_state():
+        return {key: etcd.get(key) for key in etcd.keys("/vxnet/v1/ipam/") if "vxnet-global" in key}
+
+    before = allocator_state()
+    assert before, "the allocator holds nothing in the global space?"
+    old = swarm.manager
+    new = swarm.move_leadership()
+    pool_line = "pool held: pool=vxnet-global/10.200.34.0/24"
+    wait_until(lambda: pool_line in _dockerd_log(new), 60, f"{new.name}'s allocator to replay the pool",
+               interval=0.5)
+    assert allocator_state() == before, f"the replay by {new.name} (after {old.name}) changed the holds"
+    swarm.remove_services("lead")
+    swarm.remove_network("leadnet")
     wait_clean(swarm.hosts, etcd)

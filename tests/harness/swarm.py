@@ -157,6 +157,39 @@ class Swarm:
     def host(self, name: str) -> Host:
         return next(h for h in self.hosts if h.name == name)
 
+    def managers(self, via: Host) -> Dict[str, str]:
+        """Host name -> manager status (Leader, Reachable, ...) of the manager nodes, as `via` sees them."""
+        out = via.docker("node", "ls", "--format", "{{.Hostname}} {{.ManagerStatus}}", check=False).stdout
+        return {parts[0]: parts[1] for parts in (line.split() for line in out.splitlines()) if len(parts) == 2}
+
+    def move_leadership(self, timeout: float = 90.0) -> Host:
+        """Another node becomes the leader, as when a leader fails: every worker is promoted, the manager demoted
+        (Raft elects one of the others), then the others are demoted again. Afterwards self.manager is the new
+        leader and every other node a worker. Returns the new leader."""
+        old, others = self.manager, list(self.workers)
+        for worker in others:
+            old.docker("node", "promote", worker.name, timeout=60)
+        wait_until(lambda: len(self.managers(old)) == len(others) + 1, timeout, "every node to be a manager",
+                   interval=0.3)
+        old.docker("node", "demote", old.name, timeout=60)
+
+        def leader() -> Optional[Host]:
+            for host in others:
+                status = self.managers(host)
+                name = next((n for n, s in status.items() if s == "Leader"), None)
+                if name and name != old.name and old.name not in status:
+                    return self.host(name)
+            return None
+
+        new = wait_until(leader, timeout, "another manager to lead", interval=0.3)
+        for host in others:
+            if host is not new:
+                new.docker("node", "demote", host.name, timeout=60)
+        wait_until(lambda: list(self.managers(new)) == [new.name], timeout, f"{new.name} to be the only manager",
+                   interval=0.3)
+        self.manager, self.workers = new, [h for h in [old] + others if h is not new]
+        return new
+
     # -- networks ------------------------------------------------------------------------------------------------
     def create_network(self, name: str, *args: str, check: bool = True):
         """docker network create -d vxnet:latest --scope swarm ... on the manager; remembered for teardown."""

@@ -100,12 +100,26 @@ def test_another_host_joins_a_local_pool(kv):
     assert value(kv, ROOT + "pools/vxnet-local/10.1.0.0_24")["hosts"] == ["h1", "h2"]
 
 
-def test_global_replays_are_confirmations(kv):
-    manager, worker = driver(kv, "m", "global"), driver(kv, "w", "global")
+def test_swarm_allocator_replays_change_nothing_whichever_manager_asks(kv):
+    """Leader change: the new leader replays the pool, the gateway and the task addresses the old one held."""
+    old, new = driver(kv, "m1", "global"), driver(kv, "m2", "global")
     req = pool_req("10.1.0.0/24", space="vxnet-global")
-    replies = [manager.request_pool(req), worker.request_pool(req), manager.request_pool(req)]
-    assert all(r["PoolID"] == "vxnet-global/10.1.0.0/24" for r in replies)
-    assert value(kv, ROOT + "pools/vxnet-global/10.1.0.0_24")["hosts"] == ["m", "w", "m"]
+    pid = old.request_pool(req)["PoolID"]
+    gateway = old.request_address(addr_req(pid, options=GW))["Address"]
+    task = old.request_address(addr_req(pid))["Address"]
+    before = dict(kv.data)
+    assert new.request_pool(req)["PoolID"] == pid == "vxnet-global/10.1.0.0/24"
+    assert new.request_address(addr_req(pid, gateway.split("/")[0], GW))["Address"] == gateway
+    assert new.request_address(addr_req(pid, options=GW))["Address"] == gateway
+    assert new.request_address(addr_req(pid, task.split("/")[0]))["Address"] == task
+    assert old.request_pool(req)["PoolID"] == pid  # and the old leader again, after leading once more
+    assert kv.data == before
+    assert value(kv, ROOT + "pools/vxnet-global/10.1.0.0_24")["hosts"] == ["@swarm"]
+    # The service and the network go, released by the new leader alone: nothing is left behind.
+    new.release_address(addr_req(pid, task.split("/")[0]))
+    new.release_address(addr_req(pid, gateway.split("/")[0]))
+    new.release_pool(PoolIDRequest(pid))
+    assert kv.keys(ROOT) == []
 
 
 def test_partial_overlap_is_a_conflict_naming_both(kv):
@@ -248,34 +262,39 @@ def test_gateway_is_shared_by_hosts_joining_a_local_pool(kv):
         h2.request_address(addr_req(pid, "10.1.0.1"))
 
 
-def test_swarm_worker_replays_are_confirmations(kv):
+def test_a_nodes_local_confirmations_and_the_allocators_holds_are_independent(kv):
+    """The allocator holds in the global space, the node's dockerd confirms in the local one (as dockerd 20.10
+    does): each release touches only its own."""
     manager, worker = driver(kv, "m", "global"), driver(kv, "w", "global")
-    req = pool_req("10.1.0.0/24", space="vxnet-global")
-    pid = manager.request_pool(req)["PoolID"]
-    gateway = manager.request_address(addr_req(pid, options=GW))["Address"]
-    task = manager.request_address(addr_req(pid))["Address"]
-    worker.request_pool(req)
-    assert worker.request_address(addr_req(pid, gateway.split("/")[0], GW))["Address"] == gateway
-    assert worker.request_address(addr_req(pid, task.split("/")[0]))["Address"] == task
-    assert value(kv, ROOT + "addresses/vxnet-global/10.1.0.0_24/10.1.0.2")["hosts"] == ["m", "w"]
+    gpid = manager.request_pool(pool_req("10.1.0.0/24", space="vxnet-global"))["PoolID"]
+    gateway = manager.request_address(addr_req(gpid, options=GW))["Address"].split("/")[0]
+    task = manager.request_address(addr_req(gpid))["Address"].split("/")[0]
+    lpid = worker.request_pool(pool_req("10.1.0.0/24"))["PoolID"]
+    assert worker.request_address(addr_req(lpid, gateway, GW))["Address"] == f"{gateway}/24"
+    assert worker.request_address(addr_req(lpid, task))["Address"] == f"{task}/24"
+    worker.release_address(addr_req(lpid, task))
+    worker.release_address(addr_req(lpid, gateway))
+    worker.release_pool(PoolIDRequest(lpid))
+    assert kv.keys(ROOT + "pools/") == [ROOT + "pools/vxnet-global/10.1.0.0_24"]
+    assert value(kv, ROOT + f"addresses/vxnet-global/10.1.0.0_24/{task}")["hosts"] == ["@swarm"]
 
 
 def test_manager_and_worker_on_one_host_release_independently(kv):
-    """A Swarm manager also runs tasks: its allocator and its own dockerd both hold the pool and addresses."""
+    """A Swarm manager also runs tasks: its allocator (global space) and its own dockerd (local space) both hold
+    the pool and the gateway."""
     node = driver(kv, "n1", "global")
-    req = pool_req("10.1.0.0/24", space="vxnet-global")
-    pid = node.request_pool(req)["PoolID"]                       # allocator
-    node.request_address(addr_req(pid, options=GW))
-    node.request_pool(req)                                       # the node's dockerd
-    node.request_address(addr_req(pid, "10.1.0.1", GW))
-    node.release_address(addr_req(pid, "10.1.0.1"))              # the node's dockerd drops the network
-    node.release_pool(PoolIDRequest(pid))
-    assert value(kv, ROOT + "pools/vxnet-global/10.1.0.0_24")["hosts"] == ["n1"]
-    assert node.request_address(addr_req(pid))["Address"] == "10.1.0.2/24"  # gateway still held
-    node.release_address(addr_req(pid, "10.1.0.1"))              # the allocator deletes the network
-    node.release_address(addr_req(pid, "10.1.0.2"))
-    node.release_pool(PoolIDRequest(pid))
-    assert kv.keys(ROOT + "pools/") == [] and address_keys(kv) == []
+    gpid = node.request_pool(pool_req("10.1.0.0/24", space="vxnet-global"))["PoolID"]   # allocator
+    node.request_address(addr_req(gpid, options=GW))
+    lpid = node.request_pool(pool_req("10.1.0.0/24"))["PoolID"]                         # the node's dockerd
+    node.request_address(addr_req(lpid, "10.1.0.1", GW))
+    node.release_address(addr_req(lpid, "10.1.0.1"))                                     # ... drops the network
+    node.release_pool(PoolIDRequest(lpid))
+    assert kv.keys(ROOT + "pools/") == [ROOT + "pools/vxnet-global/10.1.0.0_24"]
+    assert node.request_address(addr_req(gpid))["Address"] == "10.1.0.2/24"  # the gateway is still held
+    node.release_address(addr_req(gpid, "10.1.0.1"))                         # the allocator deletes the network
+    node.release_address(addr_req(gpid, "10.1.0.2"))
+    node.release_pool(PoolIDRequest(gpid))
+    assert kv.keys(ROOT) == []
 
 
 @pytest.mark.parametrize("address, words", [
@@ -517,17 +536,20 @@ def test_pool_left_without_holders_is_finished_by_the_next_request_pool(kv):
 
 
 def test_address_calls_cost_one_read_and_one_transaction(kv):
-    """A container start in a Swarm makes two RequestAddress and two ReleaseAddress calls: each is one read of
-    everything it compares, then one transaction."""
+    """A container start in a Swarm makes two RequestAddress and two ReleaseAddress calls (the allocator's in the
+    global space, the node's in the local one): each is one read of everything it compares, then one
+    transaction; an allocator's replay is the read alone."""
     d = driver(kv, scope="global")
-    pool_id = d.request_pool(pool_req("10.9.0.0/24", space="vxnet-global"))["PoolID"]
-    for request in (addr_req(pool_id), addr_req(pool_id, "10.9.0.20"), addr_req(pool_id, "10.9.0.20"),
-                    addr_req(pool_id, options=GW)):
-        before = kv.round_trips
-        d.request_address(request)
-        assert kv.round_trips - before == 2, request
-    for _ in range(2):
+    for space in ("vxnet-global", "vxnet-local"):
+        pool_id = d.request_pool(pool_req("10.9.0.0/24", space=space))["PoolID"]
+        replay = 1 if space == "vxnet-global" else 2
+        for request, trips in ((addr_req(pool_id), 2), (addr_req(pool_id, "10.9.0.20"), 2),
+                               (addr_req(pool_id, "10.9.0.20"), replay), (addr_req(pool_id, options=GW), 2)):
+            before = kv.round_trips
+            d.request_address(request)
+            assert kv.round_trips - before == trips, (space, request)
         before = kv.round_trips
         d.release_address(addr_req(pool_id, "10.9.0.20"))
         assert kv.round_trips - before == 2
-    assert "10.9.0.20" not in [key.rsplit("/", 1)[1] for key in address_keys(kv)]
+        d.release_address(addr_req(pool_id, "10.9.0.20"))  # a replayed release: nothing left to do
+        assert "10.9.0.20" not in [key.rsplit("/", 1)[1] for key in address_keys(kv) if space in key]
