@@ -14,19 +14,19 @@ no policy at all: before the first peer is programmed, after a crash between del
 plugin restarts (the table stays when the plugin stops). A drop in any nftables table is final, so the rules
 hold beside Docker's own.
 
-Every change is one atomic `nft -j -f -` batch; `ensure()` re-creates the whole table in one transaction (add,
-delete, add), so a replay converges on exactly these rules and there is no moment without them.
+Every change is one atomic batch of nftables JSON, applied by the caller's `apply(ns, commands, what)` (in the
+plugin: netdriver's Links.nft, libnftables on the netlink thread, the one way vxnet writes nftables); `ensure()`
+re-creates the whole table in one transaction (add, delete, add), so a replay converges on exactly these rules
+and there is no moment without them.
 """
 
 import json
-import subprocess
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 from plugin.errors import KernelError
 
 TABLE = "vxnet_ipsec"
 FAMILY = "inet"
-_TIMEOUT = 10.0
 
 # Rule comments double as labels: counters() reports by them and a reader of `nft list ruleset` sees why.
 LABEL_IN = "vxnet: drop cleartext VXLAN of encrypted networks arriving without IPsec"
@@ -34,29 +34,15 @@ LABEL_OUT = "vxnet: drop cleartext VXLAN of encrypted networks leaving without a
 
 
 class Firewall:
-    """The vxnet_ipsec table in one network namespace (None: the plugin's own, i.e. the host's)."""
+    """The vxnet_ipsec table in one network namespace (ns None: the plugin's own, i.e. the host's).
 
-    def __init__(self, port: int, netns: Optional[str] = None, nft: str = "nft"):
+    apply(ns, commands, what) -> JSON output: runs nftables JSON commands as one transaction in ns, KernelError
+    naming `what` if refused (Links.nft)."""
+
+    def __init__(self, port: int, apply: Callable[[Optional[str], List[dict], str], str], ns: Optional[str] = None):
         self.port = port
-        self.netns = netns
-        self._nft = nft
-
-    def _argv(self, *args: str) -> List[str]:
-        argv = [self._nft, *args]
-        return ["nsenter", f"--net={self.netns}", *argv] if self.netns else argv
-
-    def _run(self, what: str, *args: str, batch: Optional[dict] = None) -> str:
-        try:
-            proc = subprocess.run(self._argv(*args), input=json.dumps(batch) if batch else None,
-                                  capture_output=True, text=True, timeout=_TIMEOUT)
-        except FileNotFoundError:
-            raise KernelError(f"{what}: `{self._nft}` is not installed (nftables is needed to keep encrypted "
-                              "networks from leaking cleartext)") from None
-        except subprocess.TimeoutExpired:
-            raise KernelError(f"{what}: nft did not answer within {_TIMEOUT:.0f} s") from None
-        if proc.returncode != 0:
-            raise KernelError(f"{what}: nft failed: {proc.stderr.strip() or proc.returncode}")
-        return proc.stdout
+        self._apply = apply
+        self.ns = ns
 
     def _table(self) -> dict:
         return {"family": FAMILY, "name": TABLE}
@@ -70,29 +56,29 @@ class Firewall:
             {"drop": None},
         ]}}}
 
-    def batch(self) -> dict:
-        """The ensure() batch (exposed for tests and for reading)."""
+    def batch(self) -> List[dict]:
+        """The ensure() commands (exposed for tests and for reading)."""
         table = self._table()
         chains = [{"add": {"chain": {"family": FAMILY, "table": TABLE, "name": hook, "type": "filter", "hook": hook,
                                      "prio": 0, "policy": "accept"}}} for hook in ("input", "output")]
-        return {"nftables": [
+        return [
             {"add": {"table": table}},
             {"delete": {"table": table}},
             {"add": {"table": table}},
             *chains,
             self._rule("input", LABEL_IN, {"meta": {"key": "ipsec"}}),
             self._rule("output", LABEL_OUT, {"rt": {"key": "ipsec"}}),
-        ]}
+        ]
 
     def ensure(self) -> None:
         """Create or re-create the table with exactly our two rules, atomically. Idempotent."""
-        self._run(f"install the {TABLE} nftables table", "-j", "-f", "-", batch=self.batch())
+        self._apply(self.ns, self.batch(), f"install the {TABLE} nftables table")
 
     def remove(self) -> None:
         """Remove the table (only when no encrypted network is left). Idempotent."""
         table = self._table()
-        self._run(f"remove the {TABLE} nftables table", "-j", "-f", "-",
-                  batch={"nftables": [{"add": {"table": table}}, {"delete": {"table": table}}]})
+        self._apply(self.ns, [{"add": {"table": table}}, {"delete": {"table": table}}],
+                    f"remove the {TABLE} nftables table")
 
     def present(self) -> bool:
         return set(self.counters()) == {LABEL_IN, LABEL_OUT}
@@ -100,13 +86,13 @@ class Firewall:
     def counters(self) -> Dict[str, int]:
         """Packets dropped so far by each of our rules, by label; {} if the table is absent."""
         try:
-            text = self._run(f"read the {TABLE} nftables table", "-j", "list", "table", FAMILY, TABLE)
+            text = self._apply(self.ns, [{"list": {"table": self._table()}}], f"read the {TABLE} nftables table")
         except KernelError as exc:
             if "No such file or directory" in str(exc):
                 return {}
             raise
         out = {}
-        for item in json.loads(text).get("nftables", []):
+        for item in json.loads(text or "{}").get("nftables", []):
             rule = item.get("rule")
             if not rule or "comment" not in rule:
                 continue

@@ -189,13 +189,12 @@ class EncryptionManager:
     """Converges the kernel's vxnet SAs and policies (and the firewall table) on the desired state. Thread-safe;
     every call is idempotent."""
 
-    def __init__(self, xfrm: Optional[Xfrm] = None, firewall: Optional[Firewall] = None,
-                 port: int = ENCRYPTED_VXLAN_PORT):
+    def __init__(self, xfrm: Optional[Xfrm], firewall: Firewall, port: int = ENCRYPTED_VXLAN_PORT):
         """xfrm None: the plugin's own namespace's, opened on first use (so a kernel without XFRM netlink only
-        fails encrypted networks, with require()'s message, not the plugin's start); firewall None: the table
-        for `port` in the plugin's namespace."""
+        fails encrypted networks, with require()'s message, not the plugin's start); firewall: the table for
+        `port` in the same namespace."""
         self._xfrm = xfrm
-        self.firewall = firewall or Firewall(port)
+        self.firewall = firewall
         self.port = port
         self._lock = threading.RLock()
         self._ring: Optional[KeyRing] = None

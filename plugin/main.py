@@ -13,8 +13,9 @@ from typing import Mapping, Optional
 
 import waitress
 
+from encrypt.firewall import Firewall as IpsecFirewall
 from encrypt.keys import KeyRingWatcher, KeyRotator, KeyStore, read_secret_file
-from encrypt.manager import EncryptionManager
+from encrypt.manager import ENCRYPTED_VXLAN_PORT, EncryptionManager
 from ipam_driver.driver import IpamDriver
 from netdriver.driver import NetworkDriver
 from netdriver.hosts import HostLease
@@ -132,7 +133,8 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
         encryption: Optional[EncryptionManager] = None
         if settings.encryption_secret_file:
             keystore = KeyStore(kv, read_secret_file(settings.encryption_secret_file), settings.key_prefix)
-            encryption = EncryptionManager()  # XFRM netlink opened on first use, in this (the host's) namespace
+            # XFRM netlink opened on first use, in this (the host's) namespace; the fail-closed table there too.
+            encryption = EncryptionManager(None, IpsecFirewall(ENCRYPTED_VXLAN_PORT, links.nft))
             if underlay.address:
                 encryption.set_local(underlay.address)
             keyring = KeyRingWatcher(kv, keystore, encryption.set_keyring)

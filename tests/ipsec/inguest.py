@@ -31,6 +31,7 @@ from encrypt.firewall import LABEL_IN, LABEL_OUT, Firewall
 from encrypt.keys import AEAD_ALGORITHM, MATERIAL_BYTES, KeyRing
 from encrypt.spi import spi_for
 from encrypt.xfrm import REQID, XFRM_MODE_TRANSPORT, Xfrm
+from netdriver.links import Links
 
 PORT = mgr.ENCRYPTED_VXLAN_PORT
 VNI = 4242
@@ -51,12 +52,13 @@ def sh(*argv: str, check: bool = True, timeout: float = 30) -> str:
 
 
 class Host:
-    def __init__(self, name: str):
+    def __init__(self, name: str, nft: Links):
+        """nft: nftables as the plugin writes it (libnftables, a context per namespace on one thread)."""
         self.name = name
         self.vtep = VTEP[name]
         self.netns = f"/run/netns/{name}"
         self.xfrm: Optional[Xfrm] = None
-        self.firewall = Firewall(PORT, self.netns)
+        self.firewall = Firewall(PORT, nft.nft, name)
         self.manager: Optional[mgr.EncryptionManager] = None
 
     def restart_manager(self) -> mgr.EncryptionManager:
@@ -157,7 +159,8 @@ def parse_ping(out: str) -> Dict[str, int]:
 
 class Lab:
     def __init__(self):
-        self.hosts = {name: Host(name) for name in ("h1", "h2")}
+        self.nft = Links("/run/netns")
+        self.hosts = {name: Host(name, self.nft) for name in ("h1", "h2")}
         self.ring: Optional[KeyRing] = None
 
     def build(self) -> None:

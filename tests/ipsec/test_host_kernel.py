@@ -3,6 +3,7 @@ encrypted network meets here, policies over our netlink module, and the fail-clo
 namespace. (Everything that needs ESP runs in the guest: test_esp_guest.py.)"""
 
 import json
+import os
 import subprocess
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from encrypt import manager
 from encrypt.firewall import LABEL_IN, LABEL_OUT, TABLE, Firewall
 from encrypt.xfrm import REQID, SA, Policy, Xfrm
+from netdriver.links import Links
 from plugin.errors import KernelError
 
 A, B = "192.0.2.1", "192.0.2.2"
@@ -68,7 +70,8 @@ def test_sas_where_the_kernel_has_esp_and_a_clear_error_where_not(scratch_netns)
 
 
 def test_firewall_table_is_idempotent_and_labelled(scratch_netns):
-    fw = Firewall(4790, scratch_netns)
+    links = Links(os.path.dirname(scratch_netns))
+    fw = Firewall(4790, links.nft, os.path.basename(scratch_netns))
     assert fw.counters() == {} and not fw.present()
     fw.ensure()
     fw.ensure()
@@ -81,3 +84,4 @@ def test_firewall_table_is_idempotent_and_labelled(scratch_netns):
     fw.remove()
     fw.remove()
     assert fw.counters() == {}
+    links.close()

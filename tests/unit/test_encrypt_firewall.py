@@ -1,8 +1,7 @@
-"""The fail-closed nftables batch, and how Firewall drives nft (a stand-in nft that records what it is given).
-The rules themselves are loaded into a real kernel by tests/ipsec (host namespace test and the guest)."""
+"""The fail-closed nftables batch, and how Firewall drives its applier (a stand-in that models the table). The rules
+themselves are loaded into a real kernel by tests/ipsec (host namespace test and the guest)."""
 
 import json
-import os
 
 import pytest
 
@@ -11,7 +10,7 @@ from plugin.errors import KernelError
 
 
 def test_ensure_replaces_the_whole_table_in_one_batch():
-    batch = Firewall(4790).batch()["nftables"]
+    batch = Firewall(4790, FakeNftables()).batch()
     table = {"family": "inet", "name": TABLE}
     # add + delete + add: whatever was there goes, in the same transaction as the new rules arrive.
     assert batch[:3] == [{"add": {"table": table}}, {"delete": {"table": table}}, {"add": {"table": table}}]
@@ -29,35 +28,56 @@ def test_ensure_replaces_the_whole_table_in_one_batch():
     json.dumps(batch)
 
 
-def fake_nft(tmp_path, exit_code=0, stderr=""):
-    path = tmp_path / "nft"
-    record = tmp_path / "calls"
-    path.write_text(f"""#!/bin/sh
-echo "$@" >> {record}
-cat >> {record}.stdin
-echo "" >> {record}.stdin
-[ -n "{stderr}" ] && echo "{stderr}" >&2
-exit {exit_code}
-""")
-    os.chmod(path, 0o755)
-    return str(path), record
+class FakeNftables:
+    """What Links.nft does, for one namespace: applies add/delete of our table as nftables would (a transaction,
+    all or nothing; deleting a missing table fails), and answers `list table` in nft's JSON."""
+
+    def __init__(self, refuse=None):
+        self.tables = {}  # (family, name) -> [rule commands]
+        self.calls = []
+        self.refuse = refuse
+
+    def __call__(self, ns, commands, what):
+        self.calls.append((ns, what))
+        if self.refuse:
+            raise KernelError(f"{what}: {self.refuse}")
+        tables = {k: list(v) for k, v in self.tables.items()}
+        out = []
+        for command in commands:
+            (verb, body), = command.items()
+            kind, obj = next(iter(body.items()))
+            key = (obj.get("family"), obj.get("name") if kind == "table" else obj.get("table"))
+            if verb == "add" and kind == "table":
+                tables.setdefault(key, [])
+            elif verb == "delete" and kind == "table":
+                if key not in tables:
+                    raise KernelError(f"{what}: Error: Could not process rule: No such file or directory")
+                del tables[key]
+            elif verb == "add" and kind == "rule":
+                tables[key].append(dict(obj, expr=[dict(e) if "counter" not in e else {"counter": {"packets": 0}}
+                                                   for e in obj["expr"]]))
+            elif verb == "list":
+                if key not in tables:
+                    raise KernelError(f"{what}: Error: No such file or directory")
+                out += [{"rule": rule} for rule in tables[key]]
+        self.tables = tables
+        return json.dumps({"nftables": out}) if out else ""
 
 
-def test_ensure_and_remove_feed_nft_json_on_stdin(tmp_path):
-    nft, record = fake_nft(tmp_path)
-    fw = Firewall(4790, nft=nft)
+def test_ensure_and_remove_are_idempotent_and_counters_read_the_table():
+    nft = FakeNftables()
+    fw = Firewall(4790, nft, "vxnet-ns")
+    assert fw.counters() == {} and not fw.present()
     fw.ensure()
+    fw.ensure()
+    assert fw.present() and fw.counters() == {LABEL_IN: 0, LABEL_OUT: 0}
+    assert len(nft.tables[("inet", TABLE)]) == 2
     fw.remove()
-    calls = record.read_text().splitlines()
-    assert calls == ["-j -f -", "-j -f -"]
-    sent = [json.loads(line) for line in (tmp_path / "calls.stdin").read_text().splitlines() if line]
-    assert sent[0] == fw.batch()
-    assert sent[1]["nftables"][-1] == {"delete": {"table": {"family": "inet", "name": TABLE}}}
+    fw.remove()
+    assert nft.tables == {} and fw.counters() == {}
+    assert {ns for ns, _ in nft.calls} == {"vxnet-ns"}
 
 
-def test_nft_failures_raise_with_nfts_words(tmp_path):
-    nft, _ = fake_nft(tmp_path, exit_code=1, stderr="Error: Could not process rule: Operation not supported")
-    with pytest.raises(KernelError, match="install the vxnet_ipsec nftables table: nft failed: .*not supported"):
-        Firewall(4790, nft=nft).ensure()
-    with pytest.raises(KernelError, match="nftables is needed"):
-        Firewall(4790, nft=str(tmp_path / "no-such-nft")).ensure()
+def test_refusals_raise_naming_what_was_being_done():
+    with pytest.raises(KernelError, match="install the vxnet_ipsec nftables table: .*not supported"):
+        Firewall(4790, FakeNftables(refuse="Error: Could not process rule: Operation not supported")).ensure()
