@@ -9,7 +9,7 @@ import contextlib
 import ipaddress
 import logging
 import threading
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 from encrypt.manager import inner_mtu
 from netdriver import names, options
@@ -340,9 +340,13 @@ class NetworkDriver:
     def _guard(self, network: Network) -> None:
         """The whole anti-spoofing table, from this host's endpoint records whose veth is in the namespace."""
         with self._guard_lock:
-            mine = [e for e in self.store.list_endpoints(network.id) if e.host == self.host_id]
-            wired = self.dataplane.wired_endpoints(network.id, [e.id for e in mine])
+            mine, wired = self._endpoints_here(network)
             self.dataplane.guard_endpoints(network, [e for e in mine if e.id in wired])
+
+    def _endpoints_here(self, network: Network) -> Tuple[List[Endpoint], Set[str]]:
+        """This host's endpoint records of the network, and the ids of those whose veth is wired."""
+        mine = [e for e in self.store.list_endpoints(network.id) if e.host == self.host_id]
+        return mine, self.dataplane.wired_endpoints(network.id, [e.id for e in mine])
 
     def _unguard(self, network: Network, endpoint: Endpoint) -> None:
         with self._guard_lock:
@@ -397,8 +401,7 @@ class NetworkDriver:
         for network in networks if networks is not None else self.store.member_networks(self.host_id):
             segment = segment_of(network.id, network.overlay)
             mine = {p.endpoint_id for p in self.store.list_peers(segment) if p.host == self.host_id}
-            endpoints = [e for e in self.store.list_endpoints(network.id) if e.host == self.host_id]
-            wired = self.dataplane.wired_endpoints(network.id, [e.id for e in endpoints])
+            endpoints, wired = self._endpoints_here(network)
             for endpoint in endpoints:
                 if endpoint.id in wired:
                     self._publish(network, endpoint)

@@ -7,8 +7,7 @@ Interface contract (the unit tests' FakeDataPlane models the same state):
   ensure_endpoint(network, endpoint) -> str   idempotent; the host-side interface name for Join's SrcName
   remove_endpoint(network_id, endpoint_id)    idempotent
   network_ids() -> list of 12-char id prefixes that have a namespace here
-  endpoint_present(network_id, endpoint_id) -> bool           joined and still wired to the bridge
-  wired_endpoints(network_id, endpoint_ids) -> set            those of the ids present (one link dump)
+  wired_endpoints(network_id, endpoint_ids) -> set   those of the ids joined and still wired to the bridge
   sync_peers(network, fdb, neigh)         the VXLAN device holds exactly these remote entries (reads the kernel)
   update_peers(network, before, after)    apply the difference between two (fdb, neigh) tables
   guard_endpoints(network, endpoints)     anti-spoofing rules for exactly these local endpoints (whole table)
@@ -100,14 +99,9 @@ class DataPlane:
     def network_ids(self) -> List[str]:
         return [names.network_id_prefix(n) for n in self.links.list_netns() if names.network_id_prefix(n)]
 
-    def endpoint_present(self, network_id: str, endpoint_id: str) -> bool:
-        """True if the endpoint's bridge-side veth is in the network namespace (it was joined and still is)."""
-        ns = names.netns(network_id)
-        return self.links.netns_exists(ns) and self.links.link_exists(ns, names.veth_bridge(endpoint_id))
-
     def wired_endpoints(self, network_id: str, endpoint_ids: List[str]) -> Set[str]:
-        """The endpoint_present ones among endpoint_ids, from one dump of the namespace's links instead of one
-        lookup per endpoint."""
+        """Those of endpoint_ids whose bridge-side veth is in the network namespace (joined, and still wired),
+        from one dump of the namespace's links."""
         ns = names.netns(network_id)
         if not self.links.netns_exists(ns):
             return set()

@@ -73,10 +73,9 @@ class NetworkStore:
                 if wanted_vni is not None and wanted_vni != vni:
                     raise Conflict(f"option vni: overlay {segment} already uses VNI {vni}, not {wanted_vni}")
                 if bool(existing.get("encrypted", False)) != encrypted:
-                    state = "encrypted" if existing.get("encrypted") else "not encrypted"
-                    fix = "add -o encrypted" if existing.get("encrypted") else "drop -o encrypted"
+                    state, fix = ("not encrypted", "drop") if encrypted else ("encrypted", "add")
                     raise Conflict(f"option encrypted: overlay {segment} is {state} on the hosts that already "
-                                   f"have it; {fix} to join it")
+                                   f"have it; {fix} -o encrypted to join it")
                 return vni
             if wanted_vni is not None:
                 holder = self.kv.get(self._k("vnis", str(wanted_vni)))

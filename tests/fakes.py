@@ -212,9 +212,6 @@ class FakeDataPlane:
     def guard_host(self, networks):
         self.host_subnets = sorted({s.pool for n in networks for s in n.subnets})
 
-    def endpoint_present(self, network_id, endpoint_id):
-        return endpoint_id in self.endpoints.get(network_id, {})
-
     def sync_peers(self, network, fdb, neigh):
         self.full_syncs = getattr(self, "full_syncs", 0) + 1
         if network.id in self.networks:

@@ -72,7 +72,7 @@ def test_network_namespace_bridge_vxlan_and_veth(links, ids):
     assert (host_end["kind"], host_end["mtu"], host_end["mac"]) == ("veth", 1400, "02:42:0a:4d:00:05")
     assert (bridge_end["master"], bridge_end["mtu"], bridge_end["up"]) == (names.BRIDGE, 1400, True)
 
-    assert plane.endpoint_present(nid, eid)
+    assert plane.wired_endpoints(nid, [eid, ids()]) == {eid}
     fdb = {"02:42:0a:4d:00:09": "127.0.0.2", "02:42:0a:4d:00:0a": "127.0.0.3"}
     neigh = {"10.77.0.9": "02:42:0a:4d:00:09", "10.77.0.10": "02:42:0a:4d:00:0a"}
     plane.sync_peers(network, fdb, neigh)
