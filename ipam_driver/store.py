@@ -63,6 +63,11 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
+def _with_one(hosts: Tuple[str, ...], host: str, counted: bool) -> Tuple[str, ...]:
+    """hosts with one more hold of host; an uncounted holder holds once, so then nothing changes."""
+    return hosts if host in hosts and not counted else hosts + (host,)
+
+
 def _without_one(hosts: Tuple[str, ...], host: str) -> Tuple[str, ...]:
     index = hosts.index(host)
     return hosts[:index] + hosts[index + 1:]
@@ -164,12 +169,13 @@ class IpamStore:
                 cidr = want
                 same = next((p for p in held if p.space == space and p.cidr == want), None)
                 if same is not None:
-                    if host in same.hosts and not counted:
+                    hosts = _with_one(same.hosts, host, counted)
+                    if hosts == same.hosts:
                         return want
                     if host in same.hosts and not replay_ok:
                         raise Conflict(f"Pool: {want} is already in use on this host by another network "
                                        f"(address space {space}); choose another --subnet")
-                    if self._set_pool_hosts(same, same.hosts + (host,)):
+                    if self._set_pool_hosts(same, hosts):
                         return want
                     continue
                 other = pools.overlapping(want, (p.cidr for p in held if p.space == space))
@@ -215,8 +221,13 @@ class IpamStore:
         return self.kv.commit(revisions={pool.key: pool.revision}, deletes=keys + [pool.key])
 
     # -- addresses -------------------------------------------------------------------------------------------------
-    def _add_holder(self, pool: PoolEntry, entry: AddressEntry, host: str) -> bool:
-        value = self._address_value(pool.cidr, entry.ip, entry.kind, entry.hosts + (host,), entry.created)
+    def _add_holder(self, pool: PoolEntry, entry: AddressEntry, host: str, counted: bool) -> bool:
+        """One more hold of host on the address (none for an uncounted holder that has it); False if the
+        address or the pool changed since they were read."""
+        hosts = _with_one(entry.hosts, host, counted)
+        if hosts == entry.hosts:
+            return True
+        value = self._address_value(pool.cidr, entry.ip, entry.kind, hosts, entry.created)
         return self.kv.commit(revisions={entry.key: entry.revision, pool.key: pool.revision},
                               puts={entry.key: value})
 
@@ -224,7 +235,7 @@ class IpamStore:
                         replay_ok: bool, counted: bool = True) -> None:
         """Hold the specific address ip. If it is held already, this is a confirmation (host added to its
         holders) when replay_ok or when both are the gateway (one gateway serves every host of a network);
-        otherwise Conflict. An uncounted holder that holds it already changes nothing."""
+        otherwise Conflict. A confirmation by an uncounted holder that holds it already changes nothing."""
         key = self.address_key(space, cidr, ip)
         for _ in range(MAX_ROUNDS):
             pool, snap = self._live_pool(space, cidr, keys=[key])
@@ -235,12 +246,10 @@ class IpamStore:
                     return
                 continue
             entry = self._address_entry(raw)
-            if host in entry.hosts and not counted:
-                return
             if not (replay_ok or kind == entry.kind == GATEWAY):
                 what = "the gateway" if entry.kind == GATEWAY else "in use"
                 raise Conflict(f"Address: {ip} is already {what} in pool {cidr}")
-            if self._add_holder(pool, entry, host):
+            if self._add_holder(pool, entry, host, counted):
                 return
         raise Conflict(f"Address: gave up reserving {ip} after {MAX_ROUNDS} attempts; retry")
 
@@ -255,7 +264,7 @@ class IpamStore:
             held = {a.ip: a for a in map(self._address_entry, snap.ranges[prefix])}
             gateway = next((a for a in held.values() if a.kind == GATEWAY), None) if kind == GATEWAY else None
             if gateway is not None:
-                if (host in gateway.hosts and not counted) or self._add_holder(pool, gateway, host):
+                if self._add_holder(pool, gateway, host, counted):
                     return gateway.ip
                 continue
             taken = set(held)
