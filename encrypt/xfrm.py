@@ -410,14 +410,7 @@ class Xfrm:
         """Idempotent; True if an SA was deleted."""
         msg = xfrm_usersa_id()
         msg.update({"daddr": _addr(dst), "spi": spi, "family": AF_INET, "proto": IPPROTO_ESP})
-        with _kernel(f"delete ESP SA spi 0x{spi:08x} to {dst}{self._where}"):
-            try:
-                self._request(msg, XFRM_MSG_DELSA, NLM_F_REQUEST | NLM_F_ACK)
-                return True
-            except NetlinkError as exc:
-                if _missing(exc):
-                    return False
-                raise
+        return self._delete(msg, XFRM_MSG_DELSA, f"delete ESP SA spi 0x{spi:08x} to {dst}{self._where}")
 
     def sas(self, ours_only: bool = True) -> List[SAState]:
         """Every IPv4 ESP SA (ours only unless asked), with counters."""
@@ -449,9 +442,14 @@ class Xfrm:
         msg = xfrm_userpolicy_id()
         msg.update(_flow_selector(src, dst, dport))
         msg.update({"index": 0, "dir": _DIRECTIONS[direction]})
-        with _kernel(f"delete {direction} policy {src} -> {dst} udp/{dport}{self._where}"):
+        return self._delete(msg, XFRM_MSG_DELPOLICY, f"delete {direction} policy {src} -> {dst} udp/{dport}"
+                                                     f"{self._where}")
+
+    def _delete(self, msg, msg_type: int, what: str) -> bool:
+        """One delete request; True if the kernel deleted something, False if there was nothing to delete."""
+        with _kernel(what):
             try:
-                self._request(msg, XFRM_MSG_DELPOLICY, NLM_F_REQUEST | NLM_F_ACK)
+                self._request(msg, msg_type, NLM_F_REQUEST | NLM_F_ACK)
                 return True
             except NetlinkError as exc:
                 if _missing(exc):
