@@ -27,6 +27,7 @@ from typing import Dict, Iterator, List, Optional
 from pyroute2 import IPRoute, netns as pr_netns
 from pyroute2.netlink.exceptions import NetlinkError
 
+from netdriver import netnsdir
 from plugin import libnftables
 from plugin.errors import KernelError, kernel_errors
 from plugin.syscalls import MS_BIND, libc_call, setns, unshare_net
@@ -55,6 +56,8 @@ class Links:
         self._sockets: Dict[Optional[str], object] = {}
         self._nft: Dict[Optional[str], libnftables.Context] = {}  # namespace -> context, used on our thread only
         self._lock = threading.RLock()
+        self._folder_lock = threading.Lock()
+        self._folder_ready = False
         self._worker_ident = None
         self._home_fd = -1
         self._executor = concurrent.futures.ThreadPoolExecutor(
@@ -147,7 +150,20 @@ class Links:
         """Where a named namespace is mounted (for tools entered with nsenter --net=PATH)."""
         return self._path(name)
 
+    def prepare_netns_dir(self) -> List[str]:
+        """Make netns_dir a shared mount of itself before anything is mounted in it, and mount back namespaces an
+        earlier ordering hid (netdriver/netnsdir.py says why). Once per process: afterwards `ip netns add` finds a
+        mount point and hides nothing. Returns the names mounted back."""
+        with self._folder_lock:
+            if self._folder_ready:
+                return []
+            with _kernel(f"prepare the namespace folder {self.netns_dir}"):
+                repaired = netnsdir.prepare(self.netns_dir)
+            self._folder_ready = True
+            return repaired
+
     def list_netns(self) -> List[str]:
+        self.prepare_netns_dir()
         try:
             return sorted(os.listdir(self.netns_dir))
         except FileNotFoundError:
@@ -163,6 +179,7 @@ class Links:
 
     @_netlink_thread
     def ensure_netns(self, name: str) -> None:
+        self.prepare_netns_dir()
         with self._lock, _kernel(f"create namespace {name}"):
             if not self.netns_exists(name):
                 self._forget(name)  # handles left from a namespace of that name removed behind our back
@@ -172,6 +189,7 @@ class Links:
     @_netlink_thread
     def remove_netns(self, name: str) -> None:
         """Remove a namespace and so everything in it (our veth ends take their container-side peers along)."""
+        self.prepare_netns_dir()
         with self._lock:
             self._forget(name)
             path = self._path(name)

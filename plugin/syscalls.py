@@ -1,13 +1,18 @@
-"""The few Linux calls Python 3.11's os module lacks (setns, unshare, mount), through libc: one place for both
-the netlink thread (netdriver/links.py) and the XFRM sockets (encrypt/xfrm.py). Each affects only the calling
-thread's network namespace; callers decide which thread that is."""
+"""The few Linux calls Python 3.11's os module lacks (setns, unshare, mount, umount2), through libc: one place for
+the netlink thread (netdriver/links.py), the XFRM sockets (encrypt/xfrm.py) and the namespace folder
+(netdriver/netnsdir.py). setns and unshare affect only the calling thread's network namespace; callers decide
+which thread that is."""
 
 import ctypes
 import ctypes.util
 import os
 
 CLONE_NEWNET = 0x40000000  # <linux/sched.h>
-MS_BIND = 0x1000  # <linux/mount.h>
+# <linux/mount.h>
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_SHARED = 1 << 20
+MNT_DETACH = 0x2  # umount2(2): lazy, takes the mount and everything under it off the tree at once
 
 _libc = None
 

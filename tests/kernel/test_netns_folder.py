@@ -1,0 +1,24 @@
+"""The namespace folder on a machine as it is after a boot (/run/netns no mount point yet) and after iproute2's
+first `ip netns add`: vxnet's namespaces stay reachable and removable, and ones an earlier ordering hid are
+mounted back. Each scenario runs in a private mount namespace of its own (tests/kernel/fresh_netns.py), so the
+machine's /run/netns is never touched."""
+
+import os
+import secrets
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces and mounts")
+
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.mark.parametrize("scenario", ["fresh_machine", "repair", "shared_parent"])
+def test_namespace_folder(scenario):
+    out = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "--", sys.executable, "-m", "tests.kernel.fresh_netns",
+         scenario, secrets.token_hex(4)],
+        cwd=_REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout + out.stderr
