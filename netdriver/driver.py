@@ -371,37 +371,66 @@ class NetworkDriver:
             vtep=self.underlay.require(), host=self.host_id), lease=self.lease_id())
 
     # -- start-up -----------------------------------------------------------------------------------------------
-    def reconcile(self) -> None:
+    def reconcile(self) -> List[str]:
         """Make the kernel match etcd for this host: rebuild the namespaces of networks this host is a member of,
         remove vxnet namespaces no network record claims, republish the peers of endpoints still wired here and
-        withdraw the ones that are not. Running containers keep their veth pairs untouched."""
+        withdraw the ones that are not. Running containers keep their veth pairs untouched.
+
+        What the kernel refuses is skipped, logged and returned (one line each, naming the object and the
+        reason), and everything else is still reconciled: one leftover must not keep every other network on the
+        host without its peers. Store errors (etcd unreachable) propagate: start-up waits for etcd and retries."""
+        problems: List[str] = []
+
+        def skip(message: str) -> None:
+            log.error("start-up reconciliation skips: %s", message)
+            problems.append(message)
+
         desired = self.store.member_networks(self.host_id)
         for network in desired:
             try:
                 self._prepare(network)
             except KernelError as exc:
-                # One broken network must not keep the others (and the peer watcher) down; its next Join
-                # or CreateNetwork replay tries again and reports the error to the user.
-                log.error("cannot rebuild network nid=%s vni=%d: %s", network.id[:12], network.vni, exc)
-                continue
-        self._guard_host()
+                # Its next Join or CreateNetwork replay tries again and reports the error to the user.
+                skip(f"cannot rebuild network nid={network.id[:12]} vni={network.vni}: {exc}")
+        try:
+            self._guard_host()
+        except KernelError as exc:
+            skip(f"cannot program the host isolation rules: {exc}")
         networks = self.store.list_networks()
         known = {n.id[:12] for n in networks}
+        for name in self.dataplane.unknown_netns():
+            skip(f"{name} in the namespace folder is not a name vxnet makes (vxnet-<12 hex>) and is left alone; "
+                 "remove it by hand if it is a leftover")
         for prefix in self.dataplane.network_ids():
             if prefix not in known:
                 log.info("removing stale namespace %s", names.netns(prefix))
-                self._remove_namespace(prefix)
+                try:
+                    self._remove_namespace(prefix)
+                except KernelError as exc:
+                    skip(f"cannot remove stale namespace {names.netns(prefix)}: {exc}")
         mine = [e.id for n in networks for e in self.store.list_endpoints(n.id) if e.host == self.host_id]
-        for name in self.dataplane.sweep_host_links(mine):
+        gone, failed = self.dataplane.sweep_host_links(mine)
+        for name in gone:
             log.info("removed stale link %s", name)
-        self.republish_peers(desired)
+        for message in failed:
+            skip(f"cannot remove a stale link: {message}")
+        self.republish_peers(desired, on_kernel_error=skip)
+        return problems
 
-    def republish_peers(self, networks: Optional[List[Network]] = None) -> None:
-        """Write this host's peer records under the current lease (after a new lease, or at start-up)."""
+    def republish_peers(self, networks: Optional[List[Network]] = None,
+                        on_kernel_error: Optional[Callable[[str], None]] = None) -> None:
+        """Write this host's peer records under the current lease (after a new lease, or at start-up). A network
+        whose namespace cannot be read is skipped (reported through on_kernel_error, else raised)."""
         for network in networks if networks is not None else self.store.member_networks(self.host_id):
             segment = segment_of(network.id, network.overlay)
             mine = {p.endpoint_id for p in self.store.list_peers(segment) if p.host == self.host_id}
-            endpoints, wired = self._endpoints_here(network)
+            try:
+                endpoints, wired = self._endpoints_here(network)
+            except KernelError as exc:
+                if on_kernel_error is None:
+                    raise
+                on_kernel_error(f"cannot republish the peers of network nid={network.id[:12]}: {exc}")
+                continue
             for endpoint in endpoints:
                 if endpoint.id in wired:
                     self._publish(network, endpoint)

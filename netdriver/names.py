@@ -4,6 +4,8 @@ Linux interface names are at most 15 characters (IFNAMSIZ 16 with the NUL). Ever
 with "vx" so start-up reconciliation and tests can tell our objects from everyone else's.
 """
 
+import re
+
 NETNS_PREFIX = "vxnet-"
 # Inside a network's own namespace the names need not be unique across networks.
 BRIDGE = "br0"
@@ -35,9 +37,18 @@ def veth_bridge(endpoint_id: str) -> str:
     return "vxp" + endpoint_id[:11]
 
 
+_NETNS_NAME = re.compile(re.escape(NETNS_PREFIX) + r"[0-9a-f]{12}")
+
+
 def network_id_prefix(netns_name: str) -> str:
-    """The 12-character network id prefix a namespace name was built from ("" if it is not one of ours)."""
-    return netns_name[len(NETNS_PREFIX):] if netns_name.startswith(NETNS_PREFIX) else ""
+    """The 12-character network id prefix a namespace name was built from ("" if it is not a name netns() makes:
+    anything else in the folder, even with our prefix, is never taken for a network of ours)."""
+    return netns_name[len(NETNS_PREFIX):] if _NETNS_NAME.fullmatch(netns_name) else ""
+
+
+def is_unknown_netns(netns_name: str) -> bool:
+    """Has our prefix but is not a name netns() makes (a leftover of a vxnet that took IDs on trust)."""
+    return netns_name.startswith(NETNS_PREFIX) and not network_id_prefix(netns_name)
 
 
 def is_vxlan_staging(name: str) -> bool:

@@ -7,6 +7,8 @@ Interface contract (the unit tests' FakeDataPlane models the same state):
   ensure_endpoint(network, endpoint) -> str   idempotent; the host-side interface name for Join's SrcName
   remove_endpoint(network_id, endpoint_id)    idempotent
   network_ids() -> list of 12-char id prefixes that have a namespace here
+  unknown_netns() -> names in the namespace folder with our prefix that network_ids() cannot be (never touched)
+  sweep_host_links(endpoint_ids) -> (removed, failures)   our leftover host-side links, each on its own
   wired_endpoints(network_id, endpoint_ids) -> set   those of the ids joined and still wired to the bridge
   sync_peers(network, fdb, neigh)         the VXLAN device holds exactly these remote entries (reads the kernel)
   update_peers(network, before, after)    apply the difference between two (fdb, neigh) tables
@@ -23,6 +25,7 @@ from encrypt.manager import ENCRYPTED_VXLAN_PORT
 from netdriver import names
 from netdriver.links import Links
 from netdriver.models import Endpoint, Network
+from plugin.errors import KernelError
 
 log = logging.getLogger(__name__)
 
@@ -85,19 +88,27 @@ class DataPlane:
         self.links.remove_link(names.netns(network_id), names.veth_bridge(endpoint_id))
         self.links.remove_link(None, names.veth_container(endpoint_id))
 
-    def sweep_host_links(self, endpoint_ids: List[str]) -> List[str]:
+    def sweep_host_links(self, endpoint_ids: List[str]) -> Tuple[List[str], List[str]]:
         """Delete leftovers of ours in the host namespace: VXLAN devices still under their staging name (a create
-        that died before moving them) and container-side veth ends of endpoints no record knows. Returns what went."""
+        that died before moving them) and container-side veth ends of endpoints no record knows. Returns what went
+        and, one line each, what could not go: one stuck link does not keep the others."""
         known = {names.veth_container(e) for e in endpoint_ids}
-        gone = []
+        gone, failed = [], []
         for name in self.links.list_links(None):
             if names.is_vxlan_staging(name) or (names.is_veth_container(name) and name not in known):
-                self.links.remove_link(None, name)
+                try:
+                    self.links.remove_link(None, name)
+                except KernelError as exc:
+                    failed.append(str(exc))
+                    continue
                 gone.append(name)
-        return gone
+        return gone, failed
 
     def network_ids(self) -> List[str]:
         return [names.network_id_prefix(n) for n in self.links.list_netns() if names.network_id_prefix(n)]
+
+    def unknown_netns(self) -> List[str]:
+        return [n for n in self.links.list_netns() if names.is_unknown_netns(n)]
 
     def wired_endpoints(self, network_id: str, endpoint_ids: List[str]) -> Set[str]:
         """Those of endpoint_ids whose bridge-side veth is in the network namespace (joined, and still wired),

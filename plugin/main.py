@@ -28,7 +28,7 @@ from netdriver.underlay import Underlay
 from netdriver.watcher import PeerSync, PeerWatcher
 from plugin import config, libnftables
 from plugin.embedded_etcd import EmbeddedEtcd
-from plugin.errors import ConfigError, VxnetError
+from plugin.errors import ConfigError, StoreUnavailable, VxnetError
 from plugin.http import make_app
 from plugin.kvstore import EtcdKV
 from plugin.routes import IPAM, NETWORK
@@ -59,8 +59,11 @@ def _start_control_plane(driver: NetworkDriver, lease: HostLease, watcher: PeerW
     while not stop.is_set():
         try:
             lease.acquire()
-            driver.reconcile()
-            log.info("start-up reconciliation done")
+            problems = driver.reconcile()
+            if problems:
+                log.warning("start-up reconciliation done; %d thing(s) skipped (each logged above)", len(problems))
+            else:
+                log.info("start-up reconciliation done")
             lease.start()
             for part in before_peers:
                 part.start()
@@ -72,8 +75,11 @@ def _start_control_plane(driver: NetworkDriver, lease: HostLease, watcher: PeerW
                     synced.wait(RING_WAIT_SECONDS)
             watcher.start()
             return
-        except VxnetError as exc:
+        except StoreUnavailable as exc:
             log.warning("start-up reconciliation waits for etcd: %s", exc)
+        except VxnetError as exc:
+            # Not etcd's fault: say what it is (reconcile() skips what the kernel refuses, so this is rarer).
+            log.error("start-up reconciliation failed, retrying: %s", exc)
         if stop.wait(delay):
             return
         delay = min(delay * 2, 5.0)

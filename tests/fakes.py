@@ -136,7 +136,8 @@ class FakeKV:
 class FakeDataPlane:
     """The per-network data plane as state: networks (id -> vni, mtu), endpoints per network, peers per network.
 
-    `fail_on` names an operation ("ensure_network", "ensure_endpoint") that raises KernelError, to test rollback.
+    `fail_on` names an operation ("ensure_network", "ensure_endpoint") that raises KernelError, to test rollback;
+    `stuck` holds network ids and host link names the kernel refuses to remove.
     """
 
     def __init__(self):
@@ -147,6 +148,8 @@ class FakeDataPlane:
         self.host_links = set()  # leftover vx* links in the host namespace
         self.host_subnets = []  # subnets the host isolation rules cover
         self.fail_on = set()
+        self.stuck = set()  # network ids whose namespace, and host link names that, cannot be removed
+        self.unknown = set()  # names in the namespace folder with our prefix that are not ours to touch
 
     def _maybe_fail(self, op):
         if op in self.fail_on:
@@ -160,6 +163,9 @@ class FakeDataPlane:
         self.peers.setdefault(network.id, {})
 
     def remove_network(self, network_id, vni=None):
+        if network_id[:12] in {s[:12] for s in self.stuck}:
+            from plugin.errors import KernelError
+            raise KernelError(f"remove namespace vxnet-{network_id[:12]}: injected failure")
         for nid in [n for n in self.networks if n[:12] == network_id[:12]]:
             del self.networks[nid]
             self.endpoints.pop(nid, None)
@@ -181,10 +187,15 @@ class FakeDataPlane:
     def network_ids(self):
         return [n[:12] for n in self.networks]
 
+    def unknown_netns(self):
+        return sorted(self.unknown)
+
     def sweep_host_links(self, endpoint_ids):
         gone = sorted(set(self.host_links) - {"vxc" + e[:11] for e in endpoint_ids})
+        failed = [f"delete {name} in host: injected failure" for name in gone if name in self.stuck]
+        gone = [name for name in gone if name not in self.stuck]
         self.host_links -= set(gone)
-        return gone
+        return gone, failed
 
     def guard_endpoints(self, network, endpoints):
         if network.id in self.networks:

@@ -121,13 +121,63 @@ def shared_parent(tag: str) -> None:
         sh("ip", "netns", "del", other, check=False)
 
 
-def main(scenario: str, tag: str) -> None:
+def leftover(tag: str, etcd_url: str) -> None:
+    """A leftover a vxnet that took IDs on trust made (a folder vxnet-0.0.0.0 with a namespace mounted inside, as
+    NetworkID "0.0.0.0/0" gave) and a stale namespace the kernel will not let go of: a restarted plugin reports
+    both by name and still rebuilds the network it is a member of, and removes the stale namespace it can."""
+    from netdriver.driver import NetworkDriver
+    from netdriver.store import NetworkStore
+    from plugin import protocol as p
+    from plugin.kvstore import EtcdKV
+
+    os.makedirs(FOLDER + "/vxnet-0.0.0.0")
+    junk = FOLDER + "/vxnet-0.0.0.0/0"
+    open(junk, "w").close()
+    sh("unshare", "--net", "--", "mount", "--bind", "/proc/self/ns/net", junk)
+    kv = EtcdKV([etcd_url])
+    prefix = f"/vxtest-{tag}/v1"
+    links = Links(FOLDER)
+    plane = DataPlane(links, Underlay(lambda a: 65536, "127.0.0.1"))
+    underlay = Underlay(lambda a: 1500, "127.0.0.1")
+    nid, stale = secrets.token_hex(32), names.netns(secrets.token_hex(32))
+    make = lambda: NetworkDriver(NetworkStore(kv, prefix), plane, "h1", "local", underlay)  # noqa: E731
+    vni = 9_200_000 + secrets.randbelow(9999)
+    try:
+        make().create_network(p.CreateNetworkRequest.decode({
+            "NetworkID": nid, "Options": {"com.docker.network.generic": {"vni": str(vni)}},
+            "IPv4Data": [{"Pool": "10.79.0.0/24", "Gateway": "10.79.0.1/24"}]}))
+        ns = names.netns(nid)
+        assert reachable(ns)
+        plane.remove_network(nid, vni)  # a reboot took it
+        links.ensure_netns(stale)
+        assert not reachable(ns) and reachable(stale)  # controls for the checks after the restart
+
+        problems = make().reconcile()
+        assert len(problems) == 1 and "vxnet-0.0.0.0" in problems[0], problems
+        assert reachable(ns) and links.link_exists(ns, names.VXLAN), links.list_netns()  # rebuilt all the same
+        assert not reachable(stale) and stale not in links.list_netns()
+        assert os.path.isdir(FOLDER + "/vxnet-0.0.0.0")  # not ours to touch: left for the operator
+    finally:
+        make().delete_network(p.NetworkIDRequest.decode({"NetworkID": nid}))
+        links.remove_netns(stale)
+        links.close()
+        sh("umount", junk, check=False)
+        kv.delete_prefix(prefix + "/")
+    assert not os.path.exists(os.path.join(FOLDER, names.netns(nid)))
+
+
+def main(scenario: str, tag: str, *args: str) -> None:
+    # This mount namespace's private copies of the machine's /run/netns layers go first (nothing propagates out of
+    # a private namespace), so that the tmpfs below shows the folder as a boot leaves it.
+    while netnsdir.top_mount(mounts(), FOLDER) is not None:
+        sh("umount", "--lazy", FOLDER)
     sh("mount", "-t", "tmpfs", "vxtest-run", "/run")
     if scenario == "shared_parent":
         sh("mount", "--make-shared", "/run")
-    {"fresh_machine": fresh_machine, "repair": repair, "shared_parent": shared_parent}[scenario](tag)
+    {"fresh_machine": fresh_machine, "repair": repair, "shared_parent": shared_parent,
+     "leftover": leftover}[scenario](tag, *args)
     print("ok")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])

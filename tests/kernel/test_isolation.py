@@ -130,7 +130,7 @@ def test_driver_keeps_the_sets_equal_to_the_wired_endpoints_and_a_restart_rebuil
         links = Links(netns_dir)
         underlay = Underlay(lambda a: 65536, "127.0.0.1")
         plane = DataPlane(links, underlay, _NetworkFirewall(links.nft))
-        plane.sweep_host_links = lambda endpoint_ids: []  # other tests' veth ends live in this host namespace
+        plane.sweep_host_links = lambda endpoint_ids: ([], [])  # other tests' veth ends live in this host namespace
         return NetworkDriver(NetworkStore(kv, prefix), plane, "h1", "local", underlay), links
 
     drv, links = driver()

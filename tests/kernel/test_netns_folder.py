@@ -15,10 +15,18 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namesp
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-@pytest.mark.parametrize("scenario", ["fresh_machine", "repair", "shared_parent"])
-def test_namespace_folder(scenario):
+def _scenario(*args: str) -> None:
     out = subprocess.run(
         ["unshare", "--mount", "--propagation", "private", "--", sys.executable, "-m", "tests.kernel.fresh_netns",
-         scenario, secrets.token_hex(4)],
+         args[0], secrets.token_hex(4), *args[1:]],
         cwd=_REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("scenario", ["fresh_machine", "repair", "shared_parent"])
+def test_namespace_folder(scenario):
+    _scenario(scenario)
+
+
+def test_start_up_skips_a_leftover_it_cannot_clean_and_reconciles_the_rest(etcd):
+    _scenario("leftover", etcd.url)

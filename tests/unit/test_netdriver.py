@@ -265,6 +265,40 @@ def test_reconcile_rebuilds_member_networks_and_drops_stale_namespaces():
     assert set(plane.networks) == {NID}
 
 
+def test_reconcile_skips_and_reports_what_it_cannot_clean_and_reconciles_the_rest():
+    """A stale namespace the kernel will not remove, a name in the folder that is not ours, a stuck host link:
+    each is reported by name, and everything else is still reconciled (a member network rebuilt, a peer
+    republished). Once the kernel lets go, the next start-up cleans them and reports nothing."""
+    kv = FakeKV()
+    drv, _, plane = make(kv)
+    drv.create_network(create_req())
+    drv.create_network(create_req(NID2, pool="10.2.0.0/24", gateway="10.2.0.1/24"))
+    drv.create_endpoint(endpoint_req())
+    drv.join(p.JoinRequest.decode({"NetworkID": NID, "EndpointID": EID, "SandboxKey": "/var/run/docker/netns/x"}))
+    peer_key = next(k for k in kv.keys() if "/peers/" in k)
+    kv.delete(peer_key)  # as if its lease had expired while the plugin was away
+    del plane.networks[NID2]  # its namespace went missing
+    stale = "c" * 64
+    plane.networks[stale] = {"vni": 1, "mtu": 1450}
+    plane.stuck |= {stale, "vxc" + "d" * 11}
+    plane.host_links.add("vxc" + "d" * 11)
+    plane.unknown.add("vxnet-0.0.0.0")
+
+    restarted, _, _ = make(kv, plane=plane)
+    problems = restarted.reconcile()
+    assert len(problems) == 3, problems
+    assert any("vxnet-cccccccccccc" in m and "injected failure" in m for m in problems)
+    assert any("vxnet-0.0.0.0" in m and "not a name vxnet makes" in m for m in problems)
+    assert any("vxc" + "d" * 11 in m for m in problems)
+    assert NID2 in plane.networks and peer_key in kv.keys()  # the rest was reconciled
+    assert stale in plane.networks
+
+    plane.stuck.clear()
+    unknown = [m for m in problems if "vxnet-0.0.0.0" in m]
+    assert make(kv, plane=plane)[0].reconcile() == unknown  # only the name that is not ours stays
+    assert stale not in plane.networks and plane.host_links == set()
+
+
 def test_overlay_option_shares_one_vni_across_hosts():
     kv = FakeKV()
     h1, _, _ = make(kv, "h1")
