@@ -73,14 +73,38 @@ def _read_mounts() -> List[Mount]:
         return parse_mountinfo(f.read())
 
 
+def _stacked(mounts: List[Mount], point: str, parent: int) -> Optional[Mount]:
+    """The topmost of the mounts attached at point on the mount `parent` (each later one on the one before)."""
+    below = [m for m in mounts if m.point == point and m.parent == parent]
+    if not below:
+        return None
+    top = below[-1]
+    while True:
+        above = [m for m in mounts if m.point == point and m.parent == top.id]
+        if not above:
+            return top
+        top = above[-1]
+
+
+def reached(mounts: List[Mount], path: str) -> Optional[Mount]:
+    """The mount that path lookup ends in for an absolute, resolved path: from the root mount down, at each
+    component the mounts attached there on the mount reached so far. Mounts a later one covers are listed in
+    mountinfo at the same points (a tmpfs over /run leaves /run/netns listed), so the point alone says nothing."""
+    ids = {m.id for m in mounts}
+    current = next((m for m in reversed(mounts) if m.point == "/" and m.parent not in ids), None)
+    if current is None:
+        return None
+    current = _stacked(mounts, "/", current.id) or current
+    parts = [p for p in path.split("/") if p]
+    for i in range(len(parts)):
+        current = _stacked(mounts, "/" + "/".join(parts[:i + 1]), current.id) or current
+    return current
+
+
 def top_mount(mounts: List[Mount], point: str) -> Optional[Mount]:
-    """The mount that path lookup reaches at `point` (the last one stacked there), or None if it is no mount
-    point."""
-    here = [m for m in mounts if m.point == point]
-    ids = {m.id for m in here}
-    covered = {m.parent for m in here if m.parent in ids}
-    tops = [m for m in here if m.id not in covered]
-    return tops[-1] if tops else None
+    """The mount path lookup reaches at `point` if a mount is there, else None (point is no mount point)."""
+    found = reached(mounts, point)
+    return found if found is not None and found.point == point else None
 
 
 def namespace_mounts(mounts: List[Mount], folder: str) -> List[Mount]:
@@ -88,16 +112,35 @@ def namespace_mounts(mounts: List[Mount], folder: str) -> List[Mount]:
     return [m for m in mounts if m.fstype == "nsfs" and os.path.dirname(m.point) == folder]
 
 
+def _layer(mounts: List[Mount], folder: str) -> Optional[int]:
+    """The id of the mount whose files path lookup sees in folder (the folder's own mount, or the one it is in)."""
+    found = reached(mounts, folder)
+    return found.id if found is not None else None
+
+
+def visible(mounts: List[Mount], folder: str) -> List[Mount]:
+    """Namespace mounts that paths in folder reach."""
+    layer = _layer(mounts, folder)
+    return [m for m in namespace_mounts(mounts, folder) if m.parent == layer]
+
+
 def hidden(mounts: List[Mount], folder: str) -> List[Mount]:
-    """Namespace mounts no path can reach: they sit in a layer of the folder that another mount covers, and no
-    mount of their peer group is on top (under a shared parent each layer holds a peer of the same mount, and
-    unmounting the reachable one takes the others with it: nothing is hidden there)."""
+    """Namespace mounts no path can reach because the folder's own mount covers them: they sit on the layer
+    below, and no mount of their peer group is on top (under a shared parent each layer holds a peer of the same
+    mount, and unmounting the reachable one takes the others with it: nothing is hidden there)."""
     top = top_mount(mounts, folder)
     if top is None:
         return []
-    spaces = namespace_mounts(mounts, folder)
-    reachable = {(m.point, m.peer) for m in spaces if m.parent == top.id and m.peer is not None}
-    return [m for m in spaces if m.parent != top.id and (m.point, m.peer) not in reachable]
+    by_id = {m.id: m for m in mounts}
+    below, mount = set(), top
+    while mount.parent in by_id:  # the self-binds stacked under the top one, and the mount they all sit on
+        below.add(mount.parent)
+        mount = by_id[mount.parent]
+        if mount.point != folder:
+            break
+    reachable = {(m.point, m.peer) for m in visible(mounts, folder) if m.peer is not None}
+    return [m for m in namespace_mounts(mounts, folder)
+            if m.parent in below and (m.point, m.peer) not in reachable]
 
 
 def prepare(folder: str) -> List[str]:
@@ -107,7 +150,7 @@ def prepare(folder: str) -> List[str]:
     folder = os.path.realpath(folder)
     mounts = _read_mounts()
     top = top_mount(mounts, folder)
-    present = namespace_mounts(mounts, folder)
+    present = visible(mounts, folder)
     if top is not None and not hidden(mounts, folder):
         _mount(folder, folder, MS_SHARED | MS_REC)  # what iproute2 does every time: propagation is shared
         return []
@@ -132,8 +175,7 @@ def _rehome(folder: str) -> List[str]:
         while True:
             mounts = _read_mounts()
             top = top_mount(mounts, folder)
-            reachable = [m for m in namespace_mounts(mounts, folder)
-                         if m.parent == (top.id if top is not None else m.parent)]
+            reachable = visible(mounts, folder)
             for m in reachable:
                 name = os.path.basename(m.point)
                 if name not in held:

@@ -47,6 +47,20 @@ def serve_tcp(host: Host, container: str, port: int = TCP_PORT) -> None:
     host.docker("exec", "-d", container, "nc", "-ll", "-p", str(port), "-e", "/bin/echo", "ok")
 
 
+def host_pings(host: Host, target: str, count: int = 1, wait_s: int = 1) -> bool:
+    """The same bounded ping as pings(), from the simulated host's own namespace (not a container)."""
+    proc = host.run(["ping", "-c", str(count), "-W", str(wait_s), target], check=False,
+                    timeout=count + wait_s + 30)
+    return proc.returncode == 0
+
+
+def host_tcp_answers(host: Host, target: str, port: int = TCP_PORT, wait_s: int = 2) -> bool:
+    """tcp_answers() from the simulated host's own namespace (netcat-openbsd: -N closes after stdin's end)."""
+    proc = host.run(["nc", "-N", "-w", str(wait_s), target, str(port)], check=False, timeout=wait_s + 30,
+                    input="")
+    return proc.returncode == 0 and "ok" in proc.stdout
+
+
 def tcp_answers(host: Host, container: str, target: str, port: int = TCP_PORT, wait_s: int = 2) -> bool:
     """True if a TCP connection from the container to target:port got the server's 'ok'."""
     proc = host.docker("exec", container, "nc", "-w", str(wait_s), target, str(port), check=False,

@@ -11,6 +11,7 @@ PRIVATE = """\
 67 65 0:4 net:[4026532190] /run/netns/other rw shared:3 - nsfs nsfs rw
 """
 SHARED = """\
+27 1 254:0 / / rw,relatime - ext4 /dev/vda rw
 63 27 0:39 / /run rw,relatime shared:1 - tmpfs tmpfs rw
 65 63 0:39 /netns /run/netns rw,relatime shared:1 - tmpfs tmpfs rw
 67 65 0:4 net:[4026532247] /run/netns/other rw shared:3 - nsfs nsfs rw
@@ -29,8 +30,16 @@ def test_peers_under_a_shared_parent_hide_nothing():
     mounts = netnsdir.parse_mountinfo(SHARED)
     assert netnsdir.top_mount(mounts, "/run/netns").id == 65
     assert netnsdir.hidden(mounts, "/run/netns") == []
-    assert netnsdir.hidden(mounts[:3] + [netnsdir.Mount(68, 63, "/run/netns/other", "nsfs", None)],
+    assert netnsdir.hidden(mounts[:4] + [netnsdir.Mount(68, 63, "/run/netns/other", "nsfs", None)],
                            "/run/netns")[0].id == 68  # not a peer of the reachable one: hidden
+
+
+def test_a_covered_mount_is_not_the_folder():
+    """A tmpfs over /run leaves the machine's /run/netns listed at the same point, but lookup never reaches it."""
+    mounts = netnsdir.parse_mountinfo(PRIVATE + "80 27 0:60 / /run rw - tmpfs tmpfs rw\n")
+    assert netnsdir.top_mount(mounts, "/run/netns") is None
+    assert netnsdir.reached(mounts, "/run/netns").id == 80
+    assert netnsdir.hidden(mounts, "/run/netns") == [] and netnsdir.visible(mounts, "/run/netns") == []
 
 
 def test_no_mount_point_no_layers():
@@ -40,9 +49,10 @@ def test_no_mount_point_no_layers():
 
 
 def test_escaped_paths_and_stacked_mounts():
-    text = ("70 27 0:50 / /var/lib/my\\040plugin rw - tmpfs tmpfs rw\n"
+    text = ("27 1 254:0 / / rw - ext4 /dev/vda rw\n"
+            "70 27 0:50 / /var/lib/my\\040plugin rw - tmpfs tmpfs rw\n"
             "71 70 0:50 / /var/lib/my\\040plugin rw - tmpfs tmpfs rw\n"
             "72 27 0:51 / /a\\134b rw - tmpfs tmpfs rw\n")
     mounts = netnsdir.parse_mountinfo(text)
-    assert [m.point for m in mounts] == ["/var/lib/my plugin", "/var/lib/my plugin", "/a\\b"]
+    assert [m.point for m in mounts[1:]] == ["/var/lib/my plugin", "/var/lib/my plugin", "/a\\b"]
     assert netnsdir.top_mount(mounts, "/var/lib/my plugin").id == 71
