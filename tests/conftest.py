@@ -13,6 +13,8 @@ import pytest
 
 from tests.harness.proc import HarnessError
 
+pytest_plugins = ["tests.ci_skips"]
+
 _LAYERS = ("unit", "kernel", "e2e", "ipsec")
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
