@@ -9,7 +9,8 @@ Layout under <prefix> (default /vxnet/v1):
                                    holds a Swarm network's segment from AllocateNetwork to FreeNetwork
   endpoints/<network id>/<eid>     Endpoint: written at CreateEndpoint, removed at DeleteEndpoint
   peers/<segment>/<eid>            PeerRecord: written at Join under the host's lease, removed at Leave
-  hosts/<host>                     {"vtep", "version"} under the host's lease: who is alive
+  hosts/<host>                     {"vtep", "version", "name", "instance"} under the host's lease: who is alive;
+                                   name is the hostname (for people), instance tells a restart from a copy
 """
 
 import json
@@ -219,8 +220,15 @@ class NetworkStore:
         return out, revision
 
     # -- hosts -------------------------------------------------------------------------------------------------
-    def register_host(self, host: str, vtep: str, lease: int) -> None:
-        self.kv.put(self._k("hosts", host), json.dumps({"vtep": vtep, "version": VERSION}), lease=lease)
+    def host_entry(self, host: str):
+        """The raw hosts/<host> entry (its lease and mod_revision decide who owns it), or None."""
+        return self.kv.get(self._k("hosts", host))
+
+    def register_host(self, host: str, record: dict, lease: int, expect_revision: int) -> bool:
+        """Write hosts/<host> = record + version under lease, only if the key is still at expect_revision (0: absent):
+        the compare makes two hosts claiming one ID at once unable to both win. False: it changed meanwhile."""
+        return self.kv.commit(revisions={self._k("hosts", host): expect_revision},
+                              puts={self._k("hosts", host): json.dumps({**record, "version": VERSION})}, lease=lease)
 
     def hosts(self) -> dict:
         entries, _ = self.kv.get_prefix(self._k("hosts", ""))

@@ -7,12 +7,12 @@ This is the only module that reads os.environ. The managed plugin's config.json 
 import dataclasses
 import ipaddress
 import logging
-import re
 import socket
 from typing import Mapping, Optional, Tuple
 from urllib.parse import urlsplit
 
 from plugin.errors import ConfigError
+from plugin.identity import HOST_ID_RULE, valid_host_id
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -30,7 +30,8 @@ class Settings:
     advertise_addr: Optional[str] = None  # None: address of the default-route interface
     scope: str = "local"
     log_level: str = "info"
-    host_id: str = ""
+    host_id: str = ""  # VXNET_HOST_ID; empty: the ID generated once and kept in state_dir (plugin/identity.py)
+    hostname: str = ""  # the name people read, recorded beside the ID; any string, never a key
     key_prefix: str = "/vxnet/v1"
     # The cluster secret that seals the ESP key ring in etcd: a file holding 32 bytes as hex or base64, the same on
     # every host. A file, not a value: `docker plugin inspect` shows every env value. None: `-o encrypted` refused.
@@ -93,9 +94,9 @@ def load(environ: Mapping[str, str]) -> Settings:
     level = get("VXNET_LOG_LEVEL", Settings.log_level).lower()
     if level not in _LOG_LEVELS:
         raise ConfigError(f"VXNET_LOG_LEVEL: {level!r} must be one of {', '.join(_LOG_LEVELS)}")
-    host_id = get("VXNET_HOST_ID") or socket.gethostname()
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", host_id):
-        raise ConfigError(f"VXNET_HOST_ID: {host_id!r} must be 1-63 letters, digits, '.', '_' or '-'")
+    host_id = get("VXNET_HOST_ID")
+    if host_id and not valid_host_id(host_id):
+        raise ConfigError(f"VXNET_HOST_ID: {host_id!r} must be {HOST_ID_RULE}")
     tls = {}
     for name, attr in (("ETCD_CA_FILE", "etcd_ca"), ("ETCD_CERT_FILE", "etcd_cert"), ("ETCD_KEY_FILE", "etcd_key")):
         tls[attr] = get(name) or None
@@ -117,6 +118,7 @@ def load(environ: Mapping[str, str]) -> Settings:
         scope=scope,
         log_level=level,
         host_id=host_id,
+        hostname=socket.gethostname(),
         encryption_secret_file=secret_file,
         key_rotation_seconds=int(rotation),
         **tls,

@@ -40,6 +40,11 @@ class Conflict(VxnetError):
     status = 409
 
 
+class HostIdConflict(Conflict):
+    """Another live host holds this host's ID in etcd: this plugin must not serve as it. Not retried: only the
+    operator can resolve it (the message names both hosts and the remedy)."""
+
+
 class Exhausted(VxnetError):
     """No free VNI, pool or address is left."""
 

@@ -213,6 +213,12 @@ class EtcdKV:
         reply = self._call("lease/keepalive", {"ID": lease_id})
         return int(reply.get("result", {}).get("TTL", 0))
 
+    def lease_ttl(self, lease_id: int) -> int:
+        """A lease's remaining TTL in seconds without renewing it (TimeToLive), 0 if it is gone.
+        Wire: {"ID": id} -> {"ID", "TTL": seconds or -1 when expired, "grantedTTL"}."""
+        reply = self._call("lease/timetolive", {"ID": lease_id})
+        return max(0, int(reply.get("TTL", 0)))
+
     def lease_revoke(self, lease_id: int) -> None:
         try:
             self._call("lease/revoke", {"ID": lease_id})

@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 import threading
-from typing import Mapping, Optional
+from typing import Callable, List, Mapping, Optional
 
 import waitress
 
@@ -26,9 +26,9 @@ from netdriver.sandbox import DataPlane
 from netdriver.store import NetworkStore
 from netdriver.underlay import Underlay
 from netdriver.watcher import PeerSync, PeerWatcher
-from plugin import config, libnftables
+from plugin import config, identity, libnftables
 from plugin.embedded_etcd import EmbeddedEtcd
-from plugin.errors import ConfigError, StoreUnavailable, VxnetError
+from plugin.errors import ConfigError, HostIdConflict, StoreUnavailable, VxnetError
 from plugin.http import make_app
 from plugin.kvstore import EtcdKV
 from plugin.routes import IPAM, NETWORK
@@ -51,10 +51,12 @@ RING_WAIT_SECONDS = 5.0
 
 
 def _start_control_plane(driver: NetworkDriver, lease: HostLease, watcher: PeerWatcher,
-                         stop: threading.Event, before_peers=()) -> None:
+                         stop: threading.Event, before_peers=(),
+                         on_fatal: Callable[[Exception], None] = lambda exc: None) -> None:
     """Once etcd answers: reconcile the kernel, then keep the host lease and the peer watch running (after
     `before_peers`: the key ring watcher and rotator, so the ring is usually read before peers arrive). Keeps
-    trying while etcd is still starting or down."""
+    trying while etcd is still starting or down; stops at once, through on_fatal, if another live host holds
+    this host's ID (retrying cannot fix that, and serving would act as the other host)."""
     delay = 0.2
     while not stop.is_set():
         try:
@@ -74,6 +76,10 @@ def _start_control_plane(driver: NetworkDriver, lease: HostLease, watcher: PeerW
                 if synced is not None:
                     synced.wait(RING_WAIT_SECONDS)
             watcher.start()
+            return
+        except HostIdConflict as exc:
+            log.error("%s", exc)
+            on_fatal(exc)
             return
         except StoreUnavailable as exc:
             log.warning("start-up reconciliation waits for etcd: %s", exc)
@@ -105,8 +111,15 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
     keyring: Optional[KeyRingWatcher] = None
     rotator: Optional[KeyRotator] = None
     stop = threading.Event()
+    fatal: List[Exception] = []
 
     main_pid = os.getpid()
+
+    def on_fatal(exc: Exception) -> None:
+        # From a background thread: stop the server in the main thread (the SIGTERM path) and exit non-zero, so
+        # the operator sees the plugin down (`docker plugin ls`, the process's exit code) with the reason logged.
+        fatal.append(exc)
+        os.kill(main_pid, signal.SIGTERM)
 
     def on_signal(signum, _frame):
         # Python as PID 1 in a managed plugin ignores SIGTERM unless handled: without this every
@@ -121,6 +134,7 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
+        me = identity.resolve(settings.state_dir, settings.host_id, settings.hostname)
         underlay = _underlay(settings, links)
         os.makedirs(os.path.dirname(settings.socket_path), exist_ok=True)
         if os.path.exists(settings.socket_path):
@@ -146,37 +160,41 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
             keyring = KeyRingWatcher(kv, keystore, encryption.set_keyring)
             if settings.key_rotation_seconds:
                 rotator = KeyRotator(keystore, settings.key_rotation_seconds)
-        sync = PeerSync(PeerDB(settings.host_id), dataplane, encryption)
+        sync = PeerSync(PeerDB(me.id), dataplane, encryption)
         watcher = PeerWatcher(kv, store, sync)
-        lease = HostLease(kv, store, settings.host_id, lambda: underlay.address,
-                          os.path.join(settings.state_dir, f"lease-{settings.host_id}"),
-                          on_outage=watcher.kick)
+        lease = HostLease(kv, store, me.id, lambda: underlay.address, identity.lease_file(settings.state_dir, me.id),
+                          on_outage=watcher.kick, name=me.name, instance=identity.instance(), remedy=me.remedy(),
+                          on_conflict=on_fatal)
 
         def vtep_changed() -> None:
             lease.register()
             if encryption is not None:
                 encryption.set_local(underlay.address)  # SAs follow the VTEP
 
-        net = NetworkDriver(store, dataplane, settings.host_id, settings.scope, underlay,
+        net = NetworkDriver(store, dataplane, me.id, settings.scope, underlay,
                             peers=sync, lease_id=lambda: lease.id, on_vtep_change=vtep_changed,
                             encryption=encryption)
         lease.on_new_lease = net.republish_peers
-        ipam = IpamDriver(kv, settings.host_id, settings.scope, settings.key_prefix)
+        ipam = IpamDriver(kv, me.id, settings.scope, settings.key_prefix)
         server = waitress.create_server(make_app({NETWORK: net, IPAM: ipam}), unix_socket=settings.socket_path,
                                         unix_socket_perms="660", threads=8, ident="vxnet")
-        log.info("listening on %s host=%s vtep=%s underlay-mtu=%d scope=%s etcd=%s", settings.socket_path,
-                 settings.host_id, underlay.address, underlay.mtu, settings.scope, ",".join(kv.endpoints) +
+        log.info("listening on %s host=%s id-from=%s vtep=%s underlay-mtu=%d scope=%s etcd=%s", settings.socket_path,
+                 me, me.source, underlay.address, underlay.mtu, settings.scope, ",".join(kv.endpoints) +
                  (" (embedded)" if embedded else ""))
         if embedded is not None:
             embedded.start()
         threading.Thread(target=_start_control_plane, name="start-up", daemon=True,
-                         args=(net, lease, watcher, stop, [p for p in (keyring, rotator) if p is not None])).start()
+                         args=(net, lease, watcher, stop, [p for p in (keyring, rotator) if p is not None],
+                               on_fatal)).start()
         server.run()
     except ConfigError as exc:
         print(f"vxnet: {exc}", file=sys.stderr)
         return 2
     except SystemExit:
-        log.info("stopping")
+        if fatal:
+            log.error("stopping: %s", fatal[0])
+        else:
+            log.info("stopping")
     finally:
         stop.set()
         for part in (watcher, keyring, rotator, lease):
@@ -189,4 +207,4 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
             os.unlink(settings.socket_path)
         except OSError:
             pass
-    return 0
+    return 1 if fatal else 0

@@ -5,7 +5,7 @@ transactions, and an `unavailable` switch that makes every call fail as an unrea
 """
 
 import threading
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 from plugin.errors import StoreUnavailable
 from plugin.kvstore import Entry, Snapshot
@@ -112,12 +112,36 @@ class FakeKV:
             self.granted = getattr(self, "granted", 1000) + 1
             lease_id = self.granted
             self.leases[lease_id] = ttl
+            self.granted_ttls = getattr(self, "granted_ttls", {})
+            self.granted_ttls[lease_id] = ttl
             return lease_id
 
     def lease_keepalive(self, lease_id: int) -> int:
         with self._lock:
             self._check()
-            return getattr(self, "leases", {}).get(lease_id, 0)
+            leases = getattr(self, "leases", {})
+            if lease_id in leases:
+                leases[lease_id] = self.granted_ttls[lease_id]
+            return leases.get(lease_id, 0)
+
+    # Called at each lease_ttl read, before the TTL counts down: a test renews "another host's" lease here.
+    on_ttl_read: Optional[Callable[[int], None]] = None
+
+    def lease_ttl(self, lease_id: int) -> int:
+        """TimeToLive without renewing. Each read stands for one second passing on that lease (the reader polls
+        about once a second), so an unrenewed lease counts down and expires as etcd's would."""
+        with self._lock:
+            self._check()
+            if self.on_ttl_read is not None:
+                self.on_ttl_read(lease_id)
+            leases = getattr(self, "leases", {})
+            if lease_id not in leases:
+                return 0
+            leases[lease_id] -= 1
+            if leases[lease_id] <= 0:
+                self.expire(lease_id)
+                return 0
+            return leases[lease_id]
 
     def expire(self, lease_id: int) -> None:
         """What etcd does TTL seconds after the last renewal."""

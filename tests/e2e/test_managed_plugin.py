@@ -79,6 +79,11 @@ def test_containers_keep_talking_while_the_plugin_is_disabled_and_enabled(host):
     wait_ping(host, "c2", "c1")
     assert netns in host.netns()  # in the host's /run/netns, outside the plugin
     before = netns_inode(host, netns)
+    # No VXNET_HOST_ID: the generated host ID is kept in the state dir, under the propagated mount.
+    id_file = host.path(f"/var/lib/docker/plugins/{plugin_field(host, '{{.Id}}')}/propagated-mount/host-id")
+    with open(id_file) as f:
+        host_id = f.read().strip()
+    assert re.fullmatch(r"[0-9a-f]{32}", host_id), host_id
 
     # 10 s of pings across the restart: disable -f, a look while it is down, enable.
     host.docker("exec", "-d", "c1", "sh", "-c", f"ping -i 0.1 -c 100 -W 1 {ip2} >/tmp/ping.log 2>&1")
@@ -88,8 +93,11 @@ def test_containers_keep_talking_while_the_plugin_is_disabled_and_enabled(host):
     assert pings(host, "c2", addresses(host, "c1")["t1"])
     host.docker("plugin", "enable", PLUGIN, timeout=60)
 
-    # The same namespace, traffic still flowing, and a new container attaches and reaches the others.
+    # The same namespace and the same host ID, traffic still flowing, and a new container attaches and reaches
+    # the others.
     assert netns_inode(host, netns) == before
+    with open(id_file) as f:
+        assert f.read().strip() == host_id
     run_sleeper(host, "c3", "t1")
     wait_ping(host, "c3", ip2)
     wait_ping(host, "c3", "c1")

@@ -9,6 +9,9 @@ def test_defaults():
     s = config.load({"VXNET_HOST_ID": "h1"})
     assert (s.socket_path, s.embedded, s.scope, s.state_dir, s.host_id) == (
         "/run/docker/plugins/vxnet.sock", True, "local", "/var/lib/vxnet", "h1")
+    # Without VXNET_HOST_ID the ID comes from the state dir (plugin/identity.py); the hostname is only the name.
+    s = config.load({})
+    assert s.host_id == "" and s.hostname and isinstance(s.hostname, str)
 
 
 def test_values_are_read():
@@ -30,6 +33,8 @@ def test_values_are_read():
     ({"ETCD_CERT_FILE": "/c.pem"}, "ETCD_KEY_FILE"),
     ({"VXNET_EMBEDDED_ETCD_PORT": "70000"}, "VXNET_EMBEDDED_ETCD_PORT"),
     ({"VXNET_HOST_ID": "bad host"}, "VXNET_HOST_ID"),
+    ({"VXNET_HOST_ID": "a/b"}, "VXNET_HOST_ID"),
+    ({"VXNET_HOST_ID": "(none)"}, "VXNET_HOST_ID"),
     ({"VXNET_ENCRYPTION_SECRET_FILE": "secret.key"}, "VXNET_ENCRYPTION_SECRET_FILE"),
     ({"VXNET_KEY_ROTATION_SECONDS": "5"}, "VXNET_KEY_ROTATION_SECONDS"),
     ({"VXNET_KEY_ROTATION_SECONDS": "1h"}, "VXNET_KEY_ROTATION_SECONDS"),

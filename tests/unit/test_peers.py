@@ -61,7 +61,7 @@ def test_host_lease_is_reused_after_restart_and_replaced_after_expiry(tmp_path):
     state = str(tmp_path / "lease")
     first = HostLease(kv, store, "h1", lambda: "192.0.2.1", state)
     assert first.acquire() is True
-    assert store.hosts() == {"h1": {"vtep": "192.0.2.1", "version": "0.1.0"}}
+    assert store.hosts() == {"h1": {"vtep": "192.0.2.1", "version": "0.1.0", "name": "h1", "instance": ""}}
     again = HostLease(kv, store, "h1", lambda: "192.0.2.1", state)  # the plugin restarted within the TTL
     assert again.acquire() is False and again.id == first.id
     kv.expire(first.id)
