@@ -19,6 +19,7 @@ from typing import Callable, List, Optional, Tuple
 from netdriver.models import Endpoint, Network, PeerRecord
 from netdriver.options import VNI_AUTO_BASE, VNI_MAX
 from plugin.errors import Conflict, Exhausted
+from plugin.kvstore import join_key
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ class NetworkStore:
 
     # -- keys --------------------------------------------------------------------------------------------------
     def _k(self, *parts: str) -> str:
-        return self.prefix + "/".join(parts)
+        return join_key(self.prefix, *parts)
 
     # -- networks ----------------------------------------------------------------------------------------------
     def get_network(self, network_id: str) -> Optional[Network]:
