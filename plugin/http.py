@@ -51,7 +51,7 @@ def make_app(drivers: Mapping[str, object]) -> Flask:
             try:
                 body = json.loads(raw) if raw.strip() else None
             except ValueError as exc:  # UnicodeDecodeError too
-                raise InvalidRequest(f"request body is not JSON: {exc}") from None
+                raise InvalidRequest(f"request body: not JSON: {exc}") from None
             except RecursionError:
                 raise InvalidRequest("request body: JSON nested too deeply") from None
             req = route.decoder.decode(body)
