@@ -344,3 +344,23 @@ def test_swarm_network_lifecycle_across_manager_and_workers():
     for _ in range(2):  # FreeNetwork replayed after a leader change
         mgr.free_network(p.NetworkIDRequest.decode({"NetworkID": NID}))
     assert kv.keys() == []
+
+
+def test_records_with_malformed_ids_left_by_older_versions_do_not_stop_start_up():
+    """Before the wire checked IDs, "0.0.0.0/0" and "../../etc/passwd" became records; start-up skips them and
+    rebuilds every well-formed network (the positive control, in the same reconcile)."""
+    import json as _json
+    from netdriver.models import Endpoint, Network, Subnet
+    drv, kv, plane = make()
+    drv.create_network(create_req())
+    drv.create_endpoint(endpoint_req())
+    bad = Network(id="0.0.0.0/0", vni=77, mtu=1450, internal=False, subnets=[Subnet("10.9.0.0/24", None)])
+    kv.put("/vxnet/v1/networks/0.0.0.0/0", bad.to_json())
+    kv.put("/vxnet/v1/members/0.0.0.0/0/h1", _json.dumps({"network_id": "0.0.0.0/0"}))
+    kv.put(f"/vxnet/v1/endpoints/{NID}/../../etc/passwd", Endpoint(NID, "../../etc/passwd", "10.1.0.9/24",
+                                                                   "02:42:0a:01:00:09", "h1").to_json())
+    plane.networks.clear()
+    restarted, _, _ = make(kv, plane=plane)
+    restarted.reconcile()
+    assert set(plane.networks) == {NID} and plane.guarded[NID] == []
+    assert [e.id for e in restarted.store.list_endpoints(NID)] == [EID]
