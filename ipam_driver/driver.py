@@ -17,16 +17,17 @@ What Docker expects, and why the replays are confirmations:
   local space is a confirmation too: otherwise a task address the manager hands out again after its node died
   (still held there, never released) would fail on the node that now runs the task.
 - Releases of anything unknown succeed: dockerd replays them after a crash and must be able to delete its
-  networks.
+  networks. A PoolID that is not one vxnet hands out (pools.pool_id, in one of its two address spaces), or an
+  Address that is not a host address of that pool, is not unknown but malformed: InvalidOption naming it. Both
+  end up in etcd keys.
 """
 
-import ipaddress
 import logging
 
 from ipam_driver import pools
 from ipam_driver.store import CONTAINER, GATEWAY, IpamStore
 from plugin.errors import InvalidOption
-from plugin.protocol import AddressRequest, EmptyRequest, PoolIDRequest, RequestPoolRequest
+from plugin.protocol import AddressRequest, EmptyRequest, PoolIDRequest, ReleaseAddressRequest, RequestPoolRequest
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +90,7 @@ class IpamDriver:
 
     def release_pool(self, req: PoolIDRequest) -> dict:
         """`{"PoolID"}` -> `{}`. The last holder's release deletes the pool and its addresses."""
-        try:
-            space, cidr, _ = pools.parse_pool_id(req.pool_id)
-        except InvalidOption:
-            log.warning("release of foreign pool ignored: pool=%s", req.pool_id)
-            return {}
+        space, cidr, _ = self._pool(req.pool_id)
         self.store.release_pool(space, cidr, self._holder(space)[0])
         log.info("pool released: pool=%s host=%s", req.pool_id, self.host_id)
         return {}
@@ -103,8 +100,7 @@ class IpamDriver:
         """`{"PoolID","Address":"" or "a.b.c.d","Options"}` -> `{"Address":"a.b.c.d/nn","Data":{}}`, nn the pool's
         prefix length. Empty Address: the lowest free one (inside the PoolID's --ip-range, if any); a given
         Address may be anywhere in the pool."""
-        space, cidr, sub_pool = pools.parse_pool_id(req.pool_id)
-        self._space(space, field="PoolID")
+        space, cidr, sub_pool = self._pool(req.pool_id)
         kind = GATEWAY if req.options.get("RequestAddressType") == GATEWAY_REQUEST else CONTAINER
         holder, counted = self._holder(space)
         if req.address:
@@ -116,16 +112,11 @@ class IpamDriver:
         log.debug("address held: pool=%s ip=%s kind=%s host=%s", req.pool_id, ip, kind, self.host_id)
         return {"Address": pools.reply_address(ip, cidr), "Data": {}}
 
-    def release_address(self, req: AddressRequest) -> dict:
+    def release_address(self, req: ReleaseAddressRequest) -> dict:
         """`{"PoolID","Address"}` -> `{}`."""
-        try:
-            space, cidr, _ = pools.parse_pool_id(req.pool_id)
-            ip = ipaddress.IPv4Address(req.address)
-        except (InvalidOption, ValueError):
-            log.warning("release of foreign address ignored: pool=%s ip=%s", req.pool_id, req.address)
-            return {}
-        if ip in cidr:
-            self.store.release_address(space, cidr, ip, self._holder(space)[0])
+        space, cidr, _ = self._pool(req.pool_id)
+        ip = pools.parse_address(req.address, cidr)
+        self.store.release_address(space, cidr, ip, self._holder(space)[0])
         log.debug("address released: pool=%s ip=%s host=%s", req.pool_id, ip, self.host_id)
         return {}
 
@@ -136,6 +127,11 @@ class IpamDriver:
         if space == GLOBAL_SPACE and self.scope == "global":
             return SWARM_HOLDER, False
         return self.host_id, True
+
+    def _pool(self, pool_id: str):
+        """(space, cidr, sub-pool) of a PoolID vxnet handed out; InvalidOption naming PoolID for anything else."""
+        space, cidr, sub_pool = pools.parse_pool_id(pool_id)
+        return self._space(space, field="PoolID"), cidr, sub_pool
 
     def _space(self, name: str, field: str = "AddressSpace") -> str:
         if not name:

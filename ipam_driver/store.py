@@ -26,8 +26,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from ipam_driver import pools
 from ipam_driver.pools import Address, Network
-from plugin.errors import Conflict, Exhausted, NotFound
-from plugin.kvstore import Snapshot
+from plugin.errors import Conflict, Exhausted
+from plugin.kvstore import Snapshot, join_key
 
 GATEWAY = "gateway"
 CONTAINER = "container"
@@ -84,13 +84,13 @@ class IpamStore:
 
     # -- keys ------------------------------------------------------------------------------------------------------
     def pool_key(self, space: str, cidr: Network) -> str:
-        return f"{self.prefix}pools/{space}/{_escape(cidr)}"
+        return join_key(self.prefix, "pools", space, _escape(cidr))
 
     def addresses_prefix(self, space: str, cidr: Network) -> str:
-        return f"{self.prefix}addresses/{space}/{_escape(cidr)}/"
+        return join_key(self.prefix, "addresses", space, _escape(cidr), "")
 
     def address_key(self, space: str, cidr: Network, ip: Address) -> str:
-        return self.addresses_prefix(space, cidr) + str(ip)
+        return join_key(self.prefix, "addresses", space, _escape(cidr), str(ip))
 
     # -- reads -----------------------------------------------------------------------------------------------------
     @staticmethod
@@ -142,7 +142,7 @@ class IpamStore:
         raw = snap.entries[self.pool_key(space, cidr)]
         pool = self._pool_entry(raw) if raw else None
         if pool is None or not pool.hosts:
-            raise NotFound(f"PoolID: pool {cidr} in address space {space} is not allocated "
+            raise Conflict(f"PoolID: pool {cidr} in address space {space} is not allocated "
                            "(released, or never requested)")
         return pool, snap
 

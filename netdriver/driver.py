@@ -16,7 +16,7 @@ from netdriver import names, options
 from netdriver.models import Endpoint, Network, PeerRecord, Subnet
 from netdriver.store import SWARM_HOLDER, NetworkStore, segment_of
 from plugin import protocol as p
-from plugin.errors import InvalidOption, InvalidRequest, KernelError, NotFound
+from plugin.errors import Conflict, InvalidOption, InvalidRequest, KernelError
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,19 @@ def _subnets(data) -> List[Subnet]:
             raise InvalidRequest(f"IPv4Data[{i}].Pool: {item.pool!r} is not an IPv4 subnet") from None
         out.append(Subnet(pool=pool, gateway=p.ipv4_from_cidr(item.gateway, f"IPv4Data[{i}].Gateway")))
     return out
+
+
+def _unknown_network(network_id: str) -> Conflict:
+    # Not 404: that means "not implemented" to dockerd (plugin/errors.py).
+    return Conflict(f"NetworkID: network {network_id[:12]} is not known to vxnet (not in its etcd store)")
+
+
+def _unicast_mac(mac: str) -> str:
+    """Interface.MacAddress (format checked by the decoder) as a veth can carry it: the kernel refuses a
+    multicast (I/G bit, the low bit of the first octet) or all-zero address (is_valid_ether_addr)."""
+    if int(mac[:2], 16) & 1 or mac == "00:00:00:00:00:00":
+        raise InvalidRequest(f"Interface.MacAddress: {mac} is not a unicast MAC address")
+    return mac
 
 
 class NetworkDriver:
@@ -211,7 +224,7 @@ class NetworkDriver:
     def _network(self, network_id: str) -> Network:
         network = self.store.get_network(network_id)
         if network is None:
-            raise NotFound(f"network {network_id[:12]} is not known to vxnet (not in its etcd store)")
+            raise _unknown_network(network_id)
         return network
 
     # -- endpoints ----------------------------------------------------------------------------------------------
@@ -229,7 +242,7 @@ class NetworkDriver:
             raise InvalidRequest(f"Interface.Address: {req.interface.address!r} is not an IPv4 CIDR") from None
         if not any(iface.ip in ipaddress.IPv4Network(s.pool) for s in network.subnets):
             raise InvalidRequest(f"Interface.Address: {iface.ip} is outside the network's subnets")
-        mac = (req.interface.mac_address or mac_for(str(iface.ip))).lower()
+        mac = _unicast_mac(req.interface.mac_address) if req.interface.mac_address else mac_for(str(iface.ip))
         self.store.put_endpoint(Endpoint(network_id=network.id, id=req.endpoint_id, ip=str(iface), mac=mac,
                                          host=self.host_id))
         return {} if req.interface.mac_address else {"Interface": {"MacAddress": mac}}
@@ -275,9 +288,10 @@ class NetworkDriver:
         as it does for Docker's own overlay; internal networks get no way out."""
         network, endpoint = self.store.network_and_endpoint(req.network_id, req.endpoint_id)
         if network is None:
-            raise NotFound(f"network {req.network_id[:12]} is not known to vxnet (not in its etcd store)")
+            raise _unknown_network(req.network_id)
         if endpoint is None:
-            raise NotFound(f"endpoint {req.endpoint_id[:12]} was never created on network {network.id[:12]}")
+            raise Conflict(f"EndpointID: endpoint {req.endpoint_id[:12]} was never created on network "
+                           f"{network.id[:12]}")
         ready = network.id in self._ready
         try:
             ifname = self._wire(network, endpoint, whole=not ready)
@@ -399,7 +413,7 @@ class NetworkDriver:
         networks = self.store.list_networks()
         known = {n.id[:12] for n in networks}
         for name in self.dataplane.unknown_netns():
-            skip(f"{name} in the namespace folder is not a name vxnet makes (vxnet-<12 hex>) and is left alone; "
+            skip(f"{name} in the namespace folder is not a name vxnet makes (vxnet-<first 12 characters of a network ID>) and is left alone; "
                  "remove it by hand if it is a leftover")
         for prefix in self.dataplane.network_ids():
             if prefix not in known:

@@ -2,9 +2,15 @@
 
 Linux interface names are at most 15 characters (IFNAMSIZ 16 with the NUL). Everything on the host side starts
 with "vx" so start-up reconciliation and tests can tell our objects from everyone else's.
+
+The IDs names are built from were checked at the wire (plugin/protocol.py); they are checked again here, where
+they become kernel names and paths under the namespace folder, so that no path ("0.0.0.0/0" would make a
+directory) or foreign character reaches the kernel whatever the caller.
 """
 
 import re
+
+from plugin.errors import InvalidRequest
 
 NETNS_PREFIX = "vxnet-"
 # Inside a network's own namespace the names need not be unique across networks.
@@ -14,11 +20,21 @@ VXLAN = "vxlan0"
 CONTAINER_PREFIX = "eth"
 
 _ID_CHARS = 12  # Docker's short IDs: unique enough for one host, readable in `ip netns`
+# A network ID or its 12-character prefix: dockerd's hex IDs, or a Swarm network's base-36 ID.
+_NETWORK_ID = re.compile(r"[0-9a-z]{12,64}")
+# An endpoint ID or a prefix of at least the 11 characters the veth names take: always dockerd's hex.
+_ENDPOINT_ID = re.compile(r"[0-9a-f]{11,64}")
+
+
+def _checked(pattern, value: str, what: str) -> str:
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        raise InvalidRequest(f"{what}: {value!r} cannot name a kernel object (not a Docker ID)")
+    return value
 
 
 def netns(network_id: str) -> str:
-    """The network namespace holding one network's bridge and VXLAN device: vxnet-<12 hex>."""
-    return NETNS_PREFIX + network_id[:_ID_CHARS]
+    """The network namespace holding one network's bridge and VXLAN device: vxnet-<the ID's first 12 characters>."""
+    return NETNS_PREFIX + _checked(_NETWORK_ID, network_id, "NetworkID")[:_ID_CHARS]
 
 
 def vxlan_staging(vni: int) -> str:
@@ -29,15 +45,15 @@ def vxlan_staging(vni: int) -> str:
 
 def veth_container(endpoint_id: str) -> str:
     """The veth end handed to dockerd in Join (SrcName); dockerd moves it into the container: vxc<11 hex>."""
-    return "vxc" + endpoint_id[:11]
+    return "vxc" + _checked(_ENDPOINT_ID, endpoint_id, "EndpointID")[:11]
 
 
 def veth_bridge(endpoint_id: str) -> str:
     """The veth end enslaved to the network's bridge inside the network namespace: vxp<11 hex>."""
-    return "vxp" + endpoint_id[:11]
+    return "vxp" + _checked(_ENDPOINT_ID, endpoint_id, "EndpointID")[:11]
 
 
-_NETNS_NAME = re.compile(re.escape(NETNS_PREFIX) + r"[0-9a-f]{12}")
+_NETNS_NAME = re.compile(re.escape(NETNS_PREFIX) + r"[0-9a-z]{12}")  # network IDs are hex, or base 36 (Swarm)
 
 
 def network_id_prefix(netns_name: str) -> str:
@@ -56,4 +72,4 @@ def is_vxlan_staging(name: str) -> bool:
 
 
 def is_veth_container(name: str) -> bool:
-    return name.startswith("vxc") and len(name) == 14
+    return name.startswith("vxc") and len(name) == 14 and bool(_ENDPOINT_ID.fullmatch(name[3:]))

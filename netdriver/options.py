@@ -54,7 +54,9 @@ def _truthy(key: str, value: Any) -> bool:
 
 def _int(key: str, value: Any, low: int, high: int, what: str) -> int:
     text = str(value).strip()
-    if not re.fullmatch(r"\d+", text) or not low <= int(text) <= high:
+    # ASCII digits, not \d (int() takes other scripts' digits too), and few of them (int() refuses a string of
+    # more than 4300 digits with ValueError; no bound here needs more than 8).
+    if not re.fullmatch(r"[0-9]{1,9}", text) or not low <= int(text) <= high:
         raise InvalidOption(f"option {key}: {value!r} is not a valid {what} ({low}-{high})")
     return int(text)
 

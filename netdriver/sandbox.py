@@ -18,6 +18,7 @@ Interface contract (the unit tests' FakeDataPlane models the same state):
   guard_host(networks)                    isolation rules for exactly these networks' subnets
 """
 
+import errno
 import logging
 from typing import Dict, List, Optional, Set, Tuple
 
@@ -25,7 +26,7 @@ from encrypt.manager import ENCRYPTED_VXLAN_PORT
 from netdriver import names
 from netdriver.links import Links
 from netdriver.models import Endpoint, Network
-from plugin.errors import KernelError
+from plugin.errors import Conflict, KernelError
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,16 @@ class DataPlane:
             # Encrypted networks use a port of their own: the IPsec policies select their VXLAN by port alone, and
             # the fail-closed firewall drops cleartext on it (encrypt/manager.py ENCRYPTED_VXLAN_PORT).
             port = ENCRYPTED_VXLAN_PORT if network.encrypted else self.vxlan_port
-            self.links.ensure_vxlan(ns, names.VXLAN, names.vxlan_staging(network.vni), network.vni,
-                                    self.underlay.require(), port, network.mtu, names.BRIDGE)
+            try:
+                self.links.ensure_vxlan(ns, names.VXLAN, names.vxlan_staging(network.vni), network.vni,
+                                        self.underlay.require(), port, network.mtu, names.BRIDGE)
+            except KernelError as exc:
+                # The kernel allows one VXLAN device per VNI and UDP port in a namespace (vxlan_vni_in_use):
+                # EEXIST is a device vxnet's etcd does not know (Docker's own overlay, another tool) holding it.
+                if exc.errno != errno.EEXIST:
+                    raise
+                raise Conflict(f"option vni: VNI {network.vni} is already used by another VXLAN device on this "
+                               f"host (UDP port {port}); choose another with -o vni=N") from exc
         except BaseException:
             if fresh:  # no half-built namespace: what this call started, it takes back
                 self.remove_network(network.id, network.vni)

@@ -19,7 +19,9 @@ from typing import Callable, List, Optional, Tuple
 
 from netdriver.models import Endpoint, Network, PeerRecord
 from netdriver.options import VNI_AUTO_BASE, VNI_MAX
+from plugin import protocol
 from plugin.errors import Conflict, Exhausted
+from plugin.kvstore import join_key
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +29,19 @@ _RETRIES = 32
 VERSION = "0.1.0"
 # A member name no host can have (host IDs start with a letter or digit): the Swarm manager's hold on a network.
 SWARM_HOLDER = "@swarm"
+
+
+def _well_formed(network_id: str, endpoint_id: Optional[str] = None) -> bool:
+    """IDs the wire accepts (plugin/protocol.py). Versions before it took any string, so a store may still hold
+    records named "0.0.0.0/0" or "../../etc/passwd": listings skip them (they can name no kernel object, and
+    one of them must not stop start-up for every other network), with a warning naming the key to delete."""
+    return bool((protocol.DOCKER_ID.fullmatch(network_id) or protocol.SWARM_ID.fullmatch(network_id)) and
+                (endpoint_id is None or protocol.DOCKER_ID.fullmatch(endpoint_id)))
+
+
+def _skipped(key: str) -> bool:
+    log.warning("ignoring etcd record %s: its ID is not a Docker ID (written by an older vxnet; delete it)", key)
+    return False
 
 
 def segment_of(network_id: str, overlay: Optional[str]) -> str:
@@ -40,7 +55,7 @@ class NetworkStore:
 
     # -- keys --------------------------------------------------------------------------------------------------
     def _k(self, *parts: str) -> str:
-        return self.prefix + "/".join(parts)
+        return join_key(self.prefix, *parts)
 
     # -- networks ----------------------------------------------------------------------------------------------
     def get_network(self, network_id: str) -> Optional[Network]:
@@ -49,7 +64,8 @@ class NetworkStore:
 
     def list_networks(self) -> List[Network]:
         entries, _ = self.kv.get_prefix(self._k("networks", ""))
-        return [Network.from_json(e.value) for e in entries]
+        networks = [(e.key, Network.from_json(e.value)) for e in entries]
+        return [n for key, n in networks if _well_formed(n.id) or _skipped(key)]
 
     def segment_vni(self, segment: str) -> Optional[int]:
         record = self._segment(segment)
@@ -162,6 +178,9 @@ class NetworkStore:
         for entry in entries:
             if entry.key.rsplit("/", 1)[1] != host:
                 continue
+            if not _well_formed(entry.json()["network_id"]):
+                _skipped(entry.key)
+                continue
             network = self.get_network(entry.json()["network_id"])
             if network is not None:
                 out.append(network)
@@ -174,7 +193,8 @@ class NetworkStore:
 
     def list_endpoints(self, network_id: str) -> List[Endpoint]:
         entries, _ = self.kv.get_prefix(self._k("endpoints", network_id, ""))
-        return [Endpoint.from_json(e.value) for e in entries]
+        endpoints = [(e.key, Endpoint.from_json(e.value)) for e in entries]
+        return [e for key, e in endpoints if _well_formed(e.network_id, e.id) or _skipped(key)]
 
     def network_and_endpoint(self, network_id: str, endpoint_id: str) -> Tuple[Optional[Network],
                                                                                 Optional[Endpoint]]:

@@ -7,7 +7,7 @@ become KernelError.
 
 import contextlib
 import os
-from typing import Iterator
+from typing import Iterator, Optional
 
 from pyroute2.netlink.exceptions import NetlinkError
 
@@ -30,12 +30,14 @@ class InvalidOption(VxnetError):
     status = 400
 
 
-class NotFound(VxnetError):
-    status = 404
+# No error here maps to 404: in the plugin protocol 404 means "method not implemented", and dockerd takes it as
+# success from ProgramExternalConnectivity/RevokeExternalConnectivity (design/protocol.md). A request naming a
+# network, endpoint or pool vxnet does not have conflicts with what it holds: Conflict.
 
 
 class Conflict(VxnetError):
-    """The request asks for something another holder already has (overlapping pool, address in use)."""
+    """The request asks for something another holder already has (overlapping pool, address in use, a VNI
+    another VXLAN device holds), or names something vxnet does not have (unknown network, endpoint, pool)."""
 
     status = 409
 
@@ -58,9 +60,14 @@ class StoreUnavailable(VxnetError):
 
 
 class KernelError(VxnetError):
-    """A netlink or firewall operation failed; the message names the object and the errno."""
+    """A netlink or firewall operation failed; the message names the object and the errno, `errno` holds it
+    (None when the failure carried none)."""
 
     status = 500
+
+    def __init__(self, message: str, errno: Optional[int] = None):
+        super().__init__(message)
+        self.errno = errno
 
 
 class ConfigError(VxnetError):
@@ -78,11 +85,11 @@ def netlink_reason(exc: NetlinkError) -> str:
 
 @contextlib.contextmanager
 def kernel_errors(what: str) -> Iterator[None]:
-    """Turn netlink and OS errors raised in the body into KernelError naming what we were doing (the original
-    stays the __cause__, for callers that need the errno)."""
+    """Turn netlink and OS errors raised in the body into KernelError naming what we were doing (the errno is
+    KernelError.errno, the original stays the __cause__)."""
     try:
         yield
     except NetlinkError as exc:
-        raise KernelError(f"{what}: {netlink_reason(exc)}") from exc
+        raise KernelError(f"{what}: {netlink_reason(exc)}", exc.code or None) from exc
     except OSError as exc:
-        raise KernelError(f"{what}: {exc.strerror or exc} (errno {exc.errno})") from exc
+        raise KernelError(f"{what}: {exc.strerror or exc} (errno {exc.errno})", exc.errno) from exc

@@ -50,8 +50,10 @@ def make_app(drivers: Mapping[str, object]) -> Flask:
             raw = request.get_data(cache=False)
             try:
                 body = json.loads(raw) if raw.strip() else None
-            except ValueError as exc:
-                raise InvalidRequest(f"request body is not JSON: {exc}") from None
+            except ValueError as exc:  # UnicodeDecodeError too
+                raise InvalidRequest(f"request body: not JSON: {exc}") from None
+            except RecursionError:
+                raise InvalidRequest("request body: JSON nested too deeply") from None
             req = route.decoder.decode(body)
             reply = getattr(drivers[route.receiver], route.handler_name)(req)
         except VxnetError as exc:

@@ -23,7 +23,7 @@ import requests
 from etcd3gw import exceptions as etcd_exc
 from etcd3gw.client import Etcd3Client
 
-from plugin.errors import StoreUnavailable, VxnetError
+from plugin.errors import InvalidRequest, StoreUnavailable, VxnetError
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,23 @@ def _b64(text: str) -> str:
 
 def _unb64(text: str) -> str:
     return base64.b64decode(text).decode()
+
+
+# What the stores put between the slashes of their keys: IDs, host names, VNIs, segment names, escaped CIDRs,
+# addresses. Never a slash or a NUL, never "." or "..": a part must not reach into another part of the tree
+# ("../../etc/passwd" as an endpoint ID would be three parts, read back as another network's).
+_KEY_PART = re.compile(r"[A-Za-z0-9@_.:-]+")
+
+
+def join_key(prefix: str, *parts: str) -> str:
+    """prefix + parts joined by "/"; the last part may be "" (a prefix for get_prefix). InvalidRequest for a part
+    that is not a plain name: callers check their values first, this is the backstop before etcd."""
+    for i, part in enumerate(parts):
+        if part == "" and i == len(parts) - 1:
+            continue
+        if not isinstance(part, str) or not _KEY_PART.fullmatch(part) or part in (".", ".."):
+            raise InvalidRequest(f"etcd key under {prefix}: {part!r} cannot be a key part")
+    return prefix + "/".join(parts)
 
 
 def prefix_end(prefix: str) -> str:

@@ -4,9 +4,16 @@ Field names on the wire are Go field names without JSON tags (moby libnetwork/dr
 libnetwork/ipams/remote/api/api.go): exact and case-sensitive. Go writes a nil map or slice as `null`, so null
 is read as empty. A decoder raises InvalidRequest naming the field and what was wrong with it; drivers receive
 only well-typed records.
+
+IDs become namespace and interface names, paths and etcd keys, so they are checked here, before anything else
+sees them (design/protocol.md): an EndpointID is dockerd's stringid, 64 lowercase hex characters; a NetworkID
+is that too, or for a Swarm-scoped network the ID swarmkit gave it (moby/swarmkit identity.NewID: 128 random
+bits in base 36, 25 lowercase letters and digits), which dockerd passes through as the libnetwork network ID.
 """
 
 import dataclasses
+import ipaddress
+import re
 from typing import Any, Dict, Optional, Tuple
 
 from plugin.errors import InvalidRequest
@@ -21,8 +28,8 @@ def _get(body: dict, name: str, kind, required: bool = True, where: str = ""):
         if required and value is _MISSING:
             raise InvalidRequest(f"{label}: missing")
         return {dict: {}, list: [], str: "", bool: False, int: 0}[kind]
-    if kind is int and isinstance(value, bool):
-        raise InvalidRequest(f"{label}: expected a number, got {type(value).__name__}")
+    if kind is int and isinstance(value, (bool, float)):
+        raise InvalidRequest(f"{label}: expected an integer, got {_json_type(value)}")
     if not isinstance(value, kind):
         names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number"}
         raise InvalidRequest(f"{label}: expected {names[kind]}, got {_json_type(value)}")
@@ -34,10 +41,38 @@ def _json_type(value) -> str:
             float: "a number"}.get(type(value), type(value).__name__)
 
 
-def _id(body: dict, name: str) -> str:
+# dockerd's stringid.GenerateRandomID: 32 random bytes in lowercase hex.
+DOCKER_ID = re.compile(r"[0-9a-f]{64}")
+# swarmkit's identity.NewID, Swarm-scoped networks only.
+SWARM_ID = re.compile(r"[0-9a-z]{25}")
+# Interface.MacAddress: Go's net.HardwareAddr.String() of a 6-byte Ethernet address.
+MAC_ADDRESS = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
+
+
+def _shown(value: str) -> str:
+    """A bad value as an error message quotes it: repr (control characters visible), cut short."""
+    return repr(value) if len(value) <= 80 else repr(value[:77]) + "..."
+
+
+def _nonempty(body: dict, name: str) -> str:
     value = _get(body, name, str)
     if not value:
         raise InvalidRequest(f"{name}: empty")
+    return value
+
+
+def _endpoint_id(body: dict) -> str:
+    value = _nonempty(body, "EndpointID")
+    if not DOCKER_ID.fullmatch(value):
+        raise InvalidRequest(f"EndpointID: {_shown(value)} is not a Docker ID (64 lowercase hex characters)")
+    return value
+
+
+def _network_id(body: dict) -> str:
+    value = _nonempty(body, "NetworkID")
+    if not (DOCKER_ID.fullmatch(value) or SWARM_ID.fullmatch(value)):
+        raise InvalidRequest(f"NetworkID: {_shown(value)} is not a Docker network ID (64 lowercase hex "
+                             "characters, or a Swarm network's 25 lowercase letters and digits)")
     return value
 
 
@@ -87,7 +122,7 @@ class NetworkIDRequest:
 
     @classmethod
     def decode(cls, raw: Any) -> "NetworkIDRequest":
-        return cls(network_id=_id(_body(raw), "NetworkID"))
+        return cls(network_id=_network_id(_body(raw)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +140,7 @@ class CreateNetworkRequest:
     def decode(cls, raw: Any) -> "CreateNetworkRequest":
         body = _body(raw)
         return cls(
-            network_id=_id(body, "NetworkID"),
+            network_id=_network_id(body),
             options=dict(_get(body, "Options", dict, required=False)),
             ipv4_data=_ipam_list(body, "IPv4Data", required=False),
             ipv6_data=_ipam_list(body, "IPv6Data", required=False),
@@ -117,6 +152,15 @@ class EndpointInterface:
     address: str
     address_ipv6: str
     mac_address: str
+
+
+def _mac(iface: dict) -> str:
+    """Interface.MacAddress: "" (vxnet picks one) or six colon-separated hex octets, returned in lowercase."""
+    value = _get(iface, "MacAddress", str, required=False, where="Interface.")
+    if value and not MAC_ADDRESS.fullmatch(value):
+        raise InvalidRequest(f"Interface.MacAddress: {_shown(value)} is not a MAC address "
+                             "(six hex octets, e.g. 02:42:0a:00:00:05)")
+    return value.lower()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,12 +176,12 @@ class CreateEndpointRequest:
         body = _body(raw)
         iface = _get(body, "Interface", dict, required=False)
         return cls(
-            network_id=_id(body, "NetworkID"),
-            endpoint_id=_id(body, "EndpointID"),
+            network_id=_network_id(body),
+            endpoint_id=_endpoint_id(body),
             interface=EndpointInterface(
                 address=_get(iface, "Address", str, required=False, where="Interface."),
                 address_ipv6=_get(iface, "AddressIPv6", str, required=False, where="Interface."),
-                mac_address=_get(iface, "MacAddress", str, required=False, where="Interface."),
+                mac_address=_mac(iface),
             ),
             options=dict(_get(body, "Options", dict, required=False)),
         )
@@ -154,13 +198,14 @@ class EndpointRequest:
     @classmethod
     def decode(cls, raw: Any) -> "EndpointRequest":
         body = _body(raw)
-        return cls(network_id=_id(body, "NetworkID"), endpoint_id=_id(body, "EndpointID"),
+        return cls(network_id=_network_id(body), endpoint_id=_endpoint_id(body),
                    options=dict(_get(body, "Options", dict, required=False)))
 
 
 @dataclasses.dataclass(frozen=True)
 class JoinRequest:
-    """`{"NetworkID","EndpointID","SandboxKey","Options":{...}}`"""
+    """`{"NetworkID","EndpointID","SandboxKey","Options":{...}}`. SandboxKey, the path of the container's network
+    namespace (/var/run/docker/netns/<id>), is required: a Join without one names no container."""
     network_id: str
     endpoint_id: str
     sandbox_key: str
@@ -169,9 +214,16 @@ class JoinRequest:
     @classmethod
     def decode(cls, raw: Any) -> "JoinRequest":
         body = _body(raw)
-        return cls(network_id=_id(body, "NetworkID"), endpoint_id=_id(body, "EndpointID"),
-                   sandbox_key=_get(body, "SandboxKey", str, required=False),
+        return cls(network_id=_network_id(body), endpoint_id=_endpoint_id(body),
+                   sandbox_key=_sandbox_key(body),
                    options=dict(_get(body, "Options", dict, required=False)))
+
+
+def _sandbox_key(body: dict) -> str:
+    value = _nonempty(body, "SandboxKey")
+    if not value.startswith("/") or "\0" in value:
+        raise InvalidRequest(f"SandboxKey: {_shown(value)} is not an absolute path")
+    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,12 +277,13 @@ class PoolIDRequest:
 
     @classmethod
     def decode(cls, raw: Any) -> "PoolIDRequest":
-        return cls(pool_id=_id(_body(raw), "PoolID"))
+        return cls(pool_id=_nonempty(_body(raw), "PoolID"))
 
 
 @dataclasses.dataclass(frozen=True)
 class AddressRequest:
-    """RequestAddress `{"PoolID","Address":"" or "a.b.c.d","Options"}`; ReleaseAddress `{"PoolID","Address"}`."""
+    """RequestAddress `{"PoolID","Address":"" or "a.b.c.d","Options"}`: Address empty asks for any free one.
+    PoolID is checked by the IPAM driver, which made it (ipam_driver/pools.py)."""
     pool_id: str
     address: str
     options: Dict[str, str]
@@ -238,7 +291,19 @@ class AddressRequest:
     @classmethod
     def decode(cls, raw: Any) -> "AddressRequest":
         body = _body(raw)
-        return cls(pool_id=_id(body, "PoolID"), address=_get(body, "Address", str, required=False),
+        return cls(pool_id=_nonempty(body, "PoolID"), address=_get(body, "Address", str, required=False),
+                   options=_str_map(body, "Options"))
+
+
+@dataclasses.dataclass(frozen=True)
+class ReleaseAddressRequest(AddressRequest):
+    """ReleaseAddress `{"PoolID","Address":"a.b.c.d"}`: the Address is required (a release of nothing in
+    particular is a broken request, not a no-op)."""
+
+    @classmethod
+    def decode(cls, raw: Any) -> "ReleaseAddressRequest":
+        body = _body(raw)
+        return cls(pool_id=_nonempty(body, "PoolID"), address=_nonempty(body, "Address"),
                    options=_str_map(body, "Options"))
 
 
@@ -251,11 +316,10 @@ def _str_map(body: dict, name: str) -> Dict[str, str]:
 
 
 def ipv4_from_cidr(text: str, field: str) -> Optional[str]:
-    """Gateway and aux addresses arrive as CIDR strings ("10.0.1.1/24"); return the bare address."""
+    """Gateway and aux addresses arrive as CIDR strings ("10.0.1.1/24"); return the bare IPv4 address."""
     if not text:
         return None
-    import ipaddress
     try:
-        return str(ipaddress.ip_interface(text).ip)
+        return str(ipaddress.IPv4Interface(text).ip)
     except ValueError:
-        raise InvalidRequest(f"{field}: {text!r} is not an address in CIDR form") from None
+        raise InvalidRequest(f"{field}: {_shown(text)} is not an IPv4 address in CIDR form") from None

@@ -43,7 +43,7 @@ _TABLE = (
     Route(IPAM, "RequestPool", p.RequestPoolRequest),
     Route(IPAM, "ReleasePool", p.PoolIDRequest),
     Route(IPAM, "RequestAddress", p.AddressRequest),
-    Route(IPAM, "ReleaseAddress", p.AddressRequest),
+    Route(IPAM, "ReleaseAddress", p.ReleaseAddressRequest),
 )
 
 ROUTES: Dict[str, Route] = {f"/{r.receiver}.{r.method}": r for r in _TABLE}

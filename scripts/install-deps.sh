@@ -22,6 +22,7 @@ PIP_PACKAGES=(
   cryptography cryptography
   docker docker
   pytest pytest
+  hypothesis hypothesis
 )
 PYTHON=${PYTHON:-python3}
 

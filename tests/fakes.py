@@ -7,6 +7,7 @@ transactions, and an `unavailable` switch that makes every call fail as an unrea
 import threading
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
+from netdriver import names
 from plugin.errors import StoreUnavailable
 from plugin.kvstore import Entry, Snapshot
 
@@ -159,6 +160,8 @@ class FakeKV:
 
 class FakeDataPlane:
     """The per-network data plane as state: networks (id -> vni, mtu), endpoints per network, peers per network.
+Names come from netdriver.names, as the real DataPlane's do, so an ID that could not name a kernel object fails
+here as it would there.
 
     `fail_on` names an operation ("ensure_network", "ensure_endpoint") that raises KernelError, to test rollback;
     `stuck` holds network ids and host link names the kernel refuses to remove.
@@ -182,11 +185,13 @@ class FakeDataPlane:
 
     def ensure_network(self, network):
         self._maybe_fail("ensure_network")
+        names.netns(network.id)
         self.networks[network.id] = {"vni": network.vni, "mtu": network.mtu}
         self.endpoints.setdefault(network.id, {})
         self.peers.setdefault(network.id, {})
 
     def remove_network(self, network_id, vni=None):
+        names.netns(network_id)
         if network_id[:12] in {s[:12] for s in self.stuck}:
             from plugin.errors import KernelError
             raise KernelError(f"remove namespace vxnet-{network_id[:12]}: injected failure")
@@ -201,11 +206,12 @@ class FakeDataPlane:
         if network.id not in self.networks:
             from plugin.errors import KernelError
             raise KernelError(f"namespace of {network.id[:12]} does not exist")
-        ifname = "vxc" + endpoint.id[:11]
+        ifname = names.veth_container(endpoint.id)
         self.endpoints[network.id][endpoint.id] = ifname
         return ifname
 
     def remove_endpoint(self, network_id, endpoint_id):
+        names.netns(network_id), names.veth_bridge(endpoint_id)
         self.endpoints.get(network_id, {}).pop(endpoint_id, None)
 
     def network_ids(self):

@@ -15,7 +15,7 @@ from netdriver.sandbox import DataPlane
 from netdriver.store import NetworkStore
 from netdriver.underlay import Underlay
 from plugin import protocol as p
-from plugin.errors import KernelError
+from plugin.errors import Conflict, KernelError
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces")
 
@@ -119,12 +119,12 @@ def test_two_endpoints_talk_across_the_bridge(links, ids):
         plane.remove_network(nid, 9000002)
 
 
-def test_vxlan_vni_clash_is_a_kernel_error_naming_the_vni(links, ids):
+def test_vxlan_vni_clash_is_a_conflict_naming_the_vni(links, ids):
     plane = DataPlane(links, Underlay(lambda a: 65536, "127.0.0.1"))
     a, b = ids(), ids()
     plane.ensure_network(net(a, 9000003))
     try:
-        with pytest.raises(KernelError, match="9000003"):
+        with pytest.raises(Conflict, match="option vni: VNI 9000003 is already used by another VXLAN device"):
             plane.ensure_network(net(b, 9000003))
         assert names.netns(b) not in links.list_netns()  # the failed create took its namespace back
     finally:
@@ -156,7 +156,7 @@ def test_driver_rolls_back_a_failed_create_against_real_etcd(links, ids, etcd):
         req = p.CreateNetworkRequest.decode({
             "NetworkID": victim, "Options": {"com.docker.network.generic": {"vni": "9000004"}},
             "IPv4Data": [{"Pool": "10.77.1.0/24", "Gateway": "10.77.1.1/24"}]})
-        with pytest.raises(KernelError):
+        with pytest.raises(Conflict, match="9000004"):
             drv.create_network(req)
         assert kv.get_prefix(prefix + "/")[0] == []
         assert names.netns(victim) not in links.list_netns()

@@ -149,7 +149,7 @@ def test_driver_keeps_the_sets_equal_to_the_wired_endpoints_and_a_restart_rebuil
             req = {"NetworkID": nid, "EndpointID": eids[i]}
             if verb == "join":
                 drv.create_endpoint(p.CreateEndpointRequest.decode({**req, "Interface": {"Address": f"{ips[i]}/24"}}))
-                drv.join(p.JoinRequest.decode(req))
+                drv.join(p.JoinRequest.decode({**req, "SandboxKey": "/var/run/docker/netns/x"}))
                 wired.add(i)
             else:
                 drv.leave(p.EndpointRequest.decode(req))

@@ -8,8 +8,8 @@ import pytest
 
 from ipam_driver import pools, store
 from ipam_driver.driver import IpamDriver
-from plugin.errors import Conflict, Exhausted, InvalidOption, NotFound, StoreUnavailable
-from plugin.protocol import AddressRequest, EmptyRequest, PoolIDRequest, RequestPoolRequest
+from plugin.errors import Conflict, Exhausted, InvalidOption, StoreUnavailable
+from plugin.protocol import AddressRequest, EmptyRequest, PoolIDRequest, ReleaseAddressRequest, RequestPoolRequest
 from tests.fakes import FakeKV
 
 ROOT = "/vxnet/v1/ipam/"
@@ -314,7 +314,7 @@ def test_wrong_addresses_name_the_field(kv, address, words):
 
 def test_address_in_unknown_or_foreign_pool(kv):
     d = driver(kv)
-    with pytest.raises(NotFound, match=r"PoolID: pool 10.9.0.0/24 in address space vxnet-local is not allocated"):
+    with pytest.raises(Conflict, match=r"PoolID: pool 10.9.0.0/24 in address space vxnet-local is not allocated"):
         d.request_address(addr_req("vxnet-local/10.9.0.0/24"))
     with pytest.raises(InvalidOption, match=r"PoolID: 'abc'"):
         d.request_address(addr_req("abc"))
@@ -337,9 +337,34 @@ def test_release_address_is_idempotent(kv):
 def test_release_address_of_unknown_things_succeeds(kv):
     d = driver(kv)
     pid = d.request_pool(pool_req("10.1.0.0/24"))["PoolID"]
-    for pool_id, address in ((pid, "10.1.0.9"), (pid, "10.7.0.1"), (pid, "junk"), ("vxnet-local/10.7.0.0/24",
-                             "10.7.0.1"), ("junk", "10.1.0.1")):
+    for pool_id, address in ((pid, "10.1.0.9"), ("vxnet-local/10.7.0.0/24", "10.7.0.1")):
         assert d.release_address(addr_req(pool_id, address)) == {}
+
+
+@pytest.mark.parametrize("pool_id,address,needle", [
+    ("own", "10.7.0.1", "Address: 10.7.0.1 is outside pool 10.1.0.0/24"),
+    ("own", "junk", "Address: 'junk' is not an IPv4 address"),
+    ("own", "10.1.0.255", "broadcast"),
+    ("junk", "10.1.0.1", "PoolID: 'junk' is not a vxnet pool ID"),
+    ("../../etc/10.1.0.0/24", "10.1.0.1", "PoolID: '../../etc/10.1.0.0/24' is not a vxnet pool ID"),
+    ("..%2f/10.1.0.0/24", "10.1.0.1", "PoolID: '..%2f' is not a vxnet address space"),
+])
+def test_release_address_of_malformed_things_is_refused_by_field_and_changes_nothing(kv, pool_id, address, needle):
+    d = driver(kv)
+    pid = d.request_pool(pool_req("10.1.0.0/24"))["PoolID"]
+    d.request_address(addr_req(pid, "10.1.0.1"))
+    before = dict(kv.data)
+    with pytest.raises(InvalidOption) as err:
+        d.release_address(addr_req(pid if pool_id == "own" else pool_id, address))
+    assert needle in str(err.value) and kv.data == before
+
+
+def test_release_address_without_address_is_refused_by_the_decoder():
+    from plugin.errors import InvalidRequest
+    for body, needle in (({"PoolID": "vxnet-local/10.1.0.0/24"}, "Address: missing"),
+                         ({"PoolID": "vxnet-local/10.1.0.0/24", "Address": ""}, "Address: empty")):
+        with pytest.raises(InvalidRequest, match=needle):
+            ReleaseAddressRequest.decode(body)
 
 
 def test_another_host_cannot_release_what_it_does_not_hold(kv):
@@ -370,8 +395,19 @@ def test_release_pool_keeps_it_for_other_holders_then_deletes_everything(kv):
 
 def test_release_of_unknown_pools_succeeds(kv):
     d = driver(kv)
-    for pid in ("vxnet-local/10.1.0.0/24", "vxnet-local/10.1.0.0/24/10.1.0.0/25", "junk", "a/b/c"):
+    for pid in ("vxnet-local/10.1.0.0/24", "vxnet-local/10.1.0.0/24/10.1.0.0/25"):
         assert d.release_pool(PoolIDRequest(pid)) == {}
+
+
+@pytest.mark.parametrize("pid", ["junk", "a/b/c", "other/10.1.0.0/24", "../10.1.0.0/24", "vxnet-local/10.1.0.5/24",
+                                 "vxnet-local/10.1.0.0/24\0", "vxnet-local/10.1.0.0/24/10.2.0.0/25"])
+def test_release_of_a_pool_id_vxnet_never_hands_out_is_refused_and_changes_nothing(kv, pid):
+    d = driver(kv)
+    d.request_pool(pool_req("10.1.0.0/24"))
+    before = dict(kv.data)
+    with pytest.raises(InvalidOption, match="PoolID"):
+        d.release_pool(PoolIDRequest(pid))
+    assert kv.data == before
 
 
 def test_release_pool_with_more_addresses_than_one_transaction_holds(kv):
@@ -427,7 +463,7 @@ def test_allocation_racing_the_last_release_leaves_no_orphan():
     h1 = driver(kv, "h1")
     pid = h1.request_pool(pool_req("10.1.0.0/24"))["PoolID"]
     kv.cut_in = lambda: h1.release_pool(PoolIDRequest(pid))
-    with pytest.raises(NotFound):
+    with pytest.raises(Conflict):
         h1.request_address(addr_req(pid))
     assert kv.keys(ROOT) == []
 
@@ -529,7 +565,7 @@ def test_pool_left_without_holders_is_finished_by_the_next_request_pool(kv):
     assert value(kv, ROOT + "pools/vxnet-local/10.1.0.0_24")["hosts"] == []
     assert orphans(kv) == []
     kv.unavailable, kv.fail_after = False, None
-    with pytest.raises(NotFound):
+    with pytest.raises(Conflict):
         d.request_address(addr_req(pid))
     assert driver(kv, "h2").request_pool(pool_req("10.1.0.0/16"))["Pool"] == "10.1.0.0/16"
     assert kv.keys(ROOT + "pools/") == [ROOT + "pools/vxnet-local/10.1.0.0_16"] and address_keys(kv) == []

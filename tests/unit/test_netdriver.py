@@ -7,12 +7,13 @@ from netdriver.options import VNI_AUTO_BASE
 from netdriver.store import NetworkStore
 from netdriver.underlay import Underlay
 from plugin import protocol as p
-from plugin.errors import Conflict, InvalidOption, InvalidRequest, KernelError, NotFound, StoreUnavailable
+from plugin.errors import Conflict, InvalidOption, InvalidRequest, KernelError, StoreUnavailable
 from tests.fakes import FakeDataPlane, FakeKV
 
 NID = "a" * 64
 NID2 = "b" * 64
 EID = "e" * 64
+SANDBOX = "/var/run/docker/netns/0123456789ab"  # what dockerd sends: its sandbox's namespace path
 
 
 def make(kv=None, host="h1", plane=None):
@@ -145,7 +146,7 @@ def test_given_mac_is_kept_and_not_echoed():
 
 def test_endpoint_errors_name_the_field():
     drv, _, _ = make()
-    with pytest.raises(NotFound, match="not known to vxnet"):
+    with pytest.raises(Conflict, match="not known to vxnet"):
         drv.create_endpoint(endpoint_req())
     drv.create_network(create_req())
     with pytest.raises(InvalidRequest, match="Interface.Address"):
@@ -160,10 +161,10 @@ def test_join_failure_rolls_back_and_internal_disables_gateway_service():
     drv.create_endpoint(endpoint_req())
     plane.fail_on.add("ensure_endpoint")
     with pytest.raises(KernelError):
-        drv.join(p.JoinRequest.decode({"NetworkID": NID, "EndpointID": EID}))
+        drv.join(p.JoinRequest.decode({"NetworkID": NID, "EndpointID": EID, "SandboxKey": SANDBOX}))
     assert drv.store.list_peers(NID) == [] and plane.endpoints[NID] == {}
     plane.fail_on.clear()
-    reply = drv.join(p.JoinRequest.decode({"NetworkID": NID, "EndpointID": EID}))
+    reply = drv.join(p.JoinRequest.decode({"NetworkID": NID, "EndpointID": EID, "SandboxKey": SANDBOX}))
     assert reply["DisableGatewayService"] is True
 
 
@@ -195,7 +196,7 @@ def test_guard_follows_joins_and_deletes_one_endpoint_at_a_time_and_a_restart_re
         if verb in ("create", "join") and drv.store.get_endpoint(NID, _eid(i)) is None:
             drv.create_endpoint(endpoint_req(eid=_eid(i), address=f"10.1.0.{10 + i}/24"))
         if verb == "join":
-            drv.join(p.JoinRequest.decode(req))
+            drv.join(p.JoinRequest.decode({**req, "SandboxKey": SANDBOX}))
         elif verb == "delete":
             drv.leave(p.EndpointRequest.decode(req))
             drv.delete_endpoint(p.EndpointRequest.decode(req))
@@ -218,7 +219,7 @@ def test_calls_on_a_ready_network_only_touch_their_endpoint_in_few_etcd_round_tr
     drv.create_endpoint(endpoint_req(eid=_eid(7), address="10.1.0.7/24"))
     assert kv.round_trips - before == 1  # the network record is the one kept for the namespace
     before = kv.round_trips
-    drv.join(p.JoinRequest.decode({"NetworkID": NID, "EndpointID": EID}))
+    drv.join(p.JoinRequest.decode({"NetworkID": NID, "EndpointID": EID, "SandboxKey": SANDBOX}))
     assert kv.round_trips - before == 2  # both records in one read; the peer record
     assert plane.guarded[NID] == _wired_records(drv, plane) != []
     before = kv.round_trips
@@ -233,12 +234,12 @@ def test_a_namespace_or_table_gone_behind_our_back_is_rebuilt_by_the_next_join()
     drv.create_network(create_req())
     for i in (1, 2):
         drv.create_endpoint(endpoint_req(eid=_eid(i), address=f"10.1.0.{10 + i}/24"))
-    drv.join(p.JoinRequest.decode({"NetworkID": NID, "EndpointID": _eid(1)}))
+    drv.join(p.JoinRequest.decode({"NetworkID": NID, "EndpointID": _eid(1), "SandboxKey": SANDBOX}))
     del plane.guarded[NID]  # someone deleted the anti-spoofing table
-    drv.join(p.JoinRequest.decode({"NetworkID": NID, "EndpointID": _eid(2)}))
+    drv.join(p.JoinRequest.decode({"NetworkID": NID, "EndpointID": _eid(2), "SandboxKey": SANDBOX}))
     assert plane.guarded[NID] == _wired_records(drv, plane) and len(plane.guarded[NID]) == 2
     plane.remove_network(NID)  # someone deleted the namespace
-    drv.join(p.JoinRequest.decode({"NetworkID": NID, "EndpointID": _eid(1)}))
+    drv.join(p.JoinRequest.decode({"NetworkID": NID, "EndpointID": _eid(1), "SandboxKey": SANDBOX}))
     assert NID in plane.networks and plane.guarded[NID] == _wired_records(drv, plane) != []
     del plane.guarded[NID]  # and the table again, before a delete: rebuilt whole instead of edited
     drv.delete_endpoint(p.EndpointRequest.decode({"NetworkID": NID, "EndpointID": _eid(1)}))
@@ -251,7 +252,7 @@ def test_a_join_failing_after_its_guard_takes_the_port_out_again():
     drv.create_endpoint(endpoint_req())
     kv.fail_after = 0  # the peer record cannot be written
     with pytest.raises(StoreUnavailable):
-        drv.join(p.JoinRequest.decode({"NetworkID": NID, "EndpointID": EID}))
+        drv.join(p.JoinRequest.decode({"NetworkID": NID, "EndpointID": EID, "SandboxKey": SANDBOX}))
     assert plane.endpoints[NID] == {} and plane.guarded[NID] == []
 
 
@@ -377,3 +378,23 @@ def test_swarm_network_lifecycle_across_manager_and_workers():
     for _ in range(2):  # FreeNetwork replayed after a leader change
         mgr.free_network(p.NetworkIDRequest.decode({"NetworkID": NID}))
     assert kv.keys() == []
+
+
+def test_records_with_malformed_ids_left_by_older_versions_do_not_stop_start_up():
+    """Before the wire checked IDs, "0.0.0.0/0" and "../../etc/passwd" became records; start-up skips them and
+    rebuilds every well-formed network (the positive control, in the same reconcile)."""
+    import json as _json
+    from netdriver.models import Endpoint, Network, Subnet
+    drv, kv, plane = make()
+    drv.create_network(create_req())
+    drv.create_endpoint(endpoint_req())
+    bad = Network(id="0.0.0.0/0", vni=77, mtu=1450, internal=False, subnets=[Subnet("10.9.0.0/24", None)])
+    kv.put("/vxnet/v1/networks/0.0.0.0/0", bad.to_json())
+    kv.put("/vxnet/v1/members/0.0.0.0/0/h1", _json.dumps({"network_id": "0.0.0.0/0"}))
+    kv.put(f"/vxnet/v1/endpoints/{NID}/../../etc/passwd", Endpoint(NID, "../../etc/passwd", "10.1.0.9/24",
+                                                                   "02:42:0a:01:00:09", "h1").to_json())
+    plane.networks.clear()
+    restarted, _, _ = make(kv, plane=plane)
+    restarted.reconcile()
+    assert set(plane.networks) == {NID} and plane.guarded[NID] == []
+    assert [e.id for e in restarted.store.list_endpoints(NID)] == [EID]

@@ -81,7 +81,7 @@ def test_peers_live_under_the_lease_and_republish_restores_them():
         "NetworkID": nid, "Options": {}, "IPv4Data": [{"Pool": "10.1.0.0/24", "Gateway": "10.1.0.1/24"}]}))
     drv.create_endpoint(p.CreateEndpointRequest.decode({"NetworkID": nid, "EndpointID": eid,
                                                         "Interface": {"Address": "10.1.0.5/24"}}))
-    drv.join(p.JoinRequest.decode({"NetworkID": nid, "EndpointID": eid}))
+    drv.join(p.JoinRequest.decode({"NetworkID": nid, "EndpointID": eid, "SandboxKey": "/var/run/docker/netns/1"}))
     assert len(store.list_peers(nid)) == 1
     kv.expire(lease["id"])  # etcd was unreachable longer than the TTL: the peer vanished
     assert store.list_peers(nid) == []

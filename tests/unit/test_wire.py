@@ -8,6 +8,9 @@ from plugin import protocol as p
 from plugin.errors import Conflict, InvalidRequest, StoreUnavailable
 from plugin.http import CONTENT_TYPE, make_app
 from plugin.routes import IPAM, NETWORK, ROUTES
+from tests.ids import docker_id
+
+N1, N, E = docker_id("n1"), docker_id("n"), docker_id("e")
 
 
 class Recorder:
@@ -54,7 +57,7 @@ def test_every_protocol_method_has_a_route():
 
 def test_dispatch_decodes_and_calls_the_snake_case_handler(client):
     status, body, _ = post(client, "/NetworkDriver.CreateNetwork", {
-        "NetworkID": "n1", "Options": {"com.docker.network.generic": {}},
+        "NetworkID": N1, "Options": {"com.docker.network.generic": {}},
         "IPv4Data": [{"AddressSpace": "", "Pool": "10.0.1.0/24", "Gateway": "10.0.1.1/24"}], "IPv6Data": None})
     assert status == 200 and body == {"handler": "create_network", "record": "CreateNetworkRequest"}
     status, body, _ = post(client, "/IpamDriver.GetCapabilities", b"", raw=True)
@@ -71,9 +74,10 @@ def test_unknown_call_is_404_with_err(client):
     ("/NetworkDriver.CreateNetwork", b"[1]", "JSON object"),
     ("/NetworkDriver.CreateNetwork", b'{"Options":{}}', "NetworkID: missing"),
     ("/NetworkDriver.CreateNetwork", b'{"NetworkID":5}', "NetworkID: expected a string, got a number"),
-    ("/NetworkDriver.CreateNetwork", b'{"NetworkID":"n","IPv4Data":[{"Gateway":"x"}]}', "IPv4Data[0].Pool: missing"),
-    ("/NetworkDriver.CreateEndpoint", b'{"NetworkID":"n","EndpointID":"e","Interface":{"Address":1}}',
-     "Interface.Address: expected a string"),
+    ("/NetworkDriver.CreateNetwork", b'{"NetworkID":"%s","IPv4Data":[{"Gateway":"x"}]}' % N.encode(),
+     "IPv4Data[0].Pool: missing"),
+    ("/NetworkDriver.CreateEndpoint", b'{"NetworkID":"%s","EndpointID":"%s","Interface":{"Address":1}}' % (
+        N.encode(), E.encode()), "Interface.Address: expected a string"),
     ("/IpamDriver.RequestAddress", b'{"PoolID":"p","Options":{"a":1}}', "Options.a: expected a string"),
     ("/IpamDriver.ReleasePool", b'{}', "PoolID: missing"),
 ])
@@ -92,14 +96,14 @@ def test_driver_errors_map_to_status_with_err_and_error(error, status):
 
 
 def test_null_maps_and_lists_read_as_empty():
-    req = p.CreateEndpointRequest.decode({"NetworkID": "n", "EndpointID": "e", "Interface": None, "Options": None})
+    req = p.CreateEndpointRequest.decode({"NetworkID": N, "EndpointID": E, "Interface": None, "Options": None})
     assert req.interface.address == "" and req.options == {}
-    req = p.CreateNetworkRequest.decode({"NetworkID": "n", "Options": None, "IPv4Data": None, "IPv6Data": None})
+    req = p.CreateNetworkRequest.decode({"NetworkID": N, "Options": None, "IPv4Data": None, "IPv6Data": None})
     assert req.ipv4_data == () and req.options == {}
 
 
 def test_ipam_data_cidr_gateway_and_aux():
-    req = p.CreateNetworkRequest.decode({"NetworkID": "n", "IPv4Data": [
+    req = p.CreateNetworkRequest.decode({"NetworkID": N, "IPv4Data": [
         {"AddressSpace": "s", "Pool": "10.0.1.0/24", "Gateway": "10.0.1.1/24", "AuxAddresses": {"a": "10.0.1.5/24"}}]})
     data = req.ipv4_data[0]
     assert (data.pool, data.gateway, data.aux_addresses) == ("10.0.1.0/24", "10.0.1.1/24", {"a": "10.0.1.5/24"})
