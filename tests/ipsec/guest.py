@@ -10,9 +10,13 @@ The guest (checked by running, see environment.md):
   jitterentropy_rng, then drbg.
 - root: this machine's / shared read-only over virtio-9p, with a tmpfs overlay on top, made the guest's root with
   switch_root (so mount namespaces made inside see it as / too), so the guest runs the host's python3,
-  site-packages, ip, nft, tcpdump, etcd and this repository as they are. The command is a script on the
-  host whose path goes on the kernel command line; its output comes back over the serial console, its exit code
-  on a marker line.
+  site-packages, ip, nft, tcpdump and etcd as they are. The guest's /run and /tmp are fresh tmpfs (the host's
+  are other processes' live state), so anything of the host's that lives there is invisible through that share.
+- this checkout: shared on its own (9p tag `checkout`, read-only, with a tmpfs overlay) and mounted at its host
+  path, wherever that is: under /tmp, under /root, with spaces in it.
+- the command: a script in a host folder of its own, shared as 9p tag `vxnetrun` and mounted at /run/vxnet-cmd;
+  beside it a file naming the checkout's path. Nothing path-like goes on the kernel command line (it splits at
+  spaces). The output comes back over the serial console, the exit code on a marker line.
 - no network card at all (`-nic none`): the guest's traffic stays in its own namespaces.
 - qemu with TCG (`-accel tcg,thread=multi -cpu max`): /dev/kvm here only runs PVM guests.
 
@@ -86,18 +90,29 @@ ln -sf /proc/self/fd /mnt/root/dev/fd
 for i in 0:stdin 1:stdout 2:stderr; do ln -sf /proc/self/fd/${i%%:*} /mnt/root/dev/${i#*:}; done
 mount -t tmpfs tmpfs /mnt/root/run
 mount -t tmpfs tmpfs /mnt/root/tmp
+# The command's folder, then the checkout at its own path: after /tmp's tmpfs, so a checkout under /tmp shows.
+mkdir -p /mnt/root/run/vxnet-cmd
+mount -t 9p -o trans=virtio,version=9p2000.L,ro vxnetrun /mnt/root/run/vxnet-cmd \
+  || echo "vxnet-guest: 9p mount of the command folder failed"
+checkout=$(cat /mnt/root/run/vxnet-cmd/checkout)
+mkdir -p /mnt/checkout /mnt/rw/checkout-upper /mnt/rw/checkout-work "/mnt/root$checkout"
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144,cache=loose checkout /mnt/checkout \
+  || echo "vxnet-guest: 9p mount of the checkout failed"
+mount -t overlay overlay \
+  -o lowerdir=/mnt/checkout,upperdir=/mnt/rw/checkout-upper,workdir=/mnt/rw/checkout-work "/mnt/root$checkout" \
+  || echo "vxnet-guest: overlay mount of the checkout failed"
 # The kernel's module requests keep being noted after the switch (the initramfs is gone then).
 printf '#!/bin/busybox sh\necho "$*" >>/run/vxnet-modprobe.log\nexit 1\n' >/mnt/root/run/vxnet-modprobe
 chmod 755 /mnt/root/run/vxnet-modprobe
 echo /run/vxnet-modprobe >/proc/sys/kernel/modprobe
 [ -s /modprobe.log ] && cp /modprobe.log /mnt/root/run/vxnet-modprobe.log
-cmd=$(sed -n 's/.*vxnet_cmd=\([^ ]*\).*/\1/p' /proc/cmdline)
-echo "vxnet-guest: up $(cut -d' ' -f1 /proc/uptime) s, running $cmd"
+echo "vxnet-guest: up $(cut -d' ' -f1 /proc/uptime) s, checkout at $checkout"
 # switch_root, not chroot: the host root becomes the root of the initial mount namespace, so namespaces made
 # later (unshare --mount, nsenter -m: the simulated hosts of tests/harness) see it as / too, not the initramfs.
 cat >/mnt/root/run/vxnet-stage2 <<STAGE2
 #!/bin/busybox sh
-/usr/bin/env -i HOME=/root PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin /bin/sh "$cmd"
+/usr/bin/env -i HOME=/root PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+  /bin/sh /run/vxnet-cmd/command.sh
 rc=\$?
 [ -s /run/vxnet-modprobe.log ] && echo "vxnet-guest: the kernel asked for modules:" \
   "\$(/bin/busybox sed 's/^-q -- //' /run/vxnet-modprobe.log | /bin/busybox sort -u | /bin/busybox tr '\n' ' ')"
@@ -362,32 +377,51 @@ def prepare() -> GuestImage:
 
 
 # -- running -------------------------------------------------------------------------------------------------------
-def qemu_argv(image: GuestImage, script: str, memory_mb: int = 1024, cpus: int = 2) -> List[str]:
+
+
+def _virtfs(path: str, tag: str) -> List[str]:
+    # qemu splits option values at commas; a literal comma in a path is written twice (QemuOpts escaping).
+    return ["-virtfs", f"local,path={path.replace(',', ',,')},mount_tag={tag},security_model=none,readonly=on,"
+                       "multidevs=remap"]
+
+
+def qemu_argv(image: GuestImage, run_dir: str, checkout: str = REPO, memory_mb: int = 1024,
+              cpus: int = 2) -> List[str]:
+    """run_dir holds command.sh and the file `checkout` (the checkout's path); see _INIT."""
     return [
         QEMU, "-accel", "tcg,thread=multi", "-cpu", "max", "-m", str(memory_mb), "-smp", str(cpus),
         "-machine", "pc", "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio",
         "-monitor", "none", "-nic", "none", "-no-reboot",
         "-kernel", image.vmlinux, "-initrd", image.initramfs,
-        "-append", f"console=ttyS0 panic=-1 loglevel=4 rdinit=/init vxnet_cmd={script}",
-        "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
+        "-append", "console=ttyS0 panic=-1 loglevel=4 rdinit=/init",
+        *_virtfs("/", "hostroot"), *_virtfs(run_dir, "vxnetrun"), *_virtfs(checkout, "checkout"),
     ]
+
+
+def write_run_dir(run_dir: str, command: Sequence[str], cwd: str, checkout: str) -> None:
+    """command.sh (cd to cwd, exec the command, every word quoted for sh) and `checkout`, the path at which the
+    guest mounts the checkout share (read with $(cat), which drops the final newline; the path is expanded once,
+    quoted, so spaces and shell characters in it stay as they are)."""
+    if not os.path.isabs(checkout) or "\n" in checkout or "\0" in checkout:
+        raise ValueError(f"checkout path {checkout!r}: must be absolute, without newline or NUL")
+    with open(os.path.join(run_dir, "command.sh"), "w") as f:
+        f.write(f"cd {shlex.quote(cwd)} && exec {' '.join(shlex.quote(a) for a in command)}\n")
+    with open(os.path.join(run_dir, "checkout"), "w") as f:
+        f.write(checkout + "\n")
+    os.chmod(run_dir, 0o755)
 
 
 def run(image: GuestImage, command: Sequence[str], timeout: float = 240, cwd: str = REPO,
         stream=None) -> GuestResult:
     """Boot the guest, run `command` (argv, executed in `cwd` with the host's tools), power off. The whole
-    serial console is returned; `stream`, if given, receives it as it comes (a file object)."""
-    # Not under /tmp: the guest mounts a tmpfs there. build/ is on the shared root.
-    os.makedirs(os.path.join(BUILD, "run"), exist_ok=True)
-    scratch = tempfile.mkdtemp(prefix="cmd-", dir=os.path.join(BUILD, "run"))
+    serial console is returned; `stream`, if given, receives it as it comes (a file object). The checkout is
+    mounted in the guest at its host path; any other cwd must be on the host root outside /run and /tmp."""
+    scratch = tempfile.mkdtemp(prefix="vxnet-guest-")
     try:
-        script = os.path.join(scratch, "command.sh")
-        with open(script, "w") as f:
-            f.write(f"cd {shlex.quote(cwd)} && exec {' '.join(shlex.quote(a) for a in command)}\n")
-        os.chmod(scratch, 0o755)
+        write_run_dir(scratch, command, cwd, REPO)
         start = time.monotonic()
-        proc = subprocess.Popen(qemu_argv(image, script), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(qemu_argv(image, scratch, REPO), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         chunks = []
         timed_out = False
         os.set_blocking(proc.stdout.fileno(), False)

@@ -16,7 +16,9 @@ shared topology, and after a failed check marked essential the rest are reported
 import json
 import os
 import re
+import secrets
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -32,6 +34,8 @@ from encrypt.keys import AEAD_ALGORITHM, MATERIAL_BYTES, KeyRing
 from encrypt.spi import spi_for
 from encrypt.xfrm import REQID, XFRM_MODE_TRANSPORT, Xfrm
 from netdriver.links import Links
+from plugin.syscalls import setns
+from tests.harness.proc import wait_until
 
 PORT = mgr.ENCRYPTED_VXLAN_PORT
 VNI = 4242
@@ -74,17 +78,111 @@ class Host:
         return VTEP[PEER[self.name]]
 
 
-class Capture:
-    """tcpdump on the underlay bridge into a pcap file; stop() returns what crossed, by kind. Immediate mode:
-    without it libpcap hands packets over in blocks, and what sits in an unfinished block is lost at SIGINT."""
+# A probe's frames. Locally administered unicast MACs (first octet 0x02) that no interface here has: the bridge
+# floods a frame to an unknown MAC to every port (and to its own device, promiscuous while tcpdump captures), and
+# each host's interface marks it PACKET_OTHERHOST, which ip_rcv drops before netfilter or XFRM: the probe moves no
+# counter the checks read.
+PROBE_DST_MAC = bytes.fromhex("027678000001")
+PROBE_SRC_MAC = bytes.fromhex("027678000002")
+ETH_P_ALL = 0x0003  # <linux/if_ether.h>
+ETHERTYPE_IPV4 = 0x0800
+ETHERTYPE_MARKER = 0x88B5  # IEEE 802 local experimental ethertype 1: no protocol takes it
+PROBE_SPI = 0x76786E74  # outside vxnet's SPIs (spi_for sets the top bit) and the reserved 1-255 (RFC 4303 2.1)
+SNAPLEN = 96
+PROBE_FRAME = 64  # every probe frame is this long: above Ethernet's 60-byte minimum, so nothing pads it, and
+                  # within the snap length, so the capture holds it whole
 
-    def __init__(self, ns: str = "ul", iface: str = "br0", enter: Optional[List[str]] = None):
+
+def ipv4_frame(src: str, dst: str, proto: int, payload: bytes) -> bytes:
+    """Ethernet + IPv4 (with its header checksum, RFC 791) + payload, padded to PROBE_FRAME bytes."""
+    payload += bytes(max(0, PROBE_FRAME - 34 - len(payload)))
+    header = bytearray(struct.pack(">BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), 0, 0x4000, 64, proto, 0,
+                                   socket.inet_aton(src), socket.inet_aton(dst)))
+    total = sum(struct.unpack(">10H", header))
+    total = (total & 0xFFFF) + (total >> 16)
+    total = (total & 0xFFFF) + (total >> 16)
+    struct.pack_into(">H", header, 10, ~total & 0xFFFF)
+    return PROBE_DST_MAC + PROBE_SRC_MAC + struct.pack(">H", ETHERTYPE_IPV4) + bytes(header) + payload
+
+
+def socket_in(netns: str, *args) -> socket.socket:
+    """socket.socket(*args) created in the network namespace at path netns (it stays there): a thread made for
+    the purpose enters it with setns(2) and ends; the caller's threads never move."""
+    result = {}
+
+    def enter_and_open():
+        try:
+            fd = os.open(netns, os.O_RDONLY)
+            try:
+                setns(fd)
+            finally:
+                os.close(fd)
+            result["sock"] = socket.socket(*args)
+        except BaseException as exc:  # handed to the caller's thread
+            result["error"] = exc
+
+    thread = threading.Thread(target=enter_and_open, name="probe-netns", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["sock"]
+
+
+class Probe:
+    """Frames written straight onto one host's underlay interface with a packet socket opened in its namespace:
+    they cross the underlay bridge as that host's VXLAN or ESP would, but pass neither its nftables nor its XFRM
+    (a packet socket's frames go to the driver directly), so a cleartext VXLAN frame can be sent even while the
+    protection holds. Each frame carries a nonce, which tells one capture's frames from another's."""
+
+    def __init__(self, netns: str, iface: str, src: str, dst: str):
+        self.src, self.dst = src, dst
+        self.sock = socket_in(netns, socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+        self.sock.bind((iface, 0))
+
+    def cleartext_vxlan(self, nonce: bytes) -> bytes:
+        """UDP to the encrypted networks' port, VXLAN header (RFC 7348: flags 0x08, VNI), then the nonce."""
+        vxlan = struct.pack(">B3xI", 0x08, VNI << 8) + nonce
+        udp = struct.pack(">HHHH", PORT, PORT, 8 + len(vxlan), 0) + vxlan  # checksum 0: none (RFC 768)
+        return ipv4_frame(self.src, self.dst, 17, udp)
+
+    def esp(self, nonce: bytes) -> bytes:
+        """An ESP header (RFC 4303: SPI, sequence number), then the nonce."""
+        return ipv4_frame(self.src, self.dst, 50, struct.pack(">II", PROBE_SPI, 1) + nonce)
+
+    def marker(self, nonce: bytes) -> bytes:
+        """Not IPv4: no count of parse_pcap's includes it."""
+        frame = PROBE_DST_MAC + PROBE_SRC_MAC + struct.pack(">H", ETHERTYPE_MARKER) + b"vxnet-end" + nonce
+        return frame + bytes(PROBE_FRAME - len(frame))
+
+    def send(self, frame: bytes) -> None:
+        self.sock.send(frame)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Capture:
+    """tcpdump on the underlay bridge into a pcap file; stop() returns what crossed, by kind (parse_pcap's counts).
+
+    Synchronised, never timed: it is ready when tcpdump said it listens and, as the positive control of every
+    check that counts on it, the capture file holds a cleartext VXLAN frame and an ESP frame sent by `probe` from
+    the sending host's underlay interface, each counted by parse_pcap's rules as the kind it is. stop() sends a
+    final marker frame the same way and waits until the file holds it; the counts are of what crossed between
+    the controls and the marker, and a capture that lost packets (tcpdump's kernel drop count) fails.
+    Immediate mode and -U: each packet is handed over and written as it comes, so the file can be read while
+    tcpdump runs."""
+
+    TIMEOUT = 30  # under TCG on a loaded machine tcpdump can take seconds to start and to catch up
+
+    def __init__(self, probe: Probe, ns: str = "ul", iface: str = "br0", enter: Optional[List[str]] = None):
         fd, self.path = tempfile.mkstemp(suffix=".pcap")
         os.close(fd)
-        self.proc = subprocess.Popen((enter or ["ip", "netns", "exec", ns]) + ["tcpdump", "-i", iface, "-n", "-U", "-Z", "root",
-                                      "--immediate-mode",
-                                      "-s", "96", "-w", self.path], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True)
+        self.probe = probe
+        self.nonce = secrets.token_bytes(8)
+        self.proc = subprocess.Popen((enter or ["ip", "netns", "exec", ns]) + [
+            "tcpdump", "-i", iface, "-n", "-U", "-Z", "root", "--immediate-mode", "-s", str(SNAPLEN),
+            "-w", self.path], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         ready = threading.Event()
         self.stderr: List[str] = []
 
@@ -95,47 +193,97 @@ class Capture:
                     ready.set()
             ready.set()
 
-        threading.Thread(target=read, daemon=True).start()
-        if not ready.wait(20) or self.proc.poll() is not None:
-            raise RuntimeError(f"tcpdump did not start: {''.join(self.stderr)}")
+        self.reader = threading.Thread(target=read, daemon=True)
+        self.reader.start()
+        try:
+            if not ready.wait(self.TIMEOUT) or self.proc.poll() is not None:
+                raise RuntimeError(f"tcpdump did not start: {''.join(self.stderr)}")
+            self.controls = {"udp_encrypted_port": probe.cleartext_vxlan(self.nonce), "esp": probe.esp(self.nonce)}
+            for kind, frame in self.controls.items():
+                assert classify(frame) == kind, f"parse_pcap would not count the control frame as {kind}"
+                probe.send(frame)
+            wait_until(lambda: all(f in self._frames() for f in self.controls.values()), self.TIMEOUT,
+                       f"the capture to record the control frames (cleartext VXLAN, ESP) from {probe.src}")
+        except BaseException:
+            self._end()
+            os.unlink(self.path)
+            raise
+
+    def _frames(self) -> List[bytes]:
+        with open(self.path, "rb") as f:
+            return pcap_frames(f.read())
+
+    def _end(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(timeout=self.TIMEOUT)
+        self.reader.join(timeout=self.TIMEOUT)
 
     def stop(self) -> Dict[str, int]:
-        # Immediate mode hands each packet over as it comes, but under TCG tcpdump can still be behind.
-        time.sleep(0.5)
-        self.proc.send_signal(signal.SIGINT)
-        self.proc.wait(timeout=20)
-        with open(self.path, "rb") as f:
-            data = f.read()
+        marker = self.probe.marker(self.nonce)
+        try:
+            self.probe.send(marker)
+            wait_until(lambda: marker in self._frames(), self.TIMEOUT, "the capture to record its final marker")
+        finally:
+            self._end()
+        frames = self._frames()
         os.unlink(self.path)
-        return parse_pcap(data)
+        dropped = re.search(r"(\d+) packets? dropped by kernel", "".join(self.stderr))
+        assert dropped and dropped.group(1) == "0", f"the capture lost packets: {''.join(self.stderr).strip()}"
+        first = max(frames.index(f) for f in self.controls.values()) + 1
+        return count_frames(frames[first:frames.index(marker)])
+
+
+def pcap_frames(data: bytes) -> List[bytes]:
+    """The frames of a pcap file (as captured: up to the snap length); a record still being written is left
+    out."""
+    if len(data) < 24:
+        return []
+    magic, = struct.unpack_from("<I", data, 0)
+    endian = "<" if magic in (0xA1B2C3D4, 0xA1B23C4D) else ">"
+    frames = []
+    offset = 24
+    while offset + 16 <= len(data):
+        _sec, _frac, incl, _orig = struct.unpack_from(endian + "IIII", data, offset)
+        if offset + 16 + incl > len(data):
+            break
+        frames.append(data[offset + 16:offset + 16 + incl])
+        offset += 16 + incl
+    return frames
+
+
+def classify(frame: bytes) -> Optional[str]:
+    """An Ethernet frame's kind for parse_pcap: esp, udp_encrypted_port (cleartext VXLAN of encrypted networks),
+    udp_other, other (any other IPv4); None if it is not IPv4."""
+    if len(frame) < 34 or frame[12:14] != b"\x08\x00":
+        return None
+    ip = frame[14:]
+    ihl = (ip[0] & 0x0F) * 4
+    proto = ip[9]
+    if proto == 50:
+        return "esp"
+    if proto == 17 and len(ip) >= ihl + 4:
+        dport, = struct.unpack_from(">H", ip, ihl + 2)
+        return "udp_encrypted_port" if dport == PORT else "udp_other"
+    return "other"
+
+
+def count_frames(frames: List[bytes]) -> Dict[str, int]:
+    counts = {"esp": 0, "udp_encrypted_port": 0, "udp_other": 0, "other": 0, "max_ip_len": 0}
+    for frame in frames:
+        kind = classify(frame)
+        if kind is None:
+            continue
+        counts[kind] += 1
+        total, = struct.unpack_from(">H", frame, 14 + 2)
+        counts["max_ip_len"] = max(counts["max_ip_len"], total)
+    return counts
 
 
 def parse_pcap(data: bytes) -> Dict[str, int]:
     """Counts of IPv4 packets on an Ethernet capture: esp, udp_encrypted_port (cleartext VXLAN of encrypted
     networks), udp_other, other; and max_ip_len (the largest IPv4 total length seen)."""
-    counts = {"esp": 0, "udp_encrypted_port": 0, "udp_other": 0, "other": 0, "max_ip_len": 0}
-    magic, = struct.unpack_from("<I", data, 0)
-    endian = "<" if magic in (0xA1B2C3D4, 0xA1B23C4D) else ">"
-    offset = 24
-    while offset + 16 <= len(data):
-        _sec, _frac, incl, _orig = struct.unpack_from(endian + "IIII", data, offset)
-        frame = data[offset + 16:offset + 16 + incl]
-        offset += 16 + incl
-        if len(frame) < 34 or frame[12:14] != b"\x08\x00":
-            continue
-        ip = frame[14:]
-        ihl = (ip[0] & 0x0F) * 4
-        total, = struct.unpack_from(">H", ip, 2)
-        counts["max_ip_len"] = max(counts["max_ip_len"], total)
-        proto = ip[9]
-        if proto == 50:
-            counts["esp"] += 1
-        elif proto == 17 and len(ip) >= ihl + 4:
-            dport, = struct.unpack_from(">H", ip, ihl + 2)
-            counts["udp_encrypted_port" if dport == PORT else "udp_other"] += 1
-        else:
-            counts["other"] += 1
-    return counts
+    return count_frames(pcap_frames(data))
 
 
 def ping(src: str, dst_host: str, count: int, interval: float = 0.2, size: Optional[int] = None,
@@ -162,6 +310,13 @@ class Lab:
         self.nft = Links("/run/netns")
         self.hosts = {name: Host(name, self.nft) for name in ("h1", "h2")}
         self.ring: Optional[KeyRing] = None
+        self.probe: Optional[Probe] = None
+
+    def capture(self) -> Capture:
+        """A capture on the underlay bridge, its control frames sent from h1's underlay interface."""
+        if self.probe is None:
+            self.probe = Probe(self.hosts["h1"].netns, "eth0", VTEP["h1"], VTEP["h2"])
+        return Capture(self.probe)
 
     def build(self) -> None:
         sh("ip", "netns", "add", "ul")
@@ -272,7 +427,7 @@ def fail_closed_before_any_sa(lab: Lab) -> str:
     for host in lab.hosts.values():
         host.manager.ensure_firewall()
         assert host.firewall.present(), f"{host.name}: firewall table missing after ensure"
-    cap = Capture()
+    cap = lab.capture()
     result = ping("h1", "h2", count=3, interval=0.3)
     seen = cap.stop()
     drops = lab.hosts["h1"].firewall.counters()[LABEL_OUT]
@@ -293,7 +448,7 @@ def encrypted_ping(lab: Lab) -> str:
 
 @check()
 def underlay_carries_only_esp(lab: Lab) -> str:
-    cap = Capture()
+    cap = lab.capture()
     result = ping("h1", "h2", count=20, interval=0.05)
     seen = cap.stop()
     assert result["received"] == 20, f"ping: {result}"
@@ -347,7 +502,7 @@ def counters_rise(lab: Lab) -> str:
 @check()
 def mtu_fits_the_underlay(lab: Lab) -> str:
     size = MTU - 28  # inner IPv4 20 + ICMP 8
-    cap = Capture()
+    cap = lab.capture()
     result = ping("h1", "h2", count=3, interval=0.1, size=size, dont_fragment=True)
     seen = cap.stop()
     assert result["received"] == 3, f"a full-MTU packet ({MTU}) with DF did not cross: {result}"
@@ -356,21 +511,37 @@ def mtu_fits_the_underlay(lab: Lab) -> str:
     return f"inner MTU {MTU} -> ESP packets of exactly {seen['max_ip_len']} bytes"
 
 
+def outbound_packets(host: Host, ring: KeyRing) -> int:
+    """Packets sent by host's outbound SA for ring's primary key (0 while there is none)."""
+    sa = host.xfrm.get_sa(host.peer_vtep, spi_for(host.vtep, host.peer_vtep, ring.primary))
+    return sa.packets if sa is not None else 0
+
+
+def flowing(lab: Lab, ring: KeyRing, what: str, packets: int = 10) -> None:
+    """Wait until both hosts' outbound SAs for ring's primary key have sent `packets` more packets (a running
+    ping loop's requests and replies)."""
+    hosts = list(lab.hosts.values())
+    start = {host.name: outbound_packets(host, ring) for host in hosts}
+    wait_until(lambda: all(outbound_packets(h, ring) >= start[h.name] + packets for h in hosts), 60,
+               f"traffic both ways on {what}")
+
+
 @check()
 def rotation_loses_nothing(lab: Lab) -> str:
     h1, h2 = lab.hosts["h1"], lab.hosts["h2"]
-    cap = Capture()
+    cap = lab.capture()
     count, interval = 150, 0.03
     pinger = subprocess.Popen(["ip", "netns", "exec", "h1-c", "ping", "-n", "-q", "-c", str(count), "-i",
                                str(interval), "-W", "2", CONTAINER["h2"]], stdout=subprocess.PIPE, text=True)
-    time.sleep(1.0)
     rings = [lab.ring]
+    # Traffic both ways on the old key first, then on each new one before the next rotation.
+    flowing(lab, rings[-1], "the old key")
     for order in ((h1, h2), (h2, h1)):  # one rotation applied h1 first, the next h2 first
         ring = rings[-1].rotate()
         for host in order:
             host.manager.set_keyring(ring)
         rings.append(ring)
-        time.sleep(1.0)
+        flowing(lab, ring, f"key {ring.primary} after the rotation {order[0].name} first")
     out, _ = pinger.communicate(timeout=count * interval + 60)
     seen = cap.stop()
     lab.ring = rings[-1]
@@ -379,6 +550,7 @@ def rotation_loses_nothing(lab: Lab) -> str:
     sent, received = int(match.group(1)), int(match.group(2))
     assert sent == received == count, f"lost {sent - received} of {sent} during two rotations"
     assert seen["udp_encrypted_port"] == 0, f"cleartext VXLAN during rotation: {seen}"
+    assert seen["esp"] >= 2 * count, f"the capture missed ESP: {2 * count} packets crossed, saw {seen}"
     for host in (h1, h2):
         sas = host.xfrm.sas()
         outbound = [sa for sa in sas if sa.src == host.vtep]
@@ -396,7 +568,7 @@ def sas_removed_traffic_stops(lab: Lab) -> str:
         for sa in host.xfrm.sas():
             host.xfrm.delete_sa(sa.dst, sa.spi)
         assert host.xfrm.policies(), f"{host.name}: the policies should still be there"
-    cap = Capture()
+    cap = lab.capture()
     result = ping("h1", "h2", count=4, interval=0.3)
     seen = cap.stop()
     assert result["received"] == 0, f"traffic without SAs: {result}"
@@ -412,7 +584,7 @@ def policies_removed_firewall_holds(lab: Lab) -> str:
         host.manager.remove_all()
         assert not host.xfrm.sas() and not host.xfrm.policies()
     drops_before = h1.firewall.counters()[LABEL_OUT]
-    cap = Capture()
+    cap = lab.capture()
     result = ping("h1", "h2", count=4, interval=0.3)
     seen = cap.stop()
     drops = h1.firewall.counters()[LABEL_OUT] - drops_before
@@ -435,7 +607,7 @@ def restart_restores_and_keeps(lab: Lab) -> str:
     spis = {name: sorted(sa.spi for sa in host.xfrm.sas()) for name, host in lab.hosts.items()}
     pinger = subprocess.Popen(["ip", "netns", "exec", "h1-c", "ping", "-n", "-q", "-c", "60", "-i", "0.03", "-W", "2",
                                CONTAINER["h2"]], stdout=subprocess.PIPE, text=True)
-    time.sleep(0.5)
+    flowing(lab, lab.ring, "the restored SAs", packets=5)  # the restart happens under traffic
     for host in lab.hosts.values():
         host.restart_manager()
     lab.program(lab.ring)
@@ -459,7 +631,7 @@ def cleartext_from_a_peer_is_dropped(lab: Lab) -> str:
     restart their sequence numbers, see xfrm.REPLAY_WINDOW)."""
     h1, h2 = lab.hosts["h1"], lab.hosts["h2"]
     h1.manager.remove_all(firewall=True)
-    cap = Capture()
+    cap = lab.capture()
     drops_before = h2.firewall.counters()[LABEL_IN]
     by_firewall = ping("h1", "h2", count=3, interval=0.3)
     seen = cap.stop()
@@ -492,7 +664,7 @@ def peers_are_reference_counted(lab: Lab) -> str:
     for host in (h1, h2):
         host.manager.set_peers("segment-b", set())
         assert not host.xfrm.sas() and not host.xfrm.policies(), f"{host.name}: left {host.xfrm.sas()}"
-    cap = Capture()
+    cap = lab.capture()
     gone = ping("h1", "h2", count=3, interval=0.3)
     seen = cap.stop()
     assert gone["received"] == 0 and seen["udp_encrypted_port"] == 0, (gone, seen)
@@ -510,7 +682,7 @@ def capture_would_see_cleartext(lab: Lab) -> str:
     deadline = time.monotonic() + 10
     while ping("h1", "h2", count=1, wait=1)["received"] != 1 and time.monotonic() < deadline:
         pass
-    cap = Capture()
+    cap = lab.capture()
     result = ping("h1", "h2", count=3, interval=0.2, wait=3)
     seen = cap.stop()
     for host in lab.hosts.values():

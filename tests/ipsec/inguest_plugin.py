@@ -32,7 +32,7 @@ from tests.harness.plugin import REPO, Plugin
 from tests.harness.proc import wait_until
 from tests.harness.unixhttp import request
 from tests.ipsec import inguest
-from tests.ipsec.inguest import Capture, CheckList, parse_ping
+from tests.ipsec.inguest import Capture, CheckList, Probe, parse_ping
 
 SUBNET, GATEWAY = "10.50.0.0/24", "10.50.0.1/24"
 OVERLAY = "sec"
@@ -112,6 +112,7 @@ class World:
         self.secret_file = ""
         self.nids = {"h1": secrets.token_hex(32), "h2": secrets.token_hex(32)}
         self.primary = 0
+        self.probe: Optional[Probe] = None
 
     @property
     def h1(self) -> Engine:
@@ -122,7 +123,11 @@ class World:
         return self.engines["h2"]
 
     def capture(self) -> Capture:
-        return Capture(enter=[NSENTER, "-t", str(self.lab.underlay.anchor.pid), "-n", "--"], iface="br0")
+        """A capture on the underlay bridge, its control frames sent from host 1's underlay interface."""
+        if self.probe is None:
+            self.probe = Probe(f"/proc/{self.h1.host.anchor.pid}/ns/net", "eth0", self.h1.host.ip, self.h2.host.ip)
+        return Capture(self.probe, enter=[NSENTER, "-t", str(self.lab.underlay.anchor.pid), "-n", "--"],
+                       iface="br0")
 
     def sa_packets(self, engine: Engine, src: Engine, dst: Engine) -> int:
         """Packets counted by `engine`'s SAs for the direction src -> dst (every key tag)."""
@@ -295,6 +300,7 @@ def restart_under_traffic_loses_nothing(world: World) -> str:
         f"loss while host 2's plugin restarted ({took:.1f} s to answer again): {result}\n"
         f"--- host 1 ---\n{_interesting(world.h1.plugin.log(400))}\n--- host 2 ---\n{_interesting(world.h2.plugin.log(400))}")
     assert seen["udp_encrypted_port"] == 0 and seen["udp_other"] == 0, f"cleartext VXLAN on the underlay: {seen}"
+    assert seen["esp"] >= 2 * count, f"the capture missed ESP: {2 * count} packets crossed, saw {seen}"
     return f"host 2's plugin restarted during {result}; underlay {seen}"
 
 
@@ -303,8 +309,9 @@ def rotation_and_prune_by_cli_lose_nothing(world: World) -> str:
     h1, h2 = world.h1, world.h2
     count = 400
     cap = world.capture()
+    before = world.sa_packets(h1, h1, h2)
     loop = h1.ping_loop("c1", CONTAINER_IP["h2"], count, 0.05)
-    time.sleep(1.0)  # some traffic on the old key first
+    wait_until(lambda: world.sa_packets(h1, h1, h2) >= before + 10, 60, "some traffic on the old key first")
     rotated = world.encrypt_cli("rotate", "--min-age", "0")
     new = _primary(rotated)
     assert new != world.primary, rotated
@@ -318,6 +325,7 @@ def rotation_and_prune_by_cli_lose_nothing(world: World) -> str:
     seen = cap.stop()
     assert result["received"] == result["sent"] == count, f"loss across rotation and prune: {result}"
     assert seen["udp_encrypted_port"] == 0 and seen["udp_other"] == 0, f"cleartext VXLAN on the underlay: {seen}"
+    assert seen["esp"] >= 2 * count, f"the capture missed ESP: {2 * count} packets crossed, saw {seen}"
     world.primary = new
     return f"{rotated}; {pruned}; ping {result}; underlay {seen}"
 
@@ -385,6 +393,8 @@ def main() -> int:
     try:
         return check.run(world)
     finally:
+        if world.probe is not None:
+            world.probe.close()  # it holds host 1's network namespace
         if world.lab is not None:
             errors = world.lab.teardown()
             if errors:
