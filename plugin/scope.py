@@ -40,8 +40,9 @@ def engine_in_swarm(state_dir: str) -> Optional[bool]:
     - /run/docker/swarm exists on every engine, in a Swarm or not; only a *manager* has control.sock in it, a worker
       has nothing there at all.
     - dockerd restores and enables plugins while it builds the daemon, before it starts its Swarm node: a plugin
-      enabled at dockerd's start on a manager runs before control.sock is back, so a look at /run would pick
-      `local` on every Swarm node after each dockerd restart (and after a reboot, /run is empty anyway).
+      enabled at dockerd's start on a manager runs before control.sock listens again (seen in dockerd's log: the
+      plugin's first line, then "Loading containers", then "Listening for local connections ... control.sock"),
+      so a look at /run would pick `local` on every Swarm node after a dockerd restart or a reboot.
     - <data-root>/swarm/docker-state.json is persistent: there on managers and workers from `swarm init`/`join`
       on, through dockerd restarts, until `swarm leave`, which deletes the folder's contents but keeps the folder
       itself (same inode), so a bind mount of the folder keeps seeing later joins and leaves.
