@@ -28,7 +28,11 @@ class Settings:
     state_dir: str = "/var/lib/vxnet"
     netns_dir: str = "/run/netns"  # where per-network namespaces are mounted (`ip netns` looks here)
     advertise_addr: Optional[str] = None  # None: address of the default-route interface
+    # VXNET_SCOPE: "local", "global", or "auto" (the managed plugin's default: plugin/scope.py picks global on a
+    # Swarm node, local elsewhere, from dockerd's swarm state folder). The host process keeps "local": Swarm
+    # refuses legacy plugins whatever their scope.
     scope: str = "local"
+    swarm_state_dir: str = "/var/lib/docker/swarm"  # dockerd's <data-root>/swarm; the managed plugin mounts it ro
     log_level: str = "info"
     host_id: str = ""  # VXNET_HOST_ID; empty: the ID generated once and kept in state_dir (plugin/identity.py)
     hostname: str = ""  # the name people read, recorded beside the ID; any string, never a key
@@ -89,8 +93,12 @@ def load(environ: Mapping[str, str]) -> Settings:
         except ValueError:
             raise ConfigError(f"VXNET_ADVERTISE_ADDR: {advertise!r} is not an IPv4 address") from None
     scope = get("VXNET_SCOPE", Settings.scope).lower()
-    if scope not in ("local", "global"):
-        raise ConfigError(f"VXNET_SCOPE: {scope!r} must be 'local' or 'global'")
+    if scope not in ("local", "global", "auto"):
+        raise ConfigError(f"VXNET_SCOPE: {scope!r} must be 'local', 'global' or 'auto' (global on a Swarm node, "
+                          "else local)")
+    swarm_state_dir = get("VXNET_SWARM_STATE_DIR", Settings.swarm_state_dir)
+    if not swarm_state_dir.startswith("/"):
+        raise ConfigError(f"VXNET_SWARM_STATE_DIR: {swarm_state_dir!r} must be an absolute path")
     level = get("VXNET_LOG_LEVEL", Settings.log_level).lower()
     if level not in _LOG_LEVELS:
         raise ConfigError(f"VXNET_LOG_LEVEL: {level!r} must be one of {', '.join(_LOG_LEVELS)}")
@@ -116,6 +124,7 @@ def load(environ: Mapping[str, str]) -> Settings:
         netns_dir=netns_dir,
         advertise_addr=advertise,
         scope=scope,
+        swarm_state_dir=swarm_state_dir,
         log_level=level,
         host_id=host_id,
         hostname=socket.gethostname(),

@@ -26,7 +26,7 @@ from netdriver.sandbox import DataPlane
 from netdriver.store import NetworkStore
 from netdriver.underlay import Underlay
 from netdriver.watcher import PeerSync, PeerWatcher
-from plugin import config, identity, libnftables
+from plugin import config, identity, libnftables, scope
 from plugin.embedded_etcd import EmbeddedEtcd
 from plugin.errors import ConfigError, HostIdConflict, StoreUnavailable, VxnetError
 from plugin.http import make_app
@@ -110,6 +110,7 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
     lease: Optional[HostLease] = None
     keyring: Optional[KeyRingWatcher] = None
     rotator: Optional[KeyRotator] = None
+    monitor: Optional[scope.ScopeMonitor] = None
     stop = threading.Event()
     fatal: List[Exception] = []
 
@@ -150,6 +151,9 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
         except libnftables.NftablesError as exc:
             raise ConfigError(f"nftables: {exc}") from None
         dataplane = DataPlane(links, underlay, Firewall(links.nft))
+        # VXNET_SCOPE=auto becomes local or global here, once: dockerd reads the capabilities only at enable.
+        choice = scope.choose(settings.scope, settings.swarm_state_dir)
+        monitor = scope.ScopeMonitor(choice, settings.swarm_state_dir)
         encryption: Optional[EncryptionManager] = None
         if settings.encryption_secret_file:
             keystore = KeyStore(kv, read_secret_file(settings.encryption_secret_file), settings.key_prefix)
@@ -171,16 +175,18 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
             if encryption is not None:
                 encryption.set_local(underlay.address)  # SAs follow the VTEP
 
-        net = NetworkDriver(store, dataplane, me.id, settings.scope, underlay,
+        net = NetworkDriver(store, dataplane, me.id, choice.scope, underlay,
                             peers=sync, lease_id=lambda: lease.id, on_vtep_change=vtep_changed,
                             encryption=encryption)
         lease.on_new_lease = net.republish_peers
-        ipam = IpamDriver(kv, me.id, settings.scope, settings.key_prefix)
+        ipam = IpamDriver(kv, me.id, choice.scope, settings.key_prefix)
         server = waitress.create_server(make_app({NETWORK: net, IPAM: ipam}), unix_socket=settings.socket_path,
                                         unix_socket_perms="660", threads=8, ident="vxnet")
         log.info("listening on %s host=%s id-from=%s vtep=%s underlay-mtu=%d scope=%s etcd=%s", settings.socket_path,
-                 me, me.source, underlay.address, underlay.mtu, settings.scope, ",".join(kv.endpoints) +
+                 me, me.source, underlay.address, underlay.mtu, choice.scope, ",".join(kv.endpoints) +
                  (" (embedded)" if embedded else ""))
+        log.info("scope %s: %s", choice.scope, choice.why)
+        monitor.start()
         if embedded is not None:
             embedded.start()
         threading.Thread(target=_start_control_plane, name="start-up", daemon=True,
@@ -197,7 +203,7 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
             log.info("stopping")
     finally:
         stop.set()
-        for part in (watcher, keyring, rotator, lease):
+        for part in (monitor, watcher, keyring, rotator, lease):
             if part is not None:
                 part.stop()
         if embedded is not None:

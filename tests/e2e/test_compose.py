@@ -1,6 +1,7 @@
 """Docker Compose (Debian's docker-compose 1.29) on one Docker host with the managed plugin: what a single-host
-user does. Without a Swarm a global-scope driver is refused ("This node is not a swarm manager"), so the plugin
-runs with VXNET_SCOPE=local; `docker stack deploy` across a Swarm is in test_swarm.py.
+user does. No scope is set: VXNET_SCOPE=auto makes the plugin local on an engine outside a Swarm (a global-scope
+driver would be refused there, "This node is not a swarm manager"); `docker stack deploy` across a Swarm is in
+test_swarm.py.
 """
 
 import os
@@ -55,7 +56,7 @@ def host(hosts):
 
 def test_compose_services_on_a_vxnet_network_talk_by_name(host, etcd, tmp_path):
     assert COMPOSE, "docker-compose is not installed (make deps / scripts/install-deps.sh installs Debian's)"
-    install_plugin(host, *plugin_settings(host, etcd.url, "VXNET_SCOPE=local"))
+    install_plugin(host, *plugin_settings(host, etcd.url))
     path = str(tmp_path / "docker-compose.yml")
     with open(path, "w") as f:
         f.write(COMPOSE_FILE.format(image=IMAGE, plugin=PLUGIN, subnet=SUBNET))

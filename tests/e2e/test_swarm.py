@@ -1,5 +1,6 @@
 """vxnet as a Swarm network: three simulated hosts form one Swarm (host1 manager, the others workers), each with the
-managed plugin `make plugin` builds (scripts/build-plugin.sh), all against the test etcd, VXNET_SCOPE global.
+managed plugin `make plugin` builds (scripts/build-plugin.sh), all against the test etcd, with no scope set: the
+plugin is installed after the Swarm formed, so VXNET_SCOPE=auto makes it global on every node, workers included.
 
 One Swarm serves the whole module (the plugin install is the slow part); every test removes what it made and
 checks that nothing is left: no vxnet-* namespace, no vx* link in any host, no etcd key but the host records.
@@ -31,8 +32,8 @@ def swarm(lab):
     swarm = Swarm(hosts[0], hosts[1:])
     errors = []
     try:
-        install_everywhere(hosts, lambda h: plugin_settings(h, lab.etcd.url, "VXNET_LOG_LEVEL=debug"))
         swarm.init()
+        install_everywhere(hosts, lambda h: plugin_settings(h, lab.etcd.url, "VXNET_LOG_LEVEL=debug"))
         yield swarm
     finally:
         errors += swarm.teardown()

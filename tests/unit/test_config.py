@@ -20,6 +20,9 @@ def test_values_are_read():
     assert s.etcd_endpoints == ("http://10.0.0.1:2379", "https://[::1]:2379")
     assert (s.scope, s.advertise_addr, s.embedded) == ("global", "192.0.2.4", False)
     assert (s.encryption_secret_file, s.key_rotation_seconds) == (None, 43200)
+    s = config.load({"VXNET_SCOPE": " Auto ", "VXNET_SWARM_STATE_DIR": "/host/docker-swarm"})
+    assert (s.scope, s.swarm_state_dir) == ("auto", "/host/docker-swarm")
+    assert config.load({}).swarm_state_dir == "/var/lib/docker/swarm"
     s = config.load({"VXNET_ENCRYPTION_SECRET_FILE": "/etc/vxnet/tls/encryption.key", "VXNET_KEY_ROTATION_SECONDS": "0"})
     assert (s.encryption_secret_file, s.key_rotation_seconds) == ("/etc/vxnet/tls/encryption.key", 0)
 
@@ -27,6 +30,7 @@ def test_values_are_read():
 @pytest.mark.parametrize("env,needle", [
     ({"ETCD_ENDPOINTS": "10.0.0.1:2379"}, "ETCD_ENDPOINTS"),
     ({"VXNET_SCOPE": "swarm"}, "VXNET_SCOPE"),
+    ({"VXNET_SWARM_STATE_DIR": "var/lib/docker/swarm"}, "VXNET_SWARM_STATE_DIR"),
     ({"VXNET_ADVERTISE_ADDR": "300.1.1.1"}, "VXNET_ADVERTISE_ADDR"),
     ({"VXNET_SOCKET": "relative.sock"}, "VXNET_SOCKET"),
     ({"VXNET_LOG_LEVEL": "loud"}, "VXNET_LOG_LEVEL"),
