@@ -29,6 +29,9 @@ def underlay():
         for name in ns.values():
             sh("ip", "netns", "add", name)
             made.append(name)
+            # No IPv6: a new interface's router solicitations and MLD reports would cross the quiet capture.
+            sh("ip", "netns", "exec", name, "sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1",
+               "net.ipv6.conf.default.disable_ipv6=1")
         sh("ip", "-n", ns["ul"], "link", "add", "br0", "type", "bridge")
         sh("ip", "-n", ns["ul"], "link", "set", "br0", "up")
         for host in ("h1", "h2"):

@@ -9,8 +9,11 @@
         lab.etcd.url                           # the etcd every simulated host reaches (192.168.251.1:2379)
 """
 
+import subprocess
+
 import pytest
 
+from netdriver import netnsdir
 from tests.harness.etcd import EtcdServer
 
 
@@ -20,3 +23,13 @@ def etcd():
     server = EtcdServer().start()
     yield server
     server.close()
+
+
+@pytest.fixture
+def netns_dir(tmp_path):
+    """A namespace folder of this test's own (start-up removes every vxnet namespace its etcd does not know).
+    Links makes it a mount of itself before its first namespace, as it does /run/netns; the mount goes after."""
+    path = str(tmp_path / "netns")
+    yield path
+    while netnsdir.top_mount(netnsdir._read_mounts(), path) is not None:
+        subprocess.run(["umount", "--lazy", path], check=True, timeout=30)

@@ -121,10 +121,9 @@ def _expected(ports):
         sh("ip", "netns", "del", scratch, check=False)
 
 
-def test_driver_keeps_the_sets_equal_to_the_wired_endpoints_and_a_restart_rebuilds_them(etcd, tmp_path):
+def test_driver_keeps_the_sets_equal_to_the_wired_endpoints_and_a_restart_rebuilds_them(etcd, netns_dir):
     kv = EtcdKV([etcd.url])
     prefix = f"/vxnet-test-{secrets.token_hex(4)}"
-    netns_dir = str(tmp_path / "netns")  # our own: start-up removes every vxnet namespace its etcd does not know
 
     def driver():
         links = Links(netns_dir)

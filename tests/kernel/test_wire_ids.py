@@ -27,10 +27,9 @@ BAD_IDS = ["0.0.0.0/0", "::1", "../../etc/passwd"]
 
 
 @pytest.fixture
-def plugin(tmp_path, etcd):
+def plugin(netns_dir, etcd):
     """The HTTP app over the real drivers: Links with a namespace folder of this test's own, a real etcd under a
     key prefix of its own. Yields (client, links, netns_dir, kv, prefix); removes whatever is left."""
-    netns_dir = str(tmp_path / "netns")
     links = Links(netns_dir)
     kv = EtcdKV([etcd.url])
     prefix = f"/vxnet-test-{secrets.token_hex(4)}"
