@@ -63,6 +63,9 @@ COPY plugin/ plugin/
 COPY netdriver/ netdriver/
 COPY ipam_driver/ ipam_driver/
 COPY encrypt/ encrypt/
+COPY kernel/ kernel/
+COPY store/ store/
+COPY wire/ wire/
 # /host/run: the host's /run (config.json Mounts); /var/lib/vxnet: the propagated mount (state).
 RUN python3 -m compileall -q /opt/vxnet && mkdir -p /run/docker/plugins /var/lib/vxnet /host/run
 # For `docker run`/`docker create` of this image; the plugin itself starts from config.json's Entrypoint.

@@ -6,12 +6,17 @@ N ?= 3
 # Every test layer; tests/ipsec joins when it exists.
 TEST_DIRS := tests/unit tests/kernel tests/e2e $(wildcard tests/ipsec)
 
-.PHONY: deps test test-unit test-kernel test-e2e test-ipsec run clean-run hosts-up hosts-down plugin bench
+.PHONY: deps lint test test-unit test-kernel test-e2e test-ipsec run clean-run hosts-up hosts-down plugin bench
 
 deps:
 	scripts/install-deps.sh
 
-test: deps
+# ruff, and the import contracts in pyproject.toml (the layers: imports point down only). Part of `make test`.
+lint: deps
+	$(PYTHON) -m ruff check .
+	lint-imports --no-cache
+
+test: deps lint
 	$(PYTEST) $(PYTEST_ARGS) $(TEST_DIRS)
 
 test-unit: deps

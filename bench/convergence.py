@@ -20,7 +20,7 @@ from typing import Dict, List, Tuple
 from bench import synthetic
 from bench.common import BenchError, fmt, median, percentile
 from bench.lab import BenchLab
-from netdriver import names
+from kernel import names
 from tests.harness.proc import wait_until
 
 CONV_NET, CONV_SUBNET, CONV_OVERLAY = "bench-conv", "10.200.44.0/22", "conv"
@@ -69,7 +69,9 @@ def _seen(path: str, pattern: str) -> bool:
 
 
 def run_part(bl: BenchLab, count: int, gap: float) -> Dict[str, object]:
-    from netdriver.driver import mac_for  # the MAC the plugin gives an endpoint with none (Docker's 02:42:<ip>)
+    from netdriver.driver import (
+        mac_for,  # the MAC the plugin gives an endpoint with none (Docker's 02:42:<ip>)
+    )
 
     h1, h2 = bl.h1, bl.h2
     ids = bl.vx_network(CONV_NET, CONV_SUBNET, CONV_OVERLAY)
@@ -140,7 +142,7 @@ def run_part(bl: BenchLab, count: int, gap: float) -> Dict[str, object]:
     last_calls = [ep["call_s"] * 1000 for ep in endpoints[-quarter:] if "call_s" in ep]
     for host in (h1, h2):
         bl.remove_network(host, CONV_NET)
-    leaked = [l for l in h1.links() if l.startswith("vxc") or l.startswith("vxp")]
+    leaked = [name for name in h1.links() if name.startswith("vxc") or name.startswith("vxp")]
     return {
         "endpoints": count, "gap_s": gap, "missing": missing,
         "converge_ms_median": median(conv), "converge_ms_p99": percentile(conv, 99), "converge_ms_max":

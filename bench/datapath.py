@@ -20,7 +20,17 @@ import re
 from typing import Dict, List, Sequence
 
 from bench import synthetic
-from bench.common import BenchError, fmt, listening, median, mtu, netns_of, percentile, ratio, verdict
+from bench.common import (
+    BenchError,
+    fmt,
+    listening,
+    median,
+    mtu,
+    netns_of,
+    percentile,
+    ratio,
+    verdict,
+)
 from bench.lab import BUILTIN_NET, VX_NET, VX_SUBNET, BenchLab, log
 from tests.harness.containers import network_id
 from tests.harness.proc import run, wait_until

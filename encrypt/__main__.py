@@ -15,7 +15,7 @@ import time
 from typing import Callable, Optional, Sequence
 
 from encrypt import keys, manager
-from plugin.errors import VxnetError
+from wire.errors import VxnetError
 
 
 def _describe(ring: keys.KeyRing) -> str:
@@ -46,7 +46,7 @@ def main(argv: Optional[Sequence[str]] = None, kv_factory: Optional[Callable[...
         if not args.etcd or not args.secret_file:
             parser.error(f"{args.command} needs --etcd and --secret-file")
         if kv_factory is None:
-            from plugin.kvstore import EtcdKV
+            from store.kvstore import EtcdKV
             kv_factory = EtcdKV
         kv = kv_factory([e.strip() for e in args.etcd.split(",") if e.strip()], ca=args.ca, cert=args.cert,
                         key=args.key)

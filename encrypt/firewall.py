@@ -1,6 +1,6 @@
 """Fail closed: VXLAN of encrypted networks never crosses the underlay in clear, whatever state the SAs are in.
 
-Encrypted networks send VXLAN to their own UDP port (manager.ENCRYPTED_VXLAN_PORT), so cleartext VXLAN of an
+Encrypted networks send VXLAN to their own UDP port (kernel/names.py ENCRYPTED_VXLAN_PORT), so cleartext VXLAN of an
 encrypted network is recognisable by port alone, without marking packets. Our own nftables table holds two rules:
 
   input   UDP to the port that did not arrive through IPsec (`meta ipsec missing`: no secpath) is dropped. A
@@ -23,9 +23,10 @@ and there is no moment without them.
 import json
 from typing import Callable, Dict, List, Optional
 
-from plugin.errors import KernelError
+from kernel import names
+from wire.errors import KernelError
 
-TABLE = "vxnet_ipsec"
+TABLE = names.IPSEC_TABLE
 FAMILY = "inet"
 
 # Rule comments double as labels: counters() reports by them and a reader of `nft list ruleset` sees why.

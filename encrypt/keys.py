@@ -32,14 +32,14 @@ from typing import Callable, Optional, Tuple
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from plugin.errors import ConfigError, Conflict, VxnetError
-from plugin.watchloop import WatchLoop
+from store.watchloop import WatchLoop
+from wire.errors import ConfigError, Conflict, VxnetError
 
 log = logging.getLogger(__name__)
 
-# RFC 4106 section 8.1: the keying material of rfc4106(gcm(aes)) is the AES key followed by a 4-byte salt (the
-# fixed part of the nonce). AES-128: 16 + 4 = 20 bytes, 160 bits, as the kernel's XFRMA_ALG_AEAD wants it.
-AEAD_ALGORITHM = "rfc4106(gcm(aes))"
+# RFC 4106 section 8.1: the keying material of rfc4106(gcm(aes)) (kernel/names.py AEAD_ALGORITHM) is the AES key
+# followed by a 4-byte salt (the fixed part of the nonce). AES-128: 16 + 4 = 20 bytes, 160 bits, as the kernel's
+# XFRMA_ALG_AEAD wants it.
 AES_KEY_BYTES = 16
 SALT_BYTES = 4
 MATERIAL_BYTES = AES_KEY_BYTES + SALT_BYTES

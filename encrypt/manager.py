@@ -30,30 +30,14 @@ from typing import Dict, Iterable, List, Optional, Set, Tuple
 from pyroute2.netlink.exceptions import NetlinkError
 
 from encrypt.firewall import Firewall
-from encrypt.keys import KeyRing, MATERIAL_BYTES
+from encrypt.keys import MATERIAL_BYTES, KeyRing
 from encrypt.spi import spi_for
-from encrypt.xfrm import SA, Policy, SAState, Xfrm, open_socket
-from plugin.errors import KernelError, netlink_reason
+from kernel import names
+from kernel.errors import netlink_reason
+from kernel.xfrm import SA, Policy, SAState, Xfrm, open_socket
+from wire.errors import KernelError
 
 log = logging.getLogger(__name__)
-
-# Encrypted networks send VXLAN to this UDP port instead of IANA's 4789 (RFC 7348): the XFRM policies select
-# their traffic by port alone, so no packet marking is needed, and cleartext VXLAN of an encrypted network is
-# recognisable by port alone (firewall.py drops it). 4790 is IANA's VXLAN-GPE port; vxnet never uses GPE, and
-# Docker's overlay uses 4789.
-ENCRYPTED_VXLAN_PORT = 4790
-
-# RFC 4303 transport-mode ESP with rfc4106(gcm(aes)), over IPv4: outer IPv4 20 + ESP header 8 (SPI, sequence) +
-# IV 8 + ICV 16 around a payload padded to a multiple of 4 that carries the 2-byte trailer (pad length, next
-# header) and the UDP datagram: UDP 8 + VXLAN 8 + inner Ethernet 14 + the inner packet.
-_ESP_FIXED = 20 + 8 + 8 + 16
-_PAYLOAD_FIXED = 2 + 8 + 8 + 14
-
-
-def inner_mtu(underlay_mtu: int) -> int:
-    """The largest inner (container) MTU whose encrypted VXLAN packet fits the underlay MTU: 1416 for 1500."""
-    return ((underlay_mtu - _ESP_FIXED) // 4) * 4 - _PAYLOAD_FIXED
-
 
 # -- does this kernel do ESP? -------------------------------------------------------------------------------------
 # What rfc4106(gcm(aes)) transport-mode ESP needs, in load order, with the kernel option that builds each. The
@@ -132,7 +116,7 @@ def missing_modules() -> List[str]:
 
 def _probe_sa(sock) -> None:
     """Add and delete one rfc4106(gcm(aes)) transport SA: the kernel loads what it can and says what it lacks."""
-    probe = SA(_PROBE_SRC, _PROBE_DST, _PROBE_SPI, bytes(MATERIAL_BYTES), ENCRYPTED_VXLAN_PORT)
+    probe = SA(_PROBE_SRC, _PROBE_DST, _PROBE_SPI, bytes(MATERIAL_BYTES), names.ENCRYPTED_VXLAN_PORT)
     with Xfrm(sock=sock) as xfrm:
         xfrm.delete_sa(_PROBE_DST, _PROBE_SPI)
         xfrm.add_sa(probe)
@@ -189,7 +173,7 @@ class EncryptionManager:
     """Converges the kernel's vxnet SAs and policies (and the firewall table) on the desired state. Thread-safe;
     every call is idempotent."""
 
-    def __init__(self, xfrm: Optional[Xfrm], firewall: Firewall, port: int = ENCRYPTED_VXLAN_PORT):
+    def __init__(self, xfrm: Optional[Xfrm], firewall: Firewall, port: int = names.ENCRYPTED_VXLAN_PORT):
         """xfrm None: the plugin's own namespace's, opened on first use (so a kernel without XFRM netlink only
         fails encrypted networks, with require()'s message, not the plugin's start); firewall: the table for
         `port` in the same namespace."""

@@ -26,8 +26,14 @@ import logging
 
 from ipam_driver import pools
 from ipam_driver.store import CONTAINER, GATEWAY, IpamStore
-from plugin.errors import InvalidOption
-from plugin.protocol import AddressRequest, EmptyRequest, PoolIDRequest, ReleaseAddressRequest, RequestPoolRequest
+from wire.errors import InvalidOption
+from wire.protocol import (
+    AddressRequest,
+    EmptyRequest,
+    PoolIDRequest,
+    ReleaseAddressRequest,
+    RequestPoolRequest,
+)
 
 log = logging.getLogger(__name__)
 

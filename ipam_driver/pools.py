@@ -8,7 +8,7 @@ Every error names the wire field it is about (`Pool`, `SubPool`, `Address`, `Poo
 import ipaddress
 from typing import Iterable, Optional, Set, Tuple
 
-from plugin.errors import InvalidOption
+from wire.errors import InvalidOption
 
 Network = ipaddress.IPv4Network
 Address = ipaddress.IPv4Address

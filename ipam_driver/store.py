@@ -26,8 +26,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from ipam_driver import pools
 from ipam_driver.pools import Address, Network
-from plugin.errors import Conflict, Exhausted
-from plugin.kvstore import Snapshot, join_key
+from store.kvstore import Snapshot, join_key
+from wire.errors import Conflict, Exhausted
 
 GATEWAY = "gateway"
 CONTAINER = "container"

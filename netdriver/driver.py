@@ -1,7 +1,7 @@
 """The NetworkDriver verbs: validate, record desired state in etcd, program the data plane, roll back on failure.
 
 No netlink and no etcd calls here: the driver receives a NetworkStore and a DataPlane. Each method takes the
-decoded record from plugin.protocol and returns the wire reply (shapes in each docstring, after
+decoded record from wire.protocol and returns the wire reply (shapes in each docstring, after
 moby libnetwork/drivers/remote/api/api.go).
 """
 
@@ -11,17 +11,15 @@ import logging
 import threading
 from typing import Callable, Dict, Iterator, List, Optional, Set, Tuple
 
-from encrypt.manager import inner_mtu
-from netdriver import names, options
+from kernel import mtu as mtu_of
+from kernel import names
+from netdriver import options
 from netdriver.models import Endpoint, Network, PeerRecord, Subnet
 from netdriver.store import SWARM_HOLDER, NetworkStore, segment_of
-from plugin import protocol as p
-from plugin.errors import Conflict, InvalidOption, InvalidRequest, KernelError
+from wire import protocol as p
+from wire.errors import Conflict, InvalidOption, InvalidRequest, KernelError
 
 log = logging.getLogger(__name__)
-
-# RFC 7348 encapsulation over IPv4: outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14 = 50 bytes.
-VXLAN_OVERHEAD = 50
 
 
 class _Undo:
@@ -72,7 +70,7 @@ def _subnets(data) -> List[Subnet]:
 
 
 def _unknown_network(network_id: str) -> Conflict:
-    # Not 404: that means "not implemented" to dockerd (plugin/errors.py).
+    # Not 404: that means "not implemented" to dockerd (wire/errors.py).
     return Conflict(f"NetworkID: network {network_id[:12]} is not known to vxnet (not in its etcd store)")
 
 
@@ -177,7 +175,8 @@ class NetworkDriver:
         self.underlay.require()
         if opts.encrypted:
             self._require_encryption()  # before anything is written: a kernel without ESP fails here, at once
-        mtu = opts.mtu or (inner_mtu(self.underlay.mtu) if opts.encrypted else self.underlay.mtu - VXLAN_OVERHEAD)
+        mtu = opts.mtu or (mtu_of.inner_mtu(self.underlay.mtu) if opts.encrypted
+                           else mtu_of.vxlan_mtu(self.underlay.mtu))
         segment = segment_of(req.network_id, opts.overlay)
         with _rollback() as undo:
             had_segment = self.store.segment_vni(segment) is not None
@@ -413,8 +412,8 @@ class NetworkDriver:
         networks = self.store.list_networks()
         known = {n.id[:12] for n in networks}
         for name in self.dataplane.unknown_netns():
-            skip(f"{name} in the namespace folder is not a name vxnet makes (vxnet-<first 12 characters of a network ID>) and is left alone; "
-                 "remove it by hand if it is a leftover")
+            skip(f"{name} in the namespace folder is not a name vxnet makes (vxnet-<first 12 characters of a "
+                 "network ID>) and is left alone; remove it by hand if it is a leftover")
         for prefix in self.dataplane.network_ids():
             if prefix not in known:
                 log.info("removing stale namespace %s", names.netns(prefix))

@@ -21,7 +21,7 @@ import time
 from typing import Callable, Optional
 
 from netdriver.store import NetworkStore
-from plugin.errors import HostIdConflict, StoreUnavailable, VxnetError
+from wire.errors import HostIdConflict, StoreUnavailable, VxnetError
 
 log = logging.getLogger(__name__)
 

@@ -22,9 +22,11 @@ import ipaddress
 import logging
 from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
+from kernel import names
+
 log = logging.getLogger(__name__)
 
-TABLE = "vxnet"
+TABLE = names.ISOLATION_TABLE
 # Before Docker's filter rules (priority 0), so our verdict is reached first; a drop there is final anyway.
 PRIORITY = -10
 

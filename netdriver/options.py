@@ -9,7 +9,7 @@ import dataclasses
 import re
 from typing import Any, Dict, Optional
 
-from plugin.errors import InvalidOption
+from wire.errors import InvalidOption
 
 GENERIC = "com.docker.network.generic"
 INTERNAL = "com.docker.network.internal"

@@ -22,16 +22,13 @@ import errno
 import logging
 from typing import Dict, List, Optional, Set, Tuple
 
-from encrypt.manager import ENCRYPTED_VXLAN_PORT
-from netdriver import names
-from netdriver.links import Links
+from kernel import names
+from kernel.links import Links
 from netdriver.models import Endpoint, Network
-from plugin.errors import Conflict, KernelError
+from wire.errors import Conflict, KernelError
 
 log = logging.getLogger(__name__)
 
-# IANA-assigned VXLAN port (RFC 7348 section 5).
-VXLAN_PORT = 4789
 
 
 def _guarded(endpoint: Endpoint) -> Tuple[str, str, str]:
@@ -40,7 +37,7 @@ def _guarded(endpoint: Endpoint) -> Tuple[str, str, str]:
 
 
 class DataPlane:
-    def __init__(self, links: Links, underlay, firewall=None, vxlan_port: int = VXLAN_PORT):
+    def __init__(self, links: Links, underlay, firewall=None, vxlan_port: int = names.VXLAN_PORT):
         """underlay: has `.require()` -> the VTEP address VXLAN devices send from;
         firewall: a netdriver.isolation.Firewall (None: no anti-spoofing or isolation rules)."""
         self.links = links
@@ -55,8 +52,8 @@ class DataPlane:
         try:
             self.links.ensure_bridge(ns, names.BRIDGE, network.mtu)
             # Encrypted networks use a port of their own: the IPsec policies select their VXLAN by port alone, and
-            # the fail-closed firewall drops cleartext on it (encrypt/manager.py ENCRYPTED_VXLAN_PORT).
-            port = ENCRYPTED_VXLAN_PORT if network.encrypted else self.vxlan_port
+            # the fail-closed firewall drops cleartext on it (kernel/names.py ENCRYPTED_VXLAN_PORT).
+            port = names.ENCRYPTED_VXLAN_PORT if network.encrypted else self.vxlan_port
             try:
                 self.links.ensure_vxlan(ns, names.VXLAN, names.vxlan_staging(network.vni), network.vni,
                                         self.underlay.require(), port, network.mtu, names.BRIDGE)

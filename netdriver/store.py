@@ -19,9 +19,9 @@ from typing import Callable, List, Optional, Tuple
 
 from netdriver.models import Endpoint, Network, PeerRecord
 from netdriver.options import VNI_AUTO_BASE, VNI_MAX
-from plugin import protocol
-from plugin.errors import Conflict, Exhausted
-from plugin.kvstore import join_key
+from store.kvstore import join_key
+from wire import protocol
+from wire.errors import Conflict, Exhausted
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ SWARM_HOLDER = "@swarm"
 
 
 def _well_formed(network_id: str, endpoint_id: Optional[str] = None) -> bool:
-    """IDs the wire accepts (plugin/protocol.py). Versions before it took any string, so a store may still hold
+    """IDs the wire accepts (wire/protocol.py). Versions before it took any string, so a store may still hold
     records named "0.0.0.0/0" or "../../etc/passwd": listings skip them (they can name no kernel object, and
     one of them must not stop start-up for every other network), with a warning naming the key to delete."""
     return bool((protocol.DOCKER_ID.fullmatch(network_id) or protocol.SWARM_ID.fullmatch(network_id)) and

@@ -9,7 +9,7 @@ import logging
 import threading
 from typing import Callable, Optional
 
-from plugin.errors import InvalidRequest
+from wire.errors import InvalidRequest
 
 log = logging.getLogger(__name__)
 

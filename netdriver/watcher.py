@@ -12,8 +12,8 @@ from typing import Dict
 from netdriver.models import Network, PeerRecord
 from netdriver.peerdb import PeerDB
 from netdriver.store import NetworkStore, segment_of
-from plugin.errors import VxnetError
-from plugin.watchloop import WatchLoop
+from store.watchloop import WatchLoop
+from wire.errors import VxnetError
 
 log = logging.getLogger(__name__)
 

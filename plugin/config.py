@@ -11,8 +11,8 @@ import socket
 from typing import Mapping, Optional, Tuple
 from urllib.parse import urlsplit
 
-from plugin.errors import ConfigError
 from plugin.identity import HOST_ID_RULE, valid_host_id
+from wire.errors import ConfigError
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 

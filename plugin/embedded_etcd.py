@@ -8,7 +8,7 @@ import subprocess
 import threading
 from typing import List, Optional
 
-from plugin.errors import ConfigError
+from wire.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

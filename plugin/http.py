@@ -14,8 +14,8 @@ from typing import Mapping
 
 from flask import Flask, Response, request
 
-from plugin.errors import InvalidRequest, VxnetError
 from plugin.routes import ROUTES
+from wire.errors import InvalidRequest, VxnetError
 
 log = logging.getLogger(__name__)
 

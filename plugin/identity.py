@@ -16,7 +16,7 @@ import secrets
 import tempfile
 from typing import Optional
 
-from plugin.errors import ConfigError
+from wire.errors import ConfigError
 
 # A safe etcd key component and IPAM holder name: no '/', no leading '.' or '-', and never '@' (SWARM_HOLDER).
 HOST_ID_RULE = "1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"

@@ -15,23 +15,24 @@ import waitress
 
 from encrypt.firewall import Firewall as IpsecFirewall
 from encrypt.keys import KeyRingWatcher, KeyRotator, KeyStore, read_secret_file
-from encrypt.manager import ENCRYPTED_VXLAN_PORT, EncryptionManager
+from encrypt.manager import EncryptionManager
 from ipam_driver.driver import IpamDriver
+from kernel import libnftables, names
+from kernel.links import Links
 from netdriver.driver import NetworkDriver
 from netdriver.hosts import HostLease
 from netdriver.isolation import Firewall
-from netdriver.links import Links
 from netdriver.peerdb import PeerDB
 from netdriver.sandbox import DataPlane
 from netdriver.store import NetworkStore
 from netdriver.underlay import Underlay
 from netdriver.watcher import PeerSync, PeerWatcher
-from plugin import config, identity, libnftables, scope
+from plugin import config, identity, scope
 from plugin.embedded_etcd import EmbeddedEtcd
-from plugin.errors import ConfigError, HostIdConflict, StoreUnavailable, VxnetError
 from plugin.http import make_app
-from plugin.kvstore import EtcdKV
 from plugin.routes import IPAM, NETWORK
+from store.kvstore import EtcdKV
+from wire.errors import ConfigError, HostIdConflict, StoreUnavailable, VxnetError
 
 log = logging.getLogger("vxnet")
 
@@ -158,7 +159,7 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
         if settings.encryption_secret_file:
             keystore = KeyStore(kv, read_secret_file(settings.encryption_secret_file), settings.key_prefix)
             # XFRM netlink opened on first use, in this (the host's) namespace; the fail-closed table there too.
-            encryption = EncryptionManager(None, IpsecFirewall(ENCRYPTED_VXLAN_PORT, links.nft))
+            encryption = EncryptionManager(None, IpsecFirewall(names.ENCRYPTED_VXLAN_PORT, links.nft))
             if underlay.address:
                 encryption.set_local(underlay.address)
             keyring = KeyRingWatcher(kv, keystore, encryption.set_keyring)

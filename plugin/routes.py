@@ -7,7 +7,7 @@ drivers cannot drift apart; `Plugin.Activate` lists the receivers whose drivers 
 import re
 from typing import Dict, NamedTuple, Tuple, Type
 
-from plugin import protocol as p
+from wire import protocol as p
 
 NETWORK = "NetworkDriver"
 IPAM = "IpamDriver"

@@ -23,6 +23,8 @@ PIP_PACKAGES=(
   docker docker
   pytest pytest
   hypothesis hypothesis
+  ruff ruff
+  import-linter importlinter
 )
 PYTHON=${PYTHON:-python3}
 

@@ -1,15 +1,15 @@
 """Fakes that model state (not call recorders), shared by the unit tests.
 
-FakeKV behaves like plugin.kvstore.EtcdKV: a revisioned key space with create-if-absent and compare-and-swap
+FakeKV behaves like store.kvstore.EtcdKV: a revisioned key space with create-if-absent and compare-and-swap
 transactions, and an `unavailable` switch that makes every call fail as an unreachable etcd does.
 """
 
 import threading
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
-from netdriver import names
-from plugin.errors import StoreUnavailable
-from plugin.kvstore import Entry, Snapshot
+from kernel import names
+from store.kvstore import Entry, Snapshot
+from wire.errors import StoreUnavailable
 
 
 class FakeKV:
@@ -160,7 +160,7 @@ class FakeKV:
 
 class FakeDataPlane:
     """The per-network data plane as state: networks (id -> vni, mtu), endpoints per network, peers per network.
-Names come from netdriver.names, as the real DataPlane's do, so an ID that could not name a kernel object fails
+Names come from kernel.names, as the real DataPlane's do, so an ID that could not name a kernel object fails
 here as it would there.
 
     `fail_on` names an operation ("ensure_network", "ensure_endpoint") that raises KernelError, to test rollback;
@@ -180,7 +180,7 @@ here as it would there.
 
     def _maybe_fail(self, op):
         if op in self.fail_on:
-            from plugin.errors import KernelError
+            from wire.errors import KernelError
             raise KernelError(f"{op}: injected failure")
 
     def ensure_network(self, network):
@@ -193,7 +193,7 @@ here as it would there.
     def remove_network(self, network_id, vni=None):
         names.netns(network_id)
         if network_id[:12] in {s[:12] for s in self.stuck}:
-            from plugin.errors import KernelError
+            from wire.errors import KernelError
             raise KernelError(f"remove namespace vxnet-{network_id[:12]}: injected failure")
         for nid in [n for n in self.networks if n[:12] == network_id[:12]]:
             del self.networks[nid]
@@ -204,7 +204,7 @@ here as it would there.
     def ensure_endpoint(self, network, endpoint):
         self._maybe_fail("ensure_endpoint")
         if network.id not in self.networks:
-            from plugin.errors import KernelError
+            from wire.errors import KernelError
             raise KernelError(f"namespace of {network.id[:12]} does not exist")
         ifname = names.veth_container(endpoint.id)
         self.endpoints[network.id][endpoint.id] = ifname
@@ -235,13 +235,13 @@ here as it would there.
         """Like the real sets: adding needs the table guard_endpoints made; adding twice changes nothing."""
         self._maybe_fail("guard_endpoint")
         if network.id not in self.guarded:
-            from plugin.errors import KernelError
+            from wire.errors import KernelError
             raise KernelError(f"anti-spoofing table of {network.id[:12]} does not exist")
         self.guarded[network.id] = sorted(set(self.guarded[network.id]) | {(endpoint.id, endpoint.ip, endpoint.mac)})
 
     def unguard_endpoint(self, network, endpoint):
         if network.id in self.networks and network.id not in self.guarded:
-            from plugin.errors import KernelError
+            from wire.errors import KernelError
             raise KernelError(f"anti-spoofing table of {network.id[:12]} does not exist")
         if network.id in self.guarded:
             self.guarded[network.id] = sorted(set(self.guarded[network.id]) - {(endpoint.id, endpoint.ip,

@@ -12,7 +12,13 @@ import pytest
 from tests.harness.containers import addresses, wait_ping
 from tests.harness.images import IMAGE
 from tests.harness.proc import run
-from tests.harness.swarm import PLUGIN, clear_host, install_plugin, plugin_settings, wait_clean
+from tests.harness.swarm import (
+    PLUGIN,
+    clear_host,
+    install_plugin,
+    plugin_settings,
+    wait_clean,
+)
 
 COMPOSE = shutil.which("docker-compose")
 PROJECT = "vxc"

@@ -10,7 +10,13 @@ import re
 
 import pytest
 
-from tests.harness.containers import addresses, network_id, pings, run_sleeper, wait_ping
+from tests.harness.containers import (
+    addresses,
+    network_id,
+    pings,
+    run_sleeper,
+    wait_ping,
+)
 from tests.harness.plugin import REPO
 from tests.harness.proc import run, wait_until
 from tests.harness.swarm import clear_host

@@ -7,9 +7,16 @@ import threading
 
 import pytest
 
-from netdriver import names
-from tests.harness.containers import (addresses, network_id, pings, run_sleeper, serve_tcp, tcp_answers,
-                                      wait_ping)
+from kernel import names
+from tests.harness.containers import (
+    addresses,
+    network_id,
+    pings,
+    run_sleeper,
+    serve_tcp,
+    tcp_answers,
+    wait_ping,
+)
 from tests.harness.proc import wait_until
 
 BLUE = "10.200.20.0/24"
@@ -62,7 +69,7 @@ def test_containers_on_three_hosts_reach_each_other_and_overlays_stay_apart(thre
             capture.kill()
         capture.wait()
     outer = [line for line in lines if ".4789: VXLAN" in line]  # tcpdump prints the inner packet below each
-    assert len(outer) == 3 and all(f"IP {h1.ip}." in l and f"> {h2.ip}.4789: VXLAN" in l for l in outer), lines
+    assert len(outer) == 3 and all(f"IP {h1.ip}." in o and f"> {h2.ip}.4789: VXLAN" in o for o in outer), lines
     assert any(f"> {ips[2]}: ICMP echo request" in line for line in lines), lines
 
     # A second overlay on hosts 1 and 2 works within itself and cannot reach the first.

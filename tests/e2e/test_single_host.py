@@ -2,8 +2,15 @@
 
 import pytest
 
-from tests.harness.containers import (addresses, network_id, pings, run_sleeper, serve_tcp, tcp_answers,
-                                      wait_ping)
+from tests.harness.containers import (
+    addresses,
+    network_id,
+    pings,
+    run_sleeper,
+    serve_tcp,
+    tcp_answers,
+    wait_ping,
+)
 from tests.harness.proc import wait_until
 
 SUBNET_A = "10.200.1.0/24"

@@ -16,8 +16,19 @@ from tests.harness.containers import addresses, network_id, run_sleeper, wait_pi
 from tests.harness.images import IMAGE
 from tests.harness.plugin import REPO
 from tests.harness.proc import HarnessError, wait_until
-from tests.harness.swarm import (PLUGIN, Swarm, install_everywhere, leftovers, ping_replies, ping_summary,
-                                 plugin_settings, remove_plugin, resolve, start_ping, wait_clean)
+from tests.harness.swarm import (
+    PLUGIN,
+    Swarm,
+    install_everywhere,
+    leftovers,
+    ping_replies,
+    ping_summary,
+    plugin_settings,
+    remove_plugin,
+    resolve,
+    start_ping,
+    wait_clean,
+)
 
 SLEEPER = ["--init", "--no-resolve-image", IMAGE, "sleep", "86400"]
 

@@ -33,7 +33,15 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 from tests.harness import images
 from tests.harness.etcd import EtcdServer, tail
-from tests.harness.proc import Command, HarnessError, Proc, kill_namespace, namespace_id, run, wait_until
+from tests.harness.proc import (
+    Command,
+    HarnessError,
+    Proc,
+    kill_namespace,
+    namespace_id,
+    run,
+    wait_until,
+)
 from tests.harness.unixhttp import request
 
 UNDERLAY = ipaddress.ip_network("192.168.251.0/24")  # exists only on our underlay bridges

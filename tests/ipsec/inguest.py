@@ -30,17 +30,20 @@ from typing import Callable, Dict, List, Optional
 
 from encrypt import manager as mgr
 from encrypt.firewall import LABEL_IN, LABEL_OUT, Firewall
-from encrypt.keys import AEAD_ALGORITHM, MATERIAL_BYTES, KeyRing
+from encrypt.keys import MATERIAL_BYTES, KeyRing
 from encrypt.spi import spi_for
-from encrypt.xfrm import REQID, XFRM_MODE_TRANSPORT, Xfrm
-from netdriver.links import Links
-from plugin.syscalls import setns
+from kernel import mtu, names
+from kernel.links import Links
+from kernel.names import AEAD_ALGORITHM
+from kernel.names import XFRM_REQID as REQID
+from kernel.syscalls import setns
+from kernel.xfrm import XFRM_MODE_TRANSPORT, Xfrm
 from tests.harness.proc import wait_until
 
-PORT = mgr.ENCRYPTED_VXLAN_PORT
+PORT = names.ENCRYPTED_VXLAN_PORT
 VNI = 4242
 UNDERLAY_MTU = 1500
-MTU = mgr.inner_mtu(UNDERLAY_MTU)
+MTU = mtu.inner_mtu(UNDERLAY_MTU)
 VTEP = {"h1": "192.168.77.1", "h2": "192.168.77.2"}
 CONTAINER = {"h1": "10.50.0.1", "h2": "10.50.0.2"}
 PEER = {"h1": "h2", "h2": "h1"}

@@ -23,10 +23,9 @@ import sys
 import time
 from typing import Dict, List, Optional
 
-from encrypt import manager as mgr
 from encrypt.spi import spi_for
-from encrypt.xfrm import Xfrm
-from netdriver import names
+from kernel import mtu, names
+from kernel.xfrm import Xfrm
 from tests.harness.hosts import NSENTER, Host, Lab
 from tests.harness.plugin import REPO, Plugin
 from tests.harness.proc import wait_until
@@ -206,9 +205,9 @@ def encrypted_network_on_both_hosts(world: World) -> str:
     for name, engine in world.engines.items():
         out = engine.host.run(["ip", "-d", "-n", names.netns(world.nids[name]), "link", "show",
                                names.VXLAN]).stdout
-        assert f"mtu {mgr.inner_mtu(1500)} " in out, f"{name}: the VXLAN MTU leaves no room for ESP: {out}"
-        assert f"dstport {mgr.ENCRYPTED_VXLAN_PORT} " in out, f"{name}: not on the encrypted port: {out}"
-        details.append(f"{name} mtu {mgr.inner_mtu(1500)} dstport {mgr.ENCRYPTED_VXLAN_PORT}")
+        assert f"mtu {mtu.inner_mtu(1500)} " in out, f"{name}: the VXLAN MTU leaves no room for ESP: {out}"
+        assert f"dstport {names.ENCRYPTED_VXLAN_PORT} " in out, f"{name}: not on the encrypted port: {out}"
+        details.append(f"{name} mtu {mtu.inner_mtu(1500)} dstport {names.ENCRYPTED_VXLAN_PORT}")
     # A third network that would join the overlay unencrypted is refused, naming the option, leaving nothing.
     stray = secrets.token_hex(32)
     try:
@@ -298,7 +297,8 @@ def restart_under_traffic_loses_nothing(world: World) -> str:
     assert code == 0, f"the plugin exited {code} on SIGTERM"
     assert result["received"] == result["sent"] == count, (
         f"loss while host 2's plugin restarted ({took:.1f} s to answer again): {result}\n"
-        f"--- host 1 ---\n{_interesting(world.h1.plugin.log(400))}\n--- host 2 ---\n{_interesting(world.h2.plugin.log(400))}")
+        f"--- host 1 ---\n{_interesting(world.h1.plugin.log(400))}\n"
+        f"--- host 2 ---\n{_interesting(world.h2.plugin.log(400))}")
     assert seen["udp_encrypted_port"] == 0 and seen["udp_other"] == 0, f"cleartext VXLAN on the underlay: {seen}"
     assert seen["esp"] >= 2 * count, f"the capture missed ESP: {2 * count} packets crossed, saw {seen}"
     return f"host 2's plugin restarted during {result}; underlay {seen}"

@@ -10,9 +10,10 @@ import pytest
 
 from encrypt import manager
 from encrypt.firewall import LABEL_IN, LABEL_OUT, TABLE, Firewall
-from encrypt.xfrm import REQID, SA, Policy, Xfrm
-from netdriver.links import Links
-from plugin.errors import KernelError
+from kernel.links import Links
+from kernel.names import XFRM_REQID as REQID
+from kernel.xfrm import SA, Policy, Xfrm
+from wire.errors import KernelError
 
 A, B = "192.0.2.1", "192.0.2.2"
 

@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 
-from netdriver import netnsdir
+from kernel import netnsdir
 from tests.harness.etcd import EtcdServer
 
 

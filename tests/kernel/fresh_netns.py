@@ -8,8 +8,8 @@ import secrets
 import subprocess
 import sys
 
-from netdriver import names, netnsdir
-from netdriver.links import Links
+from kernel import names, netnsdir
+from kernel.links import Links
 from netdriver.models import Network, Subnet
 from netdriver.sandbox import DataPlane
 from netdriver.underlay import Underlay
@@ -127,8 +127,8 @@ def leftover(tag: str, etcd_url: str) -> None:
     both by name and still rebuilds the network it is a member of, and removes the stale namespace it can."""
     from netdriver.driver import NetworkDriver
     from netdriver.store import NetworkStore
-    from plugin import protocol as p
-    from plugin.kvstore import EtcdKV
+    from store.kvstore import EtcdKV
+    from wire import protocol as p
 
     os.makedirs(FOLDER + "/vxnet-0.0.0.0")
     junk = FOLDER + "/vxnet-0.0.0.0/0"

@@ -7,24 +7,24 @@ import secrets
 
 import pytest
 
-from netdriver import names
+from kernel import names
+from kernel.links import Links
 from netdriver.driver import NetworkDriver
-from netdriver.links import Links
 from netdriver.models import Endpoint, Network, Subnet
 from netdriver.sandbox import DataPlane
 from netdriver.store import NetworkStore
 from netdriver.underlay import Underlay
-from plugin import protocol as p
-from plugin.errors import Conflict, KernelError
+from wire import protocol as p
+from wire.errors import Conflict
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces")
 
 
 @pytest.fixture
 def links():
-    l = Links()
-    yield l
-    l.close()
+    made = Links()
+    yield made
+    made.close()
 
 
 @pytest.fixture
@@ -143,7 +143,7 @@ def etcd(tmp_path_factory):
 
 
 def test_driver_rolls_back_a_failed_create_against_real_etcd(links, ids, etcd):
-    from plugin.kvstore import EtcdKV
+    from store.kvstore import EtcdKV
     kv = EtcdKV([etcd.url])
     prefix = f"/vxnet-test-{secrets.token_hex(4)}"
     plane = DataPlane(links, Underlay(lambda a: 65536, "127.0.0.1"))

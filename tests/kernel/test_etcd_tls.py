@@ -11,10 +11,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from plugin.errors import StoreUnavailable
-from plugin.kvstore import EtcdKV
+from store.kvstore import EtcdKV
 from tests.harness.etcd import ETCD, free_port
 from tests.harness.proc import Proc, wait_until
+from wire.errors import StoreUnavailable
 
 
 def _name(cn):
@@ -68,7 +68,8 @@ def tls(tmp_path_factory):
         for role, server in (("server", True), ("client", False)):
             key = ec.generate_private_key(ec.SECP256R1())
             prefix = "" if ca_name == "ca" else "rogue-"
-            files[f"{prefix}{role}"] = _write(d / f"{prefix}{role}.pem", _cert(role, ca_name, ca_key, key, server=server))
+            files[f"{prefix}{role}"] = _write(d / f"{prefix}{role}.pem",
+                                              _cert(role, ca_name, ca_key, key, server=server))
             files[f"{prefix}{role}-key"] = _write(d / f"{prefix}{role}-key.pem", key=key)
     files = {k: str(v) for k, v in files.items()}
     port, peer = free_port(), free_port()

@@ -6,10 +6,11 @@ import time
 import pytest
 
 from ipam_driver.driver import IpamDriver
-from plugin.errors import StoreUnavailable
-from plugin.kvstore import EtcdKV
-from plugin.protocol import AddressRequest, PoolIDRequest, RequestPoolRequest
+from store.kvstore import EtcdKV
 from tests.harness.etcd import EtcdServer
+from wire.errors import StoreUnavailable
+from wire.protocol import AddressRequest, PoolIDRequest, RequestPoolRequest
+
 
 @pytest.fixture
 def etcd(tmp_path):

@@ -8,16 +8,16 @@ import subprocess
 
 import pytest
 
-from netdriver import names
+from kernel import names
+from kernel.links import Links
 from netdriver.driver import NetworkDriver, mac_for
 from netdriver.isolation import Firewall
-from netdriver.links import Links
 from netdriver.models import Endpoint, Network, Subnet
 from netdriver.sandbox import DataPlane
 from netdriver.store import NetworkStore
 from netdriver.underlay import Underlay
-from plugin import protocol as p
-from plugin.kvstore import EtcdKV
+from store.kvstore import EtcdKV
+from wire import protocol as p
 
 
 def sh(*argv, check=True):

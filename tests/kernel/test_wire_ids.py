@@ -11,15 +11,15 @@ import subprocess
 import pytest
 
 from ipam_driver.driver import IpamDriver
-from netdriver import names
+from kernel import names
+from kernel.links import Links
 from netdriver.driver import NetworkDriver
-from netdriver.links import Links
 from netdriver.sandbox import DataPlane
 from netdriver.store import NetworkStore
 from netdriver.underlay import Underlay
 from plugin.http import make_app
-from plugin.kvstore import EtcdKV
 from plugin.routes import IPAM, NETWORK
+from store.kvstore import EtcdKV
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces")
 

@@ -1,8 +1,9 @@
 import pytest
 
-from netdriver import names, options
+from kernel import names
+from netdriver import options
 from plugin import config
-from plugin.errors import ConfigError, InvalidOption
+from wire.errors import ConfigError, InvalidOption
 
 
 def test_defaults():
@@ -23,7 +24,8 @@ def test_values_are_read():
     s = config.load({"VXNET_SCOPE": " Auto ", "VXNET_SWARM_STATE_DIR": "/host/docker-swarm"})
     assert (s.scope, s.swarm_state_dir) == ("auto", "/host/docker-swarm")
     assert config.load({}).swarm_state_dir == "/var/lib/docker/swarm"
-    s = config.load({"VXNET_ENCRYPTION_SECRET_FILE": "/etc/vxnet/tls/encryption.key", "VXNET_KEY_ROTATION_SECONDS": "0"})
+    s = config.load({"VXNET_ENCRYPTION_SECRET_FILE": "/etc/vxnet/tls/encryption.key",
+                     "VXNET_KEY_ROTATION_SECONDS": "0"})
     assert (s.encryption_secret_file, s.key_rotation_seconds) == ("/etc/vxnet/tls/encryption.key", 0)
 
 

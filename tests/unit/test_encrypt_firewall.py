@@ -6,7 +6,7 @@ import json
 import pytest
 
 from encrypt.firewall import LABEL_IN, LABEL_OUT, TABLE, Firewall
-from plugin.errors import KernelError
+from wire.errors import KernelError
 
 
 def test_ensure_replaces_the_whole_table_in_one_batch():

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from encrypt.manager import EncryptionUnavailable, inner_mtu
+from encrypt.manager import EncryptionUnavailable
+from kernel.mtu import inner_mtu
 from netdriver.driver import NetworkDriver
 from netdriver.models import Network, PeerRecord, Subnet
 from netdriver.options import parse
@@ -14,9 +15,9 @@ from netdriver.peerdb import PeerDB
 from netdriver.store import NetworkStore
 from netdriver.underlay import Underlay
 from netdriver.watcher import PeerSync
-from plugin import protocol as p
-from plugin.errors import Conflict, InvalidOption, KernelError
 from tests.fakes import FakeDataPlane, FakeKV
+from wire import protocol as p
+from wire.errors import Conflict, InvalidOption, KernelError
 
 NID = "c" * 64
 

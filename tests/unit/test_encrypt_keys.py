@@ -11,9 +11,9 @@ import pytest
 
 from encrypt import keys as K
 from encrypt.spi import SPI_MIN, spi_for
-from plugin.errors import ConfigError
-from plugin.kvstore import WatchEvent
+from store.kvstore import WatchEvent
 from tests.fakes import FakeKV
+from wire.errors import ConfigError
 
 SECRET = bytes(range(32))
 
@@ -184,7 +184,7 @@ def test_watcher_applies_the_ring_at_start_and_every_rotation_and_retries_failur
     def on_ring(ring):
         if failures:
             failures.pop()
-            from plugin.errors import KernelError
+            from wire.errors import KernelError
             raise KernelError("injected")
         applied.append(ring)
 

@@ -10,10 +10,11 @@ from pyroute2.netlink.exceptions import NetlinkError
 from encrypt import manager as M
 from encrypt.keys import KeyRing
 from encrypt.spi import spi_for
-from encrypt.xfrm import PolicyState, SAState
-from plugin.errors import KernelError
+from kernel import mtu, names
+from kernel.xfrm import PolicyState, SAState
+from wire.errors import KernelError
 
-PORT = M.ENCRYPTED_VXLAN_PORT
+PORT = names.ENCRYPTED_VXLAN_PORT
 H1, H2, H3 = "192.0.2.1", "192.0.2.2", "192.0.2.3"
 
 
@@ -248,9 +249,9 @@ def test_nothing_is_programmed_before_the_vtep_and_the_ring_are_known():
 
 
 def test_inner_mtu_leaves_room_for_esp_and_vxlan():
-    assert M.inner_mtu(1500) == 1416  # checked on the wire in the guest: ESP packets of exactly 1500 bytes
+    assert mtu.inner_mtu(1500) == 1416  # checked on the wire in the guest: ESP packets of exactly 1500 bytes
     for underlay in range(1280, 9001, 7):
-        inner = M.inner_mtu(underlay)
+        inner = mtu.inner_mtu(underlay)
         payload = 2 + 8 + 8 + 14 + inner
         padded = (payload + 3) // 4 * 4
         assert 20 + 8 + 8 + padded + 16 <= underlay < 20 + 8 + 8 + padded + 16 + 4 + 4

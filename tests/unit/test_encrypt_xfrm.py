@@ -6,7 +6,8 @@ import ipaddress
 
 import pytest
 
-from encrypt import xfrm as X
+from kernel import names
+from kernel import xfrm as X
 
 
 class xfrm_address_t(ctypes.Union):
@@ -108,7 +109,7 @@ def test_sa_message_lands_on_the_c_fields():
         ("192.0.2.1", "192.0.2.2", 4790, 0xFFFF, 17)
     assert (c.sel.family, c.sel.prefixlen_d, c.sel.prefixlen_s) == (2, 32, 32)
     assert (_ip(c.id.daddr), _be32(c.id.spi), c.id.proto, _ip(c.saddr)) == ("192.0.2.2", 0x12345678, 50, "192.0.2.1")
-    assert (c.reqid, c.family, c.mode, c.replay_window) == (X.REQID, 2, 0, 0)
+    assert (c.reqid, c.family, c.mode, c.replay_window) == (names.XFRM_REQID, 2, 0, 0)
     assert c.lft.hard_byte_limit == c.lft.hard_packet_limit == X.XFRM_INF and c.lft.hard_add == 0
     # XFRMA_ALG_AEAD follows: name (64), key bits, ICV bits, key.
     attr = body[ctypes.sizeof(xfrm_usersa_info):]
@@ -125,7 +126,7 @@ def test_policy_template_lands_on_the_c_fields():
     msg.update(X._flow_selector("192.0.2.1", "192.0.2.2", 4790))
     msg.update({"dir": X.XFRM_POLICY_OUT})
     msg["attrs"] = [["XFRMA_TMPL", {"id_daddr": X._addr("192.0.2.2"), "id_spi": 0xABCDEF01, "id_proto": 50,
-                                    "family": 2, "saddr": X._addr("192.0.2.1"), "reqid": X.REQID, "mode": 0,
+                                    "family": 2, "saddr": X._addr("192.0.2.1"), "reqid": names.XFRM_REQID, "mode": 0,
                                     "optional": 0, "aalgos": 0xFFFFFFFF, "ealgos": 0xFFFFFFFF,
                                     "calgos": 0xFFFFFFFF}]]
     body = _body(msg)
@@ -135,7 +136,7 @@ def test_policy_template_lands_on_the_c_fields():
     assert int.from_bytes(attr[0:2], "little") == NLA_HDR + ctypes.sizeof(xfrm_user_tmpl)
     t = xfrm_user_tmpl.from_buffer_copy(attr[NLA_HDR:NLA_HDR + 64])
     assert (_ip(t.id.daddr), _be32(t.id.spi), t.id.proto, t.family, _ip(t.saddr), t.reqid) == \
-        ("192.0.2.2", 0xABCDEF01, 50, 2, "192.0.2.1", X.REQID)
+        ("192.0.2.2", 0xABCDEF01, 50, 2, "192.0.2.1", names.XFRM_REQID)
     assert (t.mode, t.optional, t.ealgos) == (0, 0, 0xFFFFFFFF)
 
 
@@ -162,7 +163,7 @@ def test_a_dumped_sa_decodes_with_counters_and_hides_its_key():
 
 def test_same_sa_compares_what_matters():
     sa = X.SA("192.0.2.1", "192.0.2.2", 0x1000, b"K" * 20, 4790)
-    state = X.SAState("192.0.2.1", "192.0.2.2", 0x1000, X.REQID, 0, "rfc4106(gcm(aes))", b"K" * 20, 128, 4790,
+    state = X.SAState("192.0.2.1", "192.0.2.2", 0x1000, names.XFRM_REQID, 0, "rfc4106(gcm(aes))", b"K" * 20, 128, 4790,
                       0, 0, 0, 0)
     assert X._same_sa(state, sa)
     assert not X._same_sa(state, X.SA("192.0.2.1", "192.0.2.2", 0x1000, b"L" * 20, 4790))

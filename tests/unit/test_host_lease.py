@@ -8,8 +8,8 @@ import pytest
 
 from netdriver.hosts import HostLease
 from netdriver.store import NetworkStore
-from plugin.errors import HostIdConflict
 from tests.fakes import FakeKV
+from wire.errors import HostIdConflict
 
 TTL = 30
 

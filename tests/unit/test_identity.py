@@ -5,10 +5,11 @@ import os
 import threading
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from plugin import config, identity
-from plugin.errors import ConfigError
+from wire.errors import ConfigError
 
 
 def test_a_generated_id_is_kept_and_the_hostname_stays_the_name(tmp_path):

@@ -8,9 +8,15 @@ import pytest
 
 from ipam_driver import pools, store
 from ipam_driver.driver import IpamDriver
-from plugin.errors import Conflict, Exhausted, InvalidOption, StoreUnavailable
-from plugin.protocol import AddressRequest, EmptyRequest, PoolIDRequest, ReleaseAddressRequest, RequestPoolRequest
 from tests.fakes import FakeKV
+from wire.errors import Conflict, Exhausted, InvalidOption, StoreUnavailable
+from wire.protocol import (
+    AddressRequest,
+    EmptyRequest,
+    PoolIDRequest,
+    ReleaseAddressRequest,
+    RequestPoolRequest,
+)
 
 ROOT = "/vxnet/v1/ipam/"
 GW = {"RequestAddressType": "com.docker.network.gateway"}
@@ -360,7 +366,7 @@ def test_release_address_of_malformed_things_is_refused_by_field_and_changes_not
 
 
 def test_release_address_without_address_is_refused_by_the_decoder():
-    from plugin.errors import InvalidRequest
+    from wire.errors import InvalidRequest
     for body, needle in (({"PoolID": "vxnet-local/10.1.0.0/24"}, "Address: missing"),
                          ({"PoolID": "vxnet-local/10.1.0.0/24", "Address": ""}, "Address: empty")):
         with pytest.raises(InvalidRequest, match=needle):

@@ -5,7 +5,7 @@ import ipaddress
 import pytest
 
 from ipam_driver import pools
-from plugin.errors import InvalidOption
+from wire.errors import InvalidOption
 
 N = ipaddress.IPv4Network
 A = ipaddress.IPv4Address

@@ -5,7 +5,7 @@ import copy
 import json
 
 from netdriver.isolation import Firewall, endpoint_guard_batch, host_guard_batch
-from plugin.errors import KernelError
+from wire.errors import KernelError
 
 
 def test_endpoint_batch_replaces_the_table_and_keeps_rules_fixed_as_endpoints_grow():

@@ -6,9 +6,15 @@ from netdriver.driver import NetworkDriver, mac_for
 from netdriver.options import VNI_AUTO_BASE
 from netdriver.store import NetworkStore
 from netdriver.underlay import Underlay
-from plugin import protocol as p
-from plugin.errors import Conflict, InvalidOption, InvalidRequest, KernelError, StoreUnavailable
 from tests.fakes import FakeDataPlane, FakeKV
+from wire import protocol as p
+from wire.errors import (
+    Conflict,
+    InvalidOption,
+    InvalidRequest,
+    KernelError,
+    StoreUnavailable,
+)
 
 NID = "a" * 64
 NID2 = "b" * 64
@@ -384,6 +390,7 @@ def test_records_with_malformed_ids_left_by_older_versions_do_not_stop_start_up(
     """Before the wire checked IDs, "0.0.0.0/0" and "../../etc/passwd" became records; start-up skips them and
     rebuilds every well-formed network (the positive control, in the same reconcile)."""
     import json as _json
+
     from netdriver.models import Endpoint, Network, Subnet
     drv, kv, plane = make()
     drv.create_network(create_req())

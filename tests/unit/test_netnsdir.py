@@ -1,6 +1,6 @@
 """Reading /proc/self/mountinfo for the namespace folder: layers, hidden namespaces, escaped paths."""
 
-from netdriver import netnsdir
+from kernel import netnsdir
 
 # The layers seen after a namespace was mounted on the plain folder and `ip netns add` then self-bound it, on a
 # private parent (the first copy of "a" unmounted by path, its original hidden) and on a shared one (peers).

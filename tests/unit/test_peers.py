@@ -8,8 +8,8 @@ from netdriver.peerdb import PeerDB
 from netdriver.store import NetworkStore
 from netdriver.underlay import Underlay
 from netdriver.watcher import PeerSync
-from plugin import protocol as p
 from tests.fakes import FakeDataPlane, FakeKV
+from wire import protocol as p
 
 
 def rec(eid, ip, mac, vtep, host="h2", nid="n"):
@@ -75,7 +75,8 @@ def test_peers_live_under_the_lease_and_republish_restores_them():
     store = NetworkStore(kv)
     plane = FakeDataPlane()
     lease = {"id": kv.lease_grant(10)}
-    drv = NetworkDriver(store, plane, "h1", "local", Underlay(lambda a: 1500, "192.0.2.1"), lease_id=lambda: lease["id"])
+    drv = NetworkDriver(store, plane, "h1", "local", Underlay(lambda a: 1500, "192.0.2.1"),
+                        lease_id=lambda: lease["id"])
     nid, eid = "a" * 64, "e" * 64
     drv.create_network(p.CreateNetworkRequest.decode({
         "NetworkID": nid, "Options": {}, "IPv4Data": [{"Pool": "10.1.0.0/24", "Gateway": "10.1.0.1/24"}]}))
@@ -109,7 +110,8 @@ def test_a_restarted_plugin_leaves_kernel_entries_alone_until_it_has_read_etcd()
 
 def test_member_networks_are_this_hosts_own_network_of_a_shared_overlay():
     kv = FakeKV()
-    drivers = [NetworkDriver(NetworkStore(kv), FakeDataPlane(), h, "local", Underlay(lambda a: 1500, "192.0.2.1")) for h in ("h1", "h2")]
+    drivers = [NetworkDriver(NetworkStore(kv), FakeDataPlane(), h, "local", Underlay(lambda a: 1500, "192.0.2.1"))
+               for h in ("h1", "h2")]
     for drv, nid in zip(drivers, ("a" * 64, "b" * 64)):
         drv.create_network(p.CreateNetworkRequest.decode({
             "NetworkID": nid, "Options": {"com.docker.network.generic": {"overlay": "blue"}},

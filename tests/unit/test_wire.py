@@ -4,11 +4,11 @@ import json
 
 import pytest
 
-from plugin import protocol as p
-from plugin.errors import Conflict, InvalidRequest, StoreUnavailable
 from plugin.http import CONTENT_TYPE, make_app
 from plugin.routes import IPAM, NETWORK, ROUTES
 from tests.ids import docker_id
+from wire import protocol as p
+from wire.errors import Conflict, InvalidRequest, StoreUnavailable
 
 N1, N, E = docker_id("n1"), docker_id("n"), docker_id("e")
 

@@ -1,4 +1,4 @@
-"""The wire under malformed input: every decoder in plugin/protocol.py, and the HTTP app over the real drivers and
+"""The wire under malformed input: every decoder in wire/protocol.py, and the HTTP app over the real drivers and
 the stateful fakes. Whatever the body, the answer is 200 or a 4xx (never 404, which dockerd reads as "not
 implemented") with `Err` and `Error` naming a field; never a 5xx, never an exception out of the app. A malformed
 ID reaches neither etcd nor the (fake) kernel.
@@ -14,18 +14,19 @@ import json
 import re
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ipam_driver.driver import IpamDriver
 from netdriver.driver import NetworkDriver
 from netdriver.store import NetworkStore
 from netdriver.underlay import Underlay
-from plugin import protocol as p
-from plugin.errors import InvalidRequest
 from plugin.http import make_app
 from plugin.routes import IPAM, NETWORK, ROUTES
 from tests.fakes import FakeDataPlane, FakeKV
 from tests.ids import docker_id
+from wire import protocol as p
+from wire.errors import InvalidRequest
 
 NID, NID2, EID, EID2 = docker_id("net"), docker_id("net2"), docker_id("ep"), docker_id("ep2")
 SWARM_NID = "q8v9xk3b2w5k1x0l6n5m4j3h2"  # swarmkit's identity.NewID shape: 25 base-36 characters

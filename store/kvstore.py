@@ -8,13 +8,13 @@ be at a given revision, then puts and deletes).
 """
 
 import base64
-import http.client
-import socket
-import ssl
 import dataclasses
+import http.client
 import json
 import logging
 import re
+import socket
+import ssl
 import threading
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 from urllib.parse import urlsplit
@@ -23,7 +23,7 @@ import requests
 from etcd3gw import exceptions as etcd_exc
 from etcd3gw.client import Etcd3Client
 
-from plugin.errors import InvalidRequest, StoreUnavailable, VxnetError
+from wire.errors import InvalidRequest, StoreUnavailable, VxnetError
 
 log = logging.getLogger(__name__)
 

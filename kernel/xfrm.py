@@ -6,7 +6,7 @@ namespace (a short-lived thread enters it with setns(2) and leaves the socket be
 thread under a lock. The C structs are flattened into field lists with explicit padding; their sizes on x86_64
 (xfrm_usersa_info 224, xfrm_userpolicy_info 168, xfrm_user_tmpl 64, ...) are checked by tests/unit.
 
-What vxnet makes, and how it is recognised: every SA and every policy template carries reqid REQID. Cleanup
+What vxnet makes, and how it is recognised: every SA and every policy template carries reqid names.XFRM_REQID. Cleanup
 and reconciliation list the kernel's SAs and policies and touch only those with this reqid; nothing of anyone
 else's (strongSwan, Docker's own overlay) is ever changed. reqid is chosen over XFRMA_MARK or if_id because those
 take part in the kernel's lookup (a marked policy only matches marked packets), while reqid only ties a policy's
@@ -28,13 +28,25 @@ import socket
 import threading
 from typing import List, Optional
 
-from pyroute2.netlink import (NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_MULTI, NLM_F_REQUEST,
-                              NLMSG_DONE, NLMSG_ERROR, nla, nlmsg)
+from pyroute2.netlink import (
+    NLM_F_ACK,
+    NLM_F_CREATE,
+    NLM_F_DUMP,
+    NLM_F_EXCL,
+    NLM_F_MULTI,
+    NLM_F_REQUEST,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+    nla,
+    nlmsg,
+)
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.marshal import Marshal
 
-from plugin.errors import KernelError, kernel_errors
-from plugin.syscalls import setns, unshare_net
+from kernel import names
+from kernel.errors import kernel_errors
+from kernel.syscalls import setns, unshare_net
+from wire.errors import KernelError
 
 # <linux/netlink.h>, <linux/xfrm.h>, <linux/in.h>
 NETLINK_XFRM = 6
@@ -58,15 +70,12 @@ XFRM_POLICY_OUT = 1
 XFRM_POLICY_ALLOW = 0
 XFRM_INF = (1 << 64) - 1  # "no limit" in xfrm_lifetime_cfg; a zero byte/packet limit would expire at once
 
-# "vxn" + 0x01: the label of everything vxnet makes (see the module docstring).
-REQID = 0x76786E01
 # Anti-replay is off (window 0, as in Docker's overlay). SPIs are derived, not negotiated, so an SA that one end
 # re-creates (a host that rebooted, or that dropped a peer and took it back while the peer kept it) has the same
 # SPI and starts again at sequence 1, while the other end still remembers the old high-water mark: with a window
 # every packet would be dropped as a replay until the new sequence caught up, i.e. for hours. GCM still
 # authenticates every packet; what is given up is the detection of packets captured and sent again.
 REPLAY_WINDOW = 0
-AEAD_ALGORITHM = "rfc4106(gcm(aes))"
 
 _DIRECTIONS = {"in": XFRM_POLICY_IN, "out": XFRM_POLICY_OUT}
 
@@ -197,7 +206,7 @@ class SA:
     key: bytes = dataclasses.field(repr=False)
     dport: int
     icv_bits: int = 128
-    reqid: int = REQID
+    reqid: int = names.XFRM_REQID
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,7 +228,7 @@ class SAState:
 
     @property
     def ours(self) -> bool:
-        return self.reqid == REQID
+        return self.reqid == names.XFRM_REQID
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,7 +241,7 @@ class Policy:
     dport: int
     direction: str
     spi: int = 0
-    reqid: int = REQID
+    reqid: int = names.XFRM_REQID
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,7 +257,7 @@ class PolicyState:
 
     @property
     def ours(self) -> bool:
-        return self.reqid == REQID
+        return self.reqid == names.XFRM_REQID
 
 
 # -- namespaces ---------------------------------------------------------------------------------------------------
@@ -363,7 +372,7 @@ class Xfrm:
         msg.update({"id_daddr": _addr(sa.dst), "id_spi": sa.spi, "id_proto": IPPROTO_ESP, "saddr": _addr(sa.src),
                     "reqid": sa.reqid, "family": AF_INET, "mode": XFRM_MODE_TRANSPORT,
                     "replay_window": REPLAY_WINDOW, "flags": 0})
-        msg["attrs"] = [["XFRMA_ALG_AEAD", {"alg_name": AEAD_ALGORITHM.encode(), "alg_key_len": len(sa.key) * 8,
+        msg["attrs"] = [["XFRMA_ALG_AEAD", {"alg_name": names.AEAD_ALGORITHM.encode(), "alg_key_len": len(sa.key) * 8,
                                             "alg_icv_len": sa.icv_bits, "alg_key": sa.key}]]
         return msg
 
@@ -498,4 +507,4 @@ def _sa_state(msg) -> SAState:
 
 def _same_sa(have: SAState, want: SA) -> bool:
     return (have.src, have.reqid, have.mode, have.algorithm, have.key, have.icv_bits, have.dport) == \
-        (want.src, want.reqid, XFRM_MODE_TRANSPORT, AEAD_ALGORITHM, want.key, want.icv_bits, want.dport)
+        (want.src, want.reqid, XFRM_MODE_TRANSPORT, names.AEAD_ALGORITHM, want.key, want.icv_bits, want.dport)

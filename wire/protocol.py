@@ -16,7 +16,7 @@ import ipaddress
 import re
 from typing import Any, Dict, Optional, Tuple
 
-from plugin.errors import InvalidRequest
+from wire.errors import InvalidRequest
 
 _MISSING = object()
 

@@ -1,16 +1,35 @@
-"""Every interface and namespace name vxnet makes, built here and nowhere else.
+"""Every kernel object vxnet makes is named here and nowhere else: namespaces, interfaces, nftables tables, the
+XFRM label, the VXLAN UDP ports and the ESP algorithm.
 
 Linux interface names are at most 15 characters (IFNAMSIZ 16 with the NUL). Everything on the host side starts
 with "vx" so start-up reconciliation and tests can tell our objects from everyone else's.
 
-The IDs names are built from were checked at the wire (plugin/protocol.py); they are checked again here, where
+The IDs names are built from were checked at the wire (wire/protocol.py); they are checked again here, where
 they become kernel names and paths under the namespace folder, so that no path ("0.0.0.0/0" would make a
 directory) or foreign character reaches the kernel whatever the caller.
 """
 
 import re
 
-from plugin.errors import InvalidRequest
+from wire.errors import InvalidRequest
+
+# IANA-assigned VXLAN port (RFC 7348 section 5).
+VXLAN_PORT = 4789
+# Encrypted networks send VXLAN to this UDP port instead: the XFRM policies select their traffic by port alone, so
+# no packet marking is needed, and cleartext VXLAN of an encrypted network is recognisable by port alone (the
+# fail-closed table drops it). 4790 is IANA's VXLAN-GPE port; vxnet never uses GPE, and Docker's overlay uses 4789.
+ENCRYPTED_VXLAN_PORT = 4790
+
+# nftables tables: isolation and anti-spoofing (`inet vxnet` on the host, `bridge vxnet` in each network's
+# namespace), and the fail-closed table for encrypted networks (`inet vxnet_ipsec` on the host).
+ISOLATION_TABLE = "vxnet"
+IPSEC_TABLE = "vxnet_ipsec"
+
+# "vxn" + 0x01: the reqid every SA and policy template vxnet makes carries, so clean-up touches only ours
+# (kernel/xfrm.py says why reqid rather than a mark or if_id).
+XFRM_REQID = 0x76786E01
+# RFC 4106 AES-GCM ESP with a 4-byte salt: Docker's overlay uses the same.
+AEAD_ALGORITHM = "rfc4106(gcm(aes))"
 
 NETNS_PREFIX = "vxnet-"
 # Inside a network's own namespace the names need not be unique across networks.

@@ -1,6 +1,6 @@
 """The few Linux calls Python 3.11's os module lacks (setns, unshare, mount, umount2), through libc: one place for
-the netlink thread (netdriver/links.py), the XFRM sockets (encrypt/xfrm.py) and the namespace folder
-(netdriver/netnsdir.py). setns and unshare affect only the calling thread's network namespace; callers decide
+the netlink thread (kernel/links.py), the XFRM sockets (kernel/xfrm.py) and the namespace folder
+(kernel/netnsdir.py). setns and unshare affect only the calling thread's network namespace; callers decide
 which thread that is."""
 
 import ctypes

@@ -13,8 +13,8 @@ import logging
 import threading
 from typing import Optional, Tuple
 
-from plugin.errors import VxnetError
-from plugin.kvstore import Compacted
+from store.kvstore import Compacted
+from wire.errors import VxnetError
 
 log = logging.getLogger(__name__)
 

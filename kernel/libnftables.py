@@ -1,5 +1,5 @@
 """nftables without forking `nft`: libnftables, the library the nft command is itself built on (libnftables.so.1,
-package libnftables1, which the nftables package depends on), through ctypes, as plugin/syscalls.py does for libc.
+package libnftables1, which the nftables package depends on), through ctypes, as kernel/syscalls.py does for libc.
 
 Why not the command: `nsenter --net=... nft -j -f -` costs 15-20 ms per batch here, and most of it is not the
 fork. When a netlink socket that committed deletions in nf_tables closes, the kernel waits for the deferred
@@ -8,7 +8,7 @@ closes its socket on exit, so every batch that deletes anything paid for it. A c
 namespace applies the same batch in 0.2-2 ms and pays that wait only once, when the namespace goes.
 
 A context's netlink socket belongs to the namespace of the thread that opened it, so whoever owns the contexts
-creates and uses them inside the right namespace (netdriver/links.py, on its netlink thread). Not thread-safe:
+creates and uses them inside the right namespace (kernel/links.py, on its netlink thread). Not thread-safe:
 one thread per context.
 """
 

@@ -24,7 +24,7 @@ import logging
 import os
 from typing import Dict, List, Optional
 
-from plugin.syscalls import MNT_DETACH, MS_BIND, MS_REC, MS_SHARED, libc_call
+from kernel.syscalls import MNT_DETACH, MS_BIND, MS_REC, MS_SHARED, libc_call
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ addresses, neighbour and FDB entries, and the per-namespace handles that nftable
 Every call names its namespace: `ns=None` is the namespace the plugin runs in (the host's), anything else is
 a named namespace under `netns_dir` (/run/netns by default, where `ip netns` finds them; the managed plugin keeps
 them under its propagated mount so they outlive a plugin restart). Errno values become KernelError with the
-object named, by plugin.errors.kernel_errors only.
+object named, by wire.errors.kernel_errors only.
 
 All netlink work runs on one thread of its own. pyroute2 0.9 opens a socket per calling thread, and for a
 named namespace it forks a helper process to do so; forking a process whose other threads hold locks (waitress
@@ -12,7 +12,7 @@ workers, the watcher, logging) can deadlock the child, and did here. On its own 
 per namespace, by entering the namespace with setns(2) (which moves only the calling thread), creating the
 socket there and returning: no fork at all. Namespaces are created the same way (unshare(2) on that thread).
 nftables batches run on the same thread, inside their namespace, through a libnftables context kept per
-namespace like the sockets (plugin/libnftables.py says why that is 10-20 times cheaper than running `nft`).
+namespace like the sockets (kernel/libnftables.py says why that is 10-20 times cheaper than running `nft`).
 """
 
 import concurrent.futures
@@ -24,13 +24,14 @@ import os
 import threading
 from typing import Dict, Iterator, List, Optional
 
-from pyroute2 import IPRoute, netns as pr_netns
+from pyroute2 import IPRoute
+from pyroute2 import netns as pr_netns
 from pyroute2.netlink.exceptions import NetlinkError
 
-from netdriver import netnsdir
-from plugin import libnftables
-from plugin.errors import KernelError, kernel_errors
-from plugin.syscalls import MS_BIND, libc_call, setns, unshare_net
+from kernel import libnftables, netnsdir
+from kernel.errors import kernel_errors
+from kernel.syscalls import MS_BIND, libc_call, setns, unshare_net
+from wire.errors import KernelError
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +153,7 @@ class Links:
 
     def prepare_netns_dir(self) -> List[str]:
         """Make netns_dir a shared mount of itself before anything is mounted in it, and mount back namespaces an
-        earlier ordering hid (netdriver/netnsdir.py says why). Once per process: afterwards `ip netns add` finds a
+        earlier ordering hid (kernel/netnsdir.py says why). Once per process: afterwards `ip netns add` finds a
         mount point and hides nothing. Returns the names mounted back."""
         with self._folder_lock:
             if self._folder_ready:
