@@ -15,35 +15,11 @@ from netdriver.peerdb import PeerDB
 from netdriver.store import NetworkStore
 from netdriver.underlay import Underlay
 from netdriver.watcher import PeerSync
-from tests.fakes import FakeDataPlane, FakeKV
+from tests.fakes import FakeDataPlane, FakeEncryption, FakeKV
 from wire import protocol as p
 from wire.errors import Conflict, InvalidOption, KernelError
 
 NID = "c" * 64
-
-
-class FakeEncryption:
-    """The EncryptionManager surface the driver and PeerSync use, as state."""
-
-    def __init__(self, unavailable=None):
-        self.unavailable = unavailable
-        self.holders = {}
-        self.firewall = False
-
-    def require(self):
-        if self.unavailable:
-            raise EncryptionUnavailable(self.unavailable)
-        self.firewall = True
-
-    def set_peers(self, holder, vteps):
-        vteps = set(vteps)
-        if vteps:
-            self.holders[holder] = vteps
-        else:
-            self.holders.pop(holder, None)
-
-    def sync_all(self, holders):
-        self.holders = {h: set(v) for h, v in holders.items() if v}
 
 
 def create_req(generic, nid=NID):

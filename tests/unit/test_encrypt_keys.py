@@ -4,14 +4,12 @@ import base64
 import json
 import logging
 import os
-import queue
 import threading
 
 import pytest
 
 from encrypt import keys as K
 from encrypt.spi import SPI_MIN, spi_for
-from store.kvstore import WatchEvent
 from tests.fakes import FakeKV
 from wire.errors import ConfigError
 
@@ -136,47 +134,8 @@ def test_rotation_compare_and_swap_retries_after_a_concurrent_write():
     assert rotated and raced[0].primary == 2 and ring.primary == 3
 
 
-class WatchableKV(FakeKV):
-    """FakeKV with a watch fed by put/delete, enough for one watcher."""
-
-    def __init__(self):
-        super().__init__()
-        self.events: "queue.Queue" = queue.Queue()
-
-    def _put(self, key, value, lease=0):
-        super()._put(key, value, lease)
-        self.events.put(WatchEvent("put", key, value, None, self.rev))
-
-    def commit(self, **kwargs):
-        ok = super().commit(**kwargs)
-        if ok:
-            for key, value in (kwargs.get("puts") or {}).items():
-                self.events.put(WatchEvent("put", key, value, None, self.rev))
-        return ok
-
-    def watch(self, prefix, start_revision):
-        kv = self
-
-        class Stream:
-            closed = threading.Event()
-
-            def close(self):
-                self.closed.set()
-                kv.events.put(None)
-
-            def __iter__(self):
-                while not self.closed.is_set():
-                    event = kv.events.get()
-                    if event is None:
-                        return
-                    if event.key.startswith(prefix) and event.mod_revision >= start_revision:
-                        yield event
-
-        return Stream()
-
-
 def test_watcher_applies_the_ring_at_start_and_every_rotation_and_retries_failures(caplog):
-    kv = WatchableKV()
+    kv = FakeKV()
     store = K.KeyStore(kv, SECRET)
     applied = []
     failures = [1]

@@ -22,18 +22,9 @@ ROOT = "/vxnet/v1/ipam/"
 GW = {"RequestAddressType": "com.docker.network.gateway"}
 
 
-class StrictKV(FakeKV):
-    """FakeKV that also refuses what etcd refuses: transactions of more than 128 operations (--max-txn-ops)."""
-
-    def commit(self, absent=(), revisions=None, puts=None, deletes=(), **kw):
-        deletes = list(deletes)
-        assert len(puts or {}) + len(deletes) <= 128, "etcd would refuse this transaction"
-        return super().commit(absent, revisions, puts, deletes, **kw)
-
-
 @pytest.fixture
 def kv():
-    return StrictKV()
+    return FakeKV()  # refuses, as etcd does, transactions of more than 128 operations
 
 
 def driver(kv, host="h1", scope="local"):
@@ -427,20 +418,8 @@ def test_release_pool_with_more_addresses_than_one_transaction_holds(kv):
 
 # --- races ----------------------------------------------------------------------------------------------------
 
-class InterleavingKV(StrictKV):
-    """Runs `cut_in` once, just before the next commit: another writer wins the race at the worst moment."""
-
-    cut_in = None
-
-    def commit(self, *args, **kwargs):
-        cut_in, self.cut_in = self.cut_in, None
-        if cut_in:
-            cut_in()
-        return super().commit(*args, **kwargs)
-
-
 def test_overlapping_pool_created_during_our_check_is_seen():
-    kv = InterleavingKV()
+    kv = FakeKV()
     kv.cut_in = lambda: driver(kv, "h2").request_pool(pool_req("10.1.0.0/16"))
     with pytest.raises(Conflict, match=r"Pool: 10.1.0.0/24 overlaps pool 10.1.0.0/16"):
         driver(kv, "h1").request_pool(pool_req("10.1.0.0/24"))
@@ -448,14 +427,14 @@ def test_overlapping_pool_created_during_our_check_is_seen():
 
 
 def test_auto_pool_taken_during_our_pick_is_skipped():
-    kv = InterleavingKV()
+    kv = FakeKV()
     kv.cut_in = lambda: driver(kv, "h2").request_pool(pool_req())
     assert driver(kv, "h1").request_pool(pool_req())["Pool"] == "10.213.1.0/24"
     assert len(kv.keys(ROOT + "pools/")) == 2
 
 
 def test_address_taken_during_our_pick_is_skipped():
-    kv = InterleavingKV()
+    kv = FakeKV()
     h1, h2 = driver(kv, "h1"), driver(kv, "h2")
     pid = h1.request_pool(pool_req("10.1.0.0/24"))["PoolID"]
     h2.request_pool(pool_req("10.1.0.0/24"))
@@ -465,7 +444,7 @@ def test_address_taken_during_our_pick_is_skipped():
 
 
 def test_allocation_racing_the_last_release_leaves_no_orphan():
-    kv = InterleavingKV()
+    kv = FakeKV()
     h1 = driver(kv, "h1")
     pid = h1.request_pool(pool_req("10.1.0.0/24"))["PoolID"]
     kv.cut_in = lambda: h1.release_pool(PoolIDRequest(pid))
@@ -541,7 +520,7 @@ def _scenario(kv):
 def test_etcd_lost_at_any_write_leaves_no_orphan_and_a_retry_cleans_up():
     writes = 0
     while True:
-        kv = StrictKV()
+        kv = FakeKV()
         kv.fail_after = writes
         try:
             _scenario(kv)

@@ -1,0 +1,106 @@
+"""The per-network data plane (netdriver.sandbox.DataPlane) as state."""
+
+from kernel import names
+from wire.errors import KernelError
+
+
+class FakeDataPlane:
+    """The per-network data plane as state: networks (id -> vni, mtu), endpoints per network, peers per network.
+Names come from kernel.names, as the real DataPlane's do, so an ID that could not name a kernel object fails
+here as it would there.
+
+    `fail_on` names an operation ("ensure_network", "ensure_endpoint") that raises KernelError, to test rollback;
+    `stuck` holds network ids and host link names the kernel refuses to remove.
+    """
+
+    def __init__(self):
+        self.networks = {}  # network id -> {"vni": int, "mtu": int}
+        self.endpoints = {}  # network id -> {endpoint id: ifname}
+        self.peers = {}  # network id -> {ip: (mac, vtep)}: the remote entries programmed
+        self.guarded = {}  # network id -> [(endpoint id, ip, mac)] under anti-spoofing rules
+        self.host_links = set()  # leftover vx* links in the host namespace
+        self.host_subnets = []  # subnets the host isolation rules cover
+        self.fail_on = set()
+        self.stuck = set()  # network ids whose namespace, and host link names that, cannot be removed
+        self.unknown = set()  # names in the namespace folder with our prefix that are not ours to touch
+
+    def _maybe_fail(self, op):
+        if op in self.fail_on:
+            raise KernelError(f"{op}: injected failure")
+
+    def ensure_network(self, network):
+        self._maybe_fail("ensure_network")
+        names.netns(network.id)
+        self.networks[network.id] = {"vni": network.vni, "mtu": network.mtu}
+        self.endpoints.setdefault(network.id, {})
+        self.peers.setdefault(network.id, {})
+
+    def remove_network(self, network_id, vni=None):
+        names.netns(network_id)
+        if network_id[:12] in {s[:12] for s in self.stuck}:
+            raise KernelError(f"remove namespace vxnet-{network_id[:12]}: injected failure")
+        for nid in [n for n in self.networks if n[:12] == network_id[:12]]:
+            del self.networks[nid]
+            self.endpoints.pop(nid, None)
+            self.peers.pop(nid, None)
+            self.guarded.pop(nid, None)  # the table lives in the namespace
+
+    def ensure_endpoint(self, network, endpoint):
+        self._maybe_fail("ensure_endpoint")
+        if network.id not in self.networks:
+            raise KernelError(f"namespace of {network.id[:12]} does not exist")
+        ifname = names.veth_container(endpoint.id)
+        self.endpoints[network.id][endpoint.id] = ifname
+        return ifname
+
+    def remove_endpoint(self, network_id, endpoint_id):
+        names.netns(network_id), names.veth_bridge(endpoint_id)
+        self.endpoints.get(network_id, {}).pop(endpoint_id, None)
+
+    def network_ids(self):
+        return [n[:12] for n in self.networks]
+
+    def unknown_netns(self):
+        return sorted(self.unknown)
+
+    def sweep_host_links(self, endpoint_ids):
+        gone = sorted(set(self.host_links) - {"vxc" + e[:11] for e in endpoint_ids})
+        failed = [f"delete {name} in host: injected failure" for name in gone if name in self.stuck]
+        gone = [name for name in gone if name not in self.stuck]
+        self.host_links -= set(gone)
+        return gone, failed
+
+    def guard_endpoints(self, network, endpoints):
+        if network.id in self.networks:
+            self.guarded[network.id] = sorted((e.id, e.ip, e.mac) for e in endpoints)
+
+    def guard_endpoint(self, network, endpoint):
+        """Like the real sets: adding needs the table guard_endpoints made; adding twice changes nothing."""
+        self._maybe_fail("guard_endpoint")
+        if network.id not in self.guarded:
+            raise KernelError(f"anti-spoofing table of {network.id[:12]} does not exist")
+        self.guarded[network.id] = sorted(set(self.guarded[network.id]) | {(endpoint.id, endpoint.ip, endpoint.mac)})
+
+    def unguard_endpoint(self, network, endpoint):
+        if network.id in self.networks and network.id not in self.guarded:
+            raise KernelError(f"anti-spoofing table of {network.id[:12]} does not exist")
+        if network.id in self.guarded:
+            self.guarded[network.id] = sorted(set(self.guarded[network.id]) - {(endpoint.id, endpoint.ip,
+                                                                                 endpoint.mac)})
+
+    def wired_endpoints(self, network_id, endpoint_ids):
+        return {e for e in endpoint_ids if e in self.endpoints.get(network_id, {})}
+
+    def guard_host(self, networks):
+        self.host_subnets = sorted({s.pool for n in networks for s in n.subnets})
+
+    def sync_peers(self, network, fdb, neigh):
+        self.full_syncs = getattr(self, "full_syncs", 0) + 1
+        if network.id in self.networks:
+            self.peers[network.id] = {ip: (mac, fdb.get(mac)) for ip, mac in neigh.items()}
+
+    def update_peers(self, network, before, after):
+        have = {ip: (mac, before[0].get(mac)) for ip, mac in before[1].items()}
+        assert self.peers.get(network.id, {}) == have, "incremental update from a state the kernel is not in"
+        fdb, neigh = after
+        self.peers[network.id] = {ip: (mac, fdb.get(mac)) for ip, mac in neigh.items()}

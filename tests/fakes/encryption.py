@@ -1,0 +1,27 @@
+"""The encryption manager (encrypt.manager.EncryptionManager) as state."""
+
+from encrypt.manager import EncryptionUnavailable
+
+
+class FakeEncryption:
+    """The EncryptionManager surface the driver and PeerSync use, as state."""
+
+    def __init__(self, unavailable=None):
+        self.unavailable = unavailable
+        self.holders = {}
+        self.firewall = False
+
+    def require(self):
+        if self.unavailable:
+            raise EncryptionUnavailable(self.unavailable)
+        self.firewall = True
+
+    def set_peers(self, holder, vteps):
+        vteps = set(vteps)
+        if vteps:
+            self.holders[holder] = vteps
+        else:
+            self.holders.pop(holder, None)
+
+    def sync_all(self, holders):
+        self.holders = {h: set(v) for h, v in holders.items() if v}
