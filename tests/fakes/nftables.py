@@ -1,16 +1,26 @@
-"""The nftables applier Firewall drives (Links.nft) as state: one namespace's tables."""
+"""The nftables applier the firewalls drive (Links.nft: `nft(ns, commands, what)`) as state: one namespace's
+tables, each holding its sets' elements and its rules."""
 
+import copy
 import json
 
 from wire.errors import KernelError
 
+ENOENT = "Error: Could not process rule: No such file or directory"
+
 
 class FakeNftables:
-    """What Links.nft does, for one namespace: applies add/delete of our table as nftables would (a transaction,
-    all or nothing; deleting a missing table fails), and answers `list table` in nft's JSON."""
+    """Applies a JSON batch as nftables does: all or nothing; `add` of what exists changes nothing; `delete` of a
+    table that does not exist, anything in a missing table, elements of a missing set and removal of elements
+    not in their set fail the whole batch (as ENOENT does in the kernel). `list table` answers in nft's JSON,
+    with counters at zero.
+
+    `refuse`: a reason every batch fails with (a kernel without the feature); `calls`: (namespace, what) of each
+    batch, to check which namespace it went to.
+    """
 
     def __init__(self, refuse=None):
-        self.tables = {}  # (family, name) -> [rule commands]
+        self.tables = {}  # (family, name) -> {"sets": {set name: {element as sorted JSON}}, "rules": [rule]}
         self.calls = []
         self.refuse = refuse
 
@@ -18,24 +28,40 @@ class FakeNftables:
         self.calls.append((ns, what))
         if self.refuse:
             raise KernelError(f"{what}: {self.refuse}")
-        tables = {k: list(v) for k, v in self.tables.items()}
+        tables = copy.deepcopy(self.tables)
         out = []
         for command in commands:
             (verb, body), = command.items()
-            kind, obj = next(iter(body.items()))
+            (kind, obj), = body.items()
             key = (obj.get("family"), obj.get("name") if kind == "table" else obj.get("table"))
-            if verb == "add" and kind == "table":
-                tables.setdefault(key, [])
-            elif verb == "delete" and kind == "table":
-                if key not in tables:
-                    raise KernelError(f"{what}: Error: Could not process rule: No such file or directory")
+            if kind == "table" and verb == "add":
+                tables.setdefault(key, {"sets": {}, "rules": []})
+                continue
+            if key not in tables:
+                raise KernelError(f"{what}: {ENOENT}")
+            table = tables[key]
+            if kind == "table" and verb == "delete":
                 del tables[key]
-            elif verb == "add" and kind == "rule":
-                tables[key].append(dict(obj, expr=[dict(e) if "counter" not in e else {"counter": {"packets": 0}}
-                                                   for e in obj["expr"]]))
-            elif verb == "list":
-                if key not in tables:
-                    raise KernelError(f"{what}: Error: No such file or directory")
-                out += [{"rule": rule} for rule in tables[key]]
+            elif kind == "table" and verb == "list":
+                out += [{"rule": rule} for rule in table["rules"]]
+            elif kind == "set":
+                table["sets"].setdefault(obj["name"], set())
+            elif kind == "rule":
+                table["rules"].append(dict(obj, expr=[dict(e) if "counter" not in e else {"counter": {"packets": 0}}
+                                                      for e in obj["expr"]]))
+            elif kind == "element":
+                if obj["name"] not in table["sets"]:
+                    raise KernelError(f"{what}: {ENOENT}")
+                elems = {json.dumps(e, sort_keys=True) for e in obj["elem"]}
+                if verb == "add":
+                    table["sets"][obj["name"]] |= elems
+                elif not elems <= table["sets"][obj["name"]]:
+                    raise KernelError(f"{what}: {ENOENT}")
+                else:
+                    table["sets"][obj["name"]] -= elems
         self.tables = tables
         return json.dumps({"nftables": out}) if out else ""
+
+    def sets(self, family="bridge", table="vxnet"):
+        """A table's sets' elements (as sorted JSON text)."""
+        return {name: sorted(elems) for name, elems in self.tables[(family, table)]["sets"].items()}

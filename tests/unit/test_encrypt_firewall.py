@@ -36,7 +36,7 @@ def test_ensure_and_remove_are_idempotent_and_counters_read_the_table():
     fw.ensure()
     fw.ensure()
     assert fw.present() and fw.counters() == {LABEL_IN: 0, LABEL_OUT: 0}
-    assert len(nft.tables[("inet", TABLE)]) == 2
+    assert len(nft.tables[("inet", TABLE)]["rules"]) == 2
     fw.remove()
     fw.remove()
     assert nft.tables == {} and fw.counters() == {}

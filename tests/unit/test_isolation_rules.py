@@ -1,10 +1,8 @@
 """The nftables batches: whole tables replaced atomically, one endpoint's elements added or removed, every rule
 labelled, subnets deduplicated."""
 
-import copy
-import json
-
 from netdriver.isolation import Firewall, endpoint_guard_batch, host_guard_batch
+from tests.fakes import FakeNftables
 from wire.errors import KernelError
 
 
@@ -30,59 +28,15 @@ def test_host_batch_deduplicates_shared_subnets():
     assert not [op for op in host_guard_batch([]) if "element" in op.get("add", {})]
 
 
-class ModelNft:
-    """nftables as state, for the batches' semantics: tables holding sets, chains and rules; a batch applies whole
-    or not at all; `add` of what exists changes nothing, `delete` of what does not exist fails the batch (as
-    ENOENT does in the kernel), elements need their table and set."""
-
-    def __init__(self):
-        self.tables = {}  # (family, name) -> {"sets": {name: set()}, "rules": int}
-
-    def __call__(self, ns, commands, what):
-        tables = copy.deepcopy(self.tables)
-        for command in commands:
-            (op, body), = command.items()
-            (kind, obj), = body.items()
-            key = (obj["family"], obj["table"] if kind != "table" else obj["name"])
-            if kind == "table":
-                if op == "add":
-                    tables.setdefault(key, {"sets": {}, "rules": 0})
-                elif tables.pop(key, None) is None:
-                    raise KernelError(f"{what}: No such file or directory")
-                continue
-            if key not in tables:
-                raise KernelError(f"{what}: No such file or directory")
-            table = tables[key]
-            if kind == "set":
-                table["sets"].setdefault(obj["name"], set())
-            elif kind == "rule":
-                table["rules"] += 1
-            elif kind == "element":
-                if obj["name"] not in table["sets"]:
-                    raise KernelError(f"{what}: No such file or directory")
-                elems = {json.dumps(e, sort_keys=True) for e in obj["elem"]}
-                if op == "add":
-                    table["sets"][obj["name"]] |= elems
-                elif not elems <= table["sets"][obj["name"]]:
-                    raise KernelError(f"{what}: No such file or directory")
-                else:
-                    table["sets"][obj["name"]] -= elems
-        self.tables = tables
-
-    def sets(self):
-        """The anti-spoofing sets' elements (as sorted JSON text)."""
-        return {name: sorted(elems) for name, elems in self.tables[("bridge", "vxnet")]["sets"].items()}
-
-
 def _whole(endpoints):
     """The sets as a whole-table rebuild for these endpoints makes them."""
-    nft = ModelNft()
+    nft = FakeNftables()
     Firewall(nft).guard_endpoints("ns", endpoints)
     return nft.sets()
 
 
 def test_endpoint_add_and_remove_change_exactly_its_elements_and_replay_safely():
-    nft = ModelNft()
+    nft = FakeNftables()
     fw = Firewall(nft)
     a, b = ("vxpa", "10.0.0.5", "02:42:0a:00:00:05"), ("vxpb", "10.0.0.6", "02:42:0a:00:00:06")
     try:
@@ -96,13 +50,13 @@ def test_endpoint_add_and_remove_change_exactly_its_elements_and_replay_safely()
     fw.guard_endpoint("ns", *b)
     fw.guard_endpoint("ns", *b)  # a replay
     assert nft.sets() == _whole([a, b])
-    assert nft.tables[("bridge", "vxnet")]["rules"] == 5
+    assert len(nft.tables[("bridge", "vxnet")]["rules"]) == 5
     fw.unguard_endpoint("ns", *a)
     fw.unguard_endpoint("ns", *a)  # a replay: the elements are gone, the batch still succeeds
     assert nft.sets() == _whole([b])
     fw.unguard_endpoint("ns", *b)
     assert nft.sets() == _whole([])
-    assert nft.tables[("bridge", "vxnet")]["rules"] == 5
+    assert len(nft.tables[("bridge", "vxnet")]["rules"]) == 5
 
 
 def test_a_refused_batch_is_a_kernel_error_naming_the_namespace():
