@@ -14,7 +14,8 @@ import sys
 import time
 from typing import Callable, Optional, Sequence
 
-from encrypt import keys, manager
+from encrypt import keys
+from kernel.probes import EspProbe
 from wire.errors import VxnetError
 
 
@@ -40,7 +41,7 @@ def main(argv: Optional[Sequence[str]] = None, kv_factory: Optional[Callable[...
     args = parser.parse_args(argv)
     try:
         if args.command == "check-kernel":
-            reason = manager.esp_unavailable_reason()
+            reason = EspProbe().unavailable_reason()
             print(reason or "this kernel can do ESP with rfc4106(gcm(aes)): encrypted networks will work")
             return 0 if reason is None else 1
         if not args.etcd or not args.secret_file:

@@ -20,164 +20,33 @@ Failures raise (KernelError naming every peer that failed) after the other peers
 is recorded first, so the next call or resync retries.
 """
 
-import errno
-import gzip
 import logging
-import os
 import threading
 from typing import Dict, Iterable, List, Optional, Set, Tuple
 
-from pyroute2.netlink.exceptions import NetlinkError
-
 from encrypt.firewall import Firewall
-from encrypt.keys import MATERIAL_BYTES, KeyRing
+from encrypt.keys import KeyRing
 from encrypt.spi import spi_for
 from kernel import names
-from kernel.errors import netlink_reason
-from kernel.xfrm import SA, Policy, SAState, Xfrm, open_socket
+from kernel.probes import EspProbe
+from kernel.xfrm import SA, Policy, SAState, Xfrm
 from wire.errors import KernelError
 
 log = logging.getLogger(__name__)
 
-# -- does this kernel do ESP? -------------------------------------------------------------------------------------
-# What rfc4106(gcm(aes)) transport-mode ESP needs, in load order, with the kernel option that builds each. The
-# RNG: ESP's IV generator (seqiv) takes the kernel's default RNG (drbg, HMAC-SHA512), which seeds from
-# jitterentropy, which hashes with SHA-3; without them every SA add fails with "Kernel was unable to initialize
-# cryptographic operations".
-ESP_MODULES = (
-    ("xfrm_algo", ("CONFIG_XFRM_ALGO",)),
-    ("xfrm_user", ("CONFIG_XFRM_USER",)),
-    ("esp4", ("CONFIG_INET_ESP",)),
-    ("aead", ("CONFIG_CRYPTO_AEAD",)),
-    ("gf128mul", ("CONFIG_CRYPTO_GF128MUL", "CONFIG_CRYPTO_LIB_GF128MUL")),
-    ("ghash_generic", ("CONFIG_CRYPTO_GHASH",)),
-    ("ctr", ("CONFIG_CRYPTO_CTR",)),
-    ("gcm", ("CONFIG_CRYPTO_GCM",)),
-    ("seqiv", ("CONFIG_CRYPTO_SEQIV",)),
-    ("sha512_generic", ("CONFIG_CRYPTO_SHA512",)),
-    ("sha3_generic", ("CONFIG_CRYPTO_SHA3",)),
-    ("jitterentropy_rng", ("CONFIG_CRYPTO_JITTERENTROPY",)),
-    ("drbg", ("CONFIG_CRYPTO_DRBG",)),
-)
-_PROBE_SPI = 0x100  # lowest non-reserved SPI (RFC 4303 2.1); the probe SA lives in a namespace of its own
-_PROBE_SRC, _PROBE_DST = "192.0.2.1", "192.0.2.2"  # RFC 5737 TEST-NET-1
 
-
-class EncryptionUnavailable(KernelError):
-    """The kernel cannot do what encrypted networks need; the message names the missing modules."""
-
-    status = 501
-
-
-def _kernel_config() -> Optional[Dict[str, str]]:
-    """The running kernel's build options (/proc/config.gz or /boot/config-<release>), None if unreadable."""
-    release = os.uname().release
-    for path, opener in (("/proc/config.gz", gzip.open), (f"/boot/config-{release}", open)):
-        try:
-            with opener(path, "rt") as f:
-                out = {}
-                for line in f:
-                    if line.startswith("CONFIG_") and "=" in line:
-                        name, value = line.strip().split("=", 1)
-                        out[name] = value
-                return out
-        except OSError:
-            continue
-    return None
-
-
-def _builtin_modules() -> Set[str]:
-    try:
-        with open(f"/lib/modules/{os.uname().release}/modules.builtin") as f:
-            return {os.path.basename(line.strip())[:-3] for line in f if line.strip().endswith(".ko")}
-    except OSError:
-        return set()
-
-
-def missing_modules() -> List[str]:
-    """The ESP_MODULES this kernel lacks, each with why: "esp4 (CONFIG_INET_ESP is not set)" when the kernel
-    was built without it, "esp4 (not loaded)" when it is a module that is not loaded (or nothing says otherwise)."""
-    config = _kernel_config()
-    builtin = _builtin_modules()
-    out = []
-    for name, options in ESP_MODULES:
-        if os.path.isdir(f"/sys/module/{name}") or name in builtin:
-            continue
-        if config is not None:
-            values = [config.get(o) for o in options]
-            if "y" in values:
-                continue
-            if "m" not in values:
-                out.append(f"{name} ({options[0]} is not set)")
-                continue
-        out.append(f"{name} (not loaded)")
-    return out
-
-
-def _probe_sa(sock) -> None:
-    """Add and delete one rfc4106(gcm(aes)) transport SA: the kernel loads what it can and says what it lacks."""
-    probe = SA(_PROBE_SRC, _PROBE_DST, _PROBE_SPI, bytes(MATERIAL_BYTES), names.ENCRYPTED_VXLAN_PORT)
-    with Xfrm(sock=sock) as xfrm:
-        xfrm.delete_sa(_PROBE_DST, _PROBE_SPI)
-        xfrm.add_sa(probe)
-        xfrm.delete_sa(_PROBE_DST, _PROBE_SPI)
-
-
-_esp_ok = False
-_esp_lock = threading.Lock()
-
-
-def esp_unavailable_reason() -> Optional[str]:
-    """None if this kernel can add an ESP SA with rfc4106(gcm(aes)); otherwise the message to show, naming the
-    missing modules. Probed by adding a real SA in a private, throwaway network namespace (nothing is left
-    behind on the host); a success is remembered, a failure is probed again next time (modules can be loaded
-    meanwhile)."""
-    global _esp_ok
-    with _esp_lock:
-        if _esp_ok:
-            return None
-        try:
-            try:
-                sock = open_socket(private=True)
-            except OSError as exc:
-                if exc.errno != errno.EPERM:
-                    raise
-                sock = open_socket()  # no CAP_SYS_ADMIN: probe here, with TEST-NET addresses and our reqid
-            _probe_sa(sock)
-        except (KernelError, NetlinkError, OSError) as exc:
-            missing = missing_modules()
-            modules = [name for name, _ in ESP_MODULES]
-            refused = netlink_reason(exc.__cause__) if isinstance(exc.__cause__, NetlinkError) else str(exc)
-            return (f"this kernel cannot encrypt VXLAN with IPsec ESP (it refused a test SA: {refused}). Missing: "
-                    f"{', '.join(missing) if missing else 'no module detectably, see the error'}. Encrypted "
-                    f"networks need the kernel modules {', '.join(modules)} (load them with `modprobe -a "
-                    f"{' '.join(modules)}` on the host, or use a kernel that has them), or create the network "
-                    "without -o encrypted")
-        _esp_ok = True
-        return None
-
-
-def kernel_supports_esp() -> bool:
-    return esp_unavailable_reason() is None
-
-
-def require_esp() -> None:
-    """Raise EncryptionUnavailable (HTTP 501 to dockerd, the message to the user) unless ESP works here."""
-    reason = esp_unavailable_reason()
-    if reason is not None:
-        raise EncryptionUnavailable(reason)
-
-
-# -- the manager --------------------------------------------------------------------------------------------------
 class EncryptionManager:
     """Converges the kernel's vxnet SAs and policies (and the firewall table) on the desired state. Thread-safe;
     every call is idempotent."""
 
-    def __init__(self, xfrm: Optional[Xfrm], firewall: Firewall, port: int = names.ENCRYPTED_VXLAN_PORT):
+    def __init__(self, xfrm: Optional[Xfrm], firewall: Firewall, port: int = names.ENCRYPTED_VXLAN_PORT,
+                 esp: Optional[EspProbe] = None):
         """xfrm None: the plugin's own namespace's, opened on first use (so a kernel without XFRM netlink only
         fails encrypted networks, with require()'s message, not the plugin's start); firewall: the table for
-        `port` in the same namespace."""
+        `port` in the same namespace; esp: what require() asks whether the kernel does ESP (None: a
+        kernel.probes.EspProbe of this kernel)."""
         self._xfrm = xfrm
+        self.esp = esp if esp is not None else EspProbe()
         self.firewall = firewall
         self.port = port
         self._lock = threading.RLock()
@@ -201,7 +70,7 @@ class EncryptionManager:
     def require(self) -> None:
         """What an encrypted network needs before its VXLAN device exists: ESP in the kernel (else
         EncryptionUnavailable, naming the missing modules) and the fail-closed firewall table."""
-        require_esp()
+        self.esp.require()
         self.ensure_firewall()
 
     # -- desired state ---------------------------------------------------------------------------------------

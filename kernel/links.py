@@ -4,25 +4,25 @@ addresses, neighbour and FDB entries, and the per-namespace handles that nftable
 Every call names its namespace: `ns=None` is the namespace the plugin runs in (the host's), anything else is
 a named namespace under `netns_dir` (/run/netns by default, where `ip netns` finds them; the managed plugin keeps
 them under its propagated mount so they outlive a plugin restart). Errno values become KernelError with the
-object named, by wire.errors.kernel_errors only.
+object named, by kernel.errors.kernel_errors only.
 
 All netlink work runs on one thread of its own. pyroute2 0.9 opens a socket per calling thread, and for a
 named namespace it forks a helper process to do so; forking a process whose other threads hold locks (waitress
 workers, the watcher, logging) can deadlock the child, and did here. On its own thread Links opens one socket
-per namespace, by entering the namespace with setns(2) (which moves only the calling thread), creating the
-socket there and returning: no fork at all. Namespaces are created the same way (unshare(2) on that thread).
+per namespace, by entering the namespace, creating the socket there and coming home (kernel/netns.py, which says
+why only this thread moves): no fork at all. Namespaces are created the same way (a fresh one on that thread).
 nftables batches run on the same thread, inside their namespace, through a libnftables context kept per
 namespace like the sockets (kernel/libnftables.py says why that is 10-20 times cheaper than running `nft`).
+Because every call runs on that one thread, the calls are serialised without a lock.
 """
 
 import concurrent.futures
-import contextlib
 import errno
 import functools
 import logging
 import os
 import threading
-from typing import Dict, Iterator, List, Optional
+from typing import ContextManager, Dict, List, Optional
 
 from pyroute2 import IPRoute
 from pyroute2 import netns as pr_netns
@@ -30,13 +30,12 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from kernel import libnftables, netnsdir
 from kernel.errors import kernel_errors
-from kernel.syscalls import MS_BIND, libc_call, setns, unshare_net
+from kernel.netns import inside
+from kernel.syscalls import MS_BIND, libc_call
 from wire.errors import KernelError
 
 log = logging.getLogger(__name__)
 
-
-_kernel = kernel_errors
 
 
 def _netlink_thread(method):
@@ -54,36 +53,24 @@ class Links:
 
     def __init__(self, netns_dir: str = "/run/netns"):
         self.netns_dir = netns_dir
-        self._sockets: Dict[Optional[str], object] = {}
-        self._nft: Dict[Optional[str], libnftables.Context] = {}  # namespace -> context, used on our thread only
-        self._lock = threading.RLock()
+        # No lock around these or the kernel calls: every method that touches them runs on the one netlink
+        # thread (@_netlink_thread), which serialises them.
+        self._sockets: Dict[Optional[str], object] = {}  # namespace -> IPRoute made in it
+        self._nft: Dict[Optional[str], libnftables.Context] = {}  # namespace -> context made in it
+        # prepare_netns_dir runs on the caller's thread (list_netns) as well as on ours (ensure_netns): this lock
+        # makes its once-per-process preparation happen once.
         self._folder_lock = threading.Lock()
         self._folder_ready = False
         self._worker_ident = None
-        self._home_fd = -1
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="netlink", initializer=self._init_worker)
 
     def _init_worker(self) -> None:
         self._worker_ident = threading.get_ident()
-        # The namespace this thread starts in (the plugin's, i.e. the host's): every excursion returns here.
-        self._home_fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
 
-    @contextlib.contextmanager
-    def _inside(self, ns: Optional[str]) -> Iterator[None]:
-        """Run the body with this thread in namespace ns (None: stay home), then come home whatever happens."""
-        if ns is None:
-            yield
-            return
-        fd = os.open(self._path(ns), os.O_RDONLY)
-        try:
-            setns(fd)
-            try:
-                yield
-            finally:
-                setns(self._home_fd)
-        finally:
-            os.close(fd)
+    def _inside(self, ns: Optional[str]) -> ContextManager[None]:
+        """Run the body with this thread in namespace ns (None: the host's), then come home (kernel/netns.py)."""
+        return inside(None if ns is None else self._path(ns))
 
     def _create_netns(self, path: str) -> None:
         """A new network namespace bind-mounted at path, as `ip netns add` makes one, without forking: this thread
@@ -94,11 +81,8 @@ class Links:
             os.unlink(path)
         os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0o444))
         try:
-            unshare_net()
-            try:
+            with inside(fresh=True):
                 libc_call("mount", b"/proc/thread-self/ns/net", path.encode(), b"none", MS_BIND, None)
-            finally:
-                setns(self._home_fd)
         except OSError:
             os.unlink(path)
             raise
@@ -107,7 +91,7 @@ class Links:
     def _ipr(self, ns: Optional[str]):
         sock = self._sockets.get(ns)
         if sock is None:
-            with _kernel(f"open netlink in namespace {ns or 'host'}"):
+            with kernel_errors(f"open netlink in namespace {ns or 'host'}"):
                 if ns is None:
                     sock = IPRoute()
                     sock.link_lookup(ifname="lo")
@@ -135,9 +119,6 @@ class Links:
     def _close_sockets(self) -> None:
         for ns in set(self._sockets) | set(self._nft):
             self._forget(ns)
-        if self._home_fd >= 0:
-            os.close(self._home_fd)
-            self._home_fd = -1
 
     def close(self) -> None:
         self._close_sockets()
@@ -158,7 +139,7 @@ class Links:
         with self._folder_lock:
             if self._folder_ready:
                 return []
-            with _kernel(f"prepare the namespace folder {self.netns_dir}"):
+            with kernel_errors(f"prepare the namespace folder {self.netns_dir}"):
                 repaired = netnsdir.prepare(self.netns_dir)
             self._folder_ready = True
             return repaired
@@ -181,7 +162,7 @@ class Links:
     @_netlink_thread
     def ensure_netns(self, name: str) -> None:
         self.prepare_netns_dir()
-        with self._lock, _kernel(f"create namespace {name}"):
+        with kernel_errors(f"create namespace {name}"):
             if not self.netns_exists(name):
                 self._forget(name)  # handles left from a namespace of that name removed behind our back
                 self._create_netns(self._path(name))
@@ -191,21 +172,20 @@ class Links:
     def remove_netns(self, name: str) -> None:
         """Remove a namespace and so everything in it (our veth ends take their container-side peers along)."""
         self.prepare_netns_dir()
-        with self._lock:
-            self._forget(name)
-            path = self._path(name)
-            with _kernel(f"remove namespace {name}"):
-                if self.netns_exists(name):
-                    pr_netns.remove(path)
-                elif os.path.exists(path):
-                    os.unlink(path)
+        self._forget(name)
+        path = self._path(name)
+        with kernel_errors(f"remove namespace {name}"):
+            if self.netns_exists(name):
+                pr_netns.remove(path)
+            elif os.path.exists(path):
+                os.unlink(path)
 
     # -- nftables ----------------------------------------------------------------------------------------------
     @_netlink_thread
     def nft(self, ns: Optional[str], commands: list, what: str) -> str:
         """Apply nftables JSON commands inside ns (None: the host) as one atomic transaction; returns the JSON
         output. KernelError naming `what` if the namespace is missing or nftables refuses the batch."""
-        with self._lock, _kernel(what):
+        with kernel_errors(what):
             if ns is not None and not self.netns_exists(ns):
                 raise KernelError(f"{what}: namespace {ns} does not exist")
             try:
@@ -224,13 +204,13 @@ class Links:
 
     @_netlink_thread
     def link_exists(self, ns: Optional[str], name: str) -> bool:
-        with self._lock, _kernel(f"look up {name} in {ns or 'host'}"):
+        with kernel_errors(f"look up {name} in {ns or 'host'}"):
             return self._index(ns, name) is not None
 
     @_netlink_thread
     def link_info(self, ns: Optional[str], name: str) -> Optional[dict]:
         """{"kind", "mtu", "master" (name or None), "up", "mac", "vni"} or None if there is no such link."""
-        with self._lock, _kernel(f"read {name} in {ns or 'host'}"):
+        with kernel_errors(f"read {name} in {ns or 'host'}"):
             ipr = self._ipr(ns)
             idx = self._index(ns, name)
             if idx is None:
@@ -250,26 +230,25 @@ class Links:
 
     @_netlink_thread
     def list_links(self, ns: Optional[str]) -> List[str]:
-        with self._lock, _kernel(f"list links in {ns or 'host'}"):
+        with kernel_errors(f"list links in {ns or 'host'}"):
             return [link.get_attr("IFLA_IFNAME") for link in self._ipr(ns).get_links()]
 
     @_netlink_thread
     def remove_link(self, ns: Optional[str], name: str) -> None:
-        with self._lock:
-            if ns is not None and not self.netns_exists(ns):
-                return
-            with _kernel(f"delete {name} in {ns or 'host'}"):
-                idx = self._index(ns, name)
-                if idx is not None:
-                    try:
-                        self._ipr(ns).link("del", index=idx)
-                    except NetlinkError as exc:
-                        if exc.code != errno.ENODEV:  # gone meanwhile (its peer was deleted)
-                            raise
+        if ns is not None and not self.netns_exists(ns):
+            return
+        with kernel_errors(f"delete {name} in {ns or 'host'}"):
+            idx = self._index(ns, name)
+            if idx is not None:
+                try:
+                    self._ipr(ns).link("del", index=idx)
+                except NetlinkError as exc:
+                    if exc.code != errno.ENODEV:  # gone meanwhile (its peer was deleted)
+                        raise
 
     @_netlink_thread
     def ensure_bridge(self, ns: str, name: str, mtu: int) -> None:
-        with self._lock, _kernel(f"create bridge {name} in {ns}"):
+        with kernel_errors(f"create bridge {name} in {ns}"):
             ipr = self._ipr(ns)
             if self._index(ns, name) is None:
                 ipr.link("add", ifname=name, kind="bridge")
@@ -282,7 +261,7 @@ class Links:
 
         learning off: peers are programmed from etcd, never learnt from flooded traffic; proxy on: ARP for known
         peers is answered from our neighbour entries instead of crossing the underlay."""
-        with self._lock, _kernel(f"create VXLAN {vni} in {ns}"):
+        with kernel_errors(f"create VXLAN {vni} in {ns}"):
             ipr = self._ipr(ns)
             idx = self._index(ns, name)
             if idx is not None:
@@ -306,7 +285,7 @@ class Links:
                     mac: Optional[str]) -> None:
         """A veth pair: `bridge_end` enslaved to `master` inside ns, `container_end` left in the host namespace
         for dockerd to move into the container. Replays with the bridge end in place change nothing."""
-        with self._lock, _kernel(f"create veth {container_end} for {ns}"):
+        with kernel_errors(f"create veth {container_end} for {ns}"):
             ipr = self._ipr(ns)
             host = self._ipr(None)
             if self._index(ns, bridge_end) is None:
@@ -331,7 +310,7 @@ class Links:
     @_netlink_thread
     def default_route_address(self) -> Optional[str]:
         """The primary IPv4 address of the interface holding the default route, if there is one."""
-        with self._lock, _kernel("read the default route"):
+        with kernel_errors("read the default route"):
             ipr = self._ipr(None)
             for route in ipr.get_default_routes(family=2):
                 oif = route.get_attr("RTA_OIF")
@@ -342,7 +321,7 @@ class Links:
     @_netlink_thread
     def mtu_of_address(self, address: str) -> Optional[int]:
         """MTU of the interface that carries `address` (the underlay), or None if no interface has it."""
-        with self._lock, _kernel(f"find the interface of {address}"):
+        with kernel_errors(f"find the interface of {address}"):
             ipr = self._ipr(None)
             for addr in ipr.get_addr(family=2):
                 if addr.get_attr("IFA_ADDRESS") == address:
@@ -365,7 +344,7 @@ class Links:
     def fdb(self, ns: str, dev: str) -> Dict[str, str]:
         """Unicast FDB entries of a VXLAN device: inner mac -> remote VTEP."""
         out = {}
-        with self._lock, _kernel(f"read FDB of {dev} in {ns}"):
+        with kernel_errors(f"read FDB of {dev} in {ns}"):
             idx = self._device(ns, dev)
             if idx is None:
                 return out
@@ -379,7 +358,7 @@ class Links:
     def neighbours(self, ns: str, dev: str) -> Dict[str, str]:
         """Permanent IPv4 neighbour entries of a device: ip -> mac."""
         out = {}
-        with self._lock, _kernel(f"read neighbours of {dev} in {ns}"):
+        with kernel_errors(f"read neighbours of {dev} in {ns}"):
             idx = self._device(ns, dev)
             if idx is None:
                 return out
@@ -390,13 +369,13 @@ class Links:
 
     @_netlink_thread
     def set_fdb(self, ns: str, dev: str, mac: str, vtep: str) -> None:
-        with self._lock, _kernel(f"add FDB {mac} -> {vtep} in {ns}"):
+        with kernel_errors(f"add FDB {mac} -> {vtep} in {ns}"):
             self._ipr(ns).fdb("replace", ifindex=self._index(ns, dev), lladdr=mac, dst=vtep,
                               state=self._PERMANENT, flags=self._NTF_SELF)
 
     @_netlink_thread
     def del_fdb(self, ns: str, dev: str, mac: str, vtep: str) -> None:
-        with self._lock, _kernel(f"delete FDB {mac} in {ns}"):
+        with kernel_errors(f"delete FDB {mac} in {ns}"):
             idx = self._device(ns, dev)
             if idx is not None:
                 self._ignore_missing(lambda: self._ipr(ns).fdb(
@@ -404,13 +383,13 @@ class Links:
 
     @_netlink_thread
     def set_neigh(self, ns: str, dev: str, ip: str, mac: str) -> None:
-        with self._lock, _kernel(f"add neighbour {ip} -> {mac} in {ns}"):
+        with kernel_errors(f"add neighbour {ip} -> {mac} in {ns}"):
             self._ipr(ns).neigh("replace", family=2, ifindex=self._index(ns, dev), dst=ip, lladdr=mac,
                                 state=self._PERMANENT)
 
     @_netlink_thread
     def del_neigh(self, ns: str, dev: str, ip: str) -> None:
-        with self._lock, _kernel(f"delete neighbour {ip} in {ns}"):
+        with kernel_errors(f"delete neighbour {ip} in {ns}"):
             idx = self._device(ns, dev)
             if idx is not None:
                 self._ignore_missing(lambda: self._ipr(ns).neigh("del", family=2, ifindex=idx, dst=ip))

@@ -1,7 +1,7 @@
 """The few Linux calls Python 3.11's os module lacks (setns, unshare, mount, umount2), through libc: one place for
-the netlink thread (kernel/links.py), the XFRM sockets (kernel/xfrm.py) and the namespace folder
-(kernel/netnsdir.py). setns and unshare affect only the calling thread's network namespace; callers decide
-which thread that is."""
+entering namespaces (kernel/netns.py), creating them (kernel/links.py) and the namespace folder
+(kernel/netnsdir.py). setns and unshare affect only the calling thread's network namespace: kernel/netns.py is
+where threads go in and come home."""
 
 import ctypes
 import ctypes.util

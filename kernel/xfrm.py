@@ -2,8 +2,8 @@
 
 pyroute2 has no XFRM API, so the messages of <linux/xfrm.h> are declared here on pyroute2's netlink base classes
 (nlmsg, nla, Marshal) and sent over a plain NETLINK_XFRM socket: one socket per namespace, created in that
-namespace (a short-lived thread enters it with setns(2) and leaves the socket behind; no fork), usable from any
-thread under a lock. The C structs are flattened into field lists with explicit padding; their sizes on x86_64
+namespace (a short-lived thread enters it, kernel/netns.py, and leaves the socket behind; no fork), usable from
+any thread under a lock. The C structs are flattened into field lists with explicit padding; their sizes on x86_64
 (xfrm_usersa_info 224, xfrm_userpolicy_info 168, xfrm_user_tmpl 64, ...) are checked by tests/unit.
 
 What vxnet makes, and how it is recognised: every SA and every policy template carries reqid names.XFRM_REQID. Cleanup
@@ -23,7 +23,6 @@ import dataclasses
 import errno
 import ipaddress
 import itertools
-import os
 import socket
 import threading
 from typing import List, Optional
@@ -45,7 +44,7 @@ from pyroute2.netlink.marshal import Marshal
 
 from kernel import names
 from kernel.errors import kernel_errors
-from kernel.syscalls import setns, unshare_net
+from kernel.netns import run_inside
 from wire.errors import KernelError
 
 # <linux/netlink.h>, <linux/xfrm.h>, <linux/in.h>
@@ -281,35 +280,9 @@ def _new_socket() -> socket.socket:
 
 def open_socket(netns: Optional[str] = None, private: bool = False) -> socket.socket:
     """A NETLINK_XFRM socket bound to a network namespace: the caller's (None), the one mounted at path `netns`,
-    or (private=True) a fresh empty namespace that lives as long as the socket. A namespace is entered by a
-    thread made for the purpose, which ends there; the caller's threads never move."""
-    if netns is None and not private:
-        return _new_socket()
-    result = {}
-
-    def enter_and_open():
-        try:
-            if private:
-                unshare_net()
-            else:
-                fd = os.open(netns, os.O_RDONLY)
-                try:
-                    setns(fd)
-                finally:
-                    os.close(fd)
-            result["sock"] = _new_socket()
-        except BaseException as exc:  # handed to the caller's thread
-            result["error"] = exc
-
-    thread = threading.Thread(target=enter_and_open, name="xfrm-netns", daemon=True)
-    thread.start()
-    thread.join()
-    if "error" in result:
-        raise result["error"]
-    return result["sock"]
-
-
-_kernel = kernel_errors
+    or (private=True) a fresh empty namespace that lives as long as the socket. Made by a thread of its own inside
+    that namespace (kernel/netns.py); the caller's threads never move."""
+    return run_inside(netns, _new_socket, fresh=private, name="xfrm-netns")
 
 
 def _missing(exc: BaseException) -> bool:
@@ -323,7 +296,7 @@ class Xfrm:
     def __init__(self, netns: Optional[str] = None, sock: Optional[socket.socket] = None):
         self.netns = netns
         self._where = f" in {netns}" if netns else ""
-        with _kernel(f"open XFRM netlink{self._where}"):
+        with kernel_errors(f"open XFRM netlink{self._where}"):
             self._sock = sock or open_socket(netns)
         self._marshal = _XfrmMarshal()
         self._seq = itertools.count(1)
@@ -378,14 +351,14 @@ class Xfrm:
 
     def add_sa(self, sa: SA) -> None:
         """Create the SA; KernelError (EEXIST among others) if it cannot."""
-        with _kernel(f"add ESP SA spi 0x{sa.spi:08x} {sa.src} -> {sa.dst}{self._where}"):
+        with kernel_errors(f"add ESP SA spi 0x{sa.spi:08x} {sa.src} -> {sa.dst}{self._where}"):
             self._request(self._sa_message(sa), XFRM_MSG_NEWSA,
                           NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL)
 
     def ensure_sa(self, sa: SA) -> None:
         """Idempotent: the SA exists afterwards with exactly these parameters."""
         what = f"add ESP SA spi 0x{sa.spi:08x} {sa.src} -> {sa.dst}{self._where}"
-        with _kernel(what):
+        with kernel_errors(what):
             try:
                 self._request(self._sa_message(sa), XFRM_MSG_NEWSA,
                               NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL)
@@ -405,7 +378,7 @@ class Xfrm:
     def get_sa(self, dst: str, spi: int) -> Optional[SAState]:
         msg = xfrm_usersa_id()
         msg.update({"daddr": _addr(dst), "spi": spi, "family": AF_INET, "proto": IPPROTO_ESP})
-        with _kernel(f"read ESP SA spi 0x{spi:08x} to {dst}{self._where}"):
+        with kernel_errors(f"read ESP SA spi 0x{spi:08x} to {dst}{self._where}"):
             try:
                 replies = self._request(msg, XFRM_MSG_GETSA, NLM_F_REQUEST)
             except NetlinkError as exc:
@@ -423,7 +396,7 @@ class Xfrm:
 
     def sas(self, ours_only: bool = True) -> List[SAState]:
         """Every IPv4 ESP SA (ours only unless asked), with counters."""
-        with _kernel(f"list SAs{self._where}"):
+        with kernel_errors(f"list SAs{self._where}"):
             replies = self._request(_dump_request(), XFRM_MSG_GETSA, NLM_F_REQUEST | NLM_F_DUMP)
         states = [_sa_state(r) for r in replies
                   if r["header"]["type"] == XFRM_MSG_NEWSA and r["family"] == AF_INET and r["id_proto"] == IPPROTO_ESP]
@@ -443,7 +416,8 @@ class Xfrm:
             "id_daddr": _addr(policy.dst), "id_spi": policy.spi, "id_proto": IPPROTO_ESP, "family": AF_INET,
             "saddr": _addr(policy.src), "reqid": policy.reqid, "mode": XFRM_MODE_TRANSPORT, "share": 0,
             "optional": 0, "aalgos": 0xFFFFFFFF, "ealgos": 0xFFFFFFFF, "calgos": 0xFFFFFFFF}]]
-        with _kernel(f"set {policy.direction} policy {policy.src} -> {policy.dst} udp/{policy.dport}{self._where}"):
+        what = f"set {policy.direction} policy {policy.src} -> {policy.dst} udp/{policy.dport}{self._where}"
+        with kernel_errors(what):
             self._request(msg, XFRM_MSG_UPDPOLICY, NLM_F_REQUEST | NLM_F_ACK)
 
     def delete_policy(self, src: str, dst: str, dport: int, direction: str) -> bool:
@@ -456,7 +430,7 @@ class Xfrm:
 
     def _delete(self, msg, msg_type: int, what: str) -> bool:
         """One delete request; True if the kernel deleted something, False if there was nothing to delete."""
-        with _kernel(what):
+        with kernel_errors(what):
             try:
                 self._request(msg, msg_type, NLM_F_REQUEST | NLM_F_ACK)
                 return True
@@ -466,7 +440,7 @@ class Xfrm:
                 raise
 
     def policies(self, ours_only: bool = True) -> List[PolicyState]:
-        with _kernel(f"list policies{self._where}"):
+        with kernel_errors(f"list policies{self._where}"):
             replies = self._request(_dump_request(), XFRM_MSG_GETPOLICY, NLM_F_REQUEST | NLM_F_DUMP)
         out = []
         for reply in replies:

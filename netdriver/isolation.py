@@ -155,7 +155,3 @@ class Firewall:
 
     def guard_host(self, subnets: Iterable[str]) -> None:
         self._apply(None, host_guard_batch(subnets), "isolation rules in the host namespace")
-
-    def unguard_host(self) -> None:
-        table = {"table": {"family": "inet", "name": TABLE}}
-        self._apply(None, [{"add": table}, {"delete": table}], "removing the host isolation table")

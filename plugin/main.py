@@ -19,6 +19,7 @@ from encrypt.manager import EncryptionManager
 from ipam_driver.driver import IpamDriver
 from kernel import libnftables, names
 from kernel.links import Links
+from kernel.probes import EspProbe
 from netdriver.driver import NetworkDriver
 from netdriver.hosts import HostLease
 from netdriver.isolation import Firewall
@@ -158,8 +159,10 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
         encryption: Optional[EncryptionManager] = None
         if settings.encryption_secret_file:
             keystore = KeyStore(kv, read_secret_file(settings.encryption_secret_file), settings.key_prefix)
-            # XFRM netlink opened on first use, in this (the host's) namespace; the fail-closed table there too.
-            encryption = EncryptionManager(None, IpsecFirewall(names.ENCRYPTED_VXLAN_PORT, links.nft))
+            # XFRM netlink opened on first use, in this (the host's) namespace; the fail-closed table there too;
+            # whether the kernel does ESP is asked when the first encrypted network is created.
+            encryption = EncryptionManager(None, IpsecFirewall(names.ENCRYPTED_VXLAN_PORT, links.nft),
+                                           names.ENCRYPTED_VXLAN_PORT, EspProbe())
             if underlay.address:
                 encryption.set_local(underlay.address)
             keyring = KeyRingWatcher(kv, keystore, encryption.set_keyring)

@@ -66,5 +66,12 @@ class KernelError(VxnetError):
         self.errno = errno
 
 
+class EncryptionUnavailable(KernelError):
+    """The kernel cannot do what encrypted networks need (kernel/probes.py); the message names the missing
+    modules."""
+
+    status = 501
+
+
 class ConfigError(VxnetError):
     """A setting read at start-up is invalid: the daemon stops with this one line."""

@@ -1,6 +1,6 @@
 """The encryption manager (encrypt.manager.EncryptionManager) as state."""
 
-from encrypt.manager import EncryptionUnavailable
+from wire.errors import EncryptionUnavailable
 
 
 class FakeEncryption:

@@ -36,7 +36,8 @@ from kernel import mtu, names
 from kernel.links import Links
 from kernel.names import AEAD_ALGORITHM
 from kernel.names import XFRM_REQID as REQID
-from kernel.syscalls import setns
+from kernel.netns import run_inside
+from kernel.probes import EspProbe
 from kernel.xfrm import XFRM_MODE_TRANSPORT, Xfrm
 from tests.harness.proc import wait_until
 
@@ -109,27 +110,9 @@ def ipv4_frame(src: str, dst: str, proto: int, payload: bytes) -> bytes:
 
 
 def socket_in(netns: str, *args) -> socket.socket:
-    """socket.socket(*args) created in the network namespace at path netns (it stays there): a thread made for
-    the purpose enters it with setns(2) and ends; the caller's threads never move."""
-    result = {}
-
-    def enter_and_open():
-        try:
-            fd = os.open(netns, os.O_RDONLY)
-            try:
-                setns(fd)
-            finally:
-                os.close(fd)
-            result["sock"] = socket.socket(*args)
-        except BaseException as exc:  # handed to the caller's thread
-            result["error"] = exc
-
-    thread = threading.Thread(target=enter_and_open, name="probe-netns", daemon=True)
-    thread.start()
-    thread.join()
-    if "error" in result:
-        raise result["error"]
-    return result["sock"]
+    """socket.socket(*args) created in the network namespace at path netns (it stays there), by a thread of its
+    own (kernel/netns.py); the caller's threads never move."""
+    return run_inside(netns, lambda: socket.socket(*args), name="probe-netns")
 
 
 class Probe:
@@ -411,9 +394,9 @@ check = CheckList()
 # -- the checks, in order ---------------------------------------------------------------------------------------
 @check(essential=True)
 def esp_supported(lab: Lab) -> str:
-    reason = mgr.esp_unavailable_reason()
+    reason = EspProbe().unavailable_reason()
     assert reason is None, reason
-    return "require_esp() passes: a test SA with rfc4106(gcm(aes)) was accepted"
+    return "EspProbe.require() passes: a test SA with rfc4106(gcm(aes)) was accepted"
 
 
 @check(essential=True)

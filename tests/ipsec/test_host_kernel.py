@@ -8,22 +8,23 @@ import subprocess
 
 import pytest
 
-from encrypt import manager
 from encrypt.firewall import LABEL_IN, LABEL_OUT, TABLE, Firewall
 from kernel.links import Links
 from kernel.names import XFRM_REQID as REQID
+from kernel.probes import EspProbe
 from kernel.xfrm import SA, Policy, Xfrm
-from wire.errors import KernelError
+from wire.errors import EncryptionUnavailable, KernelError
 
 A, B = "192.0.2.1", "192.0.2.2"
 
 
 def test_a_kernel_without_esp_refuses_at_once_naming_the_modules():
-    if manager.kernel_supports_esp():
+    esp = EspProbe()
+    if esp.supported():
         pytest.skip("this kernel has ESP: the refusal is checked on one that lacks it (test_encrypt_manager "
                     "covers the message)")
-    with pytest.raises(manager.EncryptionUnavailable) as exc:
-        manager.require_esp()
+    with pytest.raises(EncryptionUnavailable) as exc:
+        esp.require()
     text = str(exc.value)
     assert text.startswith("this kernel cannot encrypt VXLAN with IPsec ESP")
     assert "esp4 (" in text and "gcm" in text and "modprobe -a" in text and "without -o encrypted" in text
@@ -57,7 +58,7 @@ def test_policies_are_idempotent_and_only_ours_are_touched(scratch_netns):
 def test_sas_where_the_kernel_has_esp_and_a_clear_error_where_not(scratch_netns):
     sa = SA(A, B, 0x4321, bytes(20), 4790)
     with Xfrm(scratch_netns) as xfrm:
-        if not manager.kernel_supports_esp():
+        if not EspProbe().supported():
             with pytest.raises(KernelError, match="add ESP SA spi 0x00004321 192.0.2.1 -> 192.0.2.2 in .*: "):
                 xfrm.ensure_sa(sa)
             assert xfrm.sas() == []

@@ -6,7 +6,6 @@ import json
 
 import pytest
 
-from encrypt.manager import EncryptionUnavailable
 from kernel.mtu import inner_mtu
 from netdriver.driver import NetworkDriver
 from netdriver.models import Network, PeerRecord, Subnet
@@ -17,7 +16,7 @@ from netdriver.underlay import Underlay
 from netdriver.watcher import PeerSync
 from tests.fakes import FakeDataPlane, FakeEncryption, FakeKV
 from wire import protocol as p
-from wire.errors import Conflict, InvalidOption, KernelError
+from wire.errors import Conflict, EncryptionUnavailable, InvalidOption, KernelError
 
 NID = "c" * 64
 

@@ -11,9 +11,10 @@ from encrypt import manager as M
 from encrypt.keys import KeyRing
 from encrypt.spi import spi_for
 from kernel import mtu, names
+from kernel.probes import EspProbe
 from kernel.xfrm import PolicyState, SAState
 from tests.fakes import FakeFirewall, FakeXfrm
-from wire.errors import KernelError
+from wire.errors import EncryptionUnavailable, KernelError
 
 PORT = names.ENCRYPTED_VXLAN_PORT
 H1, H2, H3 = "192.0.2.1", "192.0.2.2", "192.0.2.3"
@@ -191,37 +192,34 @@ def test_inner_mtu_leaves_room_for_esp_and_vxlan():
         assert 20 + 8 + 8 + padded + 16 <= underlay < 20 + 8 + 8 + padded + 16 + 4 + 4
 
 
-def test_a_kernel_without_esp_is_refused_with_the_modules_named(monkeypatch):
-    def refuse(sock):
+def test_a_kernel_without_esp_is_refused_with_the_modules_named():
+    def refuse():
         try:
             raise NetlinkError(errno.ENOSYS, "Requested AEAD algorithm not found")
         except NetlinkError as exc:
             raise KernelError("add ESP SA: refused") from exc
 
-    monkeypatch.setattr(M, "_esp_ok", False)
-    monkeypatch.setattr(M, "open_socket", lambda **kw: None)
-    monkeypatch.setattr(M, "_probe_sa", refuse)
-    monkeypatch.setattr(M, "_kernel_config", lambda: {"CONFIG_XFRM_USER": "y", "CONFIG_CRYPTO_GCM": "m"})
-    monkeypatch.setattr(M, "_builtin_modules", lambda: set())
-    monkeypatch.setattr(M.os.path, "isdir", lambda path: False)
-    with pytest.raises(M.EncryptionUnavailable) as exc:
-        M.require_esp()
+    # A kernel with xfrm_user built in, gcm a module not loaded, and nothing else: no module loaded, none in
+    # modules.builtin.
+    esp = EspProbe(try_sa=refuse, config=lambda: {"CONFIG_XFRM_USER": "y", "CONFIG_CRYPTO_GCM": "m"},
+                   builtin=set, loaded=lambda name: False)
+    with pytest.raises(EncryptionUnavailable) as exc:
+        esp.require()
     text = str(exc.value)
     assert "Requested AEAD algorithm not found" in text
     assert "esp4 (CONFIG_INET_ESP is not set)" in text and "gcm (not loaded)" in text
     assert "xfrm_user (" not in text.split("Missing:")[1].split(".")[0]
     assert "modprobe -a" in text and "without -o encrypted" in text
-    assert exc.value.status == 501 and not M.kernel_supports_esp()
+    assert exc.value.status == 501 and not esp.supported()
     xfrm = FakeXfrm()
-    mgr = M.EncryptionManager(xfrm, FakeFirewall(xfrm.ops), PORT)
-    with pytest.raises(M.EncryptionUnavailable):
+    mgr = M.EncryptionManager(xfrm, FakeFirewall(xfrm.ops), PORT, esp)
+    with pytest.raises(EncryptionUnavailable):
         mgr.require()
     assert not mgr.firewall.present  # refused before anything is made
 
 
-def test_require_installs_the_firewall_where_esp_works(monkeypatch):
-    monkeypatch.setattr(M, "esp_unavailable_reason", lambda: None)
+def test_require_installs_the_firewall_where_esp_works():
     xfrm = FakeXfrm()
-    mgr = M.EncryptionManager(xfrm, FakeFirewall(xfrm.ops), PORT)
+    mgr = M.EncryptionManager(xfrm, FakeFirewall(xfrm.ops), PORT, EspProbe(try_sa=lambda: None))
     mgr.require()
     assert mgr.firewall.present and xfrm.ops == [("firewall",)] and xfrm.sa == {} and xfrm.sp == {}
