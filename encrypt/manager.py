@@ -30,7 +30,7 @@ from typing import Dict, Iterable, List, Optional, Set, Tuple
 from pyroute2.netlink.exceptions import NetlinkError
 
 from encrypt.firewall import Firewall
-from encrypt.keys import MATERIAL_BYTES, KeyRing
+from encrypt.ring import MATERIAL_BYTES, KeyRing
 from encrypt.spi import spi_for
 from kernel import names
 from kernel.errors import netlink_reason

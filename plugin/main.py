@@ -14,8 +14,11 @@ from typing import Callable, List, Mapping, Optional
 import waitress
 
 from encrypt.firewall import Firewall as IpsecFirewall
-from encrypt.keys import KeyRingWatcher, KeyRotator, KeyStore, read_secret_file
+from encrypt.keystore import KeyStore
 from encrypt.manager import EncryptionManager
+from encrypt.rotator import KeyRotator
+from encrypt.secret import read_secret_file
+from encrypt.watch import KeyRingWatcher
 from ipam_driver.driver import IpamDriver
 from kernel import libnftables, names
 from kernel.links import Links
