@@ -209,10 +209,6 @@ class EncryptionManager:
     def ring(self) -> Optional[KeyRing]:
         return self._ring
 
-    @property
-    def local(self) -> Optional[str]:
-        return self._local
-
     def peers(self) -> Dict[str, Set[str]]:
         """Remote VTEP -> the holders that need it."""
         with self._lock:
