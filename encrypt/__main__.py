@@ -18,6 +18,7 @@ from encrypt import manager
 from encrypt.keystore import MIN_ROTATION_GAP, KeyStore
 from encrypt.ring import KeyRing
 from encrypt.secret import read_secret_file
+from store.kv import KV
 from wire.errors import VxnetError
 
 
@@ -30,7 +31,7 @@ def _describe(ring: KeyRing) -> str:
     return f"keys {', '.join(roles)}; last rotation {when}"
 
 
-def main(argv: Optional[Sequence[str]] = None, kv_factory: Optional[Callable[..., object]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, kv_factory: Optional[Callable[..., KV]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python3 -m encrypt", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=("show", "rotate", "prune", "check-kernel"))
     parser.add_argument("--etcd", help="etcd endpoints, comma-separated (as ETCD_ENDPOINTS)")

@@ -5,6 +5,7 @@ from typing import Callable
 
 from encrypt.keystore import KeyStore
 from encrypt.ring import KeyRing, KeyringError
+from store.kv import WatchableKV
 from store.watchloop import WatchLoop
 
 
@@ -16,7 +17,7 @@ class KeyRingWatcher(WatchLoop):
     what = "key ring watch"
     failure_level = logging.ERROR  # until it is applied, encrypted peers cannot be programmed
 
-    def __init__(self, kv, store: KeyStore, on_ring: Callable[[KeyRing], None], max_backoff: float = 2.0):
+    def __init__(self, kv: WatchableKV, store: KeyStore, on_ring: Callable[[KeyRing], None], max_backoff: float = 2.0):
         super().__init__(kv, max_backoff)
         self.store = store
         self.on_ring = on_ring
