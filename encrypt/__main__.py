@@ -5,7 +5,7 @@
     python3 -m encrypt prune  --etcd ... --secret-file ...   # drop the previous primary now
     python3 -m encrypt check-kernel                          # can this kernel do the ESP encrypted networks need?
 
-Every host's plugin watches the ring and applies it within moments (encrypt.keys.KeyRingWatcher). Tags, the
+Every host's plugin watches the ring and applies it within moments (encrypt/watch.py). Tags, the
 primary and the rotation time are shown; key material never is.
 """
 
@@ -14,12 +14,15 @@ import sys
 import time
 from typing import Callable, Optional, Sequence
 
-from encrypt import keys
+from encrypt.keystore import MIN_ROTATION_GAP, KeyStore
+from encrypt.ring import KeyRing
+from encrypt.secret import read_secret_file
 from kernel.probes import EspProbe
+from store.kv import KV
 from wire.errors import VxnetError
 
 
-def _describe(ring: keys.KeyRing) -> str:
+def _describe(ring: KeyRing) -> str:
     when = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(ring.rotated_at))
     roles = []
     for tag in ring.tags:
@@ -28,7 +31,7 @@ def _describe(ring: keys.KeyRing) -> str:
     return f"keys {', '.join(roles)}; last rotation {when}"
 
 
-def main(argv: Optional[Sequence[str]] = None, kv_factory: Optional[Callable[..., object]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, kv_factory: Optional[Callable[..., KV]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python3 -m encrypt", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=("show", "rotate", "prune", "check-kernel"))
     parser.add_argument("--etcd", help="etcd endpoints, comma-separated (as ETCD_ENDPOINTS)")
@@ -36,7 +39,7 @@ def main(argv: Optional[Sequence[str]] = None, kv_factory: Optional[Callable[...
     parser.add_argument("--prefix", default="/vxnet/v1", help="the key prefix in etcd (default %(default)s)")
     for tls in ("--ca", "--cert", "--key"):
         parser.add_argument(tls, help="etcd TLS file (as ETCD_CA_FILE, ETCD_CERT_FILE, ETCD_KEY_FILE)")
-    parser.add_argument("--min-age", type=float, default=keys.MIN_ROTATION_GAP,
+    parser.add_argument("--min-age", type=float, default=MIN_ROTATION_GAP,
                         help="refuse to rotate a ring younger than this many seconds (default %(default)s)")
     args = parser.parse_args(argv)
     try:
@@ -51,7 +54,7 @@ def main(argv: Optional[Sequence[str]] = None, kv_factory: Optional[Callable[...
             kv_factory = EtcdKV
         kv = kv_factory([e.strip() for e in args.etcd.split(",") if e.strip()], ca=args.ca, cert=args.cert,
                         key=args.key)
-        store = keys.KeyStore(kv, keys.read_secret_file(args.secret_file), args.prefix)
+        store = KeyStore(kv, read_secret_file(args.secret_file), args.prefix)
         if args.command == "show":
             ring = store.load()
             print(_describe(ring) if ring else f"no key ring at {store.key} yet (the first plugin creates it)")

@@ -25,7 +25,7 @@ import threading
 from typing import Dict, Iterable, List, Optional, Set, Tuple
 
 from encrypt.firewall import Firewall
-from encrypt.keys import KeyRing
+from encrypt.ring import KeyRing
 from encrypt.spi import spi_for
 from kernel import names
 from kernel.probes import EspProbe
@@ -77,10 +77,6 @@ class EncryptionManager:
     @property
     def ring(self) -> Optional[KeyRing]:
         return self._ring
-
-    @property
-    def local(self) -> Optional[str]:
-        return self._local
 
     def peers(self) -> Dict[str, Set[str]]:
         """Remote VTEP -> the holders that need it."""

@@ -1,5 +1,5 @@
 """The six IpamDriver verbs of the libnetwork remote IPAM protocol (moby libnetwork/ipams/remote/api/api.go,
-docs/ipam.md; summary in design/protocol.md). Orchestration only: pool arithmetic lives in pools.py, etcd keys
+docs/ipam.md; the request records in wire/protocol.py). Orchestration only: pool arithmetic lives in pools.py, etcd keys
 and transactions in store.py.
 
 What Docker expects, and why the replays are confirmations:

@@ -26,6 +26,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from ipam_driver import pools
 from ipam_driver.pools import Address, Network
+from store.kv import KV
 from store.kvstore import Snapshot, join_key
 from wire.errors import Conflict, Exhausted
 
@@ -78,7 +79,7 @@ def _escape(cidr: Network) -> str:
 
 
 class IpamStore:
-    def __init__(self, kv, prefix: str):
+    def __init__(self, kv: KV, prefix: str):
         self.kv = kv
         self.prefix = prefix if prefix.endswith("/") else prefix + "/"
 

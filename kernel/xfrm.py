@@ -204,7 +204,7 @@ class SA:
     spi: int
     key: bytes = dataclasses.field(repr=False)
     dport: int
-    icv_bits: int = 128
+    icv_bits: int = 128  # RFC 4106 allows an 8, 12 or 16-byte ICV; 16 is the full GCM tag (Docker uses 8 to save MTU)
     reqid: int = names.XFRM_REQID
 
 

@@ -13,7 +13,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 from kernel import mtu as mtu_of
 from kernel import names
-from netdriver import options
+from netdriver import contracts, options
 from netdriver.models import Endpoint, Network, PeerRecord, Subnet
 from netdriver.store import SWARM_HOLDER, NetworkStore, segment_of
 from wire import protocol as p
@@ -83,14 +83,15 @@ def _unicast_mac(mac: str) -> str:
 
 
 class NetworkDriver:
-    def __init__(self, store: NetworkStore, dataplane, host_id: str, scope: str, underlay,
-                 peers=None, lease_id: Callable[[], int] = lambda: 0,
-                 on_vtep_change: Callable[[], None] = lambda: None, encryption=None):
-        """underlay: this host's VTEP (netdriver.underlay.Underlay: address, mtu, discovered());
-        peers: a PeerSync told when a network's namespace comes and goes (None: single host, no peers);
+    def __init__(self, store: NetworkStore, dataplane: contracts.DataPlane, host_id: str, scope: str,
+                 underlay: contracts.Underlay, peers: Optional[contracts.NamespaceEvents] = None,
+                 lease_id: Callable[[], int] = lambda: 0, on_vtep_change: Callable[[], None] = lambda: None,
+                 encryption: Optional[contracts.Encryption] = None):
+        """underlay: this host's VTEP (address, mtu, discovered());
+        peers: told when a network's namespace comes and goes (None: single host, no peers);
         lease_id: the host lease that this host's peer records live under;
         on_vtep_change: called after Swarm's DiscoverNew moved the VTEP (re-register the host);
-        encryption: an encrypt.manager.EncryptionManager (None: no cluster secret, `-o encrypted` refused)."""
+        encryption: the ESP manager (None: no cluster secret, `-o encrypted` refused)."""
         self.store = store
         self.encryption = encryption
         self.dataplane = dataplane

@@ -21,6 +21,7 @@ import time
 from typing import Callable, Optional
 
 from netdriver.store import NetworkStore
+from store.kv import KV
 from wire.errors import HostIdConflict, StoreUnavailable, VxnetError
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ class HostLease:
     (plugin/identity.py instance()); remedy: the advice a HostIdConflict ends with; on_conflict: called (from
     the renewal thread) when a re-registration is refused, after which the lease is no longer kept."""
 
-    def __init__(self, kv, store: NetworkStore, host_id: str, vtep: Callable[[], Optional[str]], state_file: str,
+    def __init__(self, kv: KV, store: NetworkStore, host_id: str, vtep: Callable[[], Optional[str]], state_file: str,
                  on_new_lease: Callable[[], None] = lambda: None, ttl: int = LEASE_TTL,
                  on_outage: Callable[[], None] = lambda: None, name: str = "", instance: str = "",
                  remedy: str = "give each host its own VXNET_HOST_ID",

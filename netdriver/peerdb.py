@@ -8,7 +8,7 @@ newest record (highest etcd revision) decides where it points.
 """
 
 import threading
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Tuple
 
 from netdriver.models import PeerRecord
 
@@ -61,8 +61,3 @@ class PeerDB:
     def segments(self) -> List[str]:
         with self._lock:
             return sorted(self._records)
-
-    def record(self, segment: str, endpoint_id: str) -> Optional[PeerRecord]:
-        with self._lock:
-            item = self._records.get(segment, {}).get(endpoint_id)
-        return item[1] if item else None

@@ -1,21 +1,7 @@
 """The per-network data plane: one namespace per network holding a bridge and a VXLAN device, and one veth
 pair per endpoint. Kernel objects only: what should exist is decided by the driver and the stores.
 
-Interface contract (the unit tests' FakeDataPlane models the same state):
-  ensure_network(network)                 idempotent; namespace + bridge + VXLAN up with the network's MTU
-  remove_network(network_id, vni=None)    idempotent; the namespace and everything in it
-  ensure_endpoint(network, endpoint) -> str   idempotent; the host-side interface name for Join's SrcName
-  remove_endpoint(network_id, endpoint_id)    idempotent
-  network_ids() -> list of 12-char id prefixes that have a namespace here
-  unknown_netns() -> names in the namespace folder with our prefix that network_ids() cannot be (never touched)
-  sweep_host_links(endpoint_ids) -> (removed, failures)   our leftover host-side links, each on its own
-  wired_endpoints(network_id, endpoint_ids) -> set   those of the ids joined and still wired to the bridge
-  sync_peers(network, fdb, neigh)         the VXLAN device holds exactly these remote entries (reads the kernel)
-  update_peers(network, before, after)    apply the difference between two (fdb, neigh) tables
-  guard_endpoints(network, endpoints)     anti-spoofing rules for exactly these local endpoints (whole table)
-  guard_endpoint(network, endpoint)       idempotent; this endpoint's port added to an existing table
-  unguard_endpoint(network, endpoint)     idempotent; this endpoint's port taken out (no namespace: nothing)
-  guard_host(networks)                    isolation rules for exactly these networks' subnets
+Implements netdriver.contracts.DataPlane, whose docstring lists what each method promises.
 """
 
 import errno
@@ -24,11 +10,12 @@ from typing import Dict, List, Optional, Set, Tuple
 
 from kernel import names
 from kernel.links import Links
+from netdriver.contracts import Firewall, Underlay
 from netdriver.models import Endpoint, Network
+from netdriver.peerdb import Entries
 from wire.errors import Conflict, KernelError
 
 log = logging.getLogger(__name__)
-
 
 
 def _guarded(endpoint: Endpoint) -> Tuple[str, str, str]:
@@ -37,9 +24,10 @@ def _guarded(endpoint: Endpoint) -> Tuple[str, str, str]:
 
 
 class DataPlane:
-    def __init__(self, links: Links, underlay, firewall=None, vxlan_port: int = names.VXLAN_PORT):
-        """underlay: has `.require()` -> the VTEP address VXLAN devices send from;
-        firewall: a netdriver.isolation.Firewall (None: no anti-spoofing or isolation rules)."""
+    def __init__(self, links: Links, underlay: Underlay, firewall: Optional[Firewall] = None,
+                 vxlan_port: int = names.VXLAN_PORT):
+        """underlay: `.require()` -> the VTEP address VXLAN devices send from;
+        firewall: the anti-spoofing and isolation rules (None: none)."""
         self.links = links
         self.underlay = underlay
         self.firewall = firewall
@@ -135,7 +123,7 @@ class DataPlane:
         have = (self.links.fdb(ns, names.VXLAN), self.links.neighbours(ns, names.VXLAN))
         self.update_peers(network, have, (fdb, neigh))
 
-    def update_peers(self, network: Network, before, after) -> None:
+    def update_peers(self, network: Network, before: Entries, after: Entries) -> None:
         """Apply only the difference between two (fdb, neigh) tables, without reading the kernel: one watch event
         costs one or two netlink calls however many peers the network has."""
         ns = names.netns(network.id)
@@ -175,7 +163,7 @@ class DataPlane:
         if self.firewall is not None:
             self.firewall.guard_host([s.pool for n in networks for s in n.subnets])
 
-    def peers(self, network_id: str):
+    def peers(self, network_id: str) -> Entries:
         """(fdb, neigh) as programmed in the kernel, for tests and diagnostics."""
         ns = names.netns(network_id)
         return self.links.fdb(ns, names.VXLAN), self.links.neighbours(ns, names.VXLAN)

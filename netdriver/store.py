@@ -19,6 +19,7 @@ from typing import Callable, List, Optional, Tuple
 
 from netdriver.models import Endpoint, Network, PeerRecord
 from netdriver.options import VNI_AUTO_BASE, VNI_MAX
+from store.kv import KV
 from store.kvstore import join_key
 from wire import protocol
 from wire.errors import Conflict, Exhausted
@@ -49,7 +50,7 @@ def segment_of(network_id: str, overlay: Optional[str]) -> str:
 
 
 class NetworkStore:
-    def __init__(self, kv, prefix: str = "/vxnet/v1"):
+    def __init__(self, kv: KV, prefix: str = "/vxnet/v1"):
         self.kv = kv
         self.prefix = prefix.rstrip("/") + "/"
 

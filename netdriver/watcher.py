@@ -7,11 +7,13 @@ Both start-up and every event go through the same path: update PeerDB, then `syn
 
 import logging
 import threading
-from typing import Dict
+from typing import Dict, Iterable, Optional
 
+from netdriver.contracts import DataPlane, Encryption
 from netdriver.models import Network, PeerRecord
 from netdriver.peerdb import PeerDB
 from netdriver.store import NetworkStore, segment_of
+from store.kv import WatchableKV
 from store.watchloop import WatchLoop
 from wire.errors import VxnetError
 
@@ -21,9 +23,9 @@ log = logging.getLogger(__name__)
 class PeerSync:
     """The local networks (segment -> Network with a namespace here) and the peer table, applied to the kernel."""
 
-    def __init__(self, peerdb: PeerDB, dataplane, encryption=None):
-        """encryption: an encrypt.manager.EncryptionManager, told which remote VTEPs each encrypted segment
-        reaches (None: no encrypted networks here)."""
+    def __init__(self, peerdb: PeerDB, dataplane: DataPlane, encryption: Optional[Encryption] = None):
+        """encryption: told which remote VTEPs each encrypted segment reaches (None: no encrypted networks
+        here)."""
         self.peerdb = peerdb
         self.dataplane = dataplane
         self.encryption = encryption
@@ -85,8 +87,9 @@ class PeerSync:
             if self.encryption is not None:
                 # The whole desired state at once: SAs and policies of ours that no local encrypted segment needs
                 # any more (peers gone while the plugin was down) are removed.
-                holders = {segment: set(self.peerdb.entries(segment)[0].values())
-                           for segment, network in self._local.items() if network.encrypted}
+                holders: Dict[str, Iterable[str]] = {
+                    segment: set(self.peerdb.entries(segment)[0].values())
+                    for segment, network in self._local.items() if network.encrypted}
                 try:
                     self.encryption.sync_all(holders)
                 except VxnetError as exc:
@@ -110,7 +113,7 @@ class PeerWatcher(WatchLoop):
 
     what = "peer watch"
 
-    def __init__(self, kv, store: NetworkStore, sync: PeerSync, max_backoff: float = 2.0):
+    def __init__(self, kv: WatchableKV, store: NetworkStore, sync: PeerSync, max_backoff: float = 2.0):
         super().__init__(kv, max_backoff)
         self.store = store
         self.sync = sync

@@ -9,13 +9,16 @@ import os
 import signal
 import sys
 import threading
-from typing import Callable, List, Mapping, Optional
+from typing import Callable, List, Mapping, Optional, Protocol, Sequence
 
 import waitress
 
 from encrypt.firewall import Firewall as IpsecFirewall
-from encrypt.keys import KeyRingWatcher, KeyRotator, KeyStore, read_secret_file
+from encrypt.keystore import KeyStore
 from encrypt.manager import EncryptionManager
+from encrypt.rotator import KeyRotator
+from encrypt.secret import read_secret_file
+from encrypt.watch import KeyRingWatcher
 from ipam_driver.driver import IpamDriver
 from kernel import libnftables, names
 from kernel.links import Links
@@ -52,13 +55,22 @@ def _underlay(settings: config.Settings, links: Links) -> Underlay:
 RING_WAIT_SECONDS = 5.0
 
 
+class Background(Protocol):
+    """A part with a thread of its own: started once, stopped at shut-down (stop() also when never started)."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
 def _start_control_plane(driver: NetworkDriver, lease: HostLease, watcher: PeerWatcher,
-                         stop: threading.Event, before_peers=(),
+                         stop: threading.Event, keyring: Optional[KeyRingWatcher] = None,
+                         rotator: Optional[Background] = None,
                          on_fatal: Callable[[Exception], None] = lambda exc: None) -> None:
-    """Once etcd answers: reconcile the kernel, then keep the host lease and the peer watch running (after
-    `before_peers`: the key ring watcher and rotator, so the ring is usually read before peers arrive). Keeps
-    trying while etcd is still starting or down; stops at once, through on_fatal, if another live host holds
-    this host's ID (retrying cannot fix that, and serving would act as the other host)."""
+    """Once etcd answers: reconcile the kernel, then keep the host lease and the peer watch running (after the
+    key ring watcher and the rotator, so the ring is usually read before peers arrive). Keeps trying while etcd
+    is still starting or down; stops at once, through on_fatal, if another live host holds this host's ID
+    (retrying cannot fix that, and serving would act as the other host)."""
     delay = 0.2
     while not stop.is_set():
         try:
@@ -69,14 +81,14 @@ def _start_control_plane(driver: NetworkDriver, lease: HostLease, watcher: PeerW
             else:
                 log.info("start-up reconciliation done")
             lease.start()
+            before_peers: Sequence[Optional[Background]] = (keyring, rotator)
             for part in before_peers:
-                part.start()
-            for part in before_peers:
+                if part is not None:
+                    part.start()
+            if keyring is not None:
                 # The key ring first (bounded: an unreadable ring is the ring watcher's to report), so that a
                 # restarted plugin's first peer read finds it and encrypted peers are programmed, not deferred.
-                synced = getattr(part, "synced", None)
-                if synced is not None:
-                    synced.wait(RING_WAIT_SECONDS)
+                keyring.synced.wait(RING_WAIT_SECONDS)
             watcher.start()
             return
         except HostIdConflict as exc:
@@ -194,8 +206,7 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
         if embedded is not None:
             embedded.start()
         threading.Thread(target=_start_control_plane, name="start-up", daemon=True,
-                         args=(net, lease, watcher, stop, [p for p in (keyring, rotator) if p is not None],
-                               on_fatal)).start()
+                         args=(net, lease, watcher, stop, keyring, rotator, on_fatal)).start()
         server.run()
     except ConfigError as exc:
         print(f"vxnet: {exc}", file=sys.stderr)
@@ -207,7 +218,8 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
             log.info("stopping")
     finally:
         stop.set()
-        for part in (monitor, watcher, keyring, rotator, lease):
+        parts: Sequence[Optional[Background]] = (monitor, watcher, keyring, rotator, lease)
+        for part in parts:
             if part is not None:
                 part.stop()
         if embedded is not None:

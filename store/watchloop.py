@@ -13,7 +13,8 @@ import logging
 import threading
 from typing import Optional, Tuple
 
-from store.kvstore import Compacted
+from store.kv import WatchableKV, WatchStream
+from store.kvstore import Compacted, WatchEvent
 from wire.errors import VxnetError
 
 log = logging.getLogger(__name__)
@@ -25,18 +26,18 @@ class WatchLoop:
     what = "watch"
     failure_level = logging.WARNING
 
-    def __init__(self, kv, max_backoff: float = 2.0):
+    def __init__(self, kv: WatchableKV, max_backoff: float = 2.0):
         self.kv = kv
         self.max_backoff = max_backoff  # bounds how long after etcd returns its changes are applied
         self._stop = threading.Event()
-        self._stream = None
+        self._stream: Optional[WatchStream] = None
         self._thread: Optional[threading.Thread] = None
         self.synced = threading.Event()  # set after each successful full read and apply
 
     def load(self) -> Tuple[str, int]:
         raise NotImplementedError
 
-    def apply(self, event) -> bool:
+    def apply(self, event: WatchEvent) -> bool:
         raise NotImplementedError
 
     def start(self) -> None:

@@ -27,7 +27,8 @@ class InvalidOption(VxnetError):
 
 
 # No error here maps to 404: in the plugin protocol 404 means "method not implemented", and dockerd takes it as
-# success from ProgramExternalConnectivity/RevokeExternalConnectivity (design/protocol.md). A request naming a
+# success from ProgramExternalConnectivity/RevokeExternalConnectivity (moby libnetwork/drivers/remote/driver.go:
+# "It is not mandatory yet to support this method") and as a hard failure everywhere else. A request naming a
 # network, endpoint or pool vxnet does not have conflicts with what it holds: Conflict.
 
 

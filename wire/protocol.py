@@ -6,7 +6,7 @@ is read as empty. A decoder raises InvalidRequest naming the field and what was 
 only well-typed records.
 
 IDs become namespace and interface names, paths and etcd keys, so they are checked here, before anything else
-sees them (design/protocol.md): an EndpointID is dockerd's stringid, 64 lowercase hex characters; a NetworkID
+sees them: an EndpointID is dockerd's stringid, 64 lowercase hex characters; a NetworkID
 is that too, or for a Swarm-scoped network the ID swarmkit gave it (moby/swarmkit identity.NewID: 128 random
 bits in base 36, 25 lowercase letters and digits), which dockerd passes through as the libnetwork network ID.
 """

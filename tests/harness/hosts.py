@@ -1,4 +1,4 @@
-"""Simulated Docker hosts on one machine, as ../shared/design/environment.md describes them.
+"""Simulated Docker hosts on one machine:
 
     underlay namespace:  br0 192.168.251.1/24  (+ the test etcd on 192.168.251.1:2379)
         |-- u1 <veth> eth0 192.168.251.11/24   host1: own netns, mount ns, UTS ns, dockerd

@@ -1,6 +1,6 @@
 """Run one command inside a qemu guest with a stock Debian kernel: this machine's kernel has no ESP.
 
-The guest (checked by running, see environment.md):
+The guest (each point checked by running it on this machine):
 - kernel: Debian's `linux-image-amd64` dependency (linux-image-6.1.*-amd64), fetched with `apt-get download` and
   unpacked with `dpkg -x` under build/ipsec-guest/ (nothing goes into /boot). Its bzImage is unpacked to the ELF
   vmlinux, booted through its PVH entry (`-kernel vmlinux`), which skips the real-mode setup and decompression:

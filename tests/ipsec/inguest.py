@@ -30,7 +30,7 @@ from typing import Callable, Dict, List, Optional
 
 from encrypt import manager as mgr
 from encrypt.firewall import LABEL_IN, LABEL_OUT, Firewall
-from encrypt.keys import MATERIAL_BYTES, KeyRing
+from encrypt.ring import MATERIAL_BYTES, KeyRing
 from encrypt.spi import spi_for
 from kernel import mtu, names
 from kernel.links import Links

@@ -8,8 +8,12 @@ import threading
 
 import pytest
 
-from encrypt import keys as K
+from encrypt.keystore import KeyStore
+from encrypt.ring import MATERIAL_BYTES, Key, KeyRing, KeyringError
+from encrypt.rotator import KeyRotator
+from encrypt.secret import parse_secret, read_secret_file
 from encrypt.spi import SPI_MIN, spi_for
+from encrypt.watch import KeyRingWatcher
 from tests.fakes import FakeKV
 from wire.errors import ConfigError
 
@@ -18,16 +22,16 @@ SECRET = bytes(range(32))
 
 # -- keys and the ring ------------------------------------------------------------------------------------------
 def test_a_key_never_shows_its_material():
-    key = K.Key.generate(7)
-    ring = K.KeyRing.initial(now=1.0)
+    key = Key.generate(7)
+    ring = KeyRing.initial(now=1.0)
     shown = repr(key) + str(key) + repr(ring) + str(ring) + f"{key} {ring!r}"
     for k in (key, *ring.keys):
         assert k.material.hex() not in shown and repr(k.material) not in shown
-    assert repr(key) == "Key(tag=7)" and len(key.material) == K.MATERIAL_BYTES == 20
+    assert repr(key) == "Key(tag=7)" and len(key.material) == MATERIAL_BYTES == 20
 
 
 def test_rotation_promotes_the_staged_key_and_drops_the_one_before_the_previous():
-    r1 = K.KeyRing.initial(now=1.0)
+    r1 = KeyRing.initial(now=1.0)
     assert r1.tags == (1, 2) and r1.primary == 1
     r2 = r1.rotate(now=2.0)
     assert r2.tags == (1, 2, 3) and r2.primary == 2 and r2.rotated_at == 2.0
@@ -41,65 +45,65 @@ def test_rotation_promotes_the_staged_key_and_drops_the_one_before_the_previous(
 
 
 def test_a_ring_without_a_staged_key_still_rotates_to_a_fresh_primary():
-    ring = K.KeyRing((K.Key.generate(5),), primary=5)
+    ring = KeyRing((Key.generate(5),), primary=5)
     new = ring.rotate(now=1.0)
     assert new.tags == (5, 6, 7) and new.primary == 6
 
 
 def test_sealed_ring_opens_only_with_the_secret_and_at_its_own_key():
-    ring = K.KeyRing.initial(now=5.0)
+    ring = KeyRing.initial(now=5.0)
     text = ring.seal(SECRET, "/vxnet/v1/encryption/keyring")
     for k in ring.keys:
         assert k.material.hex() not in text and base64.b64encode(k.material).decode() not in text
-    assert K.KeyRing.unseal(text, SECRET, "/vxnet/v1/encryption/keyring") == ring
-    with pytest.raises(K.KeyringError, match="does not open with this host's cluster secret") as wrong:
-        K.KeyRing.unseal(text, bytes(32), "/vxnet/v1/encryption/keyring")
-    with pytest.raises(K.KeyringError):
-        K.KeyRing.unseal(text, SECRET, "/elsewhere/encryption/keyring")  # moved: the AAD no longer matches
+    assert KeyRing.unseal(text, SECRET, "/vxnet/v1/encryption/keyring") == ring
+    with pytest.raises(KeyringError, match="does not open with this host's cluster secret") as wrong:
+        KeyRing.unseal(text, bytes(32), "/vxnet/v1/encryption/keyring")
+    with pytest.raises(KeyringError):
+        KeyRing.unseal(text, SECRET, "/elsewhere/encryption/keyring")  # moved: the AAD no longer matches
     assert ring.keys[0].material.hex() not in str(wrong.value)
     tampered = json.loads(text)
     tampered["sealed"] = base64.b64encode(b"x" + base64.b64decode(tampered["sealed"])[1:]).decode()
-    with pytest.raises(K.KeyringError):
-        K.KeyRing.unseal(json.dumps(tampered), SECRET, "/vxnet/v1/encryption/keyring")
-    with pytest.raises(K.KeyringError, match="not a sealed vxnet key ring"):
-        K.KeyRing.unseal("{}", SECRET, "/k")
+    with pytest.raises(KeyringError):
+        KeyRing.unseal(json.dumps(tampered), SECRET, "/vxnet/v1/encryption/keyring")
+    with pytest.raises(KeyringError, match="not a sealed vxnet key ring"):
+        KeyRing.unseal("{}", SECRET, "/k")
 
 
 def test_secret_from_hex_base64_or_file_and_errors_never_echo_it(tmp_path):
     raw = os.urandom(32)
-    assert K.parse_secret(raw.hex()) == raw
-    assert K.parse_secret(" " + base64.b64encode(raw).decode() + "\n") == raw
-    assert K.parse_secret(base64.urlsafe_b64encode(raw).decode()) == raw
+    assert parse_secret(raw.hex()) == raw
+    assert parse_secret(" " + base64.b64encode(raw).decode() + "\n") == raw
+    assert parse_secret(base64.urlsafe_b64encode(raw).decode()) == raw
     path = tmp_path / "secret"
     path.write_text(raw.hex() + "\n")
-    assert K.read_secret_file(str(path)) == raw
+    assert read_secret_file(str(path)) == raw
     bad = "deadbeef" * 7  # 56 hex digits: 28 bytes
     with pytest.raises(ConfigError) as exc:
-        K.parse_secret(bad)
+        parse_secret(bad)
     message = str(exc.value)
     assert bad not in message and "VXNET_ENCRYPTION_SECRET" in message and "56 characters" in message
     with pytest.raises(ConfigError, match="cannot read"):
-        K.read_secret_file(str(tmp_path / "missing"))
+        read_secret_file(str(tmp_path / "missing"))
     with pytest.raises(ConfigError):
-        K.KeyStore(FakeKV(), b"short")
+        KeyStore(FakeKV(), b"short")
 
 
 # -- the ring in etcd -------------------------------------------------------------------------------------------
 def test_the_first_host_creates_the_ring_and_the_others_read_it():
     kv = FakeKV()
-    a, b = K.KeyStore(kv, SECRET), K.KeyStore(kv, SECRET)
+    a, b = KeyStore(kv, SECRET), KeyStore(kv, SECRET)
     assert a.load() is None
     ring = a.ensure(now=1.0)
     assert b.ensure(now=2.0) == ring and kv.keys() == ["/vxnet/v1/encryption/keyring"]
     for k in ring.keys:
         assert k.material.hex() not in kv.data["/vxnet/v1/encryption/keyring"].value
-    with pytest.raises(K.KeyringError):
-        K.KeyStore(kv, bytes(32)).load()
+    with pytest.raises(KeyringError):
+        KeyStore(kv, bytes(32)).load()
 
 
 def test_rotation_is_one_per_interval_whoever_asks():
     kv = FakeKV()
-    a, b = K.KeyStore(kv, SECRET), K.KeyStore(kv, SECRET)
+    a, b = KeyStore(kv, SECRET), KeyStore(kv, SECRET)
     a.ensure(now=100.0)
     ring, rotated = a.rotate(now=105.0, min_age=10)
     assert not rotated and ring.primary == 1
@@ -107,15 +111,15 @@ def test_rotation_is_one_per_interval_whoever_asks():
     assert rotated and ring.primary == 2
     again, rotated = b.rotate(now=112.0, min_age=10)  # another host a moment later: already done
     assert not rotated and again == ring
-    assert K.KeyRotator(a, interval=10).tick(now=125.0) and a.load().primary == 3
+    assert KeyRotator(a, interval=10).tick(now=125.0) and a.load().primary == 3
     assert a.prune().tags == (3, 4) and b.load().tags == (3, 4)
     with pytest.raises(ConfigError):
-        K.KeyRotator(a, interval=1)
+        KeyRotator(a, interval=1)
 
 
 def test_rotation_compare_and_swap_retries_after_a_concurrent_write():
     kv = FakeKV()
-    store = K.KeyStore(kv, SECRET)
+    store = KeyStore(kv, SECRET)
     store.ensure(now=0.0)
     real_commit = kv.commit
     raced = []
@@ -124,7 +128,7 @@ def test_rotation_compare_and_swap_retries_after_a_concurrent_write():
         if not raced:  # another host rotates between our read and our write
             raced.append(None)
             kv.commit = real_commit
-            raced[0] = K.KeyStore(kv, SECRET).rotate(now=50.0, min_age=0)[0]
+            raced[0] = KeyStore(kv, SECRET).rotate(now=50.0, min_age=0)[0]
             kv.commit = commit
         return real_commit(**kwargs)
 
@@ -136,7 +140,7 @@ def test_rotation_compare_and_swap_retries_after_a_concurrent_write():
 
 def test_watcher_applies_the_ring_at_start_and_every_rotation_and_retries_failures(caplog):
     kv = FakeKV()
-    store = K.KeyStore(kv, SECRET)
+    store = KeyStore(kv, SECRET)
     applied = []
     failures = [1]
 
@@ -147,13 +151,13 @@ def test_watcher_applies_the_ring_at_start_and_every_rotation_and_retries_failur
             raise KernelError("injected")
         applied.append(ring)
 
-    watcher = K.KeyRingWatcher(kv, store, on_ring, max_backoff=0.05)
+    watcher = KeyRingWatcher(kv, store, on_ring, max_backoff=0.05)
     caplog.set_level(logging.ERROR)
     watcher.start()
     try:
         assert watcher.synced.wait(5), "the watcher never applied the ring"
         assert "injected" in caplog.text  # the failure was reported, then retried from a fresh read
-        rotated, _ = K.KeyStore(kv, SECRET).rotate(min_age=0)
+        rotated, _ = KeyStore(kv, SECRET).rotate(min_age=0)
         deadline = threading.Event()
         for _ in range(100):
             if applied and applied[-1] == rotated:
@@ -190,7 +194,7 @@ def test_cli_shows_rotates_and_prunes_without_printing_material(tmp_path, capsys
     factory = lambda endpoints, **tls: kv  # noqa: E731
     assert main(["show", *common], kv_factory=factory) == 0
     assert "no key ring" in capsys.readouterr().out
-    store = K.KeyStore(kv, SECRET)
+    store = KeyStore(kv, SECRET)
     store.ensure(now=0.0)
     assert main(["rotate", *common], kv_factory=factory) == 0
     assert "keys 1 (previous), 2 (primary), 3 (staged)" in capsys.readouterr().out

@@ -8,7 +8,7 @@ import pytest
 from pyroute2.netlink.exceptions import NetlinkError
 
 from encrypt import manager as M
-from encrypt.keys import KeyRing
+from encrypt.ring import KeyRing
 from encrypt.spi import spi_for
 from kernel import mtu, names
 from kernel.probes import EspProbe

@@ -1,4 +1,4 @@
-"""The wire: decoding every call's body, the route table, and how errors reach dockerd (protocol.md)."""
+"""The wire: decoding every call's body, the route table, and how errors reach dockerd (wire/errors.py)."""
 
 import json
 
