@@ -32,6 +32,7 @@ from typing import Callable, Optional, Tuple
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from store import schema
 from store.watchloop import WatchLoop
 from wire.errors import ConfigError, Conflict, VxnetError
 
@@ -220,10 +221,10 @@ class KeyStore:
     """The sealed key ring in etcd, at <prefix>/encryption/keyring. Writes are compare-and-swap on the key's
     revision, so hosts rotating at the same moment make one rotation, not two."""
 
-    def __init__(self, kv, secret: bytes, prefix: str = "/vxnet/v1"):
+    def __init__(self, kv, secret: bytes, prefix: str = schema.PREFIX):
         self.kv = kv
         self._secret = _check_secret(secret)
-        self.key = prefix.rstrip("/") + "/encryption/keyring"
+        self.key = schema.Schema(prefix).keyring()
 
     def __repr__(self) -> str:
         return f"KeyStore({self.key})"

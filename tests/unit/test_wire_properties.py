@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ipam_driver.driver import IpamDriver
+from ipam_driver.store import IpamStore
 from netdriver.driver import NetworkDriver
 from netdriver.store import NetworkStore
 from netdriver.underlay import Underlay
@@ -97,7 +98,7 @@ def seed():
     with the address of EID. Returns (client, kv, plane)."""
     kv, plane = FakeKV(), FakeDataPlane()
     net = NetworkDriver(NetworkStore(kv), plane, "h1", "local", Underlay(lambda a: 1500, "192.0.2.1"))
-    ipam = IpamDriver(kv, "h1", "local")
+    ipam = IpamDriver(IpamStore(kv), "h1", "local")
     app = make_app({NETWORK: net, IPAM: ipam})
     app.config["PROPAGATE_EXCEPTIONS"] = True  # an exception out of the app fails the test, not a quiet 500
     client = app.test_client()
