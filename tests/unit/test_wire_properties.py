@@ -24,6 +24,7 @@ from netdriver.store import NetworkStore
 from netdriver.underlay import Underlay
 from plugin.http import make_app
 from plugin.routes import IPAM, NETWORK, ROUTES
+from store import schema
 from tests.fakes import FakeDataPlane, FakeKV
 from tests.ids import docker_id
 from wire import protocol as p
@@ -399,7 +400,7 @@ def test_a_bad_mac_is_refused_at_create_endpoint_and_nothing_is_kept(mac, needle
     assert status == 409 and reply["Err"].startswith("EndpointID:"), reply
     body["Interface"]["MacAddress"] = "02:42:0A:01:00:06"  # the positive control: a good MAC, in any case
     status, _ = call(client, "/NetworkDriver.CreateEndpoint", json.dumps(body).encode())
-    assert status == 200 and kv.get(f"/vxnet/v1/endpoints/{NID}/{EID2}").json()["mac"] == "02:42:0a:01:00:06"
+    assert status == 200 and kv.get(f"{schema.PREFIX}/endpoints/{NID}/{EID2}").json()["mac"] == "02:42:0a:01:00:06"
 
 
 def test_a_null_byte_in_an_id_is_400_not_a_500():
@@ -410,7 +411,7 @@ def test_a_null_byte_in_an_id_is_400_not_a_500():
                      {"NetworkID": NID, "EndpointID": "\x00" + EID})[:bodies]:
             status, reply = call(client, path, json.dumps(body).encode())
             assert status == 400 and reply["Err"].split(":")[0] in ("NetworkID", "EndpointID"), reply
-    assert kv.get(f"/vxnet/v1/endpoints/{NID}/{EID}") is not None  # nothing was deleted
+    assert kv.get(f"{schema.PREFIX}/endpoints/{NID}/{EID}") is not None  # nothing was deleted
 
 
 def test_swarm_network_ids_are_accepted():
@@ -418,4 +419,4 @@ def test_swarm_network_ids_are_accepted():
     status, reply = call(client, "/NetworkDriver.AllocateNetwork",
                          json.dumps(VALID["/NetworkDriver.AllocateNetwork"]).encode())
     assert status == 200 and reply["Options"]["vni"] == "5001"
-    assert kv.get(f"/vxnet/v1/members/{SWARM_NID}/@swarm") is not None
+    assert kv.get(f"{schema.PREFIX}/members/{SWARM_NID}/@swarm") is not None
