@@ -16,7 +16,6 @@ log = logging.getLogger(__name__)
 
 _RETRIES = 32
 VERSION = "0.1.0"
-__all__ = ["SWARM_HOLDER", "NetworkStore", "segment_of"]
 
 
 def _well_formed(network_id: str, endpoint_id: Optional[str] = None) -> bool:
