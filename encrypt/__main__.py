@@ -18,6 +18,7 @@ from encrypt.keystore import MIN_ROTATION_GAP, KeyStore
 from encrypt.ring import KeyRing
 from encrypt.secret import read_secret_file
 from kernel.probes import EspProbe
+from store import schema
 from store.kv import KV
 from wire.errors import VxnetError
 
@@ -36,7 +37,7 @@ def main(argv: Optional[Sequence[str]] = None, kv_factory: Optional[Callable[...
     parser.add_argument("command", choices=("show", "rotate", "prune", "check-kernel"))
     parser.add_argument("--etcd", help="etcd endpoints, comma-separated (as ETCD_ENDPOINTS)")
     parser.add_argument("--secret-file", help="the cluster secret (as VXNET_ENCRYPTION_SECRET_FILE)")
-    parser.add_argument("--prefix", default="/vxnet/v1", help="the key prefix in etcd (default %(default)s)")
+    parser.add_argument("--prefix", default=schema.PREFIX, help="the key prefix in etcd (default %(default)s)")
     for tls in ("--ca", "--cert", "--key"):
         parser.add_argument(tls, help="etcd TLS file (as ETCD_CA_FILE, ETCD_CERT_FILE, ETCD_KEY_FILE)")
     parser.add_argument("--min-age", type=float, default=MIN_ROTATION_GAP,

@@ -6,6 +6,7 @@ from typing import Optional, Tuple
 
 from encrypt.ring import KeyRing
 from encrypt.secret import check_secret
+from store import schema
 from store.kv import KV
 from wire.errors import Conflict
 
@@ -18,10 +19,10 @@ class KeyStore:
     """The sealed key ring in etcd, at <prefix>/encryption/keyring. Writes are compare-and-swap on the key's
     revision, so hosts rotating at the same moment make one rotation, not two."""
 
-    def __init__(self, kv: KV, secret: bytes, prefix: str = "/vxnet/v1"):
+    def __init__(self, kv: KV, secret: bytes, prefix: str = schema.PREFIX):
         self.kv = kv
         self._secret = check_secret(secret)
-        self.key = prefix.rstrip("/") + "/encryption/keyring"
+        self.key = schema.Schema(prefix).keyring()
 
     def __repr__(self) -> str:
         return f"KeyStore({self.key})"

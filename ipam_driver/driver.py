@@ -26,6 +26,7 @@ import logging
 
 from ipam_driver import pools
 from ipam_driver.store import CONTAINER, GATEWAY, IpamStore
+from store.schema import SWARM_HOLDER
 from wire.errors import InvalidOption
 from wire.protocol import (
     AddressRequest,
@@ -39,8 +40,6 @@ log = logging.getLogger(__name__)
 
 LOCAL_SPACE = "vxnet-local"
 GLOBAL_SPACE = "vxnet-global"
-# The holder of the Swarm allocator's pools and addresses (not a host name: those never start with '@').
-SWARM_HOLDER = "@swarm"
 # Options["RequestAddressType"] of the one RequestAddress per network that asks for the gateway. Aux addresses
 # (--aux-address) arrive with no options, exactly like a container's --ip, so they are held as "container".
 GATEWAY_REQUEST = "com.docker.network.gateway"
@@ -50,16 +49,16 @@ DOCKER_OPTION_PREFIX = "com.docker.network."
 
 
 class IpamDriver:
-    """host_id names this host in the holders of pools and addresses; scope ("local"/"global") is the plugin's
-    network scope and picks the address space when a request names none; keys live under
-    `<key_prefix>/ipam/`."""
+    """store holds the pools and addresses in etcd (plugin/main.py builds it); host_id names this host in their
+    holders; scope ("local"/"global") is the plugin's network scope and picks the address space when a request
+    names none."""
 
-    def __init__(self, kv, host_id: str, scope: str, key_prefix: str = "/vxnet/v1"):
+    def __init__(self, store: IpamStore, host_id: str, scope: str):
         if scope not in ("local", "global"):
             raise ValueError(f"scope must be 'local' or 'global', not {scope!r}")
         self.host_id = host_id
         self.scope = scope
-        self.store = IpamStore(kv, key_prefix.rstrip("/") + "/ipam/")
+        self.store = store
 
     # -- capabilities --------------------------------------------------------------------------------------------
     def get_capabilities(self, req: EmptyRequest) -> dict:

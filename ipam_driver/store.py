@@ -1,11 +1,10 @@
-"""Pools and addresses in etcd: the only module that knows the IPAM keys. Every write is one transaction that
-compares what it read, so any number of plugin processes sharing one etcd agree on who holds what.
+"""Pools and addresses in etcd. Every write is one transaction that compares what it read, so any number of
+plugin processes sharing one etcd agree on who holds what.
 
-Keys, under the prefix given to IpamStore (e.g. `/vxnet/v1/ipam/`):
-- `pools/<space>/<cidr, '/' -> '_'>`: `{"cidr", "space", "hosts": [host_id, ...], "created"}`
-- `addresses/<space>/<cidr, '/' -> '_'>/<ip>`: `{"address", "pool", "kind": "gateway"|"container", "hosts", "created"}`
-A pool is created only if no key under `pools/` was written since the pool list was read (a range compare in
-the same transaction), so two overlapping pools can never both be created from the same view of the list.
+Keys (store/schema.py builds them and documents their values): `ipam/pools/<space>/<pool>` and
+`ipam/addresses/<space>/<pool>/<address>`. A pool is created only if no key under `ipam/pools/` was written since
+the pool list was read (a range compare in the same transaction), so two overlapping pools can never both be
+created from the same view of the list.
 
 `hosts` is a multiset: one entry per hold, because several clients on one host may hold the same thing (two
 hosts joining one local overlay, each with its own networks' holds), and the first release must not free what
@@ -22,12 +21,13 @@ finished off by the next RequestPool or ReleasePool.
 import dataclasses
 import datetime
 import json
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from ipam_driver import pools
 from ipam_driver.pools import Address, Network
+from store import schema
 from store.kv import KV
-from store.kvstore import Snapshot, join_key
+from store.kvstore import Snapshot
 from wire.errors import Conflict, Exhausted
 
 GATEWAY = "gateway"
@@ -74,24 +74,24 @@ def _without_one(hosts: Tuple[str, ...], host: str) -> Tuple[str, ...]:
     return hosts[:index] + hosts[index + 1:]
 
 
-def _escape(cidr: Network) -> str:
-    return str(cidr).replace("/", "_")
-
-
 class IpamStore:
-    def __init__(self, kv: KV, prefix: str):
+    """prefix: the root of the whole tree (schema.PREFIX unless the settings move it); the IPAM keys are the
+    schema's ipam/ ones under it."""
+
+    def __init__(self, kv: KV, prefix: str = schema.PREFIX):
         self.kv = kv
-        self.prefix = prefix if prefix.endswith("/") else prefix + "/"
+        self.keys = schema.Schema(prefix)
+        self.pools_prefix = self.keys.prefix(schema.POOL)
 
     # -- keys ------------------------------------------------------------------------------------------------------
     def pool_key(self, space: str, cidr: Network) -> str:
-        return join_key(self.prefix, "pools", space, _escape(cidr))
+        return self.keys.pool(space, cidr)
 
     def addresses_prefix(self, space: str, cidr: Network) -> str:
-        return join_key(self.prefix, "addresses", space, _escape(cidr), "")
+        return self.keys.addresses(space, cidr)
 
     def address_key(self, space: str, cidr: Network, ip: Address) -> str:
-        return join_key(self.prefix, "addresses", space, _escape(cidr), str(ip))
+        return self.keys.address(space, cidr, ip)
 
     # -- reads -----------------------------------------------------------------------------------------------------
     @staticmethod
@@ -106,21 +106,14 @@ class IpamStore:
         return AddressEntry(entry.key, entry.mod_revision, Address(value["address"]), value["kind"],
                             tuple(value["hosts"]), value.get("created", ""))
 
-    def pools(self) -> List[PoolEntry]:
-        return self._pools_at()[0]
-
     def _pools_at(self) -> Tuple[List[PoolEntry], int]:
         """The pools and the store revision they were read at."""
-        entries, revision = self.kv.get_prefix(self.prefix + "pools/")
+        entries, revision = self.kv.get_prefix(self.pools_prefix)
         return [self._pool_entry(e) for e in entries], revision
 
     def pool(self, space: str, cidr: Network) -> Optional[PoolEntry]:
         entry = self.kv.get(self.pool_key(space, cidr))
         return self._pool_entry(entry) if entry else None
-
-    def addresses(self, space: str, cidr: Network) -> Dict[Address, AddressEntry]:
-        entries, _ = self.kv.get_prefix(self.addresses_prefix(space, cidr))
-        return {a.ip: a for a in map(self._address_entry, entries)}
 
     # -- writes of records -----------------------------------------------------------------------------------------
     def _pool_value(self, space: str, cidr: Network, hosts: Tuple[str, ...], created: str) -> str:
@@ -184,7 +177,7 @@ class IpamStore:
                     raise Conflict(f"Pool: {want} overlaps pool {other} already in use in address space {space}")
             key = self.pool_key(space, cidr)
             value = self._pool_value(space, cidr, (host,), _now())
-            if self.kv.commit(absent=[key], unchanged_since={self.prefix + "pools/": read_at}, puts={key: value}):
+            if self.kv.commit(absent=[key], unchanged_since={self.pools_prefix: read_at}, puts={key: value}):
                 return cidr
         raise Conflict(f"Pool: gave up after {MAX_ROUNDS} attempts, pools are changing too fast; retry")
 

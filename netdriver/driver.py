@@ -15,7 +15,8 @@ from kernel import mtu as mtu_of
 from kernel import names
 from netdriver import contracts, options
 from netdriver.models import Endpoint, Network, PeerRecord, Subnet
-from netdriver.store import SWARM_HOLDER, NetworkStore, segment_of
+from netdriver.store import NetworkStore, segment_of
+from store.schema import SWARM_HOLDER
 from wire import protocol as p
 from wire.errors import Conflict, InvalidOption, InvalidRequest, KernelError
 

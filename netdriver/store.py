@@ -1,26 +1,15 @@
-"""The network driver's desired state in etcd: the only place that knows these keys.
-
-Layout under <prefix> (default /vxnet/v1):
-  networks/<network id>            Network: one docker network as this plugin knows it
-  segments/<segment>               {"vni": N, "encrypted": bool}: one overlay; segment = `-o overlay=NAME` or the
-                                   network id. Every network on a segment shares its VNI and its encryption
-  vnis/<vni>                       segment: the VNI allocation, taken by create-if-absent
-  members/<segment>/<host>         {"network_id": ...}: hosts that have the overlay's namespace; SWARM_HOLDER
-                                   holds a Swarm network's segment from AllocateNetwork to FreeNetwork
-  endpoints/<network id>/<eid>     Endpoint: written at CreateEndpoint, removed at DeleteEndpoint
-  peers/<segment>/<eid>            PeerRecord: written at Join under the host's lease, removed at Leave
-  hosts/<host>                     {"vtep", "version", "name", "instance"} under the host's lease: who is alive;
-                                   name is the hostname (for people), instance tells a restart from a copy
-"""
+"""The network driver's desired state in etcd: networks, segments, VNIs, members, endpoints, peers and hosts.
+Every key comes from store/schema.py, whose docstring draws the tree and says what each value holds."""
 
 import json
 import logging
-from typing import Callable, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 from netdriver.models import Endpoint, Network, PeerRecord
 from netdriver.options import VNI_AUTO_BASE, VNI_MAX
+from store import schema
 from store.kv import KV
-from store.kvstore import join_key
+from store.schema import SWARM_HOLDER
 from wire import protocol
 from wire.errors import Conflict, Exhausted
 
@@ -28,8 +17,6 @@ log = logging.getLogger(__name__)
 
 _RETRIES = 32
 VERSION = "0.1.0"
-# A member name no host can have (host IDs start with a letter or digit): the Swarm manager's hold on a network.
-SWARM_HOLDER = "@swarm"
 
 
 def _well_formed(network_id: str, endpoint_id: Optional[str] = None) -> bool:
@@ -50,21 +37,17 @@ def segment_of(network_id: str, overlay: Optional[str]) -> str:
 
 
 class NetworkStore:
-    def __init__(self, kv: KV, prefix: str = "/vxnet/v1"):
+    def __init__(self, kv: KV, prefix: str = schema.PREFIX):
         self.kv = kv
-        self.prefix = prefix.rstrip("/") + "/"
-
-    # -- keys --------------------------------------------------------------------------------------------------
-    def _k(self, *parts: str) -> str:
-        return join_key(self.prefix, *parts)
+        self.keys = schema.Schema(prefix)
 
     # -- networks ----------------------------------------------------------------------------------------------
     def get_network(self, network_id: str) -> Optional[Network]:
-        entry = self.kv.get(self._k("networks", network_id))
+        entry = self.kv.get(self.keys.network(network_id))
         return Network.from_json(entry.value) if entry else None
 
     def list_networks(self) -> List[Network]:
-        entries, _ = self.kv.get_prefix(self._k("networks", ""))
+        entries, _ = self.kv.get_prefix(self.keys.prefix(schema.NETWORK))
         networks = [(e.key, Network.from_json(e.value)) for e in entries]
         return [n for key, n in networks if _well_formed(n.id) or _skipped(key)]
 
@@ -73,11 +56,10 @@ class NetworkStore:
         return int(record["vni"]) if record else None
 
     def _segment(self, segment: str) -> Optional[dict]:
-        entry = self.kv.get(self._k("segments", segment))
+        entry = self.kv.get(self.keys.segment(segment))
         return entry.json() if entry else None
 
-    def allocate_segment(self, segment: str, wanted_vni: Optional[int], encrypted: bool = False,
-                         validate: Callable[[int], None] = lambda vni: None) -> int:
+    def allocate_segment(self, segment: str, wanted_vni: Optional[int], encrypted: bool = False) -> int:
         """Give `segment` a VNI (create-if-absent on vnis/<vni>), or return the one it already has.
 
         A wanted VNI held by another segment is a Conflict naming it; so is joining a segment whose encryption
@@ -96,23 +78,23 @@ class NetworkStore:
                                    f"have it; {fix} -o encrypted to join it")
                 return vni
             if wanted_vni is not None:
-                holder = self.kv.get(self._k("vnis", str(wanted_vni)))
+                holder = self.kv.get(self.keys.vni(wanted_vni))
                 if holder is not None and holder.value != segment:
                     raise Conflict(f"option vni: VNI {wanted_vni} is already used by network {holder.value[:12]}")
                 candidate = wanted_vni
             else:
                 candidate = self._free_vni()
-            validate(candidate)
-            if self.kv.commit(absent=[self._k("vnis", str(candidate)), self._k("segments", segment)],
-                              puts={self._k("vnis", str(candidate)): segment,
-                                    self._k("segments", segment): json.dumps({"vni": candidate,
+            if self.kv.commit(absent=[self.keys.vni(candidate), self.keys.segment(segment)],
+                              puts={self.keys.vni(candidate): segment,
+                                    self.keys.segment(segment): json.dumps({"vni": candidate,
                                                                               "encrypted": encrypted})}):
                 return candidate
         raise Conflict(f"could not allocate a VNI for {segment}: too much contention, try again")
 
     def _free_vni(self) -> int:
-        entries, _ = self.kv.get_prefix(self._k("vnis", ""))
-        used = {int(e.key.rsplit("/", 1)[1]) for e in entries}
+        entries, _ = self.kv.get_prefix(self.keys.prefix(schema.VNI))
+        used = {int(parts["vni"]) for parts in (self.keys.parse(schema.VNI, e.key) for e in entries)
+                if parts and parts["vni"].isdigit()}
         candidate = VNI_AUTO_BASE
         while candidate in used:
             candidate += 1
@@ -122,62 +104,62 @@ class NetworkStore:
 
     def release_segment(self, segment: str) -> None:
         """Drop the segment and its VNI once no host is a member any more."""
-        members, _ = self.kv.get_prefix(self._k("members", segment, ""))
+        members, _ = self.kv.get_prefix(self.keys.prefix(schema.MEMBER, segment=segment))
         if members:
             return
         vni = self.segment_vni(segment)
-        deletes = [self._k("segments", segment)]
+        deletes = [self.keys.segment(segment)]
         if vni is not None:
-            holder = self.kv.get(self._k("vnis", str(vni)))
+            holder = self.kv.get(self.keys.vni(vni))
             if holder is not None and holder.value == segment:
-                deletes.append(self._k("vnis", str(vni)))
+                deletes.append(self.keys.vni(vni))
         self.kv.commit(deletes=deletes)
-        self.kv.delete_prefix(self._k("peers", segment, ""))
+        self.kv.delete_prefix(self.keys.prefix(schema.PEER, segment=segment))
 
     def put_network(self, network: Network, host: str, segment: str) -> None:
         self.kv.commit(puts={
-            self._k("networks", network.id): network.to_json(),
-            self._k("members", segment, host): json.dumps({"network_id": network.id}),
+            self.keys.network(network.id): network.to_json(),
+            self.keys.member(segment, host): json.dumps({"network_id": network.id}),
         })
 
     def add_member(self, network_id: str, host: str, segment: str) -> None:
         """host has the network too (a Swarm or global network: one record, one ID on every host); create-if-absent,
         so a replay writes nothing."""
-        key = self._k("members", segment, host)
+        key = self.keys.member(segment, host)
         self.kv.commit(absent=[key], puts={key: json.dumps({"network_id": network_id})})
 
     def swarm_segment(self, network_id: str) -> str:
         """The segment the Swarm manager's hold on network_id is under (the network ID if there is none)."""
-        prefix = self._k("members", "")
-        entries, _ = self.kv.get_prefix(prefix)
+        entries, _ = self.kv.get_prefix(self.keys.prefix(schema.MEMBER))
         for entry in entries:
-            segment, member = entry.key[len(prefix):].rsplit("/", 1)
-            if member == SWARM_HOLDER and entry.json().get("network_id") == network_id:
-                return segment
+            parts = self.keys.parse(schema.MEMBER, entry.key)
+            if parts and parts["host"] == SWARM_HOLDER and entry.json().get("network_id") == network_id:
+                return parts["segment"]
         return network_id
 
     def delete_network(self, network_id: str, host: str, segment: str) -> None:
         """host leaves the network; the record and its endpoints go with the last member (a network that spans
         hosts has one record for all of them). The record is deleted only if no member key was written since the
         members were read, so a host joining meanwhile keeps it."""
-        members_prefix = self._k("members", segment, "")
-        self.kv.delete(self._k("members", segment, host))
+        members_prefix = self.keys.prefix(schema.MEMBER, segment=segment)
+        self.kv.delete(self.keys.member(segment, host))
         for _ in range(_RETRIES):
             members, revision = self.kv.get_prefix(members_prefix)
             if any(m.json().get("network_id") == network_id for m in members):
                 return
-            if self.kv.commit(unchanged_since={members_prefix: revision}, deletes=[self._k("networks", network_id)]):
-                self.kv.delete_prefix(self._k("endpoints", network_id, ""))
+            if self.kv.commit(unchanged_since={members_prefix: revision}, deletes=[self.keys.network(network_id)]):
+                self.kv.delete_prefix(self.keys.prefix(schema.ENDPOINT, network=network_id))
                 return
         raise Conflict(f"could not delete network {network_id[:12]}: its members keep changing, try again")
 
     def member_networks(self, host: str) -> List[Network]:
         """The networks this host should have a namespace for: per segment, the network its member key names
         (on standalone hosts sharing `-o overlay=NAME`, each host has its own docker network id)."""
-        entries, _ = self.kv.get_prefix(self._k("members", ""))
+        entries, _ = self.kv.get_prefix(self.keys.prefix(schema.MEMBER))
         out = []
         for entry in entries:
-            if entry.key.rsplit("/", 1)[1] != host:
+            parts = self.keys.parse(schema.MEMBER, entry.key)
+            if not parts or parts["host"] != host:
                 continue
             if not _well_formed(entry.json()["network_id"]):
                 _skipped(entry.key)
@@ -189,46 +171,45 @@ class NetworkStore:
 
     # -- endpoints ---------------------------------------------------------------------------------------------
     def get_endpoint(self, network_id: str, endpoint_id: str) -> Optional[Endpoint]:
-        entry = self.kv.get(self._k("endpoints", network_id, endpoint_id))
+        entry = self.kv.get(self.keys.endpoint(network_id, endpoint_id))
         return Endpoint.from_json(entry.value) if entry else None
 
     def list_endpoints(self, network_id: str) -> List[Endpoint]:
-        entries, _ = self.kv.get_prefix(self._k("endpoints", network_id, ""))
+        entries, _ = self.kv.get_prefix(self.keys.prefix(schema.ENDPOINT, network=network_id))
         endpoints = [(e.key, Endpoint.from_json(e.value)) for e in entries]
         return [e for key, e in endpoints if _well_formed(e.network_id, e.id) or _skipped(key)]
 
     def network_and_endpoint(self, network_id: str, endpoint_id: str) -> Tuple[Optional[Network],
                                                                                 Optional[Endpoint]]:
         """Both records in one round trip (Join and DeleteEndpoint need both)."""
-        net_key, ep_key = self._k("networks", network_id), self._k("endpoints", network_id, endpoint_id)
+        net_key, ep_key = self.keys.network(network_id), self.keys.endpoint(network_id, endpoint_id)
         found = self.kv.read(keys=[net_key, ep_key]).entries
         return (Network.from_json(found[net_key].value) if found[net_key] else None,
                 Endpoint.from_json(found[ep_key].value) if found[ep_key] else None)
 
     def put_endpoint(self, endpoint: Endpoint) -> None:
-        self.kv.put(self._k("endpoints", endpoint.network_id, endpoint.id), endpoint.to_json())
+        self.kv.put(self.keys.endpoint(endpoint.network_id, endpoint.id), endpoint.to_json())
 
     def delete_endpoint(self, network_id: str, endpoint_id: str, segment: Optional[str] = None) -> None:
         """The endpoint's record, and with segment its peer record too, in one transaction."""
-        deletes = [self._k("endpoints", network_id, endpoint_id)]
+        deletes = [self.keys.endpoint(network_id, endpoint_id)]
         if segment is not None:
-            deletes.append(self._k("peers", segment, endpoint_id))
+            deletes.append(self.keys.peer(segment, endpoint_id))
         self.kv.commit(deletes=deletes)
 
     # -- peers -------------------------------------------------------------------------------------------------
     def put_peer(self, segment: str, peer: PeerRecord, lease: int = 0) -> None:
-        self.kv.put(self._k("peers", segment, peer.endpoint_id), peer.to_json(), lease=lease)
+        self.kv.put(self.keys.peer(segment, peer.endpoint_id), peer.to_json(), lease=lease)
 
     def delete_peer(self, segment: str, endpoint_id: str) -> None:
-        self.kv.delete(self._k("peers", segment, endpoint_id))
+        self.kv.delete(self.keys.peer(segment, endpoint_id))
 
     def peers_prefix(self) -> str:
-        return self._k("peers", "")
+        return self.keys.prefix(schema.PEER)
 
     def parse_peer_key(self, key: str) -> Optional[Tuple[str, str]]:
         """peers/<segment>/<eid> -> (segment, eid), None for anything else."""
-        rest = key[len(self.peers_prefix()):].split("/")
-        return (rest[0], rest[1]) if key.startswith(self.peers_prefix()) and len(rest) == 2 else None
+        return self.keys.peer_of(key)
 
     def all_peers(self) -> Tuple[List[Tuple[str, int, PeerRecord]], int]:
         """Every peer record as (segment, mod_revision, record), and the revision they were read at."""
@@ -243,18 +224,19 @@ class NetworkStore:
     # -- hosts -------------------------------------------------------------------------------------------------
     def host_entry(self, host: str):
         """The raw hosts/<host> entry (its lease and mod_revision decide who owns it), or None."""
-        return self.kv.get(self._k("hosts", host))
+        return self.kv.get(self.keys.host(host))
 
     def register_host(self, host: str, record: dict, lease: int, expect_revision: int) -> bool:
         """Write hosts/<host> = record + version under lease, only if the key is still at expect_revision (0: absent):
         the compare makes two hosts claiming one ID at once unable to both win. False: it changed meanwhile."""
-        return self.kv.commit(revisions={self._k("hosts", host): expect_revision},
-                              puts={self._k("hosts", host): json.dumps({**record, "version": VERSION})}, lease=lease)
+        return self.kv.commit(revisions={self.keys.host(host): expect_revision},
+                              puts={self.keys.host(host): json.dumps({**record, "version": VERSION})}, lease=lease)
 
     def hosts(self) -> dict:
-        entries, _ = self.kv.get_prefix(self._k("hosts", ""))
-        return {e.key.rsplit("/", 1)[1]: e.json() for e in entries}
+        entries, _ = self.kv.get_prefix(self.keys.prefix(schema.HOST))
+        found = ((self.keys.parse(schema.HOST, e.key), e) for e in entries)
+        return {parts["host"]: e.json() for parts, e in found if parts}
 
     def list_peers(self, segment: str) -> List[PeerRecord]:
-        entries, _ = self.kv.get_prefix(self._k("peers", segment, ""))
+        entries, _ = self.kv.get_prefix(self.keys.prefix(schema.PEER, segment=segment))
         return [PeerRecord.from_json(e.value) for e in entries]

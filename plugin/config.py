@@ -12,6 +12,7 @@ from typing import Mapping, Optional, Tuple
 from urllib.parse import urlsplit
 
 from plugin.identity import HOST_ID_RULE, valid_host_id
+from store import schema
 from wire.errors import ConfigError
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -36,7 +37,7 @@ class Settings:
     log_level: str = "info"
     host_id: str = ""  # VXNET_HOST_ID; empty: the ID generated once and kept in state_dir (plugin/identity.py)
     hostname: str = ""  # the name people read, recorded beside the ID; any string, never a key
-    key_prefix: str = "/vxnet/v1"
+    key_prefix: str = schema.PREFIX  # the root of the etcd tree (store/schema.py draws it)
     # The cluster secret that seals the ESP key ring in etcd: a file holding 32 bytes as hex or base64, the same on
     # every host. A file, not a value: `docker plugin inspect` shows every env value. None: `-o encrypted` refused.
     encryption_secret_file: Optional[str] = None

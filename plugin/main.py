@@ -20,6 +20,7 @@ from encrypt.rotator import KeyRotator
 from encrypt.secret import read_secret_file
 from encrypt.watch import KeyRingWatcher
 from ipam_driver.driver import IpamDriver
+from ipam_driver.store import IpamStore
 from kernel import libnftables, names
 from kernel.links import Links
 from kernel.probes import EspProbe
@@ -195,7 +196,7 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
                             peers=sync, lease_id=lambda: lease.id, on_vtep_change=vtep_changed,
                             encryption=encryption)
         lease.on_new_lease = net.republish_peers
-        ipam = IpamDriver(kv, me.id, choice.scope, settings.key_prefix)
+        ipam = IpamDriver(IpamStore(kv, settings.key_prefix), me.id, choice.scope)
         server = waitress.create_server(make_app({NETWORK: net, IPAM: ipam}), unix_socket=settings.socket_path,
                                         unix_socket_perms="660", threads=8, ident="vxnet")
         log.info("listening on %s host=%s id-from=%s vtep=%s underlay-mtu=%d scope=%s etcd=%s", settings.socket_path,

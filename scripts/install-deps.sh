@@ -15,7 +15,7 @@ APT_PACKAGES=(
 )
 # PyPI name -> import name, in pairs.
 PIP_PACKAGES=(
-  etcd3gw etcd3gw
+  requests requests
   pyroute2 pyroute2
   waitress waitress
   flask flask

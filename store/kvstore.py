@@ -1,10 +1,14 @@
-"""A thin etcd v3 wrapper over etcd3gw's HTTP session: the only module that speaks to etcd.
+"""A thin etcd v3 client over its JSON gateway, on one requests session: the only module that speaks to etcd.
 
 Keys and values are str (values are JSON written by the stores). Every failure to reach etcd becomes
 StoreUnavailable naming the endpoints, so a `docker` user reads "etcd unreachable at http://...".
 The stores build on six primitives: get, get_prefix, `read` (several keys and prefixes in one round trip, at
 one revision), put, delete and `commit`, a compare-and-swap transaction (keys that must be absent, keys that must
-be at a given revision, then puts and deletes).
+be at a given revision, then puts and deletes). The keys themselves come from store/schema.py.
+
+One HTTP stack: a requests session (TLS client certificate and CA from the settings, nothing from the
+environment) carries the JSON calls and the watch's stream. Why a call failed is read from the types of the
+errors requests raises and wraps (ssl.SSLError, ConnectionRefusedError, timeouts), and from the HTTP status.
 """
 
 import base64
@@ -12,18 +16,15 @@ import dataclasses
 import http.client
 import json
 import logging
-import re
 import socket
 import ssl
 import threading
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
-from urllib.parse import urlsplit
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import requests
-from etcd3gw import exceptions as etcd_exc
-from etcd3gw.client import Etcd3Client
+import urllib3
 
-from wire.errors import InvalidRequest, StoreUnavailable, VxnetError
+from wire.errors import StoreUnavailable, VxnetError
 
 log = logging.getLogger(__name__)
 
@@ -38,23 +39,6 @@ def _b64(text: str) -> str:
 
 def _unb64(text: str) -> str:
     return base64.b64decode(text).decode()
-
-
-# What the stores put between the slashes of their keys: IDs, host names, VNIs, segment names, escaped CIDRs,
-# addresses. Never a slash or a NUL, never "." or "..": a part must not reach into another part of the tree
-# ("../../etc/passwd" as an endpoint ID would be three parts, read back as another network's).
-_KEY_PART = re.compile(r"[A-Za-z0-9@_.:-]+")
-
-
-def join_key(prefix: str, *parts: str) -> str:
-    """prefix + parts joined by "/"; the last part may be "" (a prefix for get_prefix). InvalidRequest for a part
-    that is not a plain name: callers check their values first, this is the backstop before etcd."""
-    for i, part in enumerate(parts):
-        if part == "" and i == len(parts) - 1:
-            continue
-        if not isinstance(part, str) or not _KEY_PART.fullmatch(part) or part in (".", ".."):
-            raise InvalidRequest(f"etcd key under {prefix}: {part!r} cannot be a key part")
-    return prefix + "/".join(parts)
 
 
 def prefix_end(prefix: str) -> str:
@@ -108,49 +92,60 @@ def _session(ca: Optional[str], cert: Optional[str], key: Optional[str]) -> requ
 
 
 class EtcdKV:
-    """etcd v3 over its JSON gateway. Thread-safe: each call is one HTTP request on a pooled session."""
+    """etcd v3 over its JSON gateway (POST /v3/<service>/<method>, base64 keys and values). Thread-safe: each call
+    is one HTTP request on a session whose connections are pooled per endpoint; the watch streams over the same
+    session on a connection of its own."""
 
     def __init__(self, endpoints: Sequence[str], ca: Optional[str] = None, cert: Optional[str] = None,
-                 key: Optional[str] = None, timeout: float = DEFAULT_TIMEOUT,
-                 client_factory: Callable[..., Etcd3Client] = Etcd3Client):
+                 key: Optional[str] = None, timeout: float = DEFAULT_TIMEOUT):
         if not endpoints:
             raise ValueError("EtcdKV needs at least one endpoint")
-        self.endpoints = tuple(endpoints)
-        self._clients = []
-        for url in self.endpoints:
-            scheme, rest = url.split("://", 1)
-            host, port = rest.rsplit(":", 1)
-            self._clients.append(client_factory(
-                host=host.strip("[]"), port=int(port), protocol=scheme, timeout=timeout, api_path="/v3/",
-                session=_session(ca, cert, key)))
-        self._tls = (ca, cert, key)
+        self.endpoints = tuple(url.rstrip("/") for url in endpoints)
+        self.timeout = timeout
+        self._session = _session(ca, cert, key)
         self._preferred = 0
         self._lock = threading.Lock()
 
     # -- transport ---------------------------------------------------------------------------------------------
     def _call(self, path: str, body: dict) -> dict:
-        """POST body to /v3/<path> on the first endpoint that answers; StoreUnavailable if none does."""
+        """POST body to /v3/<path> on the first endpoint that answers; StoreUnavailable if none does, or if one
+        answers with an error (etcd refused the request: another endpoint of the same cluster would too)."""
         errors = []
         with self._lock:
-            order = list(range(len(self._clients)))
+            order = list(range(len(self.endpoints)))
             order = order[self._preferred:] + order[:self._preferred]
         for index in order:
-            client = self._clients[index]
+            url = self.endpoints[index]
             try:
-                reply = client.post(client.get_url(path), data=json.dumps(body))
-            except (etcd_exc.ConnectionFailedError, etcd_exc.ConnectionTimeoutError) as exc:
-                errors.append(f"{self.endpoints[index]}: {_short(exc)}")
+                reply = self._session.post(f"{url}/v3/{path}", json=body, timeout=self.timeout)
+            except OSError as exc:  # requests' errors are OSErrors too, and so is an unreadable TLS file
+                errors.append(f"{url}: {_reason(exc)}")
                 continue
-            except etcd_exc.Etcd3Exception as exc:
-                raise StoreUnavailable(
-                    f"etcd at {self.endpoints[index]} refused {path}: {exc.detail_text or exc}") from None
-            except OSError as exc:  # TLS files unreadable, bad certificates
-                errors.append(f"{self.endpoints[index]}: {exc}")
-                continue
+            if reply.status_code != 200:
+                raise StoreUnavailable(f"etcd at {url} refused {path}: HTTP {reply.status_code} {_detail(reply)}")
+            try:
+                answer = reply.json()
+            except ValueError:
+                raise StoreUnavailable(f"etcd at {url} answered {path} with something that is not JSON") from None
             with self._lock:
                 self._preferred = index
-            return reply
+            return answer
         raise StoreUnavailable("etcd unreachable at " + ", ".join(self.endpoints) + " (" + "; ".join(errors) + ")")
+
+    def _stream(self, path: str, body: dict) -> Tuple[str, requests.Response]:
+        """POST body to /v3/<path> on the endpoint that answered last, for a response read as it arrives: the
+        connect timeout as for every call, no read timeout (a quiet watch is normal; a dead etcd closes the
+        connection, a silent partition is caught by the lease keepalive, which closes the stream)."""
+        url = self.current_endpoint()
+        try:
+            reply = self._session.post(f"{url}/v3/{path}", json=body, stream=True, timeout=(self.timeout, None))
+        except OSError as exc:
+            raise StoreUnavailable(f"etcd unreachable at {url} ({path}: {_reason(exc)})") from None
+        if reply.status_code != 200:
+            detail = _detail(reply)
+            reply.close()
+            raise StoreUnavailable(f"etcd at {url} refused {path}: HTTP {reply.status_code} {detail}")
+        return url, reply
 
     # -- reads -------------------------------------------------------------------------------------------------
     def get(self, key: str) -> Optional[Entry]:
@@ -236,30 +231,12 @@ class EtcdKV:
         reply = self._call("lease/timetolive", {"ID": lease_id})
         return max(0, int(reply.get("TTL", 0)))
 
-    def lease_revoke(self, lease_id: int) -> None:
-        try:
-            self._call("lease/revoke", {"ID": lease_id})
-        except StoreUnavailable:
-            raise
-        except VxnetError:
-            pass
-
     def watch(self, prefix: str, start_revision: int) -> "WatchStream":
         return WatchStream(self, prefix, start_revision)
 
     def current_endpoint(self) -> str:
         with self._lock:
             return self.endpoints[self._preferred]
-
-    def http_connection(self, url: str) -> http.client.HTTPConnection:
-        """A connection of our own for a long-lived stream (its socket can be shut down from another thread)."""
-        parts = urlsplit(url)
-        if parts.scheme == "https":
-            context = ssl.create_default_context(cafile=self._tls[0])
-            if self._tls[1]:
-                context.load_cert_chain(self._tls[1], self._tls[2])
-            return http.client.HTTPSConnection(parts.hostname, parts.port, timeout=DEFAULT_TIMEOUT, context=context)
-        return http.client.HTTPConnection(parts.hostname, parts.port, timeout=DEFAULT_TIMEOUT)
 
     def revision(self) -> int:
         reply = self._call("kv/range", {"key": _b64("\0"), "limit": 1})
@@ -287,48 +264,45 @@ class Compacted(VxnetError):
 
 class WatchStream:
     """One watch on a key prefix from a start revision. Iterate for events; `close()` (from any thread) ends the
-    iteration. Raises StoreUnavailable when the stream breaks and Compacted when the start revision is gone."""
+    iteration. Raises StoreUnavailable when the stream breaks and Compacted when the start revision is gone.
+    Wire: one create_request, then newline-separated JSON messages {"result": {"events", "compact_revision",
+    "canceled", ...}} on the chunked response."""
 
     def __init__(self, kv: "EtcdKV", prefix: str, start_revision: int):
         self.kv = kv
         self.prefix = prefix
         self.start_revision = start_revision
-        self._conn = None
+        self._reply: Optional[requests.Response] = None
         self._closed = threading.Event()
 
     def close(self) -> None:
         self._closed.set()
-        conn = self._conn
-        if conn is not None and conn.sock is not None:
+        reply = self._reply
+        connection = reply.raw.connection if reply is not None else None
+        sock = getattr(connection, "sock", None)
+        if sock is not None:
             # Shutting the socket down is what wakes a reader blocked in recv() on another thread; close() alone
             # waits for that reader.
             try:
-                conn.sock.shutdown(socket.SHUT_RDWR)
+                sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
 
     def __iter__(self):
         request = {"create_request": {"key": _b64(self.prefix), "range_end": _b64(prefix_end(self.prefix)),
                                       "start_revision": self.start_revision, "prev_kv": True}}
-        url = self.kv.current_endpoint()
         try:
-            self._conn = self.kv.http_connection(url)
-            self._conn.request("POST", "/v3/watch", body=json.dumps(request),
-                               headers={"Content-Type": "application/json"})
-            # No read timeout from here on: a quiet watch is normal. A dead etcd closes the connection; a silent
-            # partition is caught by the lease keepalive, which closes this stream.
-            self._conn.sock.settimeout(None)
-            resp = self._conn.getresponse()
-            if resp.status != 200:
-                raise StoreUnavailable(f"etcd at {url} refused the watch: HTTP {resp.status}")
-        except OSError as exc:
+            url, reply = self.kv._stream("watch", request)
+        except StoreUnavailable:
             if self._closed.is_set():
                 return
-            raise StoreUnavailable(f"etcd unreachable at {url} (watch: {exc})") from None
+            raise
+        # Set before the check: close() either sees the reply (and shuts its socket) or is seen here.
+        self._reply = reply
         buffer = b""
         try:
             while not self._closed.is_set():
-                chunk = resp.read1(65536)
+                chunk = reply.raw.read1(65536)
                 if not chunk:
                     break
                 buffer += chunk
@@ -336,11 +310,11 @@ class WatchStream:
                     line, buffer = buffer.split(b"\n", 1)
                     if line.strip():
                         yield from self._events(json.loads(line))
-        except (OSError, http.client.HTTPException, ValueError) as exc:
+        except (OSError, urllib3.exceptions.HTTPError, http.client.HTTPException, ValueError) as exc:
             if not self._closed.is_set():
-                raise StoreUnavailable(f"etcd watch on {url} broke: {exc}") from None
+                raise StoreUnavailable(f"etcd watch on {url} broke: {_reason(exc)}") from None
         finally:
-            self._conn.close()
+            reply.close()
         if not self._closed.is_set():
             raise StoreUnavailable(f"etcd at {url} closed the watch stream")
 
@@ -364,14 +338,43 @@ class WatchStream:
             )
 
 
-def _short(exc: Exception) -> str:
-    text = getattr(exc, "detail_text", None) or str(exc)
-    ssl_reason = re.search(r"\[SSL[^\]]*\] ([^'\")(]+)", text) or re.search(r"(certificate [^'\")(]+)", text)
-    if "SSL" in text or "certificate" in text.lower():
-        return "TLS handshake failed: " + (ssl_reason.group(1).strip() if ssl_reason else text[:200]) + \
-            " (check ETCD_CA_FILE, ETCD_CERT_FILE, ETCD_KEY_FILE)"
-    if "Connection refused" in text:
+def _causes(exc: BaseException):
+    """exc and what it wraps: requests wraps urllib3's errors (in args, MaxRetryError.reason), which wrap the
+    socket's and ssl's (__cause__, __context__)."""
+    seen, todo = set(), [exc]
+    while todo:
+        current = todo.pop(0)
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        wrapped = [current.__cause__, current.__context__, getattr(current, "reason", None), *current.args]
+        todo += [w for w in wrapped if isinstance(w, BaseException)]
+
+
+def _reason(exc: BaseException) -> str:
+    """Why a request did not reach etcd, in a few words, from the types of the errors it wraps."""
+    causes = list(_causes(exc))
+    tls = next((c for c in causes if isinstance(c, ssl.SSLError)), None)
+    if tls is not None or any(isinstance(c, requests.exceptions.SSLError) for c in causes):
+        why = getattr(tls, "verify_message", None) or getattr(tls, "reason", None) or "refused"
+        return f"TLS handshake failed: {why} (check ETCD_CA_FILE, ETCD_CERT_FILE, ETCD_KEY_FILE)"
+    if any(isinstance(c, ConnectionRefusedError) for c in causes):
         return "connection refused"
-    if "timed out" in text.lower():
+    if any(isinstance(c, (socket.timeout, requests.exceptions.Timeout, urllib3.exceptions.TimeoutError))
+           for c in causes):
         return "timed out"
-    return text[:200]
+    if not isinstance(exc, requests.exceptions.RequestException):
+        # An OSError requests raises before it connects: a TLS file that does not exist.
+        return f"{exc} (check ETCD_CA_FILE, ETCD_CERT_FILE, ETCD_KEY_FILE)"
+    innermost = causes[-1]
+    return (getattr(innermost, "strerror", None) or str(innermost))[:200]
+
+
+def _detail(reply: requests.Response) -> str:
+    """The gateway's error text: {"error", "code", "message"} (grpc-gateway), or the start of the body."""
+    try:
+        body = reply.json()
+    except ValueError:
+        return reply.text[:200]
+    return str(body.get("message") or body.get("error") or body)[:200] if isinstance(body, dict) else str(body)[:200]

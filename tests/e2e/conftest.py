@@ -6,7 +6,7 @@ etcd they all reach, and the plugin as a host process in a host.
         plugin = vxnet_plugin(host)      # `python3 -m plugin` in the host, answering on its socket
         host.docker("network", "create", "-d", "vxnet", "--ipam-driver", "vxnet", "--subnet", ..., "net1")
         plugin.restart(); plugin.kill(); plugin.start()
-        etcd.keys("/vxnet/v1/"); etcd.pause(); etcd.resume()
+        etcd.keys(schema.PREFIX + "/"); etcd.pause(); etcd.resume()
 """
 
 import pytest

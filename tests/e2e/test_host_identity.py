@@ -6,6 +6,7 @@ import json
 import os
 import sys
 
+from store import schema
 from tests.harness.containers import addresses, pings, run_sleeper, wait_ping
 from tests.harness.proc import wait_until
 
@@ -27,7 +28,7 @@ def overlay(host, name, subnet):
 
 
 def host_records(etcd):
-    keys = [k for k in etcd.keys("/vxnet/v1/hosts/") if k.startswith("/vxnet/v1/hosts/")]
+    keys = [k for k in etcd.keys(schema.PREFIX + "/hosts/") if k.startswith(schema.PREFIX + "/hosts/")]
     return {k.rsplit("/", 1)[1]: json.loads(etcd.get(k)) for k in keys}
 
 
@@ -103,4 +104,4 @@ def test_a_second_live_host_on_one_id_is_refused_and_a_nameless_host_starts(host
     run_sleeper(h1, "c1b", "a")
     wait_ping(h3, "c3", addresses(h1, "c1b")["a"])
     wait_ping(h1, "c1", ip3)
-    assert not any(h2.ip in (etcd.get(k) or "") for k in etcd.keys("/vxnet/v1/"))
+    assert not any(h2.ip in (etcd.get(k) or "") for k in etcd.keys(schema.PREFIX + "/"))

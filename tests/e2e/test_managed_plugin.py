@@ -10,6 +10,7 @@ import re
 
 import pytest
 
+from store import schema
 from tests.harness.containers import (
     addresses,
     network_id,
@@ -124,7 +125,8 @@ def test_an_unknown_option_is_refused_and_the_error_names_it(host, etcd):
     assert host.docker("network", "ls", "-q", "--filter", "name=^x$").stdout.strip() == ""
     assert not [ns for ns in host.netns() if ns.startswith("vxnet-")]
     # The plugin runs against the shared etcd it was given: its host record is there, and no network is.
-    wait_until(lambda: [k for k in etcd.keys("/vxnet/v1/hosts/") if host.name in k], 20,
+    wait_until(lambda: [k for k in etcd.keys(schema.PREFIX + "/hosts/") if host.name in k], 20,
                f"{host.name}'s host record in the test etcd")
-    wait_until(lambda: not [k for k in etcd.keys("/vxnet/v1/") if not k.startswith("/vxnet/v1/hosts/")], 10,
+    wait_until(lambda: not [k for k in etcd.keys(schema.PREFIX + "/")
+                            if not k.startswith(schema.PREFIX + "/hosts/")], 10,
                "nothing in the test etcd but host records")

@@ -2,6 +2,7 @@
 
 import pytest
 
+from store import schema
 from tests.harness.containers import (
     addresses,
     network_id,
@@ -15,7 +16,7 @@ from tests.harness.proc import wait_until
 
 SUBNET_A = "10.200.1.0/24"
 SUBNET_B = "10.200.2.0/24"
-HOST_KEYS = "/vxnet/v1/hosts/"
+HOST_KEYS = schema.PREFIX + "/hosts/"
 
 
 @pytest.fixture
@@ -89,7 +90,7 @@ def test_removing_containers_and_networks_leaves_nothing_behind(host, plugin, et
     for nid in made.values():
         assert f"vxnet-{nid[:12]}" in present
         assert [link for link in host.links(f"vxnet-{nid[:12]}") if link.startswith("vx")]
-    assert [key for key in etcd.keys("/vxnet/v1/") if not key.startswith(HOST_KEYS)]
+    assert [key for key in etcd.keys(schema.PREFIX + "/") if not key.startswith(HOST_KEYS)]
 
     host.docker("rm", "-f", "net-a-c1", "net-a-c2", "net-b-c1", "net-b-c2")
     host.docker("network", "rm", "net-a", "net-b")
@@ -97,7 +98,7 @@ def test_removing_containers_and_networks_leaves_nothing_behind(host, plugin, et
     wait_until(lambda: not [ns for ns in host.netns() if ns.startswith("vxnet-")], 10,
                "no vxnet-* namespace in the host")
     wait_until(lambda: not [link for link in host.links() if link.startswith("vx")], 10, "no vx* link in the host")
-    wait_until(lambda: not [key for key in etcd.keys("/vxnet/v1/") if not key.startswith(HOST_KEYS)], 10,
+    wait_until(lambda: not [key for key in etcd.keys(schema.PREFIX + "/") if not key.startswith(HOST_KEYS)], 10,
                "no etcd key under /vxnet/v1/ but hosts/")
     assert plugin.alive()
 

@@ -12,6 +12,7 @@ import re
 
 import pytest
 
+from store import schema
 from tests.harness.containers import addresses, network_id, run_sleeper, wait_ping
 from tests.harness.images import IMAGE
 from tests.harness.plugin import REPO
@@ -284,7 +285,7 @@ def test_leadership_moves_and_nothing_leaks(swarm, etcd):
     swarm.wait_tasks("lead", {h.name: 1 for h in swarm.hosts})
 
     def allocator_state():
-        return {key: etcd.get(key) for key in etcd.keys("/vxnet/v1/ipam/") if "vxnet-global" in key}
+        return {key: etcd.get(key) for key in etcd.keys(schema.PREFIX + "/ipam/") if "vxnet-global" in key}
 
     before = allocator_state()
     assert before, "the allocator holds nothing in the global space?"

@@ -16,6 +16,7 @@ import os
 import re
 from typing import Callable, Dict, List, Optional, Sequence, Set
 
+from store import schema
 from tests.harness.hosts import SWARM_ADDR_POOL, Host
 from tests.harness.plugin import REPO
 from tests.harness.proc import HarnessError, run, wait_until
@@ -75,7 +76,7 @@ def leftovers(hosts: Sequence[Host], etcd) -> List[str]:
     for host in hosts:
         found += [f"{host.name}: namespace {ns}" for ns in host.netns() if ns.startswith("vxnet-")]
         found += [f"{host.name}: link {link}" for link in host.links() if link.startswith("vx")]
-    found += [f"etcd: {key}" for key in etcd.keys("/vxnet/") if not key.startswith("/vxnet/v1/hosts/")]
+    found += [f"etcd: {key}" for key in etcd.keys("/vxnet/") if not key.startswith(schema.PREFIX + "/hosts/")]
     return found
 
 

@@ -6,6 +6,8 @@ import time
 import pytest
 
 from ipam_driver.driver import IpamDriver
+from ipam_driver.store import IpamStore
+from store import schema
 from store.kvstore import EtcdKV
 from tests.harness.etcd import EtcdServer
 from wire.errors import StoreUnavailable
@@ -28,7 +30,7 @@ def _pool(driver, cidr):
 
 def test_two_hosts_allocate_200_unique_addresses_in_parallel(etcd):
     url = etcd.url
-    hosts = [IpamDriver(EtcdKV([url]), "h1", "local"), IpamDriver(EtcdKV([url]), "h2", "local")]
+    hosts = [IpamDriver(IpamStore(EtcdKV([url])), "h1", "local"), IpamDriver(IpamStore(EtcdKV([url])), "h2", "local")]
     pid = _pool(hosts[0], "10.1.0.0/24")
     assert _pool(hosts[1], "10.1.0.0/24") == pid
     got, errors = [], []
@@ -47,19 +49,19 @@ def test_two_hosts_allocate_200_unique_addresses_in_parallel(etcd):
         t.join()
     assert errors == []
     assert len(got) == 200 and len(set(got)) == 200
-    entries, _ = EtcdKV([url]).get_prefix("/vxnet/v1/ipam/addresses/")
+    entries, _ = EtcdKV([url]).get_prefix(schema.PREFIX + "/ipam/addresses/")
     assert len(entries) == 200
 
     # Releasing both holds removes every key of the pool, more than one transaction's worth of addresses.
     for driver in hosts:
         driver.release_pool(PoolIDRequest(pid))
-    entries, _ = EtcdKV([url]).get_prefix("/vxnet/v1/ipam/")
+    entries, _ = EtcdKV([url]).get_prefix(schema.PREFIX + "/ipam/")
     assert [e.key for e in entries] == []
 
 
 def test_etcd_stopped_gives_store_unavailable_within_5_s(etcd):
     url = etcd.url
-    driver = IpamDriver(EtcdKV([url]), "h1", "local")
+    driver = IpamDriver(IpamStore(EtcdKV([url])), "h1", "local")
     pid = _pool(driver, "10.1.0.0/24")
     etcd.stop()
     started = time.monotonic()

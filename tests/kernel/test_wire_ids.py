@@ -11,6 +11,7 @@ import subprocess
 import pytest
 
 from ipam_driver.driver import IpamDriver
+from ipam_driver.store import IpamStore
 from kernel import names
 from kernel.links import Links
 from netdriver.driver import NetworkDriver
@@ -35,7 +36,7 @@ def plugin(netns_dir, etcd):
     prefix = f"/vxnet-test-{secrets.token_hex(4)}"
     underlay = Underlay(lambda a: 1500, "127.0.0.1")
     net = NetworkDriver(NetworkStore(kv, prefix), DataPlane(links, underlay), "h1", "local", underlay)
-    app = make_app({NETWORK: net, IPAM: IpamDriver(kv, "h1", "local", prefix)})
+    app = make_app({NETWORK: net, IPAM: IpamDriver(IpamStore(kv, prefix), "h1", "local")})
     try:
         yield app.test_client(), links, netns_dir, kv, prefix
     finally:

@@ -8,6 +8,7 @@ import pytest
 
 from netdriver.hosts import HostLease
 from netdriver.store import NetworkStore
+from store import schema
 from tests.fakes import FakeKV
 from wire.errors import HostIdConflict
 
@@ -33,7 +34,7 @@ def renewing(kv, lease_id, every=3):
 
 
 def record(kv, host_id="dup"):
-    entry = kv.get(f"/vxnet/v1/hosts/{host_id}")
+    entry = kv.get(f"{schema.PREFIX}/hosts/{host_id}")
     return entry.lease, json.loads(entry.value)
 
 
@@ -110,7 +111,7 @@ def test_a_record_from_an_older_version_under_the_saved_lease_is_this_hosts(tmp_
     kv = FakeKV()
     store = NetworkStore(kv)
     old = kv.lease_grant(TTL)
-    kv.put("/vxnet/v1/hosts/dup", json.dumps({"vtep": "192.0.2.1", "version": "0.0.9"}), lease=old)
+    kv.put(schema.PREFIX + "/hosts/dup", json.dumps({"vtep": "192.0.2.1", "version": "0.0.9"}), lease=old)
     (tmp_path / "lease").write_text(str(old))
     upgraded = lease(kv, store, tmp_path / "lease")
     assert upgraded.acquire() is False and upgraded.id == old  # no wait, no new lease: peers never vanish

@@ -8,6 +8,7 @@ import pytest
 
 from ipam_driver import pools, store
 from ipam_driver.driver import IpamDriver
+from store import schema
 from tests.fakes import FakeKV
 from wire.errors import Conflict, Exhausted, InvalidOption, StoreUnavailable
 from wire.protocol import (
@@ -18,7 +19,7 @@ from wire.protocol import (
     RequestPoolRequest,
 )
 
-ROOT = "/vxnet/v1/ipam/"
+ROOT = schema.PREFIX + "/ipam/"
 GW = {"RequestAddressType": "com.docker.network.gateway"}
 
 
@@ -28,7 +29,7 @@ def kv():
 
 
 def driver(kv, host="h1", scope="local"):
-    return IpamDriver(kv, host, scope)
+    return IpamDriver(store.IpamStore(kv), host, scope)
 
 
 def pool_req(pool="", sub="", space="vxnet-local", v6=False, options=None):

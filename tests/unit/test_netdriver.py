@@ -6,6 +6,7 @@ from netdriver.driver import NetworkDriver, mac_for
 from netdriver.options import VNI_AUTO_BASE
 from netdriver.store import NetworkStore
 from netdriver.underlay import Underlay
+from store import schema
 from tests.fakes import FakeDataPlane, FakeKV
 from wire import protocol as p
 from wire.errors import (
@@ -47,7 +48,7 @@ def test_create_network_records_state_and_builds_namespace():
     net = drv.store.get_network(NID)
     assert net.vni == VNI_AUTO_BASE and net.mtu == 1450 and not net.internal
     assert plane.networks[NID] == {"vni": VNI_AUTO_BASE, "mtu": 1450}
-    assert kv.get(f"/vxnet/v1/vnis/{VNI_AUTO_BASE}").value == NID
+    assert kv.get(f"{schema.PREFIX}/vnis/{VNI_AUTO_BASE}").value == NID
 
 
 def test_second_network_gets_next_vni_and_options_are_honoured():
@@ -231,8 +232,8 @@ def test_calls_on_a_ready_network_only_touch_their_endpoint_in_few_etcd_round_tr
     before = kv.round_trips
     drv.delete_endpoint(p.EndpointRequest.decode({"NetworkID": NID, "EndpointID": EID}))
     assert kv.round_trips - before == 2  # both records in one read; endpoint and peer deleted in one transaction
-    assert plane.guarded[NID] == [] and kv.keys("/vxnet/v1/peers/") == []
-    assert kv.keys("/vxnet/v1/endpoints/") == [f"/vxnet/v1/endpoints/{NID}/{_eid(7)}"]
+    assert plane.guarded[NID] == [] and kv.keys(schema.PREFIX + "/peers/") == []
+    assert kv.keys(schema.PREFIX + "/endpoints/") == [f"{schema.PREFIX}/endpoints/{NID}/{_eid(7)}"]
 
 
 def test_a_namespace_or_table_gone_behind_our_back_is_rebuilt_by_the_next_join():
@@ -380,7 +381,7 @@ def test_swarm_network_lifecycle_across_manager_and_workers():
     assert w3.store.get_network(NID) is not None  # h3 still has it, and its endpoint record
     assert w3.store.get_endpoint(NID, "3" * 64) is not None
     w3.delete_network(p.NetworkIDRequest.decode({"NetworkID": NID}))
-    assert kv.get(f"/vxnet/v1/vnis/{vni}") is not None  # the manager's hold keeps the VNI until FreeNetwork
+    assert kv.get(f"{schema.PREFIX}/vnis/{vni}") is not None  # the manager's hold keeps the VNI until FreeNetwork
     for _ in range(2):  # FreeNetwork replayed after a leader change
         mgr.free_network(p.NetworkIDRequest.decode({"NetworkID": NID}))
     assert kv.keys() == []
@@ -396,9 +397,9 @@ def test_records_with_malformed_ids_left_by_older_versions_do_not_stop_start_up(
     drv.create_network(create_req())
     drv.create_endpoint(endpoint_req())
     bad = Network(id="0.0.0.0/0", vni=77, mtu=1450, internal=False, subnets=[Subnet("10.9.0.0/24", None)])
-    kv.put("/vxnet/v1/networks/0.0.0.0/0", bad.to_json())
-    kv.put("/vxnet/v1/members/0.0.0.0/0/h1", _json.dumps({"network_id": "0.0.0.0/0"}))
-    kv.put(f"/vxnet/v1/endpoints/{NID}/../../etc/passwd", Endpoint(NID, "../../etc/passwd", "10.1.0.9/24",
+    kv.put(schema.PREFIX + "/networks/0.0.0.0/0", bad.to_json())
+    kv.put(schema.PREFIX + "/members/0.0.0.0/0/h1", _json.dumps({"network_id": "0.0.0.0/0"}))
+    kv.put(f"{schema.PREFIX}/endpoints/{NID}/../../etc/passwd", Endpoint(NID, "../../etc/passwd", "10.1.0.9/24",
                                                                    "02:42:0a:01:00:09", "h1").to_json())
     plane.networks.clear()
     restarted, _, _ = make(kv, plane=plane)

@@ -8,6 +8,7 @@ from netdriver.peerdb import PeerDB
 from netdriver.store import NetworkStore
 from netdriver.underlay import Underlay
 from netdriver.watcher import PeerSync
+from store import schema
 from tests.fakes import FakeDataPlane, FakeKV
 from wire import protocol as p
 
@@ -89,7 +90,7 @@ def test_peers_live_under_the_lease_and_republish_restores_them():
     lease["id"] = kv.lease_grant(10)
     drv.republish_peers()
     (peer,) = store.list_peers(nid)
-    assert kv.get(f"/vxnet/v1/peers/{nid}/{eid}").lease == lease["id"] and peer.ip == "10.1.0.5"
+    assert kv.get(f"{schema.PREFIX}/peers/{nid}/{eid}").lease == lease["id"] and peer.ip == "10.1.0.5"
     # An endpoint whose veth is gone (its container died while the plugin was down) is withdrawn.
     plane.remove_endpoint(nid, eid)
     drv.republish_peers()

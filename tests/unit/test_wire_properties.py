@@ -18,11 +18,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ipam_driver.driver import IpamDriver
+from ipam_driver.store import IpamStore
 from netdriver.driver import NetworkDriver
 from netdriver.store import NetworkStore
 from netdriver.underlay import Underlay
 from plugin.http import make_app
 from plugin.routes import IPAM, NETWORK, ROUTES
+from store import schema
 from tests.fakes import FakeDataPlane, FakeKV
 from tests.ids import docker_id
 from wire import protocol as p
@@ -97,7 +99,7 @@ def seed():
     with the address of EID. Returns (client, kv, plane)."""
     kv, plane = FakeKV(), FakeDataPlane()
     net = NetworkDriver(NetworkStore(kv), plane, "h1", "local", Underlay(lambda a: 1500, "192.0.2.1"))
-    ipam = IpamDriver(kv, "h1", "local")
+    ipam = IpamDriver(IpamStore(kv), "h1", "local")
     app = make_app({NETWORK: net, IPAM: ipam})
     app.config["PROPAGATE_EXCEPTIONS"] = True  # an exception out of the app fails the test, not a quiet 500
     client = app.test_client()
@@ -398,7 +400,7 @@ def test_a_bad_mac_is_refused_at_create_endpoint_and_nothing_is_kept(mac, needle
     assert status == 409 and reply["Err"].startswith("EndpointID:"), reply
     body["Interface"]["MacAddress"] = "02:42:0A:01:00:06"  # the positive control: a good MAC, in any case
     status, _ = call(client, "/NetworkDriver.CreateEndpoint", json.dumps(body).encode())
-    assert status == 200 and kv.get(f"/vxnet/v1/endpoints/{NID}/{EID2}").json()["mac"] == "02:42:0a:01:00:06"
+    assert status == 200 and kv.get(f"{schema.PREFIX}/endpoints/{NID}/{EID2}").json()["mac"] == "02:42:0a:01:00:06"
 
 
 def test_a_null_byte_in_an_id_is_400_not_a_500():
@@ -409,7 +411,7 @@ def test_a_null_byte_in_an_id_is_400_not_a_500():
                      {"NetworkID": NID, "EndpointID": "\x00" + EID})[:bodies]:
             status, reply = call(client, path, json.dumps(body).encode())
             assert status == 400 and reply["Err"].split(":")[0] in ("NetworkID", "EndpointID"), reply
-    assert kv.get(f"/vxnet/v1/endpoints/{NID}/{EID}") is not None  # nothing was deleted
+    assert kv.get(f"{schema.PREFIX}/endpoints/{NID}/{EID}") is not None  # nothing was deleted
 
 
 def test_swarm_network_ids_are_accepted():
@@ -417,4 +419,4 @@ def test_swarm_network_ids_are_accepted():
     status, reply = call(client, "/NetworkDriver.AllocateNetwork",
                          json.dumps(VALID["/NetworkDriver.AllocateNetwork"]).encode())
     assert status == 200 and reply["Options"]["vni"] == "5001"
-    assert kv.get(f"/vxnet/v1/members/{SWARM_NID}/@swarm") is not None
+    assert kv.get(f"{schema.PREFIX}/members/{SWARM_NID}/@swarm") is not None
