@@ -3,7 +3,7 @@ underlay.Underlay, watcher.PeerSync, isolation.Firewall, encrypt.manager.Encrypt
 fakes (tests/fakes.py) model the same state. Declared here, where they are used, so the driver imports none of
 the kernel or encrypt code behind them."""
 
-from typing import Dict, Iterable, List, Optional, Protocol, Sequence, Set, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Protocol, Sequence, Set, Tuple
 
 from netdriver.models import Endpoint, Network
 from netdriver.peerdb import Entries
@@ -20,7 +20,8 @@ class DataPlane(Protocol):
       remove_endpoint(network_id, endpoint_id)    idempotent
       network_ids() -> list of 12-char id prefixes that have a namespace here
       unknown_netns() -> names in the namespace folder with our prefix that network_ids() cannot be (never touched)
-      sweep_host_links(endpoint_ids) -> (removed, failures)   our leftover host-side links, each on its own
+      sweep_host_links(endpoint_ids) -> (removed, failures)   our leftover host-side links, each on its own;
+                                          endpoint_ids() is asked after the links are listed
       wired_endpoints(network_id, endpoint_ids) -> set   those of the ids joined and still wired to the bridge
       sync_peers(network, fdb, neigh)         the VXLAN device holds exactly these remote entries (reads the kernel)
       update_peers(network, before, after)    apply the difference between two (fdb, neigh) tables
@@ -42,7 +43,7 @@ class DataPlane(Protocol):
 
     def unknown_netns(self) -> List[str]: ...
 
-    def sweep_host_links(self, endpoint_ids: List[str]) -> Tuple[List[str], List[str]]: ...
+    def sweep_host_links(self, endpoint_ids: Callable[[], Iterable[str]]) -> Tuple[List[str], List[str]]: ...
 
     def wired_endpoints(self, network_id: str, endpoint_ids: List[str]) -> Set[str]: ...
 

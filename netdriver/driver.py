@@ -411,20 +411,26 @@ class NetworkDriver:
             self._guard_host()
         except KernelError as exc:
             skip(f"cannot program the host isolation rules: {exc}")
-        networks = self.store.list_networks()
-        known = {n.id[:12] for n in networks}
+        # What the kernel holds is read before the records that claim it. Requests are served meanwhile, and a
+        # CreateNetwork writes its record before it makes its namespace (a Join: the endpoint's record before its
+        # veth), so whatever the first read saw, the second finds claimed. Read the other way round, a namespace
+        # made in between is taken for a leftover and removed under the call making it (seen in CI while the
+        # embedded etcd was slow to start).
+        present = self.dataplane.network_ids()
+        known = {n.id[:12] for n in self.store.list_networks()}
         for name in self.dataplane.unknown_netns():
             skip(f"{name} in the namespace folder is not a name vxnet makes (vxnet-<first 12 characters of a "
                  "network ID>) and is left alone; remove it by hand if it is a leftover")
-        for prefix in self.dataplane.network_ids():
+        for prefix in present:
             if prefix not in known:
                 log.info("removing stale namespace %s", names.netns(prefix))
                 try:
                     self._remove_namespace(prefix)
                 except KernelError as exc:
                     skip(f"cannot remove stale namespace {names.netns(prefix)}: {exc}")
-        mine = [e.id for n in networks for e in self.store.list_endpoints(n.id) if e.host == self.host_id]
-        gone, failed = self.dataplane.sweep_host_links(mine)
+        gone, failed = self.dataplane.sweep_host_links(
+            lambda: [e.id for n in self.store.list_networks() for e in self.store.list_endpoints(n.id)
+                     if e.host == self.host_id])
         for name in gone:
             log.info("removed stale link %s", name)
         for message in failed:

@@ -6,7 +6,7 @@ Implements netdriver.contracts.DataPlane, whose docstring lists what each method
 
 import errno
 import logging
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 from kernel import names
 from kernel.links import Links
@@ -82,13 +82,15 @@ class DataPlane:
         self.links.remove_link(names.netns(network_id), names.veth_bridge(endpoint_id))
         self.links.remove_link(None, names.veth_container(endpoint_id))
 
-    def sweep_host_links(self, endpoint_ids: List[str]) -> Tuple[List[str], List[str]]:
+    def sweep_host_links(self, endpoint_ids: Callable[[], Iterable[str]]) -> Tuple[List[str], List[str]]:
         """Delete leftovers of ours in the host namespace: VXLAN devices still under their staging name (a create
-        that died before moving them) and container-side veth ends of endpoints no record knows. Returns what went
-        and, one line each, what could not go: one stuck link does not keep the others."""
-        known = {names.veth_container(e) for e in endpoint_ids}
+        that died before moving them) and container-side veth ends of endpoints no record knows. endpoint_ids is
+        asked after the links are listed, so an endpoint joined meanwhile is known (its record comes first).
+        Returns what went and, one line each, what could not go: one stuck link does not keep the others."""
+        present = self.links.list_links(None)
+        known = {names.veth_container(e) for e in endpoint_ids()}
         gone, failed = [], []
-        for name in self.links.list_links(None):
+        for name in present:
             if names.is_vxlan_staging(name) or (names.is_veth_container(name) and name not in known):
                 try:
                     self.links.remove_link(None, name)

@@ -64,7 +64,7 @@ here as it would there.
         return sorted(self.unknown)
 
     def sweep_host_links(self, endpoint_ids):
-        gone = sorted(set(self.host_links) - {"vxc" + e[:11] for e in endpoint_ids})
+        gone = sorted(set(self.host_links) - {"vxc" + e[:11] for e in endpoint_ids()})
         failed = [f"delete {name} in host: injected failure" for name in gone if name in self.stuck]
         gone = [name for name in gone if name not in self.stuck]
         self.host_links -= set(gone)

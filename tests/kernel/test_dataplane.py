@@ -193,7 +193,7 @@ def test_start_up_sweeps_our_leftover_host_links_only(links, ids):
         import subprocess
         subprocess.run(["ip", "link", "add", "vxl9000007", "type", "vxlan", "id", "9000007", "dstport", "4789",
                         "local", "127.0.0.1"], check=True)
-        gone, failed = plane.sweep_host_links([known])
+        gone, failed = plane.sweep_host_links(lambda: [known])
         assert sorted(gone) == sorted([names.veth_container(stale), "vxl9000007"]) and failed == []
         assert links.link_exists(None, names.veth_container(known))
         assert not links.link_exists(None, names.veth_container(stale))

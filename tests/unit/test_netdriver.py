@@ -307,6 +307,34 @@ def test_reconcile_skips_and_reports_what_it_cannot_clean_and_reconciles_the_res
     assert stale not in plane.networks and plane.host_links == set()
 
 
+def test_reconcile_never_takes_a_network_created_meanwhile_for_a_leftover():
+    """Requests are served while start-up reconciles: a CreateNetwork (record first, then namespace) and a Join
+    (endpoint record first, then veth) landing right after reconcile read the records keep what they made.
+    Control: the same reconcile removes a namespace and a host link that no record claims."""
+    drv, kv, plane = make()
+    plane.networks["c" * 64] = {"vni": 1, "mtu": 1450}  # a leftover: no record claims it
+    plane.host_links.add("vxc" + "d" * 11)
+    read = drv.store.list_networks
+    raced = []
+
+    def racing():
+        seen = read()  # the records as reconcile reads them, and then the requests land
+        if not raced:
+            raced.append(True)
+            drv.create_network(create_req())
+            drv.create_endpoint(endpoint_req())
+            drv.join(p.JoinRequest.decode({"NetworkID": NID, "EndpointID": EID,
+                                           "SandboxKey": "/var/run/docker/netns/x"}))
+            plane.host_links.add("vxc" + EID[:11])  # the container end the Join left in the host namespace
+        return seen
+
+    drv.store.list_networks = racing
+    assert drv.reconcile() == []
+    assert raced and NID in plane.networks and EID in plane.endpoints[NID]
+    assert "vxc" + EID[:11] in plane.host_links
+    assert "c" * 64 not in plane.networks and "vxc" + "d" * 11 not in plane.host_links  # the control
+
+
 def test_overlay_option_shares_one_vni_across_hosts():
     kv = FakeKV()
     h1, _, _ = make(kv, "h1")
