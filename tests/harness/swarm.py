@@ -163,16 +163,34 @@ class Swarm:
         out = via.docker("node", "ls", "--format", "{{.Hostname}} {{.ManagerStatus}}", check=False).stdout
         return {parts[0]: parts[1] for parts in (line.split() for line in out.splitlines()) if len(parts) == 2}
 
+    @staticmethod
+    def _node(via: Host, verb: str, name: str, timeout: float = 60.0) -> None:
+        """`docker node promote|demote NAME` on via. swarmkit updates a node by compare-and-swap on its version, so
+        an update racing another one (Raft's own, just after a leadership change) is refused with "update out of
+        sequence" and changes nothing: ask again, until the deadline. Any other error is raised at once."""
+        refused = []
+
+        def attempt() -> bool:
+            proc = via.docker("node", verb, name, check=False, timeout=60)
+            if proc.returncode != 0 and "update out of sequence" in proc.stderr:
+                return False
+            if proc.returncode != 0:
+                refused.append(proc.stderr.strip())
+            return True
+        wait_until(attempt, timeout, f"docker node {verb} {name} to be accepted", interval=0.3)
+        if refused:
+            raise HarnessError(f"docker node {verb} {name} on {via.name}: {refused[0]}")
+
     def move_leadership(self, timeout: float = 90.0) -> Host:
         """Another node becomes the leader, as when a leader fails: every worker is promoted, the manager demoted
         (Raft elects one of the others), then the others are demoted again. Afterwards self.manager is the new
         leader and every other node a worker. Returns the new leader."""
         old, others = self.manager, list(self.workers)
         for worker in others:
-            old.docker("node", "promote", worker.name, timeout=60)
+            self._node(old, "promote", worker.name)
         wait_until(lambda: len(self.managers(old)) == len(others) + 1, timeout, "every node to be a manager",
                    interval=0.3)
-        old.docker("node", "demote", old.name, timeout=60)
+        self._node(old, "demote", old.name)
 
         def leader() -> Optional[Host]:
             for host in others:
@@ -185,7 +203,7 @@ class Swarm:
         new = wait_until(leader, timeout, "another manager to lead", interval=0.3)
         for host in others:
             if host is not new:
-                new.docker("node", "demote", host.name, timeout=60)
+                self._node(new, "demote", host.name)
         wait_until(lambda: list(self.managers(new)) == [new.name], timeout, f"{new.name} to be the only manager",
                    interval=0.3)
         self.manager, self.workers = new, [h for h in [old] + others if h is not new]
