@@ -66,6 +66,8 @@ COPY encrypt/ encrypt/
 COPY kernel/ kernel/
 COPY store/ store/
 COPY wire/ wire/
+COPY telemetry/ telemetry/
+COPY cli/ cli/
 # /host/run: the host's /run (config.json Mounts); /var/lib/vxnet: the propagated mount (state).
 RUN python3 -m compileall -q /opt/vxnet && mkdir -p /run/docker/plugins /var/lib/vxnet /host/run
 # For `docker run`/`docker create` of this image; the plugin itself starts from config.json's Entrypoint.

@@ -53,14 +53,18 @@ class Settings:
 
 
 def _endpoints(raw: str) -> Tuple[str, ...]:
+    return parse_endpoints("ETCD_ENDPOINTS", raw)
+
+
+def parse_endpoints(field: str, raw: str) -> Tuple[str, ...]:
+    """Comma-separated etcd URLs; ConfigError naming field for one that is not http(s)://host:port."""
     out = []
     for item in (part.strip() for part in raw.split(",")):
         if not item:
             continue
         parts = urlsplit(item)
         if parts.scheme not in ("http", "https") or not parts.hostname or parts.port is None:
-            raise ConfigError(
-                f"ETCD_ENDPOINTS: {item!r} is not a URL of the form http(s)://host:port")
+            raise ConfigError(f"{field}: {item!r} is not a URL of the form http(s)://host:port")
         out.append(item.rstrip("/"))
     return tuple(out)
 
@@ -132,4 +136,50 @@ def load(environ: Mapping[str, str]) -> Settings:
         encryption_secret_file=secret_file,
         key_rotation_seconds=int(rotation),
         **tls,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientSettings:
+    """What the `vxnet` command (cli/) needs, from the same environment variables as the plugin, so a shell
+    that has the plugin's settings exported talks to the same etcd. Flags override each (cli/context.py)."""
+
+    etcd_endpoints: Tuple[str, ...]  # never empty: ETCD_ENDPOINTS, else the embedded etcd on this host
+    etcd_ca: Optional[str] = None
+    etcd_cert: Optional[str] = None
+    etcd_key: Optional[str] = None
+    key_prefix: str = schema.PREFIX
+    netns_dir: str = Settings.netns_dir
+    state_dir: str = Settings.state_dir
+    socket_path: str = Settings.socket_path
+    encryption_secret_file: Optional[str] = None
+    stale_host_seconds: int = 3600
+
+
+def embedded_endpoint(port: int) -> str:
+    """The embedded etcd's client URL (plugin/embedded_etcd.py listens on loopback only)."""
+    return f"http://127.0.0.1:{port}"
+
+
+def load_client(environ: Mapping[str, str]) -> ClientSettings:
+    """ClientSettings from an environment mapping; ConfigError naming the first bad variable."""
+
+    def get(name: str, default: str = "") -> str:
+        return environ.get(name, default).strip()
+
+    endpoints = _endpoints(get("ETCD_ENDPOINTS")) or (
+        embedded_endpoint(_port("VXNET_EMBEDDED_ETCD_PORT", get("VXNET_EMBEDDED_ETCD_PORT", "23790"))),)
+    stale = get("VXNET_STALE_HOST_SECONDS", "3600")
+    if not stale.isdigit() or int(stale) < 1:
+        raise ConfigError(f"VXNET_STALE_HOST_SECONDS: {stale!r} must be a whole number of seconds, at least 1")
+    return ClientSettings(
+        etcd_endpoints=endpoints,
+        etcd_ca=get("ETCD_CA_FILE") or None,
+        etcd_cert=get("ETCD_CERT_FILE") or None,
+        etcd_key=get("ETCD_KEY_FILE") or None,
+        netns_dir=get("VXNET_NETNS_DIR", Settings.netns_dir),
+        state_dir=get("VXNET_STATE_DIR", Settings.state_dir),
+        socket_path=get("VXNET_SOCKET", Settings.socket_path),
+        encryption_secret_file=get("VXNET_ENCRYPTION_SECRET_FILE") or None,
+        stale_host_seconds=int(stale),
     )

@@ -25,6 +25,7 @@ PIP_PACKAGES=(
   hypothesis hypothesis
   ruff ruff
   import-linter importlinter
+  prometheus-client prometheus_client
 )
 PYTHON=${PYTHON:-python3}
 

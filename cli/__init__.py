@@ -1,0 +1,1 @@
+"""The `vxnet` command for operators (status, doctor, gc, keys): cli/main.py."""

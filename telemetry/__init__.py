@@ -1,0 +1,1 @@
+"""What vxnet counts about itself: every Prometheus metric is declared in telemetry/metrics.py."""
