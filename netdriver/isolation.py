@@ -19,6 +19,7 @@ Every rule carries a comment naming what it is for, so `nft list ruleset` explai
 """
 
 import ipaddress
+import json
 import logging
 from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
@@ -67,7 +68,7 @@ def _elements(family: str, name: str, elems: list, op: str = "add") -> List[dict
     return [{op: {"element": {"family": family, "table": TABLE, "name": name, "elem": elems}}}] if elems else []
 
 
-def _endpoint_elements(endpoints: Sequence[Tuple[str, str, str]]) -> List[Tuple[str, list]]:
+def endpoint_elements(endpoints: Sequence[Tuple[str, str, str]]) -> List[Tuple[str, list]]:
     """(set name, elements) of the anti-spoofing sets for these (port, ip, mac) endpoints."""
     return [("ports", [port for port, _, _ in endpoints]),
             ("macs", [{"concat": [port, mac]} for port, _, mac in endpoints]),
@@ -98,14 +99,14 @@ def endpoint_guard_batch(endpoints: Sequence[Tuple[str, str, str]]) -> List[dict
               _match(pair("arp", "saddr ether"), "@macs", "!=")),
         _rule("bridge", "forward", "vxnet:anti-spoofing:no-ipv6", guarded,
               _match(_payload("ether", "type"), "ip6")),
-    ] + [op for name, elems in _endpoint_elements(endpoints) for op in _elements("bridge", name, elems)]
+    ] + [op for name, elems in endpoint_elements(endpoints) for op in _elements("bridge", name, elems)]
 
 
 def endpoint_add_batch(port: str, ip: str, mac: str) -> List[dict]:
     """One endpoint's elements into the sets of an existing anti-spoofing table. Adding an element that is there
     already is no error, so a replay changes nothing. A missing table is an error (nothing is created here: sets
     without their rules would guard nothing), and the caller rebuilds the table whole."""
-    return [op for name, elems in _endpoint_elements([(port, ip, mac)]) for op in _elements("bridge", name, elems)]
+    return [op for name, elems in endpoint_elements([(port, ip, mac)]) for op in _elements("bridge", name, elems)]
 
 
 def endpoint_remove_batch(port: str, ip: str, mac: str) -> List[dict]:
@@ -113,7 +114,7 @@ def endpoint_remove_batch(port: str, ip: str, mac: str) -> List[dict]:
     first in the same transaction: the batch succeeds whether or not they were there, and a replay changes
     nothing."""
     return endpoint_add_batch(port, ip, mac) + [
-        op for name, elems in _endpoint_elements([(port, ip, mac)]) for op in _elements("bridge", name, elems,
+        op for name, elems in endpoint_elements([(port, ip, mac)]) for op in _elements("bridge", name, elems,
                                                                                           "delete")]
 
 
@@ -155,3 +156,32 @@ class Firewall:
 
     def guard_host(self, subnets: Iterable[str]) -> None:
         self._apply(None, host_guard_batch(subnets), "isolation rules in the host namespace")
+
+
+def _element_text(elem) -> str:
+    """A set element as `nft list set` prints it: a name or address, `a . b` for a concatenation, `addr/len`
+    for an interval."""
+    if isinstance(elem, dict):
+        if "concat" in elem:
+            return " . ".join(_element_text(e) for e in elem["concat"])
+        if "prefix" in elem:
+            return f"{elem['prefix']['addr']}/{elem['prefix']['len']}"
+        if "elem" in elem:  # an element with a counter or timeout attached
+            return _element_text(elem["elem"].get("val"))
+    return str(elem)
+
+
+def listed_sets(listing: str) -> dict:
+    """The output of an nftables JSON `list table` -> {set name: set of element texts}."""
+    out: dict = {}
+    for item in json.loads(listing or "{}").get("nftables", []):
+        found = item.get("set")
+        if found is not None:
+            out[found["name"]] = {_element_text(e) for e in found.get("elem", [])}
+    return out
+
+
+def list_table_command(family: str) -> List[dict]:
+    """The nftables JSON command that lists one of our tables (family "bridge": anti-spoofing, "inet":
+    isolation)."""
+    return [{"list": {"table": {"family": family, "name": TABLE}}}]

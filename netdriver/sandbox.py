@@ -11,6 +11,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
 from kernel import names
 from kernel.links import Links
 from netdriver.contracts import Firewall, Underlay
+from netdriver.drift import NetworkKernel
+from netdriver.isolation import list_table_command, listed_sets
 from netdriver.models import Endpoint, Network
 from netdriver.peerdb import Entries
 from wire.errors import Conflict, KernelError
@@ -169,3 +171,30 @@ class DataPlane:
         """(fdb, neigh) as programmed in the kernel, for tests and diagnostics."""
         ns = names.netns(network_id)
         return self.links.fdb(ns, names.VXLAN), self.links.neighbours(ns, names.VXLAN)
+
+    def inspect(self, network: Network, endpoint_ids: List[str]) -> NetworkKernel:
+        """What the network's namespace holds (for drift: netdriver/drift.py): its devices, the VXLAN device's
+        remote entries, the anti-spoofing elements, and which of endpoint_ids have their veth wired."""
+        ns = names.netns(network.id)
+        if not self.links.netns_exists(ns):
+            return NetworkKernel(namespace=False)
+        have = set(self.links.list_links(ns))
+        state = NetworkKernel(namespace=True, bridge=names.BRIDGE in have,
+                              vxlan=self.links.link_info(ns, names.VXLAN),
+                              wired={e for e in endpoint_ids if names.veth_bridge(e) in have})
+        if state.vxlan is not None:
+            state.fdb, state.neigh = self.peers(network.id)
+        try:
+            sets = listed_sets(self.links.nft(ns, list_table_command("bridge"), f"list anti-spoofing in {ns}"))
+        except KernelError:
+            sets = {}  # no table: every wanted element shows missing
+        state.guard = {(name, elem) for name in ("ports", "macs", "ips") for elem in sets.get(name, ())}
+        return state
+
+    def host_subnets(self) -> Optional[Set[str]]:
+        """The subnets in the host's isolation set; None when the table is missing."""
+        try:
+            listing = self.links.nft(None, list_table_command("inet"), "list isolation rules")
+        except KernelError:
+            return None
+        return listed_sets(listing).get("subnets", set())

@@ -1,11 +1,13 @@
 """The vxnet plugin as a host process inside a simulated host: start, wait until it answers, stop, kill -9."""
 
+import contextlib
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
-from typing import Dict, Optional
+from typing import Dict, Iterator, Optional, Tuple
 
 from tests.harness.etcd import tail
 from tests.harness.hosts import Host
@@ -106,3 +108,29 @@ class Plugin:
 
     def log(self, lines: int = 200) -> str:
         return tail(self.log_path, lines)
+
+    # -- the operator's command, run in this host with this plugin's settings ----------------------------------
+    def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        """`vxnet ARGS` (python3 -m cli) inside the host, with the plugin's environment (its etcd, state dir,
+        socket), from the tree the plugin runs from. Never raises on a non-zero exit: callers read returncode."""
+        return self.host.run([sys.executable, "-m", "cli", *args], check=False, timeout=timeout, env=self.env,
+                             cwd=self.root)
+
+    def cli_json(self, *args: str, timeout: float = 60) -> Tuple[int, dict]:
+        """`vxnet ARGS --json`: (exit status, the parsed output)."""
+        done = self.cli(*args, "--json", timeout=timeout)
+        try:
+            return done.returncode, json.loads(done.stdout)
+        except ValueError:
+            raise HarnessError(f"vxnet {' '.join(args)} --json printed no JSON (exit {done.returncode}):\n"
+                               f"{done.stdout}\n{done.stderr}") from None
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """The plugin stopped in its tracks (SIGSTOP) for the block, then continued (SIGCONT): what changes in
+        the kernel meanwhile stays changed, so a test can observe drift before the plugin can repair it."""
+        self.proc.send(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            self.proc.send(signal.SIGCONT)
