@@ -87,8 +87,9 @@ class Guard:
         """Whether the compares still hold (read at one revision): a store tells a transaction lost to the
         guard, which it must not retry, from one lost to a concurrent writer, which it retries."""
         found = kv.read(keys=[*self.absent, *self.revisions]).entries
+        revisions = {k: entry.mod_revision if entry is not None else 0 for k, entry in found.items()}
         return (all(found[k] is None for k in self.absent) and
-                all((found[k].mod_revision if found[k] else 0) == rev for k, rev in self.revisions.items()))
+                all(revisions[k] == rev for k, rev in self.revisions.items()))
 
 
 NO_GUARD = Guard()
