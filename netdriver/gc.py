@@ -131,6 +131,7 @@ class Collector:
             hold = dict(hold)
             holds.setdefault(hold.pop("holder"), []).append(hold)
         gone = {host: found for host, found in holds.items() if host not in live and host != SWARM_HOLDER}
+        self._seen = {host: record for host, record in self._seen.items() if host in live or host in gone}
         departed = self.store.departed()
         now = self.clock()
         if mark and any(host not in departed for host in gone):
