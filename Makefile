@@ -42,7 +42,8 @@ plugin: deps
 	scripts/build-plugin.sh $(PLUGIN_SETTINGS)
 
 # The demo on this machine (not in a simulated host): dockerd if none answers, the plugin with its embedded
-# etcd, network vxnet-demo with two containers. `make clean-run` removes what it made.
+# etcd, network vxnet-demo with two containers, the vxnet command in /usr/local/bin. `make clean-run` removes
+# what it made.
 run: deps
 	scripts/run-demo.sh
 

@@ -26,7 +26,7 @@ from typing import List, Optional, Sequence, Tuple
 from ipam_driver import pools
 from ipam_driver.pools import Address, Network
 from store import schema
-from store.kv import KV
+from store.kv import KV, NO_GUARD, Guard
 from store.kvstore import Snapshot
 from wire.errors import Conflict, Exhausted
 
@@ -124,9 +124,10 @@ class IpamStore:
         return json.dumps({"address": str(ip), "pool": str(cidr), "kind": kind, "hosts": list(hosts),
                            "created": created or _now()})
 
-    def _set_pool_hosts(self, pool: PoolEntry, hosts: Tuple[str, ...]) -> bool:
+    def _set_pool_hosts(self, pool: PoolEntry, hosts: Tuple[str, ...], guard: Guard = NO_GUARD) -> bool:
         value = self._pool_value(pool.space, pool.cidr, hosts, pool.created)
-        return self.kv.commit(revisions={pool.key: pool.revision}, puts={pool.key: value})
+        return self.kv.commit(absent=guard.absent, revisions={pool.key: pool.revision, **guard.revisions},
+                              puts={pool.key: value})
 
     def _live_pool(self, space: str, cidr: Network, keys: Sequence[str] = (),
                    prefixes: Sequence[str] = ()) -> Tuple[PoolEntry, Snapshot]:
@@ -181,24 +182,27 @@ class IpamStore:
                 return cidr
         raise Conflict(f"Pool: gave up after {MAX_ROUNDS} attempts, pools are changing too fast; retry")
 
-    def release_pool(self, space: str, cidr: Network, host: str) -> None:
+    def release_pool(self, space: str, cidr: Network, host: str, guard: Guard = NO_GUARD) -> bool:
         """Drop one hold of host; the last hold deletes the pool and every address in it. Unknown pools and
-        hosts that hold nothing succeed (dockerd replays releases after a crash)."""
+        hosts that hold nothing succeed (dockerd replays releases after a crash). The hold is dropped in one
+        transaction that also compares guard: False, with nothing changed, once the guard no longer holds."""
         for _ in range(MAX_ROUNDS):
             pool = self.pool(space, cidr)
             if pool is None:
-                return
+                return True
             if not pool.hosts:
                 if self._reap(pool):
-                    return
+                    return True
                 continue
             if host not in pool.hosts:
-                return
+                return True
             remaining = _without_one(pool.hosts, host)
-            if not self._set_pool_hosts(pool, remaining):
+            if not self._set_pool_hosts(pool, remaining, guard):
+                if guard is not NO_GUARD and not guard.holds(self.kv):
+                    return False
                 continue
             if remaining:
-                return
+                return True
             # That was the last hold: the pool is retired now, and the next round reaps it.
         raise Conflict(f"PoolID: gave up releasing {cidr} after {MAX_ROUNDS} attempts; retry")
 
@@ -213,6 +217,20 @@ class IpamStore:
             if not self.kv.commit(revisions={pool.key: pool.revision}, deletes=batch):
                 return False
         return self.kv.commit(revisions={pool.key: pool.revision}, deletes=keys + [pool.key])
+
+    # -- every hold, for the garbage collector -----------------------------------------------------------------------
+    def holds(self) -> Tuple[List[PoolEntry], List[Tuple[str, Network, AddressEntry]]]:
+        """Every pool, and every address as (space, pool, entry), of every space, read at one revision; their
+        holders are in `hosts`."""
+        prefix = self.keys.prefix(schema.ADDRESS)
+        snap = self.kv.read(prefixes=[self.pools_prefix, prefix])
+        addresses = []
+        for raw in snap.ranges[prefix]:
+            parts = self.keys.parse(schema.ADDRESS, raw.key)
+            if parts is not None:
+                entry = self._address_entry(raw)
+                addresses.append((parts["space"], Network(raw.json()["pool"]), entry))
+        return [self._pool_entry(e) for e in snap.ranges[self.pools_prefix]], addresses
 
     # -- addresses -------------------------------------------------------------------------------------------------
     def _add_holder(self, pool: PoolEntry, entry: AddressEntry, host: str, counted: bool) -> bool:
@@ -278,22 +296,27 @@ class IpamStore:
                     break
         raise Conflict(f"Address: gave up allocating in {cidr} after {MAX_ROUNDS} attempts; retry")
 
-    def release_address(self, space: str, cidr: Network, ip: Address, host: str) -> None:
-        """Drop one hold of host on ip; the last hold deletes the key. Unknown addresses succeed."""
+    def release_address(self, space: str, cidr: Network, ip: Address, host: str, guard: Guard = NO_GUARD) -> bool:
+        """Drop one hold of host on ip; the last hold deletes the key. Unknown addresses succeed. The hold is
+        dropped in one transaction that also compares guard: False, with nothing changed, once it no longer
+        holds."""
         key = self.address_key(space, cidr, ip)
         for _ in range(MAX_ROUNDS):
             raw = self.kv.get(key)
             if raw is None:
-                return
+                return True
             entry = self._address_entry(raw)
             if host not in entry.hosts:
-                return
+                return True
             hosts = _without_one(entry.hosts, host)
+            revisions = {key: entry.revision, **guard.revisions}
             if hosts:
                 value = self._address_value(cidr, ip, entry.kind, hosts, entry.created)
-                done = self.kv.commit(revisions={key: entry.revision}, puts={key: value})
+                done = self.kv.commit(absent=guard.absent, revisions=revisions, puts={key: value})
             else:
-                done = self.kv.commit(revisions={key: entry.revision}, deletes=[key])
+                done = self.kv.commit(absent=guard.absent, revisions=revisions, deletes=[key])
             if done:
-                return
+                return True
+            if guard is not NO_GUARD and not guard.holds(self.kv):
+                return False
         raise Conflict(f"Address: gave up releasing {ip} after {MAX_ROUNDS} attempts; retry")

@@ -3,12 +3,12 @@ Every key comes from store/schema.py, whose docstring draws the tree and says wh
 
 import json
 import logging
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from netdriver.models import Endpoint, Network, PeerRecord
 from netdriver.options import VNI_AUTO_BASE, VNI_MAX
 from store import schema
-from store.kv import KV
+from store.kv import KV, NO_GUARD, Guard
 from store.schema import SWARM_HOLDER
 from wire import protocol
 from wire.errors import Conflict, Exhausted
@@ -137,20 +137,35 @@ class NetworkStore:
                 return parts["segment"]
         return network_id
 
-    def delete_network(self, network_id: str, host: str, segment: str) -> None:
+    def delete_network(self, network_id: str, host: str, segment: str, guard: Guard = NO_GUARD) -> bool:
         """host leaves the network; the record and its endpoints go with the last member (a network that spans
         hosts has one record for all of them). The record is deleted only if no member key was written since the
-        members were read, so a host joining meanwhile keeps it."""
+        members were read, so a host joining meanwhile keeps it. The member key goes in one transaction that
+        also compares guard: False, with nothing changed, if that failed."""
         members_prefix = self.keys.prefix(schema.MEMBER, segment=segment)
-        self.kv.delete(self.keys.member(segment, host))
+        if guard is NO_GUARD:
+            self.kv.delete(self.keys.member(segment, host))
+        elif not self.kv.commit(absent=guard.absent, revisions=dict(guard.revisions),
+                                deletes=[self.keys.member(segment, host)]):
+            return False
         for _ in range(_RETRIES):
             members, revision = self.kv.get_prefix(members_prefix)
             if any(m.json().get("network_id") == network_id for m in members):
-                return
+                return True
             if self.kv.commit(unchanged_since={members_prefix: revision}, deletes=[self.keys.network(network_id)]):
                 self.kv.delete_prefix(self.keys.prefix(schema.ENDPOINT, network=network_id))
-                return
+                return True
         raise Conflict(f"could not delete network {network_id[:12]}: its members keep changing, try again")
+
+    def members(self) -> List[Tuple[str, str, str]]:
+        """Every member key as (segment, host, network_id)."""
+        entries, _ = self.kv.get_prefix(self.keys.prefix(schema.MEMBER))
+        out = []
+        for entry in entries:
+            parts = self.keys.parse(schema.MEMBER, entry.key)
+            if parts:
+                out.append((parts["segment"], parts["host"], str(entry.json().get("network_id", ""))))
+        return out
 
     def member_networks(self, host: str) -> List[Network]:
         """The networks this host should have a namespace for: per segment, the network its member key names
@@ -187,15 +202,23 @@ class NetworkStore:
         return (Network.from_json(found[net_key].value) if found[net_key] else None,
                 Endpoint.from_json(found[ep_key].value) if found[ep_key] else None)
 
+    def all_endpoints(self) -> List[Endpoint]:
+        """Every endpoint record of every network."""
+        entries, _ = self.kv.get_prefix(self.keys.prefix(schema.ENDPOINT))
+        endpoints = [(e.key, Endpoint.from_json(e.value)) for e in entries]
+        return [e for key, e in endpoints if _well_formed(e.network_id, e.id) or _skipped(key)]
+
     def put_endpoint(self, endpoint: Endpoint) -> None:
         self.kv.put(self.keys.endpoint(endpoint.network_id, endpoint.id), endpoint.to_json())
 
-    def delete_endpoint(self, network_id: str, endpoint_id: str, segment: Optional[str] = None) -> None:
-        """The endpoint's record, and with segment its peer record too, in one transaction."""
+    def delete_endpoint(self, network_id: str, endpoint_id: str, segment: Optional[str] = None,
+                        guard: Guard = NO_GUARD) -> bool:
+        """The endpoint's record, and with segment its peer record too, in one transaction (which also compares
+        guard: False, with nothing deleted, if that failed)."""
         deletes = [self.keys.endpoint(network_id, endpoint_id)]
         if segment is not None:
             deletes.append(self.keys.peer(segment, endpoint_id))
-        self.kv.commit(deletes=deletes)
+        return self.kv.commit(absent=guard.absent, revisions=dict(guard.revisions), deletes=deletes)
 
     # -- peers -------------------------------------------------------------------------------------------------
     def put_peer(self, segment: str, peer: PeerRecord, lease: int = 0) -> None:
@@ -228,15 +251,50 @@ class NetworkStore:
 
     def register_host(self, host: str, record: dict, lease: int, expect_revision: int) -> bool:
         """Write hosts/<host> = record + version under lease, only if the key is still at expect_revision (0: absent):
-        the compare makes two hosts claiming one ID at once unable to both win. False: it changed meanwhile."""
+        the compare makes two hosts claiming one ID at once unable to both win. False: it changed meanwhile.
+        departed/<host> goes in the same transaction: a host that is back is no longer gone, and what it holds is
+        no longer the garbage collector's (netdriver/gc.py)."""
         return self.kv.commit(revisions={self.keys.host(host): expect_revision},
-                              puts={self.keys.host(host): json.dumps({**record, "version": VERSION})}, lease=lease)
+                              puts={self.keys.host(host): json.dumps({**record, "version": VERSION})},
+                              deletes=[self.keys.departed(host)], lease=lease)
 
     def hosts(self) -> dict:
         entries, _ = self.kv.get_prefix(self.keys.prefix(schema.HOST))
         found = ((self.keys.parse(schema.HOST, e.key), e) for e in entries)
         return {parts["host"]: e.json() for parts, e in found if parts}
 
+    # -- hosts that are gone (netdriver/gc.py) -----------------------------------------------------------------
+    def departed(self) -> Dict[str, Tuple[dict, int]]:
+        """Every departed/<host> record as host -> (value, mod_revision)."""
+        entries, _ = self.kv.get_prefix(self.keys.prefix(schema.DEPARTED))
+        found = ((self.keys.parse(schema.DEPARTED, e.key), e) for e in entries)
+        return {parts["host"]: (_object(e.value), e.mod_revision) for parts, e in found if parts}
+
+    def mark_departed(self, host: str, record: dict) -> bool:
+        """departed/<host> = record, only if neither it nor hosts/<host> exists (create-if-absent: the first
+        plugin to see the host gone sets the time; a host alive again is never marked). True if written."""
+        key = self.keys.departed(host)
+        return self.kv.commit(absent=[key, self.keys.host(host)], puts={key: json.dumps(record, sort_keys=True)})
+
+    def forget_departed(self, host: str, guard: Guard) -> bool:
+        """Delete departed/<host> once nothing of the host is left, in a transaction that compares guard."""
+        return self.kv.commit(absent=guard.absent, revisions=dict(guard.revisions),
+                              deletes=[self.keys.departed(host)])
+
+    def departed_guard(self, host: str, revision: int) -> Guard:
+        """The compares of every release of a gone host's holds: hosts/<host> still missing, and departed/<host>
+        still the record (at revision) that made it stale."""
+        return Guard(absent=(self.keys.host(host),), revisions={self.keys.departed(host): revision})
+
     def list_peers(self, segment: str) -> List[PeerRecord]:
         entries, _ = self.kv.get_prefix(self.keys.prefix(schema.PEER, segment=segment))
         return [PeerRecord.from_json(e.value) for e in entries]
+
+
+def _object(text: str) -> dict:
+    """A JSON object value; anything else reads as empty."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}

@@ -41,7 +41,12 @@ class Settings:
     # The cluster secret that seals the ESP key ring in etcd: a file holding 32 bytes as hex or base64, the same on
     # every host. A file, not a value: `docker plugin inspect` shows every env value. None: `-o encrypted` refused.
     encryption_secret_file: Optional[str] = None
-    key_rotation_seconds: int = 43200  # 12 h, as Docker's overlay; 0: only on demand (`python3 -m encrypt rotate`)
+    key_rotation_seconds: int = 43200  # 12 h, as Docker's overlay; 0: only on demand (`vxnet keys rotate`)
+    # Garbage collection of hosts gone for good (netdriver/gc.py): a host is stale this long after a live plugin
+    # first saw its record gone (an hour: longer than any reboot or upgrade, whose holds must survive it), and
+    # every plugin collects once per gc_seconds (0: never; `vxnet gc` still does).
+    stale_host_seconds: int = 3600
+    gc_seconds: int = 300
 
     @property
     def embedded(self) -> bool:
@@ -121,7 +126,13 @@ def load(environ: Mapping[str, str]) -> Settings:
     rotation = get("VXNET_KEY_ROTATION_SECONDS", str(Settings.key_rotation_seconds))
     if not rotation.isdigit() or 0 < int(rotation) < 60:
         raise ConfigError(f"VXNET_KEY_ROTATION_SECONDS: {rotation!r} must be 0 (only on demand) or at least 60")
+    stale = _stale_host_seconds(get)
+    gc_seconds = get("VXNET_GC_SECONDS", str(Settings.gc_seconds))
+    if not gc_seconds.isdigit():
+        raise ConfigError(f"VXNET_GC_SECONDS: {gc_seconds!r} must be a whole number of seconds (0: no collection)")
     return Settings(
+        stale_host_seconds=stale,
+        gc_seconds=int(gc_seconds),
         socket_path=socket_path,
         etcd_endpoints=_endpoints(get("ETCD_ENDPOINTS")),
         embedded_etcd_port=_port("VXNET_EMBEDDED_ETCD_PORT", get("VXNET_EMBEDDED_ETCD_PORT", "23790")),
@@ -169,9 +180,7 @@ def load_client(environ: Mapping[str, str]) -> ClientSettings:
 
     endpoints = _endpoints(get("ETCD_ENDPOINTS")) or (
         embedded_endpoint(_port("VXNET_EMBEDDED_ETCD_PORT", get("VXNET_EMBEDDED_ETCD_PORT", "23790"))),)
-    stale = get("VXNET_STALE_HOST_SECONDS", "3600")
-    if not stale.isdigit() or int(stale) < 1:
-        raise ConfigError(f"VXNET_STALE_HOST_SECONDS: {stale!r} must be a whole number of seconds, at least 1")
+    stale = _stale_host_seconds(get)
     return ClientSettings(
         etcd_endpoints=endpoints,
         etcd_ca=get("ETCD_CA_FILE") or None,
@@ -181,5 +190,12 @@ def load_client(environ: Mapping[str, str]) -> ClientSettings:
         state_dir=get("VXNET_STATE_DIR", Settings.state_dir),
         socket_path=get("VXNET_SOCKET", Settings.socket_path),
         encryption_secret_file=get("VXNET_ENCRYPTION_SECRET_FILE") or None,
-        stale_host_seconds=int(stale),
+        stale_host_seconds=stale,
     )
+
+
+def _stale_host_seconds(get) -> int:
+    stale = get("VXNET_STALE_HOST_SECONDS", str(Settings.stale_host_seconds))
+    if not stale.isdigit() or int(stale) < 1:
+        raise ConfigError(f"VXNET_STALE_HOST_SECONDS: {stale!r} must be a whole number of seconds, at least 1")
+    return int(stale)

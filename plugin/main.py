@@ -25,6 +25,7 @@ from kernel import libnftables, names
 from kernel.links import Links
 from kernel.probes import EspProbe
 from netdriver.driver import NetworkDriver
+from netdriver.gc import CollectorLoop
 from netdriver.hosts import HostLease
 from netdriver.isolation import Firewall
 from netdriver.peerdb import PeerDB
@@ -32,7 +33,7 @@ from netdriver.sandbox import DataPlane
 from netdriver.store import NetworkStore
 from netdriver.underlay import Underlay
 from netdriver.watcher import PeerSync, PeerWatcher
-from plugin import config, identity, scope
+from plugin import config, gc, identity, scope
 from plugin.embedded_etcd import EmbeddedEtcd
 from plugin.http import make_app
 from plugin.routes import IPAM, NETWORK
@@ -66,7 +67,7 @@ class Background(Protocol):
 
 def _start_control_plane(driver: NetworkDriver, lease: HostLease, watcher: PeerWatcher,
                          stop: threading.Event, keyring: Optional[KeyRingWatcher] = None,
-                         rotator: Optional[Background] = None,
+                         rotator: Optional[Background] = None, collector: Optional[Background] = None,
                          on_fatal: Callable[[Exception], None] = lambda exc: None) -> None:
     """Once etcd answers: reconcile the kernel, then keep the host lease and the peer watch running (after the
     key ring watcher and the rotator, so the ring is usually read before peers arrive). Keeps trying while etcd
@@ -82,7 +83,7 @@ def _start_control_plane(driver: NetworkDriver, lease: HostLease, watcher: PeerW
             else:
                 log.info("start-up reconciliation done")
             lease.start()
-            before_peers: Sequence[Optional[Background]] = (keyring, rotator)
+            before_peers: Sequence[Optional[Background]] = (keyring, rotator, collector)
             for part in before_peers:
                 if part is not None:
                     part.start()
@@ -126,6 +127,7 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
     keyring: Optional[KeyRingWatcher] = None
     rotator: Optional[KeyRotator] = None
     monitor: Optional[scope.ScopeMonitor] = None
+    collector: Optional[CollectorLoop] = None
     stop = threading.Event()
     fatal: List[Exception] = []
 
@@ -197,6 +199,10 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
                             encryption=encryption)
         lease.on_new_lease = net.republish_peers
         ipam = IpamDriver(IpamStore(kv, settings.key_prefix), me.id, choice.scope)
+        if settings.gc_seconds:
+            # Started after the host lease (this host is alive in its own collection); every host runs it.
+            collector = CollectorLoop(gc.collector(kv, settings.key_prefix, settings.stale_host_seconds),
+                                      settings.gc_seconds)
         server = waitress.create_server(make_app({NETWORK: net, IPAM: ipam}), unix_socket=settings.socket_path,
                                         unix_socket_perms="660", threads=8, ident="vxnet")
         log.info("listening on %s host=%s id-from=%s vtep=%s underlay-mtu=%d scope=%s etcd=%s", settings.socket_path,
@@ -207,7 +213,7 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
         if embedded is not None:
             embedded.start()
         threading.Thread(target=_start_control_plane, name="start-up", daemon=True,
-                         args=(net, lease, watcher, stop, keyring, rotator, on_fatal)).start()
+                         args=(net, lease, watcher, stop, keyring, rotator, collector, on_fatal)).start()
         server.run()
     except ConfigError as exc:
         print(f"vxnet: {exc}", file=sys.stderr)
@@ -219,7 +225,7 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
             log.info("stopping")
     finally:
         stop.set()
-        parts: Sequence[Optional[Background]] = (monitor, watcher, keyring, rotator, lease)
+        parts: Sequence[Optional[Background]] = (monitor, watcher, keyring, rotator, collector, lease)
         for part in parts:
             if part is not None:
                 part.stop()

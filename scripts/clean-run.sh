@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# `make clean-run`: remove what `make run` made: its containers and network, the plugin it started, and the
-# dockerd it started (only if it started one). The plugin's data (VXNET_STATE_DIR) is kept.
+# `make clean-run`: remove what `make run` made: its containers and network, the plugin it started, the vxnet command it
+# wrote, and the dockerd it started (only if it started one). The plugin's data (VXNET_STATE_DIR) is kept.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -15,4 +15,7 @@ if docker_answers; then
   fi
 fi
 stop_pidfile "$PLUGIN_PID" "-m plugin" "the vxnet plugin"
+if [ -f "$VXNET_CMD" ] && grep -qxF "$VXNET_CMD_MARK" "$VXNET_CMD"; then
+  rm -f "$VXNET_CMD" && echo "removed $VXNET_CMD"
+fi
 stop_pidfile "$DOCKERD_PID" dockerd "dockerd"

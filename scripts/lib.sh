@@ -10,6 +10,11 @@ DEMO_NET=vxnet-demo
 DEMO_SUBNET=${VXNET_DEMO_SUBNET:-10.213.250.0/24}
 DEMO_CONTAINERS=(vxnet-demo-1 vxnet-demo-2)
 PYTHON=${PYTHON:-python3}
+BIN_DIR=${VXNET_BIN_DIR:-/usr/local/bin}            # where `make run` puts the vxnet command
+VXNET_CMD=$BIN_DIR/vxnet
+# The first lines of the command `make run` writes: `make clean-run` removes a vxnet command only if it has them
+# (never one that pip installed).
+VXNET_CMD_MARK="# vxnet command written by make run (scripts/run-demo.sh); make clean-run removes it"
 
 docker_() { docker -H "unix://$DOCKER_SOCK" "$@"; }
 

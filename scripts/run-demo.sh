@@ -42,6 +42,20 @@ if ! wait_for 60 "the plugin on $socket" plugin_answers; then
   exit 1
 fi
 
+# The operator's command (cli/): a wrapper that runs it from this checkout, with the Python that runs the plugin.
+if [ ! -e "$VXNET_CMD" ] || grep -qxF "$VXNET_CMD_MARK" "$VXNET_CMD"; then
+  mkdir -p "$BIN_DIR"
+  cat >"$VXNET_CMD.tmp" <<WRAPPER
+#!/bin/sh
+$VXNET_CMD_MARK
+PYTHONPATH="$PWD\${PYTHONPATH:+:\$PYTHONPATH}" exec $(command -v "$PYTHON") -m cli "\$@"
+WRAPPER
+  chmod 755 "$VXNET_CMD.tmp"
+  mv "$VXNET_CMD.tmp" "$VXNET_CMD"
+else
+  echo "keeping $VXNET_CMD (not written by make run)"
+fi
+
 # 4. The network and two containers (made again if an earlier run left them).
 if ! docker_ network inspect "$DEMO_NET" >/dev/null 2>&1; then
   docker_ network create -d vxnet --ipam-driver vxnet --subnet "$DEMO_SUBNET" "$DEMO_NET" >/dev/null
@@ -67,6 +81,7 @@ vxnet demo is up:
   container  ${DEMO_CONTAINERS[0]}  $ip1
   container  ${DEMO_CONTAINERS[1]}  $ip2
   plugin     pid $(cat "$PLUGIN_PID"), socket $socket, log $LOG_DIR/vxnet.log
+  command    $VXNET_CMD (vxnet gc --dry-run, vxnet keys status, ...)
 Try: docker exec -it ${DEMO_CONTAINERS[0]} sh
 'make clean-run' removes it all.
 SUMMARY

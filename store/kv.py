@@ -6,7 +6,8 @@ Keys and values are text. A revision is etcd's store-wide counter, raised by eve
 mod_revision is the revision that last wrote it (0 in a compare: the key is missing).
 """
 
-from typing import Dict, Iterable, Iterator, List, Optional, Protocol, Sequence, Tuple
+import dataclasses
+from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 from store.kvstore import Entry, Snapshot, WatchEvent
 
@@ -71,3 +72,24 @@ class WatchableKV(KV, Protocol):
     """A KV that can also watch (what store/watchloop.py needs)."""
 
     def watch(self, prefix: str, start_revision: int) -> WatchStream: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Guard:
+    """Compares a caller adds to a store's own transaction: keys that must be missing and keys that must be at a
+    mod_revision. The garbage collector (netdriver/gc.py) releases a gone host's holds only while hosts/<host> is
+    missing and departed/<host> is the record it judged by, so a host that comes back keeps what it holds."""
+
+    absent: Tuple[str, ...] = ()
+    revisions: Mapping[str, int] = dataclasses.field(default_factory=dict)
+
+    def holds(self, kv: KV) -> bool:
+        """Whether the compares still hold (read at one revision): a store tells a transaction lost to the
+        guard, which it must not retry, from one lost to a concurrent writer, which it retries."""
+        found = kv.read(keys=[*self.absent, *self.revisions]).entries
+        revisions = {k: entry.mod_revision if entry is not None else 0 for k, entry in found.items()}
+        return (all(found[k] is None for k in self.absent) and
+                all(revisions[k] == rev for k, rev in self.revisions.items()))
+
+
+NO_GUARD = Guard()

@@ -15,6 +15,9 @@ The tree, under PREFIX (`/vxnet/v1`; VXNET_KEY_PREFIX in plugin/config.py may mo
   hosts/<host>                        {"vtep", "version", "name", "instance"} under the host's lease: who is
                                       alive (netdriver/hosts.py); name is for people, instance tells a restart
                                       from a copy
+  departed/<host>                     {"since": unix time, "name", "vtep"}: when a live plugin first saw
+                                      hosts/<host> gone (create-if-absent); deleted when the host registers
+                                      again, or once `vxnet gc` has collected what it held (netdriver/gc.py)
   ipam/pools/<space>/<pool>           {"cidr", "space", "hosts": [holder, ...], "created"} (ipam_driver/store.py)
   ipam/addresses/<space>/<pool>/<address>
                                       {"address", "pool", "kind": "gateway"|"container", "hosts", "created"}
@@ -55,10 +58,11 @@ MEMBER = "members/<segment>/<host>"
 ENDPOINT = "endpoints/<network>/<endpoint>"
 PEER = "peers/<segment>/<endpoint>"
 HOST = "hosts/<host>"
+DEPARTED = "departed/<host>"
 POOL = "ipam/pools/<space>/<pool>"
 ADDRESS = "ipam/addresses/<space>/<pool>/<address>"
 KEYRING = "encryption/keyring"
-TEMPLATES = (NETWORK, SEGMENT, VNI, MEMBER, ENDPOINT, PEER, HOST, POOL, ADDRESS, KEYRING)
+TEMPLATES = (NETWORK, SEGMENT, VNI, MEMBER, ENDPOINT, PEER, HOST, DEPARTED, POOL, ADDRESS, KEYRING)
 
 _KEY_PART = re.compile(r"[A-Za-z0-9@_.:-]+")
 _PLACEHOLDER = re.compile(r"<([a-z]+)>")
@@ -148,6 +152,9 @@ class Schema:
 
     def host(self, host: str) -> str:
         return self.key(HOST, host=host)
+
+    def departed(self, host: str) -> str:
+        return self.key(DEPARTED, host=host)
 
     # -- IPAM (ipam_driver/store.py) -----------------------------------------------------------------------------
     def pool(self, space: str, cidr) -> str:

@@ -1,6 +1,7 @@
 """`make run` and `make clean-run` (scripts/run-demo.sh, scripts/clean-run.sh), run inside a simulated host that
 has no dockerd yet, as on a fresh machine: the demo starts dockerd and the plugin itself, and cleans up after."""
 
+import json
 import os
 
 from tests.harness.plugin import REPO
@@ -12,7 +13,9 @@ def test_make_run_shows_two_containers_talking_and_clean_run_removes_everything(
     env = dict(os.environ,
                VXNET_ADVERTISE_ADDR=host.ip,  # a simulated host has no default route to take it from
                VXNET_STATE_DIR=os.path.join(host.dir, "vxnet"),  # /var/lib/vxnet is not per host
-               VXNET_LOG_DIR=os.path.join(host.dir, "logs"))  # nor is /var/log
+               VXNET_LOG_DIR=os.path.join(host.dir, "logs"),  # nor is /var/log
+               VXNET_BIN_DIR=os.path.join(host.dir, "bin"))  # nor is /usr/local/bin
+    command = os.path.join(host.dir, "bin", "vxnet")
 
     demo = host.run(["bash", "scripts/run-demo.sh"], env=env, cwd=REPO, timeout=240, check=False)
     assert demo.returncode == 0, demo.stdout + demo.stderr
@@ -23,6 +26,11 @@ def test_make_run_shows_two_containers_talking_and_clean_run_removes_everything(
     pid_files = {name: host.path(f"/run/vxnet/{name}.pid") for name in ("plugin", "dockerd")}
     pids = {name: int(open(path).read()) for name, path in pid_files.items()}
     assert [ns for ns in host.netns() if ns.startswith("vxnet-")]
+    # The vxnet command is on the host and talks to the demo's embedded etcd (from any directory).
+    gc = host.run([command, "gc", "--dry-run", "--json"], env=env, cwd="/", timeout=60, check=False)
+    assert gc.returncode == 0 and json.loads(gc.stdout)["hosts"] == [], gc.stdout + gc.stderr
+    broken = host.run([command, "gc", "--etcd", "http://127.0.0.1:1"], env=env, cwd="/", timeout=60, check=False)
+    assert broken.returncode == 2 and "etcd" in broken.stderr, broken.stdout + broken.stderr
 
     clean = host.run(["bash", "scripts/clean-run.sh"], env=env, cwd=REPO, timeout=120, check=False)
     assert clean.returncode == 0, clean.stdout + clean.stderr
@@ -31,3 +39,4 @@ def test_make_run_shows_two_containers_talking_and_clean_run_removes_everything(
         wait_until(lambda: not running(pid), 10, f"the demo's {name} (pid {pid}) to exit")
         assert not os.path.exists(pid_files[name])
     assert not [ns for ns in host.netns() if ns.startswith("vxnet-")]
+    assert "removed " + command in clean.stdout and not os.path.exists(command)

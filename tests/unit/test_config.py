@@ -27,6 +27,9 @@ def test_values_are_read():
     s = config.load({"VXNET_ENCRYPTION_SECRET_FILE": "/etc/vxnet/tls/encryption.key",
                      "VXNET_KEY_ROTATION_SECONDS": "0"})
     assert (s.encryption_secret_file, s.key_rotation_seconds) == ("/etc/vxnet/tls/encryption.key", 0)
+    assert (config.load({}).stale_host_seconds, config.load({}).gc_seconds) == (3600, 300)
+    s = config.load({"VXNET_STALE_HOST_SECONDS": "5", "VXNET_GC_SECONDS": "0"})
+    assert (s.stale_host_seconds, s.gc_seconds) == (5, 0)
 
 
 @pytest.mark.parametrize("env,needle", [
@@ -44,6 +47,9 @@ def test_values_are_read():
     ({"VXNET_ENCRYPTION_SECRET_FILE": "secret.key"}, "VXNET_ENCRYPTION_SECRET_FILE"),
     ({"VXNET_KEY_ROTATION_SECONDS": "5"}, "VXNET_KEY_ROTATION_SECONDS"),
     ({"VXNET_KEY_ROTATION_SECONDS": "1h"}, "VXNET_KEY_ROTATION_SECONDS"),
+    ({"VXNET_STALE_HOST_SECONDS": "0"}, "VXNET_STALE_HOST_SECONDS"),
+    ({"VXNET_STALE_HOST_SECONDS": "1h"}, "VXNET_STALE_HOST_SECONDS"),
+    ({"VXNET_GC_SECONDS": "-1"}, "VXNET_GC_SECONDS"),
 ])
 def test_bad_settings_name_the_setting(env, needle):
     with pytest.raises(ConfigError, match=needle):

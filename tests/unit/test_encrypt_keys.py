@@ -181,31 +181,3 @@ def test_spi_is_deterministic_directional_per_key_and_never_reserved():
     assert len(set(spis)) == len(spis)
     with pytest.raises(ValueError):
         spi_for(a, b, -1)
-
-
-# -- the operator's command ---------------------------------------------------------------------------------------
-def test_cli_shows_rotates_and_prunes_without_printing_material(tmp_path, capsys):
-    from encrypt.__main__ import main
-
-    kv = FakeKV()
-    secret = tmp_path / "secret"
-    secret.write_text(SECRET.hex())
-    common = ["--etcd", "http://fake:2379", "--secret-file", str(secret)]
-    factory = lambda endpoints, **tls: kv  # noqa: E731
-    assert main(["show", *common], kv_factory=factory) == 0
-    assert "no key ring" in capsys.readouterr().out
-    store = KeyStore(kv, SECRET)
-    store.ensure(now=0.0)
-    assert main(["rotate", *common], kv_factory=factory) == 0
-    assert "keys 1 (previous), 2 (primary), 3 (staged)" in capsys.readouterr().out
-    assert main(["rotate", *common], kv_factory=factory) == 1  # again at once: refused, the staged key is new
-    assert "not rotated" in capsys.readouterr().err
-    assert main(["prune", *common], kv_factory=factory) == 0
-    out = capsys.readouterr().out
-    assert "keys 2 (primary), 3 (staged)" in out
-    for k in store.load().keys:
-        assert k.material.hex() not in out
-    wrong = tmp_path / "wrong"
-    wrong.write_text(bytes(32).hex())
-    assert main(["show", "--etcd", "http://fake:2379", "--secret-file", str(wrong)], kv_factory=factory) == 1
-    assert "does not open with this host's cluster secret" in capsys.readouterr().err
