@@ -207,6 +207,11 @@ class MetricsServer:
                               "address, or empty to turn metrics off)") from None
         log.info("metrics on http://%s:%d/metrics", f"[{host}]" if ":" in host else host, port)
 
+    @property
+    def port(self) -> int:
+        """The port listened on (the one asked for, or the kernel's choice for port 0)."""
+        return self._server.server_port if self._server is not None else self.address[1]
+
     def stop(self) -> None:
         server, self._server = self._server, None
         if server is None:

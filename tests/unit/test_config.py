@@ -44,10 +44,24 @@ def test_values_are_read():
     ({"VXNET_ENCRYPTION_SECRET_FILE": "secret.key"}, "VXNET_ENCRYPTION_SECRET_FILE"),
     ({"VXNET_KEY_ROTATION_SECONDS": "5"}, "VXNET_KEY_ROTATION_SECONDS"),
     ({"VXNET_KEY_ROTATION_SECONDS": "1h"}, "VXNET_KEY_ROTATION_SECONDS"),
+    ({"VXNET_METRICS_ADDR": "9473"}, "VXNET_METRICS_ADDR"),
+    ({"VXNET_METRICS_ADDR": "localhost:9473"}, "VXNET_METRICS_ADDR"),
+    ({"VXNET_METRICS_ADDR": "::1:9473"}, "VXNET_METRICS_ADDR"),
+    ({"VXNET_METRICS_ADDR": "[127.0.0.1]:9473"}, "VXNET_METRICS_ADDR"),
+    ({"VXNET_METRICS_ADDR": "127.0.0.1:0"}, "VXNET_METRICS_ADDR"),
+    ({"VXNET_METRICS_ADDR": "127.0.0.1:65536"}, "VXNET_METRICS_ADDR"),
+    ({"VXNET_METRICS_ADDR": "127.0.0.1:"}, "VXNET_METRICS_ADDR"),
 ])
 def test_bad_settings_name_the_setting(env, needle):
     with pytest.raises(ConfigError, match=needle):
         config.load(env)
+
+
+def test_metrics_address():
+    assert config.load({}).metrics_addr == ("127.0.0.1", 9473)
+    assert config.load({"VXNET_METRICS_ADDR": ""}).metrics_addr is None  # set and empty: off
+    assert config.load({"VXNET_METRICS_ADDR": " 0.0.0.0:9100 "}).metrics_addr == ("0.0.0.0", 9100)
+    assert config.load({"VXNET_METRICS_ADDR": "[::1]:9473"}).metrics_addr == ("::1", 9473)
 
 
 def test_names_fit_ifnamsiz():
