@@ -1,0 +1,75 @@
+"""/metrics of the real plugin in a simulated host: it parses with prometheus-client's parser, the call counter and
+latency histogram move as dockerd makes calls (and count a refused call by its error class), the endpoints gauge
+follows the containers, and a container that forges its address moves the anti-spoofing drop counter.
+
+The spoofing check has its positive control with the same probe: the same ping with the container's own address
+is answered before and after."""
+
+from tests.harness.containers import addresses, network_id, pings, run_sleeper, wait_ping
+from tests.harness.metrics import get, scrape
+from tests.harness.proc import wait_until
+
+SUBNET = "10.200.46.0/24"
+CALLS = "vxnet_plugin_calls_total"
+SECONDS = "vxnet_plugin_call_seconds_count"
+SPOOFED = {"reason": "anti-spoofing"}
+DEADLINE = 10.0  # counters are read at the scrape: the drops are there as soon as the kernel counted them
+
+
+def ping(host, container, target):
+    return pings(host, container, target, count=2, wait_s=1)
+
+
+def test_metrics_parse_and_move_with_calls_endpoints_and_spoofed_packets(hosts, vxnet_plugin):
+    (host,) = hosts(1)
+    vxnet_plugin(host)
+    before = scrape(host)
+    info = [labels for (name, labels) in before if name == "vxnet_build_info"]
+    assert info and dict(info[0])["version"] and dict(info[0])["python"], info
+
+    refused = host.docker("network", "create", "-d", "vxnet", "--ipam-driver", "vxnet", "--subnet", SUBNET,
+                          "-o", "bogus=1", "m-bad", check=False)
+    assert refused.returncode != 0 and "bogus" in refused.stderr, refused.stderr
+    host.docker("network", "create", "-d", "vxnet", "--ipam-driver", "vxnet", "--subnet", SUBNET, "m1")
+    run_sleeper(host, "a1", "m1")
+    run_sleeper(host, "a2", "m1", "--cap-add", "NET_ADMIN")  # NET_ADMIN: it changes its own address below
+    nid = network_id(host, "m1")
+    a1, a2 = addresses(host, "a1")["m1"], addresses(host, "a2")["m1"]
+
+    after = scrape(host)
+    for method, calls in (("NetworkDriver.CreateNetwork", 1), ("NetworkDriver.CreateEndpoint", 2),
+                          ("NetworkDriver.Join", 2),
+                          # the two containers' and the networks' gateways (the refused network's was released)
+                          ("IpamDriver.RequestAddress", 4)):
+        moved = get(after, CALLS, method=method, outcome="ok") - get(before, CALLS, method=method, outcome="ok")
+        assert moved == calls, (method, moved)
+        timed = get(after, SECONDS, method=method) - get(before, SECONDS, method=method)
+        assert timed >= calls, (method, timed)  # every call observed; a refused one too (the bad create)
+    assert get(after, CALLS, method="NetworkDriver.CreateNetwork", outcome="InvalidOption") == \
+        get(before, CALLS, method="NetworkDriver.CreateNetwork", outcome="InvalidOption") + 1
+    assert get(after, "vxnet_endpoints", network=nid[:12]) == 2
+    assert get(after, "vxnet_etcd_requests_total", op="kv/txn") > get(before, "vxnet_etcd_requests_total",
+                                                                      op="kv/txn")
+
+    # Control: a2 with its own address reaches a1, by the probe the forged address then fails with, and nothing
+    # of it is counted as spoofed.
+    wait_ping(host, "a2", a1)
+    dropped = get(scrape(host), "vxnet_dropped_packets_total", **SPOOFED)
+    assert ping(host, "a2", a1)
+    assert get(scrape(host), "vxnet_dropped_packets_total", **SPOOFED) == dropped
+    host.docker("exec", "a2", "ip", "addr", "flush", "dev", "eth0")
+    host.docker("exec", "a2", "ip", "addr", "add", "10.200.46.99/24", "dev", "eth0")
+    assert not ping(host, "a2", a1)
+    # Two echo requests, and the ARP requests before them, all carry the forged address: each one is dropped
+    # and counted.
+    wait_until(lambda: get(scrape(host), "vxnet_dropped_packets_total", **SPOOFED) >= dropped + 2, DEADLINE,
+               "the anti-spoofing drop counter to count the forged pings")
+    assert get(scrape(host), "vxnet_dropped_bytes_total", **SPOOFED) > 0
+    host.docker("exec", "a2", "ip", "addr", "flush", "dev", "eth0")
+    host.docker("exec", "a2", "ip", "addr", "add", f"{a2}/24", "dev", "eth0")
+    wait_ping(host, "a2", a1)
+    assert ping(host, "a2", a1)
+
+    host.docker("rm", "-f", "a1")
+    wait_until(lambda: get(scrape(host), "vxnet_endpoints", network=nid[:12]) == 1, DEADLINE,
+               "the endpoints gauge to follow the removed container")
