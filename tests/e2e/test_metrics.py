@@ -1,18 +1,21 @@
 """/metrics of the real plugin in a simulated host: it parses with prometheus-client's parser, the call counter and
 latency histogram move as dockerd makes calls (and count a refused call by its error class), the endpoints gauge
-follows the containers, and a container that forges its address moves the anti-spoofing drop counter.
+follows the containers, a container that forges its address moves the anti-spoofing drop counter, and one that
+tries another network through the host moves the isolation drop counter.
 
-The spoofing check has its positive control with the same probe: the same ping with the container's own address
-is answered before and after."""
+Each drop check has its positive control with the same probe: the same ping from the container's own network
+with its own address is answered, and not counted."""
 
 from tests.harness.containers import addresses, network_id, pings, run_sleeper, wait_ping
 from tests.harness.metrics import get, scrape
 from tests.harness.proc import wait_until
 
 SUBNET = "10.200.46.0/24"
+SUBNET_B = "10.200.47.0/24"
 CALLS = "vxnet_plugin_calls_total"
 SECONDS = "vxnet_plugin_call_seconds_count"
 SPOOFED = {"reason": "anti-spoofing"}
+ISOLATED = {"reason": "isolation"}
 DEADLINE = 10.0  # counters are read at the scrape: the drops are there as soon as the kernel counted them
 
 
@@ -69,6 +72,17 @@ def test_metrics_parse_and_move_with_calls_endpoints_and_spoofed_packets(hosts, 
     host.docker("exec", "a2", "ip", "addr", "add", f"{a2}/24", "dev", "eth0")
     wait_ping(host, "a2", a1)
     assert ping(host, "a2", a1)
+
+    # b1, on another network, routes towards m1 through the gateway bridge: the host's isolation table drops it.
+    host.docker("network", "create", "-d", "vxnet", "--ipam-driver", "vxnet", "--subnet", SUBNET_B, "m2")
+    run_sleeper(host, "b1", "m2", "--cap-add", "NET_ADMIN")
+    host.docker("exec", "b1", "ip", "route", "add", SUBNET, "dev", "eth1")
+    isolated = get(scrape(host), "vxnet_dropped_packets_total", **ISOLATED)
+    assert ping(host, "a2", a1)  # control, as above
+    assert get(scrape(host), "vxnet_dropped_packets_total", **ISOLATED) == isolated
+    assert not ping(host, "b1", a1)
+    wait_until(lambda: get(scrape(host), "vxnet_dropped_packets_total", **ISOLATED) >= isolated + 2, DEADLINE,
+               "the isolation drop counter to count the pings from the other network")
 
     host.docker("rm", "-f", "a1")
     wait_until(lambda: get(scrape(host), "vxnet_endpoints", network=nid[:12]) == 1, DEADLINE,
