@@ -3,13 +3,15 @@ driver, PeerSync and EncryptionManager on fakes, the call/etcd/resync counters w
 the server on loopback (a port taken is a start-up error naming the setting)."""
 
 import json
+import os
+import re
 import socket
 import urllib.request
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from encrypt.firewall import LABEL_IN, LABEL_OUT
@@ -311,3 +313,21 @@ def test_a_taken_port_is_an_error_naming_the_setting_then_the_server_serves_and_
     server.stop()  # again: nothing left to stop
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
+
+
+def test_the_readme_says_what_every_metric_means():
+    """The README's Metrics table names every family vxnet exports, and nothing it does not."""
+    nft, xfrm = FakeNftables(), FakeXfrm()
+    ipsec = IpsecFirewall(names.ENCRYPTED_VXLAN_PORT, nft)
+    mgr = EncryptionManager(xfrm, ipsec, names.ENCRYPTED_VXLAN_PORT)
+    mgr.set_keyring(KeyRing.initial())
+    collector = pm.Collector(lambda: {NID: 0}, lambda: {NID: 0}, isolation.Firewall(nft), ipsec, mgr)
+    pm.set_build_info()
+    exported = {f.name for f in REGISTRY.collect() if f.name.startswith("vxnet_")}
+    exported |= {f.name for f in collector.collect()}
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "..", "README.md")).read()
+    section = readme[readme.index("### Metrics"):readme.index("### Looking inside")]
+    documented = {re.sub(r"_total$", "", name) for name in re.findall(r"^\| `(vxnet_\w+)", section, re.M)}
+    documented |= {re.sub(r"_total$", "", name) for name in re.findall(r"`, `(vxnet_\w+)", section)}
+    documented = {re.sub(r"_info$", "", name) for name in documented}
+    assert documented == exported
