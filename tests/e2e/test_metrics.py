@@ -6,8 +6,13 @@ tries another network through the host moves the isolation drop counter.
 Each drop check has its positive control with the same probe: the same ping from the container's own network
 with its own address is answered, and not counted."""
 
+import os
+import platform
+
+from netdriver.store import VERSION
 from tests.harness.containers import addresses, network_id, pings, run_sleeper, wait_ping
 from tests.harness.metrics import get, scrape
+from tests.harness.plugin import Plugin
 from tests.harness.proc import wait_until
 
 SUBNET = "10.200.46.0/24"
@@ -87,3 +92,25 @@ def test_metrics_parse_and_move_with_calls_endpoints_and_spoofed_packets(hosts, 
     host.docker("rm", "-f", "a1")
     wait_until(lambda: get(scrape(host), "vxnet_endpoints", network=nid[:12]) == 1, DEADLINE,
                "the endpoints gauge to follow the removed container")
+
+
+def test_a_metrics_port_already_taken_stops_the_start_naming_the_setting(hosts, vxnet_plugin, etcd):
+    """A second plugin in the same host (its own socket and state) finds 127.0.0.1:9473 taken by the first: it
+    exits at once with the setting named, and the first one goes on serving its metrics."""
+    (host,) = hosts(1, docker=False)
+    first = vxnet_plugin(host)
+    assert get(scrape(host), "vxnet_build_info", python=platform.python_version(), version=VERSION) == 1
+    second = Plugin(host, etcd.url, {"VXNET_HOST_ID": "second",
+                                     "VXNET_STATE_DIR": os.path.join(host.dir, "vxnet-second")},
+                    socket="/run/docker/plugins/vxnet-second.sock")
+    second.log_path = os.path.join(host.dir, "logs", "plugin-second.log")
+    second.start(wait=False)
+    try:
+        wait_until(lambda: not second.alive(), DEADLINE, "the second plugin to stop at start")
+        assert second.proc.returncode == 2
+        assert "vxnet: VXNET_METRICS_ADDR: cannot serve metrics on 127.0.0.1:9473" in second.log(), second.log()
+        assert not os.path.exists(second.socket_path)
+    finally:
+        second.stop()
+    assert first.alive() and first.answers()
+    assert get(scrape(host), "vxnet_build_info", python=platform.python_version(), version=VERSION) == 1
