@@ -114,3 +114,26 @@ def test_a_metrics_port_already_taken_stops_the_start_naming_the_setting(hosts, 
         second.stop()
     assert first.alive() and first.answers()
     assert get(scrape(host), "vxnet_build_info", python=platform.python_version(), version=VERSION) == 1
+
+
+SUBNET_X = "10.200.48.0/24"
+
+
+def test_peers_per_network_follow_the_containers_on_the_other_host(hosts, vxnet_plugin):
+    h1, h2 = hosts(2)
+    for host in (h1, h2):
+        vxnet_plugin(host)
+        host.docker("network", "create", "-d", "vxnet", "--ipam-driver", "vxnet", "--subnet", SUBNET_X,
+                    "-o", "overlay=mx", "mx")
+    run_sleeper(h1, "x1", "mx")
+    run_sleeper(h2, "x2", "mx")
+    run_sleeper(h2, "x3", "mx")
+    wait_ping(h1, "x1", addresses(h2, "x2")["mx"])
+    label = {"network": network_id(h1, "mx")[:12]}
+    wait_until(lambda: get(scrape(h1), "vxnet_peers", **label) == 2, DEADLINE, "host 1 to count host 2's two")
+    assert get(scrape(h1), "vxnet_endpoints", **label) == 1
+    label2 = {"network": network_id(h2, "mx")[:12]}
+    assert get(scrape(h2), "vxnet_endpoints", **label2) == 2
+    wait_until(lambda: get(scrape(h2), "vxnet_peers", **label2) == 1, DEADLINE, "host 2 to count host 1's one")
+    h2.docker("rm", "-f", "x3")
+    wait_until(lambda: get(scrape(h1), "vxnet_peers", **label) == 1, DEADLINE, "host 1 to see one of them go")
