@@ -29,6 +29,7 @@ import logging
 import platform
 import threading
 from typing import Callable, Dict, Iterable, Mapping, Optional, Protocol, Tuple
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import REGISTRY
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -190,7 +191,7 @@ class MetricsServer:
 
     address: Tuple[str, int]
     collector: Collector
-    _server: Optional[object] = None
+    _server: Optional[WSGIServer] = None
     _thread: Optional[threading.Thread] = None
 
     def start(self) -> None:
