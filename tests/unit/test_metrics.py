@@ -23,7 +23,7 @@ from netdriver import isolation
 from netdriver.driver import NetworkDriver
 from netdriver.models import PeerRecord
 from netdriver.peerdb import PeerDB
-from netdriver.store import NetworkStore
+from netdriver.store import VERSION, NetworkStore
 from netdriver.underlay import Underlay
 from netdriver.watcher import PeerSync
 from plugin import metrics as pm
@@ -331,3 +331,9 @@ def test_the_readme_says_what_every_metric_means():
     documented |= {re.sub(r"_total$", "", name) for name in re.findall(r"`, `(vxnet_\w+)", section)}
     documented = {re.sub(r"_info$", "", name) for name in documented}
     assert documented == exported
+
+
+def test_build_info_carries_the_version_pyproject_declares():
+    with open(os.path.join(os.path.dirname(__file__), "..", "..", "pyproject.toml")) as f:
+        declared = re.search(r'^version = "([^"]+)"$', f.read(), re.M).group(1)  # [project]'s, the only one
+    assert declared == VERSION
