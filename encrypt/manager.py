@@ -22,6 +22,7 @@ is recorded first, so the next call or resync retries.
 
 import logging
 import threading
+import time
 from typing import Dict, Iterable, List, Optional, Set, Tuple
 
 from encrypt.firewall import Firewall
@@ -46,6 +47,7 @@ class EncryptionManager:
         `port` in the same namespace; esp: what require() asks whether the kernel does ESP (None: a
         kernel.probes.EspProbe of this kernel)."""
         self._xfrm = xfrm
+        self._xfrm_lock = threading.Lock()  # opening it once, also from a scrape that does not take self._lock
         self.esp = esp if esp is not None else EspProbe()
         self.firewall = firewall
         self.port = port
@@ -63,9 +65,10 @@ class EncryptionManager:
 
     @property
     def xfrm(self) -> Xfrm:
-        if self._xfrm is None:
-            self._xfrm = Xfrm()
-        return self._xfrm
+        with self._xfrm_lock:
+            if self._xfrm is None:
+                self._xfrm = Xfrm()
+            return self._xfrm
 
     def require(self) -> None:
         """What an encrypted network needs before its VXLAN device exists: ESP in the kernel (else
@@ -89,6 +92,19 @@ class EncryptionManager:
 
     def _wanted(self) -> Set[str]:
         return {v for vteps in self._holders.values() for v in vteps if v != self._local}
+
+    # -- what the metrics read (without self._lock: a scrape never waits for a convergence) ---------------------
+    def kernel_sas(self) -> int:
+        """How many SAs of ours (reqid names.XFRM_REQID) the kernel holds now; KernelError if it cannot say."""
+        return len(self.xfrm.sas())
+
+    def primary_key_age(self, now: Optional[float] = None) -> Optional[float]:
+        """Seconds since the ring's primary key became primary (its last rotation); None before a ring is
+        loaded, or for a ring that did not record when (rotated_at 0)."""
+        ring = self._ring
+        if ring is None or not ring.rotated_at:
+            return None
+        return max(0.0, (time.time() if now is None else now) - ring.rotated_at)
 
     def ensure_firewall(self) -> None:
         """The fail-closed table; call before the first encrypted VXLAN device exists."""

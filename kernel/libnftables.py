@@ -14,7 +14,7 @@ one thread per context.
 
 import ctypes
 import json
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 SONAME = "libnftables.so.1"
 # <nftables/libnftables.h>: NFT_CTX_DEFAULT, NFT_CTX_OUTPUT_JSON. JSON output also makes
@@ -92,3 +92,27 @@ class Context:
         if self._ctx:
             self._lib.nft_ctx_free(self._ctx)
             self._ctx = None
+
+
+def rule_counters(output: str) -> Dict[str, Tuple[int, int]]:
+    """The counters of the commented rules in a `list` command's JSON output: comment -> (packets, bytes), summed
+    over the rule's counter statements (a rule without one counts (0, 0)). Rules without a comment are not ours
+    to report and are left out; so is everything that is not a rule (tables, chains, sets, metainfo).
+
+    Wire (nft -j list ...): {"nftables": [{"metainfo": {...}}, {"table": {...}}, {"chain": {...}},
+    {"rule": {"family", "table", "chain", "handle", "comment", "expr": [..., {"counter": {"packets": N,
+    "bytes": M}}, {"drop": null}]}}, ...]}"""
+    out: Dict[str, Tuple[int, int]] = {}
+    for item in json.loads(output or "{}").get("nftables", []):
+        rule = item.get("rule") if isinstance(item, dict) else None
+        if not isinstance(rule, dict) or not isinstance(rule.get("comment"), str):
+            continue
+        packets = octets = 0
+        for expr in rule.get("expr") or []:
+            counter = expr.get("counter") if isinstance(expr, dict) else None
+            if isinstance(counter, dict):
+                packets += int(counter.get("packets", 0))
+                octets += int(counter.get("bytes", 0))
+        before = out.get(rule["comment"], (0, 0))
+        out[rule["comment"]] = (before[0] + packets, before[1] + octets)
+    return out

@@ -111,6 +111,18 @@ class NetworkDriver:
         # and the peer resync reads the whole FDB). Filled by CreateNetwork, start-up and the first Join; an entry
         # goes with the namespace and after any kernel error in it, so the next call rebuilds from scratch.
         self._ready: Dict[str, Network] = {}
+        # This host's endpoints wired and guarded in each network's namespace: network id -> endpoint ids. Kept
+        # for the metrics (local_endpoints: read at every scrape, so never a round trip to etcd); set whole where
+        # the anti-spoofing table is rebuilt, then changed by each Join and DeleteEndpoint. Its own lock, taken
+        # last (inside _guard_lock where both are held): a scrape never waits for a guard rebuild's etcd read.
+        self._joined: Dict[str, Set[str]] = {}
+        self._joined_lock = threading.Lock()
+
+    def local_endpoints(self) -> Dict[str, int]:
+        """network id -> this host's endpoints on it, for each network whose namespace this process has made."""
+        ready = list(self._ready)
+        with self._joined_lock:
+            return {nid: len(self._joined.get(nid, ())) for nid in set(ready) | set(self._joined)}
 
     # -- capabilities and discovery -----------------------------------------------------------------------------
     def get_capabilities(self, req: p.EmptyRequest) -> dict:
@@ -269,6 +281,8 @@ class NetworkDriver:
         if network is None:
             self.store.delete_endpoint(req.network_id, req.endpoint_id)
             return {}
+        with self._joined_lock:
+            self._joined.get(network.id, set()).discard(req.endpoint_id)
         if endpoint is not None and network.id in self._ready:
             try:
                 self._unguard(network, endpoint)
@@ -317,6 +331,8 @@ class NetworkDriver:
             ifname = self.dataplane.ensure_endpoint(network, endpoint)
             with self._guard_lock:  # before dockerd gets the interface: no window without anti-spoofing
                 self.dataplane.guard_endpoint(network, endpoint)
+                with self._joined_lock:
+                    self._joined.setdefault(network.id, set()).add(endpoint.id)
             undo.push(lambda: self._unwire(network, endpoint))
             undo.push(lambda: self.store.delete_peer(segment, endpoint.id))
             self._publish(network, endpoint)
@@ -350,13 +366,19 @@ class NetworkDriver:
     def _remove_namespace(self, network_id: str, vni: Optional[int] = None) -> None:
         for known in [n for n in self._ready if n[:12] == network_id[:12]]:  # network_id may be a 12-char prefix
             self._ready.pop(known, None)
+        with self._joined_lock:
+            for known in [n for n in self._joined if n[:12] == network_id[:12]]:
+                self._joined.pop(known, None)
         self.dataplane.remove_network(network_id, vni)
 
     def _guard(self, network: Network) -> None:
         """The whole anti-spoofing table, from this host's endpoint records whose veth is in the namespace."""
         with self._guard_lock:
             mine, wired = self._endpoints_here(network)
-            self.dataplane.guard_endpoints(network, [e for e in mine if e.id in wired])
+            guarded = [e for e in mine if e.id in wired]
+            self.dataplane.guard_endpoints(network, guarded)
+            with self._joined_lock:
+                self._joined[network.id] = {e.id for e in guarded}
 
     def _endpoints_here(self, network: Network) -> Tuple[List[Endpoint], Set[str]]:
         """This host's endpoint records of the network, and the ids of those whose veth is wired."""
@@ -371,6 +393,8 @@ class NetworkDriver:
         """The veth, then its anti-spoofing elements: a port never exists unguarded."""
         self.dataplane.remove_endpoint(network.id, endpoint.id)
         self._unguard(network, endpoint)
+        with self._joined_lock:
+            self._joined.get(network.id, set()).discard(endpoint.id)
 
     def _guard_host(self) -> None:
         with self._guard_lock:

@@ -15,21 +15,28 @@ Two tables:
   is anything reaching the host itself from a vxnet subnet. A drop in any nftables table is final, so this holds
   beside Docker's own iptables rules.
 
-Every rule carries a comment naming what it is for, so `nft list ruleset` explains itself.
+Every rule carries a comment naming what it is for, so `nft list ruleset` explains itself, and a counter, so what
+each reason dropped can be read (`dropped()`, the metrics' vxnet_dropped_packets_total): a counter statement after
+the matches counts only the packets the rule drops, so the traffic that passes costs nothing more.
 """
 
 import ipaddress
 import json
 import logging
-from typing import Callable, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from kernel import names
+from kernel import libnftables, names
+from wire.errors import KernelError
 
 log = logging.getLogger(__name__)
 
 TABLE = names.ISOLATION_TABLE
 # Before Docker's filter rules (priority 0), so our verdict is reached first; a drop there is final anyway.
 PRIORITY = -10
+# The drop reasons (telemetry/metrics.py DROP_REASONS) of the two tables: every rule's comment is
+# "vxnet:<reason>:<which rule>".
+ANTI_SPOOFING = "anti-spoofing"
+ISOLATION = "isolation"
 
 
 def _match(left: dict, right, op: str = "==") -> dict:
@@ -46,7 +53,7 @@ def _iif(name: str) -> dict:
 
 def _rule(family: str, chain: str, comment: str, *expr: dict) -> dict:
     return {"add": {"rule": {"family": family, "table": TABLE, "chain": chain, "comment": comment,
-                             "expr": list(expr) + [{"drop": None}]}}}
+                             "expr": list(expr) + [{"counter": None}, {"drop": None}]}}}
 
 
 def _replace_table(family: str) -> List[dict]:
@@ -138,6 +145,30 @@ def host_guard_batch(subnets: Iterable[str]) -> List[dict]:
     return batch
 
 
+def drop_reason(comment: str) -> Optional[str]:
+    """The reason a rule of ours drops for ("vxnet:anti-spoofing:ip" -> "anti-spoofing"); None for other rules."""
+    parts = comment.split(":")
+    if len(parts) == 3 and parts[0] == "vxnet" and parts[1] in (ANTI_SPOOFING, ISOLATION):
+        return parts[1]
+    return None
+
+
+def dropped_by_reason(output: str) -> Dict[str, Tuple[int, int]]:
+    """A `list table` answer of either table -> reason -> (packets, bytes) summed over that reason's rules."""
+    out: Dict[str, Tuple[int, int]] = {}
+    for comment, (packets, octets) in libnftables.rule_counters(output).items():
+        reason = drop_reason(comment)
+        if reason is not None:
+            before = out.get(reason, (0, 0))
+            out[reason] = (before[0] + packets, before[1] + octets)
+    return out
+
+
+def _missing(exc: KernelError) -> bool:
+    """nftables' answer to a list of a table that is not there (ENOENT, in its own words)."""
+    return "No such file or directory" in str(exc)
+
+
 class Firewall:
     """Applies the batches. apply(ns, commands, what): run nftables JSON commands as one transaction inside the
     named namespace (None: the host's), KernelError naming `what` if refused; in the plugin that is Links.nft."""
@@ -157,6 +188,19 @@ class Firewall:
     def guard_host(self, subnets: Iterable[str]) -> None:
         self._apply(None, host_guard_batch(subnets), "isolation rules in the host namespace")
 
+    def dropped(self, ns: Optional[str]) -> Dict[str, Tuple[int, int]]:
+        """What our rules have dropped since their table was made: reason -> (packets, bytes). ns: a network's
+        namespace (the anti-spoofing table), None: the host's (the isolation table). {} when the table is not
+        there; KernelError when the namespace is not (or nftables refuses)."""
+        family = "inet" if ns is None else "bridge"
+        try:
+            text = self._apply(ns, [{"list": {"table": {"family": family, "name": TABLE}}}],
+                               f"read the {family} {TABLE} table in {ns or 'the host namespace'}")
+        except KernelError as exc:
+            if _missing(exc):
+                return {}
+            raise
+        return dropped_by_reason(text if isinstance(text, str) else "")
 
 def _element_text(elem) -> str:
     """A set element as `nft list set` prints it: a name or address, `a . b` for a concatenation, `addr/len`

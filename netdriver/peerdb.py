@@ -58,6 +58,11 @@ class PeerDB:
             neigh[record.ip] = record.mac
         return fdb, neigh
 
+    def count(self, segment: str) -> int:
+        """Remote endpoints recorded for the segment."""
+        with self._lock:
+            return len(self._records.get(segment, {}))
+
     def segments(self) -> List[str]:
         with self._lock:
             return sorted(self._records)

@@ -65,6 +65,12 @@ class PeerSync:
             # Left for the next event or resync to retry; the error is logged, never swallowed silently.
             log.error("peer sync failed seg=%s nid=%s: %s", segment, network.id[:12], exc)
 
+    def peer_counts(self) -> Dict[str, int]:
+        """network id -> remote endpoints in the peer table, for each network with a namespace here (what the
+        process holds: no etcd read, no kernel read)."""
+        local = dict(self._local)  # a copy taken without the lock: a scrape never waits for a sync in progress
+        return {network.id: self.peerdb.count(segment) for segment, network in local.items()}
+
     def network_up(self, network: Network) -> None:
         with self._lock:
             segment = segment_of(network.id, network.overlay)

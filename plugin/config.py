@@ -47,6 +47,9 @@ class Settings:
     # every plugin collects once per gc_seconds (0: never; `vxnet gc` still does).
     stale_host_seconds: int = 3600
     gc_seconds: int = 300
+    # VXNET_METRICS_ADDR: where /metrics is served (plugin/metrics.py), (IP address, TCP port); None: not served.
+    # Loopback by default: the counters name this host's networks, so exposing them further is the operator's call.
+    metrics_addr: Optional[Tuple[str, int]] = ("127.0.0.1", 9473)
 
     @property
     def embedded(self) -> bool:
@@ -78,6 +81,28 @@ def _port(name: str, raw: str) -> int:
     if not raw.isdigit() or not 1 <= int(raw) <= 65534:
         raise ConfigError(f"{name}: {raw!r} is not a TCP port (1-65534; the next port is used for peers)")
     return int(raw)
+
+
+def parse_listen_address(field: str, raw: str) -> Optional[Tuple[str, int]]:
+    """"host:port" (an IPv4 address, or an IPv6 one in brackets, and a TCP port 1-65535) -> (host, port); "" ->
+    None. ConfigError naming field otherwise: a name would be resolved at bind time, to who knows what."""
+    if not raw:
+        return None
+    host, sep, port = raw.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        versions = (6,)
+    else:
+        versions = (4,)
+    try:
+        if not sep or ipaddress.ip_address(host).version not in versions:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"{field}: {raw!r} is not host:port with an IP address for host (127.0.0.1:9473, "
+                          "[::1]:9473, 0.0.0.0:9473 for every address; empty: off)") from None
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(f"{field}: {raw!r}: {port!r} is not a TCP port (1-65535)")
+    return host, int(port)
 
 
 def load(environ: Mapping[str, str]) -> Settings:
@@ -130,10 +155,14 @@ def load(environ: Mapping[str, str]) -> Settings:
     gc_seconds = get("VXNET_GC_SECONDS", str(Settings.gc_seconds))
     if not gc_seconds.isdigit():
         raise ConfigError(f"VXNET_GC_SECONDS: {gc_seconds!r} must be a whole number of seconds (0: no collection)")
+    metrics = environ.get("VXNET_METRICS_ADDR")  # unset: the default; set and empty: off
+    metrics_addr = (Settings.metrics_addr if metrics is None
+                    else parse_listen_address("VXNET_METRICS_ADDR", metrics.strip()))
     return Settings(
         stale_host_seconds=stale,
         gc_seconds=int(gc_seconds),
         socket_path=socket_path,
+        metrics_addr=metrics_addr,
         etcd_endpoints=_endpoints(get("ETCD_ENDPOINTS")),
         embedded_etcd_port=_port("VXNET_EMBEDDED_ETCD_PORT", get("VXNET_EMBEDDED_ETCD_PORT", "23790")),
         state_dir=state_dir,

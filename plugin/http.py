@@ -15,6 +15,7 @@ from typing import Mapping
 from flask import Flask, Response, request
 
 from plugin.routes import ROUTES
+from telemetry.metrics import PLUGIN_CALL_SECONDS, PLUGIN_CALLS
 from wire.errors import InvalidRequest, VxnetError
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ def make_app(drivers: Mapping[str, object]) -> Flask:
         if request.method != "POST":
             return _error(f"/{call} takes POST", 405)
         started = time.monotonic()
+        name = f"{route.receiver}.{route.method}"
+        outcome = "internal"
         try:
             raw = request.get_data(cache=False)
             try:
@@ -56,13 +59,19 @@ def make_app(drivers: Mapping[str, object]) -> Flask:
                 raise InvalidRequest("request body: JSON nested too deeply") from None
             req = route.decoder.decode(body)
             reply = getattr(drivers[route.receiver], route.handler_name)(req)
+            outcome = "ok"
         except VxnetError as exc:
+            outcome = type(exc).__name__
             log.warning("%s.%s failed (%d): %s", route.receiver, route.method, exc.status, exc)
             return _error(str(exc), exc.status)
         except Exception as exc:  # a bug: say so, keep serving
             log.exception("%s.%s crashed", route.receiver, route.method)
             return _error(f"internal error in {route.method}: {type(exc).__name__}: {exc}", 500)
-        log.debug("%s.%s ok in %.1f ms", route.receiver, route.method, (time.monotonic() - started) * 1000)
+        finally:
+            elapsed = time.monotonic() - started
+            PLUGIN_CALLS.labels(method=name, outcome=outcome).inc()
+            PLUGIN_CALL_SECONDS.labels(method=name).observe(elapsed)
+        log.debug("%s.%s ok in %.1f ms", route.receiver, route.method, elapsed * 1000)
         return _reply(reply or {})
 
     return app

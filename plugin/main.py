@@ -34,6 +34,7 @@ from netdriver.store import NetworkStore
 from netdriver.underlay import Underlay
 from netdriver.watcher import PeerSync, PeerWatcher
 from plugin import config, gc, identity, scope
+from plugin import metrics as plugin_metrics
 from plugin.embedded_etcd import EmbeddedEtcd
 from plugin.http import make_app
 from plugin.routes import IPAM, NETWORK
@@ -128,6 +129,7 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
     rotator: Optional[KeyRotator] = None
     monitor: Optional[scope.ScopeMonitor] = None
     collector: Optional[CollectorLoop] = None
+    metrics: Optional[plugin_metrics.MetricsServer] = None
     stop = threading.Event()
     fatal: List[Exception] = []
 
@@ -167,7 +169,8 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
             libnftables.require()  # without it no anti-spoofing or isolation: refuse to start, saying why
         except libnftables.NftablesError as exc:
             raise ConfigError(f"nftables: {exc}") from None
-        dataplane = DataPlane(links, underlay, Firewall(links.nft))
+        isolation = Firewall(links.nft)
+        dataplane = DataPlane(links, underlay, isolation)
         # VXNET_SCOPE=auto becomes local or global here, once: dockerd reads the capabilities only at enable.
         choice = scope.choose(settings.scope, settings.swarm_state_dir)
         monitor = scope.ScopeMonitor(choice, settings.swarm_state_dir)
@@ -203,6 +206,12 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
             # Started after the host lease (this host is alive in its own collection); every host runs it.
             collector = CollectorLoop(gc.collector(kv, settings.key_prefix, settings.stale_host_seconds),
                                       settings.gc_seconds)
+        if settings.metrics_addr is not None:
+            # Before the plugin's socket: a port that cannot be had stops the start, naming the setting.
+            metrics = plugin_metrics.MetricsServer(settings.metrics_addr, plugin_metrics.Collector(
+                net.local_endpoints, sync.peer_counts, isolation,
+                cleartext=encryption.firewall if encryption is not None else None, encryption=encryption))
+            metrics.start()
         server = waitress.create_server(make_app({NETWORK: net, IPAM: ipam}), unix_socket=settings.socket_path,
                                         unix_socket_perms="660", threads=8, ident="vxnet")
         log.info("listening on %s host=%s id-from=%s vtep=%s underlay-mtu=%d scope=%s etcd=%s", settings.socket_path,
@@ -225,7 +234,7 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
             log.info("stopping")
     finally:
         stop.set()
-        parts: Sequence[Optional[Background]] = (monitor, watcher, keyring, rotator, collector, lease)
+        parts: Sequence[Optional[Background]] = (monitor, watcher, keyring, rotator, collector, lease, metrics)
         for part in parts:
             if part is not None:
                 part.stop()

@@ -160,7 +160,7 @@ inputs_digest() {
   {
     echo "base $BASE $BASE_ID"
     sha256sum Dockerfile .dockerignore scripts/plugin-requirements.txt
-    find plugin netdriver ipam_driver encrypt kernel store wire -name '*.py' -type f -print0 | sort -z | xargs -0 sha256sum
+    find plugin netdriver ipam_driver encrypt kernel store telemetry cli wire -name '*.py' -type f -print0 | sort -z | xargs -0 sha256sum
   } | sha
 }
 

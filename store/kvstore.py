@@ -19,11 +19,13 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import requests
 import urllib3
 
+from telemetry.metrics import ETCD_ERRORS, ETCD_REQUESTS, ETCD_SECONDS
 from wire.errors import StoreUnavailable, VxnetError
 
 log = logging.getLogger(__name__)
@@ -109,7 +111,19 @@ class EtcdKV:
     # -- transport ---------------------------------------------------------------------------------------------
     def _call(self, path: str, body: dict) -> dict:
         """POST body to /v3/<path> on the first endpoint that answers; StoreUnavailable if none does, or if one
-        answers with an error (etcd refused the request: another endpoint of the same cluster would too)."""
+        answers with an error (etcd refused the request: another endpoint of the same cluster would too).
+        Counted once per call (op: path) whatever the endpoints tried, its latency with the failover included."""
+        ETCD_REQUESTS.labels(op=path).inc()
+        started = time.monotonic()
+        try:
+            return self._call_endpoints(path, body)
+        except StoreUnavailable:
+            ETCD_ERRORS.labels(op=path).inc()
+            raise
+        finally:
+            ETCD_SECONDS.labels(op=path).observe(time.monotonic() - started)
+
+    def _call_endpoints(self, path: str, body: dict) -> dict:
         errors = []
         with self._lock:
             order = list(range(len(self.endpoints)))
@@ -135,16 +149,27 @@ class EtcdKV:
     def _stream(self, path: str, body: dict) -> Tuple[str, requests.Response]:
         """POST body to /v3/<path> on the endpoint that answered last, for a response read as it arrives: the
         connect timeout as for every call, no read timeout (a quiet watch is normal; a dead etcd closes the
-        connection, a silent partition is caught by the lease keepalive, which closes the stream)."""
+        connection, a silent partition is caught by the lease keepalive, which closes the stream).
+        Counted as a request of op path, its latency up to the response's headers (the stream lasts as long as it
+        lasts); an error if it cannot be opened (WatchStream counts a stream that breaks)."""
         url = self.current_endpoint()
+        ETCD_REQUESTS.labels(op=path).inc()
+        started = time.monotonic()
         try:
-            reply = self._session.post(f"{url}/v3/{path}", json=body, stream=True, timeout=(self.timeout, None))
-        except OSError as exc:
-            raise StoreUnavailable(f"etcd unreachable at {url} ({path}: {_reason(exc)})") from None
-        if reply.status_code != 200:
-            detail = _detail(reply)
-            reply.close()
-            raise StoreUnavailable(f"etcd at {url} refused {path}: HTTP {reply.status_code} {detail}")
+            try:
+                reply = self._session.post(f"{url}/v3/{path}", json=body, stream=True,
+                                           timeout=(self.timeout, None))
+            except OSError as exc:
+                raise StoreUnavailable(f"etcd unreachable at {url} ({path}: {_reason(exc)})") from None
+            if reply.status_code != 200:
+                detail = _detail(reply)
+                reply.close()
+                raise StoreUnavailable(f"etcd at {url} refused {path}: HTTP {reply.status_code} {detail}")
+        except StoreUnavailable:
+            ETCD_ERRORS.labels(op=path).inc()
+            raise
+        finally:
+            ETCD_SECONDS.labels(op=path).observe(time.monotonic() - started)
         return url, reply
 
     # -- reads -------------------------------------------------------------------------------------------------
@@ -312,10 +337,15 @@ class WatchStream:
                         yield from self._events(json.loads(line))
         except (OSError, urllib3.exceptions.HTTPError, http.client.HTTPException, ValueError) as exc:
             if not self._closed.is_set():
+                ETCD_ERRORS.labels(op="watch").inc()
                 raise StoreUnavailable(f"etcd watch on {url} broke: {_reason(exc)}") from None
+        except StoreUnavailable:  # an error or a cancel etcd sent on the stream
+            ETCD_ERRORS.labels(op="watch").inc()
+            raise
         finally:
             reply.close()
         if not self._closed.is_set():
+            ETCD_ERRORS.labels(op="watch").inc()
             raise StoreUnavailable(f"etcd at {url} closed the watch stream")
 
     def _events(self, message: dict):

@@ -15,6 +15,7 @@ from typing import Optional, Tuple
 
 from store.kv import WatchableKV, WatchStream
 from store.kvstore import Compacted, WatchEvent
+from telemetry.metrics import WATCH_RESYNCS
 from wire.errors import VxnetError
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class WatchLoop:
         backoff = FIRST_BACKOFF
         while not self._stop.is_set():
             try:
+                WATCH_RESYNCS.labels(watch=self.what).inc()  # the first full read counts too: a start is a resync
                 key, revision = self.load()
                 self.synced.set()
                 backoff = FIRST_BACKOFF

@@ -11,8 +11,9 @@ from prometheus_client import Counter, Histogram, Info
 
 NAMESPACE = "vxnet"
 
-# Plugin calls as dockerd makes them: method is the libnetwork path's last part (CreateEndpoint, RequestAddress);
-# outcome is "ok" or the error's kind (the wire/errors.py class name, or "internal").
+# Plugin calls as dockerd makes them: method is the call's path without its slash (NetworkDriver.CreateEndpoint,
+# IpamDriver.RequestAddress: both drivers have a GetCapabilities); outcome is "ok" or the error's kind (the
+# wire/errors.py class name, or "internal" for a crash). Unknown paths are not counted (an unbounded label).
 PLUGIN_CALLS = Counter("plugin_calls", "Plugin API calls served, by method and outcome",
                        ["method", "outcome"], namespace=NAMESPACE)
 # dockerd waits for each call; Join and CreateEndpoint are on the `docker run` path (milliseconds), and etcd
@@ -39,9 +40,15 @@ RECONCILE_PASSES = Counter("reconcile_passes", "Reconciler passes, by trigger (e
 
 BUILD_INFO = Info("build", "vxnet's version and the Python running it", namespace=NAMESPACE)
 
-# Read when scraped (plugin/metrics.py collectors):
-#   vxnet_endpoints{network}                 this host's endpoints per network
-#   vxnet_peers{network}                     remote endpoints programmed per network
-#   vxnet_dropped_packets_total{reason}      nft counters: isolation, anti-spoofing, cleartext
-#   vxnet_ipsec_sas                          ESP SAs of ours in the kernel
-#   vxnet_ipsec_key_age_seconds              age of the primary key
+# Read when scraped (plugin/metrics.py collectors): (name without the namespace, help). network is the first 12
+# characters of the network ID (its namespace's name, vxnet-<them>); reason is one of DROP_REASONS.
+ENDPOINTS = ("endpoints", "This host's endpoints (containers joined) per network")
+PEERS = ("peers", "Remote endpoints in the peer table per network with a namespace on this host")
+DROPPED_PACKETS = ("dropped_packets", "Packets dropped by vxnet's nftables rules (their counters), by reason")
+DROPPED_BYTES = ("dropped_bytes", "Bytes dropped by vxnet's nftables rules (their counters), by reason")
+IPSEC_SAS = ("ipsec_sas", "ESP security associations of vxnet's in the kernel (reqid 0x76786e01)")
+IPSEC_KEY_AGE = ("ipsec_key_age_seconds", "Seconds since the primary ESP key became primary")
+# isolation: between networks through the host (inet vxnet); anti-spoofing: a frame from a container with an
+# address or MAC not its own (bridge vxnet in each network's namespace); cleartext: VXLAN of an encrypted network
+# without IPsec (inet vxnet_ipsec).
+DROP_REASONS = ("isolation", "anti-spoofing", "cleartext")

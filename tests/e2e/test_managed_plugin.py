@@ -18,6 +18,7 @@ from tests.harness.containers import (
     run_sleeper,
     wait_ping,
 )
+from tests.harness.metrics import get, scrape
 from tests.harness.plugin import REPO
 from tests.harness.proc import run, wait_until
 from tests.harness.swarm import clear_host
@@ -72,6 +73,14 @@ def test_built_plugin_is_installed_enabled_with_its_settings(host):
     assert os.path.isfile(os.path.join(REPO, "build", "plugin", "config.json"))
     assert os.path.isfile(os.path.join(ROOTFS, "usr", "bin", "etcd"))
     assert os.path.isfile(os.path.join(ROOTFS, "opt", "vxnet", "plugin", "main.py"))
+    # Network type host: /metrics (default 127.0.0.1:9473) is on the host's own loopback, served from the
+    # prometheus-client the image carries; the call counter moves with a call dockerd makes.
+    assert "VXNET_METRICS_ADDR=127.0.0.1:9473" in env
+    host.docker("network", "create", "-d", PLUGIN, "--ipam-driver", PLUGIN, "--subnet", SUBNET, "m-managed")
+    wait_until(lambda: get(scrape(host), "vxnet_plugin_calls_total", method="NetworkDriver.CreateNetwork",
+                           outcome="ok") == 1, 10, "the managed plugin's /metrics on the host to count the create")
+    assert get(scrape(host), "vxnet_endpoints", network=network_id(host, "m-managed")[:12]) == 0
+    host.docker("network", "rm", "m-managed")
 
 
 def test_containers_keep_talking_while_the_plugin_is_disabled_and_enabled(host):

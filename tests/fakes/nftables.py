@@ -12,8 +12,8 @@ ENOENT = "Error: Could not process rule: No such file or directory"
 class FakeNftables:
     """Applies a JSON batch as nftables does: all or nothing; `add` of what exists changes nothing; `delete` of a
     table that does not exist, anything in a missing table, elements of a missing set and removal of elements
-    not in their set fail the whole batch (as ENOENT does in the kernel). `list table` answers in nft's JSON,
-    with counters at zero.
+    not in their set fail the whole batch (as ENOENT does in the kernel). `list table` answers in nft's JSON, a
+    rule's counter statements holding what `drop()` counted against it since its table was made.
 
     `refuse`: a reason every batch fails with (a kernel without the feature); `calls`: (namespace, what) of each
     batch, to check which namespace it went to.
@@ -21,6 +21,7 @@ class FakeNftables:
 
     def __init__(self, refuse=None):
         self.tables = {}  # (family, name) -> {"sets": {set name: {element as sorted JSON}}, "rules": [rule]}
+        self.hits = {}  # (family, table, rule comment) -> (packets, bytes): the kernel's counters
         self.calls = []
         self.refuse = refuse
 
@@ -29,6 +30,7 @@ class FakeNftables:
         if self.refuse:
             raise KernelError(f"{what}: {self.refuse}")
         tables = copy.deepcopy(self.tables)
+        hits = dict(self.hits)
         out = []
         for command in commands:
             (verb, body), = command.items()
@@ -42,8 +44,9 @@ class FakeNftables:
             table = tables[key]
             if kind == "table" and verb == "delete":
                 del tables[key]
+                hits = {k: v for k, v in hits.items() if k[:2] != key}  # counters go with their rules
             elif kind == "table" and verb == "list":
-                out += [{"rule": rule} for rule in table["rules"]]
+                out += [{"rule": self._counted(key, rule, hits)} for rule in table["rules"]]
             elif kind == "set":
                 table["sets"].setdefault(obj["name"], set())
             elif kind == "rule":
@@ -59,8 +62,21 @@ class FakeNftables:
                     raise KernelError(f"{what}: {ENOENT}")
                 else:
                     table["sets"][obj["name"]] -= elems
-        self.tables = tables
+        self.tables, self.hits = tables, hits
         return json.dumps({"nftables": out}) if out else ""
+
+    @staticmethod
+    def _counted(key, rule, hits):
+        packets, octets = hits.get((*key, rule.get("comment")), (0, 0))
+        return dict(rule, expr=[{"counter": {"packets": packets, "bytes": octets}} if "counter" in e else e
+                                for e in rule["expr"]])
+
+    def drop(self, comment, packets, octets, family="bridge", table="vxnet"):
+        """The kernel dropping packets by the rule with that comment (its counter grows)."""
+        key = (family, table)
+        assert any(r.get("comment") == comment for r in self.tables[key]["rules"]), comment
+        before = self.hits.get((*key, comment), (0, 0))
+        self.hits[(*key, comment)] = (before[0] + packets, before[1] + octets)
 
     def sets(self, family="bridge", table="vxnet"):
         """A table's sets' elements (as sorted JSON text)."""

@@ -27,6 +27,7 @@ from encrypt.spi import spi_for
 from kernel import mtu, names
 from kernel.xfrm import Xfrm
 from tests.harness.hosts import NSENTER, Host, Lab
+from tests.harness.metrics import get, scrape
 from tests.harness.plugin import REPO, Plugin
 from tests.harness.proc import wait_until
 from tests.harness.unixhttp import request
@@ -270,6 +271,36 @@ def sas_gone_traffic_stops(world: World) -> str:
     assert result["received"] == 0, f"traffic flowed without SAs: {result}"
     assert seen["udp_encrypted_port"] == 0 and seen["udp_other"] == 0, f"cleartext VXLAN on the underlay: {seen}"
     return f"ping {result}; underlay {seen}"
+
+
+@check()
+def metrics_count_the_sas_the_key_age_and_cleartext_dropped(world: World) -> str:
+    """/metrics (scraped inside each host, as a Prometheus there would): host 1 has no SA left (flushed above),
+    host 2 still has its three (inbound for both keys of the ring, outbound for the primary). Then host 1's
+    policies go too: its VXLAN now leaves without IPsec and the fail-closed rule drops it, which
+    vxnet_dropped_packets_total{reason="cleartext"} counts. Control: host 2's count of cleartext stays where it
+    was (nothing reached it), and the underlay carries no cleartext."""
+    h1, h2 = world.h1, world.h2
+    before = {e.name: scrape(e.host) for e in (h1, h2)}
+    assert get(before["h1"], "vxnet_ipsec_sas") == 0, before["h1"]
+    assert get(before["h2"], "vxnet_ipsec_sas") == len(_sas(h2)) == 3, _sas(h2)
+    ages = [get(before[name], "vxnet_ipsec_key_age_seconds") for name in ("h1", "h2")]
+    assert all(age > 0 for age in ages) and abs(ages[0] - ages[1]) < 60, ages  # one ring, one rotation time
+    cleartext = {name: get(samples, "vxnet_dropped_packets_total", reason="cleartext")
+                 for name, samples in before.items()}
+    h1.host.run(["ip", "xfrm", "policy", "flush"])
+    cap = world.capture()
+    result = h1.ping("c1", CONTAINER_IP["h2"], 3, interval=0.3)
+    seen = cap.stop()
+    assert result["received"] == 0, f"traffic flowed without SAs and policies: {result}"
+    assert seen["udp_encrypted_port"] == 0 and seen["udp_other"] == 0, f"cleartext VXLAN on the underlay: {seen}"
+    wait_until(lambda: get(scrape(h1.host), "vxnet_dropped_packets_total", reason="cleartext") >=
+               cleartext["h1"] + 3, 10, "host 1's cleartext drop counter to count the pings")
+    after = {e.name: scrape(e.host) for e in (h1, h2)}
+    assert get(after["h2"], "vxnet_dropped_packets_total", reason="cleartext") == cleartext["h2"]
+    dropped = get(after["h1"], "vxnet_dropped_packets_total", reason="cleartext") - cleartext["h1"]
+    return (f"SAs h1 0, h2 3; key age {ages[0]:.0f} s / {ages[1]:.0f} s; policies flushed: ping {result}, "
+            f"cleartext dropped on h1 +{dropped:.0f}, h2 +0; underlay {seen}")
 
 
 @check()

@@ -50,10 +50,24 @@ def test_values_are_read():
     ({"VXNET_STALE_HOST_SECONDS": "0"}, "VXNET_STALE_HOST_SECONDS"),
     ({"VXNET_STALE_HOST_SECONDS": "1h"}, "VXNET_STALE_HOST_SECONDS"),
     ({"VXNET_GC_SECONDS": "-1"}, "VXNET_GC_SECONDS"),
+    ({"VXNET_METRICS_ADDR": "9473"}, "VXNET_METRICS_ADDR"),
+    ({"VXNET_METRICS_ADDR": "localhost:9473"}, "VXNET_METRICS_ADDR"),
+    ({"VXNET_METRICS_ADDR": "::1:9473"}, "VXNET_METRICS_ADDR"),
+    ({"VXNET_METRICS_ADDR": "[127.0.0.1]:9473"}, "VXNET_METRICS_ADDR"),
+    ({"VXNET_METRICS_ADDR": "127.0.0.1:0"}, "VXNET_METRICS_ADDR"),
+    ({"VXNET_METRICS_ADDR": "127.0.0.1:65536"}, "VXNET_METRICS_ADDR"),
+    ({"VXNET_METRICS_ADDR": "127.0.0.1:"}, "VXNET_METRICS_ADDR"),
 ])
 def test_bad_settings_name_the_setting(env, needle):
     with pytest.raises(ConfigError, match=needle):
         config.load(env)
+
+
+def test_metrics_address():
+    assert config.load({}).metrics_addr == ("127.0.0.1", 9473)
+    assert config.load({"VXNET_METRICS_ADDR": ""}).metrics_addr is None  # set and empty: off
+    assert config.load({"VXNET_METRICS_ADDR": " 0.0.0.0:9100 "}).metrics_addr == ("0.0.0.0", 9100)
+    assert config.load({"VXNET_METRICS_ADDR": "[::1]:9473"}).metrics_addr == ("::1", 9473)
 
 
 def test_names_fit_ifnamsiz():

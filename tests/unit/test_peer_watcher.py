@@ -13,6 +13,7 @@ from netdriver.peerdb import PeerDB
 from netdriver.store import NetworkStore, segment_of
 from netdriver.watcher import PeerSync, PeerWatcher
 from store.kvstore import Compacted
+from telemetry.metrics import WATCH_RESYNCS
 from tests.fakes import FakeDataPlane, FakeKV
 from tests.harness.proc import wait_until
 from wire.errors import StoreUnavailable
@@ -91,10 +92,16 @@ def test_peers_written_and_removed_on_other_hosts_reach_the_data_plane(kv, host)
     assert kv.streams and all(s.prefix == host.store.peers_prefix() for s in kv.streams)  # one watch, on peers/
 
 
+def resyncs():
+    return WATCH_RESYNCS.labels(watch="peer watch")._value.get()
+
+
 def test_after_a_compaction_a_full_read_repairs_what_the_lost_events_said(kv, host):
     publish(kv, peer(2), peer(3))
+    before = resyncs()
     host.watcher.start()
     host.converges(peer(2), peer(3), what="the first full read")
+    assert resyncs() == before + 1  # the first full read counts
     kv.hold_watches()  # the watcher falls behind ...
     store = NetworkStore(kv)
     store.delete_peer(SEGMENT, peer(2).endpoint_id)
@@ -103,6 +110,7 @@ def test_after_a_compaction_a_full_read_repairs_what_the_lost_events_said(kv, ho
     assert host.peers() == programmed(peer(2), peer(3))
     kv.release_watches()
     host.converges(peer(3), peer(4), what="the state after the compacted gap (peer 2 deleted, 4 added)")
+    assert resyncs() == before + 2  # and the one after the compaction
     publish(kv, peer(5))  # and the new watch, from the fresh read's revision, delivers again
     host.converges(peer(3), peer(4), peer(5), what="a peer put after the resync")
 
