@@ -45,8 +45,10 @@ class HostLease:
                  on_new_lease: Callable[[], None] = lambda: None, ttl: int = LEASE_TTL,
                  on_outage: Callable[[], None] = lambda: None, name: str = "", instance: str = "",
                  remedy: str = "give each host its own VXNET_HOST_ID",
-                 on_conflict: Callable[[HostIdConflict], None] = lambda exc: None, poll: float = 1.0):
+                 on_conflict: Callable[[HostIdConflict], None] = lambda exc: None, poll: float = 1.0,
+                 health: Callable[[], Optional[str]] = lambda: None):
         self.kv = kv
+        self.health = health  # this host's address on the health overlay (netdriver/health.py), if it has one
         self.name = name or host_id
         self.instance = instance
         self.remedy = remedy
@@ -116,6 +118,8 @@ class HostLease:
         """(Re)write the host record: after acquiring the lease, and when the VTEP moved. Raises HostIdConflict
         if another live host holds the ID."""
         record = {"vtep": self.vtep() or "", "name": self.name, "instance": self.instance}
+        if self.health():
+            record["health"] = self.health()
         for _ in range(_RETRIES):
             current = self.store.host_entry(self.host_id)
             if current is not None and current.lease != self.id:

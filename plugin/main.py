@@ -25,6 +25,7 @@ from kernel import libnftables, names
 from kernel.links import Links
 from kernel.probes import EspProbe
 from netdriver.driver import NetworkDriver
+from netdriver.health import HealthOverlay
 from netdriver.hosts import HostLease
 from netdriver.isolation import Firewall
 from netdriver.peerdb import PeerDB
@@ -67,7 +68,8 @@ class Background(Protocol):
 def _start_control_plane(driver: NetworkDriver, lease: HostLease, watcher: PeerWatcher,
                          stop: threading.Event, keyring: Optional[KeyRingWatcher] = None,
                          rotator: Optional[Background] = None,
-                         on_fatal: Callable[[Exception], None] = lambda exc: None) -> None:
+                         on_fatal: Callable[[Exception], None] = lambda exc: None,
+                         health: Optional[HealthOverlay] = None) -> None:
     """Once etcd answers: reconcile the kernel, then keep the host lease and the peer watch running (after the
     key ring watcher and the rotator, so the ring is usually read before peers arrive). Keeps trying while etcd
     is still starting or down; stops at once, through on_fatal, if another live host holds this host's ID
@@ -75,6 +77,8 @@ def _start_control_plane(driver: NetworkDriver, lease: HostLease, watcher: PeerW
     delay = 0.2
     while not stop.is_set():
         try:
+            if health is not None:
+                health.prepare()  # before the host record is written, so that it carries the health address
             lease.acquire()
             problems = driver.reconcile()
             if problems:
@@ -82,7 +86,7 @@ def _start_control_plane(driver: NetworkDriver, lease: HostLease, watcher: PeerW
             else:
                 log.info("start-up reconciliation done")
             lease.start()
-            before_peers: Sequence[Optional[Background]] = (keyring, rotator)
+            before_peers: Sequence[Optional[Background]] = (keyring, rotator, health)
             for part in before_peers:
                 if part is not None:
                     part.start()
@@ -126,6 +130,7 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
     keyring: Optional[KeyRingWatcher] = None
     rotator: Optional[KeyRotator] = None
     monitor: Optional[scope.ScopeMonitor] = None
+    health: Optional[HealthOverlay] = None
     stop = threading.Event()
     fatal: List[Exception] = []
 
@@ -183,12 +188,14 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
                 rotator = KeyRotator(keystore, settings.key_rotation_seconds)
         sync = PeerSync(PeerDB(me.id), dataplane, encryption)
         watcher = PeerWatcher(kv, store, sync)
+        overlay = health = HealthOverlay(kv, links, underlay, me.id, settings.key_prefix)
         lease = HostLease(kv, store, me.id, lambda: underlay.address, identity.lease_file(settings.state_dir, me.id),
                           on_outage=watcher.kick, name=me.name, instance=identity.instance(), remedy=me.remedy(),
-                          on_conflict=on_fatal)
+                          on_conflict=on_fatal, health=lambda: overlay.address)
 
         def vtep_changed() -> None:
             lease.register()
+            overlay.vtep_changed()
             if encryption is not None:
                 encryption.set_local(underlay.address)  # SAs follow the VTEP
 
@@ -207,7 +214,7 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
         if embedded is not None:
             embedded.start()
         threading.Thread(target=_start_control_plane, name="start-up", daemon=True,
-                         args=(net, lease, watcher, stop, keyring, rotator, on_fatal)).start()
+                         args=(net, lease, watcher, stop, keyring, rotator, on_fatal, health)).start()
         server.run()
     except ConfigError as exc:
         print(f"vxnet: {exc}", file=sys.stderr)
@@ -219,7 +226,7 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
             log.info("stopping")
     finally:
         stop.set()
-        parts: Sequence[Optional[Background]] = (monitor, watcher, keyring, rotator, lease)
+        parts: Sequence[Optional[Background]] = (monitor, watcher, health, keyring, rotator, lease)
         for part in parts:
             if part is not None:
                 part.stop()
