@@ -1,0 +1,132 @@
+"""The health overlay's pure parts: one address per host allocated in etcd (create-if-absent, idempotent, safe
+against a concurrent allocator, never one outside its subnet), the host record carrying it, the MAC derived from
+it, the entries programmed from other hosts' records (nothing unchecked reaches the kernel), and the reserved VNI
+no network can be given. (Its kernel objects and the probes over them: tests/e2e/test_doctor.py.)"""
+
+import ipaddress
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kernel import names
+from netdriver import options
+from netdriver.health import HealthStore, wanted_entries
+from netdriver.hosts import HostLease
+from netdriver.store import NetworkStore
+from store import schema
+from store.kvstore import Entry
+from tests.fakes import FakeKV
+from wire.errors import Exhausted, InvalidOption, InvalidRequest
+
+KEYS = schema.Schema()
+
+
+def holders(kv):
+    return {KEYS.parse(schema.HEALTH, k)["address"]: kv.get(k).value for k in kv.keys(KEYS.prefix(schema.HEALTH))}
+
+
+def test_each_host_gets_its_own_address_and_keeps_it_on_replay():
+    kv = FakeKV()
+    store = HealthStore(kv)
+    a, b = store.allocate("h1"), store.allocate("h2")
+    assert (a, b) == ("169.254.0.1", "169.254.0.2")
+    assert store.allocate("h1") == a and store.allocate("h2") == b  # a restart asks again: the same address
+    assert holders(kv) == {a: "h1", b: "h2"}
+
+
+def test_a_released_address_is_the_next_one_given_and_two_held_by_one_host_resolve_to_the_lowest():
+    kv = FakeKV()
+    store = HealthStore(kv)
+    for host in ("h1", "h2", "h3"):
+        store.allocate(host)
+    kv.delete(KEYS.health("169.254.0.2"))  # h2 gone for good, collected
+    assert store.allocate("h4") == "169.254.0.2"
+    kv.put(KEYS.health("169.254.0.9"), "h1")  # a crash left h1 a second one
+    assert store.allocate("h1") == "169.254.0.1"
+
+
+def test_an_allocator_that_loses_the_race_takes_the_next_free_address():
+    kv = FakeKV()
+    store = HealthStore(kv)
+    kv.cut_in = lambda: kv.put(KEYS.health("169.254.0.1"), "other")  # takes the candidate just before the commit
+    assert store.allocate("h1") == "169.254.0.2"
+    assert holders(kv) == {"169.254.0.1": "other", "169.254.0.2": "h1"}
+
+
+def test_keys_under_health_that_are_not_health_addresses_are_ignored_not_reused():
+    kv = FakeKV()
+    kv.put(KEYS.health("10.0.0.1"), "h9")  # outside the subnet
+    kv.put(KEYS.health("169.254.255.255"), "h8")  # the broadcast address: no host's
+    assert HealthStore(kv).holders() == {}
+    assert HealthStore(kv).allocate("h1") == "169.254.0.1"
+
+
+def test_exhausted_when_every_address_is_held():
+    kv = FakeKV()
+    for index in range(1, names.HEALTH_HOSTS + 1):
+        kv.data[KEYS.health(names.health_address(index))] = _entry(index)
+    with pytest.raises(Exhausted, match="vxnet gc"):
+        HealthStore(kv).allocate("newcomer")
+
+
+def _entry(index):
+    return Entry(KEYS.health(names.health_address(index)), f"h{index}", 1, 1)
+
+
+@given(st.integers(min_value=1, max_value=names.HEALTH_HOSTS))
+def test_addresses_and_indexes_are_inverse_and_stay_in_the_subnet(index):
+    address = names.health_address(index)
+    assert names.health_index(address) == index
+    assert ipaddress.IPv4Address(address) in names.HEALTH_SUBNET
+    mac = names.health_mac(address)
+    assert mac.startswith("02:76:") and mac[6:] == ":".join(f"{b:02x}" for b in ipaddress.IPv4Address(address).packed)
+
+
+@pytest.mark.parametrize("bad", ["169.254.0.0", "169.254.255.255", "10.0.0.1", "not an address", None, ""])
+def test_no_mac_for_what_is_not_a_health_address(bad):
+    assert names.health_index(bad) == 0
+    with pytest.raises(InvalidRequest):
+        names.health_mac(bad)
+
+
+def test_the_health_namespace_is_neither_a_network_nor_an_unknown_leftover():
+    assert names.network_id_prefix(names.HEALTH_NETNS) == ""
+    assert not names.is_unknown_netns(names.HEALTH_NETNS)
+    assert names.is_unknown_netns("vxnet-health2")  # only the one name is ours
+
+
+def test_other_hosts_records_become_fdb_and_neighbour_entries_and_nothing_unchecked_does():
+    hosts = {
+        "h1": {"vtep": "192.0.2.1", "health": "169.254.0.1"},  # this host
+        "h2": {"vtep": "192.0.2.2", "health": "169.254.0.2"},
+        "h3": {"vtep": "192.0.2.3"},  # an older plugin: no health address
+        "h4": {"vtep": "not-an-ip", "health": "169.254.0.4"},
+        "h5": {"vtep": "192.0.2.5", "health": "10.0.0.5"},
+        "h6": {"vtep": "192.0.2.6", "health": "169.254.0.2"},  # claims h2's: the lower ID keeps it
+        "h7": "not a record",
+    }
+    fdb, neigh = wanted_entries(hosts, "h1")
+    mac = names.health_mac("169.254.0.2")
+    assert fdb == {mac: "192.0.2.2"} and neigh == {"169.254.0.2": mac}
+
+
+def test_the_host_record_carries_the_health_address(tmp_path):
+    kv = FakeKV()
+    store = NetworkStore(kv)
+    lease = HostLease(kv, store, "h1", lambda: "192.0.2.1", str(tmp_path / "lease"), name="alpha",
+                      health=lambda: "169.254.0.7")
+    lease.acquire()
+    assert json.loads(kv.get(KEYS.host("h1")).value)["health"] == "169.254.0.7"
+    without = HostLease(kv, store, "h2", lambda: "192.0.2.2", str(tmp_path / "lease2"), name="beta")
+    without.acquire()
+    assert "health" not in json.loads(kv.get(KEYS.host("h2")).value)
+
+
+def test_the_health_vni_is_refused_to_networks_and_never_allocated():
+    with pytest.raises(InvalidOption, match=r"option vni: 16777215 is reserved for vxnet's health overlay"):
+        options.parse({options.GENERIC: {"vni": str(names.HEALTH_VNI)}})
+    assert options.parse({options.GENERIC: {"vni": str(names.HEALTH_VNI - 1)}}).vni == names.HEALTH_VNI - 1
+    # The allocator climbs from VNI_AUTO_BASE and gives up above VNI_MAX (netdriver/store.py _free_vni).
+    assert options.VNI_AUTO_BASE <= options.VNI_MAX < names.HEALTH_VNI
