@@ -513,8 +513,8 @@ def check_paths(state: ClusterState, me: str, links: Links, netns_dir: str, unde
         info = links.link_info(names.HEALTH_NETNS, names.HEALTH_VXLAN)
     if info is None:
         return [fail("path", f"this host has no health overlay ({names.HEALTH_VXLAN} in {ns_path})",
-                     "its plugin builds it at start-up: read the plugin's log (`health overlay not built`) and "
-                     "restart it")]
+                     "the plugin builds it at start-up and removes it when it stops: is the plugin running here? "
+                     "If it is, its log says why not (`health overlay not built`)")]
     local_mtu = int(info["mtu"])
     targets, results = path_targets(state, me, mtu.vxlan_mtu(underlay_mtu) if underlay_mtu else local_mtu)
     if not targets:

@@ -48,9 +48,9 @@ _ENDPOINT_ID = re.compile(r"[0-9a-f]{11,64}")
 
 # The health overlay (netdriver/health.py): one namespace on every host with one VXLAN device, on a VNI no network
 # can be given, that `vxnet doctor` pings every other host through, so a probe crosses the same UDP port and the
-# same underlay as the networks' traffic. Its namespace name is outside the names netns() makes (so start-up
-# reconciliation never takes it for a leftover network), its device carries the host's health address.
-HEALTH_NETNS = NETNS_PREFIX + "health"
+# same underlay as the networks' traffic. Its namespace is not a vxnet-<id> name (start-up reconciliation and
+# every count of the networks' namespaces leave it alone); its device carries the host's health address.
+HEALTH_NETNS = "vxhealth"
 HEALTH_VXLAN = "vxhealth0"
 # RFC 7348's 24-bit VNI field tops out at 2^24-1; that last VNI is the health overlay's (netdriver/options.py
 # refuses it to users, netdriver/store.py never allocates it).
@@ -126,8 +126,7 @@ def network_id_prefix(netns_name: str) -> str:
 
 def is_unknown_netns(netns_name: str) -> bool:
     """Has our prefix but is not a name netns() makes (a leftover of a vxnet that took IDs on trust)."""
-    return (netns_name.startswith(NETNS_PREFIX) and not network_id_prefix(netns_name)
-            and netns_name != HEALTH_NETNS)
+    return netns_name.startswith(NETNS_PREFIX) and not network_id_prefix(netns_name)
 
 
 def is_vxlan_staging(name: str) -> bool:

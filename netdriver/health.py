@@ -7,6 +7,9 @@ lost) from an underlay MTU too small for the overlay (small probes cross, full-s
 
 Host records come and go with their leases (netdriver/hosts.py): a full read of hosts/, then a watch on it
 (store/watchloop.py); a host whose record is deleted (its lease expired) loses its entries here.
+
+Nothing depends on the health namespace (no container is in it), so a plugin that stops removes it: a stopped
+plugin leaves no health overlay behind, and `vxnet doctor` on this host then says the plugin is not running here.
 """
 
 import ipaddress
@@ -96,8 +99,9 @@ def wanted_entries(hosts: Dict[str, dict], me: str) -> Entries:
 
 
 class HealthOverlay(WatchLoop):
-    """This host's end of the health overlay. prepare() (etcd and the kernel: at start-up, before the host record
-    is written, so the record carries the address), then start() keeps the entries of the other hosts."""
+    """This host's end of the health overlay. prepare() (etcd and the kernel: at start-up, once the host lease is
+    this host's; the host record is then written again, carrying the address), then start() keeps the entries of
+    the other hosts."""
 
     what = "health overlay watch"
 
@@ -142,6 +146,18 @@ class HealthOverlay(WatchLoop):
             self._built_for = vtep
         except KernelError as exc:
             log.error("health overlay not built (vxnet doctor cannot probe this host): %s", exc)
+
+    def stop(self) -> None:
+        """Stop the watch and remove the namespace (and the device in it), whether or not start() ran."""
+        super().stop()
+        try:
+            # The device first: the kernel dismantles a dropped namespace later, and until then its device would
+            # hold the VNI on the shared UDP socket, refusing the next start's device (netdriver/sandbox.py).
+            self.links.remove_link(names.HEALTH_NETNS, names.HEALTH_VXLAN)
+            self.links.remove_netns(names.HEALTH_NETNS)
+        except KernelError as exc:
+            log.error("health overlay namespace %s not removed: %s", names.HEALTH_NETNS, exc)
+        self._built_for = None
 
     def vtep_changed(self) -> None:
         """The VTEP moved (Swarm's DiscoverNew): the device is made again, sending from the new one."""

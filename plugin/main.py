@@ -77,9 +77,9 @@ def _start_control_plane(driver: NetworkDriver, lease: HostLease, watcher: PeerW
     delay = 0.2
     while not stop.is_set():
         try:
-            if health is not None:
-                health.prepare()  # before the host record is written, so that it carries the health address
             lease.acquire()
+            if health is not None and health.prepare():
+                lease.register()  # once the ID is known to be this host's: the record now carries the address
             problems = driver.reconcile()
             if problems:
                 log.warning("start-up reconciliation done; %d thing(s) skipped (each logged above)", len(problems))

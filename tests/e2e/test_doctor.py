@@ -126,3 +126,21 @@ def test_doctor_names_etcd_when_it_is_stopped_within_10_s_and_still_runs_the_loc
     assert took < BUDGET, f"the doctor took {took:.1f} s with etcd stopped"
     for local in ("plugin socket", "kernel modules", "vtep"):
         assert checks[local]["status"] == "PASS", checks[local]
+
+
+def test_a_stopped_plugin_takes_its_health_overlay_away_and_a_restarted_one_answers_again(hosts, vxnet_plugin):
+    h1, h2 = hosts(2, docker=False)
+    p1, p2 = vxnet_plugin(h1), vxnet_plugin(h2)
+    wait_green(h1, p1)
+    assert names.HEALTH_NETNS in h2.netns()
+
+    p2.stop()
+    assert names.HEALTH_NETNS not in h2.netns()  # nothing of the plugin's left behind
+    code, checks, _ = doctor(h1, p1)
+    assert code == 1 and checks[f"path {h2.name}"]["status"] == "FAIL", checks  # its record outlives it a TTL
+    code, checks, _ = doctor(h2, p2)
+    assert checks["plugin socket"]["status"] == "FAIL" and checks["path"]["status"] == "FAIL", checks
+
+    p2.start()  # a new device on the same VNI: the old one went before its namespace
+    wait_green(h1, p1)
+    wait_green(h2, p2)

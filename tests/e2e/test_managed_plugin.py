@@ -128,5 +128,5 @@ def test_an_unknown_option_is_refused_and_the_error_names_it(host, etcd):
     wait_until(lambda: [k for k in etcd.keys(schema.PREFIX + "/hosts/") if host.name in k], 20,
                f"{host.name}'s host record in the test etcd")
     wait_until(lambda: not [k for k in etcd.keys(schema.PREFIX + "/")
-                            if not k.startswith(schema.PREFIX + "/hosts/")], 10,
-               "nothing in the test etcd but host records")
+                            if not k.startswith((schema.PREFIX + "/hosts/", schema.PREFIX + "/health/"))], 10,
+               "nothing in the test etcd but host records and health overlay addresses")
