@@ -501,7 +501,7 @@ def path_results(targets: Sequence[Target], outcomes: Dict[Tuple[str, int], ping
             if t.full > local_mtu:
                 note = f" (sent at this host's {local_mtu}, not the {t.full} its networks have)"
             out.append(passed(check, f"{where}: UDP {names.VXLAN_PORT} open, {size}-byte frames cross unfragmented "
-                              f"(rtt {full.rtt * 1000:.1f} ms){note}"))
+                              f"(rtt {(full.rtt or 0.0) * 1000:.1f} ms){note}"))
     return out
 
 

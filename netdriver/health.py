@@ -93,7 +93,7 @@ def wanted_entries(hosts: Dict[str, dict], me: str) -> Entries:
         if not isinstance(address, str) or not names.health_index(address) or not _ipv4(vtep) or address in neigh:
             continue
         mac = names.health_mac(address)
-        fdb[mac] = vtep
+        fdb[mac] = str(vtep)
         neigh[address] = mac
     return fdb, neigh
 

@@ -326,3 +326,15 @@ def test_the_doctor_answers_within_its_budget_when_etcd_accepts_but_never_answer
     assert {c["check"] for c in report["checks"]} >= {"plugin socket", "kernel modules"}  # the local checks ran
     assert took < doctor.BUDGET, f"{took:.1f} s"
     assert not os.path.exists(tmp_path / "netns")  # the doctor made nothing
+
+
+def test_the_doctor_reads_this_hosts_id_and_vtep_as_the_plugin_does_and_refuses_bad_ones():
+    from plugin import config
+    from wire.errors import ConfigError
+    settings = config.load_client({"VXNET_HOST_ID": "h1", "VXNET_ADVERTISE_ADDR": "192.0.2.1"})
+    assert (settings.host_id, settings.advertise_addr) == ("h1", "192.0.2.1")
+    assert (config.load_client({}).host_id, config.load_client({}).advertise_addr) == ("", None)
+    with pytest.raises(ConfigError, match="VXNET_HOST_ID: '../x'"):
+        config.load_client({"VXNET_HOST_ID": "../x"})
+    with pytest.raises(ConfigError, match="VXNET_ADVERTISE_ADDR: '::1' is not an IPv4 address"):
+        config.load_client({"VXNET_ADVERTISE_ADDR": "::1"})
