@@ -413,7 +413,9 @@ def namespace_drift(mine: Sequence[Network], present: Sequence[str]) -> List[str
 def drift(state: ClusterState, host: str, netns_dir: str) -> List[str]:
     """HOOK for `vxnet status` (issue 11): the lead wires cli/status.py's drift computation here at merge
     (desired vs programmed for this host: peers, FDB/neighbour entries, nft elements, SAs), returning its list of
-    differences, one line each, empty when in sync. Until then: what the namespace folder shows."""
+    differences, one line each, empty when in sync (change the parameters to what it needs; diagnose() is the
+    one caller). Until then: what the namespace folder shows, namespaces without records and records without
+    namespaces."""
     try:
         present = os.listdir(netns_dir)
     except OSError:
@@ -531,6 +533,9 @@ def check_paths(state: ClusterState, me: str, links: Links, netns_dir: str, unde
 
 # -- the command ------------------------------------------------------------------------------------------------
 def diagnose(ctx: context.Context, now=time.time) -> List[Result]:
+    # The probes get what is left of the budget (less a margin for the interpreter's start and the output),
+    # should etcd or the socket have been slow to answer.
+    deadline = time.monotonic() + BUDGET - 1.5
     settings = ctx.settings
     keys = schema.Schema(settings.key_prefix)
     results, etcd_up = check_etcd(ctx.kv())
@@ -572,7 +577,8 @@ def diagnose(ctx: context.Context, now=time.time) -> List[Result]:
         if state.keyring:
             results.append(check_key_age(settings.encryption_secret_file, _ring_loader(ctx.kv(), settings), now()))
         if me is not None:
-            results.extend(check_paths(state, me, links, settings.netns_dir, underlay_mtu))
+            left = max(0.5, min(PROBE_TIMEOUT, deadline - time.monotonic()))
+            results.extend(check_paths(state, me, links, settings.netns_dir, underlay_mtu, timeout=left))
         return results
     finally:
         links.close()
