@@ -1,7 +1,9 @@
 """The health overlay's pure parts: one address per host allocated in etcd (create-if-absent, idempotent, safe
 against a concurrent allocator, never one outside its subnet), the host record carrying it, the MAC derived from
 it, the entries programmed from other hosts' records (nothing unchecked reaches the kernel), and the reserved VNI
-no network can be given. (Its kernel objects and the probes over them: tests/e2e/test_doctor.py.)"""
+no network can be given; this host's end of the overlay over a fake kernel (tests/fakes/links.py): the device it
+builds, the entries it keeps as host records come and go. (The real kernel and the probes over it:
+tests/e2e/test_doctor.py.)"""
 
 import ipaddress
 import json
@@ -12,12 +14,14 @@ from hypothesis import strategies as st
 
 from kernel import names
 from netdriver import options
-from netdriver.health import HealthStore, wanted_entries
+from netdriver.health import HealthOverlay, HealthStore, wanted_entries
 from netdriver.hosts import HostLease
 from netdriver.store import NetworkStore
+from netdriver.underlay import Underlay
 from store import schema
-from store.kvstore import Entry
-from tests.fakes import FakeKV
+from store.kvstore import Entry, WatchEvent
+from tests.fakes import FakeKV, FakeLinks
+from tests.harness.proc import wait_until
 from wire.errors import Exhausted, InvalidOption, InvalidRequest
 
 KEYS = schema.Schema()
@@ -130,3 +134,79 @@ def test_the_health_vni_is_refused_to_networks_and_never_allocated():
     assert options.parse({options.GENERIC: {"vni": str(names.HEALTH_VNI - 1)}}).vni == names.HEALTH_VNI - 1
     # The allocator climbs from VNI_AUTO_BASE and gives up above VNI_MAX (netdriver/store.py _free_vni).
     assert options.VNI_AUTO_BASE <= options.VNI_MAX < names.HEALTH_VNI
+
+
+# -- the overlay's end on this host, over a fake kernel ----------------------------------------------------------
+def overlay_on(kv, links, host="h1", vtep="192.0.2.1", underlay_mtu=1500):
+    return HealthOverlay(kv, links, Underlay(lambda a: underlay_mtu, vtep), host)
+
+
+def register(kv, host, vtep, health, lease=0):
+    record = {"vtep": vtep, "name": host}
+    if health:
+        record["health"] = health
+    kv.put(KEYS.host(host), json.dumps(record), lease=lease)
+
+
+DEV = (names.HEALTH_NETNS, names.HEALTH_VXLAN)
+
+
+def test_prepare_builds_the_device_on_the_reserved_vni_with_the_vxlan_mtu_and_its_address():
+    kv, links = FakeKV(), FakeLinks()
+    overlay = overlay_on(kv, links, underlay_mtu=1400)
+    assert overlay.prepare() == "169.254.0.1"
+    device = links.devices[DEV]
+    assert (device["vni"], device["local"], device["port"], device["mtu"]) == (names.HEALTH_VNI, "192.0.2.1",
+                                                                               names.VXLAN_PORT, 1350)
+    assert device["mac"] == names.health_mac("169.254.0.1") and device["master"] is None
+    assert device["addresses"] == {("169.254.0.1", 16)}
+    assert overlay.prepare() == "169.254.0.1" and holders(kv) == {"169.254.0.1": "h1"}  # a replay: the same
+
+
+def test_a_kernel_refusal_leaves_the_networks_alone_and_no_vtep_yet_builds_later():
+    kv, links = FakeKV(), FakeLinks()
+    links.refuse.add("ensure_vxlan")
+    assert overlay_on(kv, links).prepare() == "169.254.0.1"  # logged, not raised: start-up goes on
+    assert DEV not in links.devices
+    late = overlay_on(kv, FakeLinks(), host="h2", vtep=None)
+    assert late.prepare() == "169.254.0.2" and not late.links.devices
+    late.underlay.discovered("192.0.2.2")
+    late.vtep_changed()
+    assert late.links.devices[DEV]["local"] == "192.0.2.2"
+
+
+def test_other_hosts_come_and_go_with_their_records_and_entries_changed_by_hand_are_repaired():
+    kv, links = FakeKV(), FakeLinks()
+    overlay = overlay_on(kv, links)
+    overlay.prepare()
+    register(kv, "h1", "192.0.2.1", "169.254.0.1")
+    register(kv, "h2", "192.0.2.2", "169.254.0.2")
+    prefix, _ = overlay.load()
+    assert prefix == KEYS.prefix(schema.HOST)
+    mac2 = names.health_mac("169.254.0.2")
+    assert links.fdbs[DEV] == {mac2: "192.0.2.2"} and links.neighs[DEV] == {"169.254.0.2": mac2}
+
+    record3 = json.dumps({"vtep": "192.0.2.3", "health": "169.254.0.3"})
+    overlay.apply(WatchEvent("put", KEYS.host("h3"), record3, None, 10))
+    assert set(links.neighs[DEV]) == {"169.254.0.2", "169.254.0.3"}
+    links.fdbs[DEV][mac2] = "192.0.2.99"  # someone changed it by hand
+    del links.neighs[DEV]["169.254.0.3"]
+    overlay.apply(WatchEvent("delete", KEYS.host("h2"), None, None, 11))  # h2's lease expired
+    mac3 = names.health_mac("169.254.0.3")
+    assert links.fdbs[DEV] == {mac3: "192.0.2.3"} and links.neighs[DEV] == {"169.254.0.3": mac3}
+
+
+def test_the_watch_follows_host_records_and_stop_removes_the_namespace():
+    kv, links = FakeKV(), FakeLinks()
+    overlay = overlay_on(kv, links)
+    overlay.prepare()
+    overlay.start()
+    try:
+        lease = kv.lease_grant(30)
+        register(kv, "h2", "192.0.2.2", "169.254.0.2", lease=lease)
+        wait_until(lambda: "169.254.0.2" in links.neighbours(*DEV), 5, "h2's entries")
+        kv.expire(lease)
+        wait_until(lambda: not links.neighbours(*DEV), 5, "h2's entries to go with its lease")
+    finally:
+        overlay.stop()
+    assert names.HEALTH_NETNS not in links.netns and DEV not in links.devices
