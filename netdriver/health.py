@@ -1,6 +1,7 @@
 """The health overlay: one namespace on every host (kernel/names.py HEALTH_NETNS) holding one VXLAN device on the
 reserved VNI, UDP port 4789 like the networks, its MTU what VXLAN leaves of the underlay's. Each host has one
-address on it (allocated in etcd under health/<address>, recorded in its host record as "health") and a MAC
+address on it (allocated in etcd under health/<address>, under the host's lease like its record, which names it
+as "health") and a MAC
 derived from that address, and keeps the FDB and neighbour entries of every other live host record: so every
 plugin answers ICMP echo on the real VXLAN path, and `vxnet doctor` can tell a blocked UDP port (small probes
 lost) from an underlay MTU too small for the overlay (small probes cross, full-size ones with DF do not).
@@ -22,7 +23,7 @@ from kernel.links import Links
 from netdriver.contracts import Underlay
 from store import schema
 from store.kv import KV, WatchableKV
-from store.kvstore import WatchEvent
+from store.kvstore import Entry, WatchEvent
 from store.watchloop import WatchLoop
 from wire.errors import Conflict, Exhausted, KernelError
 
@@ -39,33 +40,41 @@ class HealthStore:
         self.kv = kv
         self.keys = schema.Schema(prefix)
 
-    def holders(self) -> Dict[str, str]:
-        """address -> host ID, for every well-formed allocation (anything else under health/ is ignored)."""
+    def _held(self) -> Dict[str, Entry]:
         entries, _ = self.kv.get_prefix(self.keys.prefix(schema.HEALTH))
         out = {}
         for entry in entries:
             parts = self.keys.parse(schema.HEALTH, entry.key)
             if parts and names.health_index(parts["address"]):
-                out[parts["address"]] = entry.value
+                out[parts["address"]] = entry
         return out
 
-    def allocate(self, host_id: str) -> str:
-        """This host's health address: the one it already holds (the lowest, should a crash have left two), else
-        the lowest free one, taken by create-if-absent so two hosts allocating at once never get the same.
-        Idempotent. Exhausted when every address is held."""
+    def holders(self) -> Dict[str, str]:
+        """address -> host ID, for every well-formed allocation (anything else under health/ is ignored)."""
+        return {address: entry.value for address, entry in self._held().items()}
+
+    def claim(self, host_id: str, lease: int) -> str:
+        """This host's health address, held under its lease (so it goes when the host does, as its record): the
+        one it holds already (the lowest, should there be two), moved under this lease if it was under another of
+        this host's; else the lowest free one, taken by create-if-absent so two hosts claiming at once never get
+        the same. Idempotent. Exhausted when every address is held."""
         for _ in range(_RETRIES):
-            held = self.holders()
-            mine = sorted((a for a, h in held.items() if h == host_id), key=names.health_index)
+            held = self._held()
+            mine = sorted((a for a, e in held.items() if e.value == host_id), key=names.health_index)
             if mine:
-                return mine[0]
+                key, entry = self.keys.health(mine[0]), held[mine[0]]
+                if entry.lease == lease or self.kv.commit(revisions={key: entry.mod_revision},
+                                                          puts={key: host_id}, lease=lease):
+                    return mine[0]
+                continue
             taken = {names.health_index(a) for a in held}
             free = next((i for i in range(1, names.HEALTH_HOSTS + 1) if i not in taken), None)
             if free is None:
-                raise Exhausted(f"no free address left on the health overlay ({names.HEALTH_SUBNET}): "
-                                "`vxnet gc` releases those of hosts gone for good")
+                raise Exhausted(f"no free address left on the health overlay ({names.HEALTH_SUBNET}): every one "
+                                "is held by a live host")
             address = names.health_address(free)
             key = self.keys.health(address)
-            if self.kv.commit(absent=[key], puts={key: host_id}):
+            if self.kv.commit(absent=[key], puts={key: host_id}, lease=lease):
                 log.info("health overlay address %s allocated", address)
                 return address
         raise Conflict("could not allocate a health overlay address: too much contention, try again")
@@ -99,9 +108,8 @@ def wanted_entries(hosts: Dict[str, dict], me: str) -> Entries:
 
 
 class HealthOverlay(WatchLoop):
-    """This host's end of the health overlay. prepare() (etcd and the kernel: at start-up, once the host lease is
-    this host's; the host record is then written again, carrying the address), then start() keeps the entries of
-    the other hosts."""
+    """This host's end of the health overlay: claim() (from HostLease, with each write of the host record: etcd,
+    then the kernel), and start() keeps the entries of the other hosts."""
 
     what = "health overlay watch"
 
@@ -117,18 +125,20 @@ class HealthOverlay(WatchLoop):
         self._hosts: Dict[str, dict] = {}
         self._built_for: Optional[str] = None  # the VTEP the device was made with
 
-    def prepare(self) -> Optional[str]:
-        """Allocate this host's address (StoreUnavailable propagates: start-up retries) and build the namespace
-        and device. A kernel refusal is logged and left for `vxnet doctor` to report: the networks do not need
-        the health overlay. Returns the address."""
-        if self.address is None:
-            try:
-                self.address = self.store.allocate(self.host_id)
-            except (Exhausted, Conflict) as exc:
-                log.error("health overlay not built (vxnet doctor cannot probe this host): %s", exc)
-                return None
-        self._build()
-        return self.address
+    def claim(self, lease: int) -> Optional[str]:
+        """This host's address under its lease (HostLease asks before each write of the host record, which then
+        carries it); the device is built, or given the new address, as it changes. StoreUnavailable propagates
+        (the record is not written either, and is retried); running out of addresses, or a kernel refusal, is
+        logged and left for `vxnet doctor` to report: the networks do not need the health overlay."""
+        try:
+            address = self.store.claim(self.host_id, lease)
+        except (Exhausted, Conflict) as exc:
+            log.error("health overlay not built (vxnet doctor cannot probe this host): %s", exc)
+            return None
+        if address != self.address or self._built_for != self.underlay.address:
+            self.address = address
+            self._build()
+        return address
 
     def _build(self) -> None:
         vtep = self.underlay.address

@@ -78,8 +78,6 @@ def _start_control_plane(driver: NetworkDriver, lease: HostLease, watcher: PeerW
     while not stop.is_set():
         try:
             lease.acquire()
-            if health is not None and health.prepare():
-                lease.register()  # once the ID is known to be this host's: the record now carries the address
             problems = driver.reconcile()
             if problems:
                 log.warning("start-up reconciliation done; %d thing(s) skipped (each logged above)", len(problems))
@@ -191,7 +189,7 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
         overlay = health = HealthOverlay(kv, links, underlay, me.id, settings.key_prefix)
         lease = HostLease(kv, store, me.id, lambda: underlay.address, identity.lease_file(settings.state_dir, me.id),
                           on_outage=watcher.kick, name=me.name, instance=identity.instance(), remedy=me.remedy(),
-                          on_conflict=on_fatal, health=lambda: overlay.address)
+                          on_conflict=on_fatal, health=overlay.claim)
 
         def vtep_changed() -> None:
             lease.register()

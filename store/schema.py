@@ -15,9 +15,8 @@ The tree, under PREFIX (`/vxnet/v1`; VXNET_KEY_PREFIX in plugin/config.py may mo
   hosts/<host>                        {"vtep", "version", "name", "instance", "health"} under the host's lease:
                                       who is alive (netdriver/hosts.py); name is for people, instance tells a
                                       restart from a copy, health is its address on the health overlay
-  health/<address>                    host ID: the host's address on the health overlay that `vxnet doctor`
-                                      probes (netdriver/health.py), taken by create-if-absent, kept across
-                                      restarts
+  health/<address>                    host ID, under the host's lease: its address on the health overlay that
+                                      `vxnet doctor` probes (netdriver/health.py), taken by create-if-absent
   ipam/pools/<space>/<pool>           {"cidr", "space", "hosts": [holder, ...], "created"} (ipam_driver/store.py)
   ipam/addresses/<space>/<pool>/<address>
                                       {"address", "pool", "kind": "gateway"|"container", "hosts", "created"}

@@ -1,8 +1,8 @@
-"""The health overlay's pure parts: one address per host allocated in etcd (create-if-absent, idempotent, safe
-against a concurrent allocator, never one outside its subnet), the host record carrying it, the MAC derived from
-it, the entries programmed from other hosts' records (nothing unchecked reaches the kernel), and the reserved VNI
-no network can be given; this host's end of the overlay over a fake kernel (tests/fakes/links.py): the device it
-builds, the entries it keeps as host records come and go. (The real kernel and the probes over it:
+"""The health overlay's pure parts: one address per host allocated in etcd under its lease (create-if-absent,
+idempotent, safe against a concurrent allocator, never one outside its subnet), the host record carrying it, the
+MAC derived from it, the entries programmed from other hosts' records (nothing unchecked reaches the kernel), and
+the reserved VNI no network can be given; this host's end of the overlay over a fake kernel (tests/fakes/links.py):
+the device it builds, the entries it keeps as host records come and go. (The real kernel and the probes over it:
 tests/e2e/test_doctor.py.)"""
 
 import ipaddress
@@ -34,28 +34,44 @@ def holders(kv):
 def test_each_host_gets_its_own_address_and_keeps_it_on_replay():
     kv = FakeKV()
     store = HealthStore(kv)
-    a, b = store.allocate("h1"), store.allocate("h2")
+    a, b = store.claim("h1", 0), store.claim("h2", 0)
     assert (a, b) == ("169.254.0.1", "169.254.0.2")
-    assert store.allocate("h1") == a and store.allocate("h2") == b  # a restart asks again: the same address
+    assert store.claim("h1", 0) == a and store.claim("h2", 0) == b  # a restart asks again: the same address
     assert holders(kv) == {a: "h1", b: "h2"}
+
+
+def test_the_address_lives_under_the_hosts_lease_and_goes_with_it():
+    kv = FakeKV()
+    store = HealthStore(kv)
+    first = kv.lease_grant(30)
+    assert store.claim("h1", first) == "169.254.0.1"
+    assert kv.get(KEYS.health("169.254.0.1")).lease == first
+    second = kv.lease_grant(30)  # the host took a new lease while the old one still ran: the address moves
+    revision = kv.get(KEYS.health("169.254.0.1")).mod_revision
+    assert store.claim("h1", second) == "169.254.0.1"
+    assert kv.get(KEYS.health("169.254.0.1")).lease == second
+    assert store.claim("h1", second) == "169.254.0.1"  # and stays, nothing written
+    assert kv.get(KEYS.health("169.254.0.1")).mod_revision == revision + 1
+    kv.expire(second)  # the host is gone: so is its address
+    assert holders(kv) == {}
 
 
 def test_a_released_address_is_the_next_one_given_and_two_held_by_one_host_resolve_to_the_lowest():
     kv = FakeKV()
     store = HealthStore(kv)
     for host in ("h1", "h2", "h3"):
-        store.allocate(host)
-    kv.delete(KEYS.health("169.254.0.2"))  # h2 gone for good, collected
-    assert store.allocate("h4") == "169.254.0.2"
+        store.claim(host, 0)
+    kv.delete(KEYS.health("169.254.0.2"))  # h2 gone (its lease expired)
+    assert store.claim("h4", 0) == "169.254.0.2"
     kv.put(KEYS.health("169.254.0.9"), "h1")  # a crash left h1 a second one
-    assert store.allocate("h1") == "169.254.0.1"
+    assert store.claim("h1", 0) == "169.254.0.1"
 
 
 def test_an_allocator_that_loses_the_race_takes_the_next_free_address():
     kv = FakeKV()
     store = HealthStore(kv)
     kv.cut_in = lambda: kv.put(KEYS.health("169.254.0.1"), "other")  # takes the candidate just before the commit
-    assert store.allocate("h1") == "169.254.0.2"
+    assert store.claim("h1", 0) == "169.254.0.2"
     assert holders(kv) == {"169.254.0.1": "other", "169.254.0.2": "h1"}
 
 
@@ -64,15 +80,15 @@ def test_keys_under_health_that_are_not_health_addresses_are_ignored_not_reused(
     kv.put(KEYS.health("10.0.0.1"), "h9")  # outside the subnet
     kv.put(KEYS.health("169.254.255.255"), "h8")  # the broadcast address: no host's
     assert HealthStore(kv).holders() == {}
-    assert HealthStore(kv).allocate("h1") == "169.254.0.1"
+    assert HealthStore(kv).claim("h1", 0) == "169.254.0.1"
 
 
 def test_exhausted_when_every_address_is_held():
     kv = FakeKV()
     for index in range(1, names.HEALTH_HOSTS + 1):
         kv.data[KEYS.health(names.health_address(index))] = _entry(index)
-    with pytest.raises(Exhausted, match="vxnet gc"):
-        HealthStore(kv).allocate("newcomer")
+    with pytest.raises(Exhausted, match="held by a live host"):
+        HealthStore(kv).claim("newcomer", 0)
 
 
 def _entry(index):
@@ -119,10 +135,12 @@ def test_other_hosts_records_become_fdb_and_neighbour_entries_and_nothing_unchec
 def test_the_host_record_carries_the_health_address(tmp_path):
     kv = FakeKV()
     store = NetworkStore(kv)
+    asked = []
     lease = HostLease(kv, store, "h1", lambda: "192.0.2.1", str(tmp_path / "lease"), name="alpha",
-                      health=lambda: "169.254.0.7")
+                      health=lambda lease_id: asked.append(lease_id) or "169.254.0.7")
     lease.acquire()
     assert json.loads(kv.get(KEYS.host("h1")).value)["health"] == "169.254.0.7"
+    assert asked == [lease.id]  # claimed under the lease the record is written under
     without = HostLease(kv, store, "h2", lambda: "192.0.2.2", str(tmp_path / "lease2"), name="beta")
     without.acquire()
     assert "health" not in json.loads(kv.get(KEYS.host("h2")).value)
@@ -151,25 +169,25 @@ def register(kv, host, vtep, health, lease=0):
 DEV = (names.HEALTH_NETNS, names.HEALTH_VXLAN)
 
 
-def test_prepare_builds_the_device_on_the_reserved_vni_with_the_vxlan_mtu_and_its_address():
+def test_claim_builds_the_device_on_the_reserved_vni_with_the_vxlan_mtu_and_its_address():
     kv, links = FakeKV(), FakeLinks()
     overlay = overlay_on(kv, links, underlay_mtu=1400)
-    assert overlay.prepare() == "169.254.0.1"
+    assert overlay.claim(0) == "169.254.0.1"
     device = links.devices[DEV]
     assert (device["vni"], device["local"], device["port"], device["mtu"]) == (names.HEALTH_VNI, "192.0.2.1",
                                                                                names.VXLAN_PORT, 1350)
     assert device["mac"] == names.health_mac("169.254.0.1") and device["master"] is None
     assert device["addresses"] == {("169.254.0.1", 16)}
-    assert overlay.prepare() == "169.254.0.1" and holders(kv) == {"169.254.0.1": "h1"}  # a replay: the same
+    assert overlay.claim(0) == "169.254.0.1" and holders(kv) == {"169.254.0.1": "h1"}  # a replay: the same
 
 
 def test_a_kernel_refusal_leaves_the_networks_alone_and_no_vtep_yet_builds_later():
     kv, links = FakeKV(), FakeLinks()
     links.refuse.add("ensure_vxlan")
-    assert overlay_on(kv, links).prepare() == "169.254.0.1"  # logged, not raised: start-up goes on
+    assert overlay_on(kv, links).claim(0) == "169.254.0.1"  # logged, not raised: start-up goes on
     assert DEV not in links.devices
     late = overlay_on(kv, FakeLinks(), host="h2", vtep=None)
-    assert late.prepare() == "169.254.0.2" and not late.links.devices
+    assert late.claim(0) == "169.254.0.2" and not late.links.devices
     late.underlay.discovered("192.0.2.2")
     late.vtep_changed()
     assert late.links.devices[DEV]["local"] == "192.0.2.2"
@@ -178,7 +196,7 @@ def test_a_kernel_refusal_leaves_the_networks_alone_and_no_vtep_yet_builds_later
 def test_other_hosts_come_and_go_with_their_records_and_entries_changed_by_hand_are_repaired():
     kv, links = FakeKV(), FakeLinks()
     overlay = overlay_on(kv, links)
-    overlay.prepare()
+    overlay.claim(0)
     register(kv, "h1", "192.0.2.1", "169.254.0.1")
     register(kv, "h2", "192.0.2.2", "169.254.0.2")
     prefix, _ = overlay.load()
@@ -199,7 +217,7 @@ def test_other_hosts_come_and_go_with_their_records_and_entries_changed_by_hand_
 def test_the_watch_follows_host_records_and_stop_removes_the_namespace():
     kv, links = FakeKV(), FakeLinks()
     overlay = overlay_on(kv, links)
-    overlay.prepare()
+    overlay.claim(0)
     overlay.start()
     try:
         lease = kv.lease_grant(30)
