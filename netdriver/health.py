@@ -172,7 +172,7 @@ class HealthOverlay(WatchLoop):
     def vtep_changed(self) -> None:
         """The VTEP moved (Swarm's DiscoverNew): the device is made again, sending from the new one."""
         self._build()
-        self._sync()
+        self.reconcile()
 
     # -- the watch (store/watchloop.py) -------------------------------------------------------------------------
     def load(self) -> Tuple[str, int]:
@@ -184,7 +184,7 @@ class HealthOverlay(WatchLoop):
             if parts:
                 hosts[parts["host"]] = _record(entry.value)
         self._hosts = hosts
-        self._sync()
+        self.reconcile()
         return prefix, revision
 
     def apply(self, event: WatchEvent) -> bool:
@@ -195,12 +195,12 @@ class HealthOverlay(WatchLoop):
             self._hosts[parts["host"]] = _record(event.value)
         else:
             self._hosts.pop(parts["host"], None)
-        self._sync()
+        self.reconcile()
         return True
 
-    def _sync(self) -> None:
+    def reconcile(self) -> None:
         """Make the device hold exactly the wanted entries, from what the kernel has (so entries removed or changed
-        by someone else come back with the next event or resync)."""
+        by someone else come back with the next event or resync, or when a periodic repair pass calls this)."""
         ns, dev = names.HEALTH_NETNS, names.HEALTH_VXLAN
         if self._built_for is None:
             return
