@@ -16,6 +16,7 @@ plugin leaves no health overlay behind, and `vxnet doctor` on this host then say
 import ipaddress
 import json
 import logging
+import threading
 from typing import Dict, Optional, Tuple
 
 from kernel import mtu, names
@@ -124,6 +125,8 @@ class HealthOverlay(WatchLoop):
         self.address: Optional[str] = None
         self._hosts: Dict[str, dict] = {}
         self._built_for: Optional[str] = None  # the VTEP the device was made with
+        # The watch thread and whoever else repairs (the lease thread at a claim, a periodic pass): one at a time.
+        self._lock = threading.RLock()
 
     def claim(self, lease: int) -> Optional[str]:
         """This host's address under its lease (HostLease asks before each write of the host record, which then
@@ -135,9 +138,11 @@ class HealthOverlay(WatchLoop):
         except (Exhausted, Conflict) as exc:
             log.error("health overlay not built (vxnet doctor cannot probe this host): %s", exc)
             return None
-        if address != self.address or self._built_for != self.underlay.address:
-            self.address = address
-            self._build()
+        with self._lock:
+            if address != self.address or self._built_for != self.underlay.address:
+                self.address = address
+                self._build()
+                self._reconcile()  # a device made again has no entries yet
         return address
 
     def _build(self) -> None:
@@ -171,8 +176,9 @@ class HealthOverlay(WatchLoop):
 
     def vtep_changed(self) -> None:
         """The VTEP moved (Swarm's DiscoverNew): the device is made again, sending from the new one."""
-        self._build()
-        self.reconcile()
+        with self._lock:
+            self._build()
+            self._reconcile()
 
     # -- the watch (store/watchloop.py) -------------------------------------------------------------------------
     def load(self) -> Tuple[str, int]:
@@ -183,24 +189,30 @@ class HealthOverlay(WatchLoop):
             parts = self.keys.parse(schema.HOST, entry.key)
             if parts:
                 hosts[parts["host"]] = _record(entry.value)
-        self._hosts = hosts
-        self.reconcile()
+        with self._lock:
+            self._hosts = hosts
+            self.reconcile()
         return prefix, revision
 
     def apply(self, event: WatchEvent) -> bool:
         parts = self.keys.parse(schema.HOST, event.key)
         if parts is None:
             return True
-        if event.kind == "put":
-            self._hosts[parts["host"]] = _record(event.value)
-        else:
-            self._hosts.pop(parts["host"], None)
-        self.reconcile()
+        with self._lock:
+            if event.kind == "put":
+                self._hosts[parts["host"]] = _record(event.value)
+            else:
+                self._hosts.pop(parts["host"], None)
+            self.reconcile()
         return True
 
     def reconcile(self) -> None:
         """Make the device hold exactly the wanted entries, from what the kernel has (so entries removed or changed
         by someone else come back with the next event or resync, or when a periodic repair pass calls this)."""
+        with self._lock:
+            self._reconcile()
+
+    def _reconcile(self) -> None:
         ns, dev = names.HEALTH_NETNS, names.HEALTH_VXLAN
         if self._built_for is None:
             return
