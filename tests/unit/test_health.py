@@ -228,3 +228,16 @@ def test_the_watch_follows_host_records_and_stop_removes_the_namespace():
     finally:
         overlay.stop()
     assert names.HEALTH_NETNS not in links.netns and DEV not in links.devices
+
+
+def test_a_new_vtep_makes_the_device_again_with_every_entry_back():
+    kv, links = FakeKV(), FakeLinks()
+    overlay = overlay_on(kv, links, vtep=None)
+    overlay.underlay.discovered("192.0.2.1")
+    overlay.claim(0)
+    register(kv, "h2", "192.0.2.2", "169.254.0.2")
+    overlay.load()
+    assert overlay.underlay.discovered("192.0.2.9")
+    overlay.vtep_changed()
+    assert links.devices[DEV]["local"] == "192.0.2.9"
+    assert links.fdbs[DEV] == {names.health_mac("169.254.0.2"): "192.0.2.2"}
