@@ -46,7 +46,7 @@ def wait_green(host, plugin, timeout=60):
         last["checks"] = checks
         return code == 0
     try:
-        wait_until(green, timeout, "vxnet doctor on host 1 to pass", interval=0.5)
+        wait_until(green, timeout, f"vxnet doctor on {host.name} to pass", interval=0.5)
     except TimeoutError:
         pytest.fail(f"doctor never passed: {failing(last.get('checks', {}))}")
     return last["checks"]
@@ -71,8 +71,10 @@ def test_doctor_green_then_names_the_host_whose_vxlan_port_is_blocked_or_whose_m
         path = checks[f"path {host.name}"]
         assert path["status"] == "PASS" and "1450-byte frames cross" in path["message"], path
     assert checks["mtu blue"]["status"] == "PASS", checks["mtu blue"]
-    for name in ("etcd", "plugin socket", "kernel modules", "host record", "vtep", "duplicate vteps", "drift"):
+    for name in ("etcd", "clock", "plugin socket", "kernel modules", "host record", "vtep", "duplicate vteps",
+                 "stale hosts", "drift"):
         assert checks[name]["status"] == "PASS", checks[name]
+    assert not [c for c in checks.values() if c["status"] != "PASS"], checks  # green: not even a warning
 
     # Host 2's underlay drops UDP to the VXLAN port: host 2 is named, host 3 still passes.
     h2.run(["nft", "-f", "-"], input=f"table inet {BLOCK_TABLE} {{\n chain pre {{\n  type filter hook prerouting "
