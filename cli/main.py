@@ -19,7 +19,7 @@ from cli import context
 from wire.errors import ConfigError, VxnetError
 
 # Each is a module of this package with register(subparsers, common) (cli/context.py).
-COMMANDS: Sequence[str] = ("status", "gc", "keys")
+COMMANDS: Sequence[str] = ("status", "doctor", "gc", "keys")
 
 
 def parser() -> argparse.ArgumentParser:

@@ -256,11 +256,13 @@ class Links:
 
     @_netlink_thread
     def ensure_vxlan(self, ns: str, name: str, staging: str, vni: int, local: str, port: int, mtu: int,
-                     master: str) -> None:
+                     master: Optional[str], mac: Optional[str] = None) -> None:
         """A VXLAN device inside `ns`, created in the host namespace first so its UDP socket stays there.
 
         learning off: peers are programmed from etcd, never learnt from flooded traffic; proxy on: ARP for known
-        peers is answered from our neighbour entries instead of crossing the underlay."""
+        peers is answered from our neighbour entries instead of crossing the underlay. master None: no bridge
+        (the health overlay's device carries its address itself); mac: the device's own address (None: random).
+        A device whose VNI differs is made again."""
         with kernel_errors(f"create VXLAN {vni} in {ns}"):
             ipr = self._ipr(ns)
             idx = self._index(ns, name)
@@ -278,7 +280,24 @@ class Links:
                           vxlan_port=port, vxlan_learning=0, vxlan_proxy=1)
                 host.link("set", index=self._index(None, staging), net_ns_fd=self._path(ns))
                 ipr.link("set", index=self._index(ns, staging), ifname=name)
-            ipr.link("set", index=self._index(ns, name), mtu=mtu, master=self._index(ns, master), state="up")
+            settings = {"mtu": mtu, "state": "up"}
+            if master is not None:
+                settings["master"] = self._index(ns, master)
+            if mac is not None:
+                settings["address"] = mac
+            ipr.link("set", index=self._index(ns, name), **settings)
+
+    @_netlink_thread
+    def ensure_address(self, ns: str, dev: str, address: str, prefixlen: int) -> None:
+        """dev in ns holds exactly this IPv4 address (others it had are removed); a replay changes nothing."""
+        with kernel_errors(f"set address {address}/{prefixlen} on {dev} in {ns}"):
+            ipr = self._ipr(ns)
+            idx = self._index(ns, dev)
+            have = {(a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr(family=2, index=idx)}
+            for other, length in have - {(address, prefixlen)}:
+                ipr.addr("del", index=idx, address=other, prefixlen=length)
+            if (address, prefixlen) not in have:
+                ipr.addr("add", index=idx, address=address, prefixlen=prefixlen)
 
     @_netlink_thread
     def ensure_veth(self, ns: str, bridge_end: str, container_end: str, master: str, mtu: int,

@@ -9,6 +9,7 @@ they become kernel names and paths under the namespace folder, so that no path (
 directory) or foreign character reaches the kernel whatever the caller.
 """
 
+import ipaddress
 import re
 
 from wire.errors import InvalidRequest
@@ -43,6 +44,48 @@ _ID_CHARS = 12  # Docker's short IDs: unique enough for one host, readable in `i
 _NETWORK_ID = re.compile(r"[0-9a-z]{12,64}")
 # An endpoint ID or a prefix of at least the 11 characters the veth names take: always dockerd's hex.
 _ENDPOINT_ID = re.compile(r"[0-9a-f]{11,64}")
+
+
+# The health overlay (netdriver/health.py): one namespace on every host with one VXLAN device, on a VNI no network
+# can be given, that `vxnet doctor` pings every other host through, so a probe crosses the same UDP port and the
+# same underlay as the networks' traffic. Its namespace is not a vxnet-<id> name (start-up reconciliation and
+# every count of the networks' namespaces leave it alone); its device carries the host's health address.
+HEALTH_NETNS = "vxhealth"
+HEALTH_VXLAN = "vxhealth0"
+# RFC 7348's 24-bit VNI field tops out at 2^24-1; that last VNI is the health overlay's (netdriver/options.py
+# refuses it to users, netdriver/store.py never allocates it).
+HEALTH_VNI = (1 << 24) - 1
+# RFC 3927 link-local: never routed, so nothing outside the health namespace can be meant by one of them. Every
+# host gets one address of it, allocated in etcd (store/schema.py HEALTH).
+HEALTH_SUBNET = ipaddress.IPv4Network("169.254.0.0/16")
+
+
+def health_address(index: int) -> str:
+    """The index-th health address (1 .. HEALTH_HOSTS): the subnet's network and broadcast addresses skipped."""
+    if not 1 <= index <= HEALTH_HOSTS:
+        raise ValueError(f"health address index {index} outside 1..{HEALTH_HOSTS}")
+    return str(HEALTH_SUBNET.network_address + index)
+
+
+HEALTH_HOSTS = HEALTH_SUBNET.num_addresses - 2
+
+
+def health_index(address: str) -> int:
+    """health_address's inverse; 0 for anything that is not a host address of the health subnet."""
+    try:
+        ip = ipaddress.IPv4Address(address)
+    except (ipaddress.AddressValueError, ValueError, TypeError):
+        return 0
+    index = int(ip) - int(HEALTH_SUBNET.network_address)
+    return index if 1 <= index <= HEALTH_HOSTS else 0
+
+
+def health_mac(address: str) -> str:
+    """The health device's MAC, derived from its address as Docker's overlay derives container MACs (02:42 + the
+    IPv4 bytes): 02 marks it locally administered (IEEE 802 U/L bit), 76 is 'v'."""
+    if not health_index(address):
+        raise InvalidRequest(f"{address!r} is not an address of the health overlay ({HEALTH_SUBNET})")
+    return "02:76:" + ":".join(f"{b:02x}" for b in ipaddress.IPv4Address(address).packed)
 
 
 def _checked(pattern, value: str, what: str) -> str:

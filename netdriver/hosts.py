@@ -45,8 +45,12 @@ class HostLease:
                  on_new_lease: Callable[[], None] = lambda: None, ttl: int = LEASE_TTL,
                  on_outage: Callable[[], None] = lambda: None, name: str = "", instance: str = "",
                  remedy: str = "give each host its own VXNET_HOST_ID",
-                 on_conflict: Callable[[HostIdConflict], None] = lambda exc: None, poll: float = 1.0):
+                 on_conflict: Callable[[HostIdConflict], None] = lambda exc: None, poll: float = 1.0,
+                 health: Callable[[int], Optional[str]] = lambda lease: None):
         self.kv = kv
+        # health(lease ID): this host's address on the health overlay (netdriver/health.py), claimed under the
+        # lease before each write of the record, which names it; None: no address.
+        self.health = health
         self.name = name or host_id
         self.instance = instance
         self.remedy = remedy
@@ -124,6 +128,9 @@ class HostLease:
                 if self._renewed_elsewhere(current.lease):
                     raise self._conflict(current)
                 continue  # expired, and its record with it
+            health = self.health(self.id)  # once the ID is known to be this host's
+            if health:
+                record["health"] = health
             if self.store.register_host(self.host_id, record, self.id, current.mod_revision if current else 0):
                 return
         raise StoreUnavailable(f"hosts/{self.host_id} changed {_RETRIES} times while this host registered")

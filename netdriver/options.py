@@ -9,6 +9,7 @@ import dataclasses
 import re
 from typing import Any, Dict, Optional
 
+from kernel import names
 from wire.errors import InvalidOption
 
 GENERIC = "com.docker.network.generic"
@@ -20,8 +21,10 @@ MTU_KEY = "com.docker.network.driver.mtu"
 # allocates from 2^23 upward: the two never meet in practice, and a VNI shared on one host's UDP socket would
 # make the second device fail to come up.
 VNI_MIN = 1
-VNI_MAX = (1 << 24) - 1
 VNI_AUTO_BASE = 1 << 23
+# The top VNI is the health overlay's on every host (kernel/names.py HEALTH_VNI): a network on it would take the
+# doctor's probes. Networks get VNI_MIN .. VNI_MAX.
+VNI_MAX = names.HEALTH_VNI - 1
 
 # RFC 791: 68 is the minimum IPv4 MTU; 9000 is the usual jumbo frame ceiling for underlays we can carry.
 MTU_MIN = 68
@@ -76,7 +79,10 @@ def parse(options: Dict[str, Any]) -> NetworkOptions:
     for key in (MTU_KEY, "mtu"):
         if key in generic:
             mtu = _int(key, generic[key], MTU_MIN, MTU_MAX, "MTU")
-    vni = _int("vni", generic["vni"], VNI_MIN, VNI_MAX, "VXLAN VNI") if "vni" in generic else None
+    vni = _int("vni", generic["vni"], VNI_MIN, names.HEALTH_VNI, "VXLAN VNI") if "vni" in generic else None
+    if vni == names.HEALTH_VNI:
+        raise InvalidOption(f"option vni: {vni} is reserved for vxnet's health overlay (the path `vxnet doctor` "
+                            f"probes); choose {VNI_MIN}-{VNI_MAX}")
     overlay = None
     if "overlay" in generic:
         overlay = str(generic["overlay"])

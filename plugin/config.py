@@ -194,6 +194,17 @@ class ClientSettings:
     socket_path: str = Settings.socket_path
     encryption_secret_file: Optional[str] = None
     stale_host_seconds: int = 3600
+    # Which host record is this host's, and its VTEP (vxnet doctor): VXNET_HOST_ID (else the state dir's identity
+    # file) and VXNET_ADVERTISE_ADDR (else the VTEP its host record names).
+    host_id: str = ""
+    advertise_addr: Optional[str] = None
+
+
+def _is_ipv4(text: str) -> bool:
+    try:
+        return ipaddress.ip_address(text).version == 4
+    except ValueError:
+        return False
 
 
 def embedded_endpoint(port: int) -> str:
@@ -210,6 +221,10 @@ def load_client(environ: Mapping[str, str]) -> ClientSettings:
     endpoints = _endpoints(get("ETCD_ENDPOINTS")) or (
         embedded_endpoint(_port("VXNET_EMBEDDED_ETCD_PORT", get("VXNET_EMBEDDED_ETCD_PORT", "23790"))),)
     stale = _stale_host_seconds(get)
+    if get("VXNET_HOST_ID") and not valid_host_id(get("VXNET_HOST_ID")):
+        raise ConfigError(f"VXNET_HOST_ID: {get('VXNET_HOST_ID')!r} must be {HOST_ID_RULE}")
+    if get("VXNET_ADVERTISE_ADDR") and not _is_ipv4(get("VXNET_ADVERTISE_ADDR")):
+        raise ConfigError(f"VXNET_ADVERTISE_ADDR: {get('VXNET_ADVERTISE_ADDR')!r} is not an IPv4 address")
     return ClientSettings(
         etcd_endpoints=endpoints,
         etcd_ca=get("ETCD_CA_FILE") or None,
@@ -220,6 +235,8 @@ def load_client(environ: Mapping[str, str]) -> ClientSettings:
         socket_path=get("VXNET_SOCKET", Settings.socket_path),
         encryption_secret_file=get("VXNET_ENCRYPTION_SECRET_FILE") or None,
         stale_host_seconds=stale,
+        host_id=get("VXNET_HOST_ID"),
+        advertise_addr=get("VXNET_ADVERTISE_ADDR") or None,
     )
 
 

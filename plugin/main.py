@@ -26,6 +26,7 @@ from kernel.links import Links
 from kernel.probes import EspProbe
 from netdriver.driver import NetworkDriver
 from netdriver.gc import CollectorLoop
+from netdriver.health import HealthOverlay
 from netdriver.hosts import HostLease
 from netdriver.isolation import Firewall
 from netdriver.peerdb import PeerDB
@@ -69,7 +70,8 @@ class Background(Protocol):
 def _start_control_plane(driver: NetworkDriver, lease: HostLease, watcher: PeerWatcher,
                          stop: threading.Event, keyring: Optional[KeyRingWatcher] = None,
                          rotator: Optional[Background] = None, collector: Optional[Background] = None,
-                         on_fatal: Callable[[Exception], None] = lambda exc: None) -> None:
+                         on_fatal: Callable[[Exception], None] = lambda exc: None,
+                         health: Optional[HealthOverlay] = None) -> None:
     """Once etcd answers: reconcile the kernel, then keep the host lease and the peer watch running (after the
     key ring watcher and the rotator, so the ring is usually read before peers arrive). Keeps trying while etcd
     is still starting or down; stops at once, through on_fatal, if another live host holds this host's ID
@@ -84,7 +86,7 @@ def _start_control_plane(driver: NetworkDriver, lease: HostLease, watcher: PeerW
             else:
                 log.info("start-up reconciliation done")
             lease.start()
-            before_peers: Sequence[Optional[Background]] = (keyring, rotator, collector)
+            before_peers: Sequence[Optional[Background]] = (keyring, rotator, collector, health)
             for part in before_peers:
                 if part is not None:
                     part.start()
@@ -130,6 +132,7 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
     monitor: Optional[scope.ScopeMonitor] = None
     collector: Optional[CollectorLoop] = None
     metrics: Optional[plugin_metrics.MetricsServer] = None
+    health: Optional[HealthOverlay] = None
     stop = threading.Event()
     fatal: List[Exception] = []
 
@@ -188,12 +191,14 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
                 rotator = KeyRotator(keystore, settings.key_rotation_seconds)
         sync = PeerSync(PeerDB(me.id), dataplane, encryption)
         watcher = PeerWatcher(kv, store, sync)
+        overlay = health = HealthOverlay(kv, links, underlay, me.id, settings.key_prefix)
         lease = HostLease(kv, store, me.id, lambda: underlay.address, identity.lease_file(settings.state_dir, me.id),
                           on_outage=watcher.kick, name=me.name, instance=identity.instance(), remedy=me.remedy(),
-                          on_conflict=on_fatal)
+                          on_conflict=on_fatal, health=overlay.claim)
 
         def vtep_changed() -> None:
             lease.register()
+            overlay.vtep_changed()
             if encryption is not None:
                 encryption.set_local(underlay.address)  # SAs follow the VTEP
 
@@ -222,7 +227,7 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
         if embedded is not None:
             embedded.start()
         threading.Thread(target=_start_control_plane, name="start-up", daemon=True,
-                         args=(net, lease, watcher, stop, keyring, rotator, collector, on_fatal)).start()
+                         args=(net, lease, watcher, stop, keyring, rotator, collector, on_fatal, health)).start()
         server.run()
     except ConfigError as exc:
         print(f"vxnet: {exc}", file=sys.stderr)
@@ -234,7 +239,8 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
             log.info("stopping")
     finally:
         stop.set()
-        parts: Sequence[Optional[Background]] = (monitor, watcher, keyring, rotator, collector, lease, metrics)
+        parts: Sequence[Optional[Background]] = (monitor, watcher, health, keyring, rotator, collector, lease,
+                                                 metrics)
         for part in parts:
             if part is not None:
                 part.stop()

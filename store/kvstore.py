@@ -267,6 +267,24 @@ class EtcdKV:
         reply = self._call("kv/range", {"key": _b64("\0"), "limit": 1})
         return int(reply.get("header", {}).get("revision", 0))
 
+    def member_status(self, url: str) -> Tuple[dict, Optional[str]]:
+        """One endpoint's own view of itself, for `vxnet doctor`: POST /v3/maintenance/status on url alone (no
+        failover), -> (its answer: {"header": {"member_id", ...}, "version", "leader", "raftTerm", "errors"?},
+        the HTTP Date header of the reply, which tells the clock skew). StoreUnavailable naming url."""
+        try:
+            reply = self._session.post(f"{url}/v3/maintenance/status", json={}, timeout=self.timeout)
+        except OSError as exc:
+            raise StoreUnavailable(f"etcd unreachable at {url} ({_reason(exc)})") from None
+        if reply.status_code != 200:
+            raise StoreUnavailable(f"etcd at {url} refused maintenance/status: HTTP {reply.status_code} "
+                                   f"{_detail(reply)}")
+        try:
+            answer = reply.json()
+        except ValueError:
+            raise StoreUnavailable(f"etcd at {url} answered maintenance/status with something that is not JSON") \
+                from None
+        return (answer if isinstance(answer, dict) else {}), reply.headers.get("Date")
+
 
 @dataclasses.dataclass(frozen=True)
 class WatchEvent:

@@ -12,12 +12,14 @@ The tree, under PREFIX (`/vxnet/v1`; VXNET_KEY_PREFIX in plugin/config.py may mo
   endpoints/<network>/<endpoint>      Endpoint: written at CreateEndpoint, removed at DeleteEndpoint
   peers/<segment>/<endpoint>          PeerRecord: written at Join under the host's lease, removed at Leave; what
                                       other hosts program (netdriver/watcher.py watches this prefix)
-  hosts/<host>                        {"vtep", "version", "name", "instance"} under the host's lease: who is
-                                      alive (netdriver/hosts.py); name is for people, instance tells a restart
-                                      from a copy
+  hosts/<host>                        {"vtep", "version", "name", "instance", "health"} under the host's lease:
+                                      who is alive (netdriver/hosts.py); name is for people, instance tells a
+                                      restart from a copy, health is its address on the health overlay
   departed/<host>                     {"since": unix time, "name", "vtep"}: when a live plugin first saw
                                       hosts/<host> gone (create-if-absent); deleted when the host registers
                                       again, or once `vxnet gc` has collected what it held (netdriver/gc.py)
+  health/<address>                    host ID, under the host's lease: its address on the health overlay that
+                                      `vxnet doctor` probes (netdriver/health.py), taken by create-if-absent
   ipam/pools/<space>/<pool>           {"cidr", "space", "hosts": [holder, ...], "created"} (ipam_driver/store.py)
   ipam/addresses/<space>/<pool>/<address>
                                       {"address", "pool", "kind": "gateway"|"container", "hosts", "created"}
@@ -32,7 +34,7 @@ The parts:
   <host>      a host ID (plugin/identity.py: letters, digits, '.', '_', '-'), or SWARM_HOLDER
   <space>     an IPAM address space: vxnet-local or vxnet-global
   <pool>      the pool's CIDR with '/' written '_' (10.1.0.0_24): a part holds no slash
-  <address>   an IPv4 address in dotted quad
+  <address>   an IPv4 address in dotted quad (of a pool, or of the health overlay's subnet)
 
 Every part passes through `_part` before it reaches a key: never a slash, a NUL, "." or "..", so no value can
 reach into another part of the tree ("../../etc/passwd" as an endpoint ID would be three parts, read back as
@@ -59,10 +61,11 @@ ENDPOINT = "endpoints/<network>/<endpoint>"
 PEER = "peers/<segment>/<endpoint>"
 HOST = "hosts/<host>"
 DEPARTED = "departed/<host>"
+HEALTH = "health/<address>"
 POOL = "ipam/pools/<space>/<pool>"
 ADDRESS = "ipam/addresses/<space>/<pool>/<address>"
 KEYRING = "encryption/keyring"
-TEMPLATES = (NETWORK, SEGMENT, VNI, MEMBER, ENDPOINT, PEER, HOST, DEPARTED, POOL, ADDRESS, KEYRING)
+TEMPLATES = (NETWORK, SEGMENT, VNI, MEMBER, ENDPOINT, PEER, HOST, DEPARTED, HEALTH, POOL, ADDRESS, KEYRING)
 
 _KEY_PART = re.compile(r"[A-Za-z0-9@_.:-]+")
 _PLACEHOLDER = re.compile(r"<([a-z]+)>")
@@ -155,6 +158,10 @@ class Schema:
 
     def departed(self, host: str) -> str:
         return self.key(DEPARTED, host=host)
+
+    # -- the health overlay (netdriver/health.py) -----------------------------------------------------------------
+    def health(self, address: str) -> str:
+        return self.key(HEALTH, address=address)
 
     # -- IPAM (ipam_driver/store.py) -----------------------------------------------------------------------------
     def pool(self, space: str, cidr) -> str:

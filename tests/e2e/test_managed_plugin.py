@@ -5,8 +5,10 @@ and wheels prepared on this machine; a fresh build when the sources changed, els
 then creates, configures and enables vxnet:latest there. Everything a user sees goes through the docker CLI.
 """
 
+import json
 import os
 import re
+import sys
 
 import pytest
 
@@ -137,5 +139,28 @@ def test_an_unknown_option_is_refused_and_the_error_names_it(host, etcd):
     wait_until(lambda: [k for k in etcd.keys(schema.PREFIX + "/hosts/") if host.name in k], 20,
                f"{host.name}'s host record in the test etcd")
     wait_until(lambda: not [k for k in etcd.keys(schema.PREFIX + "/")
-                            if not k.startswith(schema.PREFIX + "/hosts/")], 10,
-               "nothing in the test etcd but host records")
+                            if not k.startswith((schema.PREFIX + "/hosts/", schema.PREFIX + "/health/"))], 10,
+               "nothing in the test etcd but host records and health overlay addresses")
+
+
+def test_vxnet_doctor_finds_the_managed_plugins_socket_and_health_overlay(host):
+    # The embedded etcd, no VXNET_SOCKET, no VXNET_HOST_ID: the doctor's defaults find the etcd on loopback, the
+    # socket dockerd made under /run/docker/plugins/<plugin id>/, and this host's record by its VTEP.
+    install(host, "VXNET_SCOPE=local", f"VXNET_ADVERTISE_ADDR={host.ip}")
+    plugin_id = plugin_field(host, "{{.Id}}")
+    env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "PYTHONPATH": REPO}
+    last = {}
+
+    def green() -> bool:
+        proc = host.run([sys.executable, "-m", "cli", "doctor", "--json"], env=env, cwd=REPO, check=False)
+        last["out"] = proc.stdout + proc.stderr
+        return proc.returncode == 0
+
+    try:
+        wait_until(green, 60, "vxnet doctor to pass against the managed plugin", interval=0.5)
+    except TimeoutError:
+        pytest.fail(f"doctor never passed:\n{last.get('out')}")
+    checks = {c["check"]: c for c in json.loads(last["out"])["checks"]}
+    assert f"/run/docker/plugins/{plugin_id}/vxnet.sock answers" in checks["plugin socket"]["message"], checks
+    assert checks["host record"]["status"] == "PASS" and host.ip in checks["host record"]["message"], checks
+    assert checks["path"] == {"check": "path", "status": "PASS", "message": "no other host to probe", "fix": ""}

@@ -16,7 +16,8 @@ from tests.harness.proc import wait_until
 
 SUBNET_A = "10.200.1.0/24"
 SUBNET_B = "10.200.2.0/24"
-HOST_KEYS = schema.PREFIX + "/hosts/"
+# What a host keeps in etcd for itself, networks or not: its record and its health overlay address.
+HOST_KEYS = (schema.PREFIX + "/hosts/", schema.PREFIX + "/health/")
 
 
 @pytest.fixture
@@ -99,7 +100,7 @@ def test_removing_containers_and_networks_leaves_nothing_behind(host, plugin, et
                "no vxnet-* namespace in the host")
     wait_until(lambda: not [link for link in host.links() if link.startswith("vx")], 10, "no vx* link in the host")
     wait_until(lambda: not [key for key in etcd.keys(schema.PREFIX + "/") if not key.startswith(HOST_KEYS)], 10,
-               "no etcd key under /vxnet/v1/ but hosts/")
+               "no etcd key under /vxnet/v1/ but hosts/ and health/")
     assert plugin.alive()
 
 

@@ -5,8 +5,9 @@ from tests.fakes.dataplane import FakeDataPlane
 from tests.fakes.encryption import FakeEncryption
 from tests.fakes.firewall import FakeFirewall
 from tests.fakes.kv import FakeKV, FakeWatchStream
+from tests.fakes.links import FakeLinks
 from tests.fakes.nftables import FakeNftables
 from tests.fakes.xfrm import FakeXfrm
 
-__all__ = ["FakeDataPlane", "FakeEncryption", "FakeFirewall", "FakeKV", "FakeNftables", "FakeWatchStream",
-           "FakeXfrm"]
+__all__ = ["FakeDataPlane", "FakeEncryption", "FakeFirewall", "FakeKV", "FakeLinks", "FakeNftables",
+           "FakeWatchStream", "FakeXfrm"]

@@ -71,12 +71,14 @@ def clear_host(host: Host) -> None:
 # --- what is left behind ----------------------------------------------------------------------------------------------
 def leftovers(hosts: Sequence[Host], etcd) -> List[str]:
     """Everything vxnet made that is still there: vxnet-* namespaces and vx* links in each host, and etcd keys other
-    than the host records (which live as long as the plugin runs). Empty when clean."""
+    than what each host keeps for itself (its record, which lives as long as the plugin runs, and its health overlay
+    address). Empty when clean."""
     found = []
     for host in hosts:
         found += [f"{host.name}: namespace {ns}" for ns in host.netns() if ns.startswith("vxnet-")]
         found += [f"{host.name}: link {link}" for link in host.links() if link.startswith("vx")]
-    found += [f"etcd: {key}" for key in etcd.keys("/vxnet/") if not key.startswith(schema.PREFIX + "/hosts/")]
+    per_host = (schema.PREFIX + "/hosts/", schema.PREFIX + "/health/")
+    found += [f"etcd: {key}" for key in etcd.keys("/vxnet/") if not key.startswith(per_host)]
     return found
 
 

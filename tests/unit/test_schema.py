@@ -71,6 +71,7 @@ BUILDERS = {
     schema.PEER: lambda k: k.peer("overlay-blue", "b" * 64),
     schema.HOST: lambda k: k.host("h1"),
     schema.DEPARTED: lambda k: k.departed("h1"),
+    schema.HEALTH: lambda k: k.health("10.1.0.5"),
     schema.POOL: lambda k: k.pool("vxnet-local", "10.1.0.0/24"),
     schema.ADDRESS: lambda k: k.address("vxnet-local", "10.1.0.0/24", "10.1.0.5"),
     schema.KEYRING: lambda k: k.keyring(),
