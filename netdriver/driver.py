@@ -111,6 +111,11 @@ class NetworkDriver:
         # and the peer resync reads the whole FDB). Filled by CreateNetwork, start-up and the first Join; an entry
         # goes with the namespace and after any kernel error in it, so the next call rebuilds from scratch.
         self._ready: Dict[str, Network] = {}
+        # network id -> calls now changing its endpoints' ports and anti-spoofing elements (Join, DeleteEndpoint):
+        # between a veth made and its elements added (or the veth gone and its elements not yet removed) the
+        # table is legitimately behind, and the reconciler must not take that for drift.
+        self._busy: Dict[str, int] = {}
+        self._busy_lock = threading.Lock()
 
     # -- capabilities and discovery -----------------------------------------------------------------------------
     def get_capabilities(self, req: p.EmptyRequest) -> dict:
@@ -265,6 +270,11 @@ class NetworkDriver:
 
         Records go last, in one transaction: a failure before it leaves them for dockerd's replay to finish with."""
         network, endpoint = self.store.network_and_endpoint(req.network_id, req.endpoint_id)
+        with self._changing(req.network_id):
+            return self._delete_endpoint(req, network, endpoint)
+
+    def _delete_endpoint(self, req: p.EndpointRequest, network: Optional[Network],
+                         endpoint: Optional[Endpoint]) -> dict:
         self.dataplane.remove_endpoint(req.network_id, req.endpoint_id)  # the port goes before its guard
         if network is None:
             self.store.delete_endpoint(req.network_id, req.endpoint_id)
@@ -294,15 +304,16 @@ class NetworkDriver:
             raise Conflict(f"EndpointID: endpoint {req.endpoint_id[:12]} was never created on network "
                            f"{network.id[:12]}")
         ready = network.id in self._ready
-        try:
-            ifname = self._wire(network, endpoint, whole=not ready)
-        except KernelError as exc:
-            self._ready.pop(network.id, None)
-            if not ready:
-                raise
-            # The namespace or its table changed behind our back (removed by hand, say): rebuild them, once.
-            log.warning("network nid=%s rebuilt for Join eid=%s: %s", network.id[:12], endpoint.id[:12], exc)
-            ifname = self._wire(network, endpoint, whole=True)
+        with self._changing(network.id):
+            try:
+                ifname = self._wire(network, endpoint, whole=not ready)
+            except KernelError as exc:
+                self._ready.pop(network.id, None)
+                if not ready:
+                    raise
+                # The namespace or its table changed behind our back (removed by hand, say): rebuild them, once.
+                log.warning("network nid=%s rebuilt for Join eid=%s: %s", network.id[:12], endpoint.id[:12], exc)
+                ifname = self._wire(network, endpoint, whole=True)
         return {"InterfaceName": {"SrcName": ifname, "DstPrefix": names.CONTAINER_PREFIX},
                 "DisableGatewayService": network.internal}
 
@@ -384,6 +395,60 @@ class NetworkDriver:
         self.store.put_peer(segment_of(network.id, network.overlay), PeerRecord(
             network_id=network.id, endpoint_id=endpoint.id, ip=endpoint.ip.split("/")[0], mac=endpoint.mac,
             vtep=self.underlay.require(), host=self.host_id), lease=self.lease_id())
+
+    # -- what the reconciler (netdriver/reconciler.py) asks -------------------------------------------------------
+    @contextlib.contextmanager
+    def _changing(self, network_id: str) -> Iterator[None]:
+        with self._busy_lock:
+            self._busy[network_id] = self._busy.get(network_id, 0) + 1
+        try:
+            yield
+        finally:
+            with self._busy_lock:
+                left = self._busy.pop(network_id) - 1
+                if left:
+                    self._busy[network_id] = left
+
+    def ready_networks(self) -> List[Network]:
+        """The networks whose namespace this process has made whole (the ones the reconciler keeps whole)."""
+        return list(self._ready.values())
+
+    def rebuild(self, network: Network) -> None:
+        """Make the network's namespace whole again (bridge, VXLAN device, peers, anti-spoofing), as CreateNetwork
+        and the first Join do. KernelError: left for the next pass (the network stays out of the ready set, and
+        its next Join rebuilds it too)."""
+        self._prepare(network)
+
+    def repair_guard(self, network: Network) -> Optional[str]:
+        """Compare the network's anti-spoofing table with the endpoints wired here and rebuild it if they differ;
+        returns the difference found (None: equal, or a Join or DeleteEndpoint of the network is under way, whose
+        own change the table is waiting for). Under the lock every anti-spoofing change takes."""
+        def busy() -> bool:
+            with self._busy_lock:
+                return bool(self._busy.get(network.id))
+
+        with self._guard_lock:
+            if busy():
+                return None
+            mine, wired = self._endpoints_here(network)
+            endpoints = [e for e in mine if e.id in wired]
+            drift = self.dataplane.guard_drift(network, endpoints)
+            # Asked again after the reads: a Join that began meanwhile made its veth (read as wired) and waits on
+            # this lock to add its elements; it finished none in between, since it needs the lock held here.
+            if drift is not None and busy():
+                return None
+            if drift is not None:
+                self.dataplane.guard_endpoints(network, endpoints)
+            return drift
+
+    def repair_host_guard(self) -> Optional[str]:
+        """The same for the host isolation table and this host's networks."""
+        with self._guard_lock:
+            networks = self.store.member_networks(self.host_id)
+            drift = self.dataplane.host_guard_drift(networks)
+            if drift is not None:
+                self.dataplane.guard_host(networks)
+            return drift
 
     # -- start-up -----------------------------------------------------------------------------------------------
     def reconcile(self) -> List[str]:
