@@ -84,17 +84,20 @@ class NamespaceTap:
 class Reconciler:
     """A thread that runs passes on events and periodically. driver: NetworkDriver (ready_networks, rebuild,
     repair_guard, repair_host_guard); peers: PeerSync (repair); encryption: the EncryptionManager or None;
-    interval: seconds between full passes (0: none); watch(ns): start listening in a namespace (the tap's)."""
+    interval: seconds between full passes (0: none); watch(ns): start listening in a namespace (the tap's);
+    listener: the kernel event listener whose callback is notify() (started and stopped with the reconciler;
+    None: periodic passes only)."""
 
     def __init__(self, driver, peers, encryption: Optional[Encryption] = None, interval: float = 30.0,
                  debounce: float = DEBOUNCE_SECONDS, watch: Callable[[str], None] = lambda ns: None,
-                 clock: Callable[[], float] = time.monotonic):
+                 listener=None, clock: Callable[[], float] = time.monotonic):
         self.driver = driver
         self.peers = peers
         self.encryption = encryption
         self.interval = interval
         self.debounce = debounce
         self._watch = watch
+        self.listener = listener
         self._clock = clock
         self._cond = threading.Condition()
         self._pending: Dict[Optional[str], Set[str]] = {}  # namespace (None: host) -> kinds
@@ -116,6 +119,11 @@ class Reconciler:
             self._cond.notify()
 
     def start(self) -> None:
+        if self.listener is not None:
+            try:
+                self.listener.start()
+            except OSError as exc:  # a kernel without one of the netlink families: periodic passes still run
+                log.error("kernel events unavailable, self-healing by periodic passes only: %s", exc)
         for network in self.driver.ready_networks():  # made whole before the listener existed
             try:
                 self._watch(names.netns(network.id))
@@ -130,6 +138,8 @@ class Reconciler:
             self._cond.notify()
         if self._thread is not None:
             self._thread.join(10)
+        if self.listener is not None:
+            self.listener.stop()
 
     def _run(self) -> None:
         next_full = self._clock() + self.interval if self.interval else None

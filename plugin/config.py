@@ -42,6 +42,9 @@ class Settings:
     # every host. A file, not a value: `docker plugin inspect` shows every env value. None: `-o encrypted` refused.
     encryption_secret_file: Optional[str] = None
     key_rotation_seconds: int = 43200  # 12 h, as Docker's overlay; 0: only on demand (`python3 -m encrypt rotate`)
+    # Self-healing (netdriver/reconciler.py): a full pass this often, and passes on kernel events in between;
+    # 0: no reconciler at all (neither, as before it existed).
+    reconcile_seconds: int = 30
 
     @property
     def embedded(self) -> bool:
@@ -121,6 +124,10 @@ def load(environ: Mapping[str, str]) -> Settings:
     rotation = get("VXNET_KEY_ROTATION_SECONDS", str(Settings.key_rotation_seconds))
     if not rotation.isdigit() or 0 < int(rotation) < 60:
         raise ConfigError(f"VXNET_KEY_ROTATION_SECONDS: {rotation!r} must be 0 (only on demand) or at least 60")
+    reconcile = get("VXNET_RECONCILE_SECONDS", str(Settings.reconcile_seconds))
+    if not reconcile.isdigit() or int(reconcile) > 86400:
+        raise ConfigError(f"VXNET_RECONCILE_SECONDS: {reconcile!r} must be a whole number of seconds from 0 (no "
+                          "self-healing) to 86400")
     return Settings(
         socket_path=socket_path,
         etcd_endpoints=_endpoints(get("ETCD_ENDPOINTS")),
@@ -135,6 +142,7 @@ def load(environ: Mapping[str, str]) -> Settings:
         hostname=socket.gethostname(),
         encryption_secret_file=secret_file,
         key_rotation_seconds=int(rotation),
+        reconcile_seconds=int(reconcile),
         **tls,
     )
 

@@ -22,12 +22,14 @@ from encrypt.watch import KeyRingWatcher
 from ipam_driver.driver import IpamDriver
 from ipam_driver.store import IpamStore
 from kernel import libnftables, names
+from kernel.events import KernelEvents
 from kernel.links import Links
 from kernel.probes import EspProbe
 from netdriver.driver import NetworkDriver
 from netdriver.hosts import HostLease
 from netdriver.isolation import Firewall
 from netdriver.peerdb import PeerDB
+from netdriver.reconciler import NamespaceTap, Reconciler
 from netdriver.sandbox import DataPlane
 from netdriver.store import NetworkStore
 from netdriver.underlay import Underlay
@@ -67,10 +69,12 @@ class Background(Protocol):
 def _start_control_plane(driver: NetworkDriver, lease: HostLease, watcher: PeerWatcher,
                          stop: threading.Event, keyring: Optional[KeyRingWatcher] = None,
                          rotator: Optional[Background] = None,
-                         on_fatal: Callable[[Exception], None] = lambda exc: None) -> None:
+                         on_fatal: Callable[[Exception], None] = lambda exc: None,
+                         healing: Optional[Background] = None) -> None:
     """Once etcd answers: reconcile the kernel, then keep the host lease and the peer watch running (after the
     key ring watcher and the rotator, so the ring is usually read before peers arrive). Keeps trying while etcd
-    is still starting or down; stops at once, through on_fatal, if another live host holds this host's ID
+    is still starting or down; then the self-healing reconciler (healing), once the kernel is right; stops at once,
+    through on_fatal, if another live host holds this host's ID
     (retrying cannot fix that, and serving would act as the other host)."""
     delay = 0.2
     while not stop.is_set():
@@ -91,6 +95,8 @@ def _start_control_plane(driver: NetworkDriver, lease: HostLease, watcher: PeerW
                 # restarted plugin's first peer read finds it and encrypted peers are programmed, not deferred.
                 keyring.synced.wait(RING_WAIT_SECONDS)
             watcher.start()
+            if healing is not None:
+                healing.start()
             return
         except HostIdConflict as exc:
             log.error("%s", exc)
@@ -126,6 +132,7 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
     keyring: Optional[KeyRingWatcher] = None
     rotator: Optional[KeyRotator] = None
     monitor: Optional[scope.ScopeMonitor] = None
+    healing: Optional[Reconciler] = None
     stop = threading.Event()
     fatal: List[Exception] = []
 
@@ -192,9 +199,15 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
             if encryption is not None:
                 encryption.set_local(underlay.address)  # SAs follow the VTEP
 
+        tap = NamespaceTap(sync)  # PeerSync, and the event listener told which namespaces to watch
         net = NetworkDriver(store, dataplane, me.id, choice.scope, underlay,
-                            peers=sync, lease_id=lambda: lease.id, on_vtep_change=vtep_changed,
+                            peers=tap, lease_id=lambda: lease.id, on_vtep_change=vtep_changed,
                             encryption=encryption)
+        if settings.reconcile_seconds:
+            events = KernelEvents(links.netns_path, lambda ns, kind: healing.notify(ns, kind) if healing else None)
+            tap.attach(events.watch, events.unwatch)
+            healing = Reconciler(net, sync, encryption, settings.reconcile_seconds, watch=events.watch,
+                                 listener=events)
         lease.on_new_lease = net.republish_peers
         ipam = IpamDriver(IpamStore(kv, settings.key_prefix), me.id, choice.scope)
         server = waitress.create_server(make_app({NETWORK: net, IPAM: ipam}), unix_socket=settings.socket_path,
@@ -207,7 +220,7 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
         if embedded is not None:
             embedded.start()
         threading.Thread(target=_start_control_plane, name="start-up", daemon=True,
-                         args=(net, lease, watcher, stop, keyring, rotator, on_fatal)).start()
+                         args=(net, lease, watcher, stop, keyring, rotator, on_fatal, healing)).start()
         server.run()
     except ConfigError as exc:
         print(f"vxnet: {exc}", file=sys.stderr)
@@ -219,7 +232,7 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
             log.info("stopping")
     finally:
         stop.set()
-        parts: Sequence[Optional[Background]] = (monitor, watcher, keyring, rotator, lease)
+        parts: Sequence[Optional[Background]] = (healing, monitor, watcher, keyring, rotator, lease)
         for part in parts:
             if part is not None:
                 part.stop()

@@ -27,6 +27,8 @@ def test_values_are_read():
     s = config.load({"VXNET_ENCRYPTION_SECRET_FILE": "/etc/vxnet/tls/encryption.key",
                      "VXNET_KEY_ROTATION_SECONDS": "0"})
     assert (s.encryption_secret_file, s.key_rotation_seconds) == ("/etc/vxnet/tls/encryption.key", 0)
+    assert config.load({}).reconcile_seconds == 30
+    assert config.load({"VXNET_RECONCILE_SECONDS": "0"}).reconcile_seconds == 0
 
 
 @pytest.mark.parametrize("env,needle", [
@@ -44,6 +46,9 @@ def test_values_are_read():
     ({"VXNET_ENCRYPTION_SECRET_FILE": "secret.key"}, "VXNET_ENCRYPTION_SECRET_FILE"),
     ({"VXNET_KEY_ROTATION_SECONDS": "5"}, "VXNET_KEY_ROTATION_SECONDS"),
     ({"VXNET_KEY_ROTATION_SECONDS": "1h"}, "VXNET_KEY_ROTATION_SECONDS"),
+    ({"VXNET_RECONCILE_SECONDS": "-1"}, "VXNET_RECONCILE_SECONDS"),
+    ({"VXNET_RECONCILE_SECONDS": "30s"}, "VXNET_RECONCILE_SECONDS"),
+    ({"VXNET_RECONCILE_SECONDS": "100000"}, "VXNET_RECONCILE_SECONDS"),
 ])
 def test_bad_settings_name_the_setting(env, needle):
     with pytest.raises(ConfigError, match=needle):
