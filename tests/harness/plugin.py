@@ -1,11 +1,12 @@
 """The vxnet plugin as a host process inside a simulated host: start, wait until it answers, stop, kill -9."""
 
+import contextlib
 import json
 import os
 import signal
 import sys
 import time
-from typing import Dict, Optional
+from typing import Dict, Iterator, Optional
 
 from tests.harness.etcd import tail
 from tests.harness.hosts import Host
@@ -103,6 +104,26 @@ class Plugin:
 
     def alive(self) -> bool:
         return bool(self.proc and self.proc.alive())
+
+    def freeze(self) -> None:
+        """SIGSTOP: every thread of the plugin stops where it is (nothing reads its netlink sockets, nothing is
+        repaired), the kernel queues the notifications for it. The PID is the plugin's own (nsenter execs it)."""
+        if not self.proc or not self.proc.send(signal.SIGSTOP):
+            raise HarnessError(f"{self.host.name}: no plugin to freeze")
+
+    def thaw(self) -> None:
+        """SIGCONT after freeze(): the plugin goes on, and reads what the kernel queued meanwhile."""
+        if self.proc:
+            self.proc.send(signal.SIGCONT)
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator["Plugin"]:
+        """The block runs with the plugin frozen; it is thawed afterwards whatever the block raised."""
+        self.freeze()
+        try:
+            yield self
+        finally:
+            self.thaw()
 
     def log(self, lines: int = 200) -> str:
         return tail(self.log_path, lines)
