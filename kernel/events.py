@@ -231,7 +231,11 @@ class KernelEvents:
                         pass
                     continue
                 ns, sock, parse = owners[fd]
-                batch |= {(ns, kind) for kind in self._drain(sock, parse)}
+                try:
+                    batch |= {(ns, kind) for kind in self._drain(sock, parse)}
+                except OSError as exc:  # not an overrun: say so, and treat it as one (something may be lost)
+                    log.error("reading kernel events of %s failed: %s", ns or "host", exc)
+                    batch.add((ns, "overrun"))
             for ns, kind in sorted(batch, key=lambda item: (item[0] or "", item[1])):
                 try:
                     self._callback(ns, kind)

@@ -173,6 +173,8 @@ class Reconciler:
         others from being repaired); the next event or period tries again."""
         RECONCILE_PASSES.labels(trigger).inc()
         repaired: Dict[str, int] = {}
+        if targets is FULL:
+            self._forget_removed()
 
         def wanted(ns: Optional[str], kinds: Iterable[str]) -> Set[str]:
             if targets is FULL:
@@ -191,6 +193,19 @@ class Reconciler:
             log.info("reconcile pass (%s) repaired %s", trigger, ", ".join(f"{k}={v}" for k, v in sorted(
                 repaired.items())))
         return repaired
+
+    def _forget_removed(self) -> None:
+        """Stop listening in namespaces that are gone (a rollback removed one it had just made): the listener's
+        socket would keep a removed namespace alive."""
+        if self.listener is None:
+            return
+        try:
+            present = {names.netns(prefix) for prefix in self.driver.dataplane.network_ids()}
+            for ns in self.listener.watched():
+                if ns is not None and ns not in present:
+                    self.listener.unwatch(ns)
+        except VxnetError as exc:
+            log.warning("cannot list the namespaces to stop listening in removed ones: %s", exc)
 
     def _network(self, network: Network, ns: str, kinds: Set[str], trigger: str, repaired: Dict[str, int]) -> None:
         why = self._why(trigger, kinds)

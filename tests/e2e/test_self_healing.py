@@ -98,3 +98,8 @@ def test_deleted_fdb_neighbour_and_anti_spoofing_entries_come_back_by_themselves
         wait_until(lambda: f"repair kind={kind} where={ns}" in p1.log(2000), 5,
                    f"the {kind} repair in the plugin log")
     print("resumed after (s):", {k: round(v, 2) for k, v in took.items()})
+    # Each deletion was repaired once, no more: the repairs' own notifications led to no further repair.
+    log = p1.log(5000)
+    counts = {kind: log.count(f"repair kind={kind} ") for kind in ("fdb", "neighbour", "anti-spoofing")}
+    assert counts == {"fdb": 2, "neighbour": 2, "anti-spoofing": 2}, counts
+    assert "could not repair" not in log

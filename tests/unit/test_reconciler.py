@@ -169,3 +169,26 @@ def test_the_tap_watches_namespaces_as_they_come_and_go():
     assert watched == [names.netns(NID)]
     drv.delete_network(p.NetworkIDRequest.decode({"NetworkID": NID}))
     assert watched == []
+
+
+class Listener:
+    def __init__(self):
+        self.sockets = {None}
+
+    def watched(self):
+        return sorted(self.sockets, key=str)
+
+    def watch(self, ns):
+        self.sockets.add(ns)
+
+    def unwatch(self, ns):
+        self.sockets.discard(ns)
+
+
+def test_a_full_pass_stops_listening_in_namespaces_that_are_gone():
+    rec, drv, plane, _ = build()
+    rec.listener = Listener()
+    rec.listener.watch(names.netns(NID))
+    rec.listener.watch("vxnet-0123456789ab")  # made and removed again by a rolled back CreateNetwork
+    rec.run_pass("periodic")
+    assert rec.listener.watched() == [None, names.netns(NID)]
