@@ -116,6 +116,10 @@ class NetworkDriver:
         # table is legitimately behind, and the reconciler must not take that for drift.
         self._busy: Dict[str, int] = {}
         self._busy_lock = threading.Lock()
+        # Held while a namespace is removed and while the reconciler rebuilds one: a rebuild decided on before a
+        # DeleteNetwork (the namespace found missing, as it is once the delete has removed it) must not make the
+        # namespace of a deleted network again.
+        self._namespace_lock = threading.RLock()
 
     # -- capabilities and discovery -----------------------------------------------------------------------------
     def get_capabilities(self, req: p.EmptyRequest) -> dict:
@@ -359,9 +363,10 @@ class NetworkDriver:
         self._ready[network.id] = network
 
     def _remove_namespace(self, network_id: str, vni: Optional[int] = None) -> None:
-        for known in [n for n in self._ready if n[:12] == network_id[:12]]:  # network_id may be a 12-char prefix
-            self._ready.pop(known, None)
-        self.dataplane.remove_network(network_id, vni)
+        with self._namespace_lock:
+            for known in [n for n in self._ready if n[:12] == network_id[:12]]:  # network_id may be a prefix
+                self._ready.pop(known, None)
+            self.dataplane.remove_network(network_id, vni)
 
     def _guard(self, network: Network) -> None:
         """The whole anti-spoofing table, from this host's endpoint records whose veth is in the namespace."""
@@ -413,11 +418,16 @@ class NetworkDriver:
         """The networks whose namespace this process has made whole (the ones the reconciler keeps whole)."""
         return list(self._ready.values())
 
-    def rebuild(self, network: Network) -> None:
+    def rebuild(self, network: Network) -> bool:
         """Make the network's namespace whole again (bridge, VXLAN device, peers, anti-spoofing), as CreateNetwork
         and the first Join do. KernelError: left for the next pass (the network stays out of the ready set, and
-        its next Join rebuilds it too)."""
-        self._prepare(network)
+        its next Join rebuilds it too). Returns False, doing nothing, if the network is no longer ready here (a
+        DeleteNetwork removed it meanwhile)."""
+        with self._namespace_lock:
+            if network.id not in self._ready:
+                return False
+            self._prepare(network)
+            return True
 
     def repair_guard(self, network: Network) -> Optional[str]:
         """Compare the network's anti-spoofing table with the endpoints wired here and rebuild it if they differ;

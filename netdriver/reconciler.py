@@ -213,9 +213,11 @@ class Reconciler:
         try:
             if "link" in kinds:
                 problems = self.driver.dataplane.network_problems(network)
-                if problems:
+                # rebuild(): bridge, VXLAN, peers and anti-spoofing, all of it; False: deleted meanwhile
+                if problems and self.driver.rebuild(network):
                     self._record(repaired, "link", 1, where, "; ".join(problems) + ": namespace rebuilt", why)
-                    self.driver.rebuild(network)  # bridge, VXLAN, peers and anti-spoofing: all of it
+                    return
+                if problems:
                     return
             if kinds & {"fdb", "neighbour", "link"}:
                 fdb, neigh = self.peers.repair(network)

@@ -192,3 +192,13 @@ def test_a_full_pass_stops_listening_in_namespaces_that_are_gone():
     rec.listener.watch("vxnet-0123456789ab")  # made and removed again by a rolled back CreateNetwork
     rec.run_pass("periodic")
     assert rec.listener.watched() == [None, names.netns(NID)]
+
+
+def test_a_rebuild_decided_before_a_delete_network_does_not_make_its_namespace_again():
+    rec, drv, plane, _ = build()
+    network = drv.ready_networks()[0]
+    drv.delete_network(p.NetworkIDRequest.decode({"NetworkID": NID}))
+    assert plane.network_problems(network)  # what the pass, holding the network from before, now reads
+    rec.driver.ready_networks = lambda: [network]
+    assert rec.run_pass("event", {names.netns(NID): {"link"}}) == {}
+    assert NID not in plane.networks
