@@ -143,12 +143,20 @@ class KernelEvents:
 
     # -- namespaces ------------------------------------------------------------------------------------------
     def _open_set(self, ns: Optional[str]):
+        """The sockets of one namespace. In the host, a family the kernel lacks (NETLINK_XFRM without xfrm_user:
+        no encrypted network can exist there either) is logged and left out; in a network namespace every
+        socket is needed, and the first failure raises."""
         specs = HOST_SOCKETS if ns is None else NETWORK_SOCKETS
         opened = []
 
         def make():
             for protocol, groups, parse in specs:
-                opened.append((_open(protocol, groups), parse))
+                try:
+                    opened.append((_open(protocol, groups), parse))
+                except OSError as exc:
+                    if ns is not None:
+                        raise
+                    log.warning("no kernel events of netlink family %d in the host namespace: %s", protocol, exc)
 
         try:
             run_inside(None if ns is None else self._path(ns), make, name="netlink-events")
