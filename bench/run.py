@@ -5,6 +5,7 @@ Parts (all by default, in this order):
                vxnet and Docker's overlay again with --crowd more endpoints on the vxnet network
   convergence  Join on host1 -> peer entries on host2, over N synthetic endpoints
   startup      `docker run --rm --network N busybox true`: vxnet vs Docker's overlay
+  healing      data path with the self-healing reconciler on vs off; time to repair a deleted FDB entry
 
 Everything is bounded: each command has a time-out and the whole run a deadline (--deadline, default 540 s),
 after which it stops, tears down and exits 3. SIGTERM and Ctrl-C tear down too. A part that fails is reported
@@ -21,12 +22,12 @@ import time
 import traceback
 from typing import Dict, List
 
-from bench import convergence, datapath, startup
+from bench import convergence, datapath, healing, startup
 from bench.common import load
 from bench.lab import BenchLab, log
 from tests.harness.plugin import REPO
 
-PARTS = ("datapath", "convergence", "startup")
+PARTS = ("datapath", "convergence", "startup", "healing")
 
 
 class Deadline(BaseException):
@@ -73,6 +74,8 @@ def main(argv=None) -> int:
     parser.add_argument("--plugin-timings", action="store_true",
                         help="startup: run the plugins at debug level and report the median duration of each "
                              "plugin call during the timed runs, as the plugin logs it (costs a little)")
+    parser.add_argument("--deletions", type=int, default=50,
+                        help="healing: FDB entries deleted by hand, one at a time, to time their repair (50)")
     parser.add_argument("--wait-load", type=float, default=1.0, metavar="LOAD",
                         help="before starting, wait while the 1-minute load average is >= LOAD (default 1.0; "
                              "0: do not wait)")
@@ -127,6 +130,9 @@ def main(argv=None) -> int:
                                             args.crowd)
                 elif part == "convergence":
                     out = convergence.run_part(bl, args.endpoints, args.gap)
+                elif part == "healing":
+                    out = healing.run_part(bl, args.runs, args.duration, args.pings, args.interval,
+                                           args.deletions)
                 else:
                     out = startup.run_part(bl, args.docker_runs, args.startup_plugin, args.startup_host)
                 out["seconds"] = round(time.monotonic() - t, 1)
@@ -171,7 +177,8 @@ def _print_report(results: Dict[str, object]) -> None:
           f"{results['load_at_start']} at start, {results['load_at_end']} at end; {results['seconds']:.0f} s")
     if float(results["load_at_start"].split()[0]) >= 1.0:
         print("    (load >= 1.0 at start: something else shares the CPUs, the figures are noisier than usual)")
-    reporters = {"datapath": datapath.report, "convergence": convergence.report, "startup": startup.report}
+    reporters = {"datapath": datapath.report, "convergence": convergence.report, "startup": startup.report,
+                 "healing": healing.report}
     for part, out in results["parts"].items():
         print()
         if "error" in out:

@@ -173,6 +173,48 @@ class EncryptionManager:
                 self.firewall.remove()
                 self._firewall_ready = False
 
+    def repair(self) -> Dict[str, int]:
+        """Compare the kernel with the desired state and put back what is missing or altered: the fail-closed
+        table, and for every wanted peer its SAs (by destination, SPI and key) and policies. Returns kind ("sa",
+        "policy", "ipsec-firewall") -> how many objects were wrong (empty: none). Reads only when nothing is wrong
+        (netdriver/reconciler.py calls it on every XFRM or nftables event of the host). Before the VTEP and the
+        ring are known there is nothing to compare with."""
+        with self._lock:
+            counts: Dict[str, int] = {}
+            if self._firewall_ready and not self.firewall.present():
+                self.firewall.ensure()
+                counts["ipsec-firewall"] = 1
+            wanted = self._wanted()
+            if self._local is None or self._ring is None or not wanted:
+                return counts
+            local, ring = self._local, self._ring
+            have = self.xfrm.sas()
+            sas = {(s.dst, s.spi): s.key for s in have if s.dport == self.port}
+            policies = {(p.src, p.dst, p.direction, p.spi if p.direction == "out" else 0)
+                        for p in self.xfrm.policies() if p.dport == self.port}
+            errors = []
+            for peer in sorted(wanted):
+                want_sas = {(local, spi_for(peer, local, k.tag)): k.material for k in ring.keys}
+                want_sas[(peer, spi_for(local, peer, ring.primary))] = ring.primary_key.material
+                want_policies = {(peer, local, "in", 0), (local, peer, "out", spi_for(local, peer, ring.primary))}
+                bad_sas = sum(1 for key, material in want_sas.items() if sas.get(key) != material)
+                bad_policies = len(want_policies - policies)
+                if not bad_sas and not bad_policies:
+                    continue
+                try:
+                    self._converge_peer(local, peer, ring, have)
+                    self._programmed.add(peer)
+                except KernelError as exc:
+                    self._programmed.discard(peer)
+                    errors.append(str(exc))
+                    continue
+                for kind, count in (("sa", bad_sas), ("policy", bad_policies)):
+                    if count:
+                        counts[kind] = counts.get(kind, 0) + count
+            if errors:
+                raise KernelError("; ".join(errors))
+            return counts
+
     # -- kernel ----------------------------------------------------------------------------------------------
     def _require_ready(self) -> Tuple[str, KeyRing]:
         if self._local is None:

@@ -209,7 +209,8 @@ class Links:
 
     @_netlink_thread
     def link_info(self, ns: Optional[str], name: str) -> Optional[dict]:
-        """{"kind", "mtu", "master" (name or None), "up", "mac", "vni"} or None if there is no such link."""
+        """{"kind", "mtu", "master" (name or None), "up", "mac", "vni", "port"} or None if there is no such link
+        (vni and port: a VXLAN device's, else None)."""
         with kernel_errors(f"read {name} in {ns or 'host'}"):
             ipr = self._ipr(ns)
             idx = self._index(ns, name)
@@ -218,15 +219,17 @@ class Links:
             link = ipr.get_links(idx)[0]
             info = link.get_attr("IFLA_LINKINFO")
             kind = info.get_attr("IFLA_INFO_KIND") if info else None
-            vni = None
+            vni = port = None
             if kind == "vxlan":
-                vni = info.get_attr("IFLA_INFO_DATA").get_attr("IFLA_VXLAN_ID")
+                data = info.get_attr("IFLA_INFO_DATA")
+                vni, port = data.get_attr("IFLA_VXLAN_ID"), data.get_attr("IFLA_VXLAN_PORT")
             master_idx = link.get_attr("IFLA_MASTER")
             master = None
             if master_idx:
                 master = ipr.get_links(master_idx)[0].get_attr("IFLA_IFNAME")
             return {"kind": kind, "mtu": link.get_attr("IFLA_MTU"), "master": master,
-                    "up": bool(link["flags"] & 1), "mac": link.get_attr("IFLA_ADDRESS"), "vni": vni}
+                    "up": bool(link["flags"] & 1), "mac": link.get_attr("IFLA_ADDRESS"), "vni": vni,
+                    "port": port}
 
     @_netlink_thread
     def list_links(self, ns: Optional[str]) -> List[str]:

@@ -23,8 +23,12 @@ class DataPlane(Protocol):
       sweep_host_links(endpoint_ids) -> (removed, failures)   our leftover host-side links, each on its own;
                                           endpoint_ids() is asked after the links are listed
       wired_endpoints(network_id, endpoint_ids) -> set   those of the ids joined and still wired to the bridge
-      sync_peers(network, fdb, neigh)         the VXLAN device holds exactly these remote entries (reads the kernel)
-      update_peers(network, before, after)    apply the difference between two (fdb, neigh) tables
+      sync_peers(network, fdb, neigh) -> (fdb changes, neighbour changes)   the VXLAN device holds exactly these
+                                          remote entries (reads the kernel, so it repairs what others changed)
+      update_peers(network, before, after) -> the same counts   apply the difference between two tables
+      network_problems(network) -> [reason]   what differs from what ensure_network makes (reads only)
+      guard_drift(network, endpoints) -> reason or None   the anti-spoofing table against guard_endpoints'
+      host_guard_drift(networks) -> reason or None        the isolation table against guard_host's
       guard_endpoints(network, endpoints)     anti-spoofing rules for exactly these local endpoints (whole table)
       guard_endpoint(network, endpoint)       idempotent; this endpoint's port added to an existing table
       unguard_endpoint(network, endpoint)     idempotent; this endpoint's port taken out (no namespace: nothing)
@@ -47,9 +51,15 @@ class DataPlane(Protocol):
 
     def wired_endpoints(self, network_id: str, endpoint_ids: List[str]) -> Set[str]: ...
 
-    def sync_peers(self, network: Network, fdb: Dict[str, str], neigh: Dict[str, str]) -> None: ...
+    def sync_peers(self, network: Network, fdb: Dict[str, str], neigh: Dict[str, str]) -> Tuple[int, int]: ...
 
-    def update_peers(self, network: Network, before: Entries, after: Entries) -> None: ...
+    def update_peers(self, network: Network, before: Entries, after: Entries) -> Tuple[int, int]: ...
+
+    def network_problems(self, network: Network) -> List[str]: ...
+
+    def guard_drift(self, network: Network, endpoints: List[Endpoint]) -> Optional[str]: ...
+
+    def host_guard_drift(self, networks: List[Network]) -> Optional[str]: ...
 
     def guard_endpoints(self, network: Network, endpoints: List[Endpoint]) -> None: ...
 
@@ -71,6 +81,10 @@ class Firewall(Protocol):
     def unguard_endpoint(self, ns: str, port: str, ip: str, mac: str) -> None: ...
 
     def guard_host(self, subnets: Iterable[str]) -> None: ...
+
+    def endpoints_drift(self, ns: str, endpoints: Sequence[Tuple[str, str, str]]) -> Optional[str]: ...
+
+    def host_drift(self, subnets: Iterable[str]) -> Optional[str]: ...
 
 
 class Underlay(Protocol):
@@ -116,4 +130,9 @@ class Encryption(Protocol):
 
     def sync_all(self, holders: Dict[str, Iterable[str]]) -> None:
         """The whole desired state: holder -> remote VTEPs; SAs nothing needs go."""
+        ...
+
+    def repair(self) -> Dict[str, int]:
+        """Put back what the kernel lost of the desired state (SAs, policies, the fail-closed table); returns
+        kind ("sa", "policy", "ipsec-firewall") -> how many were repaired (empty: nothing was wrong)."""
         ...

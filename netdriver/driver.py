@@ -117,6 +117,15 @@ class NetworkDriver:
         # last (inside _guard_lock where both are held): a scrape never waits for a guard rebuild's etcd read.
         self._joined: Dict[str, Set[str]] = {}
         self._joined_lock = threading.Lock()
+        # network id -> calls now changing its endpoints' ports and anti-spoofing elements (Join, DeleteEndpoint):
+        # between a veth made and its elements added (or the veth gone and its elements not yet removed) the
+        # table is legitimately behind, and the reconciler must not take that for drift.
+        self._busy: Dict[str, int] = {}
+        self._busy_lock = threading.Lock()
+        # Held while a namespace is removed and while the reconciler rebuilds one: a rebuild decided on before a
+        # DeleteNetwork (the namespace found missing, as it is once the delete has removed it) must not make the
+        # namespace of a deleted network again.
+        self._namespace_lock = threading.RLock()
 
     def local_endpoints(self) -> Dict[str, int]:
         """network id -> this host's endpoints on it, for each network whose namespace this process has made."""
@@ -277,6 +286,11 @@ class NetworkDriver:
 
         Records go last, in one transaction: a failure before it leaves them for dockerd's replay to finish with."""
         network, endpoint = self.store.network_and_endpoint(req.network_id, req.endpoint_id)
+        with self._changing(req.network_id):
+            return self._delete_endpoint(req, network, endpoint)
+
+    def _delete_endpoint(self, req: p.EndpointRequest, network: Optional[Network],
+                         endpoint: Optional[Endpoint]) -> dict:
         self.dataplane.remove_endpoint(req.network_id, req.endpoint_id)  # the port goes before its guard
         if network is None:
             self.store.delete_endpoint(req.network_id, req.endpoint_id)
@@ -308,15 +322,16 @@ class NetworkDriver:
             raise Conflict(f"EndpointID: endpoint {req.endpoint_id[:12]} was never created on network "
                            f"{network.id[:12]}")
         ready = network.id in self._ready
-        try:
-            ifname = self._wire(network, endpoint, whole=not ready)
-        except KernelError as exc:
-            self._ready.pop(network.id, None)
-            if not ready:
-                raise
-            # The namespace or its table changed behind our back (removed by hand, say): rebuild them, once.
-            log.warning("network nid=%s rebuilt for Join eid=%s: %s", network.id[:12], endpoint.id[:12], exc)
-            ifname = self._wire(network, endpoint, whole=True)
+        with self._changing(network.id):
+            try:
+                ifname = self._wire(network, endpoint, whole=not ready)
+            except KernelError as exc:
+                self._ready.pop(network.id, None)
+                if not ready:
+                    raise
+                # The namespace or its table changed behind our back (removed by hand, say): rebuild them, once.
+                log.warning("network nid=%s rebuilt for Join eid=%s: %s", network.id[:12], endpoint.id[:12], exc)
+                ifname = self._wire(network, endpoint, whole=True)
         return {"InterfaceName": {"SrcName": ifname, "DstPrefix": names.CONTAINER_PREFIX},
                 "DisableGatewayService": network.internal}
 
@@ -364,12 +379,13 @@ class NetworkDriver:
         self._ready[network.id] = network
 
     def _remove_namespace(self, network_id: str, vni: Optional[int] = None) -> None:
-        for known in [n for n in self._ready if n[:12] == network_id[:12]]:  # network_id may be a 12-char prefix
-            self._ready.pop(known, None)
-        with self._joined_lock:
-            for known in [n for n in self._joined if n[:12] == network_id[:12]]:
-                self._joined.pop(known, None)
-        self.dataplane.remove_network(network_id, vni)
+        with self._namespace_lock:
+            for known in [n for n in self._ready if n[:12] == network_id[:12]]:  # network_id may be a prefix
+                self._ready.pop(known, None)
+            with self._joined_lock:
+                for known in [n for n in self._joined if n[:12] == network_id[:12]]:
+                    self._joined.pop(known, None)
+            self.dataplane.remove_network(network_id, vni)
 
     def _guard(self, network: Network) -> None:
         """The whole anti-spoofing table, from this host's endpoint records whose veth is in the namespace."""
@@ -408,6 +424,67 @@ class NetworkDriver:
         self.store.put_peer(segment_of(network.id, network.overlay), PeerRecord(
             network_id=network.id, endpoint_id=endpoint.id, ip=endpoint.ip.split("/")[0], mac=endpoint.mac,
             vtep=self.underlay.require(), host=self.host_id), lease=self.lease_id())
+
+    # -- what the reconciler (netdriver/reconciler.py) asks -------------------------------------------------------
+    @contextlib.contextmanager
+    def _changing(self, network_id: str) -> Iterator[None]:
+        with self._busy_lock:
+            self._busy[network_id] = self._busy.get(network_id, 0) + 1
+        try:
+            yield
+        finally:
+            with self._busy_lock:
+                left = self._busy.pop(network_id) - 1
+                if left:
+                    self._busy[network_id] = left
+
+    def ready_networks(self) -> List[Network]:
+        """The networks whose namespace this process has made whole (the ones the reconciler keeps whole)."""
+        return list(self._ready.values())
+
+    def rebuild(self, network: Network) -> bool:
+        """Make the network's namespace whole again (bridge, VXLAN device, peers, anti-spoofing), as CreateNetwork
+        and the first Join do. KernelError: left for the next pass (the network stays out of the ready set, and
+        its next Join rebuilds it too). Returns False, doing nothing, if the network is no longer ready here (a
+        DeleteNetwork removed it meanwhile)."""
+        with self._namespace_lock:
+            if network.id not in self._ready:
+                return False
+            self._prepare(network)
+            return True
+
+    def repair_guard(self, network: Network) -> Optional[str]:
+        """Compare the network's anti-spoofing table with the endpoints wired here and rebuild it if they differ;
+        returns the difference found (None: equal, or a Join or DeleteEndpoint of the network is under way, whose
+        own change the table is waiting for). Under the lock every anti-spoofing change takes."""
+        def busy() -> bool:
+            with self._busy_lock:
+                return bool(self._busy.get(network.id))
+
+        with self._guard_lock:
+            if busy():
+                return None
+            mine, wired = self._endpoints_here(network)
+            endpoints = [e for e in mine if e.id in wired]
+            drift = self.dataplane.guard_drift(network, endpoints)
+            # Asked again after the reads: a Join that began meanwhile made its veth (read as wired) and waits on
+            # this lock to add its elements; it finished none in between, since it needs the lock held here.
+            if drift is not None and busy():
+                return None
+            if drift is not None:
+                self.dataplane.guard_endpoints(network, endpoints)
+                with self._joined_lock:
+                    self._joined[network.id] = {e.id for e in endpoints}
+            return drift
+
+    def repair_host_guard(self) -> Optional[str]:
+        """The same for the host isolation table and this host's networks."""
+        with self._guard_lock:
+            networks = self.store.member_networks(self.host_id)
+            drift = self.dataplane.host_guard_drift(networks)
+            if drift is not None:
+                self.dataplane.guard_host(networks)
+            return drift
 
     # -- start-up -----------------------------------------------------------------------------------------------
     def reconcile(self) -> List[str]:

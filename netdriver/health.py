@@ -206,32 +206,43 @@ class HealthOverlay(WatchLoop):
             self.reconcile()
         return True
 
-    def reconcile(self) -> None:
-        """Make the device hold exactly the wanted entries, from what the kernel has (so entries removed or changed
-        by someone else come back with the next event or resync, or when a periodic repair pass calls this)."""
-        with self._lock:
-            self._reconcile()
+    def built(self) -> bool:
+        """Whether this host's end of the overlay exists (it waits for a VTEP and an address)."""
+        return self._built_for is not None
 
-    def _reconcile(self) -> None:
+    def reconcile(self) -> int:
+        """Make the device hold exactly the wanted entries, from what the kernel has (so entries removed or changed
+        by someone else come back with the next event or resync, or when a reconciler pass calls this). Returns
+        how many entries it changed."""
+        with self._lock:
+            return self._reconcile()
+
+    def _reconcile(self) -> int:
         ns, dev = names.HEALTH_NETNS, names.HEALTH_VXLAN
         if self._built_for is None:
-            return
+            return 0
         fdb, neigh = wanted_entries(self._hosts, self.host_id)
+        changed = 0
         try:
             have_fdb, have_neigh = self.links.fdb(ns, dev), self.links.neighbours(ns, dev)
             for ip in have_neigh.keys() - neigh.keys():
                 self.links.del_neigh(ns, dev, ip)
+                changed += 1
             for mac, vtep in have_fdb.items():
                 if fdb.get(mac) != vtep:
                     self.links.del_fdb(ns, dev, mac, vtep)
+                    changed += 1
             for mac, vtep in fdb.items():
                 if have_fdb.get(mac) != vtep:
                     self.links.set_fdb(ns, dev, mac, vtep)
+                    changed += 1
             for ip, mac in neigh.items():
                 if have_neigh.get(ip) != mac:
                     self.links.set_neigh(ns, dev, ip, mac)
+                    changed += 1
         except KernelError as exc:
             log.error("health overlay entries not programmed: %s", exc)
+        return changed
 
 
 def _record(value: Optional[str]) -> dict:

@@ -23,7 +23,7 @@ the matches counts only the packets the rule drops, so the traffic that passes c
 import ipaddress
 import json
 import logging
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, FrozenSet, Iterable, List, Optional, Sequence, Tuple
 
 from kernel import libnftables, names
 from wire.errors import KernelError
@@ -169,6 +169,54 @@ def _missing(exc: KernelError) -> bool:
     return "No such file or directory" in str(exc)
 
 
+# What the reconciler compares: a table's rules by their comments, and its sets' elements (as nft prints them).
+# The rules are fixed per table kind, so a comment stands for its rule; the elements are the endpoints or subnets.
+Shape = Tuple[Tuple[str, ...], Dict[str, FrozenSet[str]]]
+
+
+def batch_shape(batch: List[dict]) -> Shape:
+    """The shape of the table a replace batch builds (endpoint_guard_batch, host_guard_batch)."""
+    comments, sets = [], {}
+    for command in batch:
+        (verb, body), = command.items()
+        if verb != "add":
+            continue
+        if "rule" in body:
+            comments.append(body["rule"]["comment"])
+        elif "set" in body:
+            sets.setdefault(body["set"]["name"], frozenset())
+        elif "element" in body:
+            name = body["element"]["name"]
+            sets[name] = sets.get(name, frozenset()) | {_element_text(e) for e in body["element"]["elem"]}
+    return tuple(sorted(comments)), sets
+
+
+def listing_shape(text: str) -> Shape:
+    """The shape of a table as `list table` gives it in nftables JSON: its rules' comments, its sets' elements."""
+    comments = [item["rule"].get("comment", "") for item in json.loads(text or "{}").get("nftables", [])
+                if "rule" in item]
+    return tuple(sorted(comments)), {name: frozenset(elems) for name, elems in listed_sets(text).items()}
+
+
+def shape_difference(have: Optional[Shape], want: Shape) -> Optional[str]:
+    """None if equal, else what differs, in words (for the repair's log line)."""
+    if have is None:
+        return "table missing"
+    parts = []
+    if have[0] != want[0]:
+        parts.append(f"rules {list(have[0])} instead of {list(want[0])}")
+    for name in sorted(set(have[1]) | set(want[1])):
+        if name not in have[1]:
+            parts.append(f"set {name} missing")
+            continue
+        missing, extra = want[1].get(name, frozenset()) - have[1][name], have[1][name] - want[1].get(name, frozenset())
+        if missing:
+            parts.append(f"set {name} lacks {', '.join(sorted(missing))}")
+        if extra:
+            parts.append(f"set {name} has extra {', '.join(sorted(extra))}")
+    return "; ".join(parts) or None
+
+
 class Firewall:
     """Applies the batches. apply(ns, commands, what): run nftables JSON commands as one transaction inside the
     named namespace (None: the host's), KernelError naming `what` if refused; in the plugin that is Links.nft."""
@@ -202,6 +250,27 @@ class Firewall:
             raise
         return dropped_by_reason(text if isinstance(text, str) else "")
 
+    def _listing(self, ns: Optional[str], family: str, what: str) -> Optional[Shape]:
+        try:
+            text = self._apply(ns, [{"list": {"table": {"family": family, "name": TABLE}}}], what)
+        except KernelError as exc:
+            if "No such file or directory" in str(exc):  # the table is not there (nft's ENOENT)
+                return None
+            raise
+        return listing_shape(str(text or ""))
+
+    def endpoints_drift(self, ns: str, endpoints: Sequence[Tuple[str, str, str]]) -> Optional[str]:
+        """None if the anti-spoofing table in ns is exactly what guard_endpoints(ns, endpoints) makes, else what
+        differs. Reads only (a list command changes nothing and sends no notification)."""
+        have = self._listing(ns, "bridge", f"read the anti-spoofing table in {ns}")
+        return shape_difference(have, batch_shape(endpoint_guard_batch(endpoints)))
+
+    def host_drift(self, subnets: Iterable[str]) -> Optional[str]:
+        """The same for the host isolation table and guard_host(subnets)."""
+        have = self._listing(None, "inet", "read the isolation table in the host namespace")
+        return shape_difference(have, batch_shape(host_guard_batch(subnets)))
+
+
 def _element_text(elem) -> str:
     """A set element as `nft list set` prints it: a name or address, `a . b` for a concatenation, `addr/len`
     for an interval."""
@@ -221,7 +290,8 @@ def listed_sets(listing: str) -> dict:
     for item in json.loads(listing or "{}").get("nftables", []):
         found = item.get("set")
         if found is not None:
-            out[found["name"]] = {_element_text(e) for e in found.get("elem", [])}
+            elems = found.get("elem", [])
+            out[found["name"]] = {_element_text(e) for e in (elems if isinstance(elems, list) else [elems])}
     return out
 
 

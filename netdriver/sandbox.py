@@ -117,32 +117,66 @@ class DataPlane:
         have = set(self.links.list_links(ns))
         return {e for e in endpoint_ids if names.veth_bridge(e) in have}
 
-    def sync_peers(self, network: Network, fdb: Dict[str, str], neigh: Dict[str, str]) -> None:
+    def sync_peers(self, network: Network, fdb: Dict[str, str], neigh: Dict[str, str]) -> Tuple[int, int]:
         """Make the VXLAN device hold exactly these remote entries: fdb mac -> vtep, neigh ip -> mac.
-        Reads what the kernel has, so it also repairs entries someone else changed. No namespace: nothing to do
-        (the entries are applied when the namespace is created)."""
+        Reads what the kernel has, so it also repairs entries someone else changed; returns how many (FDB,
+        neighbour) entries it changed (0, 0 when the kernel already held them). No namespace: nothing to do (the
+        entries are applied when the namespace is created)."""
         ns = names.netns(network.id)
         if not self.links.netns_exists(ns):
-            return
+            return 0, 0
         have = (self.links.fdb(ns, names.VXLAN), self.links.neighbours(ns, names.VXLAN))
-        self.update_peers(network, have, (fdb, neigh))
+        return self.update_peers(network, have, (fdb, neigh))
 
-    def update_peers(self, network: Network, before: Entries, after: Entries) -> None:
+    def update_peers(self, network: Network, before: Entries, after: Entries) -> Tuple[int, int]:
         """Apply only the difference between two (fdb, neigh) tables, without reading the kernel: one watch event
-        costs one or two netlink calls however many peers the network has."""
+        costs one or two netlink calls however many peers the network has. Returns (FDB, neighbour) changes."""
         ns = names.netns(network.id)
         (old_fdb, old_neigh), (fdb, neigh) = before, after
+        changed_fdb = changed_neigh = 0
         for ip in old_neigh.keys() - neigh.keys():
             self.links.del_neigh(ns, names.VXLAN, ip)
+            changed_neigh += 1
         for mac, vtep in old_fdb.items():
             if fdb.get(mac) != vtep:
                 self.links.del_fdb(ns, names.VXLAN, mac, vtep)
+                changed_fdb += 1
         for mac, vtep in fdb.items():
             if old_fdb.get(mac) != vtep:
                 self.links.set_fdb(ns, names.VXLAN, mac, vtep)
+                changed_fdb += 1
         for ip, mac in neigh.items():
             if old_neigh.get(ip) != mac:
                 self.links.set_neigh(ns, names.VXLAN, ip, mac)
+                changed_neigh += 1
+        return changed_fdb, changed_neigh
+
+    def network_problems(self, network: Network) -> List[str]:
+        """What is wrong with the network's namespace, bridge and VXLAN device against what ensure_network makes
+        (empty: nothing). Reads only."""
+        ns = names.netns(network.id)
+        if not self.links.netns_exists(ns):
+            return [f"namespace {ns} missing"]
+        problems = []
+        port = names.ENCRYPTED_VXLAN_PORT if network.encrypted else self.vxlan_port
+        bridge = self.links.link_info(ns, names.BRIDGE)
+        if bridge is None or bridge["kind"] != "bridge":
+            problems.append(f"bridge {names.BRIDGE} missing")
+        else:
+            if not bridge["up"]:
+                problems.append(f"bridge {names.BRIDGE} down")
+            if bridge["mtu"] != network.mtu:
+                problems.append(f"bridge {names.BRIDGE} mtu {bridge['mtu']} instead of {network.mtu}")
+        vxlan = self.links.link_info(ns, names.VXLAN)
+        if vxlan is None or vxlan["kind"] != "vxlan":
+            problems.append(f"VXLAN device {names.VXLAN} missing")
+        else:
+            for what, have, want in (("vni", vxlan["vni"], network.vni), ("mtu", vxlan["mtu"], network.mtu),
+                                     ("master", vxlan["master"], names.BRIDGE), ("up", vxlan["up"], True),
+                                     ("port", vxlan.get("port", port), port)):
+                if have != want:
+                    problems.append(f"VXLAN device {names.VXLAN} {what} {have} instead of {want}")
+        return problems
 
     def guard_endpoints(self, network: Network, endpoints: List[Endpoint]) -> None:
         """Anti-spoofing in the network's namespace: exactly these endpoints' ports are guarded."""
@@ -166,6 +200,20 @@ class DataPlane:
         """Isolation in the host namespace for the subnets of these networks (all of this host's)."""
         if self.firewall is not None:
             self.firewall.guard_host([s.pool for n in networks for s in n.subnets])
+
+    def guard_drift(self, network: Network, endpoints: List[Endpoint]) -> Optional[str]:
+        """None if the network's anti-spoofing table is exactly what guard_endpoints(network, endpoints) makes,
+        else what differs. No namespace or no firewall: None (nothing to compare)."""
+        ns = names.netns(network.id)
+        if self.firewall is None or not self.links.netns_exists(ns):
+            return None
+        return self.firewall.endpoints_drift(ns, [_guarded(e) for e in endpoints])
+
+    def host_guard_drift(self, networks: List[Network]) -> Optional[str]:
+        """None if the host isolation table is exactly what guard_host(networks) makes, else what differs."""
+        if self.firewall is None:
+            return None
+        return self.firewall.host_drift([s.pool for n in networks for s in n.subnets])
 
     def peers(self, network_id: str) -> Entries:
         """(fdb, neigh) as programmed in the kernel, for tests and diagnostics."""

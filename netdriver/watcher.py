@@ -7,7 +7,7 @@ Both start-up and every event go through the same path: update PeerDB, then `syn
 
 import logging
 import threading
-from typing import Dict, Iterable, Optional
+from typing import Dict, Iterable, Optional, Tuple
 
 from netdriver.contracts import DataPlane, Encryption
 from netdriver.models import Network, PeerRecord
@@ -38,10 +38,11 @@ class PeerSync:
         # wipe the entries a restarted plugin finds in the kernel and cut running containers off.
         self._loaded = False
 
-    def _sync(self, segment: str, full: bool = False) -> None:
+    def _sync(self, segment: str, full: bool = False) -> Tuple[int, int]:
+        """Returns how many (FDB, neighbour) entries the kernel needed changed."""
         network = self._local.get(segment)
         if network is None or not self._loaded:
-            return  # no namespace here (the table keeps the records until one is created), or nothing read yet
+            return 0, 0  # no namespace here (the table keeps the records until one is created), or nothing read yet
         fdb, neigh = self.peerdb.entries(segment)
         before = None if full else self._applied.get(segment)
         if network.encrypted and self.encryption is not None:
@@ -57,13 +58,25 @@ class PeerSync:
         self._applied.pop(segment, None)
         try:
             if before is None:
-                self.dataplane.sync_peers(network, fdb, neigh)
+                changed = self.dataplane.sync_peers(network, fdb, neigh)
             else:
-                self.dataplane.update_peers(network, before, (fdb, neigh))
+                changed = self.dataplane.update_peers(network, before, (fdb, neigh))
             self._applied[segment] = (fdb, neigh)
+            return changed
         except VxnetError as exc:
             # Left for the next event or resync to retry; the error is logged, never swallowed silently.
             log.error("peer sync failed seg=%s nid=%s: %s", segment, network.id[:12], exc)
+            return 0, 0
+
+    def repair(self, network: Network) -> Tuple[int, int]:
+        """A full sync of the network's segment against what the kernel holds (netdriver/reconciler.py): returns
+        how many (FDB, neighbour) entries were put back or corrected; (0, 0) if the kernel was right, or before the
+        first read of etcd (the table is not known yet)."""
+        with self._lock:
+            segment = segment_of(network.id, network.overlay)
+            if segment not in self._local:
+                return 0, 0
+            return self._sync(segment, full=True)
 
     def peer_counts(self) -> Dict[str, int]:
         """network id -> remote endpoints in the peer table, for each network with a namespace here (what the

@@ -50,6 +50,9 @@ class Settings:
     # VXNET_METRICS_ADDR: where /metrics is served (plugin/metrics.py), (IP address, TCP port); None: not served.
     # Loopback by default: the counters name this host's networks, so exposing them further is the operator's call.
     metrics_addr: Optional[Tuple[str, int]] = ("127.0.0.1", 9473)
+    # Self-healing (netdriver/reconciler.py): a full pass this often, and passes on kernel events in between;
+    # 0: no reconciler at all (neither, as before it existed).
+    reconcile_seconds: int = 30
 
     @property
     def embedded(self) -> bool:
@@ -158,6 +161,10 @@ def load(environ: Mapping[str, str]) -> Settings:
     metrics = environ.get("VXNET_METRICS_ADDR")  # unset: the default; set and empty: off
     metrics_addr = (Settings.metrics_addr if metrics is None
                     else parse_listen_address("VXNET_METRICS_ADDR", metrics.strip()))
+    reconcile = get("VXNET_RECONCILE_SECONDS", str(Settings.reconcile_seconds))
+    if not reconcile.isdigit() or int(reconcile) > 86400:
+        raise ConfigError(f"VXNET_RECONCILE_SECONDS: {reconcile!r} must be a whole number of seconds from 0 (no "
+                          "self-healing) to 86400")
     return Settings(
         stale_host_seconds=stale,
         gc_seconds=int(gc_seconds),
@@ -175,6 +182,7 @@ def load(environ: Mapping[str, str]) -> Settings:
         hostname=socket.gethostname(),
         encryption_secret_file=secret_file,
         key_rotation_seconds=int(rotation),
+        reconcile_seconds=int(reconcile),
         **tls,
     )
 

@@ -22,6 +22,7 @@ from encrypt.watch import KeyRingWatcher
 from ipam_driver.driver import IpamDriver
 from ipam_driver.store import IpamStore
 from kernel import libnftables, names
+from kernel.events import KernelEvents
 from kernel.links import Links
 from kernel.probes import EspProbe
 from netdriver.driver import NetworkDriver
@@ -30,6 +31,7 @@ from netdriver.health import HealthOverlay
 from netdriver.hosts import HostLease
 from netdriver.isolation import Firewall
 from netdriver.peerdb import PeerDB
+from netdriver.reconciler import NamespaceTap, Reconciler
 from netdriver.sandbox import DataPlane
 from netdriver.store import NetworkStore
 from netdriver.underlay import Underlay
@@ -71,10 +73,11 @@ def _start_control_plane(driver: NetworkDriver, lease: HostLease, watcher: PeerW
                          stop: threading.Event, keyring: Optional[KeyRingWatcher] = None,
                          rotator: Optional[Background] = None, collector: Optional[Background] = None,
                          on_fatal: Callable[[Exception], None] = lambda exc: None,
-                         health: Optional[HealthOverlay] = None) -> None:
+                         health: Optional[HealthOverlay] = None, healing: Optional[Background] = None) -> None:
     """Once etcd answers: reconcile the kernel, then keep the host lease and the peer watch running (after the
     key ring watcher and the rotator, so the ring is usually read before peers arrive). Keeps trying while etcd
-    is still starting or down; stops at once, through on_fatal, if another live host holds this host's ID
+    is still starting or down; then the self-healing reconciler (healing), once the kernel is right; stops at once,
+    through on_fatal, if another live host holds this host's ID
     (retrying cannot fix that, and serving would act as the other host)."""
     delay = 0.2
     while not stop.is_set():
@@ -95,6 +98,8 @@ def _start_control_plane(driver: NetworkDriver, lease: HostLease, watcher: PeerW
                 # restarted plugin's first peer read finds it and encrypted peers are programmed, not deferred.
                 keyring.synced.wait(RING_WAIT_SECONDS)
             watcher.start()
+            if healing is not None:
+                healing.start()
             return
         except HostIdConflict as exc:
             log.error("%s", exc)
@@ -133,6 +138,7 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
     collector: Optional[CollectorLoop] = None
     metrics: Optional[plugin_metrics.MetricsServer] = None
     health: Optional[HealthOverlay] = None
+    healing: Optional[Reconciler] = None
     stop = threading.Event()
     fatal: List[Exception] = []
 
@@ -202,9 +208,15 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
             if encryption is not None:
                 encryption.set_local(underlay.address)  # SAs follow the VTEP
 
+        tap = NamespaceTap(sync)  # PeerSync, and the event listener told which namespaces to watch
         net = NetworkDriver(store, dataplane, me.id, choice.scope, underlay,
-                            peers=sync, lease_id=lambda: lease.id, on_vtep_change=vtep_changed,
+                            peers=tap, lease_id=lambda: lease.id, on_vtep_change=vtep_changed,
                             encryption=encryption)
+        if settings.reconcile_seconds:
+            events = KernelEvents(links.netns_path, lambda ns, kind: healing.notify(ns, kind) if healing else None)
+            tap.attach(events.watch, events.unwatch)
+            healing = Reconciler(net, sync, encryption, settings.reconcile_seconds, watch=events.watch,
+                                 listener=events, health=overlay)
         lease.on_new_lease = net.republish_peers
         ipam = IpamDriver(IpamStore(kv, settings.key_prefix), me.id, choice.scope)
         if settings.gc_seconds:
@@ -227,7 +239,8 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
         if embedded is not None:
             embedded.start()
         threading.Thread(target=_start_control_plane, name="start-up", daemon=True,
-                         args=(net, lease, watcher, stop, keyring, rotator, collector, on_fatal, health)).start()
+                         args=(net, lease, watcher, stop, keyring, rotator, collector, on_fatal, health,
+                               healing)).start()
         server.run()
     except ConfigError as exc:
         print(f"vxnet: {exc}", file=sys.stderr)
@@ -239,8 +252,8 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
             log.info("stopping")
     finally:
         stop.set()
-        parts: Sequence[Optional[Background]] = (monitor, watcher, health, keyring, rotator, collector, lease,
-                                                 metrics)
+        parts: Sequence[Optional[Background]] = (healing, monitor, watcher, health, keyring, rotator, collector,
+                                                 lease, metrics)
         for part in parts:
             if part is not None:
                 part.stop()

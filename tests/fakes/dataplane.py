@@ -11,6 +11,11 @@ here as it would there.
 
     `fail_on` names an operation ("ensure_network", "ensure_endpoint") that raises KernelError, to test rollback;
     `stuck` holds network ids and host link names the kernel refuses to remove.
+
+    Removed by someone else (what the reconciler repairs): `lose_fdb`, `lose_neigh` (one peer's entry),
+    `lose_guard` (an endpoint's anti-spoofing elements), `lose_host_guard` (the isolation table), `lose_link` (the
+    VXLAN device); `writes` counts every change made to the modelled kernel, so a test can tell a pass that
+    changed nothing.
     """
 
     def __init__(self):
@@ -23,6 +28,34 @@ here as it would there.
         self.fail_on = set()
         self.stuck = set()  # network ids whose namespace, and host link names that, cannot be removed
         self.unknown = set()  # names in the namespace folder with our prefix that are not ours to touch
+        self.no_fdb = {}  # network id -> ips whose FDB entry someone deleted (peers keeps the neighbour)
+        self.no_neigh = {}  # network id -> ips whose neighbour entry someone deleted
+        self.broken = {}  # network id -> problem with its bridge or VXLAN device
+        self.host_guard_lost = False
+        self.writes = 0
+
+    # -- someone else -------------------------------------------------------------------------------------------
+    def lose_fdb(self, network_id, ip):
+        self.no_fdb.setdefault(network_id, set()).add(ip)
+
+    def lose_neigh(self, network_id, ip):
+        self.no_neigh.setdefault(network_id, set()).add(ip)
+
+    def lose_guard(self, network_id, endpoint_id):
+        self.guarded[network_id] = [g for g in self.guarded[network_id] if g[0] != endpoint_id]
+
+    def lose_host_guard(self):
+        self.host_guard_lost = True
+
+    def lose_link(self, network_id):
+        self.broken[network_id] = "VXLAN device vxlan0 missing"
+
+    def kernel_peers(self, network_id):
+        """(fdb mac -> vtep, neigh ip -> mac) as the modelled kernel holds them."""
+        peers = self.peers.get(network_id, {})
+        fdb = {mac: vtep for ip, (mac, vtep) in peers.items() if ip not in self.no_fdb.get(network_id, ())}
+        neigh = {ip: mac for ip, (mac, _) in peers.items() if ip not in self.no_neigh.get(network_id, ())}
+        return fdb, neigh
 
     def _maybe_fail(self, op):
         if op in self.fail_on:
@@ -31,6 +64,8 @@ here as it would there.
     def ensure_network(self, network):
         self._maybe_fail("ensure_network")
         names.netns(network.id)
+        if network.id not in self.networks or self.broken.pop(network.id, None):
+            self.writes += 1
         self.networks[network.id] = {"vni": network.vni, "mtu": network.mtu}
         self.endpoints.setdefault(network.id, {})
         self.peers.setdefault(network.id, {})
@@ -73,6 +108,7 @@ here as it would there.
     def guard_endpoints(self, network, endpoints):
         if network.id in self.networks:
             self.guarded[network.id] = sorted((e.id, e.ip, e.mac) for e in endpoints)
+            self.writes += 1
 
     def guard_endpoint(self, network, endpoint):
         """Like the real sets: adding needs the table guard_endpoints made; adding twice changes nothing."""
@@ -93,14 +129,45 @@ here as it would there.
 
     def guard_host(self, networks):
         self.host_subnets = sorted({s.pool for n in networks for s in n.subnets})
+        self.host_guard_lost = False
+        self.writes += 1
 
     def sync_peers(self, network, fdb, neigh):
         self.full_syncs = getattr(self, "full_syncs", 0) + 1
-        if network.id in self.networks:
-            self.peers[network.id] = {ip: (mac, fdb.get(mac)) for ip, mac in neigh.items()}
+        if network.id not in self.networks:
+            return 0, 0
+        have_fdb, have_neigh = self.kernel_peers(network.id)
+        changed = (len({m for m in set(have_fdb) | set(fdb) if have_fdb.get(m) != fdb.get(m)}),
+                   len({i for i in set(have_neigh) | set(neigh) if have_neigh.get(i) != neigh.get(i)}))
+        self.peers[network.id] = {ip: (mac, fdb.get(mac)) for ip, mac in neigh.items()}
+        self.no_fdb.pop(network.id, None)
+        self.no_neigh.pop(network.id, None)
+        self.writes += bool(sum(changed))
+        return changed
+
+    def network_problems(self, network):
+        if network.id not in self.networks:
+            return [f"namespace {names.netns(network.id)} missing"]
+        return [self.broken[network.id]] if network.id in self.broken else []
+
+    def guard_drift(self, network, endpoints):
+        if network.id not in self.networks:
+            return None
+        if network.id not in self.guarded:
+            return "table missing"
+        want = sorted((e.id, e.ip, e.mac) for e in endpoints)
+        return None if self.guarded[network.id] == want else f"elements {self.guarded[network.id]} not {want}"
+
+    def host_guard_drift(self, networks):
+        want = sorted({s.pool for n in networks for s in n.subnets})
+        if self.host_guard_lost:
+            return "table missing"
+        return None if self.host_subnets == want else f"subnets {self.host_subnets} not {want}"
 
     def update_peers(self, network, before, after):
         have = {ip: (mac, before[0].get(mac)) for ip, mac in before[1].items()}
         assert self.peers.get(network.id, {}) == have, "incremental update from a state the kernel is not in"
         fdb, neigh = after
         self.peers[network.id] = {ip: (mac, fdb.get(mac)) for ip, mac in neigh.items()}
+        return (len({m for m in set(before[0]) | set(fdb) if before[0].get(m) != fdb.get(m)}),
+                len({i for i in set(before[1]) | set(neigh) if before[1].get(i) != neigh.get(i)}))

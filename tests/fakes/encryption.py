@@ -10,6 +10,14 @@ class FakeEncryption:
         self.unavailable = unavailable
         self.holders = {}
         self.firewall = False
+        self.lost = {}  # kind -> objects someone else removed (lose()), put back by repair()
+
+    def lose(self, kind, count=1):
+        self.lost[kind] = self.lost.get(kind, 0) + count
+
+    def repair(self):
+        repaired, self.lost = self.lost, {}
+        return repaired
 
     def require(self):
         if self.unavailable:

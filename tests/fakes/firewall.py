@@ -2,13 +2,18 @@
 
 
 class FakeFirewall:
+    """`installed`: the table is in the modelled kernel; `present()` reads it as the real one lists the table."""
+
     def __init__(self, log):
         self.log = log
-        self.present = False
+        self.installed = False
 
     def ensure(self):
-        self.present = True
+        self.installed = True
         self.log.append(("firewall",))
 
     def remove(self):
-        self.present = False
+        self.installed = False
+
+    def present(self):
+        return self.installed

@@ -106,6 +106,26 @@ class Plugin:
     def alive(self) -> bool:
         return bool(self.proc and self.proc.alive())
 
+    def freeze(self) -> None:
+        """SIGSTOP: every thread of the plugin stops where it is (nothing reads its netlink sockets, nothing is
+        repaired), the kernel queues the notifications for it. The PID is the plugin's own (nsenter execs it)."""
+        if not self.proc or not self.proc.send(signal.SIGSTOP):
+            raise HarnessError(f"{self.host.name}: no plugin to freeze")
+
+    def thaw(self) -> None:
+        """SIGCONT after freeze(): the plugin goes on, and reads what the kernel queued meanwhile."""
+        if self.proc:
+            self.proc.send(signal.SIGCONT)
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator["Plugin"]:
+        """The block runs with the plugin frozen; it is thawed afterwards whatever the block raised."""
+        self.freeze()
+        try:
+            yield self
+        finally:
+            self.thaw()
+
     def log(self, lines: int = 200) -> str:
         return tail(self.log_path, lines)
 
@@ -124,13 +144,3 @@ class Plugin:
         except ValueError:
             raise HarnessError(f"vxnet {' '.join(args)} --json printed no JSON (exit {done.returncode}):\n"
                                f"{done.stdout}\n{done.stderr}") from None
-
-    @contextlib.contextmanager
-    def frozen(self) -> Iterator[None]:
-        """The plugin stopped in its tracks (SIGSTOP) for the block, then continued (SIGCONT): what changes in
-        the kernel meanwhile stays changed, so a test can observe drift before the plugin can repair it."""
-        self.proc.send(signal.SIGSTOP)
-        try:
-            yield
-        finally:
-            self.proc.send(signal.SIGCONT)

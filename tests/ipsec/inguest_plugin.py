@@ -262,15 +262,48 @@ def sa_counters_rise(world: World) -> str:
 
 @check()
 def sas_gone_traffic_stops(world: World) -> str:
-    """Every SA of host 1 deleted behind the plugin's back: the policies and the firewall still hold, so nothing
-    crosses, in clear or at all."""
-    world.h1.host.run(["ip", "xfrm", "state", "flush"])
-    cap = world.capture()
-    result = world.h1.ping("c1", CONTAINER_IP["h2"], 3, interval=0.3)
-    seen = cap.stop()
+    """Every SA of host 1 deleted behind the plugin's back while it is frozen (SIGSTOP, so nothing repairs them):
+    the policies and the firewall still hold, so nothing crosses, in clear or at all. Thawed, the plugin's
+    reconciler puts them back and traffic resumes within 2 s."""
+    with world.h1.plugin.frozen():
+        world.h1.host.run(["ip", "xfrm", "state", "flush"])
+        cap = world.capture()
+        result = world.h1.ping("c1", CONTAINER_IP["h2"], 3, interval=0.3)
+        seen = cap.stop()
     assert result["received"] == 0, f"traffic flowed without SAs: {result}"
     assert seen["udp_encrypted_port"] == 0 and seen["udp_other"] == 0, f"cleartext VXLAN on the underlay: {seen}"
-    return f"ping {result}; underlay {seen}"
+    took = _resumes(world, "traffic after the thawed plugin repaired the flushed SAs")
+    return f"frozen: ping {result}; underlay {seen}; thawed: traffic back after {took:.2f} s"
+
+
+def _resumes(world: World, what: str) -> float:
+    """Poll host 1's one-ping probe with a 2 s deadline (the self-healing bound); returns the time it took."""
+    started = time.monotonic()
+    wait_until(lambda: world.h1.ping("c1", CONTAINER_IP["h2"], 1, wait=1)["received"] == 1, 2.0, what,
+               interval=0.05)
+    return time.monotonic() - started
+
+
+@check()
+def a_deleted_sa_comes_back_by_itself(world: World) -> str:
+    """`ip xfrm state delete` of host 1's outbound SA: with the plugin frozen the same probe fails (negative
+    control), and after SIGCONT traffic resumes within 2 s; then with the plugin running, within 2 s too. The
+    repair is in the plugin's log."""
+    h1, h2 = world.h1, world.h2
+    spi = spi_for(h1.host.ip, h2.host.ip, world.primary)
+    delete = ["ip", "xfrm", "state", "delete", "src", h1.host.ip, "dst", h2.host.ip, "proto", "esp", "spi",
+              f"{spi:#010x}"]
+    assert h1.ping("c1", CONTAINER_IP["h2"], 1, wait=1)["received"] == 1, "traffic before (positive control)"
+    with h1.plugin.frozen():
+        h1.host.run(delete)
+        frozen = h1.ping("c1", CONTAINER_IP["h2"], 1, wait=1)
+        assert frozen["received"] == 0, f"traffic flowed without the outbound SA: {frozen}"
+    thawed = _resumes(world, "traffic after the thawed plugin repaired the deleted SA")
+    h1.host.run(delete)
+    running = _resumes(world, "traffic after the running plugin repaired the deleted SA")
+    wait_until(lambda: "repair kind=sa where=host" in h1.plugin.log(5000), 10, "the SA repair in host 1's log")
+    assert world.outbound_spis(h1, h2) == [spi]
+    return f"frozen: {frozen}; back {thawed:.2f} s after thawing; running: back after {running:.2f} s"
 
 
 @check()
@@ -305,8 +338,11 @@ def metrics_count_the_sas_the_key_age_and_cleartext_dropped(world: World) -> str
 
 @check()
 def restart_restores_the_sas(world: World) -> str:
-    code = world.h1.plugin.restart(timeout=START_TIMEOUT)
+    """The SAs deleted while the plugin is stopped: start-up reconciliation puts them back."""
+    code = world.h1.plugin.stop()
     assert code == 0, f"the plugin exited {code} on SIGTERM"
+    world.h1.host.run(["ip", "xfrm", "state", "flush"])
+    world.h1.plugin.start(timeout=START_TIMEOUT)
     started = time.monotonic()
     wait_until(lambda: world.h1.ping("c1", CONTAINER_IP["h2"], 1, wait=1)["received"] == 1, 60,
                "traffic after host 1's plugin restarted")

@@ -59,6 +59,7 @@ def _check(run, name: str) -> None:
     result, checks = run
     record = checks.get(name)
     assert record is not None, f"check {name} never reported (exit {result.exit_code}):\n{_tail(result)}"
+    print(f"{name}: {record['detail']}")  # the figures (pytest -s or -rA shows them)
     assert record["ok"], record["detail"]
 
 

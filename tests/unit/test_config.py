@@ -30,6 +30,8 @@ def test_values_are_read():
     assert (config.load({}).stale_host_seconds, config.load({}).gc_seconds) == (3600, 300)
     s = config.load({"VXNET_STALE_HOST_SECONDS": "5", "VXNET_GC_SECONDS": "0"})
     assert (s.stale_host_seconds, s.gc_seconds) == (5, 0)
+    assert config.load({}).reconcile_seconds == 30
+    assert config.load({"VXNET_RECONCILE_SECONDS": "0"}).reconcile_seconds == 0
 
 
 @pytest.mark.parametrize("env,needle", [
@@ -57,6 +59,9 @@ def test_values_are_read():
     ({"VXNET_METRICS_ADDR": "127.0.0.1:0"}, "VXNET_METRICS_ADDR"),
     ({"VXNET_METRICS_ADDR": "127.0.0.1:65536"}, "VXNET_METRICS_ADDR"),
     ({"VXNET_METRICS_ADDR": "127.0.0.1:"}, "VXNET_METRICS_ADDR"),
+    ({"VXNET_RECONCILE_SECONDS": "-1"}, "VXNET_RECONCILE_SECONDS"),
+    ({"VXNET_RECONCILE_SECONDS": "30s"}, "VXNET_RECONCILE_SECONDS"),
+    ({"VXNET_RECONCILE_SECONDS": "100000"}, "VXNET_RECONCILE_SECONDS"),
 ])
 def test_bad_settings_name_the_setting(env, needle):
     with pytest.raises(ConfigError, match=needle):

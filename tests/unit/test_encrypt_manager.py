@@ -111,7 +111,7 @@ def test_firewall_is_in_place_before_the_first_sa():
     mgr, x = host(H1)
     mgr.set_keyring(KeyRing.initial(now=0))
     mgr.set_peers("a", {H2})
-    assert x.ops[0] == ("firewall",) and mgr.firewall.present
+    assert x.ops[0] == ("firewall",) and mgr.firewall.installed
 
 
 def test_sync_all_removes_leftovers_of_ours_and_nothing_else():
@@ -215,11 +215,30 @@ def test_a_kernel_without_esp_is_refused_with_the_modules_named():
     mgr = M.EncryptionManager(xfrm, FakeFirewall(xfrm.ops), PORT, esp)
     with pytest.raises(EncryptionUnavailable):
         mgr.require()
-    assert not mgr.firewall.present  # refused before anything is made
+    assert not mgr.firewall.installed  # refused before anything is made
 
 
 def test_require_installs_the_firewall_where_esp_works():
     xfrm = FakeXfrm()
     mgr = M.EncryptionManager(xfrm, FakeFirewall(xfrm.ops), PORT, EspProbe(try_sa=lambda: None))
     mgr.require()
-    assert mgr.firewall.present and xfrm.ops == [("firewall",)] and xfrm.sa == {} and xfrm.sp == {}
+    assert mgr.firewall.installed and xfrm.ops == [("firewall",)] and xfrm.sa == {} and xfrm.sp == {}
+
+
+def test_repair_puts_back_what_someone_else_deleted_and_reports_it():
+    (m1, x1), (m2, x2) = host(H1), host(H2)
+    ring = KeyRing.initial(now=0)
+    for mgr, peer in ((m1, H2), (m2, H1)):
+        mgr.ensure_firewall()
+        mgr.set_keyring(ring)
+        mgr.set_peers("seg", {peer})
+    ops = len(x1.ops)
+    assert m1.repair() == {} and len(x1.ops) == ops  # right already: nothing reported, nothing written
+    out_spi = spi_for(H1, H2, ring.primary)
+    x1.delete_sa(H2, out_spi)  # `ip xfrm state delete` by hand
+    x1.delete_policy(H2, H1, PORT, "in")
+    assert not deliverable(H1, x1, H2, x2)  # control: the deletion broke it
+    m1.firewall.installed = False  # `nft delete table inet vxnet_ipsec`
+    assert m1.repair() == {"sa": 1, "policy": 1, "ipsec-firewall": 1}
+    assert deliverable(H1, x1, H2, x2) and deliverable(H2, x2, H1, x1) and m1.firewall.installed
+    assert m1.repair() == {}

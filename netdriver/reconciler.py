@@ -1,0 +1,271 @@
+"""Self-healing: keeps this host's kernel equal to the desired state while the plugin runs, without a restart.
+
+Start-up reconciliation (NetworkDriver.reconcile) makes the kernel right once; after that someone else can still
+change it: `bridge fdb del`, `ip neigh flush`, `nft flush ruleset`, `ip xfrm state flush`, a link deleted. The
+Reconciler finds and repairs that:
+  - on kernel events (kernel/events.py tells, without polling, which namespace changed and what kind of object):
+    a pass of that namespace alone, for those kinds, after a short debounce (DEBOUNCE_SECONDS) that gathers a
+    burst into one pass;
+  - on a periodic full pass (every `interval` seconds, VXNET_RECONCILE_SECONDS; 0: none), which also catches what
+    sends no event (a namespace unmounted by `ip netns del` while our socket keeps it alive);
+  - on an overrun of an event socket (notifications lost): a full pass.
+
+What a pass compares and repairs, per network this process made whole (NetworkDriver.ready_networks):
+  link          the namespace, bridge and VXLAN device (DataPlane.network_problems): rebuilt whole through the
+                driver's own path (NetworkDriver.rebuild: bridge, VXLAN, peers, anti-spoofing), as a first Join;
+  fdb/neighbour the VXLAN device's remote entries against the peer table (PeerSync.repair, a full sync that reads
+                the kernel, under PeerSync's lock);
+  anti-spoofing the namespace's nft table against the endpoints wired here (NetworkDriver.repair_guard, under the
+                driver's anti-spoofing lock, skipped while a Join or DeleteEndpoint of the network is under way);
+and in the host namespace:
+  isolation     the host table against this host's networks (NetworkDriver.repair_host_guard);
+  sa/policy/ipsec-firewall   through the EncryptionManager (repair()).
+
+It never fights itself: every comparison is with the same desired state the driver and PeerSync apply, under the
+same locks, so a change they make (or a repair the pass makes) is seen as equal by the pass its own events trigger,
+which then changes nothing and sends no event: at most one quiet pass, never a loop. Reads (netlink dumps, nft
+list) send no notification. Nothing here is on the data path: it runs only when the kernel's control state
+changes, or once per interval.
+
+Each repair is logged on one line, `repair kind=<kind> where=<namespace|host> count=<n> what="..." why="..."`, and
+counted in telemetry.metrics.REPAIRS{kind}; each pass in RECONCILE_PASSES{trigger}.
+"""
+
+import logging
+import threading
+import time
+from typing import Callable, Dict, Iterable, Optional, Set
+
+from kernel import names
+from netdriver.contracts import Encryption, NamespaceEvents
+from netdriver.models import Network
+from telemetry.metrics import RECONCILE_PASSES, REPAIRS
+from wire.errors import VxnetError
+
+log = logging.getLogger(__name__)
+
+# Long enough to gather one burst (a rebuild's bridge, VXLAN, FDB and nft notifications arrive within a few ms),
+# short against the 2 s a repair may take.
+DEBOUNCE_SECONDS = 0.1
+
+NETWORK_KINDS = frozenset({"link", "fdb", "neighbour", "nft"})
+HOST_KINDS = frozenset({"nft", "sa", "policy"})
+FULL = None  # a pass over everything
+
+
+class NamespaceTap:
+    """The NamespaceEvents the driver is given: passes network_up/network_down on to PeerSync, and tells the event
+    listener to watch a network's namespace once it exists (again after a rebuild made it anew) and to stop before
+    it is removed (an open socket would keep a removed namespace alive). `attach` comes later, when the
+    listener exists."""
+
+    def __init__(self, inner: Optional[NamespaceEvents]):
+        self.inner = inner
+        self._watch: Callable[[str], None] = lambda ns: None
+        self._unwatch: Callable[[str], None] = lambda ns: None
+
+    def attach(self, watch: Callable[[str], None], unwatch: Callable[[str], None]) -> None:
+        self._watch, self._unwatch = watch, unwatch
+
+    def network_up(self, network: Network) -> None:
+        if self.inner is not None:
+            self.inner.network_up(network)
+        try:
+            self._watch(names.netns(network.id))
+        except OSError as exc:  # the periodic pass still covers it
+            log.warning("cannot listen to kernel events of %s: %s", names.netns(network.id), exc)
+
+    def network_down(self, network: Network) -> None:
+        self._unwatch(names.netns(network.id))
+        if self.inner is not None:
+            self.inner.network_down(network)
+
+
+class Reconciler:
+    """A thread that runs passes on events and periodically. driver: NetworkDriver (ready_networks, rebuild,
+    repair_guard, repair_host_guard); peers: PeerSync (repair); encryption: the EncryptionManager or None;
+    interval: seconds between full passes (0: none); watch(ns): start listening in a namespace (the tap's);
+    listener: the kernel event listener whose callback is notify() (started and stopped with the reconciler;
+    None: periodic passes only)."""
+
+    def __init__(self, driver, peers, encryption: Optional[Encryption] = None, interval: float = 30.0,
+                 debounce: float = DEBOUNCE_SECONDS, watch: Callable[[str], None] = lambda ns: None,
+                 listener=None, clock: Callable[[], float] = time.monotonic, health=None):
+        self.driver = driver
+        self.health = health  # netdriver/health.py HealthOverlay (reconcile() -> entries changed), or None
+        self.peers = peers
+        self.encryption = encryption
+        self.interval = interval
+        self.debounce = debounce
+        self._watch = watch
+        self.listener = listener
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._pending: Dict[Optional[str], Set[str]] = {}  # namespace (None: host) -> kinds
+        self._full_owed = False
+        self._due: Optional[float] = None
+        self._stopping = False
+        self._thread: Optional[threading.Thread] = None
+
+    # -- triggers --------------------------------------------------------------------------------------------
+    def notify(self, ns: Optional[str], kind: str) -> None:
+        """A kernel event (kernel/events.py callback): queue a pass for it and return at once."""
+        with self._cond:
+            if kind == "overrun":
+                self._full_owed = True
+            else:
+                self._pending.setdefault(ns, set()).add(kind)
+            if self._due is None:
+                self._due = self._clock() + self.debounce
+            self._cond.notify()
+
+    def start(self) -> None:
+        if self.listener is not None:
+            try:
+                self.listener.start()
+            except OSError as exc:  # a kernel without one of the netlink families: periodic passes still run
+                log.error("kernel events unavailable, self-healing by periodic passes only: %s", exc)
+        spaces = [names.netns(n.id) for n in self.driver.ready_networks()]  # made whole before the listener existed
+        if self.health is not None and self.health.built():
+            spaces.append(names.HEALTH_NETNS)
+        for ns in spaces:
+            try:
+                self._watch(ns)
+            except OSError as exc:
+                log.warning("cannot listen to kernel events of %s: %s", ns, exc)
+        self._thread = threading.Thread(target=self._run, name="reconciler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(10)
+        if self.listener is not None:
+            self.listener.stop()
+
+    def _run(self) -> None:
+        next_full = self._clock() + self.interval if self.interval else None
+        while True:
+            with self._cond:
+                while not self._stopping:
+                    now = self._clock()
+                    deadlines = [d for d in (self._due, next_full) if d is not None]
+                    if deadlines and min(deadlines) <= now:
+                        break
+                    self._cond.wait(min(deadlines) - now if deadlines else None)
+                if self._stopping:
+                    return
+                now = self._clock()
+                periodic = next_full is not None and next_full <= now
+                event = self._due is not None and self._due <= now
+                pending, full_owed = {}, False
+                if event:
+                    pending, full_owed = self._pending, self._full_owed
+                    self._pending, self._full_owed, self._due = {}, False, None
+            if periodic or full_owed:
+                self.run_pass("periodic" if periodic else "overrun")
+                next_full = self._clock() + self.interval if self.interval else None
+            elif pending:
+                self.run_pass("event", pending)
+
+    # -- a pass ----------------------------------------------------------------------------------------------
+    def run_pass(self, trigger: str, targets: Optional[Dict[Optional[str], Iterable[str]]] = FULL) -> Dict[str, int]:
+        """One pass: targets namespace (None: the host) -> kinds to check, or FULL for everything. Returns kind ->
+        objects repaired. Errors are logged, and the rest of the pass goes on (one stuck network does not keep the
+        others from being repaired); the next event or period tries again."""
+        RECONCILE_PASSES.labels(trigger).inc()
+        repaired: Dict[str, int] = {}
+        if targets is FULL:
+            self._forget_removed()
+
+        def wanted(ns: Optional[str], kinds: Iterable[str]) -> Set[str]:
+            if targets is FULL:
+                return set(kinds)
+            return set(targets.get(ns, ())) & set(kinds)
+
+        for network in self.driver.ready_networks():
+            ns = names.netns(network.id)
+            kinds = wanted(ns, NETWORK_KINDS)
+            if kinds:
+                self._network(network, ns, kinds, trigger, repaired)
+        host = wanted(None, HOST_KINDS)
+        if host:
+            self._host(host, trigger, repaired)
+        if self.health is not None and wanted(names.HEALTH_NETNS, ("fdb", "neighbour", "link")):
+            # The health overlay `vxnet doctor` probes: its entries follow the host records (netdriver/health.py).
+            count = self.health.reconcile()
+            if count:
+                self._record(repaired, "health", count, names.HEALTH_NETNS, f"{count} entries put back",
+                             self._why(trigger, {"fdb"}))
+        if repaired:
+            log.info("reconcile pass (%s) repaired %s", trigger, ", ".join(f"{k}={v}" for k, v in sorted(
+                repaired.items())))
+        return repaired
+
+    def _forget_removed(self) -> None:
+        """Stop listening in namespaces that are gone (a rollback removed one it had just made): the listener's
+        socket would keep a removed namespace alive."""
+        if self.listener is None:
+            return
+        try:
+            present = {names.netns(prefix) for prefix in self.driver.dataplane.network_ids()}
+            for ns in self.listener.watched():
+                if ns is not None and ns not in present:
+                    self.listener.unwatch(ns)
+        except VxnetError as exc:
+            log.warning("cannot list the namespaces to stop listening in removed ones: %s", exc)
+
+    def _network(self, network: Network, ns: str, kinds: Set[str], trigger: str, repaired: Dict[str, int]) -> None:
+        why = self._why(trigger, kinds)
+        where = f"{ns} nid={network.id[:12]}"
+        try:
+            if "link" in kinds:
+                problems = self.driver.dataplane.network_problems(network)
+                # rebuild(): bridge, VXLAN, peers and anti-spoofing, all of it; False: deleted meanwhile
+                if problems and self.driver.rebuild(network):
+                    self._record(repaired, "link", 1, where, "; ".join(problems) + ": namespace rebuilt", why)
+                    return
+                if problems:
+                    return
+            if kinds & {"fdb", "neighbour", "link"}:
+                fdb, neigh = self.peers.repair(network)
+                if fdb:
+                    self._record(repaired, "fdb", fdb, where, f"{fdb} FDB entr{'y' if fdb == 1 else 'ies'} put back "
+                                 "or corrected", why)
+                if neigh:
+                    self._record(repaired, "neighbour", neigh, where, f"{neigh} neighbour entr"
+                                 f"{'y' if neigh == 1 else 'ies'} put back or corrected", why)
+            if kinds & {"nft", "link"}:
+                drift = self.driver.repair_guard(network)
+                if drift is not None:
+                    self._record(repaired, "anti-spoofing", 1, where, f"{drift}: table rebuilt", why)
+        except VxnetError as exc:
+            log.error("reconcile pass (%s) could not repair %s: %s", trigger, where, exc)
+
+    def _host(self, kinds: Set[str], trigger: str, repaired: Dict[str, int]) -> None:
+        why = self._why(trigger, kinds)
+        if "nft" in kinds:
+            try:
+                drift = self.driver.repair_host_guard()
+                if drift is not None:
+                    self._record(repaired, "isolation", 1, "host", f"{drift}: table rebuilt", why)
+            except VxnetError as exc:
+                log.error("reconcile pass (%s) could not repair the host isolation table: %s", trigger, exc)
+        if self.encryption is not None:
+            try:
+                for kind, count in sorted(self.encryption.repair().items()):
+                    self._record(repaired, kind, count, "host", f"{count} {kind} object(s) put back", why)
+            except VxnetError as exc:
+                log.error("reconcile pass (%s) could not repair IPsec: %s", trigger, exc)
+
+    @staticmethod
+    def _why(trigger: str, kinds: Set[str]) -> str:
+        return f"{trigger} pass" + (f" after {'/'.join(sorted(kinds))} events" if trigger == "event" else "")
+
+    @staticmethod
+    def _record(repaired: Dict[str, int], kind: str, count: int, where: str, what: str, why: str) -> None:
+        repaired[kind] = repaired.get(kind, 0) + count
+        REPAIRS.labels(kind).inc(count)
+        log.warning('repair kind=%s where=%s count=%d what="%s" why="%s"', kind, where, count, what, why)
