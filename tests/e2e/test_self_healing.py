@@ -19,6 +19,7 @@ from typing import Callable, Iterator, Optional
 import pytest
 
 from kernel import names
+from tests.harness import metrics
 from tests.harness.containers import addresses, network_id, run_sleeper, wait_ping
 from tests.harness.plugin import Plugin
 from tests.harness.proc import wait_until
@@ -90,13 +91,29 @@ def test_deleted_fdb_neighbour_and_anti_spoofing_entries_come_back_by_themselves
         in_ns("nft", "delete", "element", "bridge", "vxnet", "ips",
               "{", f"{names.veth_bridge(c1['EndpointID'])} . {ip1}", "}")
 
+    # What `vxnet status` must name while each deletion lasts (netdriver/drift.py's objects).
+    port1 = names.veth_bridge(c1["EndpointID"])
+    shown = {"fdb": (mac2, h2.ip), "neighbour": (ip2, mac2), "anti-spoofing": (f"ips {port1} . {ip1}", "present")}
+
+    def status_differences():
+        code, data = p1.cli_json("status")
+        return code, [(d["kind"], d["object"], d["want"], d["have"]) for d in data["this_host"]["differences"]]
+
+    assert status_differences() == (0, []), "vxnet status in sync before any deletion"
     took = {}
     for kind, delete in (("fdb", delete_fdb), ("neighbour", delete_neigh), ("anti-spoofing", delete_element)):
         assert probe() is not None, f"traffic before deleting the {kind} entry (positive control)"
+        counted = metrics.get(metrics.scrape(h1), "vxnet_repairs_total", kind=kind)
         with drift(p1, delete):
             assert probe() is None, f"traffic while the {kind} deletion is not repaired (negative control)"
+            # The drift while it lasts, as the operator sees it (the command reads etcd and the kernel itself).
+            code, found = status_differences()
+            assert code == 1 and found == [(kind, *shown[kind][:1], shown[kind][1], None)], found
         after_thaw = probe()
         assert after_thaw is not None, f"no traffic within {WINDOW_SECONDS} s of thawing after the {kind} deletion"
+        wait_until(lambda: status_differences() == (0, []), 10, f"vxnet status in sync after the {kind} repair")
+        assert metrics.get(metrics.scrape(h1), "vxnet_repairs_total", kind=kind) >= counted + 1, \
+            f"vxnet_repairs_total{{kind={kind}}} moved with the repair"
         delete()
         running = probe()  # started right after the deletion returned
         assert running is not None, f"no traffic within {WINDOW_SECONDS} s of the {kind} deletion"
