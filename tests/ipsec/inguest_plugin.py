@@ -8,7 +8,7 @@ on the bridge), `python3 -m plugin` in each with the same cluster secret, as `ma
 plays dockerd's part for `docker network create -d vxnet -o encrypted` and `docker run --network`: the same
 NetworkDriver calls over the plugin's socket, and the interface moved into a container namespace the way
 libnetwork does it (dockerd itself is too heavy to boot under TCG). Everything else is the product: DataPlane,
-PeerSync over etcd, EncryptionManager, the key ring watcher and the `python3 -m encrypt` CLI.
+PeerSync over etcd, EncryptionManager, the key ring watcher and `vxnet keys`.
 
 Each check prints one `VXNET-CHECK {...}` line (tests/ipsec/inguest.py's CheckList).
 """
@@ -144,21 +144,14 @@ class World:
         finally:
             xfrm.close()
 
-    def encrypt_cli(self, *args: str) -> str:
-        """`python3 -m encrypt ...` on host 1 (etcd is reachable from the hosts only)."""
-        proc = self.h1.host.run([sys.executable, "-m", "encrypt", *args, "--etcd", self.lab.etcd.url,
-                                 "--secret-file", self.secret_file], check=False, cwd=REPO,
+    def keys_cli(self, *args: str) -> dict:
+        """`vxnet keys ... --json` on host 1 (etcd is reachable from the hosts only): its JSON answer."""
+        proc = self.h1.host.run([sys.executable, "-m", "cli", "keys", *args, "--etcd", self.lab.etcd.url,
+                                 "--secret-file", self.secret_file, "--json"], check=False, cwd=REPO,
                                 env=dict(os.environ, PYTHONPATH=REPO))
-        assert proc.returncode == 0, f"python3 -m encrypt {' '.join(args)}: {proc.stderr or proc.stdout}"
-        return proc.stdout.strip()
+        assert proc.returncode == 0, f"vxnet keys {' '.join(args)}: {proc.stderr or proc.stdout}"
+        return json.loads(proc.stdout)
 
-
-def _primary(described: str) -> int:
-    """The primary tag in `python3 -m encrypt show|rotate` output: 'keys 1 (previous), 2 (primary), ...'."""
-    for part in described.split(","):
-        if "(primary)" in part:
-            return int(part.split("(")[0].split()[-1])
-    raise AssertionError(f"no primary key in {described!r}")
 
 
 def _interesting(log: str, lines: int = 40) -> str:
@@ -194,7 +187,7 @@ def plugins_start_with_one_cluster_secret(world: World) -> str:
             future.result()
     for engine in world.engines.values():
         wait_until(lambda: "key ring now" in engine.plugin.log(), 60, f"{engine.name}: the key ring loaded")
-    world.primary = _primary(world.encrypt_cli("show"))
+    world.primary = world.keys_cli("status")["primary"]
     return f"etcd, two hosts and two plugins up in {time.monotonic() - started:.1f} s; primary key {world.primary}"
 
 
@@ -284,6 +277,12 @@ def _resumes(world: World, what: str) -> float:
     return time.monotonic() - started
 
 
+def _status_differences(engine: Engine):
+    """`vxnet status --json` on the engine's host: (exit status, its differences as (kind, object, want, have))."""
+    code, data = engine.plugin.cli_json("status")
+    return code, [(d["kind"], d["object"], d["want"], d["have"]) for d in data["this_host"]["differences"]]
+
+
 @check()
 def a_deleted_sa_comes_back_by_itself(world: World) -> str:
     """`ip xfrm state delete` of host 1's outbound SA: with the plugin frozen the same probe fails (negative
@@ -294,11 +293,19 @@ def a_deleted_sa_comes_back_by_itself(world: World) -> str:
     delete = ["ip", "xfrm", "state", "delete", "src", h1.host.ip, "dst", h2.host.ip, "proto", "esp", "spi",
               f"{spi:#010x}"]
     assert h1.ping("c1", CONTAINER_IP["h2"], 1, wait=1)["received"] == 1, "traffic before (positive control)"
+    missing = ("sa", f"{h1.host.ip} -> {h2.host.ip}", "present", None)
+    assert missing not in _status_differences(h1)[1], "vxnet status: the outbound SA is there before"
+    repairs = get(scrape(h1.host), "vxnet_repairs_total", kind="sa")
     with h1.plugin.frozen():
         h1.host.run(delete)
         frozen = h1.ping("c1", CONTAINER_IP["h2"], 1, wait=1)
         assert frozen["received"] == 0, f"traffic flowed without the outbound SA: {frozen}"
+        # The drift while it lasts, as `vxnet status` on host 1 shows it (it reads etcd and the kernel itself).
+        code, during = _status_differences(h1)
+        assert code == 1 and missing in during, during
     thawed = _resumes(world, "traffic after the thawed plugin repaired the deleted SA")
+    wait_until(lambda: missing not in _status_differences(h1)[1], 10, "vxnet status without the SA difference")
+    assert get(scrape(h1.host), "vxnet_repairs_total", kind="sa") >= repairs + 1, "the repair counter moved"
     h1.host.run(delete)
     running = _resumes(world, "traffic after the running plugin repaired the deleted SA")
     wait_until(lambda: "repair kind=sa where=host" in h1.plugin.log(5000), 10, "the SA repair in host 1's log")
@@ -308,23 +315,25 @@ def a_deleted_sa_comes_back_by_itself(world: World) -> str:
 
 @check()
 def metrics_count_the_sas_the_key_age_and_cleartext_dropped(world: World) -> str:
-    """/metrics (scraped inside each host, as a Prometheus there would): host 1 has no SA left (flushed above),
-    host 2 still has its three (inbound for both keys of the ring, outbound for the primary). Then host 1's
-    policies go too: its VXLAN now leaves without IPsec and the fail-closed rule drops it, which
+    """/metrics (scraped inside each host, as a Prometheus there would): each host has its three SAs (inbound
+    for both keys of the ring, outbound for the primary; host 1's put back by self-healing after the deletions
+    above). Then host 1's policies go too, with its plugin frozen (else self-healing puts them back before the
+    pings): its VXLAN now leaves without IPsec and the fail-closed rule drops it, which
     vxnet_dropped_packets_total{reason="cleartext"} counts. Control: host 2's count of cleartext stays where it
     was (nothing reached it), and the underlay carries no cleartext."""
     h1, h2 = world.h1, world.h2
     before = {e.name: scrape(e.host) for e in (h1, h2)}
-    assert get(before["h1"], "vxnet_ipsec_sas") == 0, before["h1"]
+    assert get(before["h1"], "vxnet_ipsec_sas") == len(_sas(h1)) == 3, _sas(h1)  # put back by self-healing
     assert get(before["h2"], "vxnet_ipsec_sas") == len(_sas(h2)) == 3, _sas(h2)
     ages = [get(before[name], "vxnet_ipsec_key_age_seconds") for name in ("h1", "h2")]
     assert all(age > 0 for age in ages) and abs(ages[0] - ages[1]) < 60, ages  # one ring, one rotation time
     cleartext = {name: get(samples, "vxnet_dropped_packets_total", reason="cleartext")
                  for name, samples in before.items()}
-    h1.host.run(["ip", "xfrm", "policy", "flush"])
-    cap = world.capture()
-    result = h1.ping("c1", CONTAINER_IP["h2"], 3, interval=0.3)
-    seen = cap.stop()
+    with h1.plugin.frozen():  # or self-healing puts the policies back before the pings
+        h1.host.run(["ip", "xfrm", "policy", "flush"])
+        cap = world.capture()
+        result = h1.ping("c1", CONTAINER_IP["h2"], 3, interval=0.3)
+        seen = cap.stop()
     assert result["received"] == 0, f"traffic flowed without SAs and policies: {result}"
     assert seen["udp_encrypted_port"] == 0 and seen["udp_other"] == 0, f"cleartext VXLAN on the underlay: {seen}"
     wait_until(lambda: get(scrape(h1.host), "vxnet_dropped_packets_total", reason="cleartext") >=
@@ -332,7 +341,7 @@ def metrics_count_the_sas_the_key_age_and_cleartext_dropped(world: World) -> str
     after = {e.name: scrape(e.host) for e in (h1, h2)}
     assert get(after["h2"], "vxnet_dropped_packets_total", reason="cleartext") == cleartext["h2"]
     dropped = get(after["h1"], "vxnet_dropped_packets_total", reason="cleartext") - cleartext["h1"]
-    return (f"SAs h1 0, h2 3; key age {ages[0]:.0f} s / {ages[1]:.0f} s; policies flushed: ping {result}, "
+    return (f"SAs h1 3, h2 3; key age {ages[0]:.0f} s / {ages[1]:.0f} s; policies flushed: ping {result}, "
             f"cleartext dropped on h1 +{dropped:.0f}, h2 +0; underlay {seen}")
 
 
@@ -379,13 +388,13 @@ def rotation_and_prune_by_cli_lose_nothing(world: World) -> str:
     before = world.sa_packets(h1, h1, h2)
     loop = h1.ping_loop("c1", CONTAINER_IP["h2"], count, 0.05)
     wait_until(lambda: world.sa_packets(h1, h1, h2) >= before + 10, 60, "some traffic on the old key first")
-    rotated = world.encrypt_cli("rotate", "--min-age", "0")
-    new = _primary(rotated)
-    assert new != world.primary, rotated
+    rotated = world.keys_cli("rotate", "--min-age", "0")
+    new = rotated["primary"]
+    assert rotated["rotated"] and new != world.primary, rotated
     want = {"h1": spi_for(h1.host.ip, h2.host.ip, new), "h2": spi_for(h2.host.ip, h1.host.ip, new)}
     wait_until(lambda: world.outbound_spis(h1, h2) == [want["h1"]] and world.outbound_spis(h2, h1) == [want["h2"]],
                60, "both plugins to send with the new primary key")
-    pruned = world.encrypt_cli("prune")
+    pruned = world.keys_cli("prune")
     old_in = spi_for(h2.host.ip, h1.host.ip, world.primary)
     wait_until(lambda: old_in not in [sa.spi for sa in _sas(h1)], 60, "host 1 to drop the pruned key's SAs")
     result = _loop_result(loop, count * 0.5 + 60)
