@@ -455,8 +455,10 @@ def removing_everything_leaves_nothing(world: World) -> str:
         assert not sas and not policies, f"{name}: SAs {sas} policies {policies} left"
         left = [ns for ns in engine.host.netns() if ns.startswith("vxnet-")]
         assert not left, f"{name}: namespaces left: {left}"
+    # What a live host keeps whatever its networks: its record and health-overlay address (under its lease), and
+    # the cluster's key ring.
     keys = [k for k in world.lab.etcd.keys("/vxnet/v1/")
-            if not k.startswith(("/vxnet/v1/hosts/", "/vxnet/v1/encryption/"))]
+            if not k.startswith(("/vxnet/v1/hosts/", "/vxnet/v1/health/", "/vxnet/v1/encryption/"))]
     assert not keys, f"etcd keys left: {keys}"
     return "no SA, no policy, no namespace, no etcd key of the networks on either host"
 
