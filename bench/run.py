@@ -27,7 +27,9 @@ from bench.common import load
 from bench.lab import BenchLab, log
 from tests.harness.plugin import REPO
 
-PARTS = ("datapath", "convergence", "startup", "healing")
+# In this order: startup's managed form stops the host-process plugins the others run on (and its managed plugin,
+# in the host's network namespace, holds the metrics port a host-process plugin restarted after it would need).
+PARTS = ("datapath", "convergence", "healing", "startup")
 
 
 class Deadline(BaseException):
