@@ -4,8 +4,8 @@ Parts (all by default, in this order):
   datapath     iperf3 throughput and ping RTT host1 -> host2: vxnet, Docker's overlay, the plain underlay;
                vxnet and Docker's overlay again with --crowd more endpoints on the vxnet network
   convergence  Join on host1 -> peer entries on host2, over N synthetic endpoints
-  startup      `docker run --rm --network N busybox true`: vxnet vs Docker's overlay
   healing      data path with the self-healing reconciler on vs off; time to repair a deleted FDB entry
+  startup      `docker run --rm --network N busybox true`: vxnet vs Docker's overlay
 
 Everything is bounded: each command has a time-out and the whole run a deadline (--deadline, default 540 s),
 after which it stops, tears down and exits 3. SIGTERM and Ctrl-C tear down too. A part that fails is reported
