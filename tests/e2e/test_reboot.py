@@ -126,7 +126,10 @@ def test_swarm_node_whose_dockerd_restarts_gets_its_container_and_task_back(swar
     assert h2.dockerd.stop(60) is not None
     # ... and while it is down, the same probe that reached keeper gets nothing (the negative control).
     assert not pings(h1, "probe", keeper_ip), "keeper answers while host 2's dockerd is down"
-    down = {"ports": _ports(h2, nid) if names.netns(nid) in h2.netns() else None}
+    # Nothing of the stopped containers is left on host 2 meanwhile: no bridge port (the namespace itself goes
+    # with the network's last local endpoint), nothing in the host's own namespace.
+    down_ports = _ports(h2, nid) if names.netns(nid) in h2.netns() else None
+    assert down_ports in (None, []) and _ours_in_root(h2) == [], (down_ports, _ours_in_root(h2))
     h2.start_dockerd()
 
     # The restart-always container comes back with its address, reachable from host 1 with the same probe.
@@ -143,15 +146,21 @@ def test_swarm_node_whose_dockerd_restarts_gets_its_container_and_task_back(swar
     wait_until(lambda: new_task_ip in resolve(h1, "probe", "tasks.glob"), 30,
                "tasks.glob to name host 2's new task", interval=0.5)
     print(f"host 2 dockerd restart: keeper {keeper_ip} reachable again after {back:.1f}s; task {task_ip} -> "
-          f"{new_task_ip}; bridge ports while down: {down['ports']}")
+          f"{new_task_ip} (container {'new' if tasks_after[h2.name] != tasks[h2.name] else 'the same'}); "
+          f"bridge ports while down: {down_ports}")
 
     # No stale link: one bridge port per local endpoint, nothing of ours in host 2's own namespace, and
     # `vxnet status` on host 2 finds kernel and etcd in agreement (no endpoint record left for the old task).
     wait_until(lambda: len(_ports(h2, nid)) == 2, 30, "host 2's bridge to hold exactly keeper's and the task's port",
                interval=0.5)
     assert _ours_in_root(h2) == []
-    data = wait_until(lambda: _status(h2, etcd.url)["this_host"]["in_sync"] and _status(h2, etcd.url), 30,
-                      "vxnet status on host 2 to be in sync", interval=1)
+    assert [ns for ns in h2.netns() if ns.startswith("vxnet-")] == [names.netns(nid)]
+
+    def in_sync():
+        data = _status(h2, etcd.url)
+        return data if data["this_host"]["in_sync"] else None
+
+    data = wait_until(in_sync, 30, "vxnet status on host 2 to be in sync", interval=1)
     mine = [e for e in data["endpoints"] if e["network"] == nid and e["host"] == data["this_host"]["id"]]
     assert sorted(e["ip"].split("/")[0] for e in mine) == sorted([keeper_ip, new_task_ip]), mine
 
@@ -206,6 +215,7 @@ def _came_back(h1, h2, nid: str, ip: str, etcd_url: str, since: float) -> float:
     took = time.monotonic() - since
     assert len(_ports(h2, nid)) == 1, _ports(h2, nid)
     assert _ours_in_root(h2) == []
+    assert [ns for ns in h2.netns() if ns.startswith("vxnet-")] == [names.netns(nid)]
     wait_until(lambda: _status(h2, etcd_url)["this_host"]["in_sync"], 30, "vxnet status on host 2 to be in sync",
                interval=1)
     return took
