@@ -278,9 +278,11 @@ def test_dockerd_started_first_waits_for_a_plugin_that_comes_within_its_retries(
     offset = _dockerd_log_size(h2)
     t0 = time.monotonic()
     with _dockerd_starting(h2):
-        wait_until(lambda: WAITING in _dockerd_log_since(h2, offset), 60, "dockerd to look for vxnet", interval=0.2)
+        # The plugin comes a few seconds later: once dockerd has waited 1 + 2 s for it and says it waits 4 more.
+        wait_until(lambda: f"{WAITING} in 4s" in _dockerd_log_since(h2, offset), 60,
+                   "dockerd to have looked for vxnet for 3 s", interval=0.2)
         waited = time.monotonic() - t0
-        p2.start()  # dockerd is in its retries: the plugin comes "a few seconds later"
+        p2.start()
     took = _came_back(h1, h2, nets[h2.name], ip, etcd.url, t0)
     log = _dockerd_log_since(h2, offset)
     assert not GAVE_UP.search(log), log[-3000:]
