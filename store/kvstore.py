@@ -35,6 +35,42 @@ log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT = 4.0
 
 
+# A member answers HTTP 503 (gRPC Unavailable) while its cluster has no leader or has just changed it. A raft
+# election takes one to two election timeouts (etcd's default: 1000 ms, randomised up to twice that) plus a round
+# trip, so 3 s of retries covers a leader killed or frozen; past that the cluster has lost its quorum.
+RETRY_SECONDS = 3.0
+FIRST_RETRY_DELAY = 0.05
+MAX_RETRY_DELAY = 0.5
+
+# Refusals etcd sends before anything is proposed to raft, so nothing was applied and any request may be sent
+# again: a linearizable read dropped by a leader change (ErrLeaderChanged), no leader to forward a proposal to
+# (ErrNoLeader), a member not yet caught up (ErrNotCapable), a member shedding load (ErrTooManyRequests, HTTP
+# 429), a member that lost its peers (ErrUnhealthy). A timeout ("request timed out", "...due to previous leader
+# failure") may have been applied: only a request that changes nothing is sent again after one.
+_NOT_APPLIED = ("leader changed", "no leader", "not capable", "too many requests", "unhealthy cluster")
+
+
+def _idempotent(path: str, body: dict) -> bool:
+    """True for a request that changes nothing (reads, a txn of reads only, a lease's TTL or keepalive, which
+    only refreshes what it refreshed), so sending it again is always safe."""
+    if path in ("kv/range", "lease/timetolive", "lease/keepalive", "maintenance/status"):
+        return True
+    if path == "kv/txn":
+        ops = list(body.get("success") or []) + list(body.get("failure") or [])
+        return all("request_range" in op for op in ops)
+    return False
+
+
+def _transient(status: int, detail: str, idempotent: bool) -> bool:
+    """Whether a refusal is the cluster's passing state (another member, or the same one a moment later, may
+    answer) rather than the request's fault."""
+    if status == 429:
+        return True
+    if status != 503:
+        return False
+    return idempotent or any(text in detail for text in _NOT_APPLIED)
+
+
 def _b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
 
@@ -124,27 +160,47 @@ class EtcdKV:
             ETCD_SECONDS.labels(op=path).observe(time.monotonic() - started)
 
     def _call_endpoints(self, path: str, body: dict) -> dict:
-        errors = []
-        with self._lock:
-            order = list(range(len(self.endpoints)))
-            order = order[self._preferred:] + order[:self._preferred]
-        for index in order:
-            url = self.endpoints[index]
-            try:
-                reply = self._session.post(f"{url}/v3/{path}", json=body, timeout=self.timeout)
-            except OSError as exc:  # requests' errors are OSErrors too, and so is an unreadable TLS file
-                errors.append(f"{url}: {_reason(exc)}")
-                continue
-            if reply.status_code != 200:
-                raise StoreUnavailable(f"etcd at {url} refused {path}: HTTP {reply.status_code} {_detail(reply)}")
-            try:
-                answer = reply.json()
-            except ValueError:
-                raise StoreUnavailable(f"etcd at {url} answered {path} with something that is not JSON") from None
+        """One round over the endpoints from the preferred one; a transient refusal (see _transient) moves on to
+        the next endpoint like an unreachable one, and when a round met one, the next round starts after a
+        short backoff, for up to RETRY_SECONDS: a cluster electing a leader answers again within that."""
+        deadline = time.monotonic() + RETRY_SECONDS
+        delay = FIRST_RETRY_DELAY
+        idempotent = _idempotent(path, body)
+        while True:
+            errors, refusals = [], []
             with self._lock:
-                self._preferred = index
-            return answer
-        raise StoreUnavailable("etcd unreachable at " + ", ".join(self.endpoints) + " (" + "; ".join(errors) + ")")
+                order = list(range(len(self.endpoints)))
+                order = order[self._preferred:] + order[:self._preferred]
+            for index in order:
+                url = self.endpoints[index]
+                try:
+                    reply = self._session.post(f"{url}/v3/{path}", json=body, timeout=self.timeout)
+                except OSError as exc:  # requests' errors are OSErrors too, and so is an unreadable TLS file
+                    errors.append(f"{url}: {_reason(exc)}")
+                    continue
+                if reply.status_code != 200:
+                    detail = _detail(reply)
+                    refusal = f"etcd at {url} refused {path}: HTTP {reply.status_code} {detail}"
+                    if not _transient(reply.status_code, detail, idempotent):
+                        raise StoreUnavailable(refusal)
+                    refusals.append(refusal)
+                    continue
+                try:
+                    answer = reply.json()
+                except ValueError:
+                    raise StoreUnavailable(f"etcd at {url} answered {path} with something that is not JSON") \
+                        from None
+                with self._lock:
+                    self._preferred = index
+                return answer
+            if not refusals:  # nobody answered at all: etcd is gone, say so now
+                raise StoreUnavailable("etcd unreachable at " + ", ".join(self.endpoints) + " (" +
+                                       "; ".join(errors) + ")")
+            if time.monotonic() + delay > deadline:
+                raise StoreUnavailable("; ".join(refusals + errors) + f" (still after {RETRY_SECONDS:g} s)")
+            log.debug("etcd %s: %s; trying again in %.2f s", path, "; ".join(refusals), delay)
+            time.sleep(delay)  # a backoff between rounds, not a synchronisation
+            delay = min(delay * 2, MAX_RETRY_DELAY)
 
     def _stream(self, path: str, body: dict) -> Tuple[str, requests.Response]:
         """POST body to /v3/<path> on the endpoint that answered last, for a response read as it arrives: the
