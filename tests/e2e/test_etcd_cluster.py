@@ -18,7 +18,7 @@ from tests.harness.proc import wait_until
 
 SUBNET = "10.200.30.0/24"
 FREEZE_SECONDS = 5  # how long the second member stays frozen: well past etcd's 1 s election timeout
-ATTACHES_PER_PHASE = 12  # attaches that must succeed after each disturbance before the next one
+ATTACHES_PER_PHASE = 20  # attaches that must succeed after each disturbance before the next one
 
 
 @pytest.fixture
