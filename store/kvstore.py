@@ -118,10 +118,16 @@ def _entry(kv: dict) -> Entry:
 
 
 def _session(ca: Optional[str], cert: Optional[str], key: Optional[str]) -> requests.Session:
-    """An HTTP session that uses exactly our TLS files. trust_env off: requests otherwise lets REQUESTS_CA_BUNDLE
-    or CURL_CA_BUNDLE from the environment override the session's CA (and sends etcd traffic to HTTP proxies)."""
+    """An HTTP session that asks etcd for a member with a leader and uses exactly our TLS files. trust_env off:
+    requests otherwise lets REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE from the environment override the session's CA
+    (and sends etcd traffic to HTTP proxies)."""
     session = requests.Session()
     session.trust_env = False
+    # etcd's "require leader" (gRPC metadata hasleader=true, which its JSON gateway takes from this header): a
+    # member cut off from its cluster refuses calls at once with "no leader" instead of timing out, so they fail
+    # over, and ends a watch stream with that error within a few election timeouts, so the watch resyncs from a
+    # member that has a leader rather than staying open and silent while the others move on.
+    session.headers["Grpc-Metadata-hasleader"] = "true"
     if ca:
         session.verify = ca
     if cert and key:
@@ -328,7 +334,9 @@ class EtcdKV:
         failover), -> (its answer: {"header": {"member_id", ...}, "version", "leader", "raftTerm", "errors"?},
         the HTTP Date header of the reply, which tells the clock skew). StoreUnavailable naming url."""
         try:
-            reply = self._session.post(f"{url}/v3/maintenance/status", json={}, timeout=self.timeout)
+            # Without the session's require-leader header: a member without a leader still tells its own view.
+            reply = self._session.post(f"{url}/v3/maintenance/status", json={}, timeout=self.timeout,
+                                       headers={"Grpc-Metadata-hasleader": None})
         except OSError as exc:
             raise StoreUnavailable(f"etcd unreachable at {url} ({_reason(exc)})") from None
         if reply.status_code != 200:
@@ -403,6 +411,10 @@ class WatchStream:
             while not self._closed.is_set():
                 chunk = reply.raw.read1(65536)
                 if not chunk:
+                    # The gateway's last message before it ends a stream (the error a member cancels a watch
+                    # with, "no leader") comes without a newline after it.
+                    if buffer.strip() and not self._closed.is_set():
+                        yield from self._events(json.loads(buffer))
                     break
                 buffer += chunk
                 while b"\n" in buffer:

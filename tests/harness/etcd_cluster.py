@@ -1,18 +1,19 @@
-"""A 3-member etcd cluster with TLS everywhere (clients and peers both present certificates of one test CA),
-in the underlay namespace on the bridge's address, one port pair per member:
+"""A 3-member etcd cluster, by default with TLS everywhere (clients and peers both present certificates of one
+test CA) in the underlay namespace on the bridge's address, one port pair per member:
 
     m1  https://192.168.251.1:2479 (peers :2480)   m2  :2579 (:2580)   m3  :2679 (:2680)
 
-(the session's single etcd keeps 2379/2380 on the same address). Members are killed, frozen and started again
-by PID; `leader()` asks each member's maintenance status who leads.
+(the session's single etcd keeps 2379/2380 on the same address); `EtcdCluster.loopback()` is one on 127.0.0.1,
+plain HTTP, free ports, for code in the test process. Members are killed, frozen and started again by PID;
+`leader()` asks each member's status who leads.
 """
 
 import json
 import os
 import signal
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
-from tests.harness.etcd import ETCD, ETCDCTL, tail
+from tests.harness.etcd import ETCD, ETCDCTL, free_port, tail
 from tests.harness.hosts import UNDERLAY_GW, Underlay
 from tests.harness.proc import HarnessError, Proc, run, wait_until
 from tests.harness.tls import CA
@@ -24,9 +25,13 @@ class Member:
     def __init__(self, cluster: "EtcdCluster", index: int):
         self.cluster = cluster
         self.name = f"m{index + 1}"
-        port = FIRST_CLIENT_PORT + 100 * index
-        self.url = f"https://{UNDERLAY_GW}:{port}"
-        self.peer_url = f"https://{UNDERLAY_GW}:{port + 1}"
+        scheme = "https" if cluster.ca else "http"
+        if cluster.first_port:
+            port, peer = cluster.first_port + 100 * index, cluster.first_port + 100 * index + 1
+        else:
+            port, peer = free_port(cluster.host), free_port(cluster.host)
+        self.url = f"{scheme}://{cluster.host}:{port}"
+        self.peer_url = f"{scheme}://{cluster.host}:{peer}"
         self.dir = os.path.join(cluster.dir, self.name)
         self.proc: Optional[Proc] = None
 
@@ -45,13 +50,14 @@ class Member:
             "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
             "--listen-peer-urls", self.peer_url, "--initial-advertise-peer-urls", self.peer_url,
             "--initial-cluster", ",".join(f"{m.name}={m.peer_url}" for m in c.members),
-            "--initial-cluster-state", state, "--initial-cluster-token", "vxnet-e2e-cluster",
-            "--cert-file", c.server_cert, "--key-file", c.server_key,
-            "--client-cert-auth", "--trusted-ca-file", c.ca.path,
-            "--peer-cert-file", c.server_cert, "--peer-key-file", c.server_key,
-            "--peer-client-cert-auth", "--peer-trusted-ca-file", c.ca.path,
-            "--logger", "zap", "--log-outputs", "stderr",
+            "--initial-cluster-state", state, "--initial-cluster-token", "vxnet-test-cluster",
+            "--logger", "zap", "--log-outputs", "stderr", *c.timing,
         ]
+        if c.ca:
+            argv += ["--cert-file", c.server_cert, "--key-file", c.server_key,
+                     "--client-cert-auth", "--trusted-ca-file", c.ca.path,
+                     "--peer-cert-file", c.server_cert, "--peer-key-file", c.server_key,
+                     "--peer-client-cert-auth", "--peer-trusted-ca-file", c.ca.path]
         self.proc = Proc.spawn(argv, name=f"etcd {self.name} {self.url}", log_path=self.log_path)
 
     def etcdctl(self, *args: str, check: bool = True, timeout: float = 10.0):
@@ -100,23 +106,36 @@ class Member:
 
 
 class EtcdCluster:
-    """Three members of one cluster, TLS with client certificates for clients and peers.
+    """Three members of one cluster, with TLS: client certificates for clients and peers.
 
-    Files (in folder): ca.pem, ca-server(.pem, -key.pem) for every member (SAN: the underlay address),
-    ca-client(...) for vxnet and etcdctl. `env()` is what a plugin needs to use the cluster."""
+    Files (in folder): ca.pem, ca-server(.pem, -key.pem) for every member (SAN: the members' address),
+    ca-client(...) for vxnet and etcdctl. `env()` is what a plugin needs to use the cluster.
+    Defaults: etcd's own timing (100 ms heartbeats, 1 s election timeout), as an operator's cluster has."""
 
-    def __init__(self, underlay: Underlay, folder: str, size: int = 3):
+    def __init__(self, underlay: Optional[Underlay], folder: str, size: int = 3, host: str = UNDERLAY_GW,
+                 first_port: Optional[int] = FIRST_CLIENT_PORT, tls: bool = True, timing: Sequence[str] = ()):
         self.underlay = underlay
         self.dir = folder
+        self.host = host
+        self.first_port = first_port
+        self.timing = list(timing)
         os.makedirs(folder, exist_ok=True)
-        self.ca = CA(folder)
-        self.server_cert, self.server_key = self.ca.issue("server", server=True, ips=[UNDERLAY_GW])
-        self.client_cert, self.client_key = self.ca.issue("client", server=False)
+        self.ca = CA(folder) if tls else None
+        if self.ca:
+            self.server_cert, self.server_key = self.ca.issue("server", server=True, ips=[host])
+            self.client_cert, self.client_key = self.ca.issue("client", server=False)
         self.members: List[Member] = []
         self.members = [Member(self, i) for i in range(size)]
 
+    @classmethod
+    def loopback(cls, folder: str) -> "EtcdCluster":
+        """On 127.0.0.1 in this namespace, plain HTTP, free ports, 50 ms heartbeats and a 300 ms election
+        timeout (nothing else shares the loopback's latency: a short timeout only makes the test faster)."""
+        return cls(None, folder, host="127.0.0.1", first_port=None, tls=False,
+                   timing=["--heartbeat-interval", "50", "--election-timeout", "300"])
+
     def underlay_prefix(self) -> List[str]:
-        return ["nsenter", "-t", str(self.underlay.anchor.pid), "-n", "--"]
+        return ["nsenter", "-t", str(self.underlay.anchor.pid), "-n", "--"] if self.underlay else []
 
     def endpoints(self, first: int = 0) -> str:
         """Every member's client URL, starting with member `first` (vxnet asks the first one first)."""
@@ -125,14 +144,16 @@ class EtcdCluster:
 
     def env(self, first: int = 0) -> Dict[str, str]:
         """A plugin's settings for this cluster: ETCD_ENDPOINTS from member `first` on, the TLS files."""
-        return {"ETCD_ENDPOINTS": self.endpoints(first), "ETCD_CA_FILE": self.ca.path,
-                "ETCD_CERT_FILE": self.client_cert, "ETCD_KEY_FILE": self.client_key}
+        env = {"ETCD_ENDPOINTS": self.endpoints(first)}
+        if self.ca:
+            env.update(ETCD_CA_FILE=self.ca.path, ETCD_CERT_FILE=self.client_cert, ETCD_KEY_FILE=self.client_key)
+        return env
 
     def etcdctl(self, endpoints: str, *args: str, check: bool = True, timeout: float = 10.0):
         env = dict(os.environ, ETCDCTL_API="3")
-        return run(self.underlay_prefix() + [
-            ETCDCTL, "--endpoints", endpoints, "--cacert", self.ca.path, "--cert", self.client_cert,
-            "--key", self.client_key, *args], timeout=timeout, check=check, env=env)
+        tls = ["--cacert", self.ca.path, "--cert", self.client_cert, "--key", self.client_key] if self.ca else []
+        return run(self.underlay_prefix() + [ETCDCTL, "--endpoints", endpoints, *tls, *args], timeout=timeout,
+                   check=check, env=env)
 
     def start(self, timeout: float = 60.0) -> "EtcdCluster":
         for member in self.members:
