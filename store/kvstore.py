@@ -1,7 +1,10 @@
 """A thin etcd v3 client over its JSON gateway, on one requests session: the only module that speaks to etcd.
 
 Keys and values are str (values are JSON written by the stores). Every failure to reach etcd becomes
-StoreUnavailable naming the endpoints, so a `docker` user reads "etcd unreachable at http://...".
+StoreUnavailable naming the endpoints, so a `docker` user reads "etcd unreachable at http://...". With several
+endpoints (members of one cluster) a call goes to the one that answered last and moves on to the next when one
+is unreachable or refuses for the cluster's passing state (an election: "leader changed", "no leader"), for up to
+RETRY_SECONDS; every request asks for a member with a leader, so one cut off from its cluster refuses at once.
 The stores build on six primitives: get, get_prefix, `read` (several keys and prefixes in one round trip, at
 one revision), put, delete and `commit`, a compare-and-swap transaction (keys that must be absent, keys that must
 be at a given revision, then puts and deletes). The keys themselves come from store/schema.py.
