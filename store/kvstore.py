@@ -1,7 +1,10 @@
 """A thin etcd v3 client over its JSON gateway, on one requests session: the only module that speaks to etcd.
 
 Keys and values are str (values are JSON written by the stores). Every failure to reach etcd becomes
-StoreUnavailable naming the endpoints, so a `docker` user reads "etcd unreachable at http://...".
+StoreUnavailable naming the endpoints, so a `docker` user reads "etcd unreachable at http://...". With several
+endpoints (members of one cluster) a call goes to the one that answered last and moves on to the next when one
+is unreachable or refuses for the cluster's passing state (an election: "leader changed", "no leader"), for up to
+RETRY_SECONDS; every request asks for a member with a leader, so one cut off from its cluster refuses at once.
 The stores build on six primitives: get, get_prefix, `read` (several keys and prefixes in one round trip, at
 one revision), put, delete and `commit`, a compare-and-swap transaction (keys that must be absent, keys that must
 be at a given revision, then puts and deletes). The keys themselves come from store/schema.py.
@@ -33,6 +36,42 @@ log = logging.getLogger(__name__)
 # dockerd waits for a plugin call as long as it takes, but a user at `docker network create` should hear that
 # etcd is gone within 5 s: 4 s per endpoint attempt leaves room for the rest of the call.
 DEFAULT_TIMEOUT = 4.0
+
+
+# A member answers HTTP 503 (gRPC Unavailable) while its cluster has no leader or has just changed it. A raft
+# election takes one to two election timeouts (etcd's default: 1000 ms, randomised up to twice that) plus a round
+# trip, so 3 s of retries covers a leader killed or frozen; past that the cluster has lost its quorum.
+RETRY_SECONDS = 3.0
+FIRST_RETRY_DELAY = 0.05
+MAX_RETRY_DELAY = 0.5
+
+# Refusals etcd sends before anything is proposed to raft, so nothing was applied and any request may be sent
+# again: a linearizable read dropped by a leader change (ErrLeaderChanged), no leader to forward a proposal to
+# (ErrNoLeader), a member not yet caught up (ErrNotCapable), a member shedding load (ErrTooManyRequests, HTTP
+# 429), a member that lost its peers (ErrUnhealthy). A timeout ("request timed out", "...due to previous leader
+# failure") may have been applied: only a request that changes nothing is sent again after one.
+_NOT_APPLIED = ("leader changed", "no leader", "not capable", "too many requests", "unhealthy cluster")
+
+
+def _idempotent(path: str, body: dict) -> bool:
+    """True for a request that changes nothing (reads, a txn of reads only, a lease's TTL or keepalive, which
+    only refreshes what it refreshed), so sending it again is always safe."""
+    if path in ("kv/range", "lease/timetolive", "lease/keepalive", "maintenance/status"):
+        return True
+    if path == "kv/txn":
+        ops = list(body.get("success") or []) + list(body.get("failure") or [])
+        return all("request_range" in op for op in ops)
+    return False
+
+
+def _transient(status: int, detail: str, idempotent: bool) -> bool:
+    """Whether a refusal is the cluster's passing state (another member, or the same one a moment later, may
+    answer) rather than the request's fault."""
+    if status == 429:
+        return True
+    if status != 503:
+        return False
+    return idempotent or any(text in detail for text in _NOT_APPLIED)
 
 
 def _b64(text: str) -> str:
@@ -82,10 +121,16 @@ def _entry(kv: dict) -> Entry:
 
 
 def _session(ca: Optional[str], cert: Optional[str], key: Optional[str]) -> requests.Session:
-    """An HTTP session that uses exactly our TLS files. trust_env off: requests otherwise lets REQUESTS_CA_BUNDLE
-    or CURL_CA_BUNDLE from the environment override the session's CA (and sends etcd traffic to HTTP proxies)."""
+    """An HTTP session that asks etcd for a member with a leader and uses exactly our TLS files. trust_env off:
+    requests otherwise lets REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE from the environment override the session's CA
+    (and sends etcd traffic to HTTP proxies)."""
     session = requests.Session()
     session.trust_env = False
+    # etcd's "require leader" (gRPC metadata hasleader=true, which its JSON gateway takes from this header): a
+    # member cut off from its cluster refuses calls at once with "no leader" instead of timing out, so they fail
+    # over, and ends a watch stream with that error within a few election timeouts, so the watch resyncs from a
+    # member that has a leader rather than staying open and silent while the others move on.
+    session.headers["Grpc-Metadata-hasleader"] = "true"
     if ca:
         session.verify = ca
     if cert and key:
@@ -124,27 +169,47 @@ class EtcdKV:
             ETCD_SECONDS.labels(op=path).observe(time.monotonic() - started)
 
     def _call_endpoints(self, path: str, body: dict) -> dict:
-        errors = []
-        with self._lock:
-            order = list(range(len(self.endpoints)))
-            order = order[self._preferred:] + order[:self._preferred]
-        for index in order:
-            url = self.endpoints[index]
-            try:
-                reply = self._session.post(f"{url}/v3/{path}", json=body, timeout=self.timeout)
-            except OSError as exc:  # requests' errors are OSErrors too, and so is an unreadable TLS file
-                errors.append(f"{url}: {_reason(exc)}")
-                continue
-            if reply.status_code != 200:
-                raise StoreUnavailable(f"etcd at {url} refused {path}: HTTP {reply.status_code} {_detail(reply)}")
-            try:
-                answer = reply.json()
-            except ValueError:
-                raise StoreUnavailable(f"etcd at {url} answered {path} with something that is not JSON") from None
+        """One round over the endpoints from the preferred one; a transient refusal (see _transient) moves on to
+        the next endpoint like an unreachable one, and when a round met one, the next round starts after a
+        short backoff, for up to RETRY_SECONDS: a cluster electing a leader answers again within that."""
+        deadline = time.monotonic() + RETRY_SECONDS
+        delay = FIRST_RETRY_DELAY
+        idempotent = _idempotent(path, body)
+        while True:
+            errors, refusals = [], []
             with self._lock:
-                self._preferred = index
-            return answer
-        raise StoreUnavailable("etcd unreachable at " + ", ".join(self.endpoints) + " (" + "; ".join(errors) + ")")
+                order = list(range(len(self.endpoints)))
+                order = order[self._preferred:] + order[:self._preferred]
+            for index in order:
+                url = self.endpoints[index]
+                try:
+                    reply = self._session.post(f"{url}/v3/{path}", json=body, timeout=self.timeout)
+                except OSError as exc:  # requests' errors are OSErrors too, and so is an unreadable TLS file
+                    errors.append(f"{url}: {_reason(exc)}")
+                    continue
+                if reply.status_code != 200:
+                    detail = _detail(reply)
+                    refusal = f"etcd at {url} refused {path}: HTTP {reply.status_code} {detail}"
+                    if not _transient(reply.status_code, detail, idempotent):
+                        raise StoreUnavailable(refusal)
+                    refusals.append(refusal)
+                    continue
+                try:
+                    answer = reply.json()
+                except ValueError:
+                    raise StoreUnavailable(f"etcd at {url} answered {path} with something that is not JSON") \
+                        from None
+                with self._lock:
+                    self._preferred = index
+                return answer
+            if not refusals:  # nobody answered at all: etcd is gone, say so now
+                raise StoreUnavailable("etcd unreachable at " + ", ".join(self.endpoints) + " (" +
+                                       "; ".join(errors) + ")")
+            if time.monotonic() + delay > deadline:
+                raise StoreUnavailable("; ".join(refusals + errors) + f" (still after {RETRY_SECONDS:g} s)")
+            log.debug("etcd %s: %s; trying again in %.2f s", path, "; ".join(refusals), delay)
+            time.sleep(delay)  # a backoff between rounds, not a synchronisation
+            delay = min(delay * 2, MAX_RETRY_DELAY)
 
     def _stream(self, path: str, body: dict) -> Tuple[str, requests.Response]:
         """POST body to /v3/<path> on the endpoint that answered last, for a response read as it arrives: the
@@ -272,7 +337,9 @@ class EtcdKV:
         failover), -> (its answer: {"header": {"member_id", ...}, "version", "leader", "raftTerm", "errors"?},
         the HTTP Date header of the reply, which tells the clock skew). StoreUnavailable naming url."""
         try:
-            reply = self._session.post(f"{url}/v3/maintenance/status", json={}, timeout=self.timeout)
+            # Without the session's require-leader header: a member without a leader still tells its own view.
+            reply = self._session.post(f"{url}/v3/maintenance/status", json={}, timeout=self.timeout,
+                                       headers={"Grpc-Metadata-hasleader": None})
         except OSError as exc:
             raise StoreUnavailable(f"etcd unreachable at {url} ({_reason(exc)})") from None
         if reply.status_code != 200:
@@ -347,6 +414,10 @@ class WatchStream:
             while not self._closed.is_set():
                 chunk = reply.raw.read1(65536)
                 if not chunk:
+                    # The gateway's last message before it ends a stream (the error a member cancels a watch
+                    # with, "no leader") comes without a newline after it.
+                    if buffer.strip() and not self._closed.is_set():
+                        yield from self._events(json.loads(buffer))
                     break
                 buffer += chunk
                 while b"\n" in buffer:

@@ -22,12 +22,13 @@ def _closed_port() -> int:
 
 
 class _Gateway(http.server.BaseHTTPRequestHandler):
-    """Answers every POST with the server's (status, body); records the paths asked."""
+    """Answers each POST with the next (status, body) of the server's script, then with its answer; records the
+    paths asked."""
 
     def do_POST(self):
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
         self.server.paths.append(self.path)
-        status, body = self.server.answer
+        status, body = self.server.script.pop(0) if self.server.script else self.server.answer
         data = json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -42,13 +43,31 @@ class _Gateway(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def gateway():
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Gateway)
-    server.paths, server.answer = [], (200, {"header": {"revision": "7"}})
+    server.paths, server.script, server.answer = [], [], (200, {"header": {"revision": "7"}})
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server
     server.shutdown()
     server.server_close()
     thread.join(5)
+
+
+@pytest.fixture
+def gateway2():
+    """A second gateway: another member of the same cluster."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Gateway)
+    server.paths, server.script, server.answer = [], [], (200, {"header": {"revision": "8"}})
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+def _unavailable(message):
+    """What etcd's gateway sends for a gRPC Unavailable error: HTTP 503 and the error in the body."""
+    return 503, {"error": message, "code": 14, "message": message}
 
 
 def test_a_refused_connection_is_store_unavailable_saying_so():
@@ -84,3 +103,49 @@ def test_a_down_endpoint_is_skipped_and_the_one_that_answered_is_asked_first(gat
     assert kv.revision() == 7 and kv.current_endpoint() == up
     assert kv.put("/k", "v") == 7
     assert gateway.paths == ["/v3/kv/range", "/v3/kv/put"]
+
+
+def test_a_member_refusing_for_a_leader_change_is_passed_over_for_the_next_which_is_then_asked_first(
+        gateway, gateway2):
+    """The leader was killed: the member asked first answers `leader changed` (a linearizable read it dropped),
+    the next one has the new leader and answers."""
+    first, second = (f"http://127.0.0.1:{g.server_port}" for g in (gateway, gateway2))
+    gateway.answer = _unavailable("etcdserver: leader changed")
+    kv = EtcdKV([first, second])
+    assert kv.get_prefix("/k/") == ([], 8) and kv.current_endpoint() == second
+    assert kv.put("/k", "v") == 8  # the one that answered is asked first: the first is not asked again
+    assert gateway.paths == ["/v3/kv/range"] and gateway2.paths == ["/v3/kv/range", "/v3/kv/put"]
+
+
+def test_a_cluster_electing_a_leader_is_asked_again_until_it_has_one(gateway):
+    """The only endpoint has no leader for two answers (the election), then takes the write: the caller sees
+    the write succeed, not the election."""
+    url = f"http://127.0.0.1:{gateway.server_port}"
+    gateway.script = [_unavailable("etcdserver: no leader"), _unavailable("etcdserver: leader changed")]
+    gateway.answer = (200, {"header": {"revision": "9"}, "succeeded": True})
+    assert EtcdKV([url]).commit(absent=["/a"], puts={"/a": "1"}) is True
+    assert gateway.paths == ["/v3/kv/txn"] * 3
+
+
+def test_a_write_that_timed_out_in_raft_is_not_sent_again_but_a_read_is(gateway):
+    """`request timed out` may have been applied: a compare-and-swap sent again could find its own write and
+    report failure, so it surfaces; the same refusal of a read (which changes nothing) is retried: the control."""
+    url = f"http://127.0.0.1:{gateway.server_port}"
+    gateway.script = [_unavailable("etcdserver: request timed out")]
+    with pytest.raises(StoreUnavailable, match=rf"etcd at {url} refused kv/txn: HTTP 503 etcdserver: request timed"):
+        EtcdKV([url]).commit(absent=["/a"], puts={"/a": "1"})
+    assert gateway.paths == ["/v3/kv/txn"]
+    gateway.script = [_unavailable("etcdserver: request timed out")]
+    assert EtcdKV([url]).get_prefix("/a/") == ([], 7)
+    assert gateway.paths == ["/v3/kv/txn"] + ["/v3/kv/range"] * 2
+
+
+def test_a_cluster_that_stays_without_a_leader_is_store_unavailable_within_the_retry_window(gateway, monkeypatch):
+    url = f"http://127.0.0.1:{gateway.server_port}"
+    monkeypatch.setattr("store.kvstore.RETRY_SECONDS", 0.5)
+    gateway.answer = _unavailable("etcdserver: no leader")
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable, match=rf"etcd at {url} refused kv/put: HTTP 503 etcdserver: no leader"
+                                               r".*still after 0.5 s"):
+        EtcdKV([url]).put("/k", "v")
+    assert time.monotonic() - started < 2 and len(gateway.paths) >= 2
