@@ -184,7 +184,7 @@ def service_gets_a_vip(world: World) -> str:
                                              "{{range $k, $v := .Containers}}{{$k}} {{$v.Name}} {{$v.IPv4Address}}\n"
                                              "{{end}}", NETWORK).stdout.splitlines() if "lb-" in line]
     return (f"{world.replicas} task(s) running in {time.monotonic() - start:.1f} s, mode vip, VIP {world.vip} "
-            f"held by the vxnet IPAM; load-balancer endpoint: {lb}")
+            f"held by the vxnet IPAM; load-balancer endpoint: {lb or 'none'}")
 
 
 @check()
@@ -221,6 +221,7 @@ def vip_not_balanced_by_dockerd(world: World) -> str:
     missing = f"addLBBackend {world.swarm.network(NETWORK)['Id']}/{NETWORK}: Unable to find load balancing endpoint"
     assert not any(through_vip), f"the VIP answered {through_vip}: dockerd balances it now\n{evidence}"
     assert missing in evidence, f"the VIP does not answer, for another reason than dockerd's:\n{evidence}"
+    assert f"lb-{NETWORK}" not in evidence.split("network endpoints:")[1].split("\n")[0], evidence
     services = [line for line in _ipvs(world) if line.split()[0] in ("TCP", "UDP", "FWM")]
     assert not services, f"IPVS services in the client's sandbox: {services}\n{evidence}"
     return (f"direct {direct}; through {world.vip}: {through_vip} (no answer); dockerd: '{missing}'; no IPVS "
