@@ -51,12 +51,18 @@ EXIT_MARKER = "VXNET-GUEST-EXIT"
 # vxlan and nf_tables (whose libcrc32c wants crc32c; nft_meta_bridge for the anti-spoofing table's iifname in the
 # bridge family) build the simulated hosts; the rest is ESP with
 # rfc4106(gcm(aes)) and the default RNG it needs (drbg's default is HMAC-SHA512, seeded by jitterentropy, which
-# hashes with SHA-3).
+# hashes with SHA-3). The second half is dockerd with Swarm's VIP mode (tests/ipsec/inguest_vip.py): iptables-nft's
+# nft_compat with the matches and targets dockerd and libnetwork's load balancer use (nat, conntrack, addrtype,
+# MASQUERADE, mark, ipvs), br_netfilter (dockerd asks for it at start), ip_vs with the round-robin scheduler Swarm
+# programs, and xt_u32/xt_REDIRECT that the embedded DNS and overlay rules name.
 MODULES = (
     "virtio_pci", "9pnet_virtio", "9p", "overlay",
     "veth", "bridge", "vxlan", "crc32c_generic", "nf_tables", "nft_meta_bridge",
     "xfrm_user", "esp4", "aead", "gf128mul", "ghash_generic", "ctr", "gcm", "seqiv",
     "sha512_generic", "sha3_generic", "jitterentropy_rng", "drbg",
+    "br_netfilter", "nf_conntrack", "nf_nat", "nft_compat", "nft_chain_nat", "xt_conntrack", "xt_addrtype",
+    "xt_MASQUERADE", "xt_nat", "xt_mark", "xt_comment", "xt_tcpudp", "xt_REDIRECT", "xt_u32", "xt_ipvs",
+    "ip_vs", "ip_vs_rr", "ip_tables", "iptable_filter", "iptable_nat", "iptable_mangle",
 )
 
 _INIT = r"""#!/bin/busybox sh
@@ -393,7 +399,7 @@ def qemu_argv(image: GuestImage, run_dir: str, checkout: str = REPO, memory_mb: 
         "-machine", "pc", "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio",
         "-monitor", "none", "-nic", "none", "-no-reboot",
         "-kernel", image.vmlinux, "-initrd", image.initramfs,
-        "-append", "console=ttyS0 panic=-1 loglevel=4 rdinit=/init",
+        "-append", "console=ttyS0 panic=-1 loglevel=4 no_timer_check rdinit=/init",
         *_virtfs("/", "hostroot"), *_virtfs(run_dir, "vxnetrun"), *_virtfs(checkout, "checkout"),
     ]
 
@@ -412,7 +418,7 @@ def write_run_dir(run_dir: str, command: Sequence[str], cwd: str, checkout: str)
 
 
 def run(image: GuestImage, command: Sequence[str], timeout: float = 240, cwd: str = REPO,
-        stream=None) -> GuestResult:
+        stream=None, memory_mb: int = 1024) -> GuestResult:
     """Boot the guest, run `command` (argv, executed in `cwd` with the host's tools), power off. The whole
     serial console is returned; `stream`, if given, receives it as it comes (a file object). The checkout is
     mounted in the guest at its host path; any other cwd must be on the host root outside /run and /tmp."""
@@ -420,7 +426,7 @@ def run(image: GuestImage, command: Sequence[str], timeout: float = 240, cwd: st
     try:
         write_run_dir(scratch, command, cwd, REPO)
         start = time.monotonic()
-        proc = subprocess.Popen(qemu_argv(image, scratch, REPO), stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen(qemu_argv(image, scratch, REPO, memory_mb=memory_mb), stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         chunks = []
         timed_out = False
