@@ -242,7 +242,7 @@ class Firewall:
         there; KernelError when the namespace is not (or nftables refuses)."""
         family = "inet" if ns is None else "bridge"
         try:
-            text = self._apply(ns, [{"list": {"table": {"family": family, "name": TABLE}}}],
+            text = self._apply(ns, list_table_command(family),
                                f"read the {family} {TABLE} table in {ns or 'the host namespace'}")
         except KernelError as exc:
             if _missing(exc):
@@ -252,9 +252,9 @@ class Firewall:
 
     def _listing(self, ns: Optional[str], family: str, what: str) -> Optional[Shape]:
         try:
-            text = self._apply(ns, [{"list": {"table": {"family": family, "name": TABLE}}}], what)
+            text = self._apply(ns, list_table_command(family), what)
         except KernelError as exc:
-            if "No such file or directory" in str(exc):  # the table is not there (nft's ENOENT)
+            if _missing(exc):
                 return None
             raise
         return listing_shape(str(text or ""))
