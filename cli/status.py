@@ -159,7 +159,7 @@ def collect(ctx: context.Context, host_override: Optional[str] = None) -> dict:
             held = sorted(members.get(segment_of(network.id, network.overlay), []))
             data["networks"].append({
                 "id": network.id, "name": net_names.get(network.id), "vni": network.vni, "mtu": network.mtu,
-                "subnets": [s.pool for s in network.subnets], "scope": _scope(network, held),
+                "subnets": [s.pool for s in network.subnets + network.subnets6], "scope": _scope(network, held),
                 "encrypted": network.encrypted, "overlay": network.overlay,
                 "members": [h for h in held if h != schema.SWARM_HOLDER]})
             for endpoint in store.list_endpoints(network.id):

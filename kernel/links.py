@@ -19,8 +19,10 @@ Because every call runs on that one thread, the calls are serialised without a l
 import concurrent.futures
 import errno
 import functools
+import ipaddress
 import logging
 import os
+import socket
 import threading
 from typing import ContextManager, Dict, List, Optional
 
@@ -38,6 +40,11 @@ log = logging.getLogger(__name__)
 
 
 
+def _family(ip: str) -> int:
+    """AF_INET or AF_INET6 for an address (ValueError for anything else: never sent to the kernel)."""
+    return socket.AF_INET6 if ipaddress.ip_address(ip).version == 6 else socket.AF_INET
+
+
 def _netlink_thread(method):
     """Run the method on Links' own thread (directly when already there)."""
     @functools.wraps(method)
@@ -46,6 +53,24 @@ def _netlink_thread(method):
             return method(self, *args, **kwargs)
         return self._executor.submit(method, self, *args, **kwargs).result()
     return wrapper
+
+
+# The devices of our namespaces (bridge, VXLAN device, bridge ends of the veths) only forward frames; none of them
+# is an IPv6 host. With the default addr_gen_mode (eui64) each would take a link-local address when it comes up,
+# and with it run DAD, join the solicited-node groups, send MLD reports into the overlay and answer ping6 from the
+# containers: the namespace would be a node on every dual-stack network, as it is on none in IPv4 (no address).
+# addr_gen_mode 1 (IN6_ADDR_GEN_MODE_NONE) makes no address, and IPv6 stays enabled: the VXLAN device's NDP table
+# must take our permanent entries, and the kernel refuses neighbour entries on a device with disable_ipv6
+# (ndisc_allow_add). Set as the namespace's default before any device exists or moves in: a device registered in
+# a namespace (made there, or moved there: the move registers it anew) takes the namespace's defaults.
+_ADDR_GEN_MODE = "/proc/sys/net/ipv6/conf/default/addr_gen_mode"
+
+
+def _no_ipv6_addresses() -> None:
+    """Run inside a new namespace (sysctl files under /proc/sys/net belong to the opener's namespace)."""
+    if os.path.exists(_ADDR_GEN_MODE):  # absent on a kernel without IPv6: nothing to disable
+        with open(_ADDR_GEN_MODE, "w") as f:
+            f.write("1")
 
 
 class Links:
@@ -166,6 +191,8 @@ class Links:
             if not self.netns_exists(name):
                 self._forget(name)  # handles left from a namespace of that name removed behind our back
                 self._create_netns(self._path(name))
+                with self._inside(name):
+                    _no_ipv6_addresses()
                 self._ipr(name).link("set", index=self._index(name, "lo"), state="up")
 
     @_netlink_thread
@@ -251,10 +278,17 @@ class Links:
 
     @_netlink_thread
     def ensure_bridge(self, ns: str, name: str, mtu: int) -> None:
+        """A bridge, up, with multicast snooping off. Snooping forwards a multicast group only to the ports that
+        sent an MLD (or IGMP) report for it; the VXLAN port stands for every remote container, whose reports never
+        cross the overlay (it has no flood entry), so a neighbour solicitation to a group that a local container
+        joined (solicited-node groups are shared by addresses with the same low 24 bits, RFC 4291 2.7.1) would
+        never reach the VXLAN device's proxy, which answers for the remote ones. Off, multicast is flooded to
+        every port, as ARP broadcasts are."""
         with kernel_errors(f"create bridge {name} in {ns}"):
             ipr = self._ipr(ns)
             if self._index(ns, name) is None:
-                ipr.link("add", ifname=name, kind="bridge")
+                ipr.link("add", ifname=name, kind="bridge", br_mcast_snooping=0)
+            ipr.link("set", index=self._index(ns, name), kind="bridge", br_mcast_snooping=0)
             ipr.link("set", index=self._index(ns, name), mtu=mtu, state="up")
 
     @_netlink_thread
@@ -263,7 +297,8 @@ class Links:
         """A VXLAN device inside `ns`, created in the host namespace first so its UDP socket stays there.
 
         learning off: peers are programmed from etcd, never learnt from flooded traffic; proxy on: ARP for known
-        peers is answered from our neighbour entries instead of crossing the underlay. master None: no bridge
+        peers (and IPv6 neighbour solicitations) is answered from our neighbour entries instead of crossing the
+        underlay. master None: no bridge
         (the health overlay's device carries its address itself); mac: the device's own address (None: random).
         A device whose VNI differs is made again."""
         with kernel_errors(f"create VXLAN {vni} in {ns}"):
@@ -378,15 +413,16 @@ class Links:
 
     @_netlink_thread
     def neighbours(self, ns: str, dev: str) -> Dict[str, str]:
-        """Permanent IPv4 neighbour entries of a device: ip -> mac."""
+        """Permanent neighbour entries of a device, IPv4 (ARP) and IPv6 (NDP) alike: ip -> mac."""
         out = {}
         with kernel_errors(f"read neighbours of {dev} in {ns}"):
             idx = self._device(ns, dev)
             if idx is None:
                 return out
-            for entry in self._ipr(ns).get_neighbours(family=2, ifindex=idx):
-                if entry["state"] & self._PERMANENT and entry.get_attr("NDA_LLADDR"):
-                    out[entry.get_attr("NDA_DST")] = entry.get_attr("NDA_LLADDR")
+            for family in (socket.AF_INET, socket.AF_INET6):
+                for entry in self._ipr(ns).get_neighbours(family=family, ifindex=idx):
+                    if entry["state"] & self._PERMANENT and entry.get_attr("NDA_LLADDR"):
+                        out[entry.get_attr("NDA_DST")] = entry.get_attr("NDA_LLADDR")
         return out
 
     @_netlink_thread
@@ -405,8 +441,9 @@ class Links:
 
     @_netlink_thread
     def set_neigh(self, ns: str, dev: str, ip: str, mac: str) -> None:
+        """A permanent neighbour entry ip -> mac; the family (ARP or NDP table) is the address's."""
         with kernel_errors(f"add neighbour {ip} -> {mac} in {ns}"):
-            self._ipr(ns).neigh("replace", family=2, ifindex=self._index(ns, dev), dst=ip, lladdr=mac,
+            self._ipr(ns).neigh("replace", family=_family(ip), ifindex=self._index(ns, dev), dst=ip, lladdr=mac,
                                 state=self._PERMANENT)
 
     @_netlink_thread
@@ -414,7 +451,7 @@ class Links:
         with kernel_errors(f"delete neighbour {ip} in {ns}"):
             idx = self._device(ns, dev)
             if idx is not None:
-                self._ignore_missing(lambda: self._ipr(ns).neigh("del", family=2, ifindex=idx, dst=ip))
+                self._ignore_missing(lambda: self._ipr(ns).neigh("del", family=_family(ip), ifindex=idx, dst=ip))
 
     @staticmethod
     def _ignore_missing(action) -> None:
