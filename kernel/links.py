@@ -41,8 +41,11 @@ log = logging.getLogger(__name__)
 
 
 def _family(ip: str) -> int:
-    """AF_INET or AF_INET6 for an address (ValueError for anything else: never sent to the kernel)."""
-    return socket.AF_INET6 if ipaddress.ip_address(ip).version == 6 else socket.AF_INET
+    """AF_INET or AF_INET6 for an address; KernelError for anything else, which never reaches the kernel."""
+    try:
+        return socket.AF_INET6 if ipaddress.ip_address(ip).version == 6 else socket.AF_INET
+    except ValueError:
+        raise KernelError(f"neighbour {ip!r}: not an IPv4 or IPv6 address") from None
 
 
 def _netlink_thread(method):
