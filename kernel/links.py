@@ -281,12 +281,13 @@ class Links:
 
     @_netlink_thread
     def ensure_bridge(self, ns: str, name: str, mtu: int) -> None:
-        """A bridge, up, with multicast snooping off. Snooping forwards a multicast group only to the ports that
-        sent an MLD (or IGMP) report for it; the VXLAN port stands for every remote container, whose reports never
-        cross the overlay (it has no flood entry), so a neighbour solicitation to a group that a local container
-        joined (solicited-node groups are shared by addresses with the same low 24 bits, RFC 4291 2.7.1) would
-        never reach the VXLAN device's proxy, which answers for the remote ones. Off, multicast is flooded to
-        every port, as ARP broadcasts are."""
+        """A bridge, up, with multicast snooping off. With snooping on, once any MLD querier shows up on the
+        bridge (and any container can send a query), a registered group is forwarded only to the ports that
+        reported it (br_multicast_querier_exists); the VXLAN port stands for every remote container, whose
+        reports never cross the overlay (the device has no flood entry), so a neighbour solicitation to a group a
+        local container joined (solicited-node groups are shared by addresses with the same low 24 bits, RFC 4291
+        2.7.1) would no longer reach the VXLAN device's proxy, which answers for the remote addresses. Off,
+        multicast is flooded to every port, as ARP broadcasts are."""
         with kernel_errors(f"create bridge {name} in {ns}"):
             ipr = self._ipr(ns)
             if self._index(ns, name) is None:
