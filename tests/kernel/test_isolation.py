@@ -262,6 +262,14 @@ def wired6():
 def test_dual_stack_own_addresses_pass_a_forged_v6_source_does_not(wired6):
     plane, network, eps, _ = wired6
     c5, e6 = eps[5][0], eps[6][1]
+    # What the reconciler compares: nft's listing of the raw-payload targets set reads back as the batch wrote it.
+    everyone = [ep for _, ep in eps.values()]
+    assert plane.guard_drift(network, everyone) is None
+    plane.unguard_endpoint(network, e6)
+    drift = plane.guard_drift(network, everyone)
+    assert f"set targets lacks {names.veth_bridge(e6.id)} . 0xfd000077000700000000000000000006" in drift, drift
+    plane.guard_endpoint(network, e6)
+    assert plane.guard_drift(network, everyone) is None
     assert ping6(c5, V6 + "6") and ping6(c5, V6 + "6", source=V6 + "5")  # the global address
     assert ping6(c5, f"{link_local(e6.mac)}%eth0")  # the link-local one of its MAC
     # The namespace itself holds no IPv6 address on any of its devices (addr_gen_mode none): it is no node of
