@@ -59,21 +59,28 @@ def _netlink_thread(method):
 
 
 # The devices of our namespaces (bridge, VXLAN device, bridge ends of the veths) only forward frames; none of them
-# is an IPv6 host. With the default addr_gen_mode (eui64) each would take a link-local address when it comes up,
-# and with it run DAD, join the solicited-node groups, send MLD reports into the overlay and answer ping6 from the
-# containers: the namespace would be a node on every dual-stack network, as it is on none in IPv4 (no address).
-# addr_gen_mode 1 (IN6_ADDR_GEN_MODE_NONE) makes no address, and IPv6 stays enabled: the VXLAN device's NDP table
-# must take our permanent entries, and the kernel refuses neighbour entries on a device with disable_ipv6
-# (ndisc_allow_add). Set as the namespace's default before any device exists or moves in: a device registered in
-# a namespace (made there, or moved there: the move registers it anew) takes the namespace's defaults.
-_ADDR_GEN_MODE = "/proc/sys/net/ipv6/conf/default/addr_gen_mode"
+# is an IPv6 host. With the kernel's defaults each would take a link-local address when it comes up (addr_gen_mode
+# eui64), and with it run DAD, join the solicited-node groups, send MLD reports into the overlay and answer ping6
+# from the containers; and the bridge, which also delivers a copy of every multicast frame to itself (past the
+# anti-spoofing table's forward hook), would take a default route and SLAAC addresses from any router
+# advertisement a container sends (accept_ra 1 on a host that does not forward: shown by tests/kernel/
+# test_isolation.py). The namespace would be a node of every dual-stack network, as it is of none in IPv4 (no
+# address). So, as the namespace's defaults, set before any device exists or moves in (a device registered in a
+# namespace, made there or moved there, takes the namespace's defaults):
+#   addr_gen_mode 1 (IN6_ADDR_GEN_MODE_NONE): no address is made; IPv6 itself stays enabled, because the VXLAN
+#     device's NDP table must take our permanent entries and the kernel refuses neighbour entries on a device with
+#     disable_ipv6 (ndisc_allow_add);
+#   accept_ra 0: router advertisements are ignored (no route, no SLAAC address).
+_NOT_AN_IPV6_HOST = {"addr_gen_mode": "1", "accept_ra": "0"}
 
 
-def _no_ipv6_addresses() -> None:
+def _not_an_ipv6_host() -> None:
     """Run inside a new namespace (sysctl files under /proc/sys/net belong to the opener's namespace)."""
-    if os.path.exists(_ADDR_GEN_MODE):  # absent on a kernel without IPv6: nothing to disable
-        with open(_ADDR_GEN_MODE, "w") as f:
-            f.write("1")
+    for key, value in _NOT_AN_IPV6_HOST.items():
+        path = f"/proc/sys/net/ipv6/conf/default/{key}"
+        if os.path.exists(path):  # absent on a kernel without IPv6: nothing to turn off
+            with open(path, "w") as f:
+                f.write(value)
 
 
 class Links:
@@ -195,7 +202,7 @@ class Links:
                 self._forget(name)  # handles left from a namespace of that name removed behind our back
                 self._create_netns(self._path(name))
                 with self._inside(name):
-                    _no_ipv6_addresses()
+                    _not_an_ipv6_host()
                 self._ipr(name).link("set", index=self._index(name, "lo"), state="up")
 
     @_netlink_thread

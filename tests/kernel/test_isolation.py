@@ -312,6 +312,11 @@ def test_a_container_cannot_send_router_advertisements(wired6):
     # Control: the same advertisement from a port the table does not guard gives c7 a default route.
     probe(rogue, "ra", link_local(rogue_mac), "eth0", "fd00:98::/64", rogue_mac)
     assert within(lambda: link_local(rogue_mac) in default_route(c7)), default_route(c7)
+    # The bridge delivers a copy of the multicast to itself too: the namespace takes neither a route nor an
+    # address from it (accept_ra 0 there).
+    ns = names.netns(network.id)
+    assert sh("ip", "-n", ns, "-6", "route", "show", "default").stdout.strip() == ""
+    assert "fd00:98:" not in sh("ip", "-n", ns, "-6", "addr", "show").stdout
     sh("ip", "-n", c7, "-6", "route", "flush", "default")
     before = counters(plane, network).get("vxnet:anti-spoofing:router", (0, 0))[0]
     probe(c5, "ra", link_local(e5.mac), "eth0", "fd00:99::/64", e5.mac)
@@ -319,3 +324,4 @@ def test_a_container_cannot_send_router_advertisements(wired6):
     # Dropped once per port it was flooded to (the bridge's forward hook runs for each copy).
     assert counters(plane, network)["vxnet:anti-spoofing:router"][0] > before
     assert "fd00:99:" not in sh("ip", "-n", c7, "-6", "addr", "show").stdout
+    assert sh("ip", "-n", ns, "-6", "route", "show", "default").stdout.strip() == ""
