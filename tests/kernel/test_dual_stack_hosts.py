@@ -150,6 +150,9 @@ def test_dual_stack_across_two_hosts_isolation_reconciliation_and_removal(hosts,
         assert within(lambda: vxlan_neighbours6(h1, a1.ns) == {c2.ip6: c2.mac})
         code, status = p1.cli_json("status")
         assert code == 0 and status["this_host"]["differences"] == [], status["this_host"]
+        assert sorted(e["ip6"] for e in status["endpoints"] if e["network"] == a1.id) == [
+            c1.ip6 + "/64", c3.ip6 + "/64"]
+        assert A6 + "/64" in [n for n in status["networks"] if n["id"] == a1.id][0]["subnets"]
         assert c3.ping6(c2)
     finally:
         for host, name in made:
