@@ -254,7 +254,7 @@ def stored_address(text: str) -> Address:
 # --- PoolIDs ------------------------------------------------------------------------------------------------------
 # dockerd stores the PoolID we return and hands it back on every later call, so it carries everything needed to
 # find the pool again: "<space>/<cidr>" or, with --ip-range, "<space>/<cidr>/<sub-pool>", e.g.
-# "vxnet-local/10.1.0.0/24/10.1.0.128/25" or "vxnet-local/fd00:1::/64/fd00:1::8000:0:0:0/65". Readable in
+# "vxnet-local/10.1.0.0/24/10.1.0.128/25" or "vxnet-local/fd00:1::/64/fd00:1:0:0:8000::/65". Readable in
 # `docker network inspect`, and deterministic so that replays (Swarm workers, a new Swarm leader) get the very ID
 # the first request got. An IPv6 CIDR has ':' but no more '/' than an IPv4 one, so the '/' count still tells
 # the parts apart; the space is never empty and has no '/'.
