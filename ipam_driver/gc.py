@@ -31,7 +31,8 @@ class IpamHolds:
     def release(self, hold: dict, guard: Guard) -> bool:
         cidr = pools.stored_network(hold["pool"])
         if hold["kind"] == "address":
-            return self.store.release_address(hold["space"], cidr, pools.stored_address(hold["address"]), hold["holder"], guard)
+            ip = pools.stored_address(hold["address"])
+            return self.store.release_address(hold["space"], cidr, ip, hold["holder"], guard)
         if hold["kind"] == "pool":
             return self.store.release_pool(hold["space"], cidr, hold["holder"], guard)
         raise ValueError(f"not an IPAM hold: {hold['kind']!r}")

@@ -80,8 +80,9 @@ def _example(v6: bool) -> str:
 
 
 def parse_pool(text: str, field: str = "Pool", v6: Optional[bool] = False) -> Network:
-    """'10.1.0.0/24' or 'fd00:1::/64' -> the network; InvalidOption naming field for anything else (the other
-    family when v6 is True or False rather than None, host bits, a zone index, a form other than the canonical one, junk).
+    """'10.1.0.0/24' (v6 False) or 'fd00:1::/64' (v6 True; v6 None takes either) -> the network; InvalidOption
+    naming field for anything else (the other family, host bits, a zone index, a form other than the canonical
+    one, junk).
 
     The canonical form is demanded, not repaired: the PoolID and the etcd keys are made of it, and a
     `docker network inspect` that shows what the user typed next to what vxnet stored would confuse."""
