@@ -2,8 +2,8 @@
 as dockerd drives it, and "containers" that are namespaces holding a veth's container end with an IPv4 and an
 IPv6 address. ping6 on one host and across hosts; a second dual-stack network unreachable over IPv6 both ways
 (a static neighbour entry aims the frame straight at the other network's MAC: the same probe reaches a peer of
-its own network); a deleted IPv6 neighbour entry is reported by `vxnet status` and put back by start-up
-reconciliation; everything goes with the networks."""
+its own network); the host drops what comes to it from a vxnet IPv6 subnet; a deleted IPv6 neighbour entry is
+reported by `vxnet status` and put back by start-up reconciliation; everything goes with the networks."""
 
 import json
 import os
@@ -85,9 +85,10 @@ class Container:
     def __init__(self, host, name, ip6, mac):
         self.host, self.name, self.ip6, self.mac = host, name, ip6, mac
 
-    def ping6(self, target):
-        return within(lambda: self.host.run(["ip", "netns", "exec", self.name, "ping", "-6", "-c", "1", "-W", "1",
-                                             target.ip6], check=False).returncode == 0)
+    def ping6(self, target, source=None):
+        argv = ["ip", "netns", "exec", self.name, "ping", "-6", "-c", "1", "-W", "1"] + (
+            ["-I", source] if source else []) + [target.ip6]
+        return within(lambda: self.host.run(argv, check=False).returncode == 0)
 
     def aim(self, target, prefix):
         """A route and a permanent neighbour entry straight to target's MAC, as a container with NET_ADMIN can
@@ -101,6 +102,16 @@ def vxlan_neighbours6(host, ns):
     """The permanent IPv6 neighbour entries of a network namespace's VXLAN device: address -> MAC."""
     listed = json.loads(host.run(["ip", "-j", "-n", ns, "-6", "neigh", "show", "dev", names.VXLAN]).stdout or "[]")
     return {n["dst"]: n.get("lladdr") for n in listed if "PERMANENT" in n.get("state", [])}
+
+
+def isolation_drops(host, comment):
+    """Packets the host isolation table's rule with that comment has dropped."""
+    listed = json.loads(host.run(["nft", "-j", "list", "table", "inet", "vxnet"]).stdout)
+    for item in listed["nftables"]:
+        rule = item.get("rule")
+        if rule and rule.get("comment") == comment:
+            return sum(e["counter"]["packets"] for e in rule["expr"] if "counter" in e)
+    raise AssertionError(f"no rule {comment} in the host table")
 
 
 def host_subnets6(host):
@@ -137,6 +148,24 @@ def test_dual_stack_across_two_hosts_isolation_reconciliation_and_removal(hosts,
         assert c1.ping6(c2)
         for host in (h1, h2):
             assert host_subnets6(host) == {A6 + "/64", B6 + "/64"}  # the host routes neither (inet vxnet)
+        # A packet from a vxnet IPv6 subnet reaching host 1 itself is dropped (overlay-to-host-v6); the same ping
+        # from an address of no vxnet network, over the same link with the same route back, gets its answer.
+        made.append((h1, "q"))
+        h1.run(["ip", "netns", "add", "q"])
+        h1.run(["ip", "link", "add", "tq0", "type", "veth", "peer", "name", "tq1", "netns", "q"])
+        h1.run(["ip", "addr", "add", "fd00:1234::1/64", "dev", "tq0", "nodad"])
+        h1.run(["ip", "link", "set", "tq0", "up"])
+        h1.run(["ip", "-6", "route", "add", A6 + "99/128", "dev", "tq0"])
+        for address in ("fd00:1234::2/64", A6 + "99/128"):
+            h1.run(["ip", "-n", "q", "addr", "add", address, "dev", "tq1", "nodad"])
+        h1.run(["ip", "-n", "q", "link", "set", "tq1", "up"])
+        q = Container(h1, "q", "fd00:1234::2", None)
+        host1 = Container(h1, "host", "fd00:1234::1", None)
+        assert q.ping6(host1, source="fd00:1234::2")
+        before = isolation_drops(h1, "vxnet:isolation:overlay-to-host-v6")
+        assert not q.ping6(host1, source=A6 + "99")
+        assert isolation_drops(h1, "vxnet:isolation:overlay-to-host-v6") > before
+        assert q.ping6(host1, source="fd00:1234::2")
 
         # Someone deletes host 1's entry for c2 while its plugin is down: `vxnet status` names it, and the
         # plugin's start-up puts it back.
@@ -155,6 +184,7 @@ def test_dual_stack_across_two_hosts_isolation_reconciliation_and_removal(hosts,
         assert A6 + "/64" in [n for n in status["networks"] if n["id"] == a1.id][0]["subnets"]
         assert c3.ping6(c2)
     finally:
+        h1.run(["ip", "link", "del", "tq0"], check=False)
         for host, name in made:
             host.run(["ip", "netns", "del", name], check=False)
     for net in (a1, a2, b1, b2):
