@@ -15,6 +15,9 @@ the crafted neighbour discovery messages are sent from the container's network n
 import concurrent.futures
 import ipaddress
 import json
+import os
+
+import pytest
 
 from kernel import names
 from store import schema
@@ -27,7 +30,19 @@ from tests.harness.containers import (
     tcp_answers,
     wait_ping,
 )
-from tests.harness.proc import wait_until
+from tests.harness.images import IMAGE
+from tests.harness.plugin import REPO
+from tests.harness.proc import HarnessError, wait_until
+from tests.harness.swarm import (
+    PLUGIN,
+    Swarm,
+    install_everywhere,
+    plugin_settings,
+    remove_plugin,
+)
+from tests.harness.swarm import (
+    wait_clean as swarm_wait_clean,
+)
 
 # IPv4 subnets of these tests: 10.200.50-59 (tests/harness/hosts.py keeps 10.200.0.0/13 for tests).
 SUB4_A, SUB6_A = "10.200.50.0/24", "fd00:50::/64"
@@ -36,6 +51,7 @@ SUB4_I, SUB6_I = "10.200.52.0/24", "fd00:52::/64"
 SUB4_O, SUB6_O = "10.200.53.0/24", "fd00:53::/64"
 SUB4_P, SUB6_P = "10.200.54.0/24", "fd00:54::/64"
 SUB4_S, SUB6_S = "10.200.55.0/24", "fd00:55::/64"
+SUB4_W, SUB6_W = "10.200.58.0/24", "fd00:58::/64"
 SUB4_D = "10.200.56.0/24"
 SUB4_E = "10.200.57.0/24"
 # The vxnet IPAM's automatic v6 pools (ipam_driver/pools.py DEFAULT_RANGE6), and its automatic v4 ones.
@@ -174,6 +190,8 @@ def test_dual_stack_containers_talk_over_v6_on_one_host_and_across_hosts_and_all
         mac = settings(host, c, "ds")["MacAddress"]
         assert v6_addresses(host, c, scope="link") == [eui64_link_local(mac)], c
 
+    # No IPv6 egress: the only IPv6 routes are the network's own and link-local ones (docker_gwbridge is IPv4-only).
+    assert "default" not in sh(h1, "c1", "ip", "-6", "route").stdout
     serve_tcp(h1, "c2")
     serve_tcp(h2, "c3")
     # One host, then across the hosts (VXLAN over the IPv4 underlay), both ways; IPv4 still works beside.
@@ -239,17 +257,20 @@ def test_bad_v6_input_is_refused_as_the_user_sees_it_and_leaves_nothing(hosts, v
     refused(create(host, "bad1", SUB4_A, "fd00:50::1/64", check=False), "fd00:50::1/64", "host bits",
             "fd00:50::/64")
     # Not unicast space: multicast, link-local.
-    refused(create(host, "bad2", SUB4_A, "ff05::/64", check=False), "ff05::/64")
-    refused(create(host, "bad3", SUB4_A, "fe80::/64", check=False), "fe80::/64")
+    refused(create(host, "bad2", SUB4_A, "ff05::/64", check=False), "ff05::/64", "not global unicast")
+    refused(create(host, "bad3", SUB4_A, "fe80::/64", check=False), "fe80::/64", "not global unicast")
     # Too small to hold a gateway and a container besides the subnet-router anycast address.
-    refused(create(host, "bad4", SUB4_A, "fd00:50::/127", check=False), "fd00:50::/127")
+    refused(create(host, "bad4", SUB4_A, "fd00:50::/127", check=False), "fd00:50::/127 is too small")
     assert leftovers([host], etcd) == []
 
-    # --ip6 outside the subnet, or already taken: the container does not start, the network keeps nothing of it.
+    # --ip6 outside the subnet (dockerd's own check), already taken, the gateway's, the subnet-router anycast
+    # address: the container does not start, the network keeps nothing of it.
     create(host, "ok", SUB4_A, SUB6_A)
     run_sleeper(host, "first", "ok", "--ip6", "fd00:50::10")
-    for argv, words in ((("--ip6", "fd00:99::5"), ("fd00:99::5",)),
-                        (("--ip6", "fd00:50::10"), ("fd00:50::10",))):
+    for argv, words in ((("--ip6", "fd00:99::5"), ("fd00:99::5", "does not belong to any of this network's")),
+                        (("--ip6", "fd00:50::10"), ("Address: fd00:50::10 is already in use",)),
+                        (("--ip6", "fd00:50::1"), ("Address: fd00:50::1 is already the gateway",)),
+                        (("--ip6", "fd00:50::"), ("fd00:50:: is the subnet-router anycast address",))):
         proc = host.docker("run", "-d", "--init", "--name", "second", "--network", "ok", *argv,
                            "vxnet-test/busybox:latest", "sleep", "86400", check=False, timeout=120)
         refused(proc, *words)
@@ -438,3 +459,75 @@ def test_v6_addresses_unique_across_three_hosts_under_parallel_attaches(hosts, v
                 wait_ping(host, name, got[other])
     remove_all(made, ["par"])
     wait_clean(made, etcd)
+
+
+# --- Swarm ------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def swarm(lab, request):
+    """Three fresh hosts in one Swarm with the managed plugin (scripts/build-plugin.sh), against the test etcd;
+    torn down in the order tests/e2e/test_swarm.py's fixture uses (its logs kept if the test failed)."""
+    lab.etcd.delete_prefix("/vxnet/")
+    made = lab.add_hosts(3)
+    request.node.vxnet_hosts = made
+    cluster = Swarm(made[0], made[1:])
+    errors = []
+    try:
+        cluster.init()
+        install_everywhere(made, lambda h: plugin_settings(h, lab.etcd.url, "VXNET_LOG_LEVEL=debug"))
+        yield cluster
+    finally:
+        errors += cluster.teardown()
+        for host in made:
+            try:
+                remove_plugin(host)
+            except Exception as exc:
+                errors.append(f"{host.name}: plugin removal: {exc}")
+        failed = getattr(request.node, "vxnet_failed", False)
+        keep = os.path.join(REPO, "build", "test-logs", "test_ipv6_swarm") if failed else None
+        errors += lab.remove_hosts(made, keep_logs=keep)
+    if errors:
+        raise HarnessError("swarm teardown: " + "; ".join(errors))
+
+
+def test_swarm_scoped_ipv6_is_refused_with_the_reason_and_the_same_network_without_it_works(swarm, etcd):
+    """dockerd 20.10's Swarm allocator gives a swarm-scoped network no IPv6 (docs/ipv6.md has the wire). With a v6
+    --subnet it asks for that pool as IPv4: vxnet refuses, Swarm never allocates the network, the manager's log
+    says why. Without one each node would pick a v6 subnet of its own: every node refuses, `docker service ps`
+    says why. Control: the same network and service without --ipv6 run and talk across the nodes."""
+    h1, h2, h3 = swarm.hosts
+    sleeper = ["--init", "--no-resolve-image", IMAGE, "sleep", "86400"]
+
+    swarm.create_network("s6a", "--ipv6", "--attachable", "--ipam-driver", PLUGIN, "--subnet", SUB4_W,
+                         "--subnet", SUB6_W)
+    nid = swarm.network("s6a")["Id"]
+    wait_until(lambda: f"Failed allocation for network {nid}" in h1.dockerd_log(400)
+               and "asks for every pool as IPv4 (V6 false)" in h1.dockerd_log(400), 30,
+               "the manager to log why it cannot allocate s6a", interval=0.3)
+    assert not (swarm.network("s6a").get("Options") or {}).get("vni")
+    swarm.remove_network("s6a")
+
+    swarm.create_network("s6b", "--ipv6", "--attachable", "--ipam-driver", PLUGIN, "--subnet", SUB4_W)
+    swarm.wait_network("s6b")  # allocated: the manager sees no IPv6 in it
+    swarm.create_service("w6", "--network", "s6b", "--endpoint-mode", "dnsrr", "--mode", "global", *sleeper)
+
+    def refused_on_every_node():
+        out = h1.docker("service", "ps", "--no-trunc", "--format", "{{.Node}}\t{{.Error}}", "w6").stdout
+        nodes = {line.split("\t")[0] for line in out.splitlines()
+                 if "--ipv6 on a Swarm-scoped network" in line}
+        return nodes == {h.name for h in swarm.hosts}
+
+    wait_until(refused_on_every_node, 60, "every node to refuse s6b's IPv6 with the reason", interval=0.5)
+    assert not any(swarm.tasks("w6").values())
+    swarm.remove_services("w6")
+    swarm.remove_network("s6b")
+
+    swarm.create_network("s4", "--attachable", "--ipam-driver", PLUGIN, "--subnet", SUB4_W)
+    swarm.wait_network("s4")
+    swarm.create_service("w4", "--network", "s4", "--endpoint-mode", "dnsrr", "--mode", "global", *sleeper)
+    tasks = swarm.wait_tasks("w4", {h.name: 1 for h in swarm.hosts})
+    ips = {name: addresses(swarm.host(name), cid)["s4"] for name, cid in tasks.items()}
+    wait_ping(h1, tasks[h1.name], ips[h2.name])
+    wait_ping(h3, tasks[h3.name], ips[h1.name])
+    swarm.remove_services("w4")
+    swarm.remove_network("s4")
+    swarm_wait_clean(swarm.hosts, etcd)
