@@ -20,7 +20,7 @@ ARG BASE=debian:bookworm-slim
 # --- the OS, trimmed ---------------------------------------------------------------------------------------------
 FROM ${BASE} AS os
 # etcd-server: the embedded store (ETCD_ENDPOINTS empty). Installed only if the base lacks a package.
-ARG APT_PACKAGES="python3 etcd-server nftables"
+ARG APT_PACKAGES="python3 etcd-server nftables netbase"
 # policy-rc.d: no package may start its service (etcd-server's would) inside a build.
 RUN set -eu; \
     printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod 755 /usr/sbin/policy-rc.d; \

@@ -46,6 +46,16 @@ GATEWAY_REQUEST = "com.docker.network.gateway"
 # dockerd and Swarm put their own keys under this prefix (e.g. com.docker.network.ipam.serial); anything else
 # in --ipam-opt is the user's and vxnet takes none.
 DOCKER_OPTION_PREFIX = "com.docker.network."
+# dockerd 20.10's Swarm allocator (swarmkit cnmallocator allocatePools) adds RequestAddressType (and
+# com.docker.network.ipam.serial) to the IPAM options for each pool's gateway request and deletes it only when
+# it returns (a Go defer): the RequestPool of a network's second pool carries the first one's gateway option.
+# It says nothing about the pool, so it is not refused there (a Swarm network with two subnets needs that).
+SWARM_LEAKED_OPTION = "RequestAddressType"
+# The same allocator asks for every pool with V6 false (the address space vxnet-global is its own), a v6 --subnet
+# too, and hands the driver no IPv6Data: a Swarm-scoped network gets no IPv6 (docs/ipv6.md).
+SWARM_NO_IPV6 = ("dockerd's Swarm allocator asks for every pool as IPv4 (V6 false) and gives the network no IPv6 "
+                 "data: a Swarm-scoped network cannot be dual-stack; use a local-scope network with -o overlay=NAME "
+                 "(docs/ipv6.md)")
 
 
 class IpamDriver:
@@ -78,10 +88,12 @@ class IpamDriver:
         pools.DEFAULT_RANGE6. A v4 and a v6 pool of one network are independent pools."""
         space = self._space(req.address_space)
         for key in req.options:
-            if not key.startswith(DOCKER_OPTION_PREFIX):
+            if not key.startswith(DOCKER_OPTION_PREFIX) and key != SWARM_LEAKED_OPTION:
                 raise InvalidOption(f"Options: unknown IPAM option {key!r} (vxnet IPAM takes none)")
         want = sub_pool = None
         if req.pool:
+            if space == GLOBAL_SPACE and not req.v6 and pools.parse_pool(req.pool, v6=None).version == 6:
+                raise InvalidOption(f"Pool: {req.pool}: {SWARM_NO_IPV6}")
             want = pools.parse_pool(req.pool, v6=req.v6)
             pools.check_pool_size(want)
             sub_pool = pools.parse_sub_pool(req.sub_pool, want)

@@ -23,6 +23,7 @@ import ipaddress
 import logging
 import os
 import socket
+import tempfile
 import threading
 from typing import ContextManager, Dict, List, Optional
 
@@ -33,7 +34,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from kernel import libnftables, netnsdir
 from kernel.errors import kernel_errors
 from kernel.netns import inside
-from kernel.syscalls import MS_BIND, libc_call
+from kernel.syscalls import MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, libc_call
 from wire.errors import KernelError
 
 log = logging.getLogger(__name__)
@@ -74,10 +75,35 @@ def _netlink_thread(method):
 _NOT_AN_IPV6_HOST = {"addr_gen_mode": "1", "accept_ra": "0"}
 
 
+_private_proc: Optional[str] = None
+_private_proc_lock = threading.Lock()
+
+
+def _proc_sys() -> str:
+    """Where sysctls can be written: /proc/sys, or, where that is mounted read-only, the sys/ of a procfs instance
+    of our own. A managed plugin's /proc/sys is a read-only bind (runc applies the OCI runtime spec's
+    readonlyPaths, /proc/sys among them, and a plugin's config.json cannot lift it), so every write there fails
+    with EROFS. A procfs mounted afresh is writable (CAP_SYS_ADMIN, which the plugin has for its namespace
+    mounts), and its sys/net files are those of the writing thread's network namespace, as /proc/sys/net's are:
+    the kernel looks the net sysctl tables up in the opener's namespace, whatever the mount. It is mounted once,
+    in the plugin's own mount namespace, and goes with it; a host process, whose /proc/sys is writable, never
+    mounts it."""
+    global _private_proc
+    if not os.statvfs("/proc/sys").f_flag & os.ST_RDONLY:
+        return "/proc/sys"
+    with _private_proc_lock:
+        if _private_proc is None:
+            path = tempfile.mkdtemp(prefix="vxnet-proc-")
+            libc_call("mount", b"proc", path.encode(), b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
+            _private_proc = path
+    return os.path.join(_private_proc, "sys")
+
+
 def _not_an_ipv6_host() -> None:
     """Run inside a new namespace (sysctl files under /proc/sys/net belong to the opener's namespace)."""
+    root = _proc_sys()
     for key, value in _NOT_AN_IPV6_HOST.items():
-        path = f"/proc/sys/net/ipv6/conf/default/{key}"
+        path = f"{root}/net/ipv6/conf/default/{key}"
         if os.path.exists(path):  # absent on a kernel without IPv6: nothing to turn off
             with open(path, "w") as f:
                 f.write(value)
@@ -201,8 +227,14 @@ class Links:
             if not self.netns_exists(name):
                 self._forget(name)  # handles left from a namespace of that name removed behind our back
                 self._create_netns(self._path(name))
-                with self._inside(name):
-                    _not_an_ipv6_host()
+                try:
+                    with self._inside(name):
+                        _not_an_ipv6_host()
+                except OSError:
+                    # Its defaults are set only here, before any device exists: a namespace left without them would
+                    # pass for a finished one on the next attempt. Remove it, so that attempt starts afresh.
+                    pr_netns.remove(self._path(name))
+                    raise
                 self._ipr(name).link("set", index=self._index(name, "lo"), state="up")
 
     @_netlink_thread

@@ -9,6 +9,9 @@ import os
 
 CLONE_NEWNET = 0x40000000  # <linux/sched.h>
 # <linux/mount.h>
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
 MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_SHARED = 1 << 20

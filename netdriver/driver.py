@@ -96,6 +96,16 @@ def _subnets6(data, enabled: bool) -> List[Subnet]:
     return out
 
 
+# dockerd 20.10's Swarm allocator (swarmkit cnmallocator) never gives a swarm-scoped network IPv6: it asks the IPAM
+# for every pool with V6 false, hands AllocateNetwork no IPv6Data and gives each task one address, from the first
+# pool. Each node's dockerd then asks its own IPAM for a v6 pool on its own, with no subnet (docs/ipv6.md has the
+# wire): every node would pick another /64 and containers on different nodes would have no IPv6 path between them.
+# So a Swarm network's IPv6Data is refused on every node, with a message `docker service ps` shows.
+SWARM_IPV6_REFUSED = ("IPv6Data: --ipv6 on a Swarm-scoped network: dockerd's Swarm allocator gives it no IPv6 "
+                      "subnet (AllocateNetwork has no IPv6Data), so each node would pick a v6 subnet of its own; "
+                      "for dual stack across hosts use a local-scope network with -o overlay=NAME (docs/ipv6.md)")
+
+
 def _unknown_network(network_id: str) -> Conflict:
     # Not 404: that means "not implemented" to dockerd (wire/errors.py).
     return Conflict(f"NetworkID: network {network_id[:12]} is not known to vxnet (not in its etcd store)")
@@ -233,6 +243,8 @@ class NetworkDriver:
         opts = options.parse(req.options)
         subnets = _subnets(req.ipv4_data)
         subnets6 = _subnets6(req.ipv6_data, opts.ipv6)
+        if subnets6 and p.SWARM_ID.fullmatch(req.network_id):
+            raise InvalidOption(SWARM_IPV6_REFUSED)
         existing = self.store.get_network(req.network_id)
         if existing is not None:
             # A replay, or this host joining a network that spans hosts (Swarm: one ID everywhere): this host

@@ -177,6 +177,24 @@ def test_docker_options_are_accepted(kv):
     driver(kv, scope="global").request_pool(pool_req("10.1.0.0/24", space="vxnet-global", options=options))
 
 
+def test_swarm_allocator_second_pool_with_the_leaked_gateway_option_is_held(kv):
+    """swarmkit's allocatePools leaves RequestAddressType (and serial) in the options of the next RequestPool."""
+    d = driver(kv, scope="global")
+    leaked = {"RequestAddressType": "com.docker.network.gateway", "com.docker.network.ipam.serial": "true"}
+    d.request_pool(pool_req("10.1.0.0/24", space="vxnet-global"))
+    assert d.request_pool(pool_req("10.2.0.0/24", space="vxnet-global", options=leaked))["Pool"] == "10.2.0.0/24"
+    with pytest.raises(InvalidOption, match="Options: unknown IPAM option 'bogus'"):
+        d.request_pool(pool_req("10.3.0.0/24", space="vxnet-global", options={"bogus": "1"}))
+
+
+def test_swarm_allocator_v6_pool_asked_as_ipv4_is_refused_with_the_reason(kv):
+    d = driver(kv, scope="global")
+    with pytest.raises(InvalidOption, match=r"Pool: fd00:1::/64: dockerd's Swarm allocator asks for every pool as "
+                                            r"IPv4 \(V6 false\)"):
+        d.request_pool(pool_req("fd00:1::/64", space="vxnet-global"))
+    assert kv.keys(ROOT) == []
+
+
 def test_empty_address_space_follows_the_scope(kv):
     assert driver(kv, scope="global").request_pool(pool_req("10.1.0.0/24", space=""))["PoolID"].startswith(
         "vxnet-global/")

@@ -133,6 +133,22 @@ def test_bad_ipv6_data_is_refused_by_field_and_leaves_nothing(req, needle):
     assert kv.keys() == [] and plane.networks == {}
 
 
+def test_ipv6_on_a_swarm_network_is_refused_on_every_node_and_leaves_nothing():
+    """dockerd's Swarm allocator gives a swarm-scoped network no IPv6 (docs/ipv6.md): each node's CreateNetwork
+    carries a v6 pool its own dockerd picked, which would differ from node to node. Refused with the reason, on
+    the first node and on one that finds the network already recorded; the same network without IPv6 is fine."""
+    swarm_nid = "0123456789abcdefghijklmno"  # swarmkit's 25 lowercase letters and digits
+    kv = FakeKV()
+    for host in ("h1", "h2"):
+        drv, _, plane = make(kv, host)
+        with pytest.raises(InvalidOption, match=r"IPv6Data: --ipv6 on a Swarm-scoped network: dockerd's Swarm "
+                                                r"allocator gives it no IPv6 subnet"):
+            drv.create_network(dual_req(swarm_nid))
+        assert kv.keys() == [] and plane.networks == {}
+    drv.create_network(dual_req(swarm_nid, pool6="", enable=False))
+    assert not drv.store.get_network(swarm_nid).ipv6
+
+
 def test_endpoint_ipv6_address_must_fit_the_network():
     drv, kv, plane = make()
     drv.create_network(create_req())  # IPv4 only
