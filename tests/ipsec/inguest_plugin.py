@@ -345,9 +345,10 @@ def ipv6_probe(world: World, container: str, addresses6: Dict[str, str]) -> str:
     return f"ping6 {result}, TCP {tcp_exchange(world.h2, world.h1, container, addresses6['h2'])}"
 
 
-def _reaches6(world: World, container: str, address6: str, what: str) -> float:
+def _reaches(world: World, container: str, address: str, what: str) -> float:
+    """Seconds until one ping from host 1's container to `address` is answered (60 s deadline)."""
     started = time.monotonic()
-    wait_until(lambda: world.h1.ping(container, address6, 1, wait=1)["received"] == 1, 60, what)
+    wait_until(lambda: world.h1.ping(container, address, 1, wait=1)["received"] == 1, 60, what)
     return time.monotonic() - started
 
 
@@ -356,7 +357,7 @@ def ipv6_crosses_the_underlay_only_as_esp(world: World) -> str:
     """The encrypted dual-stack network's IPv6 (ping6 and TCP between the hosts' containers) crosses the
     underlay as ESP and nothing else. Positive control, same probe and capture: on an unencrypted dual-stack
     network made next to it, the capture sees the same traffic's inner IPv6 echo and TCP in cleartext VXLAN."""
-    first = _reaches6(world, "c1", CONTAINER_IP6["h2"], "c1's first ping6 across the encrypted network")
+    first = _reaches(world, "c1", CONTAINER_IP6["h2"], "c1's first ping6 across the encrypted network")
     cap = world.capture()
     encrypted = ipv6_probe(world, "c1", CONTAINER_IP6)
     sealed = cap.stop()
@@ -365,7 +366,7 @@ def ipv6_crosses_the_underlay_only_as_esp(world: World) -> str:
         engine.create_network(world.plain_nids[name], {"overlay": PLAIN["overlay"]}, PLAIN["subnet"],
                               PLAIN["gateway"], PLAIN["subnet6"], PLAIN["gateway6"])
         engine.run_container("c2", world.plain_nids[name], PLAIN_IP[name], PLAIN_IP6[name])
-    _reaches6(world, "c2", PLAIN_IP6["h2"], "c2's first ping6 across the unencrypted network")
+    _reaches(world, "c2", PLAIN_IP6["h2"], "c2's first ping6 across the unencrypted network")
     cap = world.capture()
     plain = ipv6_probe(world, "c2", PLAIN_IP6)
     clear = cap.stop()
@@ -501,8 +502,9 @@ def ipv6_cleartext_from_a_peer_is_dropped(world: World) -> str:
     assert seen["inner_ipv4"] >= 3 and seen["inner_ipv6_echo"] >= 3, f"host 1 sent no cleartext: {seen}"
     assert v4["received"] == 0 and after_v4 - before >= 3, f"IPv4 cleartext: {v4}, dropped +{after_v4 - before}"
     assert v6["received"] == 0 and after_v6 - after_v4 >= 3, f"IPv6 cleartext: {v6}, dropped +{after_v6 - after_v4}"
-    back = _resumes(world, "IPv4 after host 1's plugin repaired its SAs, policies and table")
-    back6 = _reaches6(world, "c1", CONTAINER_IP6["h2"], "IPv6 after the repair")
+    # How fast self-healing is, a_deleted_sa_comes_back_by_itself bounds; here it is only the way back.
+    back = _reaches(world, "c1", CONTAINER_IP["h2"], "IPv4 after host 1's plugin repaired its SAs, policies, table")
+    back6 = _reaches(world, "c1", CONTAINER_IP6["h2"], "IPv6 after the repair")
     assert get(scrape(h1.host), "vxnet_repairs_total", kind="ipsec-firewall") >= repairs + 1, "no table repair"
     return (f"underlay {seen}; host 2 dropped IPv4 +{after_v4 - before:.0f} ({v4}), IPv6 +{after_v6 - after_v4:.0f} "
             f"({v6}); repaired: IPv4 back after {back:.2f} s, IPv6 after {back6:.2f} s")
