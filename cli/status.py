@@ -5,7 +5,7 @@ it should (peers, FDB and neighbour entries, anti-spoofing elements, the isolati
 
 JSON shape: {"hosts": [{"id", "name", "vtep", "version", "lease_seconds_left", "this_host"}],
              "networks": [{"id", "name", "vni", "subnets", "scope", "encrypted", "mtu", "members"}],
-             "endpoints": [{"network", "id", "ip", "mac", "host", "container"}],
+             "endpoints": [{"network", "id", "ip", "ip6" ("" on an IPv4-only network), "mac", "host", "container"}],
              "this_host": {"id", "source", "in_sync", "differences": [{"network", "kind", "object", "want",
                            "have"}], "error"}}
 Exit status: 0 in sync, 1 differences found (or this host is not known), 2 etcd could not be read.
@@ -159,12 +159,12 @@ def collect(ctx: context.Context, host_override: Optional[str] = None) -> dict:
             held = sorted(members.get(segment_of(network.id, network.overlay), []))
             data["networks"].append({
                 "id": network.id, "name": net_names.get(network.id), "vni": network.vni, "mtu": network.mtu,
-                "subnets": [s.pool for s in network.subnets], "scope": _scope(network, held),
+                "subnets": [s.pool for s in network.subnets + network.subnets6], "scope": _scope(network, held),
                 "encrypted": network.encrypted, "overlay": network.overlay,
                 "members": [h for h in held if h != schema.SWARM_HOLDER]})
             for endpoint in store.list_endpoints(network.id):
                 data["endpoints"].append({"network": network.id, "id": endpoint.id, "ip": endpoint.ip,
-                                          "mac": endpoint.mac, "host": endpoint.host,
+                                          "ip6": endpoint.ip6, "mac": endpoint.mac, "host": endpoint.host,
                                           "container": container_names.get(endpoint.id)})
         mine: dict = {"id": me, "source": source, "in_sync": False, "differences": [], "error": None}
         if me is None:
@@ -207,7 +207,8 @@ def render(data: dict) -> str:
         name = hosts.get(host_id, {}).get("name", f"{host_id} (no host record)")
         out += ["", f"ENDPOINTS ON {name}", _table(
             ["NETWORK", "ENDPOINT", "IP", "MAC", "CONTAINER"],
-            [[e["network"][:12], e["id"][:12], e["ip"], e["mac"], e["container"]] for e in by_host[host_id]])]
+            [[e["network"][:12], e["id"][:12], ",".join(filter(None, (e["ip"], e["ip6"]))), e["mac"], e["container"]]
+             for e in by_host[host_id]])]
     mine = data["this_host"]
     out += ["", f"THIS HOST ({mine['id'] or 'unknown'})"]
     if mine["error"]:

@@ -72,23 +72,24 @@ class IpamDriver:
 
     # -- pools ---------------------------------------------------------------------------------------------------
     def request_pool(self, req: RequestPoolRequest) -> dict:
-        """`{"AddressSpace","Pool","SubPool","Options","V6"}` -> `{"PoolID","Pool":"10.1.0.0/24","Data":{}}`.
-        Pool empty: a free /24 from pools.DEFAULT_RANGE."""
-        if req.v6:
-            raise InvalidOption("V6: vxnet IPAM serves IPv4 only")
+        """`{"AddressSpace","Pool","SubPool","Options","V6"}` -> `{"PoolID","Pool":"10.1.0.0/24","Data":{}}`
+        (V6 true: `"Pool":"fd00:1::/64"`, PoolID "vxnet-local/fd00:1::/64"). Pool, and SubPool with it, must be
+        of the family V6 names. Pool empty: a free /24 from pools.DEFAULT_RANGE, with V6 a free /64 from
+        pools.DEFAULT_RANGE6. A v4 and a v6 pool of one network are independent pools."""
         space = self._space(req.address_space)
         for key in req.options:
             if not key.startswith(DOCKER_OPTION_PREFIX):
                 raise InvalidOption(f"Options: unknown IPAM option {key!r} (vxnet IPAM takes none)")
         want = sub_pool = None
         if req.pool:
-            want = pools.parse_pool(req.pool)
+            want = pools.parse_pool(req.pool, v6=req.v6)
             pools.check_pool_size(want)
             sub_pool = pools.parse_sub_pool(req.sub_pool, want)
         elif req.sub_pool:
             raise InvalidOption(f"SubPool: {req.sub_pool!r} needs a Pool (--ip-range needs --subnet)")
         holder, counted = self._holder(space)
-        cidr = self.store.hold_pool(space, want, holder, replay_ok=space == GLOBAL_SPACE, counted=counted)
+        cidr = self.store.hold_pool(space, want, holder, replay_ok=space == GLOBAL_SPACE, counted=counted,
+                                    v6=req.v6)
         pool_id = pools.pool_id(space, cidr, sub_pool)
         log.info("pool held: pool=%s host=%s", pool_id, self.host_id)
         return {"PoolID": pool_id, "Pool": str(cidr), "Data": {}}
@@ -102,9 +103,11 @@ class IpamDriver:
 
     # -- addresses -----------------------------------------------------------------------------------------------
     def request_address(self, req: AddressRequest) -> dict:
-        """`{"PoolID","Address":"" or "a.b.c.d","Options"}` -> `{"Address":"a.b.c.d/nn","Data":{}}`, nn the pool's
-        prefix length. Empty Address: the lowest free one (inside the PoolID's --ip-range, if any); a given
-        Address may be anywhere in the pool."""
+        """`{"PoolID","Address":"" or "a.b.c.d" or "fd00:1::5","Options"}` -> `{"Address":"a.b.c.d/nn","Data":{}}`
+        ("fd00:1::5/64"), nn the pool's prefix length; the family is the pool's. Empty Address: the lowest free
+        one (inside the PoolID's --ip-range, if any); a given Address may be anywhere in the pool. Never handed
+        out: IPv4's network and broadcast addresses, IPv6's subnet-router anycast address and RFC 2526 reserved
+        subnet anycast addresses (pools.py)."""
         space, cidr, sub_pool = self._pool(req.pool_id)
         kind = GATEWAY if req.options.get("RequestAddressType") == GATEWAY_REQUEST else CONTAINER
         holder, counted = self._holder(space)

@@ -97,13 +97,13 @@ class IpamStore:
     @staticmethod
     def _pool_entry(entry) -> PoolEntry:
         value = entry.json()
-        return PoolEntry(entry.key, entry.mod_revision, value["space"], Network(value["cidr"]),
+        return PoolEntry(entry.key, entry.mod_revision, value["space"], pools.stored_network(value["cidr"]),
                          tuple(value["hosts"]), value.get("created", ""))
 
     @staticmethod
     def _address_entry(entry) -> AddressEntry:
         value = entry.json()
-        return AddressEntry(entry.key, entry.mod_revision, Address(value["address"]), value["kind"],
+        return AddressEntry(entry.key, entry.mod_revision, pools.stored_address(value["address"]), value["kind"],
                             tuple(value["hosts"]), value.get("created", ""))
 
     def _pools_at(self) -> Tuple[List[PoolEntry], int]:
@@ -143,11 +143,12 @@ class IpamStore:
 
     # -- pools -----------------------------------------------------------------------------------------------------
     def hold_pool(self, space: str, want: Optional[Network], host: str, replay_ok: bool,
-                  counted: bool = True) -> Network:
-        """Hold pool `want` in `space` for host, or with want None a new /24 from pools.DEFAULT_RANGE that overlaps
-        no pool of any space. An existing pool with the same CIDR is joined (host added to its holders) when host
-        does not hold it yet, or when replay_ok; otherwise, and on any partial overlap, Conflict. An uncounted
-        holder that holds it already changes nothing."""
+                  counted: bool = True, v6: bool = False) -> Network:
+        """Hold pool `want` in `space` for host, or with want None a new pool of the family v6 names from
+        pools.default_source (a /24 of pools.DEFAULT_RANGE, a /64 of pools.DEFAULT_RANGE6) that overlaps no pool
+        of any space. An existing pool with the same CIDR is joined (host added to its holders) when host does
+        not hold it yet, or when replay_ok; otherwise, and on any partial overlap with a pool of its family in
+        its space, Conflict. An uncounted holder that holds it already changes nothing."""
         for _ in range(MAX_ROUNDS):
             held, read_at = self._pools_at()
             retired = [p for p in held if not p.hosts]
@@ -156,10 +157,10 @@ class IpamStore:
                     self._reap(pool)
                 continue
             if want is None:
-                cidr = pools.pick_free_pool(p.cidr for p in held)
+                source, prefix = pools.default_source(v6)
+                cidr = pools.pick_free_pool((p.cidr for p in held), source, prefix)
                 if cidr is None:
-                    raise Exhausted(f"Pool: no free /{pools.DEFAULT_PREFIX} left in {pools.DEFAULT_RANGE}; "
-                                    "give --subnet explicitly")
+                    raise Exhausted(f"Pool: no free /{prefix} left in {source}; give --subnet explicitly")
             else:
                 cidr = want
                 same = next((p for p in held if p.space == space and p.cidr == want), None)
@@ -229,7 +230,7 @@ class IpamStore:
             parts = self.keys.parse(schema.ADDRESS, raw.key)
             if parts is not None:
                 entry = self._address_entry(raw)
-                addresses.append((parts["space"], Network(raw.json()["pool"]), entry))
+                addresses.append((parts["space"], pools.stored_network(raw.json()["pool"]), entry))
         return [self._pool_entry(e) for e in snap.ranges[self.pools_prefix]], addresses
 
     # -- addresses -------------------------------------------------------------------------------------------------
@@ -269,7 +270,8 @@ class IpamStore:
                          sub_pool: Optional[Network], counted: bool = True) -> Address:
         """Hold the lowest free host address (inside sub_pool if given) and return it. A gateway request joins
         the pool's existing gateway if there is one (an uncounted holder that holds it already just gets it).
-        Exhausted when no address is left."""
+        Exhausted when no address is left. The cost is one read of the pool's held addresses and work in their
+        number (pools.next_free_address), never in the pool's size: a v6 /64 costs what its holds cost."""
         prefix = self.addresses_prefix(space, cidr)
         for _ in range(MAX_ROUNDS):
             pool, snap = self._live_pool(space, cidr, prefixes=[prefix])

@@ -80,7 +80,8 @@ class Context:
         Returns the JSON output (for list commands); NftablesError with nft's own message if refused."""
         if not self._ctx:
             raise NftablesError("libnftables context already closed")
-        text = json.dumps({"nftables": commands}).encode()
+        text = (to_nft_syntax(commands) if _declares_typeof(commands)
+                else json.dumps({"nftables": commands})).encode()
         rc = self._lib.nft_run_cmd_from_buffer(self._ctx, text)
         out = (self._lib.nft_ctx_get_output_buffer(self._ctx) or b"").decode(errors="replace")
         if rc != 0:
@@ -92,6 +93,94 @@ class Context:
         if self._ctx:
             self._lib.nft_ctx_free(self._ctx)
             self._ctx = None
+
+
+def _declares_typeof(commands: list) -> bool:
+    """True if a command adds a set whose key is given by expressions (`"type": {"typeof": expr}`, the JSON of
+    nftables 1.1): the JSON parser of nftables 1.0.6 (Debian 12) knows only named types, so the batch goes in
+    nft syntax, which declares `typeof` sets since 0.9.4. The output stays JSON either way."""
+    return any(isinstance(body.get("set", {}).get("type"), dict)
+               for command in commands for body in command.values() if isinstance(body, dict))
+
+
+def _value(value) -> str:
+    """A right-hand value or set element in nft syntax. Strings are quoted (nft reads a quoted string as the
+    same symbol, address or name as a bare one), except set references (@name) and raw integers (0x...)."""
+    if isinstance(value, bool) or value is None:
+        raise NftablesError(f"cannot write {value!r} in nft syntax")
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        if value.startswith("@") or value.startswith("0x"):
+            return value
+        if '"' in value or "\\" in value or "\n" in value:
+            raise NftablesError(f"cannot quote {value!r} in nft syntax")
+        return f'"{value}"'
+    if isinstance(value, dict) and "concat" in value:
+        return " . ".join(_value(v) for v in value["concat"])
+    if isinstance(value, dict) and "prefix" in value:
+        return f"{value['prefix']['addr']}/{int(value['prefix']['len'])}"
+    if isinstance(value, dict) and "set" in value:
+        return "{ " + ", ".join(_value(v) for v in value["set"]) + " }"
+    return _expression(value)
+
+
+def _expression(expr) -> str:
+    """A left-hand expression (meta, payload by name or raw, concatenation) in nft syntax."""
+    if isinstance(expr, dict) and "meta" in expr:
+        return f"meta {expr['meta']['key']}"
+    if isinstance(expr, dict) and "payload" in expr:
+        payload = expr["payload"]
+        if "base" in payload:
+            return f"@{payload['base']},{int(payload['offset'])},{int(payload['len'])}"
+        return f"{payload['protocol']} {payload['field']}"
+    if isinstance(expr, dict) and "concat" in expr:
+        return " . ".join(_expression(e) for e in expr["concat"])
+    raise NftablesError(f"cannot write expression {expr!r} in nft syntax")
+
+
+def _statement(stmt: dict) -> str:
+    (kind, body), = stmt.items()
+    if kind == "match":
+        op = "" if body["op"] == "==" else f"{body['op']} "
+        return f"{_expression(body['left'])} {op}{_value(body['right'])}"
+    if kind in ("counter", "drop", "accept") and body is None:
+        return kind
+    raise NftablesError(f"cannot write statement {stmt!r} in nft syntax")
+
+
+def _command(verb: str, body: dict) -> str:
+    (kind, obj), = body.items()
+    where = f"{obj['family']} {obj.get('table', obj.get('name'))}"
+    if kind == "table":
+        return f"{verb} table {obj['family']} {obj['name']}"
+    if kind == "set" and verb == "add":
+        key = obj["type"]
+        if isinstance(key, dict):
+            key = "typeof " + _expression(key["typeof"])
+        else:
+            key = "type " + (" . ".join(key) if isinstance(key, list) else key)
+        flags = f" flags {', '.join(obj['flags'])};" if obj.get("flags") else ""
+        return f"add set {where} {obj['name']} {{ {key};{flags} }}"
+    if kind == "chain" and verb == "add":
+        return (f"add chain {where} {obj['name']} {{ type {obj['type']} hook {obj['hook']} priority "
+                f"{int(obj['prio'])}; policy {obj['policy']}; }}")
+    if kind == "rule" and verb == "add":
+        comment = f" comment {_value(obj['comment'])}" if obj.get("comment") else ""
+        return f"add rule {where} {obj['chain']} {' '.join(_statement(s) for s in obj['expr'])}{comment}"
+    if kind == "element" and verb in ("add", "delete"):
+        return f"{verb} element {where} {obj['name']} {{ {', '.join(_value(e) for e in obj['elem'])} }}"
+    raise NftablesError(f"cannot write {verb} {kind} in nft syntax")
+
+
+def to_nft_syntax(commands: list) -> str:
+    """The same batch in nft syntax, one command a line (one transaction, as the JSON would be): the commands
+    and expressions vxnet's tables are made of (netdriver/isolation.py), NftablesError for anything else."""
+    lines = []
+    for command in commands:
+        (verb, body), = command.items()
+        lines.append(_command(verb, body))
+    return "\n".join(lines) + "\n"
 
 
 def rule_counters(output: str) -> Dict[str, Tuple[int, int]]:

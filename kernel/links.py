@@ -19,8 +19,10 @@ Because every call runs on that one thread, the calls are serialised without a l
 import concurrent.futures
 import errno
 import functools
+import ipaddress
 import logging
 import os
+import socket
 import threading
 from typing import ContextManager, Dict, List, Optional
 
@@ -38,6 +40,14 @@ log = logging.getLogger(__name__)
 
 
 
+def _family(ip: str) -> int:
+    """AF_INET or AF_INET6 for an address; KernelError for anything else, which never reaches the kernel."""
+    try:
+        return socket.AF_INET6 if ipaddress.ip_address(ip).version == 6 else socket.AF_INET
+    except ValueError:
+        raise KernelError(f"neighbour {ip!r}: not an IPv4 or IPv6 address") from None
+
+
 def _netlink_thread(method):
     """Run the method on Links' own thread (directly when already there)."""
     @functools.wraps(method)
@@ -46,6 +56,31 @@ def _netlink_thread(method):
             return method(self, *args, **kwargs)
         return self._executor.submit(method, self, *args, **kwargs).result()
     return wrapper
+
+
+# The devices of our namespaces (bridge, VXLAN device, bridge ends of the veths) only forward frames; none of them
+# is an IPv6 host. With the kernel's defaults each would take a link-local address when it comes up (addr_gen_mode
+# eui64), and with it run DAD, join the solicited-node groups, send MLD reports into the overlay and answer ping6
+# from the containers; and the bridge, which also delivers a copy of every multicast frame to itself (past the
+# anti-spoofing table's forward hook), would take a default route and SLAAC addresses from any router
+# advertisement a container sends (accept_ra 1 on a host that does not forward: shown by tests/kernel/
+# test_isolation.py). The namespace would be a node of every dual-stack network, as it is of none in IPv4 (no
+# address). So, as the namespace's defaults, set before any device exists or moves in (a device registered in a
+# namespace, made there or moved there, takes the namespace's defaults):
+#   addr_gen_mode 1 (IN6_ADDR_GEN_MODE_NONE): no address is made; IPv6 itself stays enabled, because the VXLAN
+#     device's NDP table must take our permanent entries and the kernel refuses neighbour entries on a device with
+#     disable_ipv6 (ndisc_allow_add);
+#   accept_ra 0: router advertisements are ignored (no route, no SLAAC address).
+_NOT_AN_IPV6_HOST = {"addr_gen_mode": "1", "accept_ra": "0"}
+
+
+def _not_an_ipv6_host() -> None:
+    """Run inside a new namespace (sysctl files under /proc/sys/net belong to the opener's namespace)."""
+    for key, value in _NOT_AN_IPV6_HOST.items():
+        path = f"/proc/sys/net/ipv6/conf/default/{key}"
+        if os.path.exists(path):  # absent on a kernel without IPv6: nothing to turn off
+            with open(path, "w") as f:
+                f.write(value)
 
 
 class Links:
@@ -166,6 +201,8 @@ class Links:
             if not self.netns_exists(name):
                 self._forget(name)  # handles left from a namespace of that name removed behind our back
                 self._create_netns(self._path(name))
+                with self._inside(name):
+                    _not_an_ipv6_host()
                 self._ipr(name).link("set", index=self._index(name, "lo"), state="up")
 
     @_netlink_thread
@@ -251,10 +288,18 @@ class Links:
 
     @_netlink_thread
     def ensure_bridge(self, ns: str, name: str, mtu: int) -> None:
+        """A bridge, up, with multicast snooping off. With snooping on, once any MLD querier shows up on the
+        bridge (and any container can send a query), a registered group is forwarded only to the ports that
+        reported it (br_multicast_querier_exists); the VXLAN port stands for every remote container, whose
+        reports never cross the overlay (the device has no flood entry), so a neighbour solicitation to a group a
+        local container joined (solicited-node groups are shared by addresses with the same low 24 bits, RFC 4291
+        2.7.1) would no longer reach the VXLAN device's proxy, which answers for the remote addresses. Off,
+        multicast is flooded to every port, as ARP broadcasts are."""
         with kernel_errors(f"create bridge {name} in {ns}"):
             ipr = self._ipr(ns)
             if self._index(ns, name) is None:
-                ipr.link("add", ifname=name, kind="bridge")
+                ipr.link("add", ifname=name, kind="bridge", br_mcast_snooping=0)
+            ipr.link("set", index=self._index(ns, name), kind="bridge", br_mcast_snooping=0)
             ipr.link("set", index=self._index(ns, name), mtu=mtu, state="up")
 
     @_netlink_thread
@@ -263,7 +308,8 @@ class Links:
         """A VXLAN device inside `ns`, created in the host namespace first so its UDP socket stays there.
 
         learning off: peers are programmed from etcd, never learnt from flooded traffic; proxy on: ARP for known
-        peers is answered from our neighbour entries instead of crossing the underlay. master None: no bridge
+        peers (and IPv6 neighbour solicitations) is answered from our neighbour entries instead of crossing the
+        underlay. master None: no bridge
         (the health overlay's device carries its address itself); mac: the device's own address (None: random).
         A device whose VNI differs is made again."""
         with kernel_errors(f"create VXLAN {vni} in {ns}"):
@@ -378,15 +424,16 @@ class Links:
 
     @_netlink_thread
     def neighbours(self, ns: str, dev: str) -> Dict[str, str]:
-        """Permanent IPv4 neighbour entries of a device: ip -> mac."""
+        """Permanent neighbour entries of a device, IPv4 (ARP) and IPv6 (NDP) alike: ip -> mac."""
         out = {}
         with kernel_errors(f"read neighbours of {dev} in {ns}"):
             idx = self._device(ns, dev)
             if idx is None:
                 return out
-            for entry in self._ipr(ns).get_neighbours(family=2, ifindex=idx):
-                if entry["state"] & self._PERMANENT and entry.get_attr("NDA_LLADDR"):
-                    out[entry.get_attr("NDA_DST")] = entry.get_attr("NDA_LLADDR")
+            for family in (socket.AF_INET, socket.AF_INET6):
+                for entry in self._ipr(ns).get_neighbours(family=family, ifindex=idx):
+                    if entry["state"] & self._PERMANENT and entry.get_attr("NDA_LLADDR"):
+                        out[entry.get_attr("NDA_DST")] = entry.get_attr("NDA_LLADDR")
         return out
 
     @_netlink_thread
@@ -405,8 +452,9 @@ class Links:
 
     @_netlink_thread
     def set_neigh(self, ns: str, dev: str, ip: str, mac: str) -> None:
+        """A permanent neighbour entry ip -> mac; the family (ARP or NDP table) is the address's."""
         with kernel_errors(f"add neighbour {ip} -> {mac} in {ns}"):
-            self._ipr(ns).neigh("replace", family=2, ifindex=self._index(ns, dev), dst=ip, lladdr=mac,
+            self._ipr(ns).neigh("replace", family=_family(ip), ifindex=self._index(ns, dev), dst=ip, lladdr=mac,
                                 state=self._PERMANENT)
 
     @_netlink_thread
@@ -414,7 +462,7 @@ class Links:
         with kernel_errors(f"delete neighbour {ip} in {ns}"):
             idx = self._device(ns, dev)
             if idx is not None:
-                self._ignore_missing(lambda: self._ipr(ns).neigh("del", family=2, ifindex=idx, dst=ip))
+                self._ignore_missing(lambda: self._ipr(ns).neigh("del", family=_family(ip), ifindex=idx, dst=ip))
 
     @staticmethod
     def _ignore_missing(action) -> None:

@@ -10,7 +10,7 @@ element, a VTEP pair) and what is wanted and what is there (None: absent).
 import dataclasses
 from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
-from netdriver.isolation import endpoint_elements
+from netdriver.isolation import Guarded, element_text, endpoint_elements
 from netdriver.models import Endpoint, Network, PeerRecord
 from netdriver.peerdb import PeerDB
 from netdriver.store import segment_of
@@ -49,14 +49,11 @@ class NetworkKernel:
     wired: Set[str] = dataclasses.field(default_factory=set)  # endpoint IDs whose bridge-side veth is here
 
 
-def guard_elements(endpoints: Sequence[Tuple[str, str, str]]) -> Set[Tuple[str, str]]:
-    """(port, ip, mac) endpoints -> the anti-spoofing set elements as (set name, "port" or "port . value"),
-    the text `nft list set` shows."""
-    out = set()
-    for name, elems in endpoint_elements(list(endpoints)):
-        for elem in elems:
-            out.add((name, " . ".join(elem["concat"]) if isinstance(elem, dict) else elem))
-    return out
+def guard_elements(endpoints: Sequence[Guarded], ipv6: bool = False) -> Set[Tuple[str, str]]:
+    """Endpoints -> the anti-spoofing set elements as (set name, "port" or "port . value"), the text
+    `nft list set` shows (element_text); ipv6: a dual-stack network's table, with its IPv6 sets."""
+    return {(name, element_text(elem)) for name, elems in endpoint_elements(list(endpoints), ipv6)
+            for elem in elems}
 
 
 def desired_peers(host_id: str, records: Iterable[Tuple[str, int, PeerRecord]], segment: str) -> Tuple[
@@ -100,7 +97,8 @@ def network_differences(network: Network, host_id: str, endpoints: Iterable[Endp
     # Anti-spoofing covers this host's endpoints whose veth is wired (an endpoint created but not joined has no
     # port yet), as the driver's _guard builds it.
     mine = [e for e in endpoints if e.host == host_id and e.id in kernel.wired]
-    want = guard_elements([(port_of(e.id), e.ip.split("/")[0], e.mac) for e in mine])
+    want = guard_elements([Guarded(port_of(e.id), e.ip.split("/")[0], e.mac, e.ip6.split("/")[0]) for e in mine],
+                          network.ipv6)
     for name, elem in sorted(want - kernel.guard):
         out.append(Difference(nid, "anti-spoofing", f"{name} {elem}", "present", None))
     for name, elem in sorted(kernel.guard - want):
@@ -109,8 +107,8 @@ def network_differences(network: Network, host_id: str, endpoints: Iterable[Endp
 
 
 def isolation_differences(networks: Iterable[Network], have: Optional[Set[str]]) -> List[Difference]:
-    """The host isolation set against the subnets of this host's networks; have None: no table."""
-    want = {s.pool for n in networks for s in n.subnets}
+    """The host isolation sets (IPv4 and IPv6) against the subnets of this host's networks; have None: no table."""
+    want = {s.pool for n in networks for s in n.subnets + n.subnets6}
     if have is None:
         return [Difference("host", "isolation", "table", "present", None)]
     return ([Difference("host", "isolation", s, "present", None) for s in sorted(want - have)] +

@@ -59,7 +59,10 @@ def mac_for(ip: str) -> str:
 
 def _subnets(data) -> List[Subnet]:
     if not data:
-        raise InvalidRequest("IPv4Data: vxnet needs an IPv4 subnet (use --subnet or --ipam-driver vxnet)")
+        # Docker 20.10 allocates an IPv4 pool for every network, --ipv6 or not: a request without one is not
+        # from a dockerd we support, and the MAC of every endpoint is derived from its IPv4 address (mac_for).
+        raise InvalidRequest("IPv4Data: vxnet needs an IPv4 subnet, also on a --ipv6 network (use --subnet or "
+                             "--ipam-driver vxnet)")
     out = []
     for i, item in enumerate(data):
         try:
@@ -70,9 +73,50 @@ def _subnets(data) -> List[Subnet]:
     return out
 
 
+def _subnets6(data, enabled: bool) -> List[Subnet]:
+    """IPv6Data -> the network's IPv6 subnets; [] for an IPv4-only network. enabled: the --ipv6 option."""
+    if enabled and not data:
+        raise InvalidRequest("IPv6Data: a --ipv6 network needs an IPv6 pool (use --subnet with an IPv6 prefix or "
+                             "--ipam-driver vxnet)")
+    out = []
+    for i, item in enumerate(data):
+        try:
+            pool = ipaddress.IPv6Network(item.pool)
+        except ValueError:
+            raise InvalidRequest(f"IPv6Data[{i}].Pool: {item.pool!r} is not an IPv6 subnet") from None
+        if pool.is_link_local or pool.is_multicast:
+            # fe80::/10 is every interface's own (RFC 4291 2.5.6; anti-spoofing allows each container the
+            # link-local address of its MAC), ff00::/8 is no unicast range.
+            raise InvalidRequest(f"IPv6Data[{i}].Pool: {pool} is a link-local or multicast range, not a subnet "
+                                 "for containers")
+        gateway = p.ipv6_from_cidr(item.gateway, f"IPv6Data[{i}].Gateway")
+        if gateway is not None and ipaddress.IPv6Address(gateway) not in pool:
+            raise InvalidRequest(f"IPv6Data[{i}].Gateway: {gateway} is outside the pool {pool}")
+        out.append(Subnet(pool=str(pool), gateway=gateway))
+    return out
+
+
 def _unknown_network(network_id: str) -> Conflict:
     # Not 404: that means "not implemented" to dockerd (wire/errors.py).
     return Conflict(f"NetworkID: network {network_id[:12]} is not known to vxnet (not in its etcd store)")
+
+
+def _address6(network: Network, text: str) -> str:
+    """Interface.AddressIPv6 ("fd00:1::2/64" or "") -> the endpoint's ip6, checked against the network."""
+    if not text:
+        return ""
+    if not network.ipv6:
+        raise InvalidRequest(f"Interface.AddressIPv6: {text!r} given, but network {network.id[:12]} was created "
+                             "without --ipv6")
+    try:
+        iface = ipaddress.IPv6Interface(text)
+    except ValueError:
+        raise InvalidRequest(f"Interface.AddressIPv6: {text!r} is not an IPv6 CIDR") from None
+    if not any(iface.ip in ipaddress.IPv6Network(s.pool) for s in network.subnets6):
+        raise InvalidRequest(f"Interface.AddressIPv6: {iface.ip} is outside the network's IPv6 subnets")
+    if iface.ip.is_link_local or iface.ip.is_multicast or iface.ip.is_unspecified:
+        raise InvalidRequest(f"Interface.AddressIPv6: {iface.ip} is not a unicast global address")
+    return str(iface)
 
 
 def _unicast_mac(mac: str) -> str:
@@ -160,7 +204,12 @@ class NetworkDriver:
         The reply replaces the network's driver options on every node, so it echoes every input option and adds
         the VNI workers must use. Replays (leader change) return the same VNI. The manager holds the segment until
         FreeNetwork, so the VNI stays the network's while no task runs anywhere."""
-        opts = options.parse({options.GENERIC: req.options})
+        # The flat driver options, where Swarm may also pass the --ipv6 flag: not a `-o` key of ours, but echoed
+        # back with the others, so the workers' CreateNetwork still sees it.
+        generic = {k: v for k, v in req.options.items() if k != options.ENABLE_IPV6}
+        opts = options.parse({options.GENERIC: generic})
+        if req.ipv6_data:
+            _subnets6(req.ipv6_data, enabled=False)  # refused here, where `docker network create` is answered
         if opts.encrypted:
             # Refused here, where `docker network create` is answered, rather than by every worker's
             # CreateNetwork later, where a task would fail to start with the reason only in its status.
@@ -183,8 +232,7 @@ class NetworkDriver:
         """`{"NetworkID","Options":{...},"IPv4Data":[IPAMData],"IPv6Data":[...]}` -> `{}`"""
         opts = options.parse(req.options)
         subnets = _subnets(req.ipv4_data)
-        if req.ipv6_data:
-            raise InvalidOption("--ipv6: vxnet networks are IPv4 only")
+        subnets6 = _subnets6(req.ipv6_data, opts.ipv6)
         existing = self.store.get_network(req.network_id)
         if existing is not None:
             # A replay, or this host joining a network that spans hosts (Swarm: one ID everywhere): this host
@@ -207,14 +255,15 @@ class NetworkDriver:
             if not had_segment:
                 undo.push(lambda: self.store.release_segment(segment))
             network = Network(id=req.network_id, vni=vni, mtu=mtu, internal=opts.internal, subnets=subnets,
-                              overlay=opts.overlay, options=opts.generic, encrypted=opts.encrypted)
+                              overlay=opts.overlay, options=opts.generic, encrypted=opts.encrypted,
+                              subnets6=subnets6)
             self.store.put_network(network, self.host_id, segment)
             undo.push(lambda: self.store.delete_network(network.id, self.host_id, segment))
             undo.push(lambda: self._remove_namespace(network.id, network.vni))
             self._prepare(network)
             self._guard_host()
-        log.info("network created nid=%s vni=%d mtu=%d internal=%s encrypted=%s", network.id[:12], vni, mtu,
-                 opts.internal, opts.encrypted)
+        log.info("network created nid=%s vni=%d mtu=%d internal=%s encrypted=%s ipv6=%s", network.id[:12], vni,
+                 mtu, opts.internal, opts.encrypted, network.ipv6)
         return {}
 
     def delete_network(self, req: p.NetworkIDRequest) -> dict:
@@ -256,17 +305,16 @@ class NetworkDriver:
         network = self._ready.get(req.network_id) or self._network(req.network_id)  # see leave()
         if not req.interface.address:
             raise InvalidRequest("Interface.Address: vxnet needs the endpoint's IPv4 address from IPAM")
-        if req.interface.address_ipv6:
-            raise InvalidOption("Interface.AddressIPv6: vxnet networks are IPv4 only")
         try:
             iface = ipaddress.IPv4Interface(req.interface.address)
         except ValueError:
             raise InvalidRequest(f"Interface.Address: {req.interface.address!r} is not an IPv4 CIDR") from None
         if not any(iface.ip in ipaddress.IPv4Network(s.pool) for s in network.subnets):
             raise InvalidRequest(f"Interface.Address: {iface.ip} is outside the network's subnets")
+        ip6 = _address6(network, req.interface.address_ipv6)
         mac = _unicast_mac(req.interface.mac_address) if req.interface.mac_address else mac_for(str(iface.ip))
         self.store.put_endpoint(Endpoint(network_id=network.id, id=req.endpoint_id, ip=str(iface), mac=mac,
-                                         host=self.host_id))
+                                         host=self.host_id, ip6=ip6))
         return {} if req.interface.mac_address else {"Interface": {"MacAddress": mac}}
 
     def endpoint_oper_info(self, req: p.EndpointRequest) -> dict:
@@ -277,6 +325,8 @@ class NetworkDriver:
         network = self.store.get_network(req.network_id)
         value = {"vxnet.ip": endpoint.ip, "vxnet.mac": endpoint.mac, "vxnet.host": endpoint.host,
                  "vxnet.ifname": names.veth_container(endpoint.id)}
+        if endpoint.ip6:
+            value["vxnet.ip6"] = endpoint.ip6
         if network is not None:
             value["vxnet.vni"] = str(network.vni)
         return {"Value": value}
@@ -423,7 +473,8 @@ class NetworkDriver:
     def _publish(self, network: Network, endpoint: Endpoint) -> None:
         self.store.put_peer(segment_of(network.id, network.overlay), PeerRecord(
             network_id=network.id, endpoint_id=endpoint.id, ip=endpoint.ip.split("/")[0], mac=endpoint.mac,
-            vtep=self.underlay.require(), host=self.host_id), lease=self.lease_id())
+            vtep=self.underlay.require(), host=self.host_id, ip6=endpoint.ip6.split("/")[0]),
+            lease=self.lease_id())
 
     # -- what the reconciler (netdriver/reconciler.py) asks -------------------------------------------------------
     @contextlib.contextmanager

@@ -1,19 +1,22 @@
 """Firewall rules that keep networks apart and containers honest, in nftables tables of our own, written as
-nftables JSON, one atomic batch per change (through libnftables on the netlink thread: Links.nft). A batch either
+nftables JSON (kernel/libnftables.py turns a batch declaring a `typeof` set into nft syntax), one atomic batch per
+change (through libnftables on the netlink thread: Links.nft). A batch either
 replaces a whole table (start-up, network creation: a replay changes nothing and a half-applied state never
 exists) or, on Join and DeleteEndpoint, adds or removes one endpoint's elements in the sets the fixed rules look
 up: O(1) per container, whatever the number of endpoints.
 
 Two tables:
 - `bridge vxnet` inside each network's namespace (anti-spoofing): a frame entering the bridge from an endpoint's
-  port must carry that endpoint's MAC, and its IPv4 packets and ARP that endpoint's address; IPv6 is dropped
-  (vxnet networks are IPv4-only). A container with NET_ADMIN that changes its address or MAC gets nothing through.
-  The endpoints are set elements (port, MAC) and (port, address), looked up by five fixed rules.
+  port must carry that endpoint's MAC, and its IPv4 packets and ARP that endpoint's address. On an IPv4-only
+  network IPv6 is dropped; on a dual-stack one IPv6 must come from the endpoint's global or link-local address
+  (:: only for DAD and MLD), its neighbour advertisements may advertise only those, and router advertisements
+  and redirects are dropped. A container with NET_ADMIN that changes its address or MAC gets nothing through.
+  The endpoints are set elements (port, MAC), (port, address), looked up by a fixed set of rules.
 - `inet vxnet` in the host namespace (isolation): traffic within a vxnet network is bridged inside its namespace
   and never routed by the host, so any packet the host would forward to or from a vxnet subnet is a container on
   one network trying another through the host (docker_gwbridge egress, a forged source): it is dropped, and so
-  is anything reaching the host itself from a vxnet subnet. A drop in any nftables table is final, so this holds
-  beside Docker's own iptables rules.
+  is anything reaching the host itself from a vxnet subnet, IPv4 and IPv6 subnets alike. A drop in any nftables
+  table is final, so this holds beside Docker's own iptables rules.
 
 Every rule carries a comment naming what it is for, so `nft list ruleset` explains itself, and a counter, so what
 each reason dropped can be read (`dropped()`, the metrics' vxnet_dropped_packets_total): a counter statement after
@@ -23,7 +26,7 @@ the matches counts only the packets the rule drops, so the traffic that passes c
 import ipaddress
 import json
 import logging
-from typing import Callable, Dict, FrozenSet, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, FrozenSet, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 from kernel import libnftables, names
 from wire.errors import KernelError
@@ -75,73 +78,151 @@ def _elements(family: str, name: str, elems: list, op: str = "add") -> List[dict
     return [{op: {"element": {"family": family, "table": TABLE, "name": name, "elem": elems}}}] if elems else []
 
 
-def endpoint_elements(endpoints: Sequence[Tuple[str, str, str]]) -> List[Tuple[str, list]]:
-    """(set name, elements) of the anti-spoofing sets for these (port, ip, mac) endpoints."""
-    return [("ports", [port for port, _, _ in endpoints]),
-            ("macs", [{"concat": [port, mac]} for port, _, mac in endpoints]),
-            ("ips", [{"concat": [port, ip]} for port, ip, _ in endpoints])]
+# Every set of the anti-spoofing table (the last two on dual-stack networks only).
+ANTI_SPOOFING_SETS = ("ports", "macs", "ips", "ip6s", "targets")
 
 
-def endpoint_guard_batch(endpoints: Sequence[Tuple[str, str, str]]) -> List[dict]:
-    """The anti-spoofing table for one network namespace. endpoints: (port name, ip, mac) of each local one.
+class Guarded(NamedTuple):
+    """One local endpoint as the anti-spoofing sets hold it: its bridge port, bare IPv4 address, MAC, and bare
+    global IPv6 address ("" when it has none)."""
+    port: str
+    ip: str
+    mac: str
+    ip6: str = ""
 
-    Five rules whatever the number of endpoints: each looks up (port, address) in a set, so the cost per frame
-    does not grow with the endpoints (a chain of rules per endpoint halved throughput at 50 endpoints)."""
-    endpoints = sorted(endpoints)
+
+def link_local(mac: str) -> str:
+    """The link-local address a container's kernel gives its interface from the MAC (addr_gen_mode eui64, the
+    default): fe80::/64 with the modified EUI-64 interface identifier, the MAC with ff:fe in the middle and the
+    universal/local bit (0x02 of the first octet) inverted (RFC 4291 2.5.6 and appendix A)."""
+    octets = bytes(int(b, 16) for b in mac.split(":"))
+    eui = bytes([octets[0] ^ 0x02]) + octets[1:3] + b"\xff\xfe" + octets[3:6]
+    return str(ipaddress.IPv6Address(b"\xfe\x80" + bytes(6) + eui))
+
+
+def _raw128(address: str) -> str:
+    """An IPv6 address as the 128-bit integer a raw payload match (@th,64,128) compares it with."""
+    return f"0x{int(ipaddress.IPv6Address(address)):032x}"
+
+
+def _own6(endpoint: Guarded) -> List[str]:
+    """The IPv6 addresses an endpoint may send from and advertise: its link-local, and its global one if any."""
+    return [link_local(endpoint.mac)] + ([endpoint.ip6] if endpoint.ip6 else [])
+
+
+def endpoint_elements(endpoints: Sequence[Guarded], ipv6: bool = False) -> List[Tuple[str, list]]:
+    """(set name, elements) of the anti-spoofing sets for these endpoints; ipv6: the table of a dual-stack
+    network, which also has the IPv6 sets."""
+    endpoints = [Guarded(*e) for e in endpoints]
+    out = [("ports", [e.port for e in endpoints]),
+           ("macs", [{"concat": [e.port, e.mac]} for e in endpoints]),
+           ("ips", [{"concat": [e.port, e.ip]} for e in endpoints])]
+    if ipv6:
+        out += [("ip6s", [{"concat": [e.port, a]} for e in endpoints for a in _own6(e)]),
+                ("targets", [{"concat": [e.port, _raw128(a)]} for e in endpoints for a in _own6(e)])]
+    return out
+
+
+# ICMPv6 types (RFC 4443, RFC 4861, RFC 2710, RFC 3810) as nft names them.
+_NS, _NA = "nd-neighbor-solicit", "nd-neighbor-advert"
+_FROM_UNSPECIFIED = ["nd-neighbor-solicit", "mld-listener-report", "mld2-listener-report"]
+_ROUTER_ONLY = ["nd-router-advert", "nd-redirect"]
+# The target address of a neighbour solicitation or advertisement: after type, code, checksum (4 bytes) and the
+# reserved/flags word (4 bytes), 16 bytes at bit 64 of the ICMPv6 header (RFC 4861 4.3, 4.4). nftables 1.0.6 has
+# no name for it, hence the raw payload and a set declared by the expressions it is compared with (typeof).
+_TARGET = {"payload": {"base": "th", "offset": 64, "len": 128}}
+
+
+def endpoint_guard_batch(endpoints: Sequence[Guarded], ipv6: bool = False) -> List[dict]:
+    """The anti-spoofing table for one network namespace. endpoints: each local one; ipv6: the network is dual
+    stack (else every IPv6 frame from a port is dropped).
+
+    A fixed set of rules whatever the number of endpoints: each looks up (port, address) in a set, so the cost
+    per frame does not grow with the endpoints (a chain of rules per endpoint halved throughput at 50 endpoints).
+
+    IPv6 (dual stack): a packet must come from one of the port's addresses (its global one, or the link-local of
+    its MAC), or from :: only for what RFC 4862 5.4.2 (DAD neighbour solicitations, for a target of its own) and
+    RFC 3810 5.2.13 (MLD reports before an address is ready) send from there; a neighbour advertisement must
+    advertise one of the port's own addresses (else a container answers for another's and takes its traffic);
+    router advertisements and redirects are dropped (no container is a router: they would move others' routes).
+    Fragmented neighbour discovery needs no rule: receivers drop it (RFC 6980, Linux suppress_frag_ndisc)."""
+    endpoints = sorted(Guarded(*e) for e in endpoints)
     guarded = _match({"meta": {"key": "iifname"}}, "@ports")
 
     def pair(protocol: str, field: str) -> dict:
         return {"concat": [{"meta": {"key": "iifname"}}, _payload(protocol, field)]}
 
-    return _replace_table("bridge") + [
-        _set("bridge", "ports", "ifname"),
-        _set("bridge", "macs", ["ifname", "ether_addr"]),
-        _set("bridge", "ips", ["ifname", "ipv4_addr"]),
-        _chain("bridge", "forward", "forward"),
-        _rule("bridge", "forward", "vxnet:anti-spoofing:mac", guarded, _match(pair("ether", "saddr"), "@macs", "!=")),
-        _rule("bridge", "forward", "vxnet:anti-spoofing:ip", guarded, _match(pair("ip", "saddr"), "@ips", "!=")),
-        _rule("bridge", "forward", "vxnet:anti-spoofing:arp-ip", guarded,
-              _match(pair("arp", "saddr ip"), "@ips", "!=")),
-        _rule("bridge", "forward", "vxnet:anti-spoofing:arp-mac", guarded,
-              _match(pair("arp", "saddr ether"), "@macs", "!=")),
-        _rule("bridge", "forward", "vxnet:anti-spoofing:no-ipv6", guarded,
-              _match(_payload("ether", "type"), "ip6")),
-    ] + [op for name, elems in endpoint_elements(endpoints) for op in _elements("bridge", name, elems)]
+    def rule(name: str, *expr: dict) -> dict:
+        return _rule("bridge", "forward", f"vxnet:{ANTI_SPOOFING}:{name}", guarded, *expr)
+
+    sets = [_set("bridge", "ports", "ifname"),
+            _set("bridge", "macs", ["ifname", "ether_addr"]),
+            _set("bridge", "ips", ["ifname", "ipv4_addr"])]
+    rules = [
+        rule("mac", _match(pair("ether", "saddr"), "@macs", "!=")),
+        rule("ip", _match(pair("ip", "saddr"), "@ips", "!=")),
+        rule("arp-ip", _match(pair("arp", "saddr ip"), "@ips", "!=")),
+        rule("arp-mac", _match(pair("arp", "saddr ether"), "@macs", "!=")),
+    ]
+    if not ipv6:
+        rules.append(rule("no-ipv6", _match(_payload("ether", "type"), "ip6")))
+    else:
+        unspecified = _match(_payload("ip6", "saddr"), "::")
+        icmp6_type = _payload("icmpv6", "type")
+        target = {"concat": [{"meta": {"key": "iifname"}}, _TARGET]}
+        sets += [_set("bridge", "ip6s", ["ifname", "ipv6_addr"]),
+                 _set("bridge", "targets", {"typeof": target})]
+        rules += [
+            rule("ip6", _match(_payload("ip6", "saddr"), "::", "!="), _match(pair("ip6", "saddr"), "@ip6s", "!=")),
+            # Two rules: `icmpv6 type` matches ICMPv6 only, so anything else from :: needs its own.
+            rule("ip6-unspecified-proto", unspecified, _match({"meta": {"key": "l4proto"}}, "ipv6-icmp", "!=")),
+            rule("ip6-unspecified-type", unspecified, _match(icmp6_type, {"set": _FROM_UNSPECIFIED}, "!=")),
+            # A DAD probe for another's tentative address makes its owner give the address up (RFC 4862 5.4.3).
+            rule("dad-target", unspecified, _match(icmp6_type, _NS), _match(target, "@targets", "!=")),
+            rule("na-target", _match(icmp6_type, _NA), _match(target, "@targets", "!=")),
+            rule("router", _match(icmp6_type, {"set": _ROUTER_ONLY})),
+        ]
+    return (_replace_table("bridge") + sets + [_chain("bridge", "forward", "forward")] + rules +
+            [op for name, elems in endpoint_elements(endpoints, ipv6) for op in _elements("bridge", name, elems)])
 
 
-def endpoint_add_batch(port: str, ip: str, mac: str) -> List[dict]:
+def endpoint_add_batch(endpoint: Guarded, ipv6: bool = False) -> List[dict]:
     """One endpoint's elements into the sets of an existing anti-spoofing table. Adding an element that is there
     already is no error, so a replay changes nothing. A missing table is an error (nothing is created here: sets
     without their rules would guard nothing), and the caller rebuilds the table whole."""
-    return [op for name, elems in endpoint_elements([(port, ip, mac)]) for op in _elements("bridge", name, elems)]
+    return [op for name, elems in endpoint_elements([endpoint], ipv6) for op in _elements("bridge", name, elems)]
 
 
-def endpoint_remove_batch(port: str, ip: str, mac: str) -> List[dict]:
+def endpoint_remove_batch(endpoint: Guarded, ipv6: bool = False) -> List[dict]:
     """One endpoint's elements out of the sets. nftables refuses to delete a missing element, so each is added
     first in the same transaction: the batch succeeds whether or not they were there, and a replay changes
     nothing."""
-    return endpoint_add_batch(port, ip, mac) + [
-        op for name, elems in endpoint_elements([(port, ip, mac)]) for op in _elements("bridge", name, elems,
-                                                                                          "delete")]
+    return endpoint_add_batch(endpoint, ipv6) + [
+        op for name, elems in endpoint_elements([endpoint], ipv6) for op in _elements("bridge", name, elems,
+                                                                                        "delete")]
 
 
 def host_guard_batch(subnets: Iterable[str]) -> List[dict]:
-    """The host table: drop what the host would route to or from any vxnet subnet, and what reaches it from one."""
-    nets = sorted({str(ipaddress.IPv4Network(s)) for s in subnets})
+    """The host table: drop what the host would route to or from any vxnet subnet, and what reaches it from one.
+    subnets: IPv4 and IPv6 prefixes alike (one interval set per family, the same three rules for each)."""
+    nets = {ipaddress.ip_network(s) for s in subnets}
     batch = _replace_table("inet") + [
-        {"add": {"set": {"family": "inet", "table": TABLE, "name": "subnets", "type": "ipv4_addr",
-                         "flags": ["interval"]}}},
-        _chain("inet", "forward", "forward"),
-        _chain("inet", "input", "input"),
-    ]
-    if nets:
-        elems = [{"prefix": {"addr": n.split("/")[0], "len": int(n.split("/")[1])}} for n in nets]
-        batch.append({"add": {"element": {"family": "inet", "table": TABLE, "name": "subnets", "elem": elems}}})
-    batch += [
-        _rule("inet", "forward", "vxnet:isolation:to-overlay", _match(_payload("ip", "daddr"), "@subnets")),
-        _rule("inet", "forward", "vxnet:isolation:from-overlay", _match(_payload("ip", "saddr"), "@subnets")),
-        _rule("inet", "input", "vxnet:isolation:overlay-to-host", _match(_payload("ip", "saddr"), "@subnets")),
-    ]
+        {"add": {"set": {"family": "inet", "table": TABLE, "name": name, "type": kind, "flags": ["interval"]}}}
+        for name, kind in (("subnets", "ipv4_addr"), ("subnets6", "ipv6_addr"))
+    ] + [_chain("inet", "forward", "forward"), _chain("inet", "input", "input")]
+    for name, version in (("subnets", 4), ("subnets6", 6)):
+        elems = [{"prefix": {"addr": str(n.network_address), "len": n.prefixlen}}
+                 for n in sorted(n for n in nets if n.version == version)]
+        if elems:
+            batch.append({"add": {"element": {"family": "inet", "table": TABLE, "name": name, "elem": elems}}})
+    for protocol, name, suffix in (("ip", "@subnets", ""), ("ip6", "@subnets6", "-v6")):
+        batch += [
+            _rule("inet", "forward", f"vxnet:isolation:to-overlay{suffix}", _match(_payload(protocol, "daddr"), name)),
+            _rule("inet", "forward", f"vxnet:isolation:from-overlay{suffix}",
+                  _match(_payload(protocol, "saddr"), name)),
+            _rule("inet", "input", f"vxnet:isolation:overlay-to-host{suffix}",
+                  _match(_payload(protocol, "saddr"), name)),
+        ]
     return batch
 
 
@@ -187,7 +268,7 @@ def batch_shape(batch: List[dict]) -> Shape:
             sets.setdefault(body["set"]["name"], frozenset())
         elif "element" in body:
             name = body["element"]["name"]
-            sets[name] = sets.get(name, frozenset()) | {_element_text(e) for e in body["element"]["elem"]}
+            sets[name] = sets.get(name, frozenset()) | {element_text(e) for e in body["element"]["elem"]}
     return tuple(sorted(comments)), sets
 
 
@@ -224,14 +305,14 @@ class Firewall:
     def __init__(self, apply: Callable[[Optional[str], List[dict], str], object]):
         self._apply = apply
 
-    def guard_endpoints(self, ns: str, endpoints: Sequence[Tuple[str, str, str]]) -> None:
-        self._apply(ns, endpoint_guard_batch(endpoints), f"anti-spoofing rules in {ns}")
+    def guard_endpoints(self, ns: str, endpoints: Sequence[Guarded], ipv6: bool = False) -> None:
+        self._apply(ns, endpoint_guard_batch(endpoints, ipv6), f"anti-spoofing rules in {ns}")
 
-    def guard_endpoint(self, ns: str, port: str, ip: str, mac: str) -> None:
-        self._apply(ns, endpoint_add_batch(port, ip, mac), f"anti-spoofing for {port} in {ns}")
+    def guard_endpoint(self, ns: str, endpoint: Guarded, ipv6: bool = False) -> None:
+        self._apply(ns, endpoint_add_batch(endpoint, ipv6), f"anti-spoofing for {endpoint.port} in {ns}")
 
-    def unguard_endpoint(self, ns: str, port: str, ip: str, mac: str) -> None:
-        self._apply(ns, endpoint_remove_batch(port, ip, mac), f"removing anti-spoofing for {port} in {ns}")
+    def unguard_endpoint(self, ns: str, endpoint: Guarded, ipv6: bool = False) -> None:
+        self._apply(ns, endpoint_remove_batch(endpoint, ipv6), f"removing anti-spoofing for {endpoint.port} in {ns}")
 
     def guard_host(self, subnets: Iterable[str]) -> None:
         self._apply(None, host_guard_batch(subnets), "isolation rules in the host namespace")
@@ -259,11 +340,11 @@ class Firewall:
             raise
         return listing_shape(str(text or ""))
 
-    def endpoints_drift(self, ns: str, endpoints: Sequence[Tuple[str, str, str]]) -> Optional[str]:
-        """None if the anti-spoofing table in ns is exactly what guard_endpoints(ns, endpoints) makes, else what
-        differs. Reads only (a list command changes nothing and sends no notification)."""
+    def endpoints_drift(self, ns: str, endpoints: Sequence[Guarded], ipv6: bool = False) -> Optional[str]:
+        """None if the anti-spoofing table in ns is exactly what guard_endpoints(ns, endpoints, ipv6) makes, else
+        what differs. Reads only (a list command changes nothing and sends no notification)."""
         have = self._listing(ns, "bridge", f"read the anti-spoofing table in {ns}")
-        return shape_difference(have, batch_shape(endpoint_guard_batch(endpoints)))
+        return shape_difference(have, batch_shape(endpoint_guard_batch(endpoints, ipv6)))
 
     def host_drift(self, subnets: Iterable[str]) -> Optional[str]:
         """The same for the host isolation table and guard_host(subnets)."""
@@ -271,16 +352,21 @@ class Firewall:
         return shape_difference(have, batch_shape(host_guard_batch(subnets)))
 
 
-def _element_text(elem) -> str:
+def element_text(elem) -> str:
     """A set element as `nft list set` prints it: a name or address, `a . b` for a concatenation, `addr/len`
-    for an interval."""
+    for an interval; a raw 128-bit value (the targets set) as 32 hex digits, whichever way it came: nft lists
+    it as a "0x..." string without leading zeros, or as a JSON number when it is small."""
+    if isinstance(elem, int) and not isinstance(elem, bool):
+        return f"0x{elem:032x}"
+    if isinstance(elem, str) and elem.startswith("0x"):
+        return f"0x{int(elem, 16):032x}"
     if isinstance(elem, dict):
         if "concat" in elem:
-            return " . ".join(_element_text(e) for e in elem["concat"])
+            return " . ".join(element_text(e) for e in elem["concat"])
         if "prefix" in elem:
             return f"{elem['prefix']['addr']}/{elem['prefix']['len']}"
         if "elem" in elem:  # an element with a counter or timeout attached
-            return _element_text(elem["elem"].get("val"))
+            return element_text(elem["elem"].get("val"))
     return str(elem)
 
 
@@ -291,7 +377,7 @@ def listed_sets(listing: str) -> dict:
         found = item.get("set")
         if found is not None:
             elems = found.get("elem", [])
-            out[found["name"]] = {_element_text(e) for e in (elems if isinstance(elems, list) else [elems])}
+            out[found["name"]] = {element_text(e) for e in (elems if isinstance(elems, list) else [elems])}
     return out
 
 

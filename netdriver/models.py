@@ -10,8 +10,12 @@ from typing import List, Optional
 
 @dataclasses.dataclass(frozen=True)
 class Subnet:
-    pool: str  # "10.0.1.0/24"
+    pool: str  # "10.0.1.0/24" or "fd00:1::/64"
     gateway: Optional[str]  # bare IP or None
+
+
+def _subnets(raw: list) -> List[Subnet]:
+    return [Subnet(s["pool"], s.get("gateway")) for s in raw]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,6 +28,12 @@ class Network:
     overlay: Optional[str] = None
     options: dict = dataclasses.field(default_factory=dict)
     encrypted: bool = False
+    subnets6: List[Subnet] = dataclasses.field(default_factory=list)  # IPv6 pools of a dual-stack network
+
+    @property
+    def ipv6(self) -> bool:
+        """Dual stack: the network was created with --ipv6 and an IPv6 pool."""
+        return bool(self.subnets6)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -32,9 +42,9 @@ class Network:
     def from_json(cls, text: str) -> "Network":
         raw = json.loads(text)
         return cls(id=raw["id"], vni=int(raw["vni"]), mtu=int(raw["mtu"]), internal=bool(raw["internal"]),
-                   subnets=[Subnet(s["pool"], s.get("gateway")) for s in raw.get("subnets", [])],
-                   overlay=raw.get("overlay"), options=raw.get("options", {}),
-                   encrypted=bool(raw.get("encrypted", False)))
+                   subnets=_subnets(raw.get("subnets", [])), overlay=raw.get("overlay"),
+                   options=raw.get("options", {}), encrypted=bool(raw.get("encrypted", False)),
+                   subnets6=_subnets(raw.get("subnets6", [])))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,32 +55,44 @@ class Endpoint:
     ip: str  # "10.0.1.5/24"
     mac: str
     host: str
+    ip6: str = ""  # "fd00:1::2/64" on a dual-stack network, else ""
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "Endpoint":
-        raw = json.loads(text)
-        return cls(**{f.name: raw[f.name] for f in dataclasses.fields(cls)})
+        return cls(**_fields(cls, json.loads(text)))
 
 
 @dataclasses.dataclass(frozen=True)
 class PeerRecord:
     """What other hosts need to reach an endpoint: written at Join, removed at Leave.
 
-    Other hosts program neighbour (ip -> mac) and FDB (mac -> vtep) entries from it."""
+    Other hosts program neighbour (ip -> mac, and ip6 -> mac) and FDB (mac -> vtep) entries from it."""
     network_id: str
     endpoint_id: str
     ip: str  # bare IP
     mac: str
     vtep: str
     host: str
+    ip6: str = ""  # bare IPv6 address on a dual-stack network, else ""
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "PeerRecord":
-        raw = json.loads(text)
-        return cls(**{f.name: raw[f.name] for f in dataclasses.fields(cls)})
+        return cls(**_fields(cls, json.loads(text)))
+
+
+def _fields(cls, raw: dict) -> dict:
+    """The record's fields from a stored object: a field with a default may be absent (written by a plugin from
+    before it existed), the others are required (KeyError)."""
+    out = {}
+    for field in dataclasses.fields(cls):
+        if field.name in raw:
+            out[field.name] = raw[field.name]
+        elif field.default is dataclasses.MISSING:
+            raise KeyError(field.name)
+    return out

@@ -41,6 +41,7 @@ class NetworkOptions:
     overlay: Optional[str] = None  # standalone hosts naming the same overlay share one VNI and pool
     internal: bool = False
     encrypted: bool = False  # IPsec ESP between VTEPs (encrypt/), VXLAN on its own port
+    ipv6: bool = False  # --ipv6: dual stack (the IPv6 pools come as IPv6Data)
     generic: Dict[str, str] = dataclasses.field(default_factory=dict)
 
 
@@ -69,8 +70,6 @@ def parse(options: Dict[str, Any]) -> NetworkOptions:
     generic = options.get(GENERIC) or {}
     if not isinstance(generic, dict):
         raise InvalidOption(f"{GENERIC}: expected a map of driver options")
-    if _truthy(ENABLE_IPV6, options.get(ENABLE_IPV6, False)):
-        raise InvalidOption("--ipv6: vxnet networks are IPv4 only")
     unknown = sorted(k for k in generic if k not in _KNOWN)
     if unknown:
         raise InvalidOption(
@@ -93,6 +92,7 @@ def parse(options: Dict[str, Any]) -> NetworkOptions:
         vni=vni,
         overlay=overlay,
         internal=_truthy(INTERNAL, options.get(INTERNAL, False)),
+        ipv6=_truthy(ENABLE_IPV6, options.get(ENABLE_IPV6, False)),
         encrypted="encrypted" in generic and _truthy("encrypted", generic["encrypted"]),
         generic={str(k): str(v) for k, v in generic.items()},
     )

@@ -1,7 +1,8 @@
 """The desired peer table: which remote endpoints each overlay segment should reach, as kernel entries.
 
 Pure: no I/O. Records arrive from etcd (a full list at resync, then watch events); `entries(segment)` gives the
-neighbour (ip -> mac) and FDB (mac -> vtep) entries the segment's VXLAN device should hold. Entries are derived
+neighbour (ip -> mac, IPv4 and IPv6 addresses alike) and FDB (mac -> vtep) entries the segment's VXLAN device
+should hold. Entries are derived
 from the set of records, so they are reference-counted by construction: a MAC that two records share (an endpoint
 moving between hosts, its old record not yet gone) stays programmed until the last record naming it goes, and the
 newest record (highest etcd revision) decides where it points.
@@ -12,7 +13,7 @@ from typing import Dict, Iterable, List, Tuple
 
 from netdriver.models import PeerRecord
 
-Entries = Tuple[Dict[str, str], Dict[str, str]]  # (fdb: mac -> vtep, neigh: ip -> mac)
+Entries = Tuple[Dict[str, str], Dict[str, str]]  # (fdb: mac -> vtep, neigh: ip or ip6 -> mac)
 
 
 class PeerDB:
@@ -56,6 +57,8 @@ class PeerDB:
         for _, record in records:  # oldest first, so the newest record wins a shared MAC or IP
             fdb[record.mac] = record.vtep
             neigh[record.ip] = record.mac
+            if record.ip6:  # dual stack: the VXLAN device's proxy answers neighbour solicitations from it
+                neigh[record.ip6] = record.mac
         return fdb, neigh
 
     def count(self, segment: str) -> int:

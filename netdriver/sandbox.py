@@ -12,7 +12,7 @@ from kernel import names
 from kernel.links import Links
 from netdriver.contracts import Firewall, Underlay
 from netdriver.drift import NetworkKernel
-from netdriver.isolation import list_table_command, listed_sets
+from netdriver.isolation import ANTI_SPOOFING_SETS, Guarded, list_table_command, listed_sets
 from netdriver.models import Endpoint, Network
 from netdriver.peerdb import Entries
 from wire.errors import Conflict, KernelError
@@ -20,9 +20,15 @@ from wire.errors import Conflict, KernelError
 log = logging.getLogger(__name__)
 
 
-def _guarded(endpoint: Endpoint) -> Tuple[str, str, str]:
-    """(bridge port, address, MAC) of an endpoint, as the anti-spoofing sets hold it."""
-    return names.veth_bridge(endpoint.id), endpoint.ip.split("/")[0], endpoint.mac
+def _guarded(endpoint: Endpoint) -> Guarded:
+    """(bridge port, address, MAC, IPv6 address) of an endpoint, as the anti-spoofing sets hold it."""
+    return Guarded(names.veth_bridge(endpoint.id), endpoint.ip.split("/")[0], endpoint.mac,
+                   endpoint.ip6.split("/")[0])
+
+
+def _subnets(networks: List[Network]) -> List[str]:
+    """Every IPv4 and IPv6 prefix of these networks (what the host isolation table covers)."""
+    return [s.pool for n in networks for s in n.subnets + n.subnets6]
 
 
 class DataPlane:
@@ -182,24 +188,24 @@ class DataPlane:
         """Anti-spoofing in the network's namespace: exactly these endpoints' ports are guarded."""
         ns = names.netns(network.id)
         if self.firewall is not None and self.links.netns_exists(ns):
-            self.firewall.guard_endpoints(ns, [_guarded(e) for e in endpoints])
+            self.firewall.guard_endpoints(ns, [_guarded(e) for e in endpoints], network.ipv6)
 
     def guard_endpoint(self, network: Network, endpoint: Endpoint) -> None:
         """Add this endpoint's port to the anti-spoofing table guard_endpoints made. KernelError if the namespace
         or the table is missing: the caller rebuilds them."""
         if self.firewall is not None:
-            self.firewall.guard_endpoint(names.netns(network.id), *_guarded(endpoint))
+            self.firewall.guard_endpoint(names.netns(network.id), _guarded(endpoint), network.ipv6)
 
     def unguard_endpoint(self, network: Network, endpoint: Endpoint) -> None:
         """Take this endpoint's port out of the table; nothing to do without the namespace."""
         ns = names.netns(network.id)
         if self.firewall is not None and self.links.netns_exists(ns):
-            self.firewall.unguard_endpoint(ns, *_guarded(endpoint))
+            self.firewall.unguard_endpoint(ns, _guarded(endpoint), network.ipv6)
 
     def guard_host(self, networks: List[Network]) -> None:
         """Isolation in the host namespace for the subnets of these networks (all of this host's)."""
         if self.firewall is not None:
-            self.firewall.guard_host([s.pool for n in networks for s in n.subnets])
+            self.firewall.guard_host(_subnets(networks))
 
     def guard_drift(self, network: Network, endpoints: List[Endpoint]) -> Optional[str]:
         """None if the network's anti-spoofing table is exactly what guard_endpoints(network, endpoints) makes,
@@ -207,13 +213,13 @@ class DataPlane:
         ns = names.netns(network.id)
         if self.firewall is None or not self.links.netns_exists(ns):
             return None
-        return self.firewall.endpoints_drift(ns, [_guarded(e) for e in endpoints])
+        return self.firewall.endpoints_drift(ns, [_guarded(e) for e in endpoints], network.ipv6)
 
     def host_guard_drift(self, networks: List[Network]) -> Optional[str]:
         """None if the host isolation table is exactly what guard_host(networks) makes, else what differs."""
         if self.firewall is None:
             return None
-        return self.firewall.host_drift([s.pool for n in networks for s in n.subnets])
+        return self.firewall.host_drift(_subnets(networks))
 
     def peers(self, network_id: str) -> Entries:
         """(fdb, neigh) as programmed in the kernel, for tests and diagnostics."""
@@ -236,13 +242,14 @@ class DataPlane:
             sets = listed_sets(self.links.nft(ns, list_table_command("bridge"), f"list anti-spoofing in {ns}"))
         except KernelError:
             sets = {}  # no table: every wanted element shows missing
-        state.guard = {(name, elem) for name in ("ports", "macs", "ips") for elem in sets.get(name, ())}
+        state.guard = {(name, elem) for name in ANTI_SPOOFING_SETS for elem in sets.get(name, ())}
         return state
 
     def host_subnets(self) -> Optional[Set[str]]:
-        """The subnets in the host's isolation set; None when the table is missing."""
+        """The IPv4 and IPv6 subnets in the host's isolation sets; None when the table is missing."""
         try:
             listing = self.links.nft(None, list_table_command("inet"), "list isolation rules")
         except KernelError:
             return None
-        return listed_sets(listing).get("subnets", set())
+        sets = listed_sets(listing)
+        return sets.get("subnets", set()) | sets.get("subnets6", set())

@@ -33,8 +33,10 @@ The parts:
   <vni>       a VXLAN network identifier in decimal
   <host>      a host ID (plugin/identity.py: letters, digits, '.', '_', '-'), or SWARM_HOLDER
   <space>     an IPAM address space: vxnet-local or vxnet-global
-  <pool>      the pool's CIDR with '/' written '_' (10.1.0.0_24): a part holds no slash
-  <address>   an IPv4 address in dotted quad (of a pool, or of the health overlay's subnet)
+  <pool>      the pool's CIDR with '/' written '_' (10.1.0.0_24, fd00:1::_64): a part holds no slash
+  <address>   an IPv4 address in dotted quad (of a pool, or of the health overlay's subnet), or an IPv6 address
+              of a pool in the canonical form ipaddress writes (RFC 5952: fd00:1::5), never the user's text,
+              so that one address has one key (ipam_driver/pools.py)
 
 Every part passes through `_part` before it reaches a key: never a slash, a NUL, "." or "..", so no value can
 reach into another part of the tree ("../../etc/passwd" as an endpoint ID would be three parts, read back as

@@ -323,3 +323,13 @@ def ipv4_from_cidr(text: str, field: str) -> Optional[str]:
         return str(ipaddress.IPv4Interface(text).ip)
     except ValueError:
         raise InvalidRequest(f"{field}: {_shown(text)} is not an IPv4 address in CIDR form") from None
+
+
+def ipv6_from_cidr(text: str, field: str) -> Optional[str]:
+    """The same for IPv6 ("fd00:1::1/64" -> "fd00:1::1", compressed as the kernel prints it)."""
+    if not text:
+        return None
+    try:
+        return str(ipaddress.IPv6Interface(text).ip)
+    except ValueError:
+        raise InvalidRequest(f"{field}: {_shown(text)} is not an IPv6 address in CIDR form") from None

@@ -4,6 +4,10 @@ from kernel import names
 from wire.errors import KernelError
 
 
+def _guarded(endpoint):
+    return endpoint.id, endpoint.ip, endpoint.mac, endpoint.ip6
+
+
 class FakeDataPlane:
     """The per-network data plane as state: networks (id -> vni, mtu), endpoints per network, peers per network.
 Names come from kernel.names, as the real DataPlane's do, so an ID that could not name a kernel object fails
@@ -21,8 +25,9 @@ here as it would there.
     def __init__(self):
         self.networks = {}  # network id -> {"vni": int, "mtu": int}
         self.endpoints = {}  # network id -> {endpoint id: ifname}
-        self.peers = {}  # network id -> {ip: (mac, vtep)}: the remote entries programmed
-        self.guarded = {}  # network id -> [(endpoint id, ip, mac)] under anti-spoofing rules
+        self.peers = {}  # network id -> {ip or ip6: (mac, vtep)}: the remote entries programmed (ARP and NDP)
+        self.guarded = {}  # network id -> [(endpoint id, ip, mac, ip6)] under anti-spoofing rules
+        self.dual_stack = {}  # network id -> whether its anti-spoofing table is the dual-stack one
         self.host_links = set()  # leftover vx* links in the host namespace
         self.host_subnets = []  # subnets the host isolation rules cover
         self.fail_on = set()
@@ -107,7 +112,8 @@ here as it would there.
 
     def guard_endpoints(self, network, endpoints):
         if network.id in self.networks:
-            self.guarded[network.id] = sorted((e.id, e.ip, e.mac) for e in endpoints)
+            self.guarded[network.id] = sorted(_guarded(e) for e in endpoints)
+            self.dual_stack[network.id] = network.ipv6
             self.writes += 1
 
     def guard_endpoint(self, network, endpoint):
@@ -115,20 +121,26 @@ here as it would there.
         self._maybe_fail("guard_endpoint")
         if network.id not in self.guarded:
             raise KernelError(f"anti-spoofing table of {network.id[:12]} does not exist")
-        self.guarded[network.id] = sorted(set(self.guarded[network.id]) | {(endpoint.id, endpoint.ip, endpoint.mac)})
+        self._same_kind(network)
+        self.guarded[network.id] = sorted(set(self.guarded[network.id]) | {_guarded(endpoint)})
 
     def unguard_endpoint(self, network, endpoint):
         if network.id in self.networks and network.id not in self.guarded:
             raise KernelError(f"anti-spoofing table of {network.id[:12]} does not exist")
         if network.id in self.guarded:
-            self.guarded[network.id] = sorted(set(self.guarded[network.id]) - {(endpoint.id, endpoint.ip,
-                                                                                 endpoint.mac)})
+            self._same_kind(network)
+            self.guarded[network.id] = sorted(set(self.guarded[network.id]) - {_guarded(endpoint)})
+
+    def _same_kind(self, network):
+        """A v4-only table has no IPv6 sets: v6 elements added to it fail, as nftables' ENOENT would."""
+        if network.ipv6 and not self.dual_stack.get(network.id):
+            raise KernelError(f"anti-spoofing table of {network.id[:12]} has no IPv6 sets")
 
     def wired_endpoints(self, network_id, endpoint_ids):
         return {e for e in endpoint_ids if e in self.endpoints.get(network_id, {})}
 
     def guard_host(self, networks):
-        self.host_subnets = sorted({s.pool for n in networks for s in n.subnets})
+        self.host_subnets = sorted({s.pool for n in networks for s in n.subnets + n.subnets6})
         self.host_guard_lost = False
         self.writes += 1
 
@@ -155,11 +167,13 @@ here as it would there.
             return None
         if network.id not in self.guarded:
             return "table missing"
-        want = sorted((e.id, e.ip, e.mac) for e in endpoints)
+        want = sorted(_guarded(e) for e in endpoints)
+        if self.dual_stack.get(network.id) != network.ipv6:
+            return "table of the wrong kind (IPv4-only against dual stack)"
         return None if self.guarded[network.id] == want else f"elements {self.guarded[network.id]} not {want}"
 
     def host_guard_drift(self, networks):
-        want = sorted({s.pool for n in networks for s in n.subnets})
+        want = sorted({s.pool for n in networks for s in n.subnets + n.subnets6})
         if self.host_guard_lost:
             return "table missing"
         return None if self.host_subnets == want else f"subnets {self.host_subnets} not {want}"

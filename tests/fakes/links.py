@@ -1,6 +1,7 @@
 """The netlink facade (kernel.links.Links) as state, for what the health overlay asks of it: namespaces, VXLAN
 devices (their VNI, local address, MTU, MAC, addresses), and each device's FDB and permanent neighbour entries."""
 
+import ipaddress
 from typing import Dict, Optional, Tuple
 
 from wire.errors import KernelError
@@ -8,7 +9,9 @@ from wire.errors import KernelError
 
 class FakeLinks:
     """`devices[(ns, name)]` = {"vni", "local", "port", "mtu", "mac", "addresses"}; `fdbs[(ns, name)]` mac -> vtep,
-    `neighs[(ns, name)]` ip -> mac. `refuse` holds operation names that raise KernelError."""
+    `neighs[(ns, name)]` ip -> mac, IPv4 (ARP) and IPv6 (NDP) entries alike as the real neighbours() reads both
+tables; an address of neither family is refused as the kernel would. `refuse` holds operation names that raise
+KernelError."""
 
     def __init__(self):
         self.netns = set()
@@ -71,7 +74,12 @@ class FakeLinks:
         self.fdbs.get((ns, dev), {}).pop(mac, None)
 
     def set_neigh(self, ns, dev, ip, mac) -> None:
-        self.neighs[(ns, dev)][ip] = mac
+        self.neighs[(ns, dev)][_address(ip)] = mac
 
     def del_neigh(self, ns, dev, ip) -> None:
-        self.neighs.get((ns, dev), {}).pop(ip, None)
+        self.neighs.get((ns, dev), {}).pop(_address(ip), None)
+
+
+def _address(ip: str) -> str:
+    """The address as the kernel lists it (compressed IPv6); ValueError for what no family takes, as Links does."""
+    return str(ipaddress.ip_address(ip))

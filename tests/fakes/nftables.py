@@ -12,8 +12,10 @@ ENOENT = "Error: Could not process rule: No such file or directory"
 class FakeNftables:
     """Applies a JSON batch as nftables does: all or nothing; `add` of what exists changes nothing; `delete` of a
     table that does not exist, anything in a missing table, elements of a missing set and removal of elements
-    not in their set fail the whole batch (as ENOENT does in the kernel). `list table` answers in nft's JSON, a
-    rule's counter statements holding what `drop()` counted against it since its table was made.
+    not in their set fail the whole batch (as ENOENT does in the kernel). `list table` answers in nft's JSON: its
+    sets with their elements, then its rules, a rule's counter statements holding what `drop()` counted against
+    it since its table was made. Raw integers in a `typeof` set's elements are listed as nftables 1.0.6 lists
+    them: a JSON number up to 64 bits, above that a "0x..." string without leading zeros.
 
     `refuse`: a reason every batch fails with (a kernel without the feature); `calls`: (namespace, what) of each
     batch, to check which namespace it went to.
@@ -37,7 +39,7 @@ class FakeNftables:
             (kind, obj), = body.items()
             key = (obj.get("family"), obj.get("name") if kind == "table" else obj.get("table"))
             if kind == "table" and verb == "add":
-                tables.setdefault(key, {"sets": {}, "rules": []})
+                tables.setdefault(key, {"sets": {}, "types": {}, "rules": []})
                 continue
             if key not in tables:
                 raise KernelError(f"{what}: {ENOENT}")
@@ -46,9 +48,12 @@ class FakeNftables:
                 del tables[key]
                 hits = {k: v for k, v in hits.items() if k[:2] != key}  # counters go with their rules
             elif kind == "table" and verb == "list":
+                out += [{"set": self._listed_set(key, name, elems, table["types"][name])}
+                        for name, elems in table["sets"].items()]
                 out += [{"rule": self._counted(key, rule, hits)} for rule in table["rules"]]
             elif kind == "set":
                 table["sets"].setdefault(obj["name"], set())
+                table["types"].setdefault(obj["name"], obj["type"])
             elif kind == "rule":
                 table["rules"].append(dict(obj, expr=[dict(e) if "counter" not in e else {"counter": {"packets": 0}}
                                                       for e in obj["expr"]]))
@@ -64,6 +69,22 @@ class FakeNftables:
                     table["sets"][obj["name"]] -= elems
         self.tables, self.hits = tables, hits
         return json.dumps({"nftables": out}) if out else ""
+
+    @staticmethod
+    def _listed_set(key, name, elems, kind):
+        def shown(value):
+            if isinstance(value, dict) and "concat" in value:
+                return {"concat": [shown(v) for v in value["concat"]]}
+            if isinstance(kind, dict) and isinstance(value, str) and value.startswith("0x"):
+                number = int(value, 16)
+                return number if number < 1 << 64 else f"0x{number:x}"
+            return value
+
+        listed = {"family": key[0], "table": key[1], "name": name,
+                  "type": ["ifname", "integer"] if isinstance(kind, dict) else kind}
+        if elems:
+            listed["elem"] = [shown(json.loads(e)) for e in sorted(elems)]
+        return listed
 
     @staticmethod
     def _counted(key, rule, hits):

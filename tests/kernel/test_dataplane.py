@@ -2,8 +2,10 @@
 driver over a real etcd rolling back a failed create. Every name carries this run's random tag so nothing of
 anyone else's is touched, and everything is removed even when a test fails."""
 
+import json
 import os
 import secrets
+import subprocess
 
 import pytest
 
@@ -15,7 +17,7 @@ from netdriver.sandbox import DataPlane
 from netdriver.store import NetworkStore
 from netdriver.underlay import Underlay
 from wire import protocol as p
-from wire.errors import Conflict
+from wire.errors import Conflict, KernelError
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces")
 
@@ -83,6 +85,27 @@ def test_network_namespace_bridge_vxlan_and_veth(links, ids):
     assert plane.peers(nid) == (moved, {"10.77.0.9": "02:42:0a:4d:00:09"})
     plane.sync_peers(network, {}, {})
     assert plane.peers(nid) == ({}, {})
+    # A dual-stack peer: one FDB entry, a neighbour entry in each table (ARP and NDP), replaced and removed alike.
+    v6 = {"10.77.0.9": "02:42:0a:4d:00:09", "fd00:77::9": "02:42:0a:4d:00:09"}
+    plane.sync_peers(network, {"02:42:0a:4d:00:09": "127.0.0.2"}, v6)
+    assert plane.peers(nid) == ({"02:42:0a:4d:00:09": "127.0.0.2"}, v6)
+    assert "fd00:77::9 lladdr 02:42:0a:4d:00:09 PERMANENT" in subprocess.run(
+        ["ip", "-n", ns, "-6", "neigh", "show", "dev", names.VXLAN], capture_output=True, text=True).stdout
+    plane.sync_peers(network, {"02:42:0a:4d:00:09": "127.0.0.2"}, {"fd00:77::9": "02:42:0a:4d:00:0a"})
+    assert plane.peers(nid)[1] == {"fd00:77::9": "02:42:0a:4d:00:0a"}
+    plane.sync_peers(network, {}, {})
+    assert plane.peers(nid) == ({}, {})
+    with pytest.raises(KernelError, match="'fd00::zz': not an IPv4 or IPv6 address"):
+        links.set_neigh(ns, names.VXLAN, "fd00::zz", "02:42:0a:4d:00:09")
+    # None of the namespace's devices is an IPv6 host (no address: no DAD, no MLD, no ping6 answer), and the
+    # bridge floods multicast (snooping off) so neighbour solicitations always reach the VXLAN device's proxy.
+    addresses = json.loads(subprocess.run(["ip", "-j", "-n", ns, "-6", "addr", "show"], capture_output=True,
+                                          text=True).stdout)
+    assert {a["ifname"]: [i["local"] for i in a["addr_info"]] for a in addresses if a["addr_info"]} == {
+        "lo": ["::1"]}
+    bridge = json.loads(subprocess.run(["ip", "-j", "-d", "-n", ns, "link", "show", names.BRIDGE],
+                                       capture_output=True, text=True).stdout)[0]
+    assert bridge["linkinfo"]["info_data"]["mcast_snooping"] == 0
 
     plane.remove_endpoint(nid, eid)
     plane.remove_endpoint(nid, eid)
@@ -94,7 +117,6 @@ def test_network_namespace_bridge_vxlan_and_veth(links, ids):
 
 def test_two_endpoints_talk_across_the_bridge(links, ids):
     """Two veth ends moved into namespaces of their own (as dockerd does) reach each other through the bridge."""
-    import subprocess
     plane = DataPlane(links, Underlay(lambda a: 65536, "127.0.0.1"))
     nid = ids()
     network = net(nid, 9000002)
@@ -190,7 +212,6 @@ def test_start_up_sweeps_our_leftover_host_links_only(links, ids):
     try:
         for eid in (known, stale):
             plane.ensure_endpoint(network, Endpoint(nid, eid, "10.77.0.7/24", "02:42:0a:4d:00:07", "h"))
-        import subprocess
         subprocess.run(["ip", "link", "add", "vxl9000007", "type", "vxlan", "id", "9000007", "dstport", "4789",
                         "local", "127.0.0.1"], check=True)
         gone, failed = plane.sweep_host_links(lambda: [known])

@@ -3,7 +3,7 @@
 import json
 
 from netdriver import drift
-from netdriver.isolation import endpoint_guard_batch, host_guard_batch, listed_sets
+from netdriver.isolation import ANTI_SPOOFING_SETS, Guarded, endpoint_guard_batch, host_guard_batch, listed_sets
 from netdriver.models import Endpoint, Network, PeerRecord, Subnet
 
 NID = "a" * 64
@@ -97,3 +97,39 @@ def test_listed_sets_reads_back_what_the_batches_write():
     assert listed_sets(_as_listing(host_guard_batch(["10.1.0.0/24", "10.2.0.0/16"])))["subnets"] == {
         "10.1.0.0/24", "10.2.0.0/16"}
     assert listed_sets("") == {}
+
+
+NET6 = Network(id=NID, vni=4097, mtu=1450, internal=False, subnets=[Subnet("10.1.0.0/24", "10.1.0.1")],
+               subnets6=[Subnet("fd00:1::/64", "fd00:1::1")])
+MINE6 = Endpoint(network_id=NID, id="e" * 64, ip="10.1.0.2/24", mac="02:42:0a:01:00:02", host=ME,
+                 ip6="fd00:1::2/64")
+THEIRS6 = PeerRecord(**{**THEIRS.__dict__, "ip6": "fd00:1::3"})
+
+
+def test_dual_stack_drift_covers_v6_neighbours_and_v6_guard_elements():
+    guarded = Guarded(port(MINE6.id), "10.1.0.2", MINE6.mac, "fd00:1::2")
+    kernel = drift.NetworkKernel(
+        namespace=True, bridge=True, vxlan={"vni": 4097, "up": True}, fdb={THEIRS.mac: THEIRS.vtep},
+        neigh={THEIRS.ip: THEIRS.mac, "fd00:1::3": THEIRS.mac}, wired={MINE6.id},
+        guard=drift.guard_elements([guarded], ipv6=True))
+    peers = [(NID, 10, THEIRS6)]
+    assert drift.network_differences(NET6, ME, [MINE6], peers, kernel, port) == []
+    assert ("targets", f"{port(MINE6.id)} . 0xfd000001000000000000000000000002") in kernel.guard
+    del kernel.neigh["fd00:1::3"]
+    kernel.guard.discard(("ip6s", f"{port(MINE6.id)} . fe80::42:aff:fe01:2"))
+    texts = [d.text() for d in drift.network_differences(NET6, ME, [MINE6], peers, kernel, port)]
+    assert texts == [f"{NID[:12]} neighbour fd00:1::3: missing (want {THEIRS.mac})",
+                     f"{NID[:12]} anti-spoofing ip6s {port(MINE6.id)} . fe80::42:aff:fe01:2: missing (want present)"]
+
+
+def test_isolation_drift_covers_v6_subnets():
+    assert drift.isolation_differences([NET6], {"10.1.0.0/24", "fd00:1::/64"}) == []
+    assert [d.object for d in drift.isolation_differences([NET6], {"10.1.0.0/24"})] == ["fd00:1::/64"]
+
+
+def test_listed_sets_reads_back_the_dual_stack_sets():
+    endpoints = [Guarded(port(MINE6.id), "10.1.0.2", MINE6.mac, "fd00:1::2"),
+                 Guarded("vxbother", "10.1.0.7", "02:42:0a:01:00:07")]
+    sets = listed_sets(_as_listing(endpoint_guard_batch(endpoints, ipv6=True)))
+    assert {(name, e) for name in ANTI_SPOOFING_SETS for e in sets[name]} == drift.guard_elements(endpoints, True)
+    assert listed_sets(_as_listing(host_guard_batch(["fd00:1::/64"])))["subnets6"] == {"fd00:1::/64"}

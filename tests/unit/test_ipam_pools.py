@@ -21,7 +21,7 @@ def test_parse_pool_accepts_canonical_cidr():
     ("", ["Pool"]),
     ("10.1.0.5/24", ["Pool", "host bits", "10.1.0.0/24"]),
     ("10.1.0.0", ["Pool", "no prefix length"]),
-    ("fd00::/64", ["Pool", "IPv4 only"]),
+    ("fd00::/64", ["Pool", "'fd00::/64' is not an IPv4 network (V6 is false)"]),
     ("10.1.0.0/255.255.255.0", ["Pool", "must be written 10.1.0.0/24"]),
     ("010.1.0.0/24", ["Pool", "'010.1.0.0/24'"]),
 ])

@@ -79,12 +79,15 @@ def test_drops_by_reason_only_count_our_rules():
 
 
 def test_every_drop_rule_of_ours_counts_before_it_drops():
-    batches = (isolation.endpoint_guard_batch([("vxp0123456789a", "10.1.0.5", "02:42:0a:01:00:05")]),
+    endpoint = isolation.Guarded("vxp0123456789a", "10.1.0.5", "02:42:0a:01:00:05", "fd00:1::5")
+    batches = (isolation.endpoint_guard_batch([endpoint]), isolation.endpoint_guard_batch([endpoint], ipv6=True),
                isolation.host_guard_batch(["10.1.0.0/24"]), IpsecFirewall(4790, FakeNftables()).batch())
     rules = [c["add"]["rule"] for batch in batches for c in batch if "rule" in c.get("add", {})]
-    assert len(rules) == 5 + 3 + 2
+    # anti-spoofing IPv4-only, dual stack; host isolation for both families; the ESP firewall
+    assert len(rules) == 5 + 10 + 6 + 2
     for rule in rules:
         assert rule["expr"][-2:] == [{"counter": None}, {"drop": None}], rule["comment"]
+        assert isolation.drop_reason(rule["comment"]) or rule["comment"].startswith("vxnet:"), rule["comment"]
 
 
 # -- monotonic drops -------------------------------------------------------------------------------------------

@@ -84,11 +84,103 @@ def test_bad_options_are_refused_by_name_and_leave_nothing(generic, needle):
     assert kv.keys() == [] and plane.networks == {}
 
 
-def test_ipv6_is_refused():
+def dual_req(nid=NID, pool6="fd00:1::/64", gateway6="fd00:1::1/64", ipv4=True, enable=True):
+    body = {"NetworkID": nid, "Options": {"com.docker.network.generic": {},
+                                          "com.docker.network.enable_ipv6": enable},
+            "IPv4Data": [{"AddressSpace": "vxnet-local", "Pool": "10.1.0.0/24", "Gateway": "10.1.0.1/24"}] if ipv4
+            else [],
+            "IPv6Data": [{"AddressSpace": "vxnet-local", "Pool": pool6, "Gateway": gateway6}] if pool6 else []}
+    return p.CreateNetworkRequest.decode(body)
+
+
+def test_a_dual_stack_network_records_both_families_and_guards_both():
+    drv, kv, plane = make()
+    drv.create_network(dual_req())
+    net = drv.store.get_network(NID)
+    assert net.ipv6 and [(s.pool, s.gateway) for s in net.subnets6] == [("fd00:1::/64", "fd00:1::1")]
+    assert plane.host_subnets == ["10.1.0.0/24", "fd00:1::/64"]
+    assert drv.create_endpoint(p.CreateEndpointRequest.decode({
+        "NetworkID": NID, "EndpointID": EID,
+        "Interface": {"Address": "10.1.0.5/24", "AddressIPv6": "fd00:1::5/64"}})) == {
+        "Interface": {"MacAddress": "02:42:0a:01:00:05"}}  # the MAC still comes from the IPv4 address
+    assert drv.store.get_endpoint(NID, EID).ip6 == "fd00:1::5/64"
+    drv.join(p.JoinRequest.decode({"NetworkID": NID, "EndpointID": EID, "SandboxKey": SANDBOX}))
+    assert plane.guarded[NID] == [(EID, "10.1.0.5/24", "02:42:0a:01:00:05", "fd00:1::5/64")]
+    (peer,) = drv.store.list_peers(NID)
+    assert (peer.ip, peer.ip6) == ("10.1.0.5", "fd00:1::5")
+    value = drv.endpoint_oper_info(p.EndpointRequest.decode({"NetworkID": NID, "EndpointID": EID}))["Value"]
+    assert value["vxnet.ip6"] == "fd00:1::5/64"
+    drv.leave(p.EndpointRequest.decode({"NetworkID": NID, "EndpointID": EID}))
+    drv.delete_endpoint(p.EndpointRequest.decode({"NetworkID": NID, "EndpointID": EID}))
+    drv.delete_network(p.NetworkIDRequest.decode({"NetworkID": NID}))
+    assert kv.keys() == [] and plane.networks == {} and plane.host_subnets == []
+
+
+@pytest.mark.parametrize("req,needle", [
+    (dict(ipv4=False), "IPv4Data: vxnet needs an IPv4 subnet, also on a --ipv6 network"),
+    (dict(pool6=""), "IPv6Data: a --ipv6 network needs an IPv6 pool"),
+    (dict(pool6="10.9.0.0/24"), "IPv6Data[0].Pool: '10.9.0.0/24' is not an IPv6 subnet"),
+    (dict(pool6="fd00:1::1/64"), "IPv6Data[0].Pool: 'fd00:1::1/64' is not an IPv6 subnet"),
+    (dict(pool6="fe80::/64", gateway6=""), "IPv6Data[0].Pool: fe80::/64 is a link-local or multicast range"),
+    (dict(gateway6="fd00:2::1/64"), "IPv6Data[0].Gateway: fd00:2::1 is outside the pool fd00:1::/64"),
+    (dict(gateway6="10.1.0.1/24"), "IPv6Data[0].Gateway: '10.1.0.1/24' is not an IPv6 address"),
+])
+def test_bad_ipv6_data_is_refused_by_field_and_leaves_nothing(req, needle):
+    drv, kv, plane = make()
+    with pytest.raises(InvalidRequest) as err:
+        drv.create_network(dual_req(**req))
+    assert needle in str(err.value)
+    assert kv.keys() == [] and plane.networks == {}
+
+
+def test_endpoint_ipv6_address_must_fit_the_network():
+    drv, kv, plane = make()
+    drv.create_network(create_req())  # IPv4 only
+    drv.create_network(dual_req(NID2))
+
+    def endpoint(nid, address6):
+        return p.CreateEndpointRequest.decode({"NetworkID": nid, "EndpointID": EID, "Interface": {
+            "Address": "10.1.0.5/24", "AddressIPv6": address6}})
+
+    with pytest.raises(InvalidRequest, match=r"Interface.AddressIPv6: 'fd00:1::5/64' given, but network "
+                                             r"aaaaaaaaaaaa was created without --ipv6"):
+        drv.create_endpoint(endpoint(NID, "fd00:1::5/64"))
+    with pytest.raises(InvalidRequest, match="Interface.AddressIPv6: fd00:9::5 is outside the network's IPv6"):
+        drv.create_endpoint(endpoint(NID2, "fd00:9::5/64"))
+    with pytest.raises(InvalidRequest, match="Interface.AddressIPv6: '10.1.0.6/24' is not an IPv6 CIDR"):
+        drv.create_endpoint(endpoint(NID2, "10.1.0.6/24"))
+    assert drv.store.list_endpoints(NID) == [] and drv.store.list_endpoints(NID2) == []
+    drv.create_endpoint(endpoint(NID2, ""))  # --ipv6 network, no v6 address given: IPv4 (and link-local) only
+    assert drv.store.get_endpoint(NID2, EID).ip6 == ""
+
+
+def test_allocate_network_keeps_the_ipv6_flag_and_checks_ipv6_data():
     drv, kv, _ = make()
-    with pytest.raises(InvalidOption, match="IPv4 only"):
-        drv.create_network(create_req(**{"com.docker.network.enable_ipv6": True}))
-    assert kv.keys() == []
+    req = p.CreateNetworkRequest.decode({
+        "NetworkID": NID, "Options": {"com.docker.network.enable_ipv6": "true", "mtu": "1400"},
+        "IPv4Data": [{"Pool": "10.1.0.0/24"}], "IPv6Data": [{"Pool": "fd00:1::/64", "Gateway": "fd00:1::1/64"}]})
+    reply = drv.allocate_network(req)
+    assert reply["Options"]["com.docker.network.enable_ipv6"] == "true" and reply["Options"]["mtu"] == "1400"
+    bad = p.CreateNetworkRequest.decode({"NetworkID": NID2, "Options": {},
+                                         "IPv4Data": [{"Pool": "10.2.0.0/24"}], "IPv6Data": [{"Pool": "fd00:x::/64"}]})
+    before = kv.keys()
+    with pytest.raises(InvalidRequest, match=r"IPv6Data\[0\].Pool"):
+        drv.allocate_network(bad)
+    assert kv.keys() == before  # refused before any VNI is held
+
+
+def test_records_written_before_ipv6_still_load():
+    from netdriver.models import Endpoint, Network, PeerRecord
+    net = Network.from_json('{"id": "n", "vni": 7, "mtu": 1450, "internal": false, '
+                            '"subnets": [{"pool": "10.0.0.0/24", "gateway": null}]}')
+    assert net.subnets6 == [] and not net.ipv6
+    ep = Endpoint.from_json('{"network_id": "n", "id": "e", "ip": "10.0.0.2/24", "mac": "m", "host": "h"}')
+    peer = PeerRecord.from_json('{"network_id": "n", "endpoint_id": "e", "ip": "10.0.0.2", "mac": "m", '
+                                '"vtep": "192.0.2.1", "host": "h"}')
+    assert ep.ip6 == "" and peer.ip6 == ""
+    assert Network.from_json(net.to_json()) == net and PeerRecord.from_json(peer.to_json()) == peer
+    with pytest.raises(KeyError):
+        Endpoint.from_json('{"network_id": "n", "id": "e", "ip": "10.0.0.2/24", "mac": "m"}')
 
 
 def test_explicit_vni_and_conflict():
@@ -132,7 +224,7 @@ def test_endpoint_lifecycle_and_join_reply():
                     "DisableGatewayService": False}
     peer = drv.store.list_peers(NID)[0]
     assert (peer.ip, peer.mac, peer.vtep, peer.host) == ("10.1.0.5", "02:42:0a:01:00:05", "192.0.2.1", "h1")
-    assert plane.guarded[NID] == [(EID, "10.1.0.5/24", "02:42:0a:01:00:05")]
+    assert plane.guarded[NID] == [(EID, "10.1.0.5/24", "02:42:0a:01:00:05", "")]
     assert plane.host_subnets == ["10.1.0.0/24"]
     info = drv.endpoint_oper_info(p.EndpointRequest.decode({"NetworkID": NID, "EndpointID": EID}))
     assert info["Value"]["vxnet.vni"] == str(VNI_AUTO_BASE)
@@ -188,8 +280,9 @@ def _eid(i):
 
 
 def _wired_records(drv, plane, nid=NID):
-    """(id, ip, mac) of the endpoint records whose veth is in the namespace: what the guard must hold."""
-    return sorted((e.id, e.ip, e.mac) for e in drv.store.list_endpoints(nid) if e.id in plane.endpoints.get(nid, {}))
+    """(id, ip, mac, ip6) of the endpoint records whose veth is in the namespace: what the guard must hold."""
+    return sorted((e.id, e.ip, e.mac, e.ip6) for e in drv.store.list_endpoints(nid)
+                  if e.id in plane.endpoints.get(nid, {}))
 
 
 def test_guard_follows_joins_and_deletes_one_endpoint_at_a_time_and_a_restart_rebuilds_the_same():
@@ -208,7 +301,7 @@ def test_guard_follows_joins_and_deletes_one_endpoint_at_a_time_and_a_restart_re
             drv.leave(p.EndpointRequest.decode(req))
             drv.delete_endpoint(p.EndpointRequest.decode(req))
         assert plane.guarded[NID] == _wired_records(drv, plane), (verb, i)
-    assert [e for e, _, _ in plane.guarded[NID]] == [_eid(4), _eid(6)]
+    assert [g[0] for g in plane.guarded[NID]] == [_eid(4), _eid(6)]
     # A restart: the process remembers nothing, start-up rebuilds the table whole from etcd and the kernel.
     incremental = plane.guarded[NID]
     plane.guarded.clear()

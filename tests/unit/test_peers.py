@@ -133,3 +133,25 @@ def test_watch_events_are_applied_incrementally_after_one_full_sync():
     sync.delete(net.id, "e5")
     assert plane.full_syncs == full  # each event: only its difference, no re-read of the whole table
     assert len(plane.peers[net.id]) == 9 and "10.0.0.5" not in plane.peers[net.id]
+
+
+def test_a_dual_stack_peer_gives_a_neighbour_entry_for_each_family_and_takes_both_along():
+    db = PeerDB("h1")
+    v6 = PeerRecord(network_id="n", endpoint_id="e1", ip="10.0.0.2", mac="m2", vtep="192.0.2.2", host="h2",
+                    ip6="fd00::2")
+    db.put("s", 1, v6)
+    db.put("s", 2, rec("e2", "10.0.0.3", "m3", "192.0.2.2"))  # an IPv4-only record (an older plugin's)
+    assert db.entries("s") == ({"m2": "192.0.2.2", "m3": "192.0.2.2"},
+                               {"10.0.0.2": "m2", "fd00::2": "m2", "10.0.0.3": "m3"})
+    plane = FakeDataPlane()
+    sync = PeerSync(db, plane)
+    net = network()
+    plane.ensure_network(net)
+    sync.resync([(net.id, 1, PeerRecord(**{**v6.__dict__, "network_id": net.id}))])
+    sync.network_up(net)
+    assert plane.kernel_peers(net.id) == ({"m2": "192.0.2.2"}, {"10.0.0.2": "m2", "fd00::2": "m2"})
+    plane.lose_neigh(net.id, "fd00::2")  # someone deleted the v6 entry: a full sync puts it back
+    sync.network_up(net)
+    assert plane.kernel_peers(net.id)[1] == {"10.0.0.2": "m2", "fd00::2": "m2"}
+    sync.delete(net.id, "e1")
+    assert plane.kernel_peers(net.id) == ({}, {})

@@ -110,3 +110,12 @@ def test_ipam_data_cidr_gateway_and_aux():
     assert p.ipv4_from_cidr(data.gateway, "Gateway") == "10.0.1.1"
     with pytest.raises(InvalidRequest, match="Gateway"):
         p.ipv4_from_cidr("10.0.1.x/24", "Gateway")
+
+
+def test_ipv6_data_gateway_is_read_as_the_kernel_prints_it():
+    req = p.CreateNetworkRequest.decode({"NetworkID": N, "IPv6Data": [
+        {"AddressSpace": "s", "Pool": "fd00:1::/64", "Gateway": "FD00:1:0::1/64"}]})
+    assert p.ipv6_from_cidr(req.ipv6_data[0].gateway, "IPv6Data[0].Gateway") == "fd00:1::1"
+    assert p.ipv6_from_cidr("", "IPv6Data[0].Gateway") is None
+    with pytest.raises(InvalidRequest, match=r"IPv6Data\[0\].Gateway: '10.0.1.1/24' is not an IPv6 address"):
+        p.ipv6_from_cidr("10.0.1.1/24", "IPv6Data[0].Gateway")
