@@ -33,7 +33,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from kernel import libnftables, netnsdir
 from kernel.errors import kernel_errors
 from kernel.netns import inside
-from kernel.syscalls import MS_BIND, libc_call
+from kernel.syscalls import MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_REMOUNT, libc_call
 from wire.errors import KernelError
 
 log = logging.getLogger(__name__)
@@ -79,8 +79,32 @@ def _not_an_ipv6_host() -> None:
     for key, value in _NOT_AN_IPV6_HOST.items():
         path = f"/proc/sys/net/ipv6/conf/default/{key}"
         if os.path.exists(path):  # absent on a kernel without IPv6: nothing to turn off
-            with open(path, "w") as f:
-                f.write(value)
+            try:
+                _write(path, value)
+            except OSError as exc:
+                if exc.errno != errno.EROFS:
+                    raise
+                _proc_sys_writable()
+                _write(path, value)
+
+
+def _write(path: str, value: str) -> None:
+    with open(path, "w") as f:
+        f.write(value)
+
+
+def _proc_sys_writable() -> None:
+    """Make /proc/sys writable in our own mount namespace. The managed plugin is a runc container: the OCI default
+    spec moby gives plugins lists /proc/sys among its readonlyPaths (a read-only bind mount of it, in the plugin's
+    own mount namespace), so every sysctl write fails with EROFS there, while a host-process plugin writes them.
+    The plugin holds CAP_SYS_ADMIN, so it may remount its view read-write (a bind remount changes only that mount's
+    flags, here in no other mount namespace; nosuid, nodev and noexec stay, as procfs has them). What it then
+    writes is only the sysctls of the network namespace the writing thread is in: ours."""
+    try:
+        libc_call("mount", None, b"/proc/sys", None, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
+    except OSError as exc:
+        raise KernelError(f"/proc/sys is read-only here and could not be remounted read-write ({exc.strerror}): "
+                          f"the namespace's IPv6 defaults {_NOT_AN_IPV6_HOST} cannot be set") from None
 
 
 class Links:

@@ -9,6 +9,7 @@ import os
 
 CLONE_NEWNET = 0x40000000  # <linux/sched.h>
 # <linux/mount.h>
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 0x1, 0x2, 0x4, 0x8, 0x20
 MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_SHARED = 1 << 20
