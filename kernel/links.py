@@ -225,9 +225,15 @@ class Links:
             if not self.netns_exists(name):
                 self._forget(name)  # handles left from a namespace of that name removed behind our back
                 self._create_netns(self._path(name))
-                with self._inside(name):
-                    _not_an_ipv6_host()
-                self._ipr(name).link("set", index=self._index(name, "lo"), state="up")
+                try:
+                    with self._inside(name):
+                        _not_an_ipv6_host()
+                    self._ipr(name).link("set", index=self._index(name, "lo"), state="up")
+                except BaseException:
+                    # Not left half-built: a replay would find it there and skip what failed (its IPv6 defaults).
+                    self._forget(name)
+                    pr_netns.remove(self._path(name))
+                    raise
 
     @_netlink_thread
     def remove_netns(self, name: str) -> None:
