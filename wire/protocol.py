@@ -315,21 +315,21 @@ def _str_map(body: dict, name: str) -> Dict[str, str]:
     return dict(value)
 
 
-def ipv4_from_cidr(text: str, field: str) -> Optional[str]:
-    """Gateway and aux addresses arrive as CIDR strings ("10.0.1.1/24"); return the bare IPv4 address."""
+def _address_from_cidr(text: str, field: str, version: int) -> Optional[str]:
+    """Gateway and aux addresses arrive as CIDR strings ("10.0.1.1/24", "fd00:1::1/64"); return the bare address
+    of that IP version, as ipaddress prints it (IPv6 compressed, as the kernel prints it); "" -> None."""
     if not text:
         return None
+    kind = ipaddress.IPv4Interface if version == 4 else ipaddress.IPv6Interface
     try:
-        return str(ipaddress.IPv4Interface(text).ip)
+        return str(kind(text).ip)
     except ValueError:
-        raise InvalidRequest(f"{field}: {_shown(text)} is not an IPv4 address in CIDR form") from None
+        raise InvalidRequest(f"{field}: {_shown(text)} is not an IPv{version} address in CIDR form") from None
+
+
+def ipv4_from_cidr(text: str, field: str) -> Optional[str]:
+    return _address_from_cidr(text, field, 4)
 
 
 def ipv6_from_cidr(text: str, field: str) -> Optional[str]:
-    """The same for IPv6 ("fd00:1::1/64" -> "fd00:1::1", compressed as the kernel prints it)."""
-    if not text:
-        return None
-    try:
-        return str(ipaddress.IPv6Interface(text).ip)
-    except ValueError:
-        raise InvalidRequest(f"{field}: {_shown(text)} is not an IPv6 address in CIDR form") from None
+    return _address_from_cidr(text, field, 6)
