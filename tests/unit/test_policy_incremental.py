@@ -8,7 +8,7 @@ import dataclasses
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from netdriver.policy import (MODES, Identity, Member, Port, PolicyState, Rule, Selector, apply, compile, diff)
+from netdriver.policy import MODES, Identity, Member, PolicyState, Port, Rule, Selector, apply, compile, diff
 
 NET = "ab" * 32
 SERVICES = ("db", "web")

@@ -8,8 +8,25 @@ import pytest
 
 from netdriver import options
 from netdriver.models import Network
-from netdriver.policy import (ANY, EMPTY, Diff, Elements, Identity, Member, PolicyError, Port, Rule, Selector,
-                              apply, compile, diff, parse_port, parse_selector, rule_id, selects)
+from netdriver.policy import (
+    ANY,
+    EMPTY,
+    Diff,
+    Elements,
+    Identity,
+    Member,
+    PolicyError,
+    Port,
+    Rule,
+    Selector,
+    apply,
+    compile,
+    diff,
+    parse_port,
+    parse_selector,
+    rule_id,
+    selects,
+)
 from wire.errors import InvalidOption
 
 NET = "ab" * 32
