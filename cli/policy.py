@@ -17,7 +17,6 @@ Exit status: 0 done, 2 refused (the message names the part) or etcd could not be
 """
 
 import argparse
-import logging
 import re
 import sys
 from typing import List, Optional, Tuple
@@ -25,8 +24,6 @@ from typing import List, Optional, Tuple
 from cli import context
 from netdriver.policy import Rule, parse_port, parse_selector
 from netdriver.policy_store import NetworkRef, PolicyStore, UnknownNetwork
-
-log = logging.getLogger(__name__)
 
 # Docker accepts an ID's first 12 characters wherever it takes an ID (what `docker network ls` shows). IDs are
 # 64 hex digits (local networks) or 25 of [0-9a-z] (Swarm's, wire/protocol.py).

@@ -240,3 +240,46 @@ def test_diff_and_apply_go_from_one_set_to_the_next():
     assert change.remove == Elements(guarded=frozenset({"10.0.0.5"}))
     assert apply(before, change) == after and apply(after, diff(after, before)) == before
     assert diff(after, after) == Diff() and Diff().empty() and not change.empty()
+
+
+# -- the driver records the mode -----------------------------------------------------------------------------------
+def _driver():
+    from netdriver.driver import NetworkDriver
+    from netdriver.store import NetworkStore
+    from netdriver.underlay import Underlay
+    from tests.fakes import FakeDataPlane, FakeKV
+
+    kv, plane = FakeKV(), FakeDataPlane()
+    return NetworkDriver(NetworkStore(kv), plane, "h1", "local", Underlay(lambda a: 1500, "192.0.2.1")), kv, plane
+
+
+def _create(driver, generic, nid=NET):
+    from wire import protocol
+
+    return driver.create_network(protocol.CreateNetworkRequest.decode({
+        "NetworkID": nid, "Options": {options.GENERIC: generic},
+        "IPv4Data": [{"Pool": "10.1.0.0/24", "Gateway": "10.1.0.1/24"}]}))
+
+
+def test_create_network_records_the_mode_and_a_bad_one_leaves_nothing():
+    driver, kv, plane = _driver()
+    _create(driver, {"policy": "exposed", "policy-audit": "yes"})
+    record = Network.from_json(kv.data[f"/vxnet/v1/networks/{NET}"].value)
+    assert (record.policy, record.policy_audit) == ("exposed", True)
+    driver, kv, plane = _driver()
+    with pytest.raises(InvalidOption, match="option policy: 'strict' is not a policy mode"):
+        _create(driver, {"policy": "strict"})
+    assert kv.data == {} and plane.networks == {}
+
+
+def test_the_swarm_manager_refuses_a_bad_mode_and_echoes_a_good_one():
+    from wire import protocol
+
+    driver, kv, _ = _driver()
+    swarm = "0123456789abcdefghijklmno"
+    reply = driver.allocate_network(protocol.CreateNetworkRequest.decode({
+        "NetworkID": swarm, "Options": {"policy": "deny"}, "IPv4Data": [{"Pool": "10.2.0.0/24"}]}))
+    assert reply["Options"]["policy"] == "deny"  # every worker's CreateNetwork sees it
+    with pytest.raises(InvalidOption, match="option policy-audit: 'sometimes' is not a boolean"):
+        driver.allocate_network(protocol.CreateNetworkRequest.decode({
+            "NetworkID": "1" * 25, "Options": {"policy-audit": "sometimes"}, "IPv4Data": [{"Pool": "10.3.0.0/24"}]}))
