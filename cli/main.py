@@ -5,6 +5,7 @@ host's kernel directly; never goes through the plugin, so it works while the plu
     vxnet doctor [--json]          one line per check, PASS/WARN/FAIL and what to do
     vxnet gc [--dry-run] [--json]  state left by hosts gone for good
     vxnet keys status|rotate|prune the IPsec key ring
+    vxnet policy allow|ls|rm       allow rules inside a network
 
 Exit status: 0 healthy, 1 a problem found, 2 could not run.
 """
@@ -19,7 +20,7 @@ from cli import context
 from wire.errors import ConfigError, VxnetError
 
 # Each is a module of this package with register(subparsers, common) (cli/context.py).
-COMMANDS: Sequence[str] = ("status", "doctor", "gc", "keys")
+COMMANDS: Sequence[str] = ("status", "doctor", "gc", "keys", "policy")
 
 
 def parser() -> argparse.ArgumentParser:

@@ -268,7 +268,7 @@ class NetworkDriver:
                 undo.push(lambda: self.store.release_segment(segment))
             network = Network(id=req.network_id, vni=vni, mtu=mtu, internal=opts.internal, subnets=subnets,
                               overlay=opts.overlay, options=opts.generic, encrypted=opts.encrypted,
-                              subnets6=subnets6)
+                              subnets6=subnets6, policy=opts.policy, policy_audit=opts.policy_audit)
             self.store.put_network(network, self.host_id, segment)
             undo.push(lambda: self.store.delete_network(network.id, self.host_id, segment))
             undo.push(lambda: self._remove_namespace(network.id, network.vni))

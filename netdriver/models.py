@@ -29,6 +29,8 @@ class Network:
     options: dict = dataclasses.field(default_factory=dict)
     encrypted: bool = False
     subnets6: List[Subnet] = dataclasses.field(default_factory=list)  # IPv6 pools of a dual-stack network
+    policy: str = "open"  # -o policy: open | exposed | deny (netdriver/policy.py); a record without it is open
+    policy_audit: bool = False  # -o policy-audit: log what the policy would drop instead of dropping it
 
     @property
     def ipv6(self) -> bool:
@@ -44,7 +46,8 @@ class Network:
         return cls(id=raw["id"], vni=int(raw["vni"]), mtu=int(raw["mtu"]), internal=bool(raw["internal"]),
                    subnets=_subnets(raw.get("subnets", [])), overlay=raw.get("overlay"),
                    options=raw.get("options", {}), encrypted=bool(raw.get("encrypted", False)),
-                   subnets6=_subnets(raw.get("subnets6", [])))
+                   subnets6=_subnets(raw.get("subnets6", [])), policy=str(raw.get("policy", "open")),
+                   policy_audit=bool(raw.get("policy_audit", False)))
 
 
 @dataclasses.dataclass(frozen=True)

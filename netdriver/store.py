@@ -138,10 +138,10 @@ class NetworkStore:
         return network_id
 
     def delete_network(self, network_id: str, host: str, segment: str, guard: Guard = NO_GUARD) -> bool:
-        """host leaves the network; the record and its endpoints go with the last member (a network that spans
-        hosts has one record for all of them). The record is deleted only if no member key was written since the
-        members were read, so a host joining meanwhile keeps it. The member key goes in one transaction that
-        also compares guard: False, with nothing changed, if that failed."""
+        """host leaves the network; the record, its endpoints and its policy rules go with the last member (a
+        network that spans hosts has one record for all of them), in one transaction. The record is deleted only if
+        no member key was written since the members were read, so a host joining meanwhile keeps it. The member
+        key goes in one transaction that also compares guard: False, with nothing changed, if that failed."""
         members_prefix = self.keys.prefix(schema.MEMBER, segment=segment)
         if guard is NO_GUARD:
             self.kv.delete(self.keys.member(segment, host))
@@ -152,8 +152,11 @@ class NetworkStore:
             members, revision = self.kv.get_prefix(members_prefix)
             if any(m.json().get("network_id") == network_id for m in members):
                 return True
-            if self.kv.commit(unchanged_since={members_prefix: revision}, deletes=[self.keys.network(network_id)]):
-                self.kv.delete_prefix(self.keys.prefix(schema.ENDPOINT, network=network_id))
+            # The record, its endpoints and its policy rules in one transaction: nothing of the network is left
+            # behind, and a rule written while the record existed (netdriver/policy_store.py compares it) goes too.
+            if self.kv.commit(unchanged_since={members_prefix: revision}, deletes=[self.keys.network(network_id)],
+                              delete_prefixes=[self.keys.prefix(schema.ENDPOINT, network=network_id),
+                                               self.keys.policy_rules(network_id)]):
                 return True
         raise Conflict(f"could not delete network {network_id[:12]}: its members keep changing, try again")
 

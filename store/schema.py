@@ -10,6 +10,9 @@ The tree, under PREFIX (`/vxnet/v1`; VXNET_KEY_PREFIX in plugin/config.py may mo
                                       SWARM_HOLDER holds a Swarm network's segment from AllocateNetwork to
                                       FreeNetwork
   endpoints/<network>/<endpoint>      Endpoint: written at CreateEndpoint, removed at DeleteEndpoint
+  policy/<network>/<rule>             Rule (netdriver/policy.py): one allow rule, written by `vxnet policy allow`
+                                      (create-if-absent: the same rule is the same key), removed by `vxnet policy
+                                      rm` and, all of them, in the transaction that deletes the network record
   peers/<segment>/<endpoint>          PeerRecord: written at Join under the host's lease, removed at Leave; what
                                       other hosts program (netdriver/watcher.py watches this prefix)
   hosts/<host>                        {"vtep", "version", "name", "instance", "health"} under the host's lease:
@@ -29,6 +32,7 @@ The tree, under PREFIX (`/vxnet/v1`; VXNET_KEY_PREFIX in plugin/config.py may mo
 The parts:
   <network>   a Docker network ID (64 hex digits) or a Swarm network ID (wire/protocol.py)
   <endpoint>  a Docker endpoint ID (64 hex digits)
+  <rule>      a rule ID: 12 hex digits of a hash of the rule's content (netdriver/policy.py rule_id)
   <segment>   the network ID, or `overlay-<NAME>` for networks made with `-o overlay=NAME`
   <vni>       a VXLAN network identifier in decimal
   <host>      a host ID (plugin/identity.py: letters, digits, '.', '_', '-'), or SWARM_HOLDER
@@ -60,6 +64,7 @@ SEGMENT = "segments/<segment>"
 VNI = "vnis/<vni>"
 MEMBER = "members/<segment>/<host>"
 ENDPOINT = "endpoints/<network>/<endpoint>"
+POLICY = "policy/<network>/<rule>"
 PEER = "peers/<segment>/<endpoint>"
 HOST = "hosts/<host>"
 DEPARTED = "departed/<host>"
@@ -67,7 +72,7 @@ HEALTH = "health/<address>"
 POOL = "ipam/pools/<space>/<pool>"
 ADDRESS = "ipam/addresses/<space>/<pool>/<address>"
 KEYRING = "encryption/keyring"
-TEMPLATES = (NETWORK, SEGMENT, VNI, MEMBER, ENDPOINT, PEER, HOST, DEPARTED, HEALTH, POOL, ADDRESS, KEYRING)
+TEMPLATES = (NETWORK, SEGMENT, VNI, MEMBER, ENDPOINT, POLICY, PEER, HOST, DEPARTED, HEALTH, POOL, ADDRESS, KEYRING)
 
 _KEY_PART = re.compile(r"[A-Za-z0-9@_.:-]+")
 _PLACEHOLDER = re.compile(r"<([a-z]+)>")
@@ -151,6 +156,19 @@ class Schema:
 
     def endpoint(self, network: str, endpoint: str) -> str:
         return self.key(ENDPOINT, network=network, endpoint=endpoint)
+
+    # -- policy rules (netdriver/policy_store.py) ------------------------------------------------------------------
+    def policy_rule(self, network: str, rule: str) -> str:
+        return self.key(POLICY, network=network, rule=rule)
+
+    def policy_rules(self, network: str) -> str:
+        """The range of one network's rules."""
+        return self.prefix(POLICY, network=network)
+
+    def policy_rule_of(self, key: str) -> Optional[Tuple[str, str]]:
+        """policy/<network>/<rule> -> (network, rule), None for anything else."""
+        parts = self.parse(POLICY, key)
+        return (parts["network"], parts["rule"]) if parts else None
 
     def peer(self, segment: str, endpoint: str) -> str:
         return self.key(PEER, segment=segment, endpoint=endpoint)
