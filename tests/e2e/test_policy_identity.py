@@ -157,3 +157,24 @@ def test_the_window_from_join_to_identity(host, plugin, etcd):
     print(f"\nidentity window over {len(ms)} containers: p50 {p50:.0f} ms, p99 {p99} ms, min {ms[0]} ms, "
           f"max {ms[-1]} ms; all: {ms}")
     assert len(ms) == WINDOW_CONTAINERS
+
+
+def test_a_dockerd_restart_is_followed_and_identities_resume(host, plugin, etcd):
+    """dockerd stops and starts again under the running plugin: the plugin says once that the engine is gone,
+    reconnects when it is back (resync included) and the next container gets its identity. Control before the
+    restart: the same probe on a first container."""
+    host.docker("network", "create", "-d", "vxnet", "--ipam-driver", "vxnet", "--subnet", SUBNET, "pnet")
+    nid = network_id(host, "pnet")
+    run_sleeper(host, "before", "pnet")
+    wait_until(lambda: identified(etcd, nid, endpoint_of(host, "before", "pnet")), 30, "the control's identity")
+    host.docker("rm", "-f", "before")
+    assert host.dockerd.stop(30) is not None
+    wait_until(lambda: "cannot be reached" in plugin.log(200), 30, "the plugin to notice the engine gone")
+    host.start_dockerd()
+    wait_until(lambda: "following docker engine" in plugin.log(200) and " again;" in plugin.log(200), 60,
+               "the plugin back on the engine's events")
+    run_sleeper(host, "after", "pnet", "--label", "role=client")
+    eid = endpoint_of(host, "after", "pnet")
+    found = wait_until(lambda: identified(etcd, nid, eid), 30, "the identity after the restart")
+    assert found["identity"] == {"container": "after", "service": "", "labels": {"role": "client"}}
+    assert plugin.log(5000).count("cannot be reached") == 1  # logged once for the whole outage
