@@ -6,9 +6,11 @@ moby libnetwork/drivers/remote/api/api.go).
 """
 
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import threading
+import time
 from typing import Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 from kernel import mtu as mtu_of
@@ -48,6 +50,14 @@ def _rollback() -> Iterator[_Undo]:
     except BaseException:
         undo.run()
         raise
+
+
+@dataclasses.dataclass(frozen=True)
+class IdentityWrite:
+    """What NetworkDriver.publish_identity did: outcome "written", "unchanged" or "absent"; since_join: seconds
+    from the endpoint's Join (in this process) to its first identity in etcd, None when not measured."""
+    outcome: str
+    since_join: Optional[float] = None
 
 
 def mac_for(ip: str) -> str:
@@ -180,6 +190,13 @@ class NetworkDriver:
         # DeleteNetwork (the namespace found missing, as it is once the delete has removed it) must not make the
         # namespace of a deleted network again.
         self._namespace_lock = threading.RLock()
+        # Identities of this host's endpoints as the identity writer (plugin/endpoint_identity.py) published them
+        # (endpoint id -> PeerRecord.identity), so that every rewrite of a peer record (a replayed Join, the
+        # republish under a new lease) keeps them; and when each endpoint's Join published its record
+        # (monotonic), to measure how long it stayed without one. Both go at Leave and DeleteEndpoint.
+        self._identities: Dict[str, dict] = {}
+        self._joined_at: Dict[str, float] = {}
+        self._identity_lock = threading.Lock()
 
     def local_endpoints(self) -> Dict[str, int]:
         """network id -> this host's endpoints on it, for each network whose namespace this process has made."""
@@ -326,7 +343,7 @@ class NetworkDriver:
         ip6 = _address6(network, req.interface.address_ipv6)
         mac = _unicast_mac(req.interface.mac_address) if req.interface.mac_address else mac_for(str(iface.ip))
         self.store.put_endpoint(Endpoint(network_id=network.id, id=req.endpoint_id, ip=str(iface), mac=mac,
-                                         host=self.host_id, ip6=ip6))
+                                         host=self.host_id, ip6=ip6, exposed=[str(x) for x in req.exposed]))
         return {} if req.interface.mac_address else {"Interface": {"MacAddress": mac}}
 
     def endpoint_oper_info(self, req: p.EndpointRequest) -> dict:
@@ -369,6 +386,7 @@ class NetworkDriver:
         else:
             self._guard(network)  # no record to name its elements, or a table this process has not made
         self.store.delete_endpoint(network.id, req.endpoint_id, segment_of(network.id, network.overlay))
+        self._forget_identity(req.endpoint_id)
         return {}
 
     def join(self, req: p.JoinRequest) -> dict:
@@ -394,6 +412,8 @@ class NetworkDriver:
                 # The namespace or its table changed behind our back (removed by hand, say): rebuild them, once.
                 log.warning("network nid=%s rebuilt for Join eid=%s: %s", network.id[:12], endpoint.id[:12], exc)
                 ifname = self._wire(network, endpoint, whole=True)
+        with self._identity_lock:
+            self._joined_at.setdefault(endpoint.id, time.monotonic())
         return {"InterfaceName": {"SrcName": ifname, "DstPrefix": names.CONTAINER_PREFIX},
                 "DisableGatewayService": network.internal}
 
@@ -420,9 +440,42 @@ class NetworkDriver:
         # A network record never changes while this host is a member, so the one kept for a ready namespace
         # names the segment without a round trip to etcd.
         network = self._ready.get(req.network_id) or self.store.get_network(req.network_id)
+        self._forget_identity(req.endpoint_id)
         if network is not None:
             self.store.delete_peer(segment_of(network.id, network.overlay), req.endpoint_id)
         return {}
+
+    # -- identities (plugin/endpoint_identity.py writes them; never from a request handler) -----------------------
+    def publish_identity(self, network_id: str, endpoint_id: str, identity: dict) -> "IdentityWrite":
+        """Record who the container behind this host's endpoint is in its peer record (PeerRecord.identity), for
+        the policy of every host. IDs come from the engine's inspect, not from dockerd's plugin calls: checked
+        here, before they name an etcd key; an endpoint of a network that is not vxnet's, not joined here, or
+        gone (Leave) is "absent" and nothing is written. Idempotent ("unchanged" for a replay); never brings a
+        deleted record back (NetworkStore.set_peer_identity)."""
+        if not ((p.DOCKER_ID.fullmatch(network_id) or p.SWARM_ID.fullmatch(network_id))
+                and p.DOCKER_ID.fullmatch(endpoint_id)):
+            return IdentityWrite("absent")
+        network = self._ready.get(network_id) or self.store.get_network(network_id)
+        if network is None:
+            return IdentityWrite("absent")
+        # The cache first: a rewrite of the record racing with this one (a republish) then carries it as well.
+        # If the record turns out to be gone, the entry goes again (a Leave in between has already dropped it).
+        with self._identity_lock:
+            self._identities[endpoint_id] = identity
+        outcome = self.store.set_peer_identity(segment_of(network.id, network.overlay), endpoint_id, self.host_id,
+                                               identity, self.lease_id())
+        with self._identity_lock:
+            if outcome == "absent":
+                if self._identities.get(endpoint_id) is identity:
+                    del self._identities[endpoint_id]
+                return IdentityWrite(outcome)
+            joined = self._joined_at.pop(endpoint_id, None) if outcome == "written" else None
+        return IdentityWrite(outcome, None if joined is None else time.monotonic() - joined)
+
+    def _forget_identity(self, endpoint_id: str) -> None:
+        with self._identity_lock:
+            self._identities.pop(endpoint_id, None)
+            self._joined_at.pop(endpoint_id, None)
 
     def program_external_connectivity(self, req: p.EndpointRequest) -> dict:
         """Egress and published ports go through docker_gwbridge, which dockerd programs itself. -> `{}`"""
@@ -482,10 +535,15 @@ class NetworkDriver:
         if self.peers is not None:
             self.peers.network_up(network)
 
-    def _publish(self, network: Network, endpoint: Endpoint) -> None:
+    def _publish(self, network: Network, endpoint: Endpoint, known: Optional[dict] = None) -> None:
+        """Write the endpoint's peer record; its identity is the one published already (by this process, or
+        `known`: the one in the record an earlier process wrote), None if there is none yet."""
+        with self._identity_lock:
+            identity = self._identities.get(endpoint.id, known)
         self.store.put_peer(segment_of(network.id, network.overlay), PeerRecord(
             network_id=network.id, endpoint_id=endpoint.id, ip=endpoint.ip.split("/")[0], mac=endpoint.mac,
-            vtep=self.underlay.require(), host=self.host_id, ip6=endpoint.ip6.split("/")[0]),
+            vtep=self.underlay.require(), host=self.host_id, ip6=endpoint.ip6.split("/")[0],
+            exposed=list(endpoint.exposed), identity=identity),
             lease=self.lease_id())
 
     # -- what the reconciler (netdriver/reconciler.py) asks -------------------------------------------------------
@@ -608,7 +666,7 @@ class NetworkDriver:
         whose namespace cannot be read is skipped (reported through on_kernel_error, else raised)."""
         for network in networks if networks is not None else self.store.member_networks(self.host_id):
             segment = segment_of(network.id, network.overlay)
-            mine = {p.endpoint_id for p in self.store.list_peers(segment) if p.host == self.host_id}
+            mine = {r.endpoint_id: r for r in self.store.list_peers(segment) if r.host == self.host_id}
             try:
                 endpoints, wired = self._endpoints_here(network)
             except KernelError as exc:
@@ -618,6 +676,7 @@ class NetworkDriver:
                 continue
             for endpoint in endpoints:
                 if endpoint.id in wired:
-                    self._publish(network, endpoint)
+                    known = mine.get(endpoint.id)
+                    self._publish(network, endpoint, known.identity if known is not None else None)
                 elif endpoint.id in mine:
                     self.store.delete_peer(segment, endpoint.id)

@@ -59,6 +59,9 @@ class Endpoint:
     mac: str
     host: str
     ip6: str = ""  # "fd00:1::2/64" on a dual-stack network, else ""
+    # The ports the container exposes, from CreateEndpoint (wire.protocol.TransportPort as text): ["5432/tcp"],
+    # sorted by port. The `exposed` policy mode admits new connections to these only.
+    exposed: List[str] = dataclasses.field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -72,7 +75,8 @@ class Endpoint:
 class PeerRecord:
     """What other hosts need to reach an endpoint: written at Join, removed at Leave.
 
-    Other hosts program neighbour (ip -> mac, and ip6 -> mac) and FDB (mac -> vtep) entries from it."""
+    Other hosts program neighbour (ip -> mac, and ip6 -> mac) and FDB (mac -> vtep) entries from it, and enforce
+    the network's policy for traffic from it and to it (exposed, identity)."""
     network_id: str
     endpoint_id: str
     ip: str  # bare IP
@@ -80,6 +84,12 @@ class PeerRecord:
     vtep: str
     host: str
     ip6: str = ""  # bare IPv6 address on a dual-stack network, else ""
+    exposed: List[str] = dataclasses.field(default_factory=list)  # the endpoint's, ["5432/tcp"]
+    # Who the endpoint is, for rules that select by container, service or label:
+    # `{"container": "web1", "service": "db", "labels": {"role": "client"}}` (netdriver.policy.Identity.to_dict()).
+    # None until this host's identity writer (plugin/endpoint_identity.py) has read the container from the engine,
+    # which happens after the Join: until then only rules selecting `any` apply to it (fail closed).
+    identity: Optional[dict] = None
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -96,6 +106,6 @@ def _fields(cls, raw: dict) -> dict:
     for field in dataclasses.fields(cls):
         if field.name in raw:
             out[field.name] = raw[field.name]
-        elif field.default is dataclasses.MISSING:
+        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             raise KeyError(field.name)
     return out

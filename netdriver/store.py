@@ -1,6 +1,7 @@
 """The network driver's desired state in etcd: networks, segments, VNIs, members, endpoints, peers and hosts.
 Every key comes from store/schema.py, whose docstring draws the tree and says what each value holds."""
 
+import dataclasses
 import json
 import logging
 from typing import Dict, List, Optional, Tuple
@@ -226,6 +227,30 @@ class NetworkStore:
     # -- peers -------------------------------------------------------------------------------------------------
     def put_peer(self, segment: str, peer: PeerRecord, lease: int = 0) -> None:
         self.kv.put(self.keys.peer(segment, peer.endpoint_id), peer.to_json(), lease=lease)
+
+    def set_peer_identity(self, segment: str, endpoint_id: str, host: str, identity: dict, lease: int) -> str:
+        """Put identity into the endpoint's peer record, keeping everything else -> "written", "unchanged" (it
+        holds that identity already: a replay writes nothing), or "absent" (no record, or another host's).
+
+        The write compares the record's mod_revision, so it never recreates a record that a Leave deleted after
+        it was read (that would bring a departed endpoint back on every host), nor undoes a newer write: either
+        retries from a fresh read. Under `lease`, the host lease the record must stay under (a put without it
+        would detach the key from the lease, and it would outlive the host)."""
+        key = self.keys.peer(segment, endpoint_id)
+        for _ in range(_RETRIES):
+            entry = self.kv.get(key)
+            if entry is None:
+                return "absent"
+            record = PeerRecord.from_json(entry.value)
+            if record.host != host:
+                return "absent"
+            if record.identity == identity:
+                return "unchanged"
+            fresh = dataclasses.replace(record, identity=identity)
+            if self.kv.commit(revisions={key: entry.mod_revision}, puts={key: fresh.to_json()}, lease=lease):
+                return "written"
+        raise Conflict(f"could not publish the identity of endpoint {endpoint_id[:12]}: its record keeps "
+                       "changing, try again")
 
     def delete_peer(self, segment: str, endpoint_id: str) -> None:
         self.kv.delete(self.keys.peer(segment, endpoint_id))

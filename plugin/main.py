@@ -39,6 +39,7 @@ from netdriver.watcher import PeerSync, PeerWatcher
 from plugin import config, gc, identity, scope
 from plugin import metrics as plugin_metrics
 from plugin.embedded_etcd import EmbeddedEtcd
+from plugin.endpoint_identity import DockerEngine, IdentityWriter
 from plugin.http import make_app
 from plugin.routes import IPAM, NETWORK
 from store.kvstore import EtcdKV
@@ -139,6 +140,7 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
     metrics: Optional[plugin_metrics.MetricsServer] = None
     health: Optional[HealthOverlay] = None
     healing: Optional[Reconciler] = None
+    identities: Optional[IdentityWriter] = None
     stop = threading.Event()
     fatal: List[Exception] = []
 
@@ -236,6 +238,15 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
                  (" (embedded)" if embedded else ""))
         log.info("scope %s: %s", choice.scope, choice.why)
         monitor.start()
+        docker_host = settings.docker_host
+        if docker_host is not None:
+            # Its own threads, never a request handler's (see plugin/endpoint_identity.py); an engine that does
+            # not answer (yet: dockerd restores plugins before it listens) is logged once and retried.
+            identities = IdentityWriter(lambda: DockerEngine(docker_host), net, where=docker_host)
+            identities.start()
+        else:
+            log.warning("VXNET_DOCKER_HOST=off: endpoints get no identity; policy rules selecting by service, "
+                        "label or container never apply (fail closed)")
         if embedded is not None:
             embedded.start()
         threading.Thread(target=_start_control_plane, name="start-up", daemon=True,
@@ -252,8 +263,8 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
             log.info("stopping")
     finally:
         stop.set()
-        parts: Sequence[Optional[Background]] = (healing, monitor, watcher, health, keyring, rotator, collector,
-                                                 lease, metrics)
+        parts: Sequence[Optional[Background]] = (identities, healing, monitor, watcher, health, keyring, rotator,
+                                                 collector, lease, metrics)
         for part in parts:
             if part is not None:
                 part.stop()

@@ -7,7 +7,7 @@ Labels carry bounded values only (method names, outcomes, kinds, short network I
 never endpoint IDs or addresses: each label value is a time series kept for the life of the process.
 """
 
-from prometheus_client import Counter, Histogram, Info
+from prometheus_client import Counter, Gauge, Histogram, Info
 
 NAMESPACE = "vxnet"
 
@@ -37,6 +37,15 @@ WATCH_RESYNCS = Counter("watch_resyncs", "Full re-reads of a watched etcd prefix
 REPAIRS = Counter("repairs", "Kernel objects repaired by the reconciler, by kind", ["kind"], namespace=NAMESPACE)
 RECONCILE_PASSES = Counter("reconcile_passes", "Reconciler passes, by trigger (event, periodic, start)",
                            ["trigger"], namespace=NAMESPACE)
+
+# Identities of this host's endpoints (plugin/endpoint_identity.py): the window from an endpoint's Join to its
+# identity in its etcd record, during which rules selecting it by service, label or container do not apply (fail
+# closed). It is the container's start after the Join (dockerd holds the container while it starts, and the
+# inspect waits for that) plus an inspect and an etcd transaction: buckets from 10 ms to a minute.
+IDENTITY_SECONDS = Histogram("identity_seconds", "Time from an endpoint's Join to its identity in etcd",
+                             namespace=NAMESPACE, buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
+ENGINE_UP = Gauge("engine_connected", "1 while the Docker engine's event stream is followed (identities)",
+                  namespace=NAMESPACE)
 
 BUILD_INFO = Info("build", "vxnet's version and the Python running it", namespace=NAMESPACE)
 
