@@ -77,8 +77,8 @@ _NOT_AN_IPV6_HOST = {"addr_gen_mode": "1", "accept_ra": "0"}
 
 # br_netfilter's per-namespace switches (net/bridge/br_netfilter_hooks.c, struct brnf_net): 1 sends the bridged
 # IPv4 (iptables) and IPv6 (ip6tables) frames of the namespace through the inet hooks, nftables' inet tables
-# included. A new namespace starts with both at 1 (brnf_init_net), so an open network turns them off
-# (Links.set_bridge_netfilter) and pays nothing for br_netfilter.
+# included. A new namespace starts with both at 1 (brnf_init_net); ensure_netns turns them off when it makes one, so
+# a network pays for br_netfilter only while its policy has them on.
 _BRIDGE_NETFILTER = ("bridge-nf-call-iptables", "bridge-nf-call-ip6tables")
 
 _private_proc: Optional[str] = None
@@ -113,6 +113,17 @@ def _not_an_ipv6_host() -> None:
         if os.path.exists(path):  # absent on a kernel without IPv6: nothing to turn off
             with open(path, "w") as f:
                 f.write(value)
+
+
+def _no_bridge_netfilter() -> None:
+    """Run inside a new namespace: br_netfilter off (its per-namespace default is on), so a network pays for it
+    only once its policy turns it on (netdriver/policy_nft.py). Nothing to do on a kernel without br_netfilter."""
+    root = _proc_sys()
+    for key in _BRIDGE_NETFILTER:
+        path = f"{root}/net/bridge/{key}"
+        if os.path.exists(path):
+            with open(path, "w") as f:
+                f.write("0")
 
 
 class Links:
@@ -236,6 +247,7 @@ class Links:
                 try:
                     with self._inside(name):
                         _not_an_ipv6_host()
+                        _no_bridge_netfilter()
                 except OSError:
                     # Its defaults are set only here, before any device exists: a namespace left without them would
                     # pass for a finished one on the next attempt. Remove it, so that attempt starts afresh.

@@ -10,8 +10,8 @@ and a VXLAN device: bridged TCP between two ports and between a port and the VXL
 the forward hook with `ct state new` on the SYN and `established` after it; iifname and oifname are the bridge
 (br0) there, not the ports, and `meta ibrname` is refused outside the bridge family, so the rules match
 addresses only (anti-spoofing, netdriver/isolation.py, makes the source address trustworthy). Only a network
-with a policy turns br_netfilter on; a new namespace starts with it on, so an open network turns it off
-(remove_policy) and pays nothing.
+with a policy turns br_netfilter on; its per-namespace default is on, so Links.ensure_netns turns it off in every
+namespace it makes and an open network pays nothing.
 
 The table, whatever the number of rules and members (sets only: the cost per packet does not grow with them):
 
@@ -46,7 +46,7 @@ import json
 from typing import Callable, Dict, FrozenSet, List, Optional, Tuple
 
 from kernel import libnftables, names
-from netdriver.isolation import element_text, listed_sets, shape_difference
+from netdriver.isolation import shape_difference
 from wire.errors import InvalidRequest, KernelError
 
 TABLE = names.POLICY_TABLE
@@ -99,6 +99,28 @@ SETS = {
     "allow_all6": ["ipv6_addr", "ipv6_addr"],
 }
 _FIELDS = ("guarded", "exposed", "allow", "allow_all")
+
+
+def element_text(elem) -> str:
+    """A policy set element as `nft list` prints it: an address, or `a . b . tcp . 5432` for a concatenation (ports
+    are plain numbers here, not isolation.element_text's raw 128-bit values)."""
+    if isinstance(elem, dict):
+        if "concat" in elem:
+            return " . ".join(element_text(e) for e in elem["concat"])
+        if "elem" in elem:  # an element with a counter or timeout attached
+            return element_text(elem["elem"].get("val"))
+    return str(elem)
+
+
+def listed_sets(listing: str) -> Dict[str, List[str]]:
+    """A JSON `list table` of the policy table -> {set name: its elements as text}."""
+    out: Dict[str, List[str]] = {}
+    for item in json.loads(listing or "{}").get("nftables", []):
+        found = item.get("set")
+        if found is not None:
+            elems = found.get("elem", [])
+            out[found["name"]] = [element_text(e) for e in (elems if isinstance(elems, list) else [elems])]
+    return out
 
 
 # -- validation: nothing reaches the kernel unchecked -------------------------------------------------------------
@@ -322,8 +344,7 @@ class PolicyFirewall:
                                                  replaced (start-up, network creation, repair), then br_netfilter on
       update_policy(ns, diff)                    the diff's element adds/deletes, one transaction (KernelError if
                                                  the table is missing: the caller calls ensure_policy)
-      remove_policy(ns)                          br_netfilter off, then the table gone (no error if absent); also
-                                                 what an open network's namespace gets (a new one starts with it on)
+      remove_policy(ns)                          br_netfilter off, then the table gone (no error if absent)
       policy_drift(ns, mode, audit, elements)    None if the kernel holds what ensure_policy makes, else what differs
       counters(ns)                               {rule comment: (packets, bytes)} of the table's rules ({} if none)
     """
