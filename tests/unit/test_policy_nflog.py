@@ -6,7 +6,7 @@ import ipaddress
 import socket
 import struct
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kernel import nflog
@@ -50,6 +50,7 @@ def ipv6(src: str, dst: str, number: int, payload: bytes, extensions=()) -> byte
                        ipaddress.IPv6Address(src).packed, ipaddress.IPv6Address(dst).packed) + chain + payload
 
 
+@settings(deadline=None)  # the machine is shared: a slow example is not a failure
 @given(V4, V4, PORTED, PORT, PORT)
 def test_ipv4_ports(src, dst, proto, sport, dport):
     name, number = proto
@@ -57,12 +58,14 @@ def test_ipv4_ports(src, dst, proto, sport, dport):
     assert got == nflog.Headers(src, dst, name, sport, dport)
 
 
+@settings(deadline=None)  # the machine is shared: a slow example is not a failure
 @given(V4, V4, st.integers(0, 255), st.binary(min_size=0, max_size=40).filter(lambda b: len(b) % 4 == 0))
 def test_ipv4_icmp_and_options(src, dst, icmp_type, options):
     got = nflog.parse_headers(ipv4(src, dst, 1, transport(1, 0, 0, icmp_type), options=options))
     assert got == nflog.Headers(src, dst, "icmp", icmp_type=icmp_type)
 
 
+@settings(deadline=None)  # the machine is shared: a slow example is not a failure
 @given(V4, V4, PORTED, PORT, PORT, st.integers(1, 0x1FFF))
 def test_ipv4_later_fragment_has_no_ports(src, dst, proto, sport, dport, offset):
     name, number = proto
@@ -73,6 +76,7 @@ def test_ipv4_later_fragment_has_no_ports(src, dst, proto, sport, dport, offset)
 EXTENSION = st.one_of(st.tuples(st.sampled_from([0, 43, 60, 51]), st.just(0)), st.tuples(st.just(44), st.just(0)))
 
 
+@settings(deadline=None)  # the machine is shared: a slow example is not a failure
 @given(V6, V6, PORTED, PORT, PORT, st.lists(EXTENSION, max_size=3))
 def test_ipv6_ports_through_extension_headers(src, dst, proto, sport, dport, extensions):
     name, number = proto
@@ -80,12 +84,14 @@ def test_ipv6_ports_through_extension_headers(src, dst, proto, sport, dport, ext
     assert got == nflog.Headers(src, dst, name, sport, dport)
 
 
+@settings(deadline=None)  # the machine is shared: a slow example is not a failure
 @given(V6, V6, st.integers(0, 255))
 def test_ipv6_icmp(src, dst, icmp_type):
     got = nflog.parse_headers(ipv6(src, dst, 58, transport(58, 0, 0, icmp_type)))
     assert got == nflog.Headers(src, dst, "ipv6-icmp", icmp_type=icmp_type)
 
 
+@settings(deadline=None)  # the machine is shared: a slow example is not a failure
 @given(V6, V6, PORTED, PORT, PORT, st.integers(1, 0x1FFF))
 def test_ipv6_later_fragment_has_no_ports(src, dst, proto, sport, dport, offset):
     name, number = proto
@@ -93,6 +99,7 @@ def test_ipv6_later_fragment_has_no_ports(src, dst, proto, sport, dport, offset)
     assert got == nflog.Headers(src, dst, name)
 
 
+@settings(deadline=None)  # the machine is shared: a slow example is not a failure
 @given(st.one_of(st.tuples(V4, V4).map(lambda a: ("4",) + a), st.tuples(V6, V6).map(lambda a: ("6",) + a)),
        PORTED, PORT, PORT, st.integers(0, 80))
 def test_truncation_loses_only_what_was_cut(addresses, proto, sport, dport, cut):
@@ -109,6 +116,7 @@ def test_truncation_loses_only_what_was_cut(addresses, proto, sport, dport, cut)
         assert got == nflog.Headers(src, dst, name)
 
 
+@settings(deadline=None)  # the machine is shared: a slow example is not a failure
 @given(st.binary(max_size=120))
 def test_garbage_raises_value_error_or_parses(data):
     try:
@@ -133,6 +141,7 @@ def nflog_packet(prefix: str, payload: bytes, seq: int, stamp=None) -> bytes:
     return struct.pack("=IHHII", 16 + len(body), (4 << 8) | 0, 0, 0, 0) + body
 
 
+@settings(deadline=None)  # the machine is shared: a slow example is not a failure
 @given(st.text(alphabet="abcdefghijklmnopqrstuvwxyz:-", min_size=1, max_size=60), V4, V4, PORT, PORT,
        st.integers(0, 2**32 - 1), st.one_of(st.none(), st.tuples(st.integers(1, 2**33), st.integers(0, 999999))))
 def test_netlink_record_to_record(prefix, src, dst, sport, dport, seq, stamp):
