@@ -80,6 +80,20 @@ def _allow_comment(chain: str) -> str:
 LOGGED: Dict[str, str] = {LOG_DROP: DROP, LOG_AUDIT: AUDIT,
                           **{f"{LOG_ALLOW}:{chain}": _allow_comment(chain) for chain, _ in _ALLOWS}}
 
+
+
+def verdict(prefix: str) -> Optional[str]:
+    """What a record's NFLOG prefix says happened: "dropped", "audit" (would have been dropped; accepted),
+    "allowed"; None for a prefix not ours."""
+    if prefix == LOG_DROP:
+        return "dropped"
+    if prefix == LOG_AUDIT:
+        return "audit"
+    if prefix in LOGGED and prefix.startswith(LOG_ALLOW + ":"):
+        return "allowed"
+    return None
+
+
 # The rate of the log statements, per verdict: enough for an operator to see who is refused, small enough that a
 # scan (thousands of SYNs a second) costs the namespace little (each record is a netlink message of ~200 bytes).
 LOG_RATE = 20  # per second

@@ -79,6 +79,11 @@ def test_every_logged_prefix_has_an_exact_counter():
     assert {pn.LOGGED[p] for p in prefixes} <= comments
 
 
+def test_verdict_of_a_prefix():
+    assert [pn.verdict(p) for p in sorted(pn.LOGGED)] == ["allowed", "allowed", "allowed", "audit", "dropped"]
+    assert pn.verdict("vxnet:allow:other") is None and pn.verdict("") is None
+
+
 def test_elements_go_to_the_set_of_their_family():
     got = pn.set_elements(SAMPLE)
     assert got["guarded4"] == ["10.0.0.2"] and got["guarded6"] == ["fd00::2"]
