@@ -26,6 +26,7 @@ import time
 import pytest
 
 from kernel import names
+from netdriver import policy_nft
 from store import schema
 from tests.harness.containers import run_sleeper
 from tests.harness.images import IMAGE
@@ -35,6 +36,7 @@ from tests.harness.policy import (
     allows,
     compose,
     connects,
+    counter,
     etcd_revision,
     ips,
     loop_results,
@@ -69,6 +71,7 @@ STREAM_PORT = 6000
 COMPOSE_SERVICE = "com.docker.compose.service"
 REMOVAL_DEADLINE_S = 2.0  # the issue's bound for a removed rule to be refused again
 IN_FORCE_DEADLINE_S = 1.0  # the issue's bound for a rule change to reach the destination host's kernel
+DROP_COMMENT, AUDIT_COMMENT = policy_nft.DROP, policy_nft.AUDIT
 
 
 def identified(etcd, segment: str, host, container: str, network: str):
@@ -208,6 +211,79 @@ def test_deny_and_allow_over_ipv6_on_a_dual_stack_network(two, etcd):
     assert refused(h1, "db", client6, OTHER_PORT), "db opened a connection back to the client over v6"
     assert connects(h2, "client", db6, DB_PORT)
     assert connects(h2, "client", ip["db"][0], DB_PORT)  # the same rule over v4
+
+
+# --- vxnet flows ------------------------------------------------------------------------------------------------------
+def flows(plugin, network, verdict="dropped"):
+    """`vxnet flows NETWORK --verdict V --json` on the plugin's host: its records."""
+    status, answer = plugin.cli_json("flows", network, "--verdict", verdict)
+    assert status == 0, answer
+    return answer["records"]
+
+
+def flow_seen(plugin, network, verdict, src_ip, dst_ip, dport, proto="tcp"):
+    """The record of a connection src -> dst:dport in the host's verdict log, None while there is none."""
+    for record in flows(plugin, network, verdict):
+        if (record["src"]["ip"], record["dst"]["ip"], record["proto"], record["dport"]) == (src_ip, dst_ip, proto,
+                                                                                           dport):
+            return record
+    return None
+
+
+def test_vxnet_flows_shows_the_refused_attempts_with_their_names(two, etcd):
+    h1, h2, plugins = two
+    _, ip = deny_network((h1, h2), etcd, "fl", SUB_DENY)
+    db, other, client = ip["db"][0], ip["other"][0], ip["client"][0]
+    allow(h1, etcd.url, "fl", "label=role=client", "service=db", f"{DB_PORT}/tcp")
+    wait_connects(h2, "client", db, DB_PORT, timeout=5)  # the allowed one: a control, not a refusal
+    assert refused(h1, "other", db, DB_PORT)  # same host
+    assert refused(h2, "client", db, OTHER_PORT)  # across hosts, a port no rule names
+    assert refused(h1, "db", client, OTHER_PORT)  # the reverse, decided on the client's host
+
+    p1, p2 = plugins[h1.name], plugins[h2.name]
+    seen = wait_until(lambda: flow_seen(p1, "fl", "dropped", other, db, DB_PORT), 5, "other -> db in h1's flows")
+    assert seen["verdict"] == "dropped" and seen["reason"] == "no-rule"
+    assert (seen["src"]["container"], seen["src"]["service"], seen["src"]["host"]) == ("other", "", h1.name)
+    assert (seen["dst"]["container"], seen["dst"]["service"]) == ("db", "db")
+    seen = wait_until(lambda: flow_seen(p1, "fl", "dropped", client, db, OTHER_PORT), 5, "client -> db:7000")
+    assert (seen["src"]["container"], seen["src"]["host"], seen["dst"]["service"]) == ("client", h2.name, "db")
+    seen = wait_until(lambda: flow_seen(p2, "fl", "dropped", db, client, OTHER_PORT), 5, "db -> client in h2's")
+    assert (seen["src"]["container"], seen["src"]["service"], seen["src"]["host"]) == ("db", "db", h1.name)
+    assert seen["dst"]["container"] == "client"
+    # The allowed connection is not among the dropped, and is among the allowed (the same query, the other filter).
+    assert flow_seen(p1, "fl", "dropped", client, db, DB_PORT) is None
+    allowed = wait_until(lambda: flow_seen(p1, "fl", "allowed", client, db, DB_PORT), 5, "the allowed flow")
+    assert allowed["reason"] == "rule" and allowed["src"]["container"] == "client"
+    # The human view names them too.
+    text = p1.cli("flows", "fl").stdout
+    assert "other" in text and "db" in text and "5432" in text, text
+
+
+# --- audit ------------------------------------------------------------------------------------------------------------
+def test_audit_mode_logs_what_it_would_drop_and_drops_nothing(two, etcd):
+    h1, h2, plugins = two
+    nids, ip = deny_network((h1, h2), etcd, "au", SUB_AUDIT, "-o", "policy-audit=true")
+    nid = nids[h1.name]
+    db, other, client = ip["db"][0], ip["other"][0], ip["client"][0]
+    allow(h1, etcd.url, "au", "label=role=client", "service=db", f"{DB_PORT}/tcp")
+    wait_until(lambda: counter(h1, nid, AUDIT_COMMENT) is not None, 10, "the audit rule in db's host's table")
+    assert counter(h1, nid, DROP_COMMENT) is None  # audit mode: no dropping rule at all
+    before = counter(h1, nid, AUDIT_COMMENT)
+    # What deny would refuse (other -> db:5432, no rule) connects, counted by the audit rule; the allowed flow
+    # connects without being counted there (the control: the same probe, the counter of the other verdict).
+    assert connects(h1, "other", db, DB_PORT), "audit mode dropped a connection"
+    assert connects(h2, "client", db, OTHER_PORT), "audit mode dropped a connection from another host"
+    audited = wait_until(lambda: (lambda n: n if n >= before + 2 else None)(counter(h1, nid, AUDIT_COMMENT)), 5,
+                         "both would-be drops counted by the audit rule")
+    assert connects(h2, "client", db, DB_PORT)
+    assert counter(h1, nid, AUDIT_COMMENT) == audited  # an allowed connection is not an audit verdict
+    # ... and logged: `vxnet flows` has both as audit verdicts (would have been dropped), with their names.
+    plugin = plugins[h1.name]
+    seen = wait_until(lambda: flow_seen(plugin, "au", "dropped", other, db, DB_PORT), 5, "other -> db, audited")
+    assert (seen["verdict"], seen["src"]["container"], seen["dst"]["service"]) == ("audit", "other", "db")
+    seen = wait_until(lambda: flow_seen(plugin, "au", "audit", client, db, OTHER_PORT), 5, "client -> db:7000")
+    assert (seen["verdict"], seen["src"]["host"]) == ("audit", h2.name)
+    assert flow_seen(plugin, "au", "dropped", client, db, DB_PORT) is None  # the allowed one is no audit verdict
 
 
 # --- Compose ----------------------------------------------------------------------------------------------------------

@@ -70,7 +70,7 @@ def start_loop(host: Host, container: str, target: str, port: int, tag: str) -> 
     /tmp/<tag>.log, until /tmp/<tag>.stop exists."""
     script = (f"while [ ! -e /tmp/{tag}.stop ]; do "
               f"if nc -w {PROBE_S} {target} {port} </dev/null | grep -q ok; then echo ok; else echo no; fi "
-              f">> /tmp/{tag}.log; done")
+              f">> /tmp/{tag}.log; sleep 0.05; done")  # a breath between attempts: the machine is shared
     host.docker("exec", "-d", container, "sh", "-c", script)
 
 
@@ -136,6 +136,18 @@ def allows(host: Host, network_id: str, src: str, dst: str, proto: str, port: in
         if concat and [str(x) for x in concat] == [src, dst, proto, str(port)]:
             return True
     return False
+
+
+def counter(host: Host, network_id: str, comment: str) -> Optional[int]:
+    """Packets counted by the table's rule with that comment (netdriver/policy_nft.py DROP, AUDIT, ...); None when
+    the table or the rule is absent."""
+    for item in (policy_table(host, network_id) or {}).get("nftables", []):
+        rule = item.get("rule")
+        if rule and rule.get("comment") == comment:
+            for expr in rule.get("expr", []):
+                if "counter" in expr:
+                    return int(expr["counter"]["packets"])
+    return None
 
 
 def policy_keys(etcd, network_id: Optional[str] = None) -> Dict[str, str]:
