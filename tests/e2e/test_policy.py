@@ -28,7 +28,7 @@ import pytest
 from kernel import names
 from netdriver import policy_nft
 from store import schema
-from tests.harness.containers import run_sleeper
+from tests.harness.containers import pings, run_sleeper
 from tests.harness.images import IMAGE
 from tests.harness.policy import (
     all_refused,
@@ -211,6 +211,15 @@ def test_deny_and_allow_over_ipv6_on_a_dual_stack_network(two, etcd):
     assert refused(h1, "db", client6, OTHER_PORT), "db opened a connection back to the client over v6"
     assert connects(h2, "client", db6, DB_PORT)
     assert connects(h2, "client", ip["db"][0], DB_PORT)  # the same rule over v4
+
+    # ICMP: a rule with ports is TCP/UDP/SCTP only, so ping (a new flow) is refused, over v6 and v4; a rule without
+    # ports allows the pair everything, ping included (the control: the same ping probe).
+    assert not pings(h2, "client", db6) and not pings(h2, "client", ip["db"][0])
+    allow(h1, etcd.url, "d6", "container=client", "container=db")
+    wait_until(lambda: pings(h2, "client", db6), 5, "client's ping to db over v6 once a rule without ports is in")
+    assert pings(h2, "client", ip["db"][0])
+    assert not pings(h1, "other", db6)  # still nobody else
+    assert refused(h1, "other", db6, DB_PORT)
 
 
 # --- vxnet flows ------------------------------------------------------------------------------------------------------
