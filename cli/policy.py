@@ -143,7 +143,8 @@ def run_allow(ctx: context.Context, args: argparse.Namespace) -> int:
     warning = _warning(ref)
     if warning:
         print(f"vxnet policy: warning: {warning}", file=sys.stderr)
-    ctx.emit({"network": ref.id, "segment": ref.segment, "mode": _mode(ref), "created": created, "rule": rule.to_dict(), "warning": warning},
+    ctx.emit({"network": ref.id, "segment": ref.segment, "mode": _mode(ref), "created": created,
+              "rule": rule.to_dict(), "warning": warning},
              lambda d: ("allowed " if created else "already allowed (nothing written) ") + _describe(rule))
     return context.OK
 
@@ -163,7 +164,8 @@ def run_ls(ctx: context.Context, args: argparse.Namespace) -> int:
     audit = ref.record.policy_audit if ref.record is not None else None
     mode = _mode(ref)
     header = f"network {ref.id[:SHORT_ID]}: policy {mode or 'unknown (no record yet)'}" + (" (audit)" if audit else "")
-    ctx.emit({"network": ref.id, "segment": ref.segment, "mode": mode, "audit": audit, "rules": [r.to_dict() for r in rules]},
+    ctx.emit({"network": ref.id, "segment": ref.segment, "mode": mode, "audit": audit,
+              "rules": [r.to_dict() for r in rules]},
              lambda d: header + "\n" + _table(rules))
     return context.OK
 
@@ -172,6 +174,7 @@ def run_rm(ctx: context.Context, args: argparse.Namespace) -> int:
     store = PolicyStore(ctx.kv(), ctx.settings.key_prefix)
     ref = resolve(store, args.network)
     removed = store.delete_rule(ref.segment, args.rule)
-    ctx.emit({"network": ref.id, "segment": ref.segment, "removed": removed.to_dict() if removed else {"id": args.rule}},
+    ctx.emit({"network": ref.id, "segment": ref.segment,
+              "removed": removed.to_dict() if removed else {"id": args.rule}},
              lambda d: f"removed {_describe(removed) if removed else args.rule}")
     return context.OK
