@@ -183,7 +183,8 @@ def test_deny_with_a_rule_from_label_to_service_on_one_port(two, etcd):
     # Everything goes with the network: before, the key-less network still has its table (the control); after,
     # no table, no namespace, no policy key.
     rule2 = allow(h1, etcd.url, "dn", "any", "container=db")
-    assert list(policy_keys(etcd, nid)) == [f"{schema.PREFIX}/policy/{nid}/{rule2['id']}"]
+    # Rules are the segment's (the networks of one -o overlay=NAME have an ID per host, one segment).
+    assert list(policy_keys(etcd, "overlay-dn")) == [f"{schema.PREFIX}/policy/overlay-dn/{rule2['id']}"]
     assert policy_table(h1, nid) and policy_table(h2, nids[h2.name])
     for host in (h1, h2):
         host.docker("rm", "-f", *host.docker("ps", "-aq").stdout.split())

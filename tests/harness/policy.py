@@ -162,9 +162,14 @@ def etcd_revision(etcd) -> int:
     return int(json.loads(out)["header"]["revision"])
 
 
+def cli_root() -> str:
+    """The tree `vxnet` runs from: the plugin's (tests/harness/plugin.py: this checkout, or VXNET_PLUGIN_ROOT)."""
+    return os.environ.get("VXNET_PLUGIN_ROOT") or REPO
+
+
 def cli_env(etcd_url: str, extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "HOME": os.environ.get("HOME", "/root"),
-           "PYTHONPATH": REPO, "PYTHONUNBUFFERED": "1", "ETCD_ENDPOINTS": etcd_url,
+           "PYTHONPATH": cli_root(), "PYTHONUNBUFFERED": "1", "ETCD_ENDPOINTS": etcd_url,
            "DOCKER_HOST": "unix:///run/docker.sock"}  # the host's own engine, inside its mount namespace
     env.update(extra or {})
     return env
@@ -174,7 +179,7 @@ def vxnet(host: Host, etcd_url: str, *args: str, env: Optional[Dict[str, str]] =
     """`vxnet ARGS` run inside the host (its Docker engine resolves network names), against the given etcd.
     Never raises on a non-zero exit."""
     return host.run([sys.executable, "-m", "cli", *args], check=False, timeout=timeout,
-                    env=cli_env(etcd_url, env), cwd=REPO)
+                    env=cli_env(etcd_url, env), cwd=cli_root())
 
 
 def allow(host: Host, etcd_url: str, network: str, source: str, dest: str, *ports: str) -> dict:
