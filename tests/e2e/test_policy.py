@@ -152,13 +152,18 @@ def test_deny_with_a_rule_from_label_to_service_on_one_port(two, etcd):
     assert refused(h2, "client", db, DB_PORT)
     assert refused(h1, "other", db, DB_PORT)
 
+    # The write is the command's last act (after a Python start-up and the engine's name lookup), so from its
+    # return to the element in the kernel is the rule's way through etcd's watch and the engine, to within the
+    # command's exit; its start is printed too.
+    invoked = time.monotonic()
     rule = allow(h1, etcd.url, "dn", "label=role=client", "service=db", f"{DB_PORT}/tcp")
-    started = time.monotonic()
+    returned = time.monotonic()
     wait_until(lambda: allows(h1, nid, client, db, "tcp", DB_PORT), 10, "the allow element in db's host's kernel",
                interval=0.02)
-    in_force = time.monotonic() - started
-    print(f"\nrule in force in the destination's kernel {in_force * 1000:.0f} ms after `vxnet policy allow`")
-    assert in_force <= IN_FORCE_DEADLINE_S, f"the rule took {in_force:.2f}s to reach {h1.name}'s kernel"
+    done = time.monotonic()
+    print(f"\nrule in force in the destination's kernel {(done - returned) * 1000:.0f} ms after `vxnet policy "
+          f"allow` returned, {(done - invoked) * 1000:.0f} ms after it was started")
+    assert done - returned <= IN_FORCE_DEADLINE_S, f"the rule took {done - returned:.2f}s to reach {h1.name}'s kernel"
 
     wait_connects(h2, "client", db, DB_PORT, timeout=5)  # across hosts; the "ok" is db's reply: replies flow
     assert refused(h1, "other", db, DB_PORT), "a container without role=client reached db:5432"
