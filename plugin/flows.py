@@ -156,6 +156,7 @@ class _Tap:
         self.error: Optional[str] = None
         self.stop = threading.Event()
         self.thread: Optional[threading.Thread] = None
+        self.previous: Optional[threading.Thread] = None  # the reader thread this one replaces
 
 
 class FlowLog:
@@ -186,20 +187,22 @@ class FlowLog:
         self.engine.subscribe(self.policy_changed)
 
     def policy_changed(self, network_id: str, ns: str, up: bool) -> None:
-        """The engine's callback: quick (a thread started or told to stop), idempotent (a repeated up with the
-        same namespace keeps the running reader and its ring)."""
+        """The engine's callback: quick (a thread started, another told to stop; nothing joined here). Each up
+        opens a new reader even for the same namespace name: the engine says up again when the table is replaced or
+        the namespace rebuilt (a new namespace under the old name, where the old socket hears nothing); the ring
+        stays. The new reader waits for the old one to close (one listener per group and namespace)."""
         with self._lock:
-            tap = self._taps.get(network_id)
-            if up and tap is not None and tap.ns == ns:
-                return
-            if tap is not None:
-                del self._taps[network_id]
-                tap.stop.set()  # its thread closes its reader (never joined here: the engine's thread waits not)
-            if not up:
-                return
-            tap = _Tap(network_id, ns, self.ring_size)
-            self._taps[network_id] = tap
-        if self._threads:
+            old = self._taps.pop(network_id, None)
+            if old is not None:
+                old.stop.set()
+            if up:
+                tap = _Tap(network_id, ns, self.ring_size)
+                if old is not None:
+                    tap.ring, tap.evicted, tap.last_seq, tap.previous = old.ring, old.evicted, old.last_seq, old.thread
+                self._taps[network_id] = tap
+        if old is not None and old.thread is None:
+            self._detach(old)  # no thread of its own to close it (threads=False)
+        if up and self._threads:
             tap.thread = threading.Thread(target=self._run, args=(tap,), name=f"flows-{network_id[:12]}",
                                           daemon=True)
             tap.thread.start()
@@ -248,6 +251,8 @@ class FlowLog:
 
     def _run(self, tap: _Tap) -> None:
         delay = RETRY_SECONDS[0]
+        if tap.previous is not None:
+            tap.previous.join(timeout=READ_TIMEOUT * 4)
         try:
             while not tap.stop.is_set():
                 if tap.reader is None:

@@ -7,8 +7,7 @@ from tests.fakes.firewall import FakeFirewall
 from tests.fakes.kv import FakeKV, FakeWatchStream
 from tests.fakes.links import FakeLinks
 from tests.fakes.nftables import FakeNftables
-from tests.fakes.policy_engine import FakePolicyEngine, FakeReader
 from tests.fakes.xfrm import FakeXfrm
 
 __all__ = ["FakeDataPlane", "FakeEncryption", "FakeFirewall", "FakeKV", "FakeLinks", "FakeNftables",
-           "FakePolicyEngine", "FakeReader", "FakeWatchStream", "FakeXfrm"]
+           "FakeWatchStream", "FakeXfrm"]

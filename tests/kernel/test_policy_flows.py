@@ -21,7 +21,7 @@ from netdriver import policy_nft as pn
 from netdriver.isolation import Firewall
 from plugin import flows as pf
 from plugin import metrics as plugin_metrics
-from tests.fakes import FakePolicyEngine
+from tests.fakes.policy_engine import FakePolicyEngine
 from tests.harness.proc import wait_until
 from tests.kernel.test_policy_nft import PORTS, SYN_BURST, Elements, guarded, lab, sh  # noqa: F401 (lab: the fixture)
 
@@ -103,8 +103,11 @@ def test_refused_syns_appear_with_names_protocol_port_and_verdict_and_audit_does
     assert answer["lost"] == 0 and answer["log"]["running"] is True
     assert flows_of(served, "--verdict", "allowed")["records"] == []  # nothing was allowed
 
-    # Audit: the table remade with the audit verdict; the reader keeps its bind (the group is the namespace's).
+    # Audit: the table remade with the audit verdict, and the engine says up again (as it does for a replaced
+    # table): a new reader, once the old one let the group go; the ring stays.
     fw.ensure_policy(n1, "deny", True, Elements(guarded=guarded(hosts)))
+    served["engine"].up(served["network"], n1)
+    wait_until(lambda: served["log"].networks()[0]["running"], DEADLINE, "the new reader bound")
     since = answer["next"]
     assert c1.reaches(c2.ip, PORT)  # the probe enforcing mode refused now connects: audit drops nothing
 
@@ -119,6 +122,7 @@ def test_refused_syns_appear_with_names_protocol_port_and_verdict_and_audit_does
     counted = flows_of(served)["counters"]
     assert counted["audit"] >= 1 and counted["dropped"] == 0  # the new table's exact counters
     assert "policy" not in Firewall(hosts["links"].nft).dropped(n1)  # audit counts no drop
+    assert len(flows_of(served)["records"]) == len(answer["records"]) + 1  # the enforcing mode's records kept
 
 
 def test_the_log_says_when_it_is_rate_limited(served):

@@ -17,7 +17,7 @@ from kernel.nflog import Record
 from netdriver import policy_nft as pn
 from plugin import config
 from plugin import flows as pf
-from tests.fakes import FakePolicyEngine, FakeReader
+from tests.fakes.policy_engine import FakePolicyEngine, FakeReader
 from tests.harness.proc import wait_until
 from wire.errors import KernelError
 
@@ -149,13 +149,18 @@ def test_rate_limited_is_said_from_the_exact_counters(world):
     assert log.query(NET)["suppressed"]["dropped"] == 3
 
 
-def test_up_is_idempotent_down_drops_the_ring_and_a_new_namespace_replaces_it(world):
+def test_up_again_reopens_the_reader_and_keeps_the_ring_down_drops_it(world):
     log, engine, _, readers = world
     log.ingest(NET, [rec()])
-    engine.up(NET, NS)  # a replay: same reader, same ring
-    assert len(log.query(NET)["records"]) == 1 and len(readers) == 1
+    # Up again (the table replaced, or the namespace rebuilt under its name): a new reader, the old one closed,
+    # the ring kept.
+    engine.up(NET, NS)
+    assert readers[0].closed and log.attach(NET) and len(readers) == 2 and not readers[1].closed
+    assert len(log.query(NET)["records"]) == 1
+    log.ingest(NET, [rec()])
+    assert [r["seq"] for r in log.query(NET)["records"]] == [1, 2]
     engine.down(NET, NS)
-    assert log.query(NET) is None and log.networks() == []
+    assert readers[1].closed and log.query(NET) is None and log.networks() == []
     assert log.ingest(NET, [rec()]) == 0  # a reader's last batch after down goes nowhere
     engine.up(NET, "vxnet-ns-other")
     assert log.networks()[0]["ns"] == "vxnet-ns-other" and log.query(NET)["records"] == []
@@ -181,8 +186,13 @@ def test_reader_threads_read_retry_and_stop():
         readers[0].put(rec(dport=7))
         wait_until(lambda: log.query(NET)["records"], 5, "the record in the ring")
         assert log.query(NET)["log"] == {"running": True, "error": None}
+        engine.up(NET, NS)  # rebuilt: the old reader closes before the new one opens
+        wait_until(lambda: len(readers) == 2, 10, "the new reader")
+        assert readers[0].closed
+        readers[1].put(rec(dport=8))
+        wait_until(lambda: len(log.query(NET)["records"]) == 2, 5, "the new reader's record, the old kept")
         engine.down(NET, NS)
-        wait_until(lambda: readers[0].closed, 5, "the reader closed on down")
+        wait_until(lambda: readers[1].closed, 5, "the reader closed on down")
     finally:
         log.stop()
 
