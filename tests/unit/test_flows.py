@@ -7,6 +7,7 @@ import io
 import json
 import re
 import socket
+import urllib.request
 from wsgiref.util import setup_testing_defaults
 
 import pytest
@@ -17,6 +18,7 @@ from kernel.nflog import Record
 from netdriver import policy_nft as pn
 from plugin import config
 from plugin import flows as pf
+from plugin import metrics as pm
 from tests.fakes.policy_engine import FakePolicyEngine, FakeReader
 from tests.harness.proc import wait_until
 from wire.errors import KernelError
@@ -320,3 +322,28 @@ def test_client_settings_read_the_metrics_address():
     assert config.load_client({}).metrics_addr == ("127.0.0.1", 9473)
     assert config.load_client({"VXNET_METRICS_ADDR": "[::1]:9500"}).metrics_addr == ("::1", 9500)
     assert config.load_client({"VXNET_METRICS_ADDR": ""}).metrics_addr is None
+
+
+class NoDrops:
+    def dropped(self, ns):
+        return {}
+
+
+def test_the_metrics_server_serves_the_log_beside_metrics_over_loopback(world):
+    """The real server and the command's real HTTP client, on a loopback port: /v1/flows answers, a 404's JSON
+    reason comes through, and /metrics is still Prometheus."""
+    log = world[0]
+    log.ingest(NET, [rec()])
+    server = pm.MetricsServer(("127.0.0.1", 0), pm.Collector(lambda: {}, lambda: {}, NoDrops()),
+                              apps={pf.PATH: pf.make_app(log)})
+    server.start()
+    try:
+        where = ("127.0.0.1", server.port)
+        status, answer = flows_cli.get_json(where, "--host", {"network": NET})
+        assert status == 200 and answer["records"][0]["dst"]["container"] == "db.1.xyz"
+        status, answer = flows_cli.get_json(where, "--host", {"network": OTHER})
+        assert status == 404 and "no policy table" in answer["error"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=5) as reply:
+            assert b"vxnet_build_info" in reply.read()
+    finally:
+        server.stop()
