@@ -9,10 +9,13 @@ A SELECTOR is service=NAME (a Swarm or Compose service), label=KEY=VALUE (a cont
 any. No --port: every protocol and port. NETWORK is a name (resolved by this host's Docker engine) or an ID
 (in full, or its first 12 or more characters) that vxnet's etcd knows. The same allow given twice is one rule.
 A rule on a network created in mode open is stored but has no effect (the mode is fixed at creation:
--o policy=exposed or -o policy=deny).
+-o policy=exposed or -o policy=deny). Rules are the network's segment's: on standalone networks joined with
+`-o overlay=NAME` (one network ID per host) a rule given on any host, through that host's network, is in force on
+every host of the overlay, and `ls`/`rm` on any of them see the same rules.
 
---json: allow {"network", "mode", "created": bool, "rule": {"id", "network_id", "from", "to", "ports"},
-"warning": text or null}; ls {"network", "mode", "audit", "rules": [rule, ...]}; rm {"network", "removed": rule}.
+--json: allow {"network", "segment", "mode", "created": bool, "rule": {"id", "segment", "from", "to", "ports"},
+"warning": text or null}; ls {"network", "segment", "mode", "audit", "rules": [rule, ...]}; rm {"network",
+"segment", "removed": rule}.
 Exit status: 0 done, 2 refused (the message names the part) or etcd could not be reached.
 """
 
@@ -135,12 +138,13 @@ def run_allow(ctx: context.Context, args: argparse.Namespace) -> int:
     ports = [parse_port(p, "--port") for p in args.ports]
     store = PolicyStore(ctx.kv(), ctx.settings.key_prefix)
     ref = resolve(store, args.network)
-    rule = Rule.make(ref.id, source, dest, ports)
-    created = store.put_rule(rule)
+    rule = Rule.make(ref.segment, source, dest, ports)
+    created = store.put_rule(ref.id, rule)
     warning = _warning(ref)
     if warning:
         print(f"vxnet policy: warning: {warning}", file=sys.stderr)
-    ctx.emit({"network": ref.id, "mode": _mode(ref), "created": created, "rule": rule.to_dict(), "warning": warning},
+    ctx.emit({"network": ref.id, "segment": ref.segment, "mode": _mode(ref), "created": created,
+              "rule": rule.to_dict(), "warning": warning},
              lambda d: ("allowed " if created else "already allowed (nothing written) ") + _describe(rule))
     return context.OK
 
@@ -156,11 +160,12 @@ def _table(rules: List[Rule]) -> str:
 def run_ls(ctx: context.Context, args: argparse.Namespace) -> int:
     store = PolicyStore(ctx.kv(), ctx.settings.key_prefix)
     ref = resolve(store, args.network)
-    rules = sorted(store.list_rules(ref.id), key=lambda r: (r.source, r.dest, r.ports, r.id))
+    rules = sorted(store.list_rules(ref.segment), key=lambda r: (r.source, r.dest, r.ports, r.id))
     audit = ref.record.policy_audit if ref.record is not None else None
     mode = _mode(ref)
     header = f"network {ref.id[:SHORT_ID]}: policy {mode or 'unknown (no record yet)'}" + (" (audit)" if audit else "")
-    ctx.emit({"network": ref.id, "mode": mode, "audit": audit, "rules": [r.to_dict() for r in rules]},
+    ctx.emit({"network": ref.id, "segment": ref.segment, "mode": mode, "audit": audit,
+              "rules": [r.to_dict() for r in rules]},
              lambda d: header + "\n" + _table(rules))
     return context.OK
 
@@ -168,7 +173,8 @@ def run_ls(ctx: context.Context, args: argparse.Namespace) -> int:
 def run_rm(ctx: context.Context, args: argparse.Namespace) -> int:
     store = PolicyStore(ctx.kv(), ctx.settings.key_prefix)
     ref = resolve(store, args.network)
-    removed = store.delete_rule(ref.id, args.rule)
-    ctx.emit({"network": ref.id, "removed": removed.to_dict() if removed else {"id": args.rule}},
+    removed = store.delete_rule(ref.segment, args.rule)
+    ctx.emit({"network": ref.id, "segment": ref.segment,
+              "removed": removed.to_dict() if removed else {"id": args.rule}},
              lambda d: f"removed {_describe(removed) if removed else args.rule}")
     return context.OK

@@ -151,12 +151,14 @@ class NetworkDriver:
     def __init__(self, store: NetworkStore, dataplane: contracts.DataPlane, host_id: str, scope: str,
                  underlay: contracts.Underlay, peers: Optional[contracts.NamespaceEvents] = None,
                  lease_id: Callable[[], int] = lambda: 0, on_vtep_change: Callable[[], None] = lambda: None,
-                 encryption: Optional[contracts.Encryption] = None):
+                 encryption: Optional[contracts.Encryption] = None, policy: Optional[contracts.PolicyEvents] = None):
         """underlay: this host's VTEP (address, mtu, discovered());
         peers: told when a network's namespace comes and goes (None: single host, no peers);
         lease_id: the host lease that this host's peer records live under;
         on_vtep_change: called after Swarm's DiscoverNew moved the VTEP (re-register the host);
-        encryption: the ESP manager (None: no cluster secret, `-o encrypted` refused)."""
+        encryption: the ESP manager (None: no cluster secret, `-o encrypted` refused);
+        policy: given this host's record at each Join before dockerd gets the interface (the policy engine)."""
+        self.policy = policy
         self.store = store
         self.encryption = encryption
         self.dataplane = dataplane
@@ -432,7 +434,11 @@ class NetworkDriver:
                     self._joined.setdefault(network.id, set()).add(endpoint.id)
             undo.push(lambda: self._unwire(network, endpoint))
             undo.push(lambda: self.store.delete_peer(segment, endpoint.id))
-            self._publish(network, endpoint)
+            record = self._publish(network, endpoint)
+            if self.policy is not None:
+                # A policy network guards the new address now, not when the watch echoes the record: dockerd
+                # hands the interface to the container as soon as Join returns.
+                self.policy.member_here(segment, record)
         return ifname
 
     def leave(self, req: p.EndpointRequest) -> dict:
@@ -535,16 +541,17 @@ class NetworkDriver:
         if self.peers is not None:
             self.peers.network_up(network)
 
-    def _publish(self, network: Network, endpoint: Endpoint, known: Optional[dict] = None) -> None:
-        """Write the endpoint's peer record; its identity is the one published already (by this process, or
-        `known`: the one in the record an earlier process wrote), None if there is none yet."""
+    def _publish(self, network: Network, endpoint: Endpoint, known: Optional[dict] = None) -> PeerRecord:
+        """Write the endpoint's peer record (and return it); its identity is the one published already (by this
+        process, or `known`: the one in the record an earlier process wrote), None if there is none yet."""
         with self._identity_lock:
             identity = self._identities.get(endpoint.id, known)
-        self.store.put_peer(segment_of(network.id, network.overlay), PeerRecord(
+        record = PeerRecord(
             network_id=network.id, endpoint_id=endpoint.id, ip=endpoint.ip.split("/")[0], mac=endpoint.mac,
             vtep=self.underlay.require(), host=self.host_id, ip6=endpoint.ip6.split("/")[0],
-            exposed=list(endpoint.exposed), identity=identity),
-            lease=self.lease_id())
+            exposed=list(endpoint.exposed), identity=identity)
+        self.store.put_peer(segment_of(network.id, network.overlay), record, lease=self.lease_id())
+        return record
 
     # -- what the reconciler (netdriver/reconciler.py) asks -------------------------------------------------------
     @contextlib.contextmanager

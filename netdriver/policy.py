@@ -6,9 +6,13 @@ A network's mode is fixed at creation (`-o policy=open|exposed|deny`, netdriver/
   deny     a local member accepts only what a rule allows
 Replies always pass (conntrack, netdriver/policy_nft.py); rules are additive allows.
 
-A rule, stored at policy/<network>/<rule> (store/schema.py) as
-    {"id": "1a2b3c4d5e6f", "network_id": "...", "from": "label=role=client", "to": "service=db",
+A rule, stored at policy/<segment>/<rule> (store/schema.py) as
+    {"id": "1a2b3c4d5e6f", "segment": "...", "from": "label=role=client", "to": "service=db",
      "ports": ["5432/tcp"]}
+Rules belong to the segment (netdriver/store.py segment_of: the network ID, or overlay-NAME for standalone
+networks joined by `-o overlay=NAME`, which have a different network ID on every host because each host's
+dockerd makes its own): an allow given on one host is then in force on every host of the overlay. A Swarm
+network has one ID everywhere, its segment.
 ("ports": [] allows every protocol and port). Its id is 12 hex digits of a SHA-256 of that canonical content, so
 the same allow given twice is one rule, one key.
 
@@ -199,10 +203,10 @@ def _canonical_ports(ports: Iterable[Port]) -> Tuple[Port, ...]:
     return tuple(sorted(set(ports)))
 
 
-def rule_id(network_id: str, source: Selector, dest: Selector, ports: Iterable[Port]) -> str:
+def rule_id(segment: str, source: Selector, dest: Selector, ports: Iterable[Port]) -> str:
     """12 hex digits of SHA-256 over the canonical rule (ports sorted, duplicates dropped): the same allow is one
     id. 48 bits: a collision among a network's rules needs about 2^24 of them."""
-    canonical = json.dumps({"network_id": network_id, "from": source.text(), "to": dest.text(),
+    canonical = json.dumps({"segment": segment, "from": source.text(), "to": dest.text(),
                             "ports": [p.text() for p in _canonical_ports(ports)]},
                            sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:12]
@@ -211,18 +215,18 @@ def rule_id(network_id: str, source: Selector, dest: Selector, ports: Iterable[P
 @dataclasses.dataclass(frozen=True)
 class Rule:
     id: str
-    network_id: str
+    segment: str  # the network's segment (the network ID, or overlay-NAME): see the module's docstring
     source: Selector
     dest: Selector
     ports: Tuple[Port, ...] = ()  # () = every protocol and port
 
     @classmethod
-    def make(cls, network_id: str, source: Selector, dest: Selector, ports: Iterable[Port] = ()) -> "Rule":
+    def make(cls, segment: str, source: Selector, dest: Selector, ports: Iterable[Port] = ()) -> "Rule":
         canonical = _canonical_ports(ports)
-        return cls(rule_id(network_id, source, dest, canonical), network_id, source, dest, canonical)
+        return cls(rule_id(segment, source, dest, canonical), segment, source, dest, canonical)
 
     def to_dict(self) -> dict:
-        return {"id": self.id, "network_id": self.network_id, "from": self.source.text(), "to": self.dest.text(),
+        return {"id": self.id, "segment": self.segment, "from": self.source.text(), "to": self.dest.text(),
                 "ports": [p.text() for p in self.ports]}
 
     def to_json(self) -> str:
@@ -237,7 +241,7 @@ class Rule:
             raise PolicyError(f"rule: not JSON: {exc}") from None
         if not isinstance(raw, dict) or not isinstance(raw.get("ports", []), list):
             raise PolicyError("rule: not a rule object")
-        rule = cls.make(str(raw.get("network_id", "")), parse_selector(raw.get("from"), "from"),
+        rule = cls.make(str(raw.get("segment", "")), parse_selector(raw.get("from"), "from"),
                         parse_selector(raw.get("to"), "to"), [parse_port(p, "ports") for p in raw.get("ports", [])])
         if raw.get("id") != rule.id:
             raise PolicyError(f"rule {raw.get('id')!r}: its id is not that of its content ({rule.id})")

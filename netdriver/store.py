@@ -104,8 +104,10 @@ class NetworkStore:
         return candidate
 
     def release_segment(self, segment: str) -> None:
-        """Drop the segment and its VNI once no host is a member any more."""
-        members, _ = self.kv.get_prefix(self.keys.prefix(schema.MEMBER, segment=segment))
+        """Drop the segment, its VNI and its policy rules once no host is a member any more (compared: a host that
+        joins meanwhile keeps them all)."""
+        members_prefix = self.keys.prefix(schema.MEMBER, segment=segment)
+        members, revision = self.kv.get_prefix(members_prefix)
         if members:
             return
         vni = self.segment_vni(segment)
@@ -114,7 +116,9 @@ class NetworkStore:
             holder = self.kv.get(self.keys.vni(vni))
             if holder is not None and holder.value == segment:
                 deletes.append(self.keys.vni(vni))
-        self.kv.commit(deletes=deletes)
+        if not self.kv.commit(unchanged_since={members_prefix: revision}, deletes=deletes,
+                              delete_prefixes=[self.keys.policy_rules(segment)]):
+            return  # a member came: the segment is in use again
         self.kv.delete_prefix(self.keys.prefix(schema.PEER, segment=segment))
 
     def put_network(self, network: Network, host: str, segment: str) -> None:
@@ -153,11 +157,14 @@ class NetworkStore:
             members, revision = self.kv.get_prefix(members_prefix)
             if any(m.json().get("network_id") == network_id for m in members):
                 return True
-            # The record, its endpoints and its policy rules in one transaction: nothing of the network is left
-            # behind, and a rule written while the record existed (netdriver/policy_store.py compares it) goes too.
+            # The record and its endpoints in one transaction; the segment's policy rules too when no member of the
+            # segment is left (rules are the segment's, shared by the other hosts' networks of an overlay): a rule
+            # written while the record existed (netdriver/policy_store.py compares it) goes with it.
+            gone = [self.keys.prefix(schema.ENDPOINT, network=network_id)]
+            if not members:
+                gone.append(self.keys.policy_rules(segment))
             if self.kv.commit(unchanged_since={members_prefix: revision}, deletes=[self.keys.network(network_id)],
-                              delete_prefixes=[self.keys.prefix(schema.ENDPOINT, network=network_id),
-                                               self.keys.policy_rules(network_id)]):
+                              delete_prefixes=gone):
                 return True
         raise Conflict(f"could not delete network {network_id[:12]}: its members keep changing, try again")
 

@@ -31,6 +31,9 @@ from netdriver.health import HealthOverlay
 from netdriver.hosts import HostLease
 from netdriver.isolation import Firewall
 from netdriver.peerdb import PeerDB
+from netdriver.policy_engine import PolicyEngine
+from netdriver.policy_nft import PolicyFirewall
+from netdriver.policy_store import PolicyStore, PolicyWatcher
 from netdriver.reconciler import NamespaceTap, Reconciler
 from netdriver.sandbox import DataPlane
 from netdriver.store import NetworkStore
@@ -74,9 +77,11 @@ def _start_control_plane(driver: NetworkDriver, lease: HostLease, watcher: PeerW
                          stop: threading.Event, keyring: Optional[KeyRingWatcher] = None,
                          rotator: Optional[Background] = None, collector: Optional[Background] = None,
                          on_fatal: Callable[[Exception], None] = lambda exc: None,
-                         health: Optional[HealthOverlay] = None, healing: Optional[Background] = None) -> None:
+                         health: Optional[HealthOverlay] = None, healing: Optional[Background] = None,
+                         rules: Optional[Background] = None) -> None:
     """Once etcd answers: reconcile the kernel, then keep the host lease and the peer watch running (after the
-    key ring watcher and the rotator, so the ring is usually read before peers arrive). Keeps trying while etcd
+    key ring watcher and the rotator, so the ring is usually read before peers arrive; with the policy rule
+    watch, rules, beside it: the policy engine applies nothing before both have been read). Keeps trying while etcd
     is still starting or down; then the self-healing reconciler (healing), once the kernel is right; stops at once,
     through on_fatal, if another live host holds this host's ID
     (retrying cannot fix that, and serving would act as the other host)."""
@@ -98,6 +103,8 @@ def _start_control_plane(driver: NetworkDriver, lease: HostLease, watcher: PeerW
                 # The key ring first (bounded: an unreadable ring is the ring watcher's to report), so that a
                 # restarted plugin's first peer read finds it and encrypted peers are programmed, not deferred.
                 keyring.synced.wait(RING_WAIT_SECONDS)
+            if rules is not None:
+                rules.start()
             watcher.start()
             if healing is not None:
                 healing.start()
@@ -141,6 +148,7 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
     health: Optional[HealthOverlay] = None
     healing: Optional[Reconciler] = None
     identities: Optional[IdentityWriter] = None
+    rules: Optional[PolicyWatcher] = None
     stop = threading.Event()
     fatal: List[Exception] = []
 
@@ -197,11 +205,20 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
             keyring = KeyRingWatcher(kv, keystore, encryption.set_keyring)
             if settings.key_rotation_seconds:
                 rotator = KeyRotator(keystore, settings.key_rotation_seconds)
-        sync = PeerSync(PeerDB(me.id), dataplane, encryption)
+        # Policies: the tables stay in the kernel when the plugin stops (nothing here removes them), so a restart
+        # or an etcd outage changes nothing in force; the engine compares them with its first full read.
+        policy = PolicyEngine(PolicyFirewall(links.nft, links.set_bridge_netfilter, links.bridge_netfilter), me.id,
+                              dataplane.wired_endpoints)
+        sync = PeerSync(PeerDB(me.id), dataplane, encryption, policy=policy)
         watcher = PeerWatcher(kv, store, sync)
+        rules = PolicyWatcher(kv, PolicyStore(kv, settings.key_prefix), policy)
         overlay = health = HealthOverlay(kv, links, underlay, me.id, settings.key_prefix)
+        def on_outage() -> None:
+            watcher.kick()
+            rules.kick()
+
         lease = HostLease(kv, store, me.id, lambda: underlay.address, identity.lease_file(settings.state_dir, me.id),
-                          on_outage=watcher.kick, name=me.name, instance=identity.instance(), remedy=me.remedy(),
+                          on_outage=on_outage, name=me.name, instance=identity.instance(), remedy=me.remedy(),
                           on_conflict=on_fatal, health=overlay.claim)
 
         def vtep_changed() -> None:
@@ -213,12 +230,12 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
         tap = NamespaceTap(sync)  # PeerSync, and the event listener told which namespaces to watch
         net = NetworkDriver(store, dataplane, me.id, choice.scope, underlay,
                             peers=tap, lease_id=lambda: lease.id, on_vtep_change=vtep_changed,
-                            encryption=encryption)
+                            encryption=encryption, policy=policy)
         if settings.reconcile_seconds:
             events = KernelEvents(links.netns_path, lambda ns, kind: healing.notify(ns, kind) if healing else None)
             tap.attach(events.watch, events.unwatch)
             healing = Reconciler(net, sync, encryption, settings.reconcile_seconds, watch=events.watch,
-                                 listener=events, health=overlay)
+                                 listener=events, health=overlay, policy=policy)
         lease.on_new_lease = net.republish_peers
         ipam = IpamDriver(IpamStore(kv, settings.key_prefix), me.id, choice.scope)
         if settings.gc_seconds:
@@ -251,7 +268,7 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
             embedded.start()
         threading.Thread(target=_start_control_plane, name="start-up", daemon=True,
                          args=(net, lease, watcher, stop, keyring, rotator, collector, on_fatal, health,
-                               healing)).start()
+                               healing, rules)).start()
         server.run()
     except ConfigError as exc:
         print(f"vxnet: {exc}", file=sys.stderr)
@@ -263,8 +280,8 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
             log.info("stopping")
     finally:
         stop.set()
-        parts: Sequence[Optional[Background]] = (identities, healing, monitor, watcher, health, keyring, rotator,
-                                                 collector, lease, metrics)
+        parts: Sequence[Optional[Background]] = (identities, healing, monitor, watcher, rules, health, keyring,
+                                                 rotator, collector, lease, metrics)
         for part in parts:
             if part is not None:
                 part.stop()

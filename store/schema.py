@@ -10,9 +10,11 @@ The tree, under PREFIX (`/vxnet/v1`; VXNET_KEY_PREFIX in plugin/config.py may mo
                                       SWARM_HOLDER holds a Swarm network's segment from AllocateNetwork to
                                       FreeNetwork
   endpoints/<network>/<endpoint>      Endpoint: written at CreateEndpoint, removed at DeleteEndpoint
-  policy/<network>/<rule>             Rule (netdriver/policy.py): one allow rule, written by `vxnet policy allow`
-                                      (create-if-absent: the same rule is the same key), removed by `vxnet policy
-                                      rm` and, all of them, in the transaction that deletes the network record
+  policy/<segment>/<rule>             Rule (netdriver/policy.py): one allow rule of the overlay segment (so in
+                                      force on every host of `-o overlay=NAME`, whose network IDs differ), written
+                                      by `vxnet policy allow` (create-if-absent: the same rule is the same key),
+                                      removed by `vxnet policy rm` and, all of them, with the segment's last
+                                      network record (in that transaction) and again when the segment is released
   peers/<segment>/<endpoint>          PeerRecord: written at Join under the host's lease, removed at Leave; what
                                       other hosts program (netdriver/watcher.py watches this prefix)
   hosts/<host>                        {"vtep", "version", "name", "instance", "health"} under the host's lease:
@@ -64,7 +66,7 @@ SEGMENT = "segments/<segment>"
 VNI = "vnis/<vni>"
 MEMBER = "members/<segment>/<host>"
 ENDPOINT = "endpoints/<network>/<endpoint>"
-POLICY = "policy/<network>/<rule>"
+POLICY = "policy/<segment>/<rule>"
 PEER = "peers/<segment>/<endpoint>"
 HOST = "hosts/<host>"
 DEPARTED = "departed/<host>"
@@ -158,17 +160,17 @@ class Schema:
         return self.key(ENDPOINT, network=network, endpoint=endpoint)
 
     # -- policy rules (netdriver/policy_store.py) ------------------------------------------------------------------
-    def policy_rule(self, network: str, rule: str) -> str:
-        return self.key(POLICY, network=network, rule=rule)
+    def policy_rule(self, segment: str, rule: str) -> str:
+        return self.key(POLICY, segment=segment, rule=rule)
 
-    def policy_rules(self, network: str) -> str:
-        """The range of one network's rules."""
-        return self.prefix(POLICY, network=network)
+    def policy_rules(self, segment: str) -> str:
+        """The range of one segment's rules."""
+        return self.prefix(POLICY, segment=segment)
 
     def policy_rule_of(self, key: str) -> Optional[Tuple[str, str]]:
-        """policy/<network>/<rule> -> (network, rule), None for anything else."""
+        """policy/<segment>/<rule> -> (segment, rule), None for anything else."""
         parts = self.parse(POLICY, key)
-        return (parts["network"], parts["rule"]) if parts else None
+        return (parts["segment"], parts["rule"]) if parts else None
 
     def peer(self, segment: str, endpoint: str) -> str:
         return self.key(PEER, segment=segment, endpoint=endpoint)

@@ -33,7 +33,7 @@ ETCD_SECONDS = Histogram("etcd_request_seconds", "etcd request latency", ["op"],
 WATCH_RESYNCS = Counter("watch_resyncs", "Full re-reads of a watched etcd prefix", ["watch"], namespace=NAMESPACE)
 
 # Kernel state found different from the desired state and put back (kind: fdb, neighbour, link, anti-spoofing,
-# isolation, sa, policy, ipsec-firewall, health...).
+# isolation, sa, policy (an IPsec policy), ipsec-firewall, network-policy (a network's policy table), health...).
 REPAIRS = Counter("repairs", "Kernel objects repaired by the reconciler, by kind", ["kind"], namespace=NAMESPACE)
 RECONCILE_PASSES = Counter("reconcile_passes", "Reconciler passes, by trigger (event, periodic, start)",
                            ["trigger"], namespace=NAMESPACE)

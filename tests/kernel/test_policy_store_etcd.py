@@ -168,13 +168,13 @@ def test_the_rules_go_with_the_network_and_the_watch_sees_every_change(server, c
     class Sink:
         def resync(self, rules):
             seen.clear()
-            seen.update({(r.network_id, r.id): r for r in rules})
+            seen.update({(r.segment, r.id): r for r in rules})
 
         def put_rule(self, rule):
-            seen[(rule.network_id, rule.id)] = rule
+            seen[(rule.segment, rule.id)] = rule
 
-        def delete_rule(self, network_id, rule_id):
-            seen.pop((network_id, rule_id), None)
+        def delete_rule(self, segment, rule_id):
+            seen.pop((segment, rule_id), None)
 
     watcher = PolicyWatcher(kv, PolicyStore(kv), Sink(), max_backoff=0.05)
     watcher.start()

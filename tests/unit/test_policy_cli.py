@@ -3,6 +3,7 @@ write, that the same allow is one rule, that refused rules write nothing, that a
 rules in the same transaction, and that the policy watch delivers every rule, a change and a resync. Checked on
 end state: the keys in the fake etcd, what the watcher's sink holds."""
 
+import dataclasses
 import io
 import json
 import logging
@@ -198,7 +199,7 @@ def test_a_rule_racing_the_networks_deletion_is_never_left_behind(kv):
     # The network goes between the check and the write: the write's compare fails, the retry finds no network.
     kv.cut_in = lambda: NetworkStore(kv).delete_network(NET, "h1", NET)
     with pytest.raises(UnknownNetwork, match=f"network {NET[:12]} is not a vxnet network"):
-        store.put_rule(rule)
+        store.put_rule(NET, rule)
     assert rule_keys(kv) == []
 
 
@@ -226,26 +227,26 @@ class Sink:
 
     def resync(self, rules):
         self.resyncs += 1
-        self.rules = {(r.network_id, r.id): r for r in rules}
+        self.rules = {(r.segment, r.id): r for r in rules}
 
     def put_rule(self, rule):
-        self.rules[(rule.network_id, rule.id)] = rule
+        self.rules[(rule.segment, rule.id)] = rule
 
-    def delete_rule(self, network_id, rule_id):
-        self.rules.pop((network_id, rule_id), None)
+    def delete_rule(self, segment, rule_id):
+        self.rules.pop((segment, rule_id), None)
 
 
 def test_the_policy_watch_delivers_rules_changes_and_resyncs(kv):
     store = PolicyStore(kv)
     first = Rule.make(NET, Selector("any"), Selector("service", "", "db"), [Port("tcp", 5432)])
-    store.put_rule(first)
+    store.put_rule(NET, first)
     sink = Sink()
     watcher = PolicyWatcher(kv, store, sink, max_backoff=0.05)
     watcher.start()
     try:
         wait_until(lambda: set(sink.rules) == {(NET, first.id)}, DEADLINE, "the first full read")
         second = Rule.make(OTHER, Selector("label", "role", "client"), Selector("any"))
-        store.put_rule(second)
+        store.put_rule(OTHER, second)
         wait_until(lambda: set(sink.rules) == {(NET, first.id), (OTHER, second.id)}, DEADLINE, "a put event")
         store.delete_rule(NET, first.id)
         wait_until(lambda: set(sink.rules) == {(OTHER, second.id)}, DEADLINE, "a delete event")
@@ -257,3 +258,41 @@ def test_the_policy_watch_delivers_rules_changes_and_resyncs(kv):
         wait_until(lambda: sink.rules == {} and sink.resyncs >= 2, DEADLINE, "a resync after a broken watch")
     finally:
         watcher.stop()
+
+
+def test_rules_of_standalone_networks_sharing_an_overlay_are_the_segments(kv):
+    """Each host's dockerd gives its network of `-o overlay=blue` an ID of its own: a rule given through one is
+    listed, removable and in force through the other, and stays until the segment's last network goes."""
+    h1_net, h2_net = "1a" * 32, "2b" * 32
+    store = NetworkStore(kv)
+    for nid, host in ((h1_net, "h1"), (h2_net, "h2")):
+        store.put_network(dataclasses.replace(network(nid), overlay="blue"), host, "overlay-blue")
+    status, out, _ = vxnet(kv, ["policy", "allow", h1_net, "--from", "any", "--to", "service=db", "--json"])
+    made = json.loads(out)
+    assert status == 0 and made["segment"] == "overlay-blue" and made["rule"]["segment"] == "overlay-blue"
+    assert rule_keys(kv) == [schema.Schema().policy_rule("overlay-blue", made["rule"]["id"])]
+    status, out, _ = vxnet(kv, ["policy", "ls", h2_net, "--json"])
+    assert status == 0 and [r["id"] for r in json.loads(out)["rules"]] == [made["rule"]["id"]]
+    # The same allow through the other host's network is the same rule: nothing written.
+    status, out, _ = vxnet(kv, ["policy", "allow", h2_net, "--from", "any", "--to", "service=db", "--json"])
+    assert status == 0 and json.loads(out)["created"] is False and len(rule_keys(kv)) == 1
+    store.delete_network(h1_net, "h1", "overlay-blue")
+    store.release_segment("overlay-blue")  # h2 is still a member: nothing is released
+    assert len(rule_keys(kv)) == 1
+    before = len(kv.history)
+    store.delete_network(h2_net, "h2", "overlay-blue")
+    gone = [e for e in kv.history[before:] if e.kind == "delete"]
+    record = [e for e in gone if e.key == schema.Schema().network(h2_net)]
+    rules = [e for e in gone if e.key.startswith(schema.Schema().policy_rules("overlay-blue"))]
+    assert len(record) == 1 and len(rules) == 1 and rules[0].mod_revision == record[0].mod_revision
+    store.release_segment("overlay-blue")  # a replay: nothing left to remove, no error
+    assert rule_keys(kv) == []
+
+
+def test_releasing_a_segment_takes_rules_left_by_an_interrupted_delete(kv):
+    rule = Rule.make(NET, Selector("any"), Selector("any"))
+    kv.put(schema.Schema().policy_rule(NET, rule.id), rule.to_json())  # as if the network's delete stopped halfway
+    kv.delete(schema.Schema().network(NET))
+    kv.delete(schema.Schema().member(NET, "h1"))
+    NetworkStore(kv).release_segment(NET)
+    assert rule_keys(kv) == []

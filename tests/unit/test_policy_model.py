@@ -139,7 +139,7 @@ def test_the_same_allow_is_one_rule_whatever_the_order_of_its_ports():
 def test_rule_json_round_trip_and_tampered_records_are_refused():
     rule = Rule.make(NET, parse_selector("any", "--from"), parse_selector("container=web1", "--to"),
                      [Port("tcp", 80)])
-    assert json.loads(rule.to_json()) == {"id": rule.id, "network_id": NET, "from": "any", "to": "container=web1",
+    assert json.loads(rule.to_json()) == {"id": rule.id, "segment": NET, "from": "any", "to": "container=web1",
                                           "ports": ["80/tcp"]}
     assert Rule.from_json(rule.to_json()) == rule
     tampered = json.loads(rule.to_json())

@@ -69,7 +69,7 @@ BUILDERS = {
     schema.VNI: lambda k: k.vni(4096),
     schema.MEMBER: lambda k: k.member("overlay-blue", "h1"),
     schema.ENDPOINT: lambda k: k.endpoint("a" * 64, "b" * 64),
-    schema.POLICY: lambda k: k.policy_rule("a" * 64, "0123456789ab"),
+    schema.POLICY: lambda k: k.policy_rule("overlay-blue", "0123456789ab"),
     schema.PEER: lambda k: k.peer("overlay-blue", "b" * 64),
     schema.HOST: lambda k: k.host("h1"),
     schema.DEPARTED: lambda k: k.departed("h1"),
