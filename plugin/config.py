@@ -227,6 +227,10 @@ class ClientSettings:
     # file) and VXNET_ADVERTISE_ADDR (else the VTEP its host record names).
     host_id: str = ""
     advertise_addr: Optional[str] = None
+    # Where this host's plugin serves /metrics and the verdict log (`vxnet flows`): VXNET_METRICS_ADDR, as the
+    # plugin reads it (None: set empty, the plugin serves neither). 0.0.0.0 or :: (every address) is asked on
+    # loopback.
+    metrics_addr: Optional[Tuple[str, int]] = Settings.metrics_addr
 
 
 def _is_ipv4(text: str) -> bool:
@@ -254,7 +258,10 @@ def load_client(environ: Mapping[str, str]) -> ClientSettings:
         raise ConfigError(f"VXNET_HOST_ID: {get('VXNET_HOST_ID')!r} must be {HOST_ID_RULE}")
     if get("VXNET_ADVERTISE_ADDR") and not _is_ipv4(get("VXNET_ADVERTISE_ADDR")):
         raise ConfigError(f"VXNET_ADVERTISE_ADDR: {get('VXNET_ADVERTISE_ADDR')!r} is not an IPv4 address")
+    metrics = environ.get("VXNET_METRICS_ADDR")
     return ClientSettings(
+        metrics_addr=(Settings.metrics_addr if metrics is None
+                      else parse_listen_address("VXNET_METRICS_ADDR", metrics.strip())),
         etcd_endpoints=endpoints,
         etcd_ca=get("ETCD_CA_FILE") or None,
         etcd_cert=get("ETCD_CERT_FILE") or None,

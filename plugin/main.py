@@ -24,6 +24,7 @@ from ipam_driver.store import IpamStore
 from kernel import libnftables, names
 from kernel.events import KernelEvents
 from kernel.links import Links
+from kernel.nflog import Reader
 from kernel.probes import EspProbe
 from netdriver.driver import NetworkDriver
 from netdriver.gc import CollectorLoop
@@ -40,6 +41,7 @@ from netdriver.store import NetworkStore
 from netdriver.underlay import Underlay
 from netdriver.watcher import PeerSync, PeerWatcher
 from plugin import config, gc, identity, scope
+from plugin import flows as plugin_flows
 from plugin import metrics as plugin_metrics
 from plugin.embedded_etcd import EmbeddedEtcd
 from plugin.endpoint_identity import DockerEngine, IdentityWriter
@@ -145,6 +147,7 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
     monitor: Optional[scope.ScopeMonitor] = None
     collector: Optional[CollectorLoop] = None
     metrics: Optional[plugin_metrics.MetricsServer] = None
+    flow_log: Optional[plugin_flows.FlowLog] = None
     health: Optional[HealthOverlay] = None
     healing: Optional[Reconciler] = None
     identities: Optional[IdentityWriter] = None
@@ -243,10 +246,16 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
             collector = CollectorLoop(gc.collector(kv, settings.key_prefix, settings.stale_host_seconds),
                                       settings.gc_seconds)
         if settings.metrics_addr is not None:
+            # The verdict log (`vxnet flows`) is served beside the metrics: subscribed before the start-up thread
+            # runs, so it hears every table the engine makes or finds. Without VXNET_METRICS_ADDR there is none.
+            flow_log = plugin_flows.FlowLog(policy, lambda ns: Reader(links.netns_path(ns)),
+                                            policy.firewall.counters)
+            flow_log.start()
             # Before the plugin's socket: a port that cannot be had stops the start, naming the setting.
             metrics = plugin_metrics.MetricsServer(settings.metrics_addr, plugin_metrics.Collector(
                 net.local_endpoints, sync.peer_counts, isolation,
-                cleartext=encryption.firewall if encryption is not None else None, encryption=encryption))
+                cleartext=encryption.firewall if encryption is not None else None, encryption=encryption),
+                apps={plugin_flows.PATH: plugin_flows.make_app(flow_log)})
             metrics.start()
         server = waitress.create_server(make_app({NETWORK: net, IPAM: ipam}), unix_socket=settings.socket_path,
                                         unix_socket_perms="660", threads=8, ident="vxnet")
@@ -281,7 +290,7 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
     finally:
         stop.set()
         parts: Sequence[Optional[Background]] = (identities, healing, monitor, watcher, rules, health, keyring,
-                                                 rotator, collector, lease, metrics)
+                                                 rotator, collector, lease, metrics, flow_log)
         for part in parts:
             if part is not None:
                 part.stop()
