@@ -296,7 +296,7 @@ def test_audit_mode_logs_what_it_would_drop_and_drops_nothing(two, etcd):
     plugin = plugins[h1.name]
     seen = wait_until(lambda: flow_seen(plugin, "au", "dropped", other, db, DB_PORT), 5, "other -> db, audited")
     assert (seen["verdict"], seen["src"]["container"], seen["dst"]["service"]) == ("audit", "other", "db")
-    seen = wait_until(lambda: flow_seen(plugin, "au", "audit", client, db, OTHER_PORT), 5, "client -> db:7000")
+    seen = wait_until(lambda: flow_seen(plugin, "au", "dropped", client, db, OTHER_PORT), 5, "client -> db:7000")
     assert (seen["verdict"], seen["src"]["host"]) == ("audit", h2.name)
     assert flow_seen(plugin, "au", "dropped", client, db, DB_PORT) is None  # the allowed one is no audit verdict
 

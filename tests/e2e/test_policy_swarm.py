@@ -9,6 +9,7 @@ client. Removing the rule refuses the clients again on every node. This kernel h
 dnsrr`, and the probes go to the tasks' addresses.
 """
 
+import json
 import os
 
 import pytest
@@ -16,7 +17,7 @@ import pytest
 from tests.harness.containers import run_sleeper
 from tests.harness.images import IMAGE
 from tests.harness.plugin import REPO
-from tests.harness.policy import allow, allows, connects, ips, refused, remove_rule, serve, wait_connects
+from tests.harness.policy import allow, allows, connects, ips, refused, remove_rule, serve, vxnet, wait_connects
 from tests.harness.proc import HarnessError, wait_until
 from tests.harness.swarm import Swarm, install_everywhere, plugin_settings, remove_plugin, wait_clean
 
@@ -72,6 +73,7 @@ def test_a_rule_selecting_a_swarm_service_is_in_force_on_every_node(swarm, etcd)
         run_sleeper(host, f"other-{host.name}", "snet")
         serve(host, f"client-{host.name}", OTHER_PORT)
     client = {h.name: ips(h, f"client-{h.name}", "snet")[0] for h in swarm.hosts}
+    other = {h.name: ips(h, f"other-{h.name}", "snet")[0] for h in swarm.hosts}
     ring = list(zip(swarm.hosts, swarm.hosts[1:] + swarm.hosts[:1]))  # each node and the next one
 
     # Deny, before any rule: a client is refused by db on its own node.
@@ -89,6 +91,21 @@ def test_a_rule_selecting_a_swarm_service_is_in_force_on_every_node(swarm, etcd)
         assert refused(src, f"client-{src.name}", db[dst.name], OTHER_PORT), "a client reached db's 7000"
         assert refused(dst, tasks[dst.name], client[src.name], OTHER_PORT), "a task of db reached a client"
         assert connects(src, f"client-{src.name}", db[dst.name], DB_PORT)  # the control, same probe
+
+    # Each destination node's verdict log names the refused source (a container on another node) and the task
+    # of the service it tried (vxnet flows on that node, asking its managed plugin on VXNET_METRICS_ADDR).
+    for src, dst in ring:
+        def logged():
+            done = vxnet(dst, etcd.url, "flows", "snet", "--json")
+            assert done.returncode == 0, done.stderr
+            return next((r for r in json.loads(done.stdout)["records"]
+                         if (r["src"]["ip"], r["dst"]["ip"], r["proto"], r["dport"]) ==
+                         (other[src.name], db[dst.name], "tcp", DB_PORT)), None)
+
+        record = wait_until(logged, 5, f"other on {src.name} -> db on {dst.name} in {dst.name}'s flows")
+        assert record["verdict"] == "dropped" and record["reason"] == "no-rule"
+        assert (record["src"]["container"], record["src"]["host"]) == (f"other-{src.name}", src.name)
+        assert record["dst"]["service"] == "db" and record["dst"]["container"].startswith("db.")
 
     remove_rule(manager, etcd.url, "snet", rule["id"])
     for src, dst in ring:
