@@ -11,12 +11,12 @@ import ipaddress
 import logging
 import threading
 import time
-from typing import Callable, Dict, Iterator, List, Optional, Set, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 from kernel import mtu as mtu_of
 from kernel import names
 from netdriver import contracts, options
-from netdriver.models import Endpoint, Network, PeerRecord, Subnet
+from netdriver.models import Endpoint, Network, PeerRecord, Subnet, merge_exposed
 from netdriver.store import NetworkStore, segment_of
 from store.schema import SWARM_HOLDER
 from wire import protocol as p
@@ -197,6 +197,8 @@ class NetworkDriver:
         # republish under a new lease) keeps them; and when each endpoint's Join published its record
         # (monotonic), to measure how long it stayed without one. Both go at Leave and DeleteEndpoint.
         self._identities: Dict[str, dict] = {}
+        # ... and the container's exposed ports read with it (merged into the record's: see publish_identity).
+        self._exposed: Dict[str, List[str]] = {}
         self._joined_at: Dict[str, float] = {}
         self._identity_lock = threading.Lock()
 
@@ -452,12 +454,16 @@ class NetworkDriver:
         return {}
 
     # -- identities (plugin/endpoint_identity.py writes them; never from a request handler) -----------------------
-    def publish_identity(self, network_id: str, endpoint_id: str, identity: dict) -> "IdentityWrite":
+    def publish_identity(self, network_id: str, endpoint_id: str, identity: dict,
+                         exposed: Sequence[str] = ()) -> "IdentityWrite":
         """Record who the container behind this host's endpoint is in its peer record (PeerRecord.identity), for
-        the policy of every host. IDs come from the engine's inspect, not from dockerd's plugin calls: checked
-        here, before they name an etcd key; an endpoint of a network that is not vxnet's, not joined here, or
-        gone (Leave) is "absent" and nothing is written. Idempotent ("unchanged" for a replay); never brings a
-        deleted record back (NetworkStore.set_peer_identity)."""
+        the policy of every host, and the ports it exposes (its Config.ExposedPorts, "5432/tcp") beside those of
+        CreateEndpoint: dockerd 20.10 sends them only with the container's first network (on the others the
+        option is absent), and a container exposes its ports on every network it is on. IDs come from the
+        engine's inspect, not from dockerd's plugin calls: checked here, before they name an etcd key; an
+        endpoint of a network that is not vxnet's, not joined here, or gone (Leave) is "absent" and nothing is
+        written. Idempotent ("unchanged" for a replay); never brings a deleted record back
+        (NetworkStore.set_peer_identity)."""
         if not ((p.DOCKER_ID.fullmatch(network_id) or p.SWARM_ID.fullmatch(network_id))
                 and p.DOCKER_ID.fullmatch(endpoint_id)):
             return IdentityWrite("absent")
@@ -466,14 +472,17 @@ class NetworkDriver:
             return IdentityWrite("absent")
         # The cache first: a rewrite of the record racing with this one (a republish) then carries it as well.
         # If the record turns out to be gone, the entry goes again (a Leave in between has already dropped it).
+        exposed = list(exposed)
         with self._identity_lock:
             self._identities[endpoint_id] = identity
+            self._exposed[endpoint_id] = exposed
         outcome = self.store.set_peer_identity(segment_of(network.id, network.overlay), endpoint_id, self.host_id,
-                                               identity, self.lease_id())
+                                               identity, self.lease_id(), exposed)
         with self._identity_lock:
             if outcome == "absent":
                 if self._identities.get(endpoint_id) is identity:
                     del self._identities[endpoint_id]
+                    self._exposed.pop(endpoint_id, None)
                 return IdentityWrite(outcome)
             joined = self._joined_at.pop(endpoint_id, None) if outcome == "written" else None
         return IdentityWrite(outcome, None if joined is None else time.monotonic() - joined)
@@ -481,6 +490,7 @@ class NetworkDriver:
     def _forget_identity(self, endpoint_id: str) -> None:
         with self._identity_lock:
             self._identities.pop(endpoint_id, None)
+            self._exposed.pop(endpoint_id, None)
             self._joined_at.pop(endpoint_id, None)
 
     def program_external_connectivity(self, req: p.EndpointRequest) -> dict:
@@ -541,15 +551,17 @@ class NetworkDriver:
         if self.peers is not None:
             self.peers.network_up(network)
 
-    def _publish(self, network: Network, endpoint: Endpoint, known: Optional[dict] = None) -> PeerRecord:
-        """Write the endpoint's peer record (and return it); its identity is the one published already (by this
-        process, or `known`: the one in the record an earlier process wrote), None if there is none yet."""
+    def _publish(self, network: Network, endpoint: Endpoint, known: Optional[PeerRecord] = None) -> PeerRecord:
+        """Write the endpoint's peer record (and return it); its identity and the exposed ports read with it are
+        the ones published already (by this process, or `known`: the record an earlier process wrote), none yet
+        else."""
         with self._identity_lock:
-            identity = self._identities.get(endpoint.id, known)
+            identity = self._identities.get(endpoint.id, known.identity if known is not None else None)
+            read = self._exposed.get(endpoint.id, known.exposed if known is not None else [])
         record = PeerRecord(
             network_id=network.id, endpoint_id=endpoint.id, ip=endpoint.ip.split("/")[0], mac=endpoint.mac,
             vtep=self.underlay.require(), host=self.host_id, ip6=endpoint.ip6.split("/")[0],
-            exposed=list(endpoint.exposed), identity=identity)
+            exposed=merge_exposed(endpoint.exposed, read), identity=identity)
         self.store.put_peer(segment_of(network.id, network.overlay), record, lease=self.lease_id())
         return record
 
@@ -684,6 +696,6 @@ class NetworkDriver:
             for endpoint in endpoints:
                 if endpoint.id in wired:
                     known = mine.get(endpoint.id)
-                    self._publish(network, endpoint, known.identity if known is not None else None)
+                    self._publish(network, endpoint, known)
                 elif endpoint.id in mine:
                     self.store.delete_peer(segment, endpoint.id)

@@ -71,6 +71,16 @@ class Endpoint:
         return cls(**_fields(cls, json.loads(text)))
 
 
+def merge_exposed(*lists: List[str]) -> List[str]:
+    """Exposed ports ("5432/tcp") from several sources -> one list, without duplicates, sorted by port then protocol
+    (wire.protocol.TransportPort's order, the order CreateEndpoint's are recorded in)."""
+    def key(text: str):
+        port, _, proto = text.partition("/")
+        return (int(port), proto) if port.isdigit() else (1 << 16, text)
+
+    return sorted({text for texts in lists for text in texts}, key=key)
+
+
 @dataclasses.dataclass(frozen=True)
 class PeerRecord:
     """What other hosts need to reach an endpoint: written at Join, removed at Leave.
@@ -84,7 +94,9 @@ class PeerRecord:
     vtep: str
     host: str
     ip6: str = ""  # bare IPv6 address on a dual-stack network, else ""
-    exposed: List[str] = dataclasses.field(default_factory=list)  # the endpoint's, ["5432/tcp"]
+    # The endpoint's, ["5432/tcp"]: CreateEndpoint's, and the container's Config.ExposedPorts once the identity
+    # writer has read them (dockerd sends them only with a container's first network: plugin/endpoint_identity.py).
+    exposed: List[str] = dataclasses.field(default_factory=list)
     # Who the endpoint is, for rules that select by container, service or label:
     # `{"container": "web1", "service": "db", "labels": {"role": "client"}}` (netdriver.policy.Identity.to_dict()).
     # None until this host's identity writer (plugin/endpoint_identity.py) has read the container from the engine,

@@ -4,9 +4,9 @@ Every key comes from store/schema.py, whose docstring draws the tree and says wh
 import dataclasses
 import json
 import logging
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
-from netdriver.models import Endpoint, Network, PeerRecord
+from netdriver.models import Endpoint, Network, PeerRecord, merge_exposed
 from netdriver.options import VNI_AUTO_BASE, VNI_MAX
 from store import schema
 from store.kv import KV, NO_GUARD, Guard
@@ -235,9 +235,11 @@ class NetworkStore:
     def put_peer(self, segment: str, peer: PeerRecord, lease: int = 0) -> None:
         self.kv.put(self.keys.peer(segment, peer.endpoint_id), peer.to_json(), lease=lease)
 
-    def set_peer_identity(self, segment: str, endpoint_id: str, host: str, identity: dict, lease: int) -> str:
-        """Put identity into the endpoint's peer record, keeping everything else -> "written", "unchanged" (it
-        holds that identity already: a replay writes nothing), or "absent" (no record, or another host's).
+    def set_peer_identity(self, segment: str, endpoint_id: str, host: str, identity: dict, lease: int,
+                          exposed: Sequence[str] = ()) -> str:
+        """Put identity into the endpoint's peer record, and exposed (the container's, from the engine) into its
+        exposed ports beside those CreateEndpoint gave, keeping everything else -> "written", "unchanged" (it
+        holds both already: a replay writes nothing), or "absent" (no record, or another host's).
 
         The write compares the record's mod_revision, so it never recreates a record that a Leave deleted after
         it was read (that would bring a departed endpoint back on every host), nor undoes a newer write: either
@@ -251,9 +253,10 @@ class NetworkStore:
             record = PeerRecord.from_json(entry.value)
             if record.host != host:
                 return "absent"
-            if record.identity == identity:
+            ports = merge_exposed(record.exposed, list(exposed))
+            if record.identity == identity and ports == record.exposed:
                 return "unchanged"
-            fresh = dataclasses.replace(record, identity=identity)
+            fresh = dataclasses.replace(record, identity=identity, exposed=ports)
             if self.kv.commit(revisions={key: entry.mod_revision}, puts={key: fresh.to_json()}, lease=lease):
                 return "written"
         raise Conflict(f"could not publish the identity of endpoint {endpoint_id[:12]}: its record keeps "

@@ -32,11 +32,12 @@ Identity, as PeerRecord.identity holds it (netdriver.policy.Identity.to_dict()):
 
 import logging
 import threading
-from typing import Callable, Dict, Iterator, List, Optional, Protocol, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple
 
 from netdriver.driver import IdentityWrite
 from telemetry.metrics import ENGINE_UP, IDENTITY_SECONDS
 from wire.errors import StoreUnavailable
+from wire.protocol import PROTOCOLS, TransportPort
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,8 @@ class Engine(Protocol):
 
 
 class Publisher(Protocol):
-    def publish_identity(self, network_id: str, endpoint_id: str, identity: dict) -> IdentityWrite: ...
+    def publish_identity(self, network_id: str, endpoint_id: str, identity: dict,
+                         exposed: Sequence[str] = ()) -> IdentityWrite: ...
 
 
 def identity_of(container: dict) -> Tuple[dict, List[Tuple[str, str]]]:
@@ -92,6 +94,26 @@ def identity_of(container: dict) -> Tuple[dict, List[Tuple[str, str]]]:
     endpoints = [(str(n.get("NetworkID") or ""), str(n.get("EndpointID") or "")) for n in networks
                  if isinstance(n, dict)]
     return identity, [(nid, eid) for nid, eid in endpoints if nid and eid]
+
+
+def exposed_of(container: dict) -> List[str]:
+    """An inspected container's Config.ExposedPorts (`{"5432/tcp": {}, "53/udp": {}}`: the image's EXPOSE,
+    --expose, the container ports of -p, Compose expose:/ports:, a Swarm task's mode=host ports) -> ["53/udp",
+    "5432/tcp"], sorted by port; what the policy cannot police (another protocol, a range) is left out.
+
+    Why the engine is asked as well as CreateEndpoint: dockerd 20.10 puts the exposed ports in the endpoint options
+    of a container's first network only. moby daemon/network.go buildCreateEndpointOptions returns before adding
+    them once the container's sandbox has port-mapping information, and the docker_gwbridge endpoint that comes
+    with its first (non-internal) vxnet network gives it that; every later network's CreateEndpoint carries
+    `Options: {}` (seen on the wire: a Compose service with `expose:` on two networks)."""
+    ports = (container.get("Config") or {}).get("ExposedPorts") or {}
+    out = set()
+    for text in ports if isinstance(ports, dict) else ():
+        port, _, proto = str(text).partition("/")
+        proto = proto or "tcp"  # the API's own default for a bare port
+        if port.isdigit() and 1 <= int(port) <= 65535 and proto in PROTOCOLS.values():
+            out.add(TransportPort(int(port), proto))
+    return [str(p) for p in sorted(out)]
 
 
 class IdentityWriter:
@@ -241,11 +263,12 @@ class IdentityWriter:
         if found is None:
             return
         identity, endpoints = identity_of(found)
+        exposed = exposed_of(found)
         for network_id, endpoint_id in endpoints:
-            self._publish(network_id, endpoint_id, identity)
+            self._publish(network_id, endpoint_id, identity, exposed)
 
-    def _publish(self, network_id: str, endpoint_id: str, identity: dict) -> None:
-        result = self._publisher.publish_identity(network_id, endpoint_id, identity)
+    def _publish(self, network_id: str, endpoint_id: str, identity: dict, exposed: List[str]) -> None:
+        result = self._publisher.publish_identity(network_id, endpoint_id, identity, exposed)
         if result.outcome != "written":
             return
         if result.since_join is not None:

@@ -17,7 +17,7 @@ from netdriver.driver import NetworkDriver
 from netdriver.models import Endpoint, PeerRecord
 from netdriver.store import NetworkStore
 from netdriver.underlay import Underlay
-from plugin.endpoint_identity import IdentityWriter, identity_of
+from plugin.endpoint_identity import IdentityWriter, exposed_of, identity_of
 from store import schema
 from tests.fakes import FakeDataPlane, FakeKV
 from tests.harness.proc import wait_until
@@ -195,6 +195,44 @@ def test_rewrites_of_the_record_keep_the_identity():
     restarted.dataplane = drv.dataplane  # the same kernel: the endpoint's veth is still there
     restarted.republish_peers()
     assert peer(kv).identity == WEB and kv.get(PEER_KEY).lease == 7
+
+
+def test_the_containers_exposed_ports_join_those_of_create_endpoint_and_survive_rewrites():
+    """dockerd 20.10 sends exposedports only with a container's first network (Options {} on the others): the
+    identity writer's read of Config.ExposedPorts fills them in; a replay writes nothing; a replayed Join, a
+    republish and a restarted plugin's republish keep them; Leave forgets them."""
+    drv, kv = make()
+    network(drv)
+    joined(drv)  # CreateEndpoint without the option, as on a second network
+    assert peer(kv).exposed == []
+    assert drv.publish_identity(NID, EID, WEB, ["5432/tcp", "53/udp"]).outcome == "written"
+    assert peer(kv).exposed == ["53/udp", "5432/tcp"] and peer(kv).identity == WEB
+    revision = kv.rev
+    assert drv.publish_identity(NID, EID, dict(WEB), ["53/udp", "5432/tcp"]).outcome == "unchanged"
+    assert kv.rev == revision
+    drv.join(p.JoinRequest.decode({"NetworkID": NID, "EndpointID": EID, "SandboxKey": SANDBOX}))
+    drv.republish_peers()
+    assert peer(kv).exposed == ["53/udp", "5432/tcp"]
+    restarted, _ = make(kv, lease=7)
+    restarted.dataplane = drv.dataplane
+    restarted.republish_peers()
+    assert peer(kv).exposed == ["53/udp", "5432/tcp"]
+    drv.leave(p.EndpointRequest.decode({"NetworkID": NID, "EndpointID": EID}))
+    assert drv._exposed == {}
+
+    # Merged with CreateEndpoint's, sorted by port then protocol, without duplicates.
+    drv2, kv2 = make()
+    network(drv2)
+    joined(drv2, exposed=[{"Proto": 6, "Port": 80}])
+    drv2.publish_identity(NID, EID, WEB, ["80/tcp", "7/udp"])
+    assert peer(kv2).exposed == ["7/udp", "80/tcp"]
+
+
+def test_exposed_of_reads_config_exposed_ports():
+    container = {"Config": {"ExposedPorts": {"5432/tcp": {}, "53/udp": {}, "9/sctp": {}, "80": {},
+                                             "1000-1001/tcp": {}, "0/tcp": {}, "70000/udp": {}, "1/icmp": {}}}}
+    assert exposed_of(container) == ["9/sctp", "53/udp", "80/tcp", "5432/tcp"]
+    assert exposed_of({"Config": {"ExposedPorts": None}}) == [] == exposed_of({})
 
 
 def test_leave_and_delete_endpoint_forget_the_identity():
