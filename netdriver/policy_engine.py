@@ -38,9 +38,15 @@ from kernel import names
 from netdriver.models import Network, PeerRecord
 from netdriver.policy import Diff, Identity, Member, PolicyError, PolicyState, Port, Rule, diff, parse_port
 from netdriver.store import segment_of
-from wire.errors import VxnetError
+from wire.errors import StoreUnavailable, VxnetError
 
 log = logging.getLogger(__name__)
+
+# How long a Join on a policy network waits for the first full reads of the peers and the rules (a plugin just
+# started: the two reads of its watches, normally a few milliseconds to a second). Past it the Join is refused:
+# handing over an interface whose policy table cannot be compiled yet would leave it reachable by anyone (fail
+# open). dockerd's restart manager retries a container refused this way (--restart), a user sees the reason.
+LOAD_WAIT_SECONDS = 10.0
 
 Subscriber = Callable[[str, str, bool], None]
 
@@ -82,6 +88,7 @@ class PolicyEngine:
         self._applied: Set[str] = set()
         self._peers_loaded = False
         self._rules_loaded = False
+        self._loaded_event = threading.Event()  # set once both full reads are made (never cleared: see _loaded)
         self._subscribers: List[Subscriber] = []
 
     # -- the interface of `vxnet flows` (plugin side) ------------------------------------------------------------
@@ -160,6 +167,7 @@ class PolicyEngine:
         with self._lock:
             self._records = fresh
             self._peers_loaded = True
+            self._mark_loaded()
             self._refresh_all(notes)
         self._notify(notes)
 
@@ -175,7 +183,15 @@ class PolicyEngine:
     def member_here(self, segment: str, record: PeerRecord) -> None:
         """This host's record, just published by a Join (its veth is wired): applied now, not at the watch's
         echo (which then changes nothing). KernelError if the table could not be made right: the Join fails
-        rather than hand over an interface its policy does not guard."""
+        rather than hand over an interface its policy does not guard. On a policy network before both first
+        full reads (a plugin just started), it waits for them up to LOAD_WAIT_SECONDS, then StoreUnavailable."""
+        with self._lock:
+            guarded = segment in self._states
+        if guarded and not self._loaded_event.wait(LOAD_WAIT_SECONDS):
+            raise StoreUnavailable(
+                f"policy of network {record.network_id[:12]}: its rules and members are not read from etcd yet "
+                f"(still after {LOAD_WAIT_SECONDS:g} s since the plugin started); the container is refused "
+                "rather than attached unguarded; retry once etcd answers")
         notes: List[Tuple[str, str, bool]] = []
         with self._lock:
             self._records.setdefault(segment, {})[record.endpoint_id] = record
@@ -207,6 +223,7 @@ class PolicyEngine:
         with self._lock:
             self._rules = fresh
             self._rules_loaded = True
+            self._mark_loaded()
             self._refresh_all(notes)
         self._notify(notes)
 
@@ -255,6 +272,12 @@ class PolicyEngine:
     # -- inside the lock ---------------------------------------------------------------------------------------
     def _loaded(self) -> bool:
         return self._peers_loaded and self._rules_loaded
+
+    def _mark_loaded(self) -> None:
+        # Both flags only ever go from False to True: a later outage keeps the last state read (see the module
+        # docstring), so a Join then is applied by diff like any other.
+        if self._loaded():
+            self._loaded_event.set()
 
     def _build(self, segment: str) -> PolicyState:
         """The segment's state from scratch: every record a member, this host's wired ones local."""

@@ -323,3 +323,61 @@ def test_a_rebuilt_namespace_gets_the_full_compile(driver):
     healing = Reconciler(drv, sync, policy=engine, interval=0)
     assert healing.run_pass("periodic").get("link") == 1
     assert fw.elements(NS).guarded == {"10.1.0.5"} and fw.tables[NS][0] == "exposed"
+
+
+def test_a_join_before_the_first_reads_waits_for_them_and_is_then_guarded():
+    """A plugin just started: the Join's record waits for both full reads instead of being handed over with no
+    table compiled for it (fail closed); once they come, it is in the table."""
+    import threading
+
+    rig = Rig()
+    rig.engine.network_up(network())
+    joined = threading.Event()
+    errors = []
+
+    def join():
+        try:
+            rig.engine.member_here(NID, record(2, ME, DB))
+        except Exception as exc:  # recorded for the assertion below
+            errors.append(exc)
+        joined.set()
+
+    thread = threading.Thread(target=join)
+    thread.start()
+    assert not joined.wait(0.2)  # still waiting: neither read made yet
+    assert rig.fw.writes == []
+    rig.records = {r.endpoint_id: r for r in (record(2, ME, DB), record(3, OTHER, CLIENT))}
+    rig.rules = {CLIENT_TO_DB.id: CLIENT_TO_DB}
+    rig.engine.resync_peers([(NID, 1, record(3, OTHER, CLIENT))])
+    rig.engine.resync([CLIENT_TO_DB])
+    assert joined.wait(5) and errors == []
+    thread.join(5)
+    assert "10.0.0.2" in rig.fw.elements(NS).guarded
+    assert rig.fw.elements(NS) == rig.reference()
+
+
+def test_a_join_whose_policy_cannot_be_read_in_time_is_refused_and_nothing_is_applied(monkeypatch):
+    from netdriver import policy_engine
+    from wire.errors import StoreUnavailable
+
+    monkeypatch.setattr(policy_engine, "LOAD_WAIT_SECONDS", 0.05)
+    rig = Rig()
+    rig.engine.network_up(network())
+    rig.engine.resync_peers([])  # the peers are read, the rules are not (etcd went away meanwhile)
+    with pytest.raises(StoreUnavailable, match="not read from etcd yet"):
+        rig.engine.member_here(NID, record(2, ME, DB))
+    assert rig.fw.writes == []
+    # Control: the same Join once the rules are read goes through and is guarded.
+    rig.engine.resync([])
+    rig.engine.member_here(NID, record(2, ME, DB))
+    assert "10.0.0.2" in rig.fw.elements(NS).guarded
+
+
+def test_a_join_on_an_open_network_never_waits_for_the_policy_reads(monkeypatch):
+    from netdriver import policy_engine
+
+    monkeypatch.setattr(policy_engine, "LOAD_WAIT_SECONDS", 30)
+    rig = Rig()
+    rig.engine.network_up(network("open"))
+    rig.engine.member_here(NID, record(2, ME, DB))  # returns at once: no policy to guard it
+    assert rig.fw.writes == []
