@@ -1,10 +1,13 @@
 """`vxnet`: the operator's command. Talks to etcd (the desired state of every host) and, as root, reads this
-host's kernel directly; never goes through the plugin, so it works while the plugin is down.
+host's kernel directly; never goes through the plugin, so it works while the plugin is down (except `vxnet
+flows`, whose log only the running plugin holds).
 
     vxnet status [--json]          hosts, networks, endpoints; this host's kernel against etcd
     vxnet doctor [--json]          one line per check, PASS/WARN/FAIL and what to do
     vxnet gc [--dry-run] [--json]  state left by hosts gone for good
     vxnet keys status|rotate|prune the IPsec key ring
+    vxnet policy allow|ls|rm       allow rules inside a network
+    vxnet flows NETWORK            the verdicts of its policy on this host (asks the plugin: VXNET_METRICS_ADDR)
 
 Exit status: 0 healthy, 1 a problem found, 2 could not run.
 """
@@ -19,7 +22,7 @@ from cli import context
 from wire.errors import ConfigError, VxnetError
 
 # Each is a module of this package with register(subparsers, common) (cli/context.py).
-COMMANDS: Sequence[str] = ("status", "doctor", "gc", "keys")
+COMMANDS: Sequence[str] = ("status", "doctor", "gc", "keys", "policy", "flows")
 
 
 def parser() -> argparse.ArgumentParser:

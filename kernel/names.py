@@ -25,6 +25,14 @@ ENCRYPTED_VXLAN_PORT = 4790
 # namespace), and the fail-closed table for encrypted networks (`inet vxnet_ipsec` on the host).
 ISOLATION_TABLE = "vxnet"
 IPSEC_TABLE = "vxnet_ipsec"
+# The policy table (netdriver/policy_nft.py): `inet vxnet_policy` inside the namespace of each network whose mode is
+# not open. Its own name, not `inet vxnet`: that is the host's isolation table, and the drift checks and counters
+# read each table by name.
+POLICY_TABLE = "vxnet_policy"
+# The NFLOG group the policy table sends its verdicts to (kernel/nflog.py reads it). nfnetlink_log's groups are per
+# network namespace (one instance per (namespace, group)), so every network uses the same 16-bit number: 0x7678,
+# "vx".
+POLICY_NFLOG_GROUP = 0x7678
 
 # "vxn" + 0x01: the reqid every SA and policy template vxnet makes carries, so clean-up touches only ours
 # (kernel/xfrm.py says why reqid rather than a mark or if_id).

@@ -5,7 +5,7 @@ the kernel or encrypt code behind them."""
 
 from typing import Callable, Dict, Iterable, List, Optional, Protocol, Sequence, Set, Tuple
 
-from netdriver.models import Endpoint, Network
+from netdriver.models import Endpoint, Network, PeerRecord
 from netdriver.peerdb import Entries
 
 
@@ -114,6 +114,15 @@ class NamespaceEvents(Protocol):
     def network_up(self, network: Network) -> None: ...
 
     def network_down(self, network: Network) -> None: ...
+
+
+class PolicyEvents(Protocol):
+    """The policy engine as the driver tells it about a Join (netdriver/policy_engine.py PolicyEngine)."""
+
+    def member_here(self, segment: str, record: PeerRecord) -> None:
+        """This host's endpoint, wired and published: its policy elements in place before Join returns
+        (KernelError if they could not be: the Join fails)."""
+        ...
 
 
 class Encryption(Protocol):

@@ -6,15 +6,17 @@ moby libnetwork/drivers/remote/api/api.go).
 """
 
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import threading
-from typing import Callable, Dict, Iterator, List, Optional, Set, Tuple
+import time
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 from kernel import mtu as mtu_of
 from kernel import names
 from netdriver import contracts, options
-from netdriver.models import Endpoint, Network, PeerRecord, Subnet
+from netdriver.models import Endpoint, Network, PeerRecord, Subnet, merge_exposed
 from netdriver.store import NetworkStore, segment_of
 from store.schema import SWARM_HOLDER
 from wire import protocol as p
@@ -48,6 +50,14 @@ def _rollback() -> Iterator[_Undo]:
     except BaseException:
         undo.run()
         raise
+
+
+@dataclasses.dataclass(frozen=True)
+class IdentityWrite:
+    """What NetworkDriver.publish_identity did: outcome "written", "unchanged" or "absent"; since_join: seconds
+    from the endpoint's Join (in this process) to its first identity in etcd, None when not measured."""
+    outcome: str
+    since_join: Optional[float] = None
 
 
 def mac_for(ip: str) -> str:
@@ -141,12 +151,14 @@ class NetworkDriver:
     def __init__(self, store: NetworkStore, dataplane: contracts.DataPlane, host_id: str, scope: str,
                  underlay: contracts.Underlay, peers: Optional[contracts.NamespaceEvents] = None,
                  lease_id: Callable[[], int] = lambda: 0, on_vtep_change: Callable[[], None] = lambda: None,
-                 encryption: Optional[contracts.Encryption] = None):
+                 encryption: Optional[contracts.Encryption] = None, policy: Optional[contracts.PolicyEvents] = None):
         """underlay: this host's VTEP (address, mtu, discovered());
         peers: told when a network's namespace comes and goes (None: single host, no peers);
         lease_id: the host lease that this host's peer records live under;
         on_vtep_change: called after Swarm's DiscoverNew moved the VTEP (re-register the host);
-        encryption: the ESP manager (None: no cluster secret, `-o encrypted` refused)."""
+        encryption: the ESP manager (None: no cluster secret, `-o encrypted` refused);
+        policy: given this host's record at each Join before dockerd gets the interface (the policy engine)."""
+        self.policy = policy
         self.store = store
         self.encryption = encryption
         self.dataplane = dataplane
@@ -180,6 +192,15 @@ class NetworkDriver:
         # DeleteNetwork (the namespace found missing, as it is once the delete has removed it) must not make the
         # namespace of a deleted network again.
         self._namespace_lock = threading.RLock()
+        # Identities of this host's endpoints as the identity writer (plugin/endpoint_identity.py) published them
+        # (endpoint id -> PeerRecord.identity), so that every rewrite of a peer record (a replayed Join, the
+        # republish under a new lease) keeps them; and when each endpoint's Join published its record
+        # (monotonic), to measure how long it stayed without one. Both go at Leave and DeleteEndpoint.
+        self._identities: Dict[str, dict] = {}
+        # ... and the container's exposed ports read with it (merged into the record's: see publish_identity).
+        self._exposed: Dict[str, List[str]] = {}
+        self._joined_at: Dict[str, float] = {}
+        self._identity_lock = threading.Lock()
 
     def local_endpoints(self) -> Dict[str, int]:
         """network id -> this host's endpoints on it, for each network whose namespace this process has made."""
@@ -268,7 +289,7 @@ class NetworkDriver:
                 undo.push(lambda: self.store.release_segment(segment))
             network = Network(id=req.network_id, vni=vni, mtu=mtu, internal=opts.internal, subnets=subnets,
                               overlay=opts.overlay, options=opts.generic, encrypted=opts.encrypted,
-                              subnets6=subnets6)
+                              subnets6=subnets6, policy=opts.policy, policy_audit=opts.policy_audit)
             self.store.put_network(network, self.host_id, segment)
             undo.push(lambda: self.store.delete_network(network.id, self.host_id, segment))
             undo.push(lambda: self._remove_namespace(network.id, network.vni))
@@ -326,7 +347,7 @@ class NetworkDriver:
         ip6 = _address6(network, req.interface.address_ipv6)
         mac = _unicast_mac(req.interface.mac_address) if req.interface.mac_address else mac_for(str(iface.ip))
         self.store.put_endpoint(Endpoint(network_id=network.id, id=req.endpoint_id, ip=str(iface), mac=mac,
-                                         host=self.host_id, ip6=ip6))
+                                         host=self.host_id, ip6=ip6, exposed=[str(x) for x in req.exposed]))
         return {} if req.interface.mac_address else {"Interface": {"MacAddress": mac}}
 
     def endpoint_oper_info(self, req: p.EndpointRequest) -> dict:
@@ -369,6 +390,7 @@ class NetworkDriver:
         else:
             self._guard(network)  # no record to name its elements, or a table this process has not made
         self.store.delete_endpoint(network.id, req.endpoint_id, segment_of(network.id, network.overlay))
+        self._forget_identity(req.endpoint_id)
         return {}
 
     def join(self, req: p.JoinRequest) -> dict:
@@ -394,6 +416,8 @@ class NetworkDriver:
                 # The namespace or its table changed behind our back (removed by hand, say): rebuild them, once.
                 log.warning("network nid=%s rebuilt for Join eid=%s: %s", network.id[:12], endpoint.id[:12], exc)
                 ifname = self._wire(network, endpoint, whole=True)
+        with self._identity_lock:
+            self._joined_at.setdefault(endpoint.id, time.monotonic())
         return {"InterfaceName": {"SrcName": ifname, "DstPrefix": names.CONTAINER_PREFIX},
                 "DisableGatewayService": network.internal}
 
@@ -412,7 +436,11 @@ class NetworkDriver:
                     self._joined.setdefault(network.id, set()).add(endpoint.id)
             undo.push(lambda: self._unwire(network, endpoint))
             undo.push(lambda: self.store.delete_peer(segment, endpoint.id))
-            self._publish(network, endpoint)
+            record = self._publish(network, endpoint)
+            if self.policy is not None:
+                # A policy network guards the new address now, not when the watch echoes the record: dockerd
+                # hands the interface to the container as soon as Join returns.
+                self.policy.member_here(segment, record)
         return ifname
 
     def leave(self, req: p.EndpointRequest) -> dict:
@@ -420,9 +448,50 @@ class NetworkDriver:
         # A network record never changes while this host is a member, so the one kept for a ready namespace
         # names the segment without a round trip to etcd.
         network = self._ready.get(req.network_id) or self.store.get_network(req.network_id)
+        self._forget_identity(req.endpoint_id)
         if network is not None:
             self.store.delete_peer(segment_of(network.id, network.overlay), req.endpoint_id)
         return {}
+
+    # -- identities (plugin/endpoint_identity.py writes them; never from a request handler) -----------------------
+    def publish_identity(self, network_id: str, endpoint_id: str, identity: dict,
+                         exposed: Sequence[str] = ()) -> "IdentityWrite":
+        """Record who the container behind this host's endpoint is in its peer record (PeerRecord.identity), for
+        the policy of every host, and the ports it exposes (its Config.ExposedPorts, "5432/tcp") beside those of
+        CreateEndpoint: dockerd 20.10 sends them only with the container's first network (on the others the
+        option is absent), and a container exposes its ports on every network it is on. IDs come from the
+        engine's inspect, not from dockerd's plugin calls: checked here, before they name an etcd key; an
+        endpoint of a network that is not vxnet's, not joined here, or gone (Leave) is "absent" and nothing is
+        written. Idempotent ("unchanged" for a replay); never brings a deleted record back
+        (NetworkStore.set_peer_identity)."""
+        if not ((p.DOCKER_ID.fullmatch(network_id) or p.SWARM_ID.fullmatch(network_id))
+                and p.DOCKER_ID.fullmatch(endpoint_id)):
+            return IdentityWrite("absent")
+        network = self._ready.get(network_id) or self.store.get_network(network_id)
+        if network is None:
+            return IdentityWrite("absent")
+        # The cache first: a rewrite of the record racing with this one (a republish) then carries it as well.
+        # If the record turns out to be gone, the entry goes again (a Leave in between has already dropped it).
+        exposed = list(exposed)
+        with self._identity_lock:
+            self._identities[endpoint_id] = identity
+            self._exposed[endpoint_id] = exposed
+        outcome = self.store.set_peer_identity(segment_of(network.id, network.overlay), endpoint_id, self.host_id,
+                                               identity, self.lease_id(), exposed)
+        with self._identity_lock:
+            if outcome == "absent":
+                if self._identities.get(endpoint_id) is identity:
+                    del self._identities[endpoint_id]
+                    self._exposed.pop(endpoint_id, None)
+                return IdentityWrite(outcome)
+            joined = self._joined_at.pop(endpoint_id, None) if outcome == "written" else None
+        return IdentityWrite(outcome, None if joined is None else time.monotonic() - joined)
+
+    def _forget_identity(self, endpoint_id: str) -> None:
+        with self._identity_lock:
+            self._identities.pop(endpoint_id, None)
+            self._exposed.pop(endpoint_id, None)
+            self._joined_at.pop(endpoint_id, None)
 
     def program_external_connectivity(self, req: p.EndpointRequest) -> dict:
         """Egress and published ports go through docker_gwbridge, which dockerd programs itself. -> `{}`"""
@@ -482,11 +551,19 @@ class NetworkDriver:
         if self.peers is not None:
             self.peers.network_up(network)
 
-    def _publish(self, network: Network, endpoint: Endpoint) -> None:
-        self.store.put_peer(segment_of(network.id, network.overlay), PeerRecord(
+    def _publish(self, network: Network, endpoint: Endpoint, known: Optional[PeerRecord] = None) -> PeerRecord:
+        """Write the endpoint's peer record (and return it); its identity and the exposed ports read with it are
+        the ones published already (by this process, or `known`: the record an earlier process wrote), none yet
+        else."""
+        with self._identity_lock:
+            identity = self._identities.get(endpoint.id, known.identity if known is not None else None)
+            read = self._exposed.get(endpoint.id, known.exposed if known is not None else [])
+        record = PeerRecord(
             network_id=network.id, endpoint_id=endpoint.id, ip=endpoint.ip.split("/")[0], mac=endpoint.mac,
-            vtep=self.underlay.require(), host=self.host_id, ip6=endpoint.ip6.split("/")[0]),
-            lease=self.lease_id())
+            vtep=self.underlay.require(), host=self.host_id, ip6=endpoint.ip6.split("/")[0],
+            exposed=merge_exposed(endpoint.exposed, read), identity=identity)
+        self.store.put_peer(segment_of(network.id, network.overlay), record, lease=self.lease_id())
+        return record
 
     # -- what the reconciler (netdriver/reconciler.py) asks -------------------------------------------------------
     @contextlib.contextmanager
@@ -608,7 +685,7 @@ class NetworkDriver:
         whose namespace cannot be read is skipped (reported through on_kernel_error, else raised)."""
         for network in networks if networks is not None else self.store.member_networks(self.host_id):
             segment = segment_of(network.id, network.overlay)
-            mine = {p.endpoint_id for p in self.store.list_peers(segment) if p.host == self.host_id}
+            mine = {r.endpoint_id: r for r in self.store.list_peers(segment) if r.host == self.host_id}
             try:
                 endpoints, wired = self._endpoints_here(network)
             except KernelError as exc:
@@ -618,6 +695,7 @@ class NetworkDriver:
                 continue
             for endpoint in endpoints:
                 if endpoint.id in wired:
-                    self._publish(network, endpoint)
+                    known = mine.get(endpoint.id)
+                    self._publish(network, endpoint, known)
                 elif endpoint.id in mine:
                     self.store.delete_peer(segment, endpoint.id)

@@ -40,6 +40,9 @@ PRIORITY = -10
 # "vxnet:<reason>:<which rule>".
 ANTI_SPOOFING = "anti-spoofing"
 ISOLATION = "isolation"
+# The policy table in a network's namespace (netdriver/policy_nft.py, `inet vxnet_policy`) drops for this reason:
+# a new connection to a local member that no rule, and (mode exposed) no exposed port, allows.
+POLICY = "policy"
 
 
 def _match(left: dict, right, op: str = "==") -> dict:
@@ -227,9 +230,11 @@ def host_guard_batch(subnets: Iterable[str]) -> List[dict]:
 
 
 def drop_reason(comment: str) -> Optional[str]:
-    """The reason a rule of ours drops for ("vxnet:anti-spoofing:ip" -> "anti-spoofing"); None for other rules."""
+    """The reason a rule of ours drops for ("vxnet:anti-spoofing:ip" -> "anti-spoofing", "vxnet:policy:no-rule" ->
+    "policy"); None for other rules (the policy table's accepting rules say "vxnet:policy-pass:...",
+    "vxnet:policy-allowed:...", and in audit mode "vxnet:policy-audit:...": they drop nothing)."""
     parts = comment.split(":")
-    if len(parts) == 3 and parts[0] == "vxnet" and parts[1] in (ANTI_SPOOFING, ISOLATION):
+    if len(parts) == 3 and parts[0] == "vxnet" and parts[1] in (ANTI_SPOOFING, ISOLATION, POLICY):
         return parts[1]
     return None
 
@@ -319,12 +324,21 @@ class Firewall:
 
     def dropped(self, ns: Optional[str]) -> Dict[str, Tuple[int, int]]:
         """What our rules have dropped since their table was made: reason -> (packets, bytes). ns: a network's
-        namespace (the anti-spoofing table), None: the host's (the isolation table). {} when the table is not
-        there; KernelError when the namespace is not (or nftables refuses)."""
+        namespace (the anti-spoofing table, and the policy table's forward chain if the network has one), None:
+        the host's (the isolation table). Nothing for a table that is not there; KernelError when the namespace
+        is not (or nftables refuses)."""
         family = "inet" if ns is None else "bridge"
+        out = self._dropped(ns, list_table_command(family),
+                            f"read the {family} {TABLE} table in {ns or 'the host namespace'}")
+        if ns is not None:
+            # Only the chain with the drop rule: listing the table would also dump every policy set element.
+            chain = [{"list": {"chain": {"family": "inet", "table": names.POLICY_TABLE, "name": "forward"}}}]
+            out.update(self._dropped(ns, chain, f"read the policy drops in {ns}"))
+        return out
+
+    def _dropped(self, ns: Optional[str], command: List[dict], what: str) -> Dict[str, Tuple[int, int]]:
         try:
-            text = self._apply(ns, list_table_command(family),
-                               f"read the {family} {TABLE} table in {ns or 'the host namespace'}")
+            text = self._apply(ns, command, what)
         except KernelError as exc:
             if _missing(exc):
                 return {}

@@ -10,6 +10,7 @@ import re
 from typing import Any, Dict, Optional
 
 from kernel import names
+from netdriver.policy import MODES
 from wire.errors import InvalidOption
 
 GENERIC = "com.docker.network.generic"
@@ -30,7 +31,7 @@ VNI_MAX = names.HEALTH_VNI - 1
 MTU_MIN = 68
 MTU_MAX = 9000
 
-_KNOWN = {MTU_KEY, "mtu", "vni", "overlay", "encrypted"}
+_KNOWN = {MTU_KEY, "mtu", "vni", "overlay", "encrypted", "policy", "policy-audit"}
 _OVERLAY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 
 
@@ -42,6 +43,8 @@ class NetworkOptions:
     internal: bool = False
     encrypted: bool = False  # IPsec ESP between VTEPs (encrypt/), VXLAN on its own port
     ipv6: bool = False  # --ipv6: dual stack (the IPv6 pools come as IPv6Data)
+    policy: str = "open"  # open | exposed | deny (netdriver/policy.py): fixed at creation
+    policy_audit: bool = False  # log what the policy would drop, and drop nothing
     generic: Dict[str, str] = dataclasses.field(default_factory=dict)
 
 
@@ -87,6 +90,9 @@ def parse(options: Dict[str, Any]) -> NetworkOptions:
         overlay = str(generic["overlay"])
         if not _OVERLAY_NAME.fullmatch(overlay):
             raise InvalidOption(f"option overlay: {overlay!r} must be 1-63 letters, digits, '.', '_' or '-'")
+    policy = str(generic.get("policy", "open")).strip().lower()
+    if policy not in MODES:
+        raise InvalidOption(f"option policy: {generic['policy']!r} is not a policy mode ({', '.join(MODES)})")
     return NetworkOptions(
         mtu=mtu,
         vni=vni,
@@ -94,5 +100,7 @@ def parse(options: Dict[str, Any]) -> NetworkOptions:
         internal=_truthy(INTERNAL, options.get(INTERNAL, False)),
         ipv6=_truthy(ENABLE_IPV6, options.get(ENABLE_IPV6, False)),
         encrypted="encrypted" in generic and _truthy("encrypted", generic["encrypted"]),
+        policy=policy,
+        policy_audit="policy-audit" in generic and _truthy("policy-audit", generic["policy-audit"]),
         generic={str(k): str(v) for k, v in generic.items()},
     )

@@ -17,6 +17,10 @@ What a pass compares and repairs, per network this process made whole (NetworkDr
                 the kernel, under PeerSync's lock);
   anti-spoofing the namespace's nft table against the endpoints wired here (NetworkDriver.repair_guard, under the
                 driver's anti-spoofing lock, skipped while a Join or DeleteEndpoint of the network is under way);
+  network-policy  a policy network's `inet vxnet_policy` table and br_netfilter switch against the policy
+                engine's state (PolicyEngine.repair: policy_drift, then the full compile replaces the table; under
+                the engine's lock, so no event's update is half seen; nothing before the engine has read its
+                inputs);
 and in the host namespace:
   isolation     the host table against this host's networks (NetworkDriver.repair_host_guard);
   sa/policy/ipsec-firewall   through the EncryptionManager (repair()).
@@ -90,8 +94,9 @@ class Reconciler:
 
     def __init__(self, driver, peers, encryption: Optional[Encryption] = None, interval: float = 30.0,
                  debounce: float = DEBOUNCE_SECONDS, watch: Callable[[str], None] = lambda ns: None,
-                 listener=None, clock: Callable[[], float] = time.monotonic, health=None):
+                 listener=None, clock: Callable[[], float] = time.monotonic, health=None, policy=None):
         self.driver = driver
+        self.policy = policy  # netdriver/policy_engine.py PolicyEngine (repair(network) -> drift), or None
         self.health = health  # netdriver/health.py HealthOverlay (reconcile() -> entries changed), or None
         self.peers = peers
         self.encryption = encryption
@@ -241,6 +246,10 @@ class Reconciler:
                 drift = self.driver.repair_guard(network)
                 if drift is not None:
                     self._record(repaired, "anti-spoofing", 1, where, f"{drift}: table rebuilt", why)
+                if self.policy is not None:
+                    drift = self.policy.repair(network)
+                    if drift is not None:
+                        self._record(repaired, "network-policy", 1, where, f"{drift}: policy table replaced", why)
         except VxnetError as exc:
             log.error("reconcile pass (%s) could not repair %s: %s", trigger, where, exc)
 

@@ -1,11 +1,12 @@
 """The network driver's desired state in etcd: networks, segments, VNIs, members, endpoints, peers and hosts.
 Every key comes from store/schema.py, whose docstring draws the tree and says what each value holds."""
 
+import dataclasses
 import json
 import logging
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
-from netdriver.models import Endpoint, Network, PeerRecord
+from netdriver.models import Endpoint, Network, PeerRecord, merge_exposed
 from netdriver.options import VNI_AUTO_BASE, VNI_MAX
 from store import schema
 from store.kv import KV, NO_GUARD, Guard
@@ -103,8 +104,10 @@ class NetworkStore:
         return candidate
 
     def release_segment(self, segment: str) -> None:
-        """Drop the segment and its VNI once no host is a member any more."""
-        members, _ = self.kv.get_prefix(self.keys.prefix(schema.MEMBER, segment=segment))
+        """Drop the segment, its VNI and its policy rules once no host is a member any more (compared: a host that
+        joins meanwhile keeps them all)."""
+        members_prefix = self.keys.prefix(schema.MEMBER, segment=segment)
+        members, revision = self.kv.get_prefix(members_prefix)
         if members:
             return
         vni = self.segment_vni(segment)
@@ -113,7 +116,9 @@ class NetworkStore:
             holder = self.kv.get(self.keys.vni(vni))
             if holder is not None and holder.value == segment:
                 deletes.append(self.keys.vni(vni))
-        self.kv.commit(deletes=deletes)
+        if not self.kv.commit(unchanged_since={members_prefix: revision}, deletes=deletes,
+                              delete_prefixes=[self.keys.policy_rules(segment)]):
+            return  # a member came: the segment is in use again
         self.kv.delete_prefix(self.keys.prefix(schema.PEER, segment=segment))
 
     def put_network(self, network: Network, host: str, segment: str) -> None:
@@ -138,10 +143,10 @@ class NetworkStore:
         return network_id
 
     def delete_network(self, network_id: str, host: str, segment: str, guard: Guard = NO_GUARD) -> bool:
-        """host leaves the network; the record and its endpoints go with the last member (a network that spans
-        hosts has one record for all of them). The record is deleted only if no member key was written since the
-        members were read, so a host joining meanwhile keeps it. The member key goes in one transaction that
-        also compares guard: False, with nothing changed, if that failed."""
+        """host leaves the network; the record, its endpoints and its policy rules go with the last member (a
+        network that spans hosts has one record for all of them), in one transaction. The record is deleted only if
+        no member key was written since the members were read, so a host joining meanwhile keeps it. The member
+        key goes in one transaction that also compares guard: False, with nothing changed, if that failed."""
         members_prefix = self.keys.prefix(schema.MEMBER, segment=segment)
         if guard is NO_GUARD:
             self.kv.delete(self.keys.member(segment, host))
@@ -152,8 +157,14 @@ class NetworkStore:
             members, revision = self.kv.get_prefix(members_prefix)
             if any(m.json().get("network_id") == network_id for m in members):
                 return True
-            if self.kv.commit(unchanged_since={members_prefix: revision}, deletes=[self.keys.network(network_id)]):
-                self.kv.delete_prefix(self.keys.prefix(schema.ENDPOINT, network=network_id))
+            # The record and its endpoints in one transaction; the segment's policy rules too when no member of the
+            # segment is left (rules are the segment's, shared by the other hosts' networks of an overlay): a rule
+            # written while the record existed (netdriver/policy_store.py compares it) goes with it.
+            gone = [self.keys.prefix(schema.ENDPOINT, network=network_id)]
+            if not members:
+                gone.append(self.keys.policy_rules(segment))
+            if self.kv.commit(unchanged_since={members_prefix: revision}, deletes=[self.keys.network(network_id)],
+                              delete_prefixes=gone):
                 return True
         raise Conflict(f"could not delete network {network_id[:12]}: its members keep changing, try again")
 
@@ -223,6 +234,33 @@ class NetworkStore:
     # -- peers -------------------------------------------------------------------------------------------------
     def put_peer(self, segment: str, peer: PeerRecord, lease: int = 0) -> None:
         self.kv.put(self.keys.peer(segment, peer.endpoint_id), peer.to_json(), lease=lease)
+
+    def set_peer_identity(self, segment: str, endpoint_id: str, host: str, identity: dict, lease: int,
+                          exposed: Sequence[str] = ()) -> str:
+        """Put identity into the endpoint's peer record, and exposed (the container's, from the engine) into its
+        exposed ports beside those CreateEndpoint gave, keeping everything else -> "written", "unchanged" (it
+        holds both already: a replay writes nothing), or "absent" (no record, or another host's).
+
+        The write compares the record's mod_revision, so it never recreates a record that a Leave deleted after
+        it was read (that would bring a departed endpoint back on every host), nor undoes a newer write: either
+        retries from a fresh read. Under `lease`, the host lease the record must stay under (a put without it
+        would detach the key from the lease, and it would outlive the host)."""
+        key = self.keys.peer(segment, endpoint_id)
+        for _ in range(_RETRIES):
+            entry = self.kv.get(key)
+            if entry is None:
+                return "absent"
+            record = PeerRecord.from_json(entry.value)
+            if record.host != host:
+                return "absent"
+            ports = merge_exposed(record.exposed, list(exposed))
+            if record.identity == identity and ports == record.exposed:
+                return "unchanged"
+            fresh = dataclasses.replace(record, identity=identity, exposed=ports)
+            if self.kv.commit(revisions={key: entry.mod_revision}, puts={key: fresh.to_json()}, lease=lease):
+                return "written"
+        raise Conflict(f"could not publish the identity of endpoint {endpoint_id[:12]}: its record keeps "
+                       "changing, try again")
 
     def delete_peer(self, segment: str, endpoint_id: str) -> None:
         self.kv.delete(self.keys.peer(segment, endpoint_id))

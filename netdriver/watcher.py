@@ -2,12 +2,14 @@
 PeerWatcher feeds the table from etcd (a full read, then a watch from the next revision; a fresh full read after
 a compaction, a broken stream or an etcd outage).
 
-Both start-up and every event go through the same path: update PeerDB, then `sync_peers` for the segment.
+Both start-up and every event go through the same path: update PeerDB, then `sync_peers` for the segment. The
+same records, this host's included, and the same network_up/network_down reach the policy engine
+(netdriver/policy_engine.py), under PeerSync's lock (taken before the engine's): one watch of peers/ feeds both.
 """
 
 import logging
 import threading
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Dict, Iterable, Optional, Protocol, Tuple
 
 from netdriver.contracts import DataPlane, Encryption
 from netdriver.models import Network, PeerRecord
@@ -20,12 +22,28 @@ from wire.errors import VxnetError
 log = logging.getLogger(__name__)
 
 
+class PeerListener(Protocol):
+    """What else the peer records feed (netdriver/policy_engine.py PolicyEngine): every host's records."""
+
+    def network_up(self, network: Network) -> None: ...
+
+    def network_down(self, network: Network) -> None: ...
+
+    def resync_peers(self, records: Iterable[Tuple[str, int, PeerRecord]]) -> None: ...
+
+    def put_peer(self, segment: str, record: PeerRecord) -> None: ...
+
+    def delete_peer(self, segment: str, endpoint_id: str) -> None: ...
+
+
 class PeerSync:
     """The local networks (segment -> Network with a namespace here) and the peer table, applied to the kernel."""
 
-    def __init__(self, peerdb: PeerDB, dataplane: DataPlane, encryption: Optional[Encryption] = None):
+    def __init__(self, peerdb: PeerDB, dataplane: DataPlane, encryption: Optional[Encryption] = None,
+                 policy: Optional[PeerListener] = None):
         """encryption: told which remote VTEPs each encrypted segment reaches (None: no encrypted networks
-        here)."""
+        here); policy: given every record and namespace change too (None: no policies enforced here)."""
+        self.policy = policy
         self.peerdb = peerdb
         self.dataplane = dataplane
         self.encryption = encryption
@@ -89,17 +107,22 @@ class PeerSync:
             segment = segment_of(network.id, network.overlay)
             self._local[segment] = network
             self._sync(segment, full=True)
+            if self.policy is not None:
+                self.policy.network_up(network)
 
     def network_down(self, network: Network) -> None:
         with self._lock:
             segment = segment_of(network.id, network.overlay)
             self._local.pop(segment, None)
             self._applied.pop(segment, None)
+            if self.policy is not None:
+                self.policy.network_down(network)
             if network.encrypted and self.encryption is not None:
                 self.encryption.set_peers(segment, ())  # raises: the delete fails and is retried by dockerd
 
     def resync(self, records) -> None:
         """records: (segment, revision, PeerRecord) for every peer in etcd."""
+        records = list(records)
         with self._lock:
             self._loaded = True
             touched = set(self.peerdb.replace(records)) | set(self._local)
@@ -115,16 +138,22 @@ class PeerSync:
                     log.error("encryption resync failed: %s", exc)
             for segment in touched:
                 self._sync(segment, full=True)
+            if self.policy is not None:
+                self.policy.resync_peers(records)
 
     def put(self, segment: str, revision: int, record: PeerRecord) -> None:
         with self._lock:
             if self.peerdb.put(segment, revision, record):
                 self._sync(segment)
+            if self.policy is not None:  # this host's records too: its endpoints are sources and destinations
+                self.policy.put_peer(segment, record)
 
     def delete(self, segment: str, endpoint_id: str) -> None:
         with self._lock:
             if self.peerdb.delete(segment, endpoint_id):
                 self._sync(segment)
+            if self.policy is not None:
+                self.policy.delete_peer(segment, endpoint_id)
 
 
 class PeerWatcher(WatchLoop):

@@ -53,6 +53,11 @@ class Settings:
     # Self-healing (netdriver/reconciler.py): a full pass this often, and passes on kernel events in between;
     # 0: no reconciler at all (neither, as before it existed).
     reconcile_seconds: int = 30
+    # VXNET_DOCKER_HOST: the Docker engine whose events and containers give endpoints their identities
+    # (plugin/endpoint_identity.py); unix:///path or tcp://host:port. Unset: DOCKER_HOST, else the host's socket
+    # as a host process sees it (the managed plugin's config.json sets the path it mounts, /host/run/docker.sock).
+    # "off": no identities (rules by service, label or container then never apply: fail closed).
+    docker_host: Optional[str] = "unix:///run/docker.sock"
 
     @property
     def embedded(self) -> bool:
@@ -106,6 +111,19 @@ def parse_listen_address(field: str, raw: str) -> Optional[Tuple[str, int]]:
     if not port.isdigit() or not 1 <= int(port) <= 65535:
         raise ConfigError(f"{field}: {raw!r}: {port!r} is not a TCP port (1-65535)")
     return host, int(port)
+
+
+def parse_docker_host(field: str, raw: str) -> Optional[str]:
+    """VXNET_DOCKER_HOST (or DOCKER_HOST, named by field): "off" -> None; unix:///absolute/path or
+    tcp://host:port as given; ConfigError naming the setting otherwise."""
+    if raw.lower() == "off":
+        return None
+    parts = urlsplit(raw)
+    if parts.scheme == "unix" and not parts.netloc and parts.path.startswith("/"):
+        return raw
+    if parts.scheme == "tcp" and parts.hostname and parts.port is not None and parts.path in ("", "/"):
+        return raw
+    raise ConfigError(f"{field}: {raw!r} is not unix:///path/to/docker.sock, tcp://host:port or 'off'")
 
 
 def load(environ: Mapping[str, str]) -> Settings:
@@ -165,7 +183,10 @@ def load(environ: Mapping[str, str]) -> Settings:
     if not reconcile.isdigit() or int(reconcile) > 86400:
         raise ConfigError(f"VXNET_RECONCILE_SECONDS: {reconcile!r} must be a whole number of seconds from 0 (no "
                           "self-healing) to 86400")
+    docker_field = next((name for name in ("VXNET_DOCKER_HOST", "DOCKER_HOST") if get(name)), "")
+    docker_host = (parse_docker_host(docker_field, get(docker_field)) if docker_field else Settings.docker_host)
     return Settings(
+        docker_host=docker_host,
         stale_host_seconds=stale,
         gc_seconds=int(gc_seconds),
         socket_path=socket_path,
@@ -206,6 +227,10 @@ class ClientSettings:
     # file) and VXNET_ADVERTISE_ADDR (else the VTEP its host record names).
     host_id: str = ""
     advertise_addr: Optional[str] = None
+    # Where this host's plugin serves /metrics and the verdict log (`vxnet flows`): VXNET_METRICS_ADDR, as the
+    # plugin reads it (None: set empty, the plugin serves neither). 0.0.0.0 or :: (every address) is asked on
+    # loopback.
+    metrics_addr: Optional[Tuple[str, int]] = Settings.metrics_addr
 
 
 def _is_ipv4(text: str) -> bool:
@@ -233,7 +258,10 @@ def load_client(environ: Mapping[str, str]) -> ClientSettings:
         raise ConfigError(f"VXNET_HOST_ID: {get('VXNET_HOST_ID')!r} must be {HOST_ID_RULE}")
     if get("VXNET_ADVERTISE_ADDR") and not _is_ipv4(get("VXNET_ADVERTISE_ADDR")):
         raise ConfigError(f"VXNET_ADVERTISE_ADDR: {get('VXNET_ADVERTISE_ADDR')!r} is not an IPv4 address")
+    metrics = environ.get("VXNET_METRICS_ADDR")
     return ClientSettings(
+        metrics_addr=(Settings.metrics_addr if metrics is None
+                      else parse_listen_address("VXNET_METRICS_ADDR", metrics.strip())),
         etcd_endpoints=endpoints,
         etcd_ca=get("ETCD_CA_FILE") or None,
         etcd_cert=get("ETCD_CERT_FILE") or None,

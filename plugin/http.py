@@ -51,6 +51,9 @@ def make_app(drivers: Mapping[str, object]) -> Flask:
         outcome = "internal"
         try:
             raw = request.get_data(cache=False)
+            # The request as dockerd sent it, at debug only: how the wire facts in docs and wire/protocol.py
+            # (e.g. CreateEndpoint's exposed ports) are checked against a real dockerd.
+            log.debug("%s request %s", name, raw[:4096].decode("utf-8", "backslashreplace"))
             try:
                 body = json.loads(raw) if raw.strip() else None
             except ValueError as exc:  # UnicodeDecodeError too

@@ -24,6 +24,7 @@ from ipam_driver.store import IpamStore
 from kernel import libnftables, names
 from kernel.events import KernelEvents
 from kernel.links import Links
+from kernel.nflog import Reader
 from kernel.probes import EspProbe
 from netdriver.driver import NetworkDriver
 from netdriver.gc import CollectorLoop
@@ -31,14 +32,19 @@ from netdriver.health import HealthOverlay
 from netdriver.hosts import HostLease
 from netdriver.isolation import Firewall
 from netdriver.peerdb import PeerDB
+from netdriver.policy_engine import PolicyEngine
+from netdriver.policy_nft import PolicyFirewall
+from netdriver.policy_store import PolicyStore, PolicyWatcher
 from netdriver.reconciler import NamespaceTap, Reconciler
 from netdriver.sandbox import DataPlane
 from netdriver.store import NetworkStore
 from netdriver.underlay import Underlay
 from netdriver.watcher import PeerSync, PeerWatcher
 from plugin import config, gc, identity, scope
+from plugin import flows as plugin_flows
 from plugin import metrics as plugin_metrics
 from plugin.embedded_etcd import EmbeddedEtcd
+from plugin.endpoint_identity import DockerEngine, IdentityWriter
 from plugin.http import make_app
 from plugin.routes import IPAM, NETWORK
 from store.kvstore import EtcdKV
@@ -73,9 +79,11 @@ def _start_control_plane(driver: NetworkDriver, lease: HostLease, watcher: PeerW
                          stop: threading.Event, keyring: Optional[KeyRingWatcher] = None,
                          rotator: Optional[Background] = None, collector: Optional[Background] = None,
                          on_fatal: Callable[[Exception], None] = lambda exc: None,
-                         health: Optional[HealthOverlay] = None, healing: Optional[Background] = None) -> None:
+                         health: Optional[HealthOverlay] = None, healing: Optional[Background] = None,
+                         rules: Optional[Background] = None) -> None:
     """Once etcd answers: reconcile the kernel, then keep the host lease and the peer watch running (after the
-    key ring watcher and the rotator, so the ring is usually read before peers arrive). Keeps trying while etcd
+    key ring watcher and the rotator, so the ring is usually read before peers arrive; with the policy rule
+    watch, rules, beside it: the policy engine applies nothing before both have been read). Keeps trying while etcd
     is still starting or down; then the self-healing reconciler (healing), once the kernel is right; stops at once,
     through on_fatal, if another live host holds this host's ID
     (retrying cannot fix that, and serving would act as the other host)."""
@@ -97,6 +105,8 @@ def _start_control_plane(driver: NetworkDriver, lease: HostLease, watcher: PeerW
                 # The key ring first (bounded: an unreadable ring is the ring watcher's to report), so that a
                 # restarted plugin's first peer read finds it and encrypted peers are programmed, not deferred.
                 keyring.synced.wait(RING_WAIT_SECONDS)
+            if rules is not None:
+                rules.start()
             watcher.start()
             if healing is not None:
                 healing.start()
@@ -137,8 +147,11 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
     monitor: Optional[scope.ScopeMonitor] = None
     collector: Optional[CollectorLoop] = None
     metrics: Optional[plugin_metrics.MetricsServer] = None
+    flow_log: Optional[plugin_flows.FlowLog] = None
     health: Optional[HealthOverlay] = None
     healing: Optional[Reconciler] = None
+    identities: Optional[IdentityWriter] = None
+    rules: Optional[PolicyWatcher] = None
     stop = threading.Event()
     fatal: List[Exception] = []
 
@@ -195,11 +208,20 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
             keyring = KeyRingWatcher(kv, keystore, encryption.set_keyring)
             if settings.key_rotation_seconds:
                 rotator = KeyRotator(keystore, settings.key_rotation_seconds)
-        sync = PeerSync(PeerDB(me.id), dataplane, encryption)
+        # Policies: the tables stay in the kernel when the plugin stops (nothing here removes them), so a restart
+        # or an etcd outage changes nothing in force; the engine compares them with its first full read.
+        policy = PolicyEngine(PolicyFirewall(links.nft, links.set_bridge_netfilter, links.bridge_netfilter), me.id,
+                              dataplane.wired_endpoints)
+        sync = PeerSync(PeerDB(me.id), dataplane, encryption, policy=policy)
         watcher = PeerWatcher(kv, store, sync)
+        rules = PolicyWatcher(kv, PolicyStore(kv, settings.key_prefix), policy)
         overlay = health = HealthOverlay(kv, links, underlay, me.id, settings.key_prefix)
+        def on_outage() -> None:
+            watcher.kick()
+            rules.kick()
+
         lease = HostLease(kv, store, me.id, lambda: underlay.address, identity.lease_file(settings.state_dir, me.id),
-                          on_outage=watcher.kick, name=me.name, instance=identity.instance(), remedy=me.remedy(),
+                          on_outage=on_outage, name=me.name, instance=identity.instance(), remedy=me.remedy(),
                           on_conflict=on_fatal, health=overlay.claim)
 
         def vtep_changed() -> None:
@@ -211,12 +233,12 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
         tap = NamespaceTap(sync)  # PeerSync, and the event listener told which namespaces to watch
         net = NetworkDriver(store, dataplane, me.id, choice.scope, underlay,
                             peers=tap, lease_id=lambda: lease.id, on_vtep_change=vtep_changed,
-                            encryption=encryption)
+                            encryption=encryption, policy=policy)
         if settings.reconcile_seconds:
             events = KernelEvents(links.netns_path, lambda ns, kind: healing.notify(ns, kind) if healing else None)
             tap.attach(events.watch, events.unwatch)
             healing = Reconciler(net, sync, encryption, settings.reconcile_seconds, watch=events.watch,
-                                 listener=events, health=overlay)
+                                 listener=events, health=overlay, policy=policy)
         lease.on_new_lease = net.republish_peers
         ipam = IpamDriver(IpamStore(kv, settings.key_prefix), me.id, choice.scope)
         if settings.gc_seconds:
@@ -224,10 +246,16 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
             collector = CollectorLoop(gc.collector(kv, settings.key_prefix, settings.stale_host_seconds),
                                       settings.gc_seconds)
         if settings.metrics_addr is not None:
+            # The verdict log (`vxnet flows`) is served beside the metrics: subscribed before the start-up thread
+            # runs, so it hears every table the engine makes or finds. Without VXNET_METRICS_ADDR there is none.
+            flow_log = plugin_flows.FlowLog(policy, lambda ns: Reader(links.netns_path(ns)),
+                                            policy.firewall.counters)
+            flow_log.start()
             # Before the plugin's socket: a port that cannot be had stops the start, naming the setting.
             metrics = plugin_metrics.MetricsServer(settings.metrics_addr, plugin_metrics.Collector(
                 net.local_endpoints, sync.peer_counts, isolation,
-                cleartext=encryption.firewall if encryption is not None else None, encryption=encryption))
+                cleartext=encryption.firewall if encryption is not None else None, encryption=encryption),
+                apps={plugin_flows.PATH: plugin_flows.make_app(flow_log)})
             metrics.start()
         server = waitress.create_server(make_app({NETWORK: net, IPAM: ipam}), unix_socket=settings.socket_path,
                                         unix_socket_perms="660", threads=8, ident="vxnet")
@@ -236,11 +264,20 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
                  (" (embedded)" if embedded else ""))
         log.info("scope %s: %s", choice.scope, choice.why)
         monitor.start()
+        docker_host = settings.docker_host
+        if docker_host is not None:
+            # Its own threads, never a request handler's (see plugin/endpoint_identity.py); an engine that does
+            # not answer (yet: dockerd restores plugins before it listens) is logged once and retried.
+            identities = IdentityWriter(lambda: DockerEngine(docker_host), net, where=docker_host)
+            identities.start()
+        else:
+            log.warning("VXNET_DOCKER_HOST=off: endpoints get no identity; policy rules selecting by service, "
+                        "label or container never apply (fail closed)")
         if embedded is not None:
             embedded.start()
         threading.Thread(target=_start_control_plane, name="start-up", daemon=True,
                          args=(net, lease, watcher, stop, keyring, rotator, collector, on_fatal, health,
-                               healing)).start()
+                               healing, rules)).start()
         server.run()
     except ConfigError as exc:
         print(f"vxnet: {exc}", file=sys.stderr)
@@ -252,8 +289,8 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
             log.info("stopping")
     finally:
         stop.set()
-        parts: Sequence[Optional[Background]] = (healing, monitor, watcher, health, keyring, rotator, collector,
-                                                 lease, metrics)
+        parts: Sequence[Optional[Background]] = (identities, healing, monitor, watcher, rules, health, keyring,
+                                                 rotator, collector, lease, metrics, flow_log)
         for part in parts:
             if part is not None:
                 part.stop()

@@ -27,13 +27,14 @@ Wire (GET /metrics, Prometheus text format 0.0.4):
 import dataclasses
 import logging
 import platform
+import socket
 import threading
 from typing import Callable, Dict, Iterable, Mapping, Optional, Protocol, Tuple
-from wsgiref.simple_server import WSGIServer
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import REGISTRY
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import start_wsgi_server
+from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
 
 from kernel import names
 from netdriver.isolation import ANTI_SPOOFING, ISOLATION
@@ -183,14 +184,33 @@ def set_build_info() -> None:
     m.BUILD_INFO.info({"version": VERSION, "python": platform.python_version()})
 
 
+class _Quiet(WSGIRequestHandler):
+    """No line per request on stderr (a scrape every few seconds, a `vxnet flows --follow` every second)."""
+
+    def log_message(self, format, *args):  # noqa: A002 (the base class's signature)
+        pass
+
+
+def route(apps: Mapping[str, Callable], default: Callable) -> Callable:
+    """A WSGI application: requests whose path is a key of apps go to that application, the rest to default
+    (the Prometheus exposition, which answers /metrics and every other path alike)."""
+
+    def app(environ, start_response):
+        return apps.get(environ.get("PATH_INFO", ""), default)(environ, start_response)
+
+    return app
+
+
 @dataclasses.dataclass
 class MetricsServer:
     """Serves the default registry (telemetry/metrics.py's metrics and the collector) at http://address/metrics
-    on a thread of its own (prometheus-client's WSGI server; every scrape in a thread of its own too).
+    on a thread of its own (a threading WSGI server: every request in a thread of its own too), and each of
+    apps (path -> WSGI application: plugin/flows.py's /v1/flows) at its path.
     start() raises ConfigError naming VXNET_METRICS_ADDR if it cannot listen; stop() also when never started."""
 
     address: Tuple[str, int]
     collector: Collector
+    apps: Mapping[str, Callable] = dataclasses.field(default_factory=dict)
     _server: Optional[WSGIServer] = None
     _thread: Optional[threading.Thread] = None
 
@@ -198,15 +218,24 @@ class MetricsServer:
         host, port = self.address
         set_build_info()
         REGISTRY.register(self.collector)
+
+        class Server(ThreadingWSGIServer):
+            # The address is an IP literal (plugin/config.py parse_listen_address): its family is plain.
+            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
         try:
-            self._server, self._thread = start_wsgi_server(port, addr=host, registry=REGISTRY)
+            self._server = make_server(host, port, route(self.apps, make_wsgi_app(REGISTRY)), Server,
+                                       handler_class=_Quiet)
         except OSError as exc:
             REGISTRY.unregister(self.collector)
             where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             raise ConfigError(f"VXNET_METRICS_ADDR: cannot serve metrics on {where}: "
                               f"{exc.strerror or exc} (another process holds the port? set another "
                               "address, or empty to turn metrics off)") from None
-        log.info("metrics on http://%s:%d/metrics", f"[{host}]" if ":" in host else host, port)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics", daemon=True)
+        self._thread.start()
+        log.info("metrics on http://%s:%d/metrics%s", f"[{host}]" if ":" in host else host, self.port,
+                 "".join(f", {path}" for path in sorted(self.apps)))
 
     @property
     def port(self) -> int:

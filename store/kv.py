@@ -39,10 +39,11 @@ class KV(Protocol):
 
     def commit(self, absent: Iterable[str] = (), revisions: Optional[Dict[str, int]] = None,
                puts: Optional[Dict[str, str]] = None, deletes: Iterable[str] = (), lease: int = 0,
-               unchanged_since: Optional[Dict[str, int]] = None) -> bool:
+               unchanged_since: Optional[Dict[str, int]] = None, delete_prefixes: Iterable[str] = ()) -> bool:
         """One atomic transaction: if every key in `absent` is missing, every key in `revisions` is at that
         mod_revision, and no key under a prefix in `unchanged_since` was written after that revision, apply
-        `puts` (under `lease`) and `deletes` and return True; otherwise change nothing and return False."""
+        `puts` (under `lease`), `deletes` and the deletion of every key under each of `delete_prefixes` (one
+        operation each, whatever they hold) and return True; otherwise change nothing and return False."""
         ...
 
     def lease_grant(self, ttl: int) -> int:

@@ -284,11 +284,12 @@ class EtcdKV:
 
     def commit(self, absent: Iterable[str] = (), revisions: Optional[Dict[str, int]] = None,
                puts: Optional[Dict[str, str]] = None, deletes: Iterable[str] = (), lease: int = 0,
-               unchanged_since: Optional[Dict[str, int]] = None) -> bool:
+               unchanged_since: Optional[Dict[str, int]] = None, delete_prefixes: Iterable[str] = ()) -> bool:
         """One atomic transaction: if every key in `absent` is missing, every key in `revisions` is at that
         mod_revision (0 = missing), and no key under a prefix in `unchanged_since` was written after that
-        revision (so none was created either), apply `puts` and `deletes` and return True; otherwise change
-        nothing and return False."""
+        revision (so none was created either), apply `puts`, `deletes` and `delete_prefixes` (each a range
+        delete: one operation however many keys it holds) and return True; otherwise change nothing and return
+        False."""
         compare = [{"key": _b64(k), "target": "CREATE", "result": "EQUAL", "create_revision": 0} for k in absent]
         for k, rev in (revisions or {}).items():
             compare.append({"key": _b64(k), "target": "MOD", "result": "EQUAL", "mod_revision": rev})
@@ -303,6 +304,8 @@ class EtcdKV:
                 put["lease"] = lease
             success.append({"request_put": put})
         success += [{"request_delete_range": {"key": _b64(k)}} for k in deletes]
+        success += [{"request_delete_range": {"key": _b64(p), "range_end": _b64(prefix_end(p))}}
+                    for p in delete_prefixes]
         reply = self._call("kv/txn", {"compare": compare, "success": success, "failure": []})
         return bool(reply.get("succeeded", False))
 

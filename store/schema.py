@@ -10,6 +10,11 @@ The tree, under PREFIX (`/vxnet/v1`; VXNET_KEY_PREFIX in plugin/config.py may mo
                                       SWARM_HOLDER holds a Swarm network's segment from AllocateNetwork to
                                       FreeNetwork
   endpoints/<network>/<endpoint>      Endpoint: written at CreateEndpoint, removed at DeleteEndpoint
+  policy/<segment>/<rule>             Rule (netdriver/policy.py): one allow rule of the overlay segment (so in
+                                      force on every host of `-o overlay=NAME`, whose network IDs differ), written
+                                      by `vxnet policy allow` (create-if-absent: the same rule is the same key),
+                                      removed by `vxnet policy rm` and, all of them, with the segment's last
+                                      network record (in that transaction) and again when the segment is released
   peers/<segment>/<endpoint>          PeerRecord: written at Join under the host's lease, removed at Leave; what
                                       other hosts program (netdriver/watcher.py watches this prefix)
   hosts/<host>                        {"vtep", "version", "name", "instance", "health"} under the host's lease:
@@ -29,6 +34,7 @@ The tree, under PREFIX (`/vxnet/v1`; VXNET_KEY_PREFIX in plugin/config.py may mo
 The parts:
   <network>   a Docker network ID (64 hex digits) or a Swarm network ID (wire/protocol.py)
   <endpoint>  a Docker endpoint ID (64 hex digits)
+  <rule>      a rule ID: 12 hex digits of a hash of the rule's content (netdriver/policy.py rule_id)
   <segment>   the network ID, or `overlay-<NAME>` for networks made with `-o overlay=NAME`
   <vni>       a VXLAN network identifier in decimal
   <host>      a host ID (plugin/identity.py: letters, digits, '.', '_', '-'), or SWARM_HOLDER
@@ -60,6 +66,7 @@ SEGMENT = "segments/<segment>"
 VNI = "vnis/<vni>"
 MEMBER = "members/<segment>/<host>"
 ENDPOINT = "endpoints/<network>/<endpoint>"
+POLICY = "policy/<segment>/<rule>"
 PEER = "peers/<segment>/<endpoint>"
 HOST = "hosts/<host>"
 DEPARTED = "departed/<host>"
@@ -67,7 +74,7 @@ HEALTH = "health/<address>"
 POOL = "ipam/pools/<space>/<pool>"
 ADDRESS = "ipam/addresses/<space>/<pool>/<address>"
 KEYRING = "encryption/keyring"
-TEMPLATES = (NETWORK, SEGMENT, VNI, MEMBER, ENDPOINT, PEER, HOST, DEPARTED, HEALTH, POOL, ADDRESS, KEYRING)
+TEMPLATES = (NETWORK, SEGMENT, VNI, MEMBER, ENDPOINT, POLICY, PEER, HOST, DEPARTED, HEALTH, POOL, ADDRESS, KEYRING)
 
 _KEY_PART = re.compile(r"[A-Za-z0-9@_.:-]+")
 _PLACEHOLDER = re.compile(r"<([a-z]+)>")
@@ -151,6 +158,19 @@ class Schema:
 
     def endpoint(self, network: str, endpoint: str) -> str:
         return self.key(ENDPOINT, network=network, endpoint=endpoint)
+
+    # -- policy rules (netdriver/policy_store.py) ------------------------------------------------------------------
+    def policy_rule(self, segment: str, rule: str) -> str:
+        return self.key(POLICY, segment=segment, rule=rule)
+
+    def policy_rules(self, segment: str) -> str:
+        """The range of one segment's rules."""
+        return self.prefix(POLICY, segment=segment)
+
+    def policy_rule_of(self, key: str) -> Optional[Tuple[str, str]]:
+        """policy/<segment>/<rule> -> (segment, rule), None for anything else."""
+        parts = self.parse(POLICY, key)
+        return (parts["segment"], parts["rule"]) if parts else None
 
     def peer(self, segment: str, endpoint: str) -> str:
         return self.key(PEER, segment=segment, endpoint=endpoint)

@@ -7,7 +7,7 @@ Labels carry bounded values only (method names, outcomes, kinds, short network I
 never endpoint IDs or addresses: each label value is a time series kept for the life of the process.
 """
 
-from prometheus_client import Counter, Histogram, Info
+from prometheus_client import Counter, Gauge, Histogram, Info
 
 NAMESPACE = "vxnet"
 
@@ -33,10 +33,19 @@ ETCD_SECONDS = Histogram("etcd_request_seconds", "etcd request latency", ["op"],
 WATCH_RESYNCS = Counter("watch_resyncs", "Full re-reads of a watched etcd prefix", ["watch"], namespace=NAMESPACE)
 
 # Kernel state found different from the desired state and put back (kind: fdb, neighbour, link, anti-spoofing,
-# isolation, sa, policy, ipsec-firewall, health...).
+# isolation, sa, policy (an IPsec policy), ipsec-firewall, network-policy (a network's policy table), health...).
 REPAIRS = Counter("repairs", "Kernel objects repaired by the reconciler, by kind", ["kind"], namespace=NAMESPACE)
 RECONCILE_PASSES = Counter("reconcile_passes", "Reconciler passes, by trigger (event, periodic, start)",
                            ["trigger"], namespace=NAMESPACE)
+
+# Identities of this host's endpoints (plugin/endpoint_identity.py): the window from an endpoint's Join to its
+# identity in its etcd record, during which rules selecting it by service, label or container do not apply (fail
+# closed). It is the container's start after the Join (dockerd holds the container while it starts, and the
+# inspect waits for that) plus an inspect and an etcd transaction: buckets from 10 ms to a minute.
+IDENTITY_SECONDS = Histogram("identity_seconds", "Time from an endpoint's Join to its identity in etcd",
+                             namespace=NAMESPACE, buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
+ENGINE_UP = Gauge("engine_connected", "1 while the Docker engine's event stream is followed (identities)",
+                  namespace=NAMESPACE)
 
 BUILD_INFO = Info("build", "vxnet's version and the Python running it", namespace=NAMESPACE)
 
@@ -50,5 +59,6 @@ IPSEC_SAS = ("ipsec_sas", "ESP security associations of vxnet's in the kernel (r
 IPSEC_KEY_AGE = ("ipsec_key_age_seconds", "Seconds since the primary ESP key became primary")
 # isolation: between networks through the host (inet vxnet); anti-spoofing: a frame from a container with an
 # address or MAC not its own (bridge vxnet in each network's namespace); cleartext: VXLAN of an encrypted network
-# without IPsec (inet vxnet_ipsec).
-DROP_REASONS = ("isolation", "anti-spoofing", "cleartext")
+# without IPsec (inet vxnet_ipsec); policy: a new connection to a local member that a network's policy does not
+# allow (inet vxnet_policy in its namespace; audit mode drops nothing and counts nothing here).
+DROP_REASONS = ("isolation", "anti-spoofing", "cleartext", "policy")

@@ -163,18 +163,64 @@ def _mac(iface: dict) -> str:
     return value.lower()
 
 
+EXPOSED_PORTS = "com.docker.network.endpoint.exposedports"
+# IP protocol numbers (IANA, RFC 790/768/4960) as Go's libnetwork types.Protocol carries them, and the names the
+# policy uses for them ("5432/tcp").
+PROTOCOLS = {6: "tcp", 17: "udp", 132: "sctp"}
+_PORT_MAX = 65535  # a 16-bit port field (RFC 793/768/4960); 0 names no port a client can connect to
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class TransportPort:
+    """One exposed port as the policy names it: `str()` is "5432/tcp". Ordered by port, then protocol."""
+    port: int
+    proto: str  # "tcp" | "udp" | "sctp"
+
+    def __str__(self) -> str:
+        return f"{self.port}/{self.proto}"
+
+
+def _exposed_ports(options: dict) -> Tuple[TransportPort, ...]:
+    """Options["com.docker.network.endpoint.exposedports"]: what the container exposes (image EXPOSE, --expose,
+    the container ports of -p, Compose expose:/ports:, a Swarm task's mode=host published ports), as dockerd 20.10
+    sends it (libnetwork types.TransportPort list): `[{"Proto":6,"Port":80},{"Proto":17,"Port":53}]`, `[]` for
+    none; absent or null from other callers. -> sorted, without duplicates."""
+    items = _get(options, EXPOSED_PORTS, list, required=False, where="Options.")
+    out = set()
+    for i, item in enumerate(items):
+        where = f"Options.{EXPOSED_PORTS}[{i}]"
+        if not isinstance(item, dict):
+            raise InvalidRequest(f"{where}: expected an object, got {_json_type(item)}")
+        proto = _get(item, "Proto", int, where=where + ".")
+        if proto not in PROTOCOLS:
+            raise InvalidRequest(f"{where}.Proto: {proto} is not a protocol vxnet can police (6 tcp, 17 udp, "
+                                 "132 sctp)")
+        port = _get(item, "Port", int, where=where + ".")
+        if not 1 <= port <= _PORT_MAX:
+            raise InvalidRequest(f"{where}.Port: {port} is not a port (1-{_PORT_MAX})")
+        out.add(TransportPort(port, PROTOCOLS[proto]))
+    return tuple(sorted(out))
+
+
 @dataclasses.dataclass(frozen=True)
 class CreateEndpointRequest:
-    """`{"NetworkID","EndpointID","Interface":{"Address","AddressIPv6","MacAddress"},"Options":{...}}`"""
+    """`{"NetworkID","EndpointID","Interface":{"Address","AddressIPv6","MacAddress"},"Options":{...}}`
+
+    Options as dockerd 20.10 sends them for `docker run --expose 80 --expose 53/udp -p 8080:80`:
+    `{"com.docker.network.endpoint.exposedports":[{"Proto":6,"Port":80},{"Proto":17,"Port":53}],
+    "com.docker.network.portmap":[{"Proto":6,"IP":"","Port":80,"HostIP":"","HostPort":8080,"HostPortEnd":8080}]}`
+    (Join carries the same two). `exposed` is the first, decoded."""
     network_id: str
     endpoint_id: str
     interface: EndpointInterface
     options: Dict[str, Any]
+    exposed: Tuple[TransportPort, ...] = ()
 
     @classmethod
     def decode(cls, raw: Any) -> "CreateEndpointRequest":
         body = _body(raw)
         iface = _get(body, "Interface", dict, required=False)
+        options = _get(body, "Options", dict, required=False)
         return cls(
             network_id=_network_id(body),
             endpoint_id=_endpoint_id(body),
@@ -183,7 +229,8 @@ class CreateEndpointRequest:
                 address_ipv6=_get(iface, "AddressIPv6", str, required=False, where="Interface."),
                 mac_address=_mac(iface),
             ),
-            options=dict(_get(body, "Options", dict, required=False)),
+            options=dict(options),
+            exposed=_exposed_ports(options),
         )
 
 

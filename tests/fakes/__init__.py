@@ -7,7 +7,8 @@ from tests.fakes.firewall import FakeFirewall
 from tests.fakes.kv import FakeKV, FakeWatchStream
 from tests.fakes.links import FakeLinks
 from tests.fakes.nftables import FakeNftables
+from tests.fakes.policy_firewall import FakePolicyFirewall
 from tests.fakes.xfrm import FakeXfrm
 
 __all__ = ["FakeDataPlane", "FakeEncryption", "FakeFirewall", "FakeKV", "FakeLinks", "FakeNftables",
-           "FakeWatchStream", "FakeXfrm"]
+           "FakePolicyFirewall", "FakeWatchStream", "FakeXfrm"]

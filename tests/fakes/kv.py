@@ -130,7 +130,7 @@ class FakeKV:
 
     def commit(self, absent: Iterable[str] = (), revisions: Optional[Dict[str, int]] = None,
                puts: Optional[Dict[str, str]] = None, deletes: Iterable[str] = (), lease: int = 0,
-               unchanged_since: Optional[Dict[str, int]] = None) -> bool:
+               unchanged_since: Optional[Dict[str, int]] = None, delete_prefixes: Iterable[str] = ()) -> bool:
         cut_in, self.cut_in = self.cut_in, None
         if cut_in is not None:
             cut_in()
@@ -139,7 +139,9 @@ class FakeKV:
             self._check(write=True)
             # etcd refuses such a transaction; that is a bug in the caller, not an outage it should survive, so it
             # fails the test (as StoreUnavailable it could pass for one).
-            assert len(puts or {}) + len(deletes) <= MAX_TXN_OPS, "etcd would refuse this transaction"
+            delete_prefixes = list(delete_prefixes)
+            assert len(puts or {}) + len(deletes) + len(delete_prefixes) <= MAX_TXN_OPS, \
+                "etcd would refuse this transaction"
             if any(k in self.data for k in absent):
                 return False
             for prefix, rev in (unchanged_since or {}).items():
@@ -154,6 +156,9 @@ class FakeKV:
                 self._set(k, v, lease)
             for k in deletes:
                 if k in self.data:
+                    self._erase(k)
+            for prefix in delete_prefixes:
+                for k in sorted(k for k in self.data if k.startswith(prefix)):
                     self._erase(k)
             return True
 

@@ -61,13 +61,15 @@ def test_the_prefix_is_written_nowhere_else_in_the_code():
 
 
 SAMPLES = {"network": "a" * 64, "endpoint": "b" * 64, "segment": "overlay-blue", "vni": "4096",
-           "host": "h1", "space": "vxnet-local", "pool": "10.1.0.0_24", "address": "10.1.0.5"}
+           "host": "h1", "space": "vxnet-local", "pool": "10.1.0.0_24", "address": "10.1.0.5",
+           "rule": "0123456789ab"}
 BUILDERS = {
     schema.NETWORK: lambda k: k.network("a" * 64),
     schema.SEGMENT: lambda k: k.segment("overlay-blue"),
     schema.VNI: lambda k: k.vni(4096),
     schema.MEMBER: lambda k: k.member("overlay-blue", "h1"),
     schema.ENDPOINT: lambda k: k.endpoint("a" * 64, "b" * 64),
+    schema.POLICY: lambda k: k.policy_rule("overlay-blue", "0123456789ab"),
     schema.PEER: lambda k: k.peer("overlay-blue", "b" * 64),
     schema.HOST: lambda k: k.host("h1"),
     schema.DEPARTED: lambda k: k.departed("h1"),
