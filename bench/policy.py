@@ -1,11 +1,12 @@
 """Part: what a policy costs and how fast it takes effect (issue 13's benchmark).
 
-Two vxnet networks on both hosts (host-process plugins, each joined into one overlay by `-o overlay=`):
-`bench-pol-open` (-o policy=open, today's behaviour) and `bench-pol-deny` (-o policy=deny). Each gets a sleeper
-per host (host1's labelled role=bench-client, host2's role=bench-server: real containers, whose identities the
-plugins publish from dockerd's events) and --policy-endpoints synthetic endpoints per host (plugin API calls, as
-in the datapath part's crowd). On the deny network every synthetic endpoint gets an identity (a container name,
-service svc<i % 20>, label group=g<i % 50>), published through NetworkDriver.publish_identity as the identity
+Three vxnet networks on both hosts (host-process plugins, each joined into one overlay by `-o overlay=`):
+`bench-pol-open` (-o policy=open, today's behaviour), `bench-pol-deny` (-o policy=deny) and `bench-pol-deny0`
+(deny, see below). Each gets a sleeper per host (host1's labelled role=bench-client, host2's role=bench-server:
+real containers, whose identities the plugins publish from dockerd's events); open and deny get
+--policy-endpoints synthetic endpoints per host as well (plugin API calls, as in the datapath part's crowd).
+On the deny network every synthetic endpoint gets an identity (a container name, service svc<i % 20>, label
+group=g<i % 50>), published through NetworkDriver.publish_identity as the identity
 writer publishes a container's, and --policy-rules rules go into etcd through the policy store (what
 `vxnet policy allow` does): one allowing bench-client -> bench-server (every protocol: iperf3 and ping), one
 bench-probe -> bench-server (the identity window below), the rest group=g<k % 50> -> service=svc<k % 20> on
@@ -14,7 +15,10 @@ until both hosts' kernels hold every element, and checks the deny network denies
 host1's, the same ping the other way succeeds; on the open network both succeed).
 
   data path   iperf3 (--runs x --duration per block) and ping host1 -> host2 on each network in ABBA blocks
-              (open, deny, deny, open), so drift in the machine's load hits both alike; deny/open ratios.
+              (open, deny0, deny, deny, deny0, open), so drift in the machine's load hits all alike; deny/open
+              ratios. deny0 is a third network, -o policy=deny with only the pair's rule and no synthetic
+              endpoints: deny0/open is what any policy costs a packet, deny/deny0 what 100 rules and 200
+              endpoints per host add to it (the issue: nothing; sets, not rules per pair).
   rule change --policy-changes changes (allow, rm, allow, ...: bench-client -> group=g<n>, no ports), each
               timed from the policy store's write (etcd has it) to its element present (gone) in the
               allow_all4 set on both hosts, polled every 1 ms (bench/policy_probe.py, inside host1; host2's
@@ -45,8 +49,14 @@ from tests.harness.proc import wait_until
 
 OPEN_NET, OPEN_SUBNET, OPEN_OVERLAY = "bench-pol-open", "10.200.48.0/22", "polopen"
 DENY_NET, DENY_SUBNET, DENY_OVERLAY = "bench-pol-deny", "10.200.52.0/22", "poldeny"
-NETS = {"open": (OPEN_NET, OPEN_SUBNET, OPEN_OVERLAY), "deny": (DENY_NET, DENY_SUBNET, DENY_OVERLAY)}
-MODES = ("open", "deny")
+# deny0: a deny network with only the pair's rule and no endpoints but the two sleepers: the fixed cost of a
+# policy (br_netfilter and conntrack on the path) apart from anything that could grow with rules and endpoints.
+BARE_NET, BARE_SUBNET, BARE_OVERLAY = "bench-pol-deny0", "10.200.56.0/22", "poldeny0"
+NETS = {"open": (OPEN_NET, OPEN_SUBNET, OPEN_OVERLAY), "deny": (DENY_NET, DENY_SUBNET, DENY_OVERLAY),
+        "deny0": (BARE_NET, BARE_SUBNET, BARE_OVERLAY)}
+MODES = ("open", "deny0", "deny")
+CROWDED = ("open", "deny")
+ORDER = ("open", "deny0", "deny", "deny", "deny0", "open")  # ABBA over three: each mode once in each half
 # Synthetic endpoints take addresses from the subnet's second /24 up (dockerd's IPAM gives the sleepers and the
 # probes theirs from the first).
 CROWD_FIRST = 256
@@ -163,7 +173,7 @@ def run_part(bl: BenchLab, runs: int, duration: int, pings: int, interval: float
     try:
         paths: Dict[str, dict] = {}
         for mode, (net, subnet, overlay) in NETS.items():
-            ids[mode] = bl.vx_network(net, subnet, overlay, f"policy={mode}")
+            ids[mode] = bl.vx_network(net, subnet, overlay, f"policy={mode.rstrip('0')}")
             for host, name, label in ((h1, f"{net}-1", CLIENT), (h2, f"{net}-2", SERVER)):
                 if host.docker("container", "inspect", name, check=False).returncode != 0:
                     run_sleeper(host, name, net, "--label", label)
@@ -173,7 +183,8 @@ def run_part(bl: BenchLab, runs: int, duration: int, pings: int, interval: float
                            "client_ip": addresses(h1, f"{net}-1")[net]}
         log(f"adding {count} endpoints per host to each of {OPEN_NET} and {DENY_NET}")
         t = time.monotonic()
-        for mode, (net, subnet, _overlay) in NETS.items():
+        for mode in CROWDED:
+            net, subnet, _overlay = NETS[mode]
             prefix = ipaddress.IPv4Network(subnet).prefixlen
             for h, host in enumerate(bl.hosts):
                 socket = bl.plugins[host.name].socket_path
@@ -191,13 +202,16 @@ def run_part(bl: BenchLab, runs: int, duration: int, pings: int, interval: float
         crowd_rules = _crowd_rules(rules - 2)
         given = [[f"label={CLIENT}", f"label={SERVER}", []], [f"label={PROBE}", f"label={SERVER}", []]]
         _probe(h1, bl.plugins[h1.name], "rules", ids["deny"][h1.name], stdin=given + crowd_rules)
+        _probe(h1, bl.plugins[h1.name], "rules", ids["deny0"][h1.name], stdin=given[:1])
+        ns0 = names.netns(ids["deny0"][h2.name])
         want = _expected_allow4(crowd_rules, count, len(bl.hosts))
         ns = {host.name: names.netns(ids["deny"][host.name]) for host in bl.hosts}
         deny = paths["deny"]
 
         def in_force() -> bool:
             return (all(_set_len(host, ns[host.name], "allow4") == want for host in bl.hosts)
-                    and (_set_len(h2, ns[h2.name], "allow_all4") or 0) >= 1)
+                    and (_set_len(h2, ns[h2.name], "allow_all4") or 0) >= 1
+                    and (_set_len(h2, ns0, "allow_all4") or 0) >= 1)
 
         try:
             wait_until(in_force, 120, f"{want} allow4 elements on both hosts and the pair's allow_all4", interval=0.5)
@@ -210,10 +224,13 @@ def run_part(bl: BenchLab, runs: int, duration: int, pings: int, interval: float
             f"identities and rules went to etcd)")
 
         # The deny network denies (the reverse direction has no rule), with the same probe as a positive control.
-        wait_reachable(deny["client"], deny["target"], "bench-client -> bench-server on the deny network")
+        for mode in ("deny", "deny0"):
+            wait_reachable(paths[mode]["client"], paths[mode]["target"], f"bench-client -> bench-server on {mode}")
         summary["enforced"] = {
             "deny_client_to_server": ping_once(deny["client"], deny["target"]),
             "deny_server_to_client": ping_once(deny["server"], deny["client_ip"]),
+            "deny0_client_to_server": ping_once(paths["deny0"]["client"], paths["deny0"]["target"]),
+            "deny0_server_to_client": ping_once(paths["deny0"]["server"], paths["deny0"]["client_ip"]),
             "open_server_to_client": ping_once(paths["open"]["server"], paths["open"]["client_ip"]),
         }
         log(f"enforced: {summary['enforced']}")
@@ -224,16 +241,20 @@ def run_part(bl: BenchLab, runs: int, duration: int, pings: int, interval: float
             proc = bl.bg.spawn(netns_of(p["server"]) + ["iperf3", "-s", "-p", str(IPERF_PORT)], f"iperf3-pol-{mode}")
             servers.append(proc)
         results = {mode: {"gbps": [], "rtts_ms": [], "lost": 0} for mode in MODES}
-        for mode in ("open", "deny", "deny", "open"):
+        for mode in ORDER:
             _block(paths, mode, runs, duration, max(1, pings // 2), interval, results)
         summary["datapath"] = {
             mode: {"gbps_runs": [round(g, 3) for g in r["gbps"]], "gbps_median": median(r["gbps"]),
                    "rtt_median_ms": median(r["rtts_ms"]), "rtt_p99_ms": percentile(r["rtts_ms"], 99),
                    "ping_lost": r["lost"]} for mode, r in results.items()}
-        o, d = summary["datapath"]["open"], summary["datapath"]["deny"]
+        o, d, b = (summary["datapath"][m] for m in ("open", "deny", "deny0"))
         summary["throughput_deny_open"] = ratio(d["gbps_median"], o["gbps_median"])
         summary["rtt_deny_open"] = ratio(d["rtt_median_ms"], o["rtt_median_ms"])
         summary["rtt_p99_deny_open"] = ratio(d["rtt_p99_ms"], o["rtt_p99_ms"])
+        summary["throughput_deny0_open"] = ratio(b["gbps_median"], o["gbps_median"])
+        summary["rtt_deny0_open"] = ratio(b["rtt_median_ms"], o["rtt_median_ms"])
+        summary["throughput_deny_deny0"] = ratio(d["gbps_median"], b["gbps_median"])
+        summary["rtt_deny_deny0"] = ratio(d["rtt_median_ms"], b["rtt_median_ms"])
         for proc in servers:
             bl.bg.stop(proc)
         servers = []
@@ -258,6 +279,9 @@ def run_part(bl: BenchLab, runs: int, duration: int, pings: int, interval: float
             "host1_p50_ms": median([s * 1000 for s in per_host[0]]),
             "host2_p50_ms": median([s * 1000 for s in per_host[1]]),
             "write_p50_ms": median([s * 1000 for s in got["write_s"]]),
+            # Change i is an allow for even i, a removal for odd i (bench/policy_probe.py).
+            "allow_p50_ms": median(ms[0::2]), "rm_p50_ms": median(ms[1::2]),
+            "per_host_ms": [[round(x * 1000, 1) for x in row] for row in got["per_host_s"]],
         }
         log(f"rule change -> in force on both hosts: p50 {fmt(median(ms), '.1f')} ms, p99 "
             f"{fmt(percentile(ms, 99), '.1f')} ms over {len(ms)} ({got['missed']} missed)")
@@ -326,7 +350,8 @@ def report(s: Dict[str, object]) -> List[str]:
     d = s["datapath"]
     lines = [f"Policy: -o policy=deny with {s['rules']} rules ({s['allow4_per_host']} allow4 elements per host) and "
              f"{s['endpoints_per_host']} more endpoints per host vs -o policy=open with as many endpoints; "
-             f"ABBA blocks of {s['runs_per_block']} x {s['duration_s']} s"]
+             f"blocks of {s['runs_per_block']} x {s['duration_s']} s in the order "
+             f"{', '.join(ORDER)}"]
     for mode in MODES:
         r = d[mode]
         lines.append(f"  {mode:4s}  {fmt(r['gbps_median'])} Gbit/s ({', '.join(f'{g:.2f}' for g in r['gbps_runs'])})"
@@ -336,6 +361,10 @@ def report(s: Dict[str, object]) -> List[str]:
     noise = (max(spread) - min(spread)) / median(spread) if spread else None
     tput, rtt = s["throughput_deny_open"], s["rtt_deny_open"]
     lines += [
+        f"  deny0 (a deny network with 1 rule, no extra endpoints)/open: throughput "
+        f"{fmt(s['throughput_deny0_open'])}x, RTT median {fmt(s['rtt_deny0_open'])}x;  deny/deny0: throughput "
+        f"{fmt(s['throughput_deny_deny0'])}x, RTT median {fmt(s['rtt_deny_deny0'])}x (what the rules and "
+        "endpoints add)",
         f"  deny/open throughput {fmt(tput)}x (target >= 0.95x), RTT median {fmt(rtt)}x (target <= 1.05x), "
         f"p99 {fmt(s['rtt_p99_deny_open'])}x; run-to-run spread of all runs "
         f"{fmt(noise * 100 if noise is not None else None, '.0f')}%",
@@ -344,7 +373,8 @@ def report(s: Dict[str, object]) -> List[str]:
     c = s["changes"]
     lines.append(f"  rule change (policy store write -> element in allow_all4 on both hosts): p50 "
                  f"{fmt(c['p50_ms'], '.1f')} ms, p99 {fmt(c['p99_ms'], '.1f')} ms, max {fmt(c['max_ms'], '.1f')} ms "
-                 f"over {c['measured']}/{c['count']} (host1 p50 {fmt(c['host1_p50_ms'], '.1f')}, host2 p50 "
+                 f"over {c['measured']}/{c['count']} (allow p50 {fmt(c['allow_p50_ms'], '.1f')}, rm p50 "
+                 f"{fmt(c['rm_p50_ms'], '.1f')} ms; host1 p50 {fmt(c['host1_p50_ms'], '.1f')}, host2 p50 "
                  f"{fmt(c['host2_p50_ms'], '.1f')} ms; the write itself p50 {fmt(c['write_p50_ms'], '.1f')} ms; "
                  f"polled every {c['poll_ms']:g} ms)")
     i = s["identity"]
