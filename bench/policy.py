@@ -3,8 +3,8 @@
 Three vxnet networks on both hosts (host-process plugins, each joined into one overlay by `-o overlay=`):
 `bench-pol-open` (-o policy=open, today's behaviour), `bench-pol-deny` (-o policy=deny) and `bench-pol-deny0`
 (deny, see below). Each gets a sleeper per host (host1's labelled role=bench-client, host2's role=bench-server:
-real containers, whose identities the plugins publish from dockerd's events); open and deny get
---policy-endpoints synthetic endpoints per host as well (plugin API calls, as in the datapath part's crowd).
+real containers, whose identities the plugins publish from dockerd's events) and --policy-endpoints synthetic
+endpoints per host (plugin API calls, as in the datapath part's crowd).
 On the deny network every synthetic endpoint gets an identity (a container name, service svc<i % 20>, label
 group=g<i % 50>), published through NetworkDriver.publish_identity as the identity
 writer publishes a container's, and --policy-rules rules go into etcd through the policy store (what
@@ -16,9 +16,9 @@ host1's, the same ping the other way succeeds; on the open network both succeed)
 
   data path   iperf3 (--runs x --duration per block) and ping host1 -> host2 on each network in ABBA blocks
               (open, deny0, deny, deny, deny0, open), so drift in the machine's load hits all alike; deny/open
-              ratios. deny0 is a third network, -o policy=deny with only the pair's rule and no synthetic
-              endpoints: deny0/open is what any policy costs a packet, deny/deny0 what 100 rules and 200
-              endpoints per host add to it (the issue: nothing; sets, not rules per pair).
+              ratios. deny0 is a third network, -o policy=deny with only the pair's rule and the same synthetic
+              endpoints without identities: deny0/open is what any policy costs a packet, deny/deny0 what the
+              rules and their elements add to it (the issue: nothing; sets, not rules per pair).
   rule change --policy-changes changes (allow, rm, allow, ...: bench-client -> group=g<n>, no ports), each
               timed from the policy store's write (etcd has it) to its element present (gone) in the
               allow_all4 set on both hosts, polled every 1 ms (bench/policy_probe.py, inside host1; host2's
@@ -49,13 +49,14 @@ from tests.harness.proc import wait_until
 
 OPEN_NET, OPEN_SUBNET, OPEN_OVERLAY = "bench-pol-open", "10.200.48.0/22", "polopen"
 DENY_NET, DENY_SUBNET, DENY_OVERLAY = "bench-pol-deny", "10.200.52.0/22", "poldeny"
-# deny0: a deny network with only the pair's rule and no endpoints but the two sleepers: the fixed cost of a
-# policy (br_netfilter and conntrack on the path) apart from anything that could grow with rules and endpoints.
+# deny0: a deny network with only the pair's rule, and the same synthetic endpoints with no identities (guarded,
+# selected by nothing): the fixed cost of a policy (br_netfilter and conntrack on the path), apart from what the
+# rules and their 7,800 elements per host could add.
 BARE_NET, BARE_SUBNET, BARE_OVERLAY = "bench-pol-deny0", "10.200.56.0/22", "poldeny0"
 NETS = {"open": (OPEN_NET, OPEN_SUBNET, OPEN_OVERLAY), "deny": (DENY_NET, DENY_SUBNET, DENY_OVERLAY),
         "deny0": (BARE_NET, BARE_SUBNET, BARE_OVERLAY)}
 MODES = ("open", "deny0", "deny")
-CROWDED = ("open", "deny")
+CROWDED = MODES  # the same endpoints on all three: only the policy differs
 ORDER = ("open", "deny0", "deny", "deny", "deny0", "open")  # ABBA over three: each mode once in each half
 # Synthetic endpoints take addresses from the subnet's second /24 up (dockerd's IPAM gives the sleepers and the
 # probes theirs from the first).
@@ -181,7 +182,7 @@ def run_part(bl: BenchLab, runs: int, duration: int, pings: int, interval: float
             server = int(h2.docker("inspect", "-f", "{{.State.Pid}}", f"{net}-2").stdout)
             paths[mode] = {"client": client, "server": server, "target": addresses(h2, f"{net}-2")[net],
                            "client_ip": addresses(h1, f"{net}-1")[net]}
-        log(f"adding {count} endpoints per host to each of {OPEN_NET} and {DENY_NET}")
+        log(f"adding {count} endpoints per host to each of {', '.join(NETS[m][0] for m in CROWDED)}")
         t = time.monotonic()
         for mode in CROWDED:
             net, subnet, _overlay = NETS[mode]
@@ -361,10 +362,10 @@ def report(s: Dict[str, object]) -> List[str]:
     noise = (max(spread) - min(spread)) / median(spread) if spread else None
     tput, rtt = s["throughput_deny_open"], s["rtt_deny_open"]
     lines += [
-        f"  deny0 (a deny network with 1 rule, no extra endpoints)/open: throughput "
+        f"  deny0 (deny, 1 rule, the same endpoints without identities)/open: throughput "
         f"{fmt(s['throughput_deny0_open'])}x, RTT median {fmt(s['rtt_deny0_open'])}x;  deny/deny0: throughput "
         f"{fmt(s['throughput_deny_deny0'])}x, RTT median {fmt(s['rtt_deny_deny0'])}x (what the rules and "
-        "endpoints add)",
+        "their elements add)",
         f"  deny/open throughput {fmt(tput)}x (target >= 0.95x), RTT median {fmt(rtt)}x (target <= 1.05x), "
         f"p99 {fmt(s['rtt_p99_deny_open'])}x; run-to-run spread of all runs "
         f"{fmt(noise * 100 if noise is not None else None, '.0f')}%",
