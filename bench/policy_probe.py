@@ -105,8 +105,8 @@ def _changes(network_id: str, count: int, spec: dict) -> dict:
             while len(seen) < len(watch) and time.monotonic() - written < DEADLINE_SECONDS:
                 for j, (folder, ns, saddr, daddr) in enumerate(watch):
                     if j not in seen:
-                        elems = allow_all(links[folder], ns) or set()
-                        if ((saddr, daddr) in elems) == want:
+                        elems = allow_all(links[folder], ns)  # None (no table): neither present nor gone
+                        if elems is not None and ((saddr, daddr) in elems) == want:
                             seen[j] = time.monotonic()
                 time.sleep(POLL_SECONDS)
             if len(seen) < len(watch):
