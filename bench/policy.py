@@ -283,7 +283,12 @@ def run_part(bl: BenchLab, runs: int, duration: int, pings: int, interval: float
             # Change i is an allow for even i, a removal for odd i (bench/policy_probe.py).
             "allow_p50_ms": median(ms[0::2]), "rm_p50_ms": median(ms[1::2]),
             "per_host_ms": [[round(x * 1000, 1) for x in row] for row in got["per_host_s"]],
+            "list_ms": got["list_ms"],
         }
+        # What the plugins said meanwhile (a warning here explains a slow change: e.g. a table replaced whole).
+        summary["changes"]["plugin_warnings"] = {
+            host.name: [line for line in bl.plugins[host.name].log(3000).splitlines()
+                        if " WARNING " in line or " ERROR " in line][-8:] for host in bl.hosts}
         log(f"rule change -> in force on both hosts: p50 {fmt(median(ms), '.1f')} ms, p99 "
             f"{fmt(percentile(ms, 99), '.1f')} ms over {len(ms)} ({got['missed']} missed)")
 

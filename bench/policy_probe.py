@@ -88,7 +88,8 @@ def _changes(network_id: str, count: int, spec: dict) -> dict:
     store = PolicyStore(_kv())
     ref = store.network(network_id)
     links = {d: Links(d) for d in {w[0] for pair in spec["watch"] for w in pair}}
-    out = {"write_s": [], "in_force_s": [], "per_host_s": [], "missed": 0, "poll_s": POLL_SECONDS}
+    # list_ms: the mean duration of one listing during each change (is the probe itself what is slow?)
+    out = {"write_s": [], "in_force_s": [], "per_host_s": [], "list_ms": [], "missed": 0, "poll_s": POLL_SECONDS}
     try:
         for i in range(count):
             dest = spec["dests"][(i // 2) % len(spec["dests"])]
@@ -102,16 +103,20 @@ def _changes(network_id: str, count: int, spec: dict) -> dict:
                 store.delete_rule(ref.segment, rule.id)
             written = time.monotonic()
             seen: Dict[int, float] = {}
+            listings, listing_s = 0, 0.0
             while len(seen) < len(watch) and time.monotonic() - written < DEADLINE_SECONDS:
                 for j, (folder, ns, saddr, daddr) in enumerate(watch):
                     if j not in seen:
+                        t = time.monotonic()
                         elems = allow_all(links[folder], ns)  # None (no table): neither present nor gone
+                        listings, listing_s = listings + 1, listing_s + time.monotonic() - t
                         if elems is not None and ((saddr, daddr) in elems) == want:
                             seen[j] = time.monotonic()
                 time.sleep(POLL_SECONDS)
             if len(seen) < len(watch):
                 out["missed"] += 1
                 continue
+            out["list_ms"].append(round(listing_s / max(1, listings) * 1000, 2))
             out["write_s"].append(written - began)
             out["in_force_s"].append(max(seen.values()) - written)
             out["per_host_s"].append([seen[j] - written for j in range(len(watch))])
