@@ -88,14 +88,15 @@ class BenchLab:
             plugin.stop()
             del self.plugins[name]
 
-    def vx_network(self, name: str, subnet: str, overlay: str) -> Dict[str, str]:
-        """The same vxnet overlay on both hosts (local scope); returns host name -> its network ID."""
+    def vx_network(self, name: str, subnet: str, overlay: str, *options: str) -> Dict[str, str]:
+        """The same vxnet overlay on both hosts (local scope), with more `-o KEY=VALUE` options if given (e.g.
+        policy=deny); returns host name -> its network ID."""
         self.start_plugins()
         ids = {}
         for host in self.hosts:
             if not self._has_network(host, name):
                 host.docker("network", "create", "-d", "vxnet", "--ipam-driver", "vxnet", "--subnet", subnet,
-                            "-o", f"overlay={overlay}", name)
+                            "-o", f"overlay={overlay}", *[a for o in options for a in ("-o", o)], name)
                 self.networks.append((host, name))
             ids[host.name] = network_id(host, name)
         return ids

@@ -5,6 +5,8 @@ Parts (all by default, in this order):
                vxnet and Docker's overlay again with --crowd more endpoints on the vxnet network
   convergence  Join on host1 -> peer entries on host2, over N synthetic endpoints
   healing      data path with the self-healing reconciler on vs off; time to repair a deleted FDB entry
+  policy       data path on a -o policy=deny network (rules, endpoints) vs an open one; rule change and identity
+               to in force on every host
   startup      `docker run --rm --network N busybox true`: vxnet vs Docker's overlay
 
 Everything is bounded: each command has a time-out and the whole run a deadline (--deadline, default 540 s),
@@ -22,14 +24,14 @@ import time
 import traceback
 from typing import Dict, List
 
-from bench import convergence, datapath, healing, startup
+from bench import convergence, datapath, healing, policy, startup
 from bench.common import load
 from bench.lab import BenchLab, log
 from tests.harness.plugin import REPO
 
 # In this order: startup's managed form stops the host-process plugins the others run on (and its managed plugin,
 # in the host's network namespace, holds the metrics port a host-process plugin restarted after it would need).
-PARTS = ("datapath", "convergence", "healing", "startup")
+PARTS = ("datapath", "convergence", "healing", "policy", "startup")
 
 
 class Deadline(BaseException):
@@ -78,13 +80,20 @@ def main(argv=None) -> int:
                              "plugin call during the timed runs, as the plugin logs it (costs a little)")
     parser.add_argument("--deletions", type=int, default=50,
                         help="healing: FDB entries deleted by hand, one at a time, to time their repair (50)")
+    parser.add_argument("--policy-endpoints", type=int, default=200,
+                        help="policy: synthetic endpoints per host on each of the two networks (200)")
+    parser.add_argument("--policy-rules", type=int, default=100, help="policy: rules on the deny network (100)")
+    parser.add_argument("--policy-changes", type=int, default=30,
+                        help="policy: rule changes timed to in force on both hosts (30)")
+    parser.add_argument("--policy-probes", type=int, default=10,
+                        help="policy: containers started to time the identity window (10)")
     parser.add_argument("--wait-load", type=float, default=1.0, metavar="LOAD",
                         help="before starting, wait while the 1-minute load average is >= LOAD (default 1.0; "
                              "0: do not wait)")
     parser.add_argument("--wait-max", type=float, default=60,
                         help="wait at most this long (seconds, default 60) for --wait-load, then run anyway")
-    parser.add_argument("--deadline", type=int, default=540,
-                        help="seconds for the run after the wait (default 540; a default run takes about 5 min)")
+    parser.add_argument("--deadline", type=int, default=840,
+                        help="seconds for the run after the wait (default 840; a default run takes about 8 min)")
     parser.add_argument("--json", default=os.path.join(REPO, "build", "bench", "results.json"),
                         help="write the results here (default build/bench/results.json; '' for none)")
     args = parser.parse_args(argv)
@@ -132,6 +141,10 @@ def main(argv=None) -> int:
                                             args.crowd)
                 elif part == "convergence":
                     out = convergence.run_part(bl, args.endpoints, args.gap)
+                elif part == "policy":
+                    out = policy.run_part(bl, args.runs, args.duration, args.pings, args.interval,
+                                          args.policy_endpoints, args.policy_rules, args.policy_changes,
+                                          args.policy_probes)
                 elif part == "healing":
                     out = healing.run_part(bl, args.runs, args.duration, args.pings, args.interval,
                                            args.deletions)
@@ -180,7 +193,7 @@ def _print_report(results: Dict[str, object]) -> None:
     if float(results["load_at_start"].split()[0]) >= 1.0:
         print("    (load >= 1.0 at start: something else shares the CPUs, the figures are noisier than usual)")
     reporters = {"datapath": datapath.report, "convergence": convergence.report, "startup": startup.report,
-                 "healing": healing.report}
+                 "healing": healing.report, "policy": policy.report}
     for part, out in results["parts"].items():
         print()
         if "error" in out:
