@@ -250,7 +250,7 @@ def dropped_by_reason(output: str) -> Dict[str, Tuple[int, int]]:
     return out
 
 
-def _missing(exc: KernelError) -> bool:
+def missing_table(exc: KernelError) -> bool:
     """nftables' answer to a list of a table that is not there (ENOENT, in its own words)."""
     return "No such file or directory" in str(exc)
 
@@ -260,8 +260,17 @@ def _missing(exc: KernelError) -> bool:
 Shape = Tuple[Tuple[str, ...], Dict[str, FrozenSet[str]]]
 
 
-def batch_shape(batch: List[dict]) -> Shape:
-    """The shape of the table a replace batch builds (endpoint_guard_batch, host_guard_batch)."""
+# How a set element reads as text in a shape: (set name, element as JSON) -> text. A table kind whose listing
+# prints elements differently from its batches (netdriver/policy_nft.py) passes its own.
+ElementText = Callable[[str, object], str]
+
+
+def _element_text(name: str, elem) -> str:
+    return element_text(elem)
+
+
+def batch_shape(batch: List[dict], text: ElementText = _element_text) -> Shape:
+    """The shape of the table a replace batch builds (endpoint_guard_batch, host_guard_batch, the policy table's)."""
     comments, sets = [], {}
     for command in batch:
         (verb, body), = command.items()
@@ -273,15 +282,15 @@ def batch_shape(batch: List[dict]) -> Shape:
             sets.setdefault(body["set"]["name"], frozenset())
         elif "element" in body:
             name = body["element"]["name"]
-            sets[name] = sets.get(name, frozenset()) | {element_text(e) for e in body["element"]["elem"]}
+            sets[name] = sets.get(name, frozenset()) | {text(name, e) for e in body["element"]["elem"]}
     return tuple(sorted(comments)), sets
 
 
-def listing_shape(text: str) -> Shape:
+def listing_shape(listing: str, text: ElementText = _element_text) -> Shape:
     """The shape of a table as `list table` gives it in nftables JSON: its rules' comments, its sets' elements."""
-    comments = [item["rule"].get("comment", "") for item in json.loads(text or "{}").get("nftables", [])
+    comments = [item["rule"].get("comment", "") for item in json.loads(listing or "{}").get("nftables", [])
                 if "rule" in item]
-    return tuple(sorted(comments)), {name: frozenset(elems) for name, elems in listed_sets(text).items()}
+    return tuple(sorted(comments)), {name: frozenset(elems) for name, elems in listed_sets(listing, text).items()}
 
 
 def shape_difference(have: Optional[Shape], want: Shape) -> Optional[str]:
@@ -340,7 +349,7 @@ class Firewall:
         try:
             text = self._apply(ns, command, what)
         except KernelError as exc:
-            if _missing(exc):
+            if missing_table(exc):
                 return {}
             raise
         return dropped_by_reason(text if isinstance(text, str) else "")
@@ -349,7 +358,7 @@ class Firewall:
         try:
             text = self._apply(ns, list_table_command(family), what)
         except KernelError as exc:
-            if _missing(exc):
+            if missing_table(exc):
                 return None
             raise
         return listing_shape(str(text or ""))
@@ -384,14 +393,14 @@ def element_text(elem) -> str:
     return str(elem)
 
 
-def listed_sets(listing: str) -> dict:
+def listed_sets(listing: str, text: ElementText = _element_text) -> dict:
     """The output of an nftables JSON `list table` -> {set name: set of element texts}."""
     out: dict = {}
     for item in json.loads(listing or "{}").get("nftables", []):
         found = item.get("set")
         if found is not None:
             elems = found.get("elem", [])
-            out[found["name"]] = {element_text(e) for e in (elems if isinstance(elems, list) else [elems])}
+            out[found["name"]] = {text(found["name"], e) for e in (elems if isinstance(elems, list) else [elems])}
     return out
 
 

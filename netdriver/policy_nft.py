@@ -42,11 +42,10 @@ adds and deletes in one transaction.
 """
 
 import ipaddress
-import json
-from typing import Callable, Dict, FrozenSet, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from kernel import libnftables, names
-from netdriver.isolation import shape_difference
+from netdriver.isolation import Shape, batch_shape, listing_shape, missing_table, shape_difference
 from wire.errors import InvalidRequest, KernelError
 
 TABLE = names.POLICY_TABLE
@@ -124,17 +123,6 @@ def element_text(elem) -> str:
         if "elem" in elem:  # an element with a counter or timeout attached
             return element_text(elem["elem"].get("val"))
     return str(elem)
-
-
-def listed_sets(listing: str) -> Dict[str, List[str]]:
-    """A JSON `list table` of the policy table -> {set name: its elements as text}."""
-    out: Dict[str, List[str]] = {}
-    for item in json.loads(listing or "{}").get("nftables", []):
-        found = item.get("set")
-        if found is not None:
-            elems = found.get("elem", [])
-            out[found["name"]] = [element_text(e) for e in (elems if isinstance(elems, list) else [elems])]
-    return out
 
 
 # -- validation: nothing reaches the kernel unchecked -------------------------------------------------------------
@@ -316,35 +304,9 @@ def _canonical(name: str, text: str) -> str:
     return " . ".join(parts)
 
 
-Shape = Tuple[Tuple[str, ...], Dict[str, FrozenSet[str]]]
-
-
-def batch_shape(batch: List[dict]) -> Shape:
-    """What a replace batch builds: every rule's comment (sorted, over all chains), and each set's elements."""
-    comments, sets = [], {}
-    for command in batch:
-        (verb, body), = command.items()
-        if verb != "add":
-            continue
-        if "rule" in body:
-            comments.append(body["rule"]["comment"])
-        elif "set" in body:
-            sets.setdefault(body["set"]["name"], frozenset())
-        elif "element" in body:
-            name = body["element"]["name"]
-            sets[name] = sets[name] | {_canonical(name, element_text(e)) for e in body["element"]["elem"]}
-    return tuple(sorted(comments)), sets
-
-
-def listing_shape(text: str) -> Shape:
-    comments = [item["rule"].get("comment", "") for item in json.loads(text or "{}").get("nftables", [])
-                if "rule" in item]
-    sets = {name: frozenset(_canonical(name, e) for e in elems) for name, elems in listed_sets(text).items()}
-    return tuple(sorted(comments)), sets
-
-
-def _missing(exc: KernelError) -> bool:
-    return "No such file or directory" in str(exc)
+def shape_text(name: str, elem) -> str:
+    """A policy set element as the drift check compares it (isolation.batch_shape / listing_shape's text)."""
+    return _canonical(name, element_text(elem))
 
 
 class PolicyFirewall:
@@ -404,16 +366,16 @@ class PolicyFirewall:
             problems.append(f"bridge netfilter {'off' if want_on else 'on'}")
         try:
             text = self._apply(ns, list_command(), f"read the policy table in {ns}")
-            have: Optional[Shape] = listing_shape(str(text or ""))
+            have: Optional[Shape] = listing_shape(str(text or ""), shape_text)
         except KernelError as exc:
-            if not _missing(exc):
+            if not missing_table(exc):
                 raise
             have = None
         if not want_on:
             if have is not None:
                 problems.append("policy table present on an open network")
         else:
-            difference = shape_difference(have, batch_shape(self._batch(mode, audit, elements)))
+            difference = shape_difference(have, batch_shape(self._batch(mode, audit, elements), shape_text))
             if difference:
                 problems.append(difference)
         return "; ".join(problems) or None
@@ -422,7 +384,7 @@ class PolicyFirewall:
         try:
             text = self._apply(ns, list_command(), f"read the policy counters in {ns}")
         except KernelError as exc:
-            if _missing(exc):
+            if missing_table(exc):
                 return {}
             raise
         return libnftables.rule_counters(str(text or ""))

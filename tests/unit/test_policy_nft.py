@@ -146,7 +146,8 @@ def test_comments_count_drops_for_reason_policy_only_when_they_drop():
                                st.integers(1, 65535)), max_size=5))
 def test_the_shape_of_a_batch_is_what_it_lists(guarded, exposed):
     """batch_shape reduces elements to the text `nft list` prints (the drift check compares the two)."""
-    shape = pn.batch_shape(pn.replace_batch("exposed", False, Elements(guarded=guarded, exposed=exposed)))
+    batch = pn.replace_batch("exposed", False, Elements(guarded=guarded, exposed=exposed))
+    shape = pn.batch_shape(batch, pn.shape_text)
     assert shape[1]["guarded4"] == frozenset(guarded)
     assert shape[1]["exposed6"] == frozenset(f"{a} . {p} . {n}" for a, p, n in exposed)
     assert set(shape[1]) == set(pn.SETS)
