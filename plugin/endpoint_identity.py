@@ -20,6 +20,14 @@ module runs on threads of its own, fed by the engine's event stream:
   transaction guarded on the record's revision (a Leave in between wins: no departed endpoint comes back) and
   nothing at all when the record already holds it (replays and resyncs are free of writes).
 
+A Swarm service's published ports (every mode: `--publish 8080:80` through the ingress routing mesh is not in the
+task's ExposedPorts) are exposed on its tasks too: the service's spec is readable on a manager only (GET /services
+on a worker answers 503), so on a manager this module also follows `service` events and, at each (re)connect,
+lists the services, writing each one's target ports to etcd and removing the keys of services that are gone
+(netdriver/service_ports.py); on every host a task container's ports (label com.docker.swarm.service.id) are
+merged from that key, and a change of the key (ServicePortsWatcher, through service_changed) re-queues this host's
+running tasks of the service, so a task that started before its service's key was written gets the ports too.
+
 Until an identity is published, the endpoint's record carries identity None and only rules selecting `any`
 apply to it (fail closed). If the engine cannot be reached the plugin serves anyway: this logs it once, keeps
 retrying with a backoff, and resyncs when it is back. The window Join -> identity in etcd is logged per endpoint
@@ -35,19 +43,31 @@ import threading
 from typing import Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple
 
 from netdriver.driver import IdentityWrite
+from netdriver.models import merge_exposed
 from telemetry.metrics import ENGINE_UP, IDENTITY_SECONDS
-from wire.errors import StoreUnavailable
-from wire.protocol import PROTOCOLS, TransportPort
+from wire.errors import InvalidRequest, StoreUnavailable
+from wire.protocol import PROTOCOLS, SWARM_ID, TransportPort
 
 log = logging.getLogger(__name__)
 
 SWARM_SERVICE_LABEL = "com.docker.swarm.service.name"
 COMPOSE_SERVICE_LABEL = "com.docker.compose.service"
+SWARM_SERVICE_ID_LABEL = "com.docker.swarm.service.id"
 # The events that can make an identity appear: a container joined a network (the record exists from here on), a
 # container started (after all of its Joins). die/destroy/disconnect need nothing here: Leave deletes the record.
 _QUEUE_ON = {("container", "start"), ("network", "connect")}
 _FORGET_ON = {("container", "die"), ("container", "destroy")}
 _RESYNC = ""  # the queue item that stands for "every running container"
+# Queue items besides container IDs (neither a container ID nor a Swarm ID holds a ':'): a service to write to etcd
+# as the engine (a manager) describes it, and a service whose key changed, whose running tasks here are re-queued.
+_SERVICE = "service:"
+_TASKS = "tasks:"
+# Service events (swarmkit, on managers only): each one may change the ports (remove: the key goes).
+_SERVICE_EVENTS = {"create", "update", "remove"}
+
+
+class NotManager(Exception):
+    """The engine is no Swarm manager (or in no Swarm): it cannot describe services (503 on GET /services)."""
 
 
 class EventStream(Protocol):
@@ -66,8 +86,16 @@ class Engine(Protocol):
         """Subscribe to container and network events from now on; raises if the engine cannot be reached."""
         ...
 
-    def running(self) -> List[str]:
-        """IDs of the running containers."""
+    def running(self, service_id: str = "") -> List[str]:
+        """IDs of the running containers; with service_id, of that Swarm service's tasks only."""
+        ...
+
+    def services(self) -> List[dict]:
+        """GET /services; NotManager on an engine that is no manager."""
+        ...
+
+    def service(self, service_id: str) -> Optional[dict]:
+        """GET /services/<id>, None if there is no such service; NotManager on an engine that is no manager."""
         ...
 
     def inspect(self, container_id: str) -> Optional[dict]:
@@ -78,6 +106,18 @@ class Engine(Protocol):
 class Publisher(Protocol):
     def publish_identity(self, network_id: str, endpoint_id: str, identity: dict,
                          exposed: Sequence[str] = ()) -> IdentityWrite: ...
+
+
+class ServicePortsStore(Protocol):
+    """netdriver.service_ports.ServicePorts: the services/<service> keys."""
+
+    def ports(self, service_id: str) -> List[str]: ...
+
+    def put(self, service_id: str, version: int, ports: Sequence[str]) -> str: ...
+
+    def remove(self, service_id: str, mod_revision: Optional[int] = None) -> bool: ...
+
+    def listing(self) -> Tuple[Dict[str, int], int]: ...
 
 
 def identity_of(container: dict) -> Tuple[dict, List[Tuple[str, str]]]:
@@ -110,10 +150,37 @@ def exposed_of(container: dict) -> List[str]:
     out = set()
     for text in ports if isinstance(ports, dict) else ():
         port, _, proto = str(text).partition("/")
-        proto = proto or "tcp"  # the API's own default for a bare port
-        if port.isdigit() and 1 <= int(port) <= 65535 and proto in PROTOCOLS.values():
-            out.add(TransportPort(int(port), proto))
+        found = _transport_port(int(port) if port.isdigit() else None, proto or "tcp")  # the API's default: tcp
+        if found is not None:
+            out.add(found)
     return [str(p) for p in sorted(out)]
+
+
+def _transport_port(port, proto) -> Optional[TransportPort]:
+    """A port the policy can police, None for anything else (another protocol, 0, out of range, not a number)."""
+    if isinstance(port, int) and not isinstance(port, bool) and 1 <= port <= 65535 and proto in PROTOCOLS.values():
+        return TransportPort(port, proto)
+    return None
+
+
+def service_ports_of(service: dict) -> Tuple[int, List[str]]:
+    """A service as GET /services returns it -> (its Version.Index, the target ports it publishes, sorted: ["80/tcp"]).
+
+    `{"ID", "Version": {"Index": N}, "Spec": {"EndpointSpec": {"Ports": [{"Protocol": "tcp", "TargetPort": 80,
+    "PublishedPort": 8080, "PublishMode": "ingress"}, ...]}}}`. Every publish mode counts (mode=host ports are in
+    the task's ExposedPorts already; ingress ones only here); the spec, not Endpoint.Ports (what the allocator has
+    done so far), is what the operator asked for. What the policy cannot police is left out, as in exposed_of;
+    Protocol absent means tcp (swarmkit's default). Version -1 for a service without one (it replaces nothing)."""
+    version = (service.get("Version") or {}).get("Index")
+    version = version if isinstance(version, int) and not isinstance(version, bool) else -1
+    ports = ((service.get("Spec") or {}).get("EndpointSpec") or {}).get("Ports") or []
+    out = set()
+    for item in ports if isinstance(ports, list) else ():
+        if isinstance(item, dict):
+            found = _transport_port(item.get("TargetPort"), item.get("Protocol") or "tcp")
+            if found is not None:
+                out.add(found)
+    return version, [str(p) for p in sorted(out)]
 
 
 class IdentityWriter:
@@ -121,9 +188,10 @@ class IdentityWriter:
     the engine its API version when it is built, which fails while dockerd is down)."""
 
     def __init__(self, engine: Callable[[], Engine], publisher: Publisher, where: str = "",
-                 backoff: Tuple[float, float] = (0.5, 30.0)):
+                 backoff: Tuple[float, float] = (0.5, 30.0), services: Optional[ServicePortsStore] = None):
         self._connect = engine
         self._publisher = publisher
+        self._services = services  # None: services' published ports are not merged (nor written)
         self._where = where  # the engine's address, for the logs
         self._backoff = backoff
         self._stop = threading.Event()
@@ -134,6 +202,12 @@ class IdentityWriter:
         self._threads: List[threading.Thread] = []
         self._busy = False  # the writer is handling an item (under _cond)
         self.connects = 0  # successful subscriptions (the first one and every reconnect)
+        self.manager: Optional[bool] = None  # whether the engine described its services at the last resync
+
+    def service_changed(self, service_id: str) -> None:
+        """A service's key in etcd changed (ServicePortsWatcher): re-publish this host's running tasks of it."""
+        if SWARM_ID.fullmatch(service_id):
+            self._queue(_TASKS + service_id)
 
     # -- life cycle ---------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -208,6 +282,12 @@ class IdentityWriter:
             return
         kind = (event.get("Type"), event.get("Action"))
         actor = event.get("Actor") or {}
+        if kind[0] == "service":
+            service_id = actor.get("ID")
+            if self._services is not None and kind[1] in _SERVICE_EVENTS and isinstance(service_id, str) \
+                    and service_id:
+                self._queue(_SERVICE + service_id)
+            return
         if kind[0] == "container":
             container = actor.get("ID") or event.get("id")
         else:
@@ -256,7 +336,18 @@ class IdentityWriter:
         if engine is None:
             return
         if item == _RESYNC:
+            # The services first: on a manager, the keys the tasks' ports are read from are written before them.
+            if self._services is not None:
+                self._sync_services(engine, self._services)
             for container in engine.running():
+                self._queue(container)
+            return
+        if item.startswith(_SERVICE):
+            if self._services is not None:
+                self._sync_service(engine, self._services, item[len(_SERVICE):])
+            return
+        if item.startswith(_TASKS):
+            for container in engine.running(item[len(_TASKS):]):
                 self._queue(container)
             return
         found = engine.inspect(item)
@@ -264,8 +355,62 @@ class IdentityWriter:
             return
         identity, endpoints = identity_of(found)
         exposed = exposed_of(found)
+        service_id = identity["labels"].get(SWARM_SERVICE_ID_LABEL)
+        if service_id and self._services is not None and endpoints:
+            # etcd down: StoreUnavailable, the container waits in the queue (its record keeps what it holds).
+            exposed = merge_exposed(exposed, self._services.ports(service_id))
         for network_id, endpoint_id in endpoints:
             self._publish(network_id, endpoint_id, identity, exposed)
+
+    def _sync_services(self, engine: Engine, store: ServicePortsStore) -> None:
+        """Every service's ports into etcd, and the keys of services that are gone removed. The keys are read
+        before the services are listed, and a key is removed only if it is still as read: a service created
+        after the listing (its key written since by another manager) keeps its key."""
+        keys, _ = store.listing()
+        try:
+            services = engine.services()
+        except NotManager as exc:
+            if self.manager is not False:
+                log.info("docker engine %s describes no services (%s): the ports of services come from the "
+                         "managers' plugins", self._where, exc)
+            self.manager = False
+            return
+        if not self.manager:
+            log.info("docker engine %s is a swarm manager: writing the ports its services publish", self._where)
+        self.manager = True
+        listed = set()
+        for service in services:
+            service_id = service.get("ID") if isinstance(service, dict) else None
+            if isinstance(service_id, str) and service_id:
+                listed.add(service_id)
+                self._put_service(store, service_id, service)
+        for service_id, revision in keys.items():
+            if service_id not in listed and store.remove(service_id, revision):
+                log.info("ports of service %s removed: the service is gone", service_id)
+
+    def _sync_service(self, engine: Engine, store: ServicePortsStore, service_id: str) -> None:
+        try:
+            service = engine.service(service_id)
+        except NotManager:
+            return  # demoted since: the managers' plugins write it
+        if service is None:
+            if store.remove(service_id):
+                log.info("ports of service %s removed: the service is gone", service_id)
+            return
+        self._put_service(store, service_id, service)
+
+    @staticmethod
+    def _put_service(store: ServicePortsStore, service_id: str, service: dict) -> None:
+        version, ports = service_ports_of(service)
+        try:
+            outcome = store.put(service_id, version, ports)
+        except InvalidRequest as exc:  # an ID that is no Swarm ID (it could name no key), or no version
+            log.warning("ports of service %r not recorded: %s", service_id, exc)
+            return
+        if outcome == "written":
+            name = ((service.get("Spec") or {}).get("Name")) or "?"
+            log.info("ports of service %s (%s) version %d: %s", service_id, name, version,
+                     ", ".join(ports) or "none")
 
     def _publish(self, network_id: str, endpoint_id: str, identity: dict, exposed: List[str]) -> None:
         result = self._publisher.publish_identity(network_id, endpoint_id, identity, exposed)
@@ -290,11 +435,33 @@ class DockerEngine:
         self._client = docker.APIClient(base_url=base_url, version="auto", timeout=timeout)
 
     def events(self) -> EventStream:
-        # No timeout on the stream (docker-py's events() reads without one): an idle engine sends nothing.
-        return self._client.events(decode=True, filters={"type": ["container", "network"]})
+        # No timeout on the stream (docker-py's events() reads without one): an idle engine sends nothing. A
+        # worker accepts the service type and sends none of them.
+        return self._client.events(decode=True, filters={"type": ["container", "network", "service"]})
 
-    def running(self) -> List[str]:
-        return [c["Id"] for c in self._client.containers(quiet=True)]
+    def running(self, service_id: str = "") -> List[str]:
+        filters = {"label": f"{SWARM_SERVICE_ID_LABEL}={service_id}"} if service_id else None
+        return [c["Id"] for c in self._client.containers(quiet=True, filters=filters)]
+
+    def services(self) -> List[dict]:
+        try:
+            return self._client.services()
+        except self._errors.APIError as exc:
+            raise self._not_manager(exc)
+
+    def service(self, service_id: str) -> Optional[dict]:
+        try:
+            return self._client.inspect_service(service_id)
+        except self._errors.NotFound:
+            return None
+        except self._errors.APIError as exc:
+            raise self._not_manager(exc)
+
+    @staticmethod
+    def _not_manager(exc) -> Exception:
+        # 503 is what the engine answers on a worker or outside a Swarm ("This node is not a swarm manager");
+        # anything else is an error of its own (the writer logs it and the next event or resync tries again).
+        return NotManager(exc.explanation or str(exc)) if exc.status_code == 503 else exc
 
     def inspect(self, container_id: str) -> Optional[dict]:
         try:

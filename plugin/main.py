@@ -37,6 +37,7 @@ from netdriver.policy_nft import PolicyFirewall
 from netdriver.policy_store import PolicyStore, PolicyWatcher
 from netdriver.reconciler import NamespaceTap, Reconciler
 from netdriver.sandbox import DataPlane
+from netdriver.service_ports import ServicePorts, ServicePortsWatcher
 from netdriver.store import NetworkStore
 from netdriver.underlay import Underlay
 from netdriver.watcher import PeerSync, PeerWatcher
@@ -151,6 +152,7 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
     health: Optional[HealthOverlay] = None
     healing: Optional[Reconciler] = None
     identities: Optional[IdentityWriter] = None
+    service_ports: Optional[ServicePortsWatcher] = None
     rules: Optional[PolicyWatcher] = None
     stop = threading.Event()
     fatal: List[Exception] = []
@@ -219,6 +221,8 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
         def on_outage() -> None:
             watcher.kick()
             rules.kick()
+            if service_ports is not None:
+                service_ports.kick()
 
         lease = HostLease(kv, store, me.id, lambda: underlay.address, identity.lease_file(settings.state_dir, me.id),
                           on_outage=on_outage, name=me.name, instance=identity.instance(), remedy=me.remedy(),
@@ -268,8 +272,13 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
         if docker_host is not None:
             # Its own threads, never a request handler's (see plugin/endpoint_identity.py); an engine that does
             # not answer (yet: dockerd restores plugins before it listens) is logged once and retried.
-            identities = IdentityWriter(lambda: DockerEngine(docker_host), net, where=docker_host)
+            ports = ServicePorts(kv, settings.key_prefix)
+            identities = IdentityWriter(lambda: DockerEngine(docker_host), net, where=docker_host, services=ports)
             identities.start()
+            # Every host: a service's ports written (by a manager's plugin) after its tasks here published their
+            # identities reach them through this watch.
+            service_ports = ServicePortsWatcher(kv, ports, identities.service_changed)
+            service_ports.start()
         else:
             log.warning("VXNET_DOCKER_HOST=off: endpoints get no identity; policy rules selecting by service, "
                         "label or container never apply (fail closed)")
@@ -289,8 +298,8 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
             log.info("stopping")
     finally:
         stop.set()
-        parts: Sequence[Optional[Background]] = (identities, healing, monitor, watcher, rules, health, keyring,
-                                                 rotator, collector, lease, metrics, flow_log)
+        parts: Sequence[Optional[Background]] = (service_ports, identities, healing, monitor, watcher, rules, health,
+                                                 keyring, rotator, collector, lease, metrics, flow_log)
         for part in parts:
             if part is not None:
                 part.stop()

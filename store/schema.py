@@ -17,6 +17,10 @@ The tree, under PREFIX (`/vxnet/v1`; VXNET_KEY_PREFIX in plugin/config.py may mo
                                       network record (in that transaction) and again when the segment is released
   peers/<segment>/<endpoint>          PeerRecord: written at Join under the host's lease, removed at Leave; what
                                       other hosts program (netdriver/watcher.py watches this prefix)
+  services/<service>                  {"version": N, "ports": ["80/tcp", ...]}: the target ports a Swarm
+                                      service publishes (every mode), written by the plugins on managers from
+                                      the engine's services (netdriver/service_ports.py) and merged into its
+                                      tasks' exposed ports on every host; removed with the service
   hosts/<host>                        {"vtep", "version", "name", "instance", "health"} under the host's lease:
                                       who is alive (netdriver/hosts.py); name is for people, instance tells a
                                       restart from a copy, health is its address on the health overlay
@@ -37,6 +41,7 @@ The parts:
   <rule>      a rule ID: 12 hex digits of a hash of the rule's content (netdriver/policy.py rule_id)
   <segment>   the network ID, or `overlay-<NAME>` for networks made with `-o overlay=NAME`
   <vni>       a VXLAN network identifier in decimal
+  <service>   a Swarm service ID (25 lowercase letters and digits, as wire/protocol.py SWARM_ID)
   <host>      a host ID (plugin/identity.py: letters, digits, '.', '_', '-'), or SWARM_HOLDER
   <space>     an IPAM address space: vxnet-local or vxnet-global
   <pool>      the pool's CIDR with '/' written '_' (10.1.0.0_24, fd00:1::_64): a part holds no slash
@@ -68,13 +73,15 @@ MEMBER = "members/<segment>/<host>"
 ENDPOINT = "endpoints/<network>/<endpoint>"
 POLICY = "policy/<segment>/<rule>"
 PEER = "peers/<segment>/<endpoint>"
+SERVICE = "services/<service>"
 HOST = "hosts/<host>"
 DEPARTED = "departed/<host>"
 HEALTH = "health/<address>"
 POOL = "ipam/pools/<space>/<pool>"
 ADDRESS = "ipam/addresses/<space>/<pool>/<address>"
 KEYRING = "encryption/keyring"
-TEMPLATES = (NETWORK, SEGMENT, VNI, MEMBER, ENDPOINT, POLICY, PEER, HOST, DEPARTED, HEALTH, POOL, ADDRESS, KEYRING)
+TEMPLATES = (NETWORK, SEGMENT, VNI, MEMBER, ENDPOINT, POLICY, PEER, SERVICE, HOST, DEPARTED, HEALTH, POOL, ADDRESS,
+             KEYRING)
 
 _KEY_PART = re.compile(r"[A-Za-z0-9@_.:-]+")
 _PLACEHOLDER = re.compile(r"<([a-z]+)>")
@@ -174,6 +181,15 @@ class Schema:
 
     def peer(self, segment: str, endpoint: str) -> str:
         return self.key(PEER, segment=segment, endpoint=endpoint)
+
+    # -- the ports of Swarm services (netdriver/service_ports.py) -------------------------------------------------
+    def service(self, service: str) -> str:
+        return self.key(SERVICE, service=service)
+
+    def service_of(self, key: str) -> Optional[str]:
+        """services/<service> -> the service ID, None for anything else."""
+        parts = self.parse(SERVICE, key)
+        return parts["service"] if parts else None
 
     def host(self, host: str) -> str:
         return self.key(HOST, host=host)

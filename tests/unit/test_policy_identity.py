@@ -15,9 +15,10 @@ from prometheus_client import REGISTRY
 
 from netdriver.driver import NetworkDriver
 from netdriver.models import Endpoint, PeerRecord
+from netdriver.service_ports import ServicePorts, ServicePortsWatcher
 from netdriver.store import NetworkStore
 from netdriver.underlay import Underlay
-from plugin.endpoint_identity import IdentityWriter, exposed_of, identity_of
+from plugin.endpoint_identity import IdentityWriter, NotManager, exposed_of, identity_of, service_ports_of
 from store import schema
 from tests.fakes import FakeDataPlane, FakeKV
 from tests.harness.proc import wait_until
@@ -248,10 +249,13 @@ def test_leave_and_delete_endpoint_forget_the_identity():
 # -- the identity writer over a fake engine ------------------------------------------------------------------------
 
 class FakeEngine:
-    """dockerd as the writer sees it: containers to inspect, an event stream per subscription, and an outage."""
+    """dockerd as the writer sees it: containers to inspect, an event stream per subscription, and an outage; and,
+    when manager is True, the Swarm services it describes (a worker, or an engine in no Swarm, answers 503)."""
 
     def __init__(self):
         self.containers: Dict[str, dict] = {}
+        self.services_: Dict[str, dict] = {}
+        self.manager = False
         self.up = True
         self.streams: List["FakeStream"] = []
         self.inspects = 0
@@ -269,10 +273,28 @@ class FakeEngine:
         self.streams.append(stream)
         return stream
 
-    def running(self) -> List[str]:
+    def running(self, service_id: str = "") -> List[str]:
         if not self.up:
             raise ConnectionError("connection refused")
-        return [cid for cid, c in self.containers.items() if c["State"]["Running"]]
+        return [cid for cid, c in self.containers.items() if c["State"]["Running"] and
+                (not service_id or c["Config"]["Labels"].get("com.docker.swarm.service.id") == service_id)]
+
+    def services(self) -> List[dict]:
+        if not self.manager:
+            raise NotManager("This node is not a swarm manager.")
+        return list(self.services_.values())
+
+    def service(self, service_id: str) -> Optional[dict]:
+        if not self.manager:
+            raise NotManager("This node is not a swarm manager.")
+        return self.services_.get(service_id)
+
+    def publish(self, service_id: str, name: str, ports: List[dict], version: int, emit: str = "") -> None:
+        """A service as GET /services describes it (Spec.EndpointSpec.Ports), and its event (create/update)."""
+        self.services_[service_id] = {"ID": service_id, "Version": {"Index": version},
+                                      "Spec": {"Name": name, "EndpointSpec": {"Mode": "vip", "Ports": ports}}}
+        if emit:
+            self.emit({"Type": "service", "Action": emit, "Actor": {"ID": service_id, "Attributes": {"name": name}}})
 
     def inspect(self, cid: str) -> Optional[dict]:
         if not self.up:
@@ -466,6 +488,218 @@ def test_an_etcd_outage_delays_the_identity_and_loses_nothing(setup):
     kv.unavailable = False
     wait_until(lambda: identity(kv) is not None, 5, "the identity after the outage")
     wait_until(w.idle, 5, "the writer to finish")
+
+
+# -- the ports a Swarm service publishes (netdriver/service_ports.py) ------------------------------------------------
+
+SID = "0123456789abcdefghijklmno"  # a Swarm service ID: 25 lowercase letters and digits
+SID2 = "zyxwvutsrqponmlkjihgfedcb"
+SERVICE_KEY = f"{schema.PREFIX}/services/{SID}"
+INGRESS_80 = {"Protocol": "tcp", "TargetPort": 80, "PublishedPort": 8080, "PublishMode": "ingress"}
+
+
+def stored(kv: FakeKV, service_id: str = SID) -> Optional[dict]:
+    entry = kv.get(f"{schema.PREFIX}/services/{service_id}")
+    return json.loads(entry.value) if entry else None
+
+
+def exposed(kv: FakeKV, eid: str = EID) -> Optional[List[str]]:
+    record = peer(kv, eid)
+    return record.exposed if record else None
+
+
+def test_service_ports_of_reads_every_publish_mode_and_leaves_out_what_cannot_be_policed():
+    service = {"ID": SID, "Version": {"Index": 41}, "Spec": {"EndpointSpec": {"Ports": [
+        INGRESS_80,
+        {"Protocol": "udp", "TargetPort": 53, "PublishedPort": 53, "PublishMode": "host"},
+        {"Protocol": "sctp", "TargetPort": 7002, "PublishMode": "ingress"},
+        {"TargetPort": 443},  # no Protocol: swarmkit's default, tcp
+        {"Protocol": "tcp", "TargetPort": 80, "PublishedPort": 8081},  # twice: once
+        {"Protocol": "icmp", "TargetPort": 1}, {"Protocol": "tcp", "TargetPort": 0},
+        {"Protocol": "tcp", "TargetPort": 65536}, {"Protocol": "tcp", "TargetPort": "22"},
+        {"Protocol": "tcp", "TargetPort": True}, {"Protocol": "tcp"}, "80/tcp", None]}}}
+    assert service_ports_of(service) == (41, ["53/udp", "80/tcp", "443/tcp", "7002/sctp"])
+    assert service_ports_of({"ID": SID, "Version": {"Index": 3}, "Spec": {}}) == (3, [])  # nothing published
+    assert service_ports_of({"Spec": {"EndpointSpec": {"Ports": {"80": {}}}}}) == (-1, [])
+
+
+def test_service_ports_keys_keep_the_newest_version_and_a_replay_writes_nothing():
+    kv = FakeKV()
+    ports = ServicePorts(kv)
+    assert ports.put(SID, 5, ["80/tcp"]) == "written"
+    assert stored(kv) == {"version": 5, "ports": ["80/tcp"]}
+    revision = kv.rev
+    assert ports.put(SID, 5, ["80/tcp"]) == "unchanged"  # another manager writing the same
+    assert ports.put(SID, 4, ["9999/tcp"]) == "unchanged"  # a manager that read the service before an update
+    assert kv.rev == revision and ports.ports(SID) == ["80/tcp"]
+    assert ports.put(SID, 6, ["443/tcp", "80/tcp", "53/udp"]) == "written"
+    assert ports.ports(SID) == ["53/udp", "80/tcp", "443/tcp"]
+    found, _ = ports.listing()
+    assert list(found) == [SID]
+    assert not ports.remove(SID, found[SID] - 1)  # written since the listing: it stays
+    assert ports.remove(SID, found[SID]) and stored(kv) is None
+    assert ports.ports(SID) == [] and ports.put(SID, 1, []) == "written" and ports.ports(SID) == []
+
+
+@pytest.mark.parametrize("service_id,version,port_list,message", [
+    ("../../peers/x", 1, ["80/tcp"], "service ID: '../../peers/x' is not a Swarm ID"),
+    (SID.upper(), 1, ["80/tcp"], "service ID: "),
+    (SID, -1, ["80/tcp"], f"service {SID} Version.Index: -1 is not a version"),
+    (SID, True, ["80/tcp"], f"service {SID} Version.Index: True is not a version"),
+    (SID, 1, ["80/tcp", "80/icmp"], f"service {SID} ports[1]: '80/icmp' is not a port"),
+    (SID, 1, ["0/tcp"], f"service {SID} ports[0]: '0/tcp' is not a port"),
+])
+def test_a_bad_service_key_is_refused_naming_the_field_and_nothing_is_written(service_id, version, port_list,
+                                                                              message):
+    kv = FakeKV()
+    with pytest.raises(InvalidRequest) as err:
+        ServicePorts(kv).put(service_id, version, port_list)
+    assert str(err.value).startswith(message)
+    assert kv.keys() == []
+
+
+def test_unreadable_keys_and_untrusted_ids_expose_nothing():
+    kv = FakeKV()
+    kv.put(SERVICE_KEY, "not json")
+    kv.put(f"{schema.PREFIX}/services/{SID2}", json.dumps({"version": 2, "ports": ["80/tcp", "x/tcp", 7]}))
+    ports = ServicePorts(kv)
+    assert ports.ports(SID) == [] and ports.ports(SID2) == ["80/tcp"]
+    assert ports.ports("../x") == [] and ports.ports("") == []
+    assert ports.put(SID, 1, ["80/tcp"]) == "written"  # any version replaces what cannot be read
+
+
+@pytest.fixture
+def swarm_setup():
+    """A host's driver, its identity writer and its service ports watch over one FakeKV, as plugin/main.py wires
+    them; the engine is a worker until the test makes it a manager."""
+    drv, kv = make()
+    network(drv)
+    engine = FakeEngine()
+    ports = ServicePorts(kv)
+    writer = IdentityWriter(engine.connect, drv, where="fake", backoff=(0.01, 0.05), services=ports)
+    watcher = ServicePortsWatcher(kv, ports, writer.service_changed, max_backoff=0.05)
+    yield drv, kv, engine, writer, watcher
+    watcher.stop()
+    writer.stop()
+
+
+def task(engine: FakeEngine, cid: str = CID, eid: str = EID, service_id: str = SID, exposed_ports=None,
+         emit: bool = True) -> None:
+    engine.run(cid, f"web.1.{cid[:6]}", {NID: eid}, {"com.docker.swarm.service.name": "web",
+                                                     "com.docker.swarm.service.id": service_id}, emit=emit)
+    if exposed_ports:
+        engine.containers[cid]["Config"]["ExposedPorts"] = {p: {} for p in exposed_ports}
+
+
+def test_a_manager_writes_its_services_ports_and_removes_the_gone_ones_at_resync(swarm_setup):
+    drv, kv, engine, writer, watcher = swarm_setup
+    engine.manager = True
+    engine.publish(SID, "web", [INGRESS_80, {"Protocol": "icmp", "TargetPort": 1}], version=12)
+    engine.publish(SID2, "db", [], version=3)
+    gone = "gonegonegonegonegonegone1"
+    ServicePorts(kv).put(gone, 7, ["22/tcp"])  # a service removed while no manager's plugin ran
+    writer.start()
+    wait_until(lambda: stored(kv, gone) is None, 5, "the gone service's key removed")
+    wait_until(writer.idle, 5, "the writer to finish")
+    assert writer.manager is True
+    assert stored(kv) == {"version": 12, "ports": ["80/tcp"]}  # icmp left out
+    assert stored(kv, SID2) == {"version": 3, "ports": []}
+
+
+def test_a_manager_follows_service_events(swarm_setup):
+    drv, kv, engine, writer, watcher = swarm_setup
+    engine.manager = True
+    writer.start()
+    wait_until(lambda: writer.connects == 1 and writer.idle(), 5, "the first resync")
+    engine.publish(SID, "web", [INGRESS_80], version=20, emit="create")
+    wait_until(lambda: stored(kv) == {"version": 20, "ports": ["80/tcp"]}, 5, "the created service's key")
+    engine.publish(SID, "web", [INGRESS_80, {"Protocol": "udp", "TargetPort": 53}], version=21, emit="update")
+    wait_until(lambda: stored(kv) == {"version": 21, "ports": ["53/udp", "80/tcp"]}, 5, "the updated ports")
+    del engine.services_[SID]
+    engine.emit({"Type": "service", "Action": "remove", "Actor": {"ID": SID, "Attributes": {"name": "web"}}})
+    wait_until(lambda: stored(kv) is None, 5, "the removed service's key gone")
+
+
+def test_a_worker_writes_no_keys_and_removes_none_but_merges_the_managers_into_its_task(swarm_setup):
+    drv, kv, engine, writer, watcher = swarm_setup
+    ServicePorts(kv).put(SID, 9, ["80/tcp"])  # the manager's plugin wrote it
+    ServicePorts(kv).put(SID2, 4, ["22/tcp"])  # another service: none of its tasks here
+    joined(drv, exposed=[{"Proto": 6, "Port": 5432}])  # a mode=host port, in CreateEndpoint's options
+    task(engine, exposed_ports=["5432/tcp"], emit=False)
+    writer.start()
+    watcher.start()
+    wait_until(lambda: identity(kv) is not None, 5, "the task's identity")
+    wait_until(writer.idle, 5, "the writer to finish")
+    assert writer.manager is False
+    assert exposed(kv) == ["80/tcp", "5432/tcp"]
+    assert stored(kv) == {"version": 9, "ports": ["80/tcp"]} and stored(kv, SID2) == {"version": 4, "ports": ["22/tcp"]}
+    # The service's event never reaches a worker's engine; were one to come, the engine still refuses: no write.
+    engine.emit({"Type": "service", "Action": "remove", "Actor": {"ID": SID}})
+    wait_until(writer.idle, 5, "the event handled")
+    assert stored(kv) is not None
+
+
+def test_a_key_written_after_the_task_published_re_queues_the_task(swarm_setup):
+    """The task on this host published its identity before any manager wrote its service's key (or while the key
+    said nothing): the watch's event re-queues this host's running tasks of that service only."""
+    drv, kv, engine, writer, watcher = swarm_setup
+    joined(drv)
+    joined(drv, EID2, "10.1.0.6/24")
+    writer.start()
+    watcher.start()
+    wait_until(lambda: watcher.synced.is_set() and writer.connects == 1, 5, "both subscriptions")
+    task(engine)
+    task(engine, CID2, EID2, SID2)  # another service's task: not re-queued by SID's key
+    wait_until(lambda: identity(kv) is not None and identity(kv, EID2) is not None, 5, "both identities")
+    wait_until(writer.idle, 5, "the writer to finish")
+    assert exposed(kv) == [] and exposed(kv, EID2) == []
+    inspects = engine.inspects
+    ServicePorts(kv).put(SID, 1, ["80/tcp"])
+    wait_until(lambda: exposed(kv) == ["80/tcp"], 5, "the service's port in its task's record")
+    wait_until(writer.idle, 5, "the writer to finish")
+    assert engine.inspects == inspects + 1  # the one task of SID, not SID2's
+    assert exposed(kv, EID2) == []
+    ServicePorts(kv).put(SID, 2, ["80/tcp", "443/tcp"])  # a service update adding a port
+    wait_until(lambda: exposed(kv) == ["80/tcp", "443/tcp"], 5, "the added port in the record")
+
+
+def test_bad_service_labels_and_ports_are_left_out_and_the_identity_still_published(swarm_setup):
+    drv, kv, engine, writer, watcher = swarm_setup
+    engine.manager = True
+    engine.publish(SID, "web", [{"Protocol": "tcp", "TargetPort": 99999}, INGRESS_80], version=3)
+    engine.publish("NOT-A-SWARM-ID/..", "evil", [INGRESS_80], version=3)
+    joined(drv)
+    joined(drv, EID2, "10.1.0.6/24")
+    task(engine, emit=False)
+    task(engine, CID2, EID2, "../../peers", emit=False)
+    writer.start()
+    wait_until(lambda: identity(kv) is not None and identity(kv, EID2) is not None, 5, "both identities")
+    wait_until(writer.idle, 5, "the writer to finish")
+    assert exposed(kv) == ["80/tcp"] and exposed(kv, EID2) == []
+    assert [k for k in kv.keys() if "/services/" in k] == [SERVICE_KEY]
+
+
+def test_an_etcd_outage_keeps_what_is_in_force_and_the_ports_arrive_after(swarm_setup):
+    drv, kv, engine, writer, watcher = swarm_setup
+    ServicePorts(kv).put(SID, 1, ["80/tcp"])
+    joined(drv)
+    writer.start()
+    wait_until(lambda: writer.connects == 1 and writer.idle(), 5, "the first resync")
+    kv.unavailable = True
+    task(engine)
+    wait_until(lambda: engine.inspects >= 2, 5, "attempts during the outage")  # retried, not published without
+    kv.unavailable = False
+    wait_until(lambda: exposed(kv) == ["80/tcp"], 5, "the ports after the outage")
+    # A plugin restart: a new writer, the same records; the replay writes nothing and takes nothing away.
+    writer.stop()
+    revision = kv.rev
+    again = IdentityWriter(engine.connect, drv, where="fake", backoff=(0.01, 0.05), services=ServicePorts(kv))
+    again.start()
+    try:
+        wait_until(lambda: again.connects == 1 and again.idle() and engine.inspects >= 3, 5, "the restart's resync")
+        assert kv.rev == revision and exposed(kv) == ["80/tcp"]
+    finally:
+        again.stop()
 
 
 # -- the setting ---------------------------------------------------------------------------------------------------

@@ -62,7 +62,7 @@ def test_the_prefix_is_written_nowhere_else_in_the_code():
 
 SAMPLES = {"network": "a" * 64, "endpoint": "b" * 64, "segment": "overlay-blue", "vni": "4096",
            "host": "h1", "space": "vxnet-local", "pool": "10.1.0.0_24", "address": "10.1.0.5",
-           "rule": "0123456789ab"}
+           "rule": "0123456789ab", "service": "0123456789abcdefghijklmno"}
 BUILDERS = {
     schema.NETWORK: lambda k: k.network("a" * 64),
     schema.SEGMENT: lambda k: k.segment("overlay-blue"),
@@ -71,6 +71,7 @@ BUILDERS = {
     schema.ENDPOINT: lambda k: k.endpoint("a" * 64, "b" * 64),
     schema.POLICY: lambda k: k.policy_rule("overlay-blue", "0123456789ab"),
     schema.PEER: lambda k: k.peer("overlay-blue", "b" * 64),
+    schema.SERVICE: lambda k: k.service("0123456789abcdefghijklmno"),
     schema.HOST: lambda k: k.host("h1"),
     schema.DEPARTED: lambda k: k.departed("h1"),
     schema.HEALTH: lambda k: k.health("10.1.0.5"),
@@ -110,6 +111,8 @@ def test_parse_refuses_keys_of_another_shape():
     assert keys.peer_of("/vxnet/v1/peers/s/e/x") is None
     assert keys.peer_of("/other/peers/s/e") is None
     assert keys.parse(schema.PEER, keys.endpoint("n", "e")) is None
+    assert keys.service_of(keys.service("s1")) == "s1"
+    assert keys.service_of(keys.peer("s", "e")) is None
 
 
 @pytest.mark.parametrize("bad", ["", ".", "..", "a/b", "../../etc/passwd", "0.0.0.0/0", "a\0b", "a b", None, 7])
