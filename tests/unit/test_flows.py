@@ -213,7 +213,7 @@ def test_http_answers_and_refuses_by_parameter(world):
         status, answer = http(app, query)
         assert status == 400 and answer["error"].startswith(field + ":"), query
     status, answer = http(app, f"network={OTHER}")
-    assert status == 404 and "no policy table on this host" in answer["error"]
+    assert status == 404 and "no namespace on this host" in answer["error"]
 
 
 # -- the command --------------------------------------------------------------------------------------------------
@@ -342,7 +342,7 @@ def test_the_metrics_server_serves_the_log_beside_metrics_over_loopback(world):
         status, answer = flows_cli.get_json(where, "--host", {"network": NET})
         assert status == 200 and answer["records"][0]["dst"]["container"] == "db.1.xyz"
         status, answer = flows_cli.get_json(where, "--host", {"network": OTHER})
-        assert status == 404 and "no policy table" in answer["error"]
+        assert status == 404 and "no namespace on this host" in answer["error"]
         with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=5) as reply:
             assert b"vxnet_build_info" in reply.read()
     finally:

@@ -13,7 +13,6 @@ from netdriver.isolation import Firewall, Guarded, endpoint_guard_batch, host_gu
 from tests.fakes import FakeNftables
 from wire.errors import KernelError
 
-
 HOOKED = ("forward", "input")  # the base chains: what every frame or packet is evaluated against
 
 
