@@ -268,7 +268,7 @@ def test_cli_says_when_the_log_is_rate_limited(cli):
 
 def test_cli_refuses_what_has_no_log_with_exit_2(cli, capsys):
     _, run, _ = cli
-    for network, why in (("web", "has no policy table on that host"), ("nosuchnet", "not the ID of a network"),
+    for network, why in (("web", "has no namespace on that host"), ("nosuchnet", "not the ID of a network"),
                          ("ab", "not the ID of a network")):
         code, _ = run(network)
         assert code == context.CANNOT_RUN, network
