@@ -348,7 +348,9 @@ def test_a_forged_source_is_logged_as_anti_spoofing_under_the_ports_container(wi
         engine.up(network.id, ns)
         wait_until(lambda: log.networks()[0]["running"], 10, "the log reading")
         assert pings(c5, "10.77.5.6")  # positive control: the honest ping from the same port
-        assert log.query(network.id)["records"] == []
+        # Not logged: no IPv4 record at all (the containers' own IPv6, MLD and router solicitations, is dropped and
+        # logged on this IPv4-only network: rule no-ipv6).
+        assert [r for r in log.query(network.id)["records"] if r["rule"] != "no-ipv6"] == []
         sh("ip", "-n", c5, "addr", "flush", "dev", "eth0")
         sh("ip", "-n", c5, "addr", "add", "10.77.5.99/24", "dev", "eth0")
         sh("ip", "-n", c5, "neigh", "add", "10.77.5.6", "lladdr", e6.mac, "dev", "eth0")
