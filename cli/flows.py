@@ -6,10 +6,13 @@ served on VXNET_METRICS_ADDR at /v1/flows).
 The view is one host's: a policy decides at the destination, so `vxnet flows` on host A shows the connections
 *to* A's containers (from any host); --host asks another host's plugin (its VXNET_METRICS_ADDR must be reachable
 from here: it is loopback by default). --verdict dropped (the default) shows what was dropped and what audit mode
-would have dropped; allowed what a rule or an exposed port let in; all both. The log is rate-limited (20 records a
-second per verdict): the counters under the table are exact and say how many were not logged.
+would have dropped, for any reason: no-rule (the policy), anti-spoofing (a container sent with another's MAC or
+address: the source named is the port's container, the address the one it claimed), isolation (the host refused
+to route to or from the network); allowed what a rule or an exposed port let in; all both. The log is
+rate-limited (20 records a second per verdict or rule): the counters under the table are exact and say how many
+were not logged.
 
-NETWORK is an ID (in full, or its first 12 or more characters) of a network with a policy table on that host, or
+NETWORK is an ID (in full, or its first 12 or more characters) of a network with a namespace on that host, or
 a name this host's Docker engine knows. The plugin is asked, not etcd: this works while etcd is down.
 
 --json: the plugin's answer (plugin/flows.py's wire); with --follow, one answer per line (JSON lines), each with
@@ -117,10 +120,9 @@ def resolve(where: Tuple[str, int], setting: str, text: str) -> str:
     if named and named[0] in logged:
         return named[0]
     if named:
-        raise NoLog(f"network {text!r} ({named[0][:SHORT_ID]}) has no policy table on that host (policy mode open, "
-                    f"no container of it there, or not a vxnet network); verdicts are taken at the destination's "
-                    f"host")
-    raise NoLog(f"network {text!r}: not the ID of a network with a policy table on that host ({len(logged)} have "
+        raise NoLog(f"network {text!r} ({named[0][:SHORT_ID]}) has no namespace on that host (no container of it "
+                    f"there, or not a vxnet network); verdicts are taken at the destination's host")
+    raise NoLog(f"network {text!r}: not the ID of a network with a namespace on that host ({len(logged)} have "
                 f"one), {why}")
 
 
@@ -137,9 +139,22 @@ def _port(flow: dict) -> str:
     return f"type {flow['icmp_type']}" if flow.get("icmp_type") is not None else "-"
 
 
+def _reason(flow: dict) -> str:
+    """The reason, with the anti-spoofing or isolation rule and where the frame came in (port, MAC)."""
+    text = f"{flow['reason']}:{flow['rule']}" if flow.get("rule") else flow["reason"]
+    where = " ".join(x for x in (flow.get("port") or "", flow.get("mac") or "") if x)
+    return f"{text} ({where})" if where and flow["reason"] == "anti-spoofing" else text
+
+
 def _rows(flows: List[dict]) -> List[List[str]]:
     return [[time.strftime("%H:%M:%S", time.localtime(f["time"])) + f".{int(f['time'] * 1000) % 1000:03d}",
-             f["verdict"], _who(f["src"]), _who(f["dst"]), f["proto"], _port(f), f["reason"]] for f in flows]
+             f["verdict"], _who(f["src"]), _who(f["dst"]), f["proto"], _port(f), _reason(f)] for f in flows]
+
+
+def _held(answer: dict) -> int:
+    """Everything counted and not logged, policy and guards."""
+    return sum(answer.get("suppressed", {}).values()) + sum(g.get("suppressed", 0)
+                                                            for g in (answer.get("guards") or {}).values())
 
 
 HEADER = ["TIME", "VERDICT", "SOURCE", "DESTINATION", "PROTO", "PORT", "REASON"]
@@ -161,10 +176,17 @@ def summary(answer: dict) -> str:
     else:
         lines.append("counted (exact, since the policy table was made): " +
                      ", ".join(f"{k} {counters[k]}" for k in ("dropped", "audit", "allowed")))
+    guards = answer.get("guards") or {}
+    if guards:
+        lines.append("dropped by the guards (exact): " + ", ".join(
+            f"{reason} {g['counted'] if g.get('counted') is not None else 'unknown'}" +
+            (" (the host's, every network's)" if reason == "isolation" else "")
+            for reason, g in sorted(guards.items())))
     if answer.get("rate_limited"):
         held = answer["suppressed"]
-        lines.append("RATE-LIMITED: counted but not logged: " +
-                     ", ".join(f"{k} {held[k]}" for k in ("dropped", "audit", "allowed") if held.get(k)))
+        lines.append("RATE-LIMITED: counted but not logged: " + ", ".join(
+            [f"{k} {held[k]}" for k in ("dropped", "audit", "allowed") if held.get(k)] +
+            [f"{reason} {g['suppressed']}" for reason, g in sorted(guards.items()) if g.get("suppressed")]))
     if answer.get("lost"):
         lines.append(f"lost: {answer['lost']} record(s) the log's socket could not take")
     if answer.get("evicted"):
@@ -199,7 +221,7 @@ def run(ctx: context.Context, args: argparse.Namespace) -> int:
     else:
         out.write(table(_rows(answer["records"])) + "\n")
     out.flush()
-    held = sum(answer.get("suppressed", {}).values())
+    held = _held(answer)
     since = answer["next"]
     try:
         while True:
@@ -216,7 +238,7 @@ def run(ctx: context.Context, args: argparse.Namespace) -> int:
             else:
                 if answer["records"]:
                     out.write(table(_rows(answer["records"]), header=False) + "\n")
-                now = sum(answer.get("suppressed", {}).values())
+                now = _held(answer)
                 if now > held:  # said where it happens, between the records it cut
                     out.write(f"-- RATE-LIMITED: {now - held} more verdict(s) counted but not logged --\n")
                 held = max(held, now)

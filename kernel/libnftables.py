@@ -146,6 +146,13 @@ def _statement(stmt: dict) -> str:
         return f"{_expression(body['left'])} {op}{_value(body['right'])}"
     if kind in ("counter", "drop", "accept") and body is None:
         return kind
+    if kind == "jump":
+        return f"jump {body['target']}"
+    if kind == "limit":
+        return f"limit rate {int(body['rate'])}/{body['per']} burst {int(body['burst'])} packets"
+    if kind == "log":
+        return (f"log prefix {_value(body['prefix'])} group {int(body['group'])} snaplen {int(body['snaplen'])} "
+                f"queue-threshold {int(body['queue-threshold'])}")
     raise NftablesError(f"cannot write statement {stmt!r} in nft syntax")
 
 
@@ -162,6 +169,8 @@ def _command(verb: str, body: dict) -> str:
             key = "type " + (" . ".join(key) if isinstance(key, list) else key)
         flags = f" flags {', '.join(obj['flags'])};" if obj.get("flags") else ""
         return f"add set {where} {obj['name']} {{ {key};{flags} }}"
+    if kind == "chain" and verb == "add" and "hook" not in obj:  # a regular chain: reached by a jump
+        return f"add chain {where} {obj['name']}"
     if kind == "chain" and verb == "add":
         return (f"add chain {where} {obj['name']} {{ type {obj['type']} hook {obj['hook']} priority "
                 f"{int(obj['prio'])}; policy {obj['policy']}; }}")

@@ -33,6 +33,11 @@ POLICY_TABLE = "vxnet_policy"
 # network namespace (one instance per (namespace, group)), so every network uses the same 16-bit number: 0x7678,
 # "vx".
 POLICY_NFLOG_GROUP = 0x7678
+# The anti-spoofing table (`bridge vxnet`) of a network namespace logs its drops to the same group: one reader per
+# namespace hears both. The host's isolation table (`inet vxnet`, the host namespace: the managed plugin runs with
+# host networking) logs to a group of its own, 0x7679, so that nothing vxnet runs in the host namespace contends
+# with a network namespace's listener if the two ever share one.
+ISOLATION_NFLOG_GROUP = 0x7679
 
 # "vxn" + 0x01: the reqid every SA and policy template vxnet makes carries, so clean-up touches only ours
 # (kernel/xfrm.py says why reqid rather than a mark or if_id).
@@ -135,6 +140,14 @@ def network_id_prefix(netns_name: str) -> str:
 def is_unknown_netns(netns_name: str) -> bool:
     """Has our prefix but is not a name netns() makes (a leftover of a vxnet that took IDs on trust)."""
     return netns_name.startswith(NETNS_PREFIX) and not network_id_prefix(netns_name)
+
+
+def bridge_port_endpoint(name: str) -> str:
+    """The endpoint ID prefix (11 hex) a bridge port's name was built from by veth_bridge, "" for any other
+    name (a record's port names its container through it)."""
+    if name.startswith("vxp") and len(name) == 14 and _ENDPOINT_ID.fullmatch(name[3:]):
+        return name[3:]
+    return ""
 
 
 def is_vxlan_staging(name: str) -> bool:

@@ -4,8 +4,16 @@ parsed into (time, prefix, source, destination, protocol, ports).
 nfnetlink_log (NETLINK_NETFILTER, subsystem NFNL_SUBSYS_ULOG; include/uapi/linux/netfilter/nfnetlink_log.h): a
 socket binds one group of its namespace (one listener per (namespace, group): a second bind is refused with
 EBUSY), sets the copy mode (packet, first `copy_range` bytes), and receives one NFULNL_MSG_PACKET per packet an
-nftables `log group N` statement of that namespace logs. The policy table (netdriver/policy_nft.py) logs to
-kernel/names.py POLICY_NFLOG_GROUP with a prefix naming the verdict.
+nftables `log group N` statement of that namespace logs. The policy table (netdriver/policy_nft.py) and the
+anti-spoofing table (netdriver/isolation.py) of a network namespace log to kernel/names.py POLICY_NFLOG_GROUP, the
+host's isolation table to ISOLATION_NFLOG_GROUP, each with a prefix naming the verdict (and the rule).
+
+A record of the bridge family (the anti-spoofing table) carries the port the frame came in on as
+NFULA_IFINDEX_PHYSINDEV (the bridge as INDEV), the frame's source MAC in NFULA_HWADDR, and a payload from the
+network header whatever the EtherType: an ARP packet for ARP (hw_protocol 0x0806), an IPv6 packet for neighbour
+discovery. Measured on this kernel (6.18): a ping from a port gives PHYSINDEV = the port's ifindex, INDEV = br0's.
+The reader names the port (its ifindex in the reader's namespace, resolved once); a frame neither IP nor ARP is
+kept with its EtherType as protocol and no addresses.
 
 What the reader can tell about what it did not get:
   - rate-limited: the log statements are rate-limited and the verdicts' counters are not, so for each prefix
@@ -17,6 +25,7 @@ Wire of one record (attributes in network byte order, each a netlink attribute):
     NFULA_PACKET_HDR {be16 hw_protocol, u8 hook, u8 pad}   NFULA_PREFIX "vxnet:drop\\0"
     NFULA_TIMESTAMP {be64 sec, be64 usec} (only if the packet was timestamped)   NFULA_SEQ be32
     NFULA_PAYLOAD the packet from its network header, at most copy_range bytes
+    NFULA_IFINDEX_PHYSINDEV be32 (bridged frames)   NFULA_HWADDR {be16 hw_addrlen, u16 pad, u8 hw_addr[8]}
 """
 
 import dataclasses
@@ -60,6 +69,11 @@ _PORTS = (6, 17, 132)  # TCP, UDP and SCTP all begin with the 16-bit source and 
 _EXTENSIONS = (0, 43, 60)
 _FRAGMENT = 44
 _AH = 51
+# EtherTypes (IEEE 802 numbers) a record's hw_protocol may say.
+ETH_P_IP, ETH_P_IPV6, ETH_P_ARP = 0x0800, 0x86DD, 0x0806
+# An Ethernet/IPv4 ARP packet (RFC 826): htype, ptype, hlen, plen, oper (8 bytes), then sender MAC (6), sender IP
+# (4), target MAC (6), target IP (4).
+_ARP = struct.Struct("!HHBBH6s4s6s4s")
 
 
 class nflog_msg(nfgen_msg):
@@ -124,7 +138,9 @@ class Headers:
 @dataclasses.dataclass(frozen=True)
 class Record:
     """One logged packet. timestamp: seconds since the epoch (the packet's own timestamp if the kernel stamped
-    it, else when it was read); seq: the instance's sequence number (None if the kernel sent none)."""
+    it, else when it was read); seq: the instance's sequence number (None if the kernel sent none); port: the
+    bridge port it came in on (a bridged frame's PHYSINDEV, named in the reader's namespace; "" if none or
+    unknown), port_index its ifindex (0: none); mac: the frame's source MAC ("" if the record has none)."""
     timestamp: float
     prefix: str
     src: str
@@ -134,6 +150,9 @@ class Record:
     dport: int
     icmp_type: Optional[int] = None
     seq: Optional[int] = None
+    port: str = ""
+    port_index: int = 0
+    mac: str = ""
 
 
 def parse_headers(packet: bytes) -> Headers:
@@ -185,6 +204,26 @@ def parse_headers(packet: bytes) -> Headers:
     return Headers(src, dst, name)
 
 
+def parse_arp(packet: bytes) -> Headers:
+    """An Ethernet/IPv4 ARP packet -> its sender and target IPv4 addresses, protocol "arp" (ValueError if it is
+    not one or is truncated)."""
+    if len(packet) < _ARP.size:
+        raise ValueError(f"ARP packet truncated ({len(packet)} bytes)")
+    _htype, ptype, hlen, plen, _oper, _sha, spa, _tha, tpa = _ARP.unpack_from(packet)
+    if (ptype, hlen, plen) != (ETH_P_IP, 6, 4):
+        raise ValueError(f"ARP for protocol 0x{ptype:04x} with {hlen}/{plen}-byte addresses: not Ethernet/IPv4")
+    return Headers(str(ipaddress.IPv4Address(spa)), str(ipaddress.IPv4Address(tpa)), "arp")
+
+
+def _mac(hwaddr) -> str:
+    """NFULA_HWADDR (as pyroute2's "hex" decodes it: "00:06:00:00:02:42:...") -> the address, "" if none."""
+    octets = bytes(int(b, 16) for b in hwaddr.split(":")) if isinstance(hwaddr, str) and hwaddr else b""
+    if len(octets) < 4:
+        return ""
+    length = min(struct.unpack("!H", octets[:2])[0], len(octets) - 4)
+    return ":".join(f"{b:02x}" for b in octets[4:4 + length])
+
+
 def parse_messages(data: bytes) -> Tuple[List[dict], List[int]]:
     """A buffer read from the socket -> (the records' attributes as {NFULA_ name: value}, the errnos of the error
     and acknowledgement messages in it, 0 for an ack)."""
@@ -204,13 +243,22 @@ def parse_messages(data: bytes) -> Tuple[List[dict], List[int]]:
     return records, errors
 
 
-def to_record(attrs: dict, now: float) -> Record:
-    """A record's attributes -> Record (ValueError if its payload is not an IPv4/IPv6 packet)."""
-    headers = parse_headers(attrs.get("NFULA_PAYLOAD") or b"")
+def to_record(attrs: dict, now: float, port: str = "") -> Record:
+    """A record's attributes -> Record (ValueError if its payload is not an IPv4/IPv6 packet, or for a bridged
+    frame not what its EtherType says). port: the name of the port's ifindex, for the caller to give."""
+    payload = attrs.get("NFULA_PAYLOAD") or b""
+    ethertype = (attrs.get("NFULA_PACKET_HDR") or {}).get("hw_protocol", 0)
+    if ethertype == ETH_P_ARP:
+        headers = parse_arp(payload)
+    elif ethertype not in (0, ETH_P_IP, ETH_P_IPV6) and attrs.get("NFULA_IFINDEX_PHYSINDEV"):
+        headers = Headers("", "", f"ethertype-0x{ethertype:04x}")  # a bridged frame of another protocol
+    else:
+        headers = parse_headers(payload)
     stamp = attrs.get("NFULA_TIMESTAMP")
     when = stamp["sec"] + stamp["usec"] / 1e6 if stamp else now
     return Record(when, attrs.get("NFULA_PREFIX") or "", headers.src, headers.dst, headers.proto, headers.sport,
-                  headers.dport, headers.icmp_type, attrs.get("NFULA_SEQ"))
+                  headers.dport, headers.icmp_type, attrs.get("NFULA_SEQ"), port,
+                  int(attrs.get("NFULA_IFINDEX_PHYSINDEV") or 0), _mac(attrs.get("NFULA_HWADDR")))
 
 
 def _config(group: int, attrs: list) -> bytes:
@@ -237,6 +285,9 @@ class Reader:
     def __init__(self, netns_path: Optional[str], group: int = names.POLICY_NFLOG_GROUP,
                  copy_range: int = COPY_RANGE):
         self.group = group
+        self._netns_path = netns_path
+        self._ports: Dict[int, str] = {}  # ifindex -> name in this namespace (ifindexes are not reused soon:
+        #                                   the kernel allocates them cyclically, net/core/dev.c dev_index_reserve)
         self.lost = 0
         self.unparsable = 0
         self._next_seq: Optional[int] = None
@@ -286,9 +337,23 @@ class Reader:
                     self.lost += (seq - self._next_seq) & 0xFFFFFFFF
                 self._next_seq = (seq + 1) & 0xFFFFFFFF
             try:
-                self._pending.append(to_record(attrs, now))
+                self._pending.append(to_record(attrs, now, self._port(attrs.get("NFULA_IFINDEX_PHYSINDEV"))))
             except ValueError:
                 self.unparsable += 1
+
+    def _port(self, index) -> str:
+        """The name of a port ifindex in this reader's namespace, "" if none or gone (asked once per index)."""
+        if not index:
+            return ""
+        if index not in self._ports:
+            if len(self._ports) >= 4096:  # a bound: ports come and go with containers
+                self._ports.clear()
+            try:
+                self._ports[index] = run_inside(self._netns_path, lambda: socket.if_indextoname(index),
+                                                name="nflog-port")
+            except OSError:
+                return ""  # the port went before its record was read
+        return self._ports[index]
 
     def read(self, timeout: float) -> List[Record]:
         """Every record that arrives within timeout seconds of the call, returning as soon as there is one (what

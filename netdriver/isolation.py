@@ -21,6 +21,18 @@ Two tables:
 Every rule carries a comment naming what it is for, so `nft list ruleset` explains itself, and a counter, so what
 each reason dropped can be read (`dropped()`, the metrics' vxnet_dropped_packets_total): a counter statement after
 the matches counts only the packets the rule drops, so the traffic that passes costs nothing more.
+
+Every drop is also logged (NFLOG, read by plugin/flows.py for `vxnet flows`), at no cost to what passes: a drop
+rule's matches count the packet and `jump` to a chain of that rule's own, `drop-<rule>`, holding two rules:
+    limit rate 20/second burst 50 packets log group G prefix "vxnet:drop:<reason>:<rule>"  (comment
+                                                                "vxnet:<reason>-log:<rule>")
+    drop                                                       (comment "vxnet:<reason>-drop:<rule>")
+A frame that passes evaluates exactly the rules it did before; a dropped one two more. The counter stays on the
+matching rule (comment "vxnet:<reason>:<rule>", what the drop metrics and the drift check read), so it counts
+every drop; the limit (an nft `limit` over its rate ends its rule, log included) is on the log rule alone, so it
+never lets a packet through. The log's rate and burst are the policy table's (netdriver/policy_nft.py LOG_RATE,
+LOG_BURST). G: kernel/names.py POLICY_NFLOG_GROUP in a network namespace (one reader hears the policy table and
+the anti-spoofing table), ISOLATION_NFLOG_GROUP in the host's.
 """
 
 import ipaddress
@@ -44,6 +56,29 @@ ISOLATION = "isolation"
 # a new connection to a local member that no rule, and (mode exposed) no exposed port, allows.
 POLICY = "policy"
 
+# The drop log (module docstring): the policy table's rate and burst (netdriver/policy_nft.py LOG_RATE, LOG_BURST,
+# LOG_SNAPLEN; that module imports this one, so they are repeated here and a unit test holds them equal).
+LOG_PREFIX = "vxnet:drop"
+LOG_RATE = 20  # per second
+LOG_BURST = 50  # packets
+LOG_SNAPLEN = 128
+_GROUPS = {"bridge": names.POLICY_NFLOG_GROUP, "inet": names.ISOLATION_NFLOG_GROUP}
+
+
+def log_prefix(reason: str, name: str) -> str:
+    """The NFLOG prefix of one drop rule: "vxnet:drop:anti-spoofing:mac"."""
+    return f"{LOG_PREFIX}:{reason}:{name}"
+
+
+def logged(prefix: str) -> Optional[Tuple[str, str, str]]:
+    """An NFLOG prefix of these tables -> (reason, rule, the comment of the rule whose counter counts every drop
+    it logs); None for any other prefix (the policy table's "vxnet:drop" included)."""
+    parts = prefix.split(":")
+    if len(parts) == 4 and f"{parts[0]}:{parts[1]}" == LOG_PREFIX and parts[2] in (ANTI_SPOOFING, ISOLATION) \
+            and parts[3]:
+        return parts[2], parts[3], f"vxnet:{parts[2]}:{parts[3]}"
+    return None
+
 
 def _match(left: dict, right, op: str = "==") -> dict:
     return {"match": {"op": op, "left": left, "right": right}}
@@ -57,9 +92,23 @@ def _iif(name: str) -> dict:
     return _match({"meta": {"key": "iifname"}}, name)
 
 
-def _rule(family: str, chain: str, comment: str, *expr: dict) -> dict:
-    return {"add": {"rule": {"family": family, "table": TABLE, "chain": chain, "comment": comment,
-                             "expr": list(expr) + [{"counter": None}, {"drop": None}]}}}
+def _plain_rule(family: str, chain: str, comment: str, expr: List[dict]) -> dict:
+    return {"add": {"rule": {"family": family, "table": TABLE, "chain": chain, "comment": comment, "expr": expr}}}
+
+
+def _rule(family: str, chain: str, comment: str, *expr: dict) -> List[dict]:
+    """A drop rule, logged (module docstring): its log chain, then the rule that counts and jumps there.
+    comment: "vxnet:<reason>:<rule>"."""
+    _, reason, name = comment.split(":")
+    target = f"drop-{name}"
+    log_statement = {"log": {"prefix": log_prefix(reason, name), "group": _GROUPS[family], "snaplen": LOG_SNAPLEN,
+                             # each record at once (nfnetlink_log batches 100 by default, or waits a second)
+                             "queue-threshold": 1}}
+    return [{"add": {"chain": {"family": family, "table": TABLE, "name": target}}},
+            _plain_rule(family, target, f"vxnet:{reason}-log:{name}",
+                        [{"limit": {"rate": LOG_RATE, "per": "second", "burst": LOG_BURST}}, log_statement]),
+            _plain_rule(family, target, f"vxnet:{reason}-drop:{name}", [{"drop": None}]),
+            _plain_rule(family, chain, comment, list(expr) + [{"counter": None}, {"jump": {"target": target}}])]
 
 
 def _replace_table(family: str) -> List[dict]:
@@ -155,7 +204,7 @@ def endpoint_guard_batch(endpoints: Sequence[Guarded], ipv6: bool = False) -> Li
     def pair(protocol: str, field: str) -> dict:
         return {"concat": [{"meta": {"key": "iifname"}}, _payload(protocol, field)]}
 
-    def rule(name: str, *expr: dict) -> dict:
+    def rule(name: str, *expr: dict) -> List[dict]:
         return _rule("bridge", "forward", f"vxnet:{ANTI_SPOOFING}:{name}", guarded, *expr)
 
     sets = [_set("bridge", "ports", "ifname"),
@@ -185,7 +234,8 @@ def endpoint_guard_batch(endpoints: Sequence[Guarded], ipv6: bool = False) -> Li
             rule("na-target", _match(icmp6_type, _NA), _match(target, "@targets", "!=")),
             rule("router", _match(icmp6_type, {"set": _ROUTER_ONLY})),
         ]
-    return (_replace_table("bridge") + sets + [_chain("bridge", "forward", "forward")] + rules +
+    return (_replace_table("bridge") + sets + [_chain("bridge", "forward", "forward")] +
+            [op for r in rules for op in r] +
             [op for name, elems in endpoint_elements(endpoints, ipv6) for op in _elements("bridge", name, elems)])
 
 
@@ -220,11 +270,11 @@ def host_guard_batch(subnets: Iterable[str]) -> List[dict]:
             batch.append({"add": {"element": {"family": "inet", "table": TABLE, "name": name, "elem": elems}}})
     for protocol, name, suffix in (("ip", "@subnets", ""), ("ip6", "@subnets6", "-v6")):
         batch += [
-            _rule("inet", "forward", f"vxnet:isolation:to-overlay{suffix}", _match(_payload(protocol, "daddr"), name)),
-            _rule("inet", "forward", f"vxnet:isolation:from-overlay{suffix}",
-                  _match(_payload(protocol, "saddr"), name)),
-            _rule("inet", "input", f"vxnet:isolation:overlay-to-host{suffix}",
-                  _match(_payload(protocol, "saddr"), name)),
+            *_rule("inet", "forward", f"vxnet:isolation:to-overlay{suffix}", _match(_payload(protocol, "daddr"), name)),
+            *_rule("inet", "forward", f"vxnet:isolation:from-overlay{suffix}",
+                   _match(_payload(protocol, "saddr"), name)),
+            *_rule("inet", "input", f"vxnet:isolation:overlay-to-host{suffix}",
+                   _match(_payload(protocol, "saddr"), name)),
         ]
     return batch
 
@@ -344,6 +394,19 @@ class Firewall:
             chain = [{"list": {"chain": {"family": "inet", "table": names.POLICY_TABLE, "name": "forward"}}}]
             out.update(self._dropped(ns, chain, f"read the policy drops in {ns}"))
         return out
+
+    def counted(self, ns: Optional[str]) -> Dict[str, Tuple[int, int]]:
+        """The counters of one of our tables by rule comment: ns a network's namespace (anti-spoofing), None the
+        host's (isolation); {} for a table that is not there. What the drop log compares its records with."""
+        family = "inet" if ns is None else "bridge"
+        try:
+            text = self._apply(ns, list_table_command(family),
+                               f"read the {family} {TABLE} counters in {ns or 'the host namespace'}")
+        except KernelError as exc:
+            if missing_table(exc):
+                return {}
+            raise
+        return libnftables.rule_counters(text if isinstance(text, str) else "")
 
     def _dropped(self, ns: Optional[str], command: List[dict], what: str) -> Dict[str, Tuple[int, int]]:
         try:

@@ -30,6 +30,7 @@ reconciler's PeerSync.repair does) and never the other way round; the reconciler
 alone. Subscribers are called after it is released.
 """
 
+import ipaddress
 import logging
 import threading
 from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
@@ -93,9 +94,11 @@ class PolicyEngine:
 
     # -- the interface of `vxnet flows` (plugin side) ------------------------------------------------------------
     def subscribe(self, callback: Subscriber) -> None:
-        """callback(network_id, ns, up): up=True each time a network namespace gets its policy table (made,
-        replaced, or found in place at start-up: after a rebuild the namespace is a new one), up=False when it
-        loses it. Called without the engine's lock, from the thread of the event; keep it short."""
+        """callback(network_id, ns, up): up=True each time a network's namespace is up here, whatever its mode
+        (made or rebuilt: the namespace is a new one), and again each time it gets its policy table (made,
+        replaced, or found in place at start-up); up=False when the namespace goes. The verdict log reads every
+        namespace (anti-spoofing drops are logged on open networks too). Called without the engine's lock, from
+        the thread of the event; keep it short."""
         with self._lock:
             self._subscribers.append(callback)
 
@@ -116,6 +119,24 @@ class PolicyEngine:
                     out[address] = entry
         return out
 
+    def network_of(self, address: str) -> Optional[str]:
+        """The local network (a namespace here) one of whose subnets, IPv4 or IPv6, holds the address; None if
+        none does (the verdict log files the host's isolation drops under it)."""
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return None
+        with self._lock:
+            networks = list(self._networks.values())
+        for network in networks:
+            for subnet in list(network.subnets) + list(network.subnets6):
+                try:
+                    if ip in ipaddress.ip_network(subnet.pool, strict=False):
+                        return network.id
+                except ValueError:
+                    continue
+        return None
+
     def policy_networks(self) -> List[Network]:
         """The local networks whose namespace has (or is to have) a policy table."""
         with self._lock:
@@ -131,11 +152,13 @@ class PolicyEngine:
             if network.policy == "open":
                 self._states.pop(segment, None)
                 self._applied.discard(segment)
-                return
-            self._states[segment] = self._build(segment)
-            self._applied.discard(segment)  # a new namespace, or one rebuilt: nothing about its table is known
-            if self._loaded():
-                self._ensure(segment, notes, check=False)
+            else:
+                self._states[segment] = self._build(segment)
+                self._applied.discard(segment)  # a new namespace, or one rebuilt: nothing about its table is known
+                if self._loaded():
+                    self._ensure(segment, notes, check=False)
+            if not notes:  # the namespace is up, with no table (yet): its anti-spoofing drops are logged anyway
+                notes.append((network.id, names.netns(network.id), True))
         self._notify(notes)
 
     def network_down(self, network: Network) -> None:
@@ -147,13 +170,12 @@ class PolicyEngine:
                 return  # another network of the segment: not the one here
             self._networks.pop(segment, None)
             self._applied.discard(segment)
-            if self._states.pop(segment, None) is None:
-                return
             ns = names.netns(network.id)
-            try:
-                self.firewall.remove_policy(ns)
-            except VxnetError as exc:  # the namespace goes next anyway, and the table with it
-                log.info("policy table of %s not removed before its namespace: %s", ns, exc)
+            if self._states.pop(segment, None) is not None:
+                try:
+                    self.firewall.remove_policy(ns)
+                except VxnetError as exc:  # the namespace goes next anyway, and the table with it
+                    log.info("policy table of %s not removed before its namespace: %s", ns, exc)
             notes.append((network.id, ns, False))
         self._notify(notes)
 

@@ -252,8 +252,10 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
         if settings.metrics_addr is not None:
             # The verdict log (`vxnet flows`) is served beside the metrics: subscribed before the start-up thread
             # runs, so it hears every table the engine makes or finds. Without VXNET_METRICS_ADDR there is none.
+            # The host's isolation table logs in this namespace (the managed plugin runs with host networking).
             flow_log = plugin_flows.FlowLog(policy, lambda ns: Reader(links.netns_path(ns)),
-                                            policy.firewall.counters)
+                                            policy.firewall.counters, guards=isolation.counted,
+                                            host_reader=lambda: Reader(None, names.ISOLATION_NFLOG_GROUP))
             flow_log.start()
             # Before the plugin's socket: a port that cannot be had stops the start, naming the setting.
             metrics = plugin_metrics.MetricsServer(settings.metrics_addr, plugin_metrics.Collector(

@@ -2,16 +2,24 @@
 network's namespace gets or loses its policy table, and the names of each member address; and an NFLOG reader
 (kernel.nflog.Reader) fed by the test."""
 
+import ipaddress
 import threading
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 
 class FakePolicyEngine:
-    """`names_of[network_id]` is what names() returns; up()/down() call every subscriber as the engine does."""
+    """`names_of[network_id]` is what names() returns; `subnets_of[network_id]` the subnets network_of() looks
+    in; up()/down() call every subscriber as the engine does."""
 
     def __init__(self):
         self.subscribers: List[Callable[[str, str, bool], None]] = []
         self.names_of: Dict[str, Dict[str, dict]] = {}
+        self.subnets_of: Dict[str, List[str]] = {}
+
+    def network_of(self, address: str) -> Optional[str]:
+        ip = ipaddress.ip_address(address)
+        return next((n for n, subnets in self.subnets_of.items()
+                     if any(ip in ipaddress.ip_network(s) for s in subnets)), None)
 
     def subscribe(self, callback: Callable[[str, str, bool], None]) -> None:
         self.subscribers.append(callback)

@@ -325,3 +325,51 @@ def test_a_container_cannot_send_router_advertisements(wired6):
     assert counters(plane, network)["vxnet:anti-spoofing:router"][0] > before
     assert "fd00:99:" not in sh("ip", "-n", c7, "-6", "addr", "show").stdout
     assert sh("ip", "-n", ns, "-6", "route", "show", "default").stdout.strip() == ""
+
+
+def test_a_forged_source_is_logged_as_anti_spoofing_under_the_ports_container(wired):
+    """`vxnet flows` of an open network: the forged ping appears with reason anti-spoofing and the sending port's
+    container; the honest ping from the same port before it passes and is not logged; the counter equals the
+    forged packets sent."""
+    from kernel.nflog import Reader
+    from plugin import flows as pf
+    from tests.fakes.policy_engine import FakePolicyEngine
+    from tests.harness.proc import wait_until
+
+    plane, network, (c5, c6), (e5, e6) = wired
+    ns = names.netns(network.id)
+    engine = FakePolicyEngine()
+    engine.names_of[network.id] = {e.ip.split("/")[0]: {"container": f"c{e.ip[-4]}", "service": "",
+                                                       "endpoint": e.id, "host": "h"} for e in (e5, e6)}
+    fw = Firewall(plane.links.nft)
+    log = pf.FlowLog(engine, lambda n: Reader(plane.links.netns_path(n)), lambda n: {}, guards=fw.counted)
+    log.start()
+    try:
+        engine.up(network.id, ns)
+        wait_until(lambda: log.networks()[0]["running"], 10, "the log reading")
+        assert pings(c5, "10.77.5.6")  # positive control: the honest ping from the same port
+        # Not logged: no IPv4 record at all (the containers' own IPv6, MLD and router solicitations, is dropped and
+        # logged on this IPv4-only network: rule no-ipv6).
+        assert [r for r in log.query(network.id)["records"] if r["rule"] != "no-ipv6"] == []
+        sh("ip", "-n", c5, "addr", "flush", "dev", "eth0")
+        sh("ip", "-n", c5, "addr", "add", "10.77.5.99/24", "dev", "eth0")
+        sh("ip", "-n", c5, "neigh", "add", "10.77.5.6", "lladdr", e6.mac, "dev", "eth0")
+        assert not pings(c5, "10.77.5.6")
+
+        def logged():
+            answer = log.query(network.id)
+            hits = [r for r in answer["records"] if r["reason"] == "anti-spoofing" and r["src"]["ip"] == "10.77.5.99"]
+            return (answer, hits) if hits else None
+
+        answer, (hit, *_) = wait_until(logged, 10, "the forged ping in the flows answer")
+        assert (hit["verdict"], hit["rule"], hit["proto"], hit["dst"]["ip"]) == ("dropped", "ip", "icmp", "10.77.5.6")
+        assert (hit["src"]["endpoint"], hit["port"], hit["mac"]) == (e5.id, names.veth_bridge(e5.id), e5.mac)
+        assert hit["src"]["container"] == "c5"
+        # The ip rule's counter: exactly the one forged echo request sent (ping -c 1). The reason's total also
+        # holds the IPv6 the containers' kernels send on this IPv4-only network (rule no-ipv6), each one logged.
+        assert fw.counted(ns)["vxnet:anti-spoofing:ip"][0] == 1
+        assert [r["rule"] for r in answer["records"]].count("ip") == 1
+        assert answer["guards"]["anti-spoofing"]["counted"] >= len(answer["records"])
+        assert answer["guards"]["anti-spoofing"]["suppressed"] == 0 and answer["lost"] == 0
+    finally:
+        log.stop()

@@ -213,7 +213,7 @@ def test_http_answers_and_refuses_by_parameter(world):
         status, answer = http(app, query)
         assert status == 400 and answer["error"].startswith(field + ":"), query
     status, answer = http(app, f"network={OTHER}")
-    assert status == 404 and "no policy table on this host" in answer["error"]
+    assert status == 404 and "no namespace on this host" in answer["error"]
 
 
 # -- the command --------------------------------------------------------------------------------------------------
@@ -268,7 +268,7 @@ def test_cli_says_when_the_log_is_rate_limited(cli):
 
 def test_cli_refuses_what_has_no_log_with_exit_2(cli, capsys):
     _, run, _ = cli
-    for network, why in (("web", "has no policy table on that host"), ("nosuchnet", "not the ID of a network"),
+    for network, why in (("web", "has no namespace on that host"), ("nosuchnet", "not the ID of a network"),
                          ("ab", "not the ID of a network")):
         code, _ = run(network)
         assert code == context.CANNOT_RUN, network
@@ -342,8 +342,60 @@ def test_the_metrics_server_serves_the_log_beside_metrics_over_loopback(world):
         status, answer = flows_cli.get_json(where, "--host", {"network": NET})
         assert status == 200 and answer["records"][0]["dst"]["container"] == "db.1.xyz"
         status, answer = flows_cli.get_json(where, "--host", {"network": OTHER})
-        assert status == 404 and "no policy table" in answer["error"]
+        assert status == 404 and "no namespace on this host" in answer["error"]
         with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=5) as reply:
             assert b"vxnet_build_info" in reply.read()
     finally:
         server.stop()
+
+
+PORT = "vxp" + ("e1" * 32)[:11]  # CLIENT's bridge port (kernel/names.py veth_bridge of its endpoint)
+
+
+def test_anti_spoofing_and_isolation_drops_are_logged_named_and_counted_exactly():
+    """A forged frame from CLIENT's port: its source is the port's container, whatever address it claimed; a
+    host isolation drop is filed under the network whose subnet holds an end; each reason's exact counter and
+    what its rate limit held back are in the answer, and --verdict dropped shows all three reasons."""
+    engine, counters = FakePolicyEngine(), Counters()
+    engine.names_of[NET] = dict(NAMES)
+    engine.subnets_of[NET] = ["10.89.0.0/24"]
+    guards = {NS: {"vxnet:anti-spoofing:ip": (3, 180)}, None: {"vxnet:isolation:from-overlay": (1, 60)}}
+    log = pf.FlowLog(engine, FakeReader, counters, threads=False, guards=lambda ns: dict(guards[ns]),
+                     host_reader=lambda: FakeReader("host"))
+    log.start()
+    counters.packets[NS] = {}  # an open network: no policy table
+    engine.up(NET, NS)
+    assert log.attach(NET) and log.attach(pf.HOST)
+    assert [n["network"] for n in log.networks()] == [NET]  # the host's log is no network
+    spoofed = Record(1.0, "vxnet:drop:anti-spoofing:ip", DB, STRANGER, "icmp", 0, 0, 8, port=PORT, port_index=7,
+                     mac="02:42:0a:59:00:02")
+    arp = Record(2.0, "vxnet:drop:anti-spoofing:arp-ip", DB, CLIENT, "arp", 0, 0, port=PORT)
+    assert log.ingest(NET, [spoofed, arp]) == 2
+    routed = Record(3.0, "vxnet:drop:isolation:from-overlay", CLIENT, "192.0.2.1", "tcp", 40000, 443)
+    elsewhere = Record(4.0, "vxnet:drop:isolation:to-overlay", "192.0.2.1", "10.200.0.1", "tcp", 40000, 80)
+    assert log.ingest(pf.HOST, [routed, elsewhere]) == 1  # the other subnet is no network here: counted only
+    guards[NS]["vxnet:anti-spoofing:ip"] = (6, 360)  # 3 more since the reader started, 1 logged (+1 ARP)
+    guards[NS]["vxnet:anti-spoofing:arp-ip"] = (1, 42)
+    guards[None]["vxnet:isolation:from-overlay"] = (5, 300)  # 4 more, 1 logged (plus 1 to-overlay seen)
+    guards[None]["vxnet:isolation:to-overlay"] = (1, 60)
+    answer = log.query(NET)
+    first, second, third = answer["records"]
+    assert (first["verdict"], first["reason"], first["rule"], first["port"], first["mac"]) == \
+        ("dropped", "anti-spoofing", "ip", PORT, "02:42:0a:59:00:02")
+    # The sender is client-1 (its port), though the frame claimed the db's address.
+    assert first["src"] == {"ip": DB, "container": "client-1", "service": "", "endpoint": "e1" * 32, "host": "h1"}
+    assert (second["proto"], second["rule"], second["src"]["container"]) == ("arp", "arp-ip", "client-1")
+    assert (third["reason"], third["rule"], third["src"]["container"], third["dst"]["ip"]) == \
+        ("isolation", "from-overlay", "client-1", "192.0.2.1")
+    assert answer["guards"] == {"anti-spoofing": {"counted": 7, "suppressed": 2},
+                                "isolation": {"counted": 6, "suppressed": 3}}
+    assert answer["counters"] == {"dropped": 0, "audit": 0, "allowed": 0} and answer["rate_limited"] is True
+    assert answer["not_logged"].startswith("cleartext drops")  # the only reason left unlogged
+    assert [r["reason"] for r in log.query(NET, "allowed")["records"]] == []
+    text = flows_cli.summary(answer)
+    assert "anti-spoofing 7" in text and "isolation 6 (the host's" in text and "anti-spoofing 2" in text
+    assert "anti-spoofing:ip (" + PORT in flows_cli.table(flows_cli._rows(answer["records"]))
+    # A positive control for the counts: nothing more dropped, nothing more held back.
+    assert log.query(NET)["guards"]["anti-spoofing"]["suppressed"] == 2
+    engine.down(NET, NS)
+    assert log.query(NET) is None

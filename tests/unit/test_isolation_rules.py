@@ -8,24 +8,63 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kernel import libnftables
+from netdriver import isolation, policy_nft
 from netdriver.isolation import Firewall, Guarded, endpoint_guard_batch, host_guard_batch, link_local
 from tests.fakes import FakeNftables
 from wire.errors import KernelError
+
+HOOKED = ("forward", "input")  # the base chains: what every frame or packet is evaluated against
+
+
+def _hooked(batch):
+    """The rules of the base chains (the log chains' rules are reached by a drop only)."""
+    return [op["add"]["rule"] for op in batch if "rule" in op.get("add", {}) and
+            op["add"]["rule"]["chain"] in HOOKED]
 
 
 def test_endpoint_batch_replaces_the_table_and_keeps_rules_fixed_as_endpoints_grow():
     batch = endpoint_guard_batch([("vxpb", "10.0.0.6", "02:42:0a:00:00:06"), ("vxpa", "10.0.0.5", "m5")])
     assert [list(op)[0] for op in batch[:3]] == ["add", "delete", "add"]
-    rules = [op["add"]["rule"] for op in batch if "rule" in op.get("add", {})]
+    rules = _hooked(batch)
     assert len(rules) == 5 and all(r["comment"].startswith("vxnet:anti-spoofing:") for r in rules)
-    assert all(r["expr"][-1] == {"drop": None} for r in rules)
+    assert all(r["expr"][-2:] == [{"counter": None}, {"jump": {"target": f"drop-{r['comment'].split(':')[2]}"}}]
+               for r in rules)
     elements = {op["add"]["element"]["name"]: op["add"]["element"]["elem"]
                 for op in batch if "element" in op.get("add", {})}
     assert elements == {"ports": ["vxpa", "vxpb"],  # sorted: the same input always gives the same batch
                         "macs": [{"concat": ["vxpa", "m5"]}, {"concat": ["vxpb", "02:42:0a:00:00:06"]}],
                         "ips": [{"concat": ["vxpa", "10.0.0.5"]}, {"concat": ["vxpb", "10.0.0.6"]}]}
     many = endpoint_guard_batch([(f"vxp{i}", f"10.0.0.{i}", f"02:00:00:00:00:{i:02x}") for i in range(50)])
-    assert len([op for op in many if "rule" in op.get("add", {})]) == 5
+    assert len(_hooked(many)) == 5
+
+
+@pytest.mark.parametrize("batch, group", [
+    (endpoint_guard_batch([("vxpa", "10.0.0.5", "02:42:0a:00:00:05")], ipv6=True), 0x7678),
+    (host_guard_batch(["10.1.0.0/24"]), 0x7679)])
+def test_every_drop_rule_jumps_to_a_chain_that_logs_rate_limited_then_drops(batch, group):
+    """Each drop rule's log chain: a log rule with the limit (it ends only its own rule), then the drop; the
+    counter stays on the matching rule, which the drop metrics read by its comment."""
+    chains = {}
+    for op in batch:
+        rule = op.get("add", {}).get("rule")
+        if rule is not None and rule["chain"] not in HOOKED:
+            chains.setdefault(rule["chain"], []).append(rule)
+    hooked = _hooked(batch)
+    assert sorted(chains) == sorted(f"drop-{r['comment'].split(':')[2]}" for r in hooked)
+    for rule in hooked:
+        _, reason, name = rule["comment"].split(":")
+        log_rule, drop_rule = chains[f"drop-{name}"]
+        limit, log = log_rule["expr"]
+        assert limit == {"limit": {"rate": 20, "per": "second", "burst": 50}}
+        assert (log["log"]["prefix"], log["log"]["group"]) == (f"vxnet:drop:{reason}:{name}", group)
+        assert isolation.logged(log["log"]["prefix"]) == (reason, name, rule["comment"])
+        assert drop_rule["expr"] == [{"drop": None}] and "counter" not in str(log_rule) + str(drop_rule)
+        assert isolation.drop_reason(log_rule["comment"]) is None and isolation.drop_reason(drop_rule["comment"]) \
+            is None  # only the matching rule's counter is a drop metric's
+    # The policy table's log and this one's are read alike: the same rate, burst and snap length.
+    assert (isolation.LOG_RATE, isolation.LOG_BURST, isolation.LOG_SNAPLEN) == \
+        (policy_nft.LOG_RATE, policy_nft.LOG_BURST, policy_nft.LOG_SNAPLEN)
+    assert isolation.logged(policy_nft.LOG_DROP) is None and isolation.logged("vxnet:drop:policy:x") is None
 
 
 def test_host_batch_deduplicates_shared_subnets():
@@ -57,13 +96,13 @@ def test_endpoint_add_and_remove_change_exactly_its_elements_and_replay_safely()
     fw.guard_endpoint("ns", b)
     fw.guard_endpoint("ns", b)  # a replay
     assert nft.sets() == _whole([a, b])
-    assert len(nft.tables[("bridge", "vxnet")]["rules"]) == 5
+    assert len([r for r in nft.tables[("bridge", "vxnet")]["rules"] if r["chain"] == "forward"]) == 5
     fw.unguard_endpoint("ns", a)
     fw.unguard_endpoint("ns", a)  # a replay: the elements are gone, the batch still succeeds
     assert nft.sets() == _whole([b])
     fw.unguard_endpoint("ns", b)
     assert nft.sets() == _whole([])
-    assert len(nft.tables[("bridge", "vxnet")]["rules"]) == 5
+    assert len([r for r in nft.tables[("bridge", "vxnet")]["rules"] if r["chain"] == "forward"]) == 5
 
 
 def test_a_refused_batch_is_a_kernel_error_naming_the_namespace():
@@ -88,7 +127,7 @@ DUAL = [Guarded("vxpa", "10.0.0.5", "02:42:0a:00:00:05", "fd00:1::5"),
 
 
 def _rules(batch):
-    return [op["add"]["rule"]["comment"].split(":")[2] for op in batch if "rule" in op.get("add", {})]
+    return [rule["comment"].split(":")[2] for rule in _hooked(batch)]
 
 
 def test_a_dual_stack_table_guards_v6_sources_nd_targets_and_router_messages_with_fixed_rules():
@@ -107,7 +146,8 @@ def test_a_dual_stack_table_guards_v6_sources_nd_targets_and_router_messages_wit
     # syntax, so the batch goes as text: every value quoted but set references and raw numbers.
     text = libnftables.to_nft_syntax(batch)
     assert "add set bridge vxnet targets { typeof meta iifname . @th,64,128; }" in text
-    assert 'meta iifname . @th,64,128 != @targets counter drop comment "vxnet:anti-spoofing:na-target"' in text
+    assert ('meta iifname . @th,64,128 != @targets counter jump drop-na-target comment '
+            '"vxnet:anti-spoofing:na-target"') in text
     assert '"vxpa" . 0xfd000001000000000000000000000005' in text and 'meta iifname @ports' in text
 
 

@@ -167,9 +167,14 @@ def test_open_networks_get_no_table_and_a_deleted_network_loses_its_table_and_st
     ups = []
     rig.engine.subscribe(lambda nid, ns, up: ups.append((nid, ns, up)))
     rig.load(network("open"), [record(2, ME, DB)], [CLIENT_TO_DB])
-    assert rig.fw.writes == [] and ups == []
+    # No table; the namespace is up (the verdict log reads its anti-spoofing drops), said once.
+    assert rig.fw.writes == [] and ups == [(NID, NS, True)]
+    assert rig.engine.network_of("10.0.0.77") == NID and rig.engine.network_of("192.0.2.1") is None
+    rig.engine.network_down(network("open"))
+    assert ups[-1] == (NID, NS, False) and rig.engine.network_of("10.0.0.77") is None
+    ups.clear()
     rig.engine.network_up(network("exposed"))  # (a test shortcut: the mode is fixed at creation)
-    assert rig.fw.tables[NS][0] == "exposed" and ups == [(NID, NS, True)]
+    assert rig.fw.tables[NS][0] == "exposed" and ups == [(NID, NS, True)]  # one up: the table's
     rig.engine.network_down(network("exposed"))
     assert NS not in rig.fw.tables and rig.fw.switch[NS] is False and ups[-1] == (NID, NS, False)
     assert rig.engine.policy_networks() == [] and rig.engine.repair(network("exposed")) is None

@@ -6,6 +6,7 @@ import ipaddress
 import socket
 import struct
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -160,3 +161,22 @@ def test_accounting_tells_suppressed_from_logged():
         acc.saw(nflog.Record(0.0, "vxnet:drop", "10.0.0.1", "10.0.0.2", "tcp", 1, 2))
     assert acc.suppressed({"vxnet:drop": 20, "vxnet:audit": 0}) == {"vxnet:drop": 7, "vxnet:audit": 0}
     assert acc.suppressed({"vxnet:drop": 12}) == {"vxnet:drop": 0}  # counter read before its last increments
+
+
+def test_a_bridged_arp_record_gives_its_addresses_port_index_and_source_mac():
+    """As measured (kernel/nflog.py): a bridge-family record carries PHYSINDEV (the port), INDEV (the bridge),
+    HWADDR {len 6, pad, 8 bytes}, and the ARP packet as payload."""
+    arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 1, bytes.fromhex("024200000005"),
+                      bytes([10, 0, 0, 9]), bytes(6), bytes([10, 0, 0, 6]))
+    attrs = (_attr(1, struct.pack("!HBB", 0x0806, 2, 0)) + _attr(6, struct.pack("!I", 7)) +
+             _attr(4, struct.pack("!I", 2)) + _attr(8, struct.pack("!HH", 6, 0) + bytes.fromhex("0242000000050000")) +
+             _attr(10, b"vxnet:drop:anti-spoofing:arp-ip\0") + _attr(9, arp))
+    body = struct.pack("!BBH", 7, 0, 0x7678) + attrs  # NFPROTO_BRIDGE
+    (parsed,), _ = nflog.parse_messages(struct.pack("=IHHII", 16 + len(body), (4 << 8) | 0, 0, 0, 0) + body)
+    record = nflog.to_record(parsed, now=5.0, port="vxp0123456789a")
+    assert (record.src, record.dst, record.proto, record.port, record.port_index, record.mac) == \
+        ("10.0.0.9", "10.0.0.6", "arp", "vxp0123456789a", 7, "02:42:00:00:00:05")
+    other = dict(parsed, NFULA_PACKET_HDR={"hw_protocol": 0x88CC}, NFULA_PAYLOAD=b"\x02\x07")
+    assert nflog.to_record(other, now=5.0).proto == "ethertype-0x88cc"  # neither IP nor ARP: kept, unaddressed
+    with pytest.raises(ValueError):
+        nflog.to_record(dict(parsed, NFULA_PAYLOAD=arp[:20]), now=5.0)  # truncated ARP
