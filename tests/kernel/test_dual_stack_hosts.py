@@ -14,6 +14,7 @@ import pytest
 
 from kernel import names
 from tests.harness.plugin import Plugin
+from tests.harness.proc import wait_until
 from tests.harness.unixhttp import request
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces")
@@ -166,6 +167,19 @@ def test_dual_stack_across_two_hosts_isolation_reconciliation_and_removal(hosts,
         assert not q.ping6(host1, source=A6 + "99")
         assert isolation_drops(h1, "vxnet:isolation:overlay-to-host-v6") > before
         assert q.ping6(host1, source="fd00:1234::2")
+        # `vxnet flows` of network A on host 1 shows that drop, filed under A by its source address, with the rule;
+        # the honest pings before and after it (same link, same probe) are not in the log.
+        def isolation_flows():
+            code, answer = p1.cli_json("flows", a1.id[:12])
+            assert code == 0, p1.cli("flows", a1.id[:12]).stderr
+            hits = [r for r in answer["records"] if r["reason"] == "isolation"]
+            return (answer, hits) if hits else None
+
+        answer, hits = wait_until(isolation_flows, 10, "the isolation drop in vxnet flows")
+        assert {(r["src"]["ip"], r["dst"]["ip"], r["rule"], r["verdict"]) for r in hits} == {
+            (A6 + "99", "fd00:1234::1", "overlay-to-host-v6", "dropped")}
+        assert not [r for r in answer["records"] if r["src"]["ip"] == "fd00:1234::2"]
+        assert answer["guards"]["isolation"]["counted"] >= len(hits)
 
         # Someone deletes host 1's entry for c2 while its plugin is down: `vxnet status` names it, and the
         # plugin's start-up puts it back.
