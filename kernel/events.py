@@ -16,6 +16,17 @@ threads as namespaces come and go). What it reads from all the ready sockets at 
 and "overrun": the socket's receive buffer overflowed (recv fails with ENOBUFS, netlink(7)), notifications were
 lost, and the only safe reading is "anything may have changed here".
 
+nf_tables commits of this process are not reported. Every batch vxnet writes (anti-spoofing, isolation, policy,
+fail-closed) is made on its netlink thread (kernel/links.py), which carries a name of its own
+(names.nft_committer), and is the desired state already: reporting it made the reconciler compare the whole table
+again after each change (for a policy table of 7,840 elements: a listing and a full compile, 0.4-0.8 s, holding
+the policy engine and the netlink thread), so that a burst of rule changes queued behind passes its own writes
+had triggered. The kernel ends each commit's notifications with one NFT_MSG_NEWGEN that names the committing
+task (NFTA_GEN_PROC_NAME, its comm; `nft monitor` prints it as "by process PID (NAME)"), after the object
+messages of that commit (nf_tables_commit sends them, then the generation, under the commit mutex, so commits
+never interleave). So a commit is reported once its NEWGEN names someone else; object messages whose NEWGEN has
+not come within PENDING_SECONDS are reported too (a lost NEWGEN cannot hide a change).
+
 What is listened to where: a network namespace gets link, neighbour and nf_tables (its bridge, VXLAN device, FDB,
 neighbours, anti-spoofing table); the host namespace gets nf_tables and XFRM (the isolation table, the ESP
 fail-closed table, SAs and policies). The host's links and neighbours are not vxnet's (the container ends of the
@@ -30,6 +41,7 @@ import select
 import socket
 import struct
 import threading
+import time
 from typing import Callable, Dict, List, Optional, Set, Tuple
 
 from kernel.netns import run_inside
@@ -53,6 +65,15 @@ AF_BRIDGE = 7
 # linux/netfilter/nfnetlink.h: NFNLGRP_NFTABLES; nf_tables messages are (NFNL_SUBSYS_NFTABLES << 8) | msg
 NFNLGRP_NFTABLES = 7
 NFNL_SUBSYS_NFTABLES = 10
+# linux/netfilter/nf_tables.h: enum nf_tables_msg_types, enum nft_gen_attributes
+NFT_MSG_NEWGEN = 15
+NFTA_GEN_PROC_NAME = 3
+NFGENMSG_SIZE = 4  # struct nfgenmsg: family, version, res_id
+NLA_HDR = struct.Struct("=HH")  # nla_len, nla_type
+NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED and NLA_F_NET_BYTEORDER
+# The kernel sends a commit's NEWGEN right after its object messages, in the same system call: a commit read in
+# two parts is whole a few microseconds later. Past this, objects without their NEWGEN are reported anyway.
+PENDING_SECONDS = 0.5
 # linux/xfrm.h
 XFRMNLGRP_SA = 3
 XFRMNLGRP_POLICY = 4
@@ -76,8 +97,55 @@ def _kinds_route(data: bytes) -> Set[str]:
     return out
 
 
-def _kinds_nft(data: bytes) -> Set[str]:
-    return {"nft" for msg_type, _ in _messages(data) if msg_type >> 8 == NFNL_SUBSYS_NFTABLES}
+def committer(payload: bytes) -> Optional[str]:
+    """The committing task's name in an NFT_MSG_NEWGEN payload (nfgenmsg, then attributes), None if absent."""
+    offset = NFGENMSG_SIZE
+    while offset + NLA_HDR.size <= len(payload):
+        length, kind = NLA_HDR.unpack_from(payload, offset)
+        if length < NLA_HDR.size:
+            break
+        if kind & NLA_TYPE_MASK == NFTA_GEN_PROC_NAME:
+            return payload[offset + NLA_HDR.size:offset + length].split(b"\0", 1)[0].decode(errors="replace")
+        offset += (length + NLMSG_ALIGNTO - 1) & ~(NLMSG_ALIGNTO - 1)
+    return None
+
+
+class NftCommits:
+    """The nf_tables notifications of one socket, commit by commit: feed(data) -> {"nft"} for a commit made by
+    anyone but `ours` (a committer name; None: report every commit). Object messages wait for their commit's
+    NEWGEN, across reads; overdue(now) -> {"nft"} once they have waited PENDING_SECONDS without one."""
+
+    def __init__(self, ours: Optional[str], clock: Callable[[], float]):
+        self.ours = ours
+        self._clock = clock
+        self.pending_since: Optional[float] = None  # when the first object message of an unfinished commit came
+
+    def __call__(self, data: bytes) -> Set[str]:
+        return self.feed(data)
+
+    def feed(self, data: bytes) -> Set[str]:
+        out: Set[str] = set()
+        for msg_type, payload in _messages(data):
+            if msg_type >> 8 != NFNL_SUBSYS_NFTABLES:
+                continue
+            if msg_type & 0xFF == NFT_MSG_NEWGEN:
+                if self.ours is None or committer(payload) != self.ours:
+                    out.add("nft")
+                self.pending_since = None
+            elif self.pending_since is None:
+                self.pending_since = self._clock()
+        return out
+
+    def due(self) -> Optional[float]:
+        """When the pending objects become overdue (None: nothing pending)."""
+        return None if self.pending_since is None else self.pending_since + PENDING_SECONDS
+
+    def overdue(self, now: float) -> Set[str]:
+        due = self.due()
+        if due is None or now < due:
+            return set()
+        self.pending_since = None
+        return {"nft"}
 
 
 def _kinds_xfrm(data: bytes) -> Set[str]:
@@ -103,10 +171,11 @@ def _messages(data: bytes) -> List[Tuple[int, bytes]]:
     return out
 
 
-# (protocol, groups, parser) per namespace kind
+# (protocol, groups, parser) per namespace kind; NFT stands for a fresh NftCommits per socket (it keeps state)
+NFT = "nft"
 NETWORK_SOCKETS = ((NETLINK_ROUTE, (RTNLGRP_LINK, RTNLGRP_NEIGH), _kinds_route),
-                   (NETLINK_NETFILTER, (NFNLGRP_NFTABLES,), _kinds_nft))
-HOST_SOCKETS = ((NETLINK_NETFILTER, (NFNLGRP_NFTABLES,), _kinds_nft),
+                   (NETLINK_NETFILTER, (NFNLGRP_NFTABLES,), NFT))
+HOST_SOCKETS = ((NETLINK_NETFILTER, (NFNLGRP_NFTABLES,), NFT),
                 (NETLINK_XFRM, (XFRMNLGRP_SA, XFRMNLGRP_POLICY), _kinds_xfrm))
 
 
@@ -129,12 +198,17 @@ class KernelEvents:
     netns_path(name) -> the path the namespace is mounted at (Links.netns_path). `watch(name)` (re)opens a
     namespace's sockets (again after the namespace was made anew under the same name), `unwatch(name)` closes them
     (call it before the namespace is removed: an open socket keeps a namespace alive). `host=True` listens in the
-    host namespace too. The callback runs on the listener's thread: it must be quick (queue and return)."""
+    host namespace too. The callback runs on the listener's thread: it must be quick (queue and return).
+    own_committer: the name of the thread that makes this process's nftables commits (Links.nft_committer), whose
+    commits are not reported; None reports every commit."""
 
-    def __init__(self, netns_path: Callable[[str], str], callback: Callback, host: bool = True):
+    def __init__(self, netns_path: Callable[[str], str], callback: Callback, host: bool = True,
+                 own_committer: Optional[str] = None, clock: Callable[[], float] = time.monotonic):
         self._path = netns_path
         self._callback = callback
         self._host = host
+        self._own_committer = own_committer
+        self._clock = clock
         self._lock = threading.Lock()
         self._sockets: Dict[Optional[str], List[Tuple[socket.socket, Callable[[bytes], Set[str]]]]] = {}
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -151,6 +225,8 @@ class KernelEvents:
 
         def make():
             for protocol, groups, parse in specs:
+                if parse == NFT:
+                    parse = NftCommits(self._own_committer, self._clock)
                 try:
                     opened.append((_open(protocol, groups), parse))
                 except OSError as exc:
@@ -226,8 +302,11 @@ class KernelEvents:
             with self._lock:
                 owners = {sock.fileno(): (ns, sock, parse) for ns, group in self._sockets.items()
                           for sock, parse in group}
+            dues = [due for _, _, parse in owners.values() if isinstance(parse, NftCommits)
+                    for due in (parse.due(),) if due is not None]
+            timeout = max(0.0, min(dues) - self._clock()) if dues else None
             try:
-                ready, _, _ = select.select([self._wake_r, *owners], [], [])
+                ready, _, _ = select.select([self._wake_r, *owners], [], [], timeout)
             except (OSError, ValueError):  # a socket closed by unwatch() meanwhile: take the new set
                 continue
             batch: Set[Tuple[Optional[str], str]] = set()
@@ -244,6 +323,10 @@ class KernelEvents:
                 except OSError as exc:  # not an overrun: say so, and treat it as one (something may be lost)
                     log.error("reading kernel events of %s failed: %s", ns or "host", exc)
                     batch.add((ns, "overrun"))
+            now = self._clock()  # after the reads: a NEWGEN just read has resolved its commit
+            for ns, _, parse in owners.values():
+                if isinstance(parse, NftCommits):
+                    batch |= {(ns, kind) for kind in parse.overdue(now)}
             for ns, kind in sorted(batch, key=lambda item: (item[0] or "", item[1])):
                 try:
                     self._callback(ns, kind)

@@ -22,6 +22,7 @@ import functools
 import ipaddress
 import logging
 import os
+import secrets
 import socket
 import tempfile
 import threading
@@ -31,10 +32,10 @@ from pyroute2 import IPRoute
 from pyroute2 import netns as pr_netns
 from pyroute2.netlink.exceptions import NetlinkError
 
-from kernel import libnftables, netnsdir
+from kernel import libnftables, names, netnsdir
 from kernel.errors import kernel_errors
 from kernel.netns import inside
-from kernel.syscalls import MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, libc_call
+from kernel.syscalls import MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, libc_call, set_thread_name
 from wire.errors import KernelError
 
 log = logging.getLogger(__name__)
@@ -140,11 +141,15 @@ class Links:
         self._folder_lock = threading.Lock()
         self._folder_ready = False
         self._worker_ident = None
+        # The name of the netlink thread, which makes every nftables commit of this Links: the kernel's event of
+        # each commit names it (kernel/events.py), so the reconciler is not woken by what we wrote ourselves.
+        self.nft_committer = names.nft_committer(secrets.token_hex(4))
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="netlink", initializer=self._init_worker)
 
     def _init_worker(self) -> None:
         self._worker_ident = threading.get_ident()
+        set_thread_name(self.nft_committer)
 
     def _inside(self, ns: Optional[str]) -> ContextManager[None]:
         """Run the body with this thread in namespace ns (None: the host's), then come home (kernel/netns.py)."""

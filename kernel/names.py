@@ -39,6 +39,21 @@ POLICY_NFLOG_GROUP = 0x7678
 # with a network namespace's listener if the two ever share one.
 ISOLATION_NFLOG_GROUP = 0x7679
 
+# The name (the kernel's task comm) of the one thread that commits vxnet's nftables batches in a process
+# (kernel/links.py), with a random tag per Links: every commit's NFT_MSG_NEWGEN notification carries the committing
+# task's comm (NFTA_GEN_PROC_NAME), so the event listener (kernel/events.py) tells this process's own commits,
+# which are the desired state already, from anyone else's. TASK_COMM_LEN is 16 bytes with the NUL: 6 + 8 = 14.
+NFT_COMMITTER_PREFIX = "vxnft-"
+_COMMITTER_TAG = re.compile(r"[0-9a-f]{8}")
+
+
+def nft_committer(tag: str) -> str:
+    """The committing thread's name for an 8-hex-digit tag (ValueError otherwise)."""
+    if not isinstance(tag, str) or not _COMMITTER_TAG.fullmatch(tag):
+        raise ValueError(f"nft committer tag {tag!r}: 8 lowercase hex digits")
+    return NFT_COMMITTER_PREFIX + tag
+
+
 # "vxn" + 0x01: the reqid every SA and policy template vxnet makes carries, so clean-up touches only ours
 # (kernel/xfrm.py says why reqid rather than a mark or if_id).
 XFRM_REQID = 0x76786E01

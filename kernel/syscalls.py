@@ -29,6 +29,15 @@ def libc_call(name: str, *args) -> None:
         raise OSError(err, f"{name}: {os.strerror(err)}")
 
 
+# <linux/prctl.h>; the name is at most TASK_COMM_LEN - 1 = 15 bytes (the kernel cuts the rest)
+PR_SET_NAME = 15
+
+
+def set_thread_name(name: str) -> None:
+    """Name the calling thread (its comm: /proc/thread-self/comm, `top -H` and kernel notifications show it)."""
+    libc_call("prctl", PR_SET_NAME, name.encode(), 0, 0, 0)
+
+
 def setns(fd: int) -> None:
     """Move the calling thread into the network namespace open at fd."""
     libc_call("setns", fd, CLONE_NEWNET)

@@ -28,7 +28,11 @@ and in the host namespace:
 It never fights itself: every comparison is with the same desired state the driver and PeerSync apply, under the
 same locks, so a change they make (or a repair the pass makes) is seen as equal by the pass its own events trigger,
 which then changes nothing and sends no event: at most one quiet pass, never a loop. Reads (netlink dumps, nft
-list) send no notification. Nothing here is on the data path: it runs only when the kernel's control state
+list) send no notification, and the nftables commits of this process wake no pass at all (kernel/events.py: the
+listener knows them by the committing thread's name). That matters for the cost of a change: a pass compares
+whole tables (a policy table of 7,840 elements: a listing and a full compile, 0.4-0.8 s under the engine's
+lock), and a pass woken by each rule change's own update made a burst of changes wait for one pass after
+another. Nothing here is on the data path: it runs only when the kernel's control state
 changes, or once per interval.
 
 Each repair is logged on one line, `repair kind=<kind> where=<namespace|host> count=<n> what="..." why="..."`, and

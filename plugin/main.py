@@ -239,7 +239,9 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
                             peers=tap, lease_id=lambda: lease.id, on_vtep_change=vtep_changed,
                             encryption=encryption, policy=policy)
         if settings.reconcile_seconds:
-            events = KernelEvents(links.netns_path, lambda ns, kind: healing.notify(ns, kind) if healing else None)
+            # Our own nftables commits wake no pass (kernel/events.py): they are the desired state already.
+            events = KernelEvents(links.netns_path, lambda ns, kind: healing.notify(ns, kind) if healing else None,
+                                  own_committer=links.nft_committer)
             tap.attach(events.watch, events.unwatch)
             healing = Reconciler(net, sync, encryption, settings.reconcile_seconds, watch=events.watch,
                                  listener=events, health=overlay, policy=policy)
