@@ -563,7 +563,8 @@ class Links:
             ipr = self._ipr(ns)
             names_of = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
             for entry in ipr.get_neighbours(family=self._AF_BRIDGE):
-                if entry["flags"] & self._NTF_MASTER and entry["state"] == self._STATIC:
+                # A bridge's own entries carry NDA_MASTER (the bridge), not the NTF_MASTER flag, in a dump.
+                if entry.get_attr("NDA_MASTER") and entry["state"] == self._STATIC:
                     out.add((names_of.get(entry["ifindex"], ""), entry.get_attr("NDA_LLADDR")))
         return out
 

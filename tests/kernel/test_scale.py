@@ -1,7 +1,8 @@
 """Capacity on one host (issue 14): 2,100 endpoints of one network on one simulated host, past twice the 1,023
 ports a Linux bridge takes, attached as dockerd attaches them (CreateEndpoint, then Join) through the real plugin
 over the lab's etcd; a container on a second host reaches the first and the last (on the root bridge and on leaf
-2) and one on leaf 1; anti-spoofing holds on a leaf; a Join that the kernel fails half-way takes back all of its
+2) and one on leaf 1; anti-spoofing holds on a leaf; a trunk deleted is reported by `vxnet status` and repaired
+by start-up; a Join that the kernel fails half-way takes back all of its
 own and leaves every other endpoint reachable; everything goes with the endpoints. The endpoints limit
 (VXNET_MAX_ENDPOINTS) is refused in vxnet's words before anything is made.
 
@@ -118,8 +119,33 @@ def test_2100_endpoints_on_one_host_reachable_guarded_and_removed(hosts, lab):
         assert spoofing_drops(h1, n1.ns) > before
         assert last.ping(remote, source=last.ip4)
 
+        # Someone deletes leaf 2's trunk while host 1's plugin is down: leaf 2 is cut off (the same ping reaches
+        # the root's endpoint), `vxnet status` names the trunk and the root's entries that went with it, and the
+        # plugin's start-up puts them back.
+        p1.stop()
+        h1.run(["ip", "-n", n1.ns, "link", "del", names.trunk_root(2)])
+        assert remote.ping(first) and not remote.ping(last, timeout=3)
+        code, status = p1.cli_json("status", timeout=120)
+        differences = status["this_host"]["differences"]
+        assert code == 1 and {d["kind"] for d in differences} == {"fabric"}, differences[:5]
+        objects = {d["object"] for d in differences}
+        assert {f"trunk {names.trunk_root(2)}", f"trunk {names.trunk_leaf(2)}",
+                f"fdb {last.mac} on {names.trunk_root(2)}"} <= objects and len(objects) == 2 + 100, len(objects)
+        start = time.monotonic()
+        p1.start(timeout=120)
+        assert remote.ping(last, timeout=60)
+        restart = time.monotonic() - start
+        # Start-up reconciliation republishes every peer record while requests are served; a Leave in that window
+        # has its record written back (a race of the restart path, reported with issue 14's per-event half): wait
+        # for the end of it before the endpoints go.
+        assert within(lambda: open(p1.log_path).read().count("start-up reconciliation done") == 2, 120)
+        startup = time.monotonic() - start
+        code, status = p1.cli_json("status", timeout=120)
+        assert code == 0 and status["this_host"]["differences"] == [], status["this_host"]["differences"][:5]
+
         # A Join the kernel fails half-way: leaf 1 has a place free (an endpoint left), but someone else's devices
-        # (veth pairs of its own) took the bridge's last ports, so attaching the new veth fails (EXFULL) after the pair was made.
+        # (veth pairs) took the bridge's last ports, so attaching the new veth fails (EXFULL) after the pair was
+        # made.
         victim = attached[MIDDLE + 1]
         n1.leave(victim[0])
         have = ports(h1, n1.ns)
@@ -161,14 +187,16 @@ def test_2100_endpoints_on_one_host_reachable_guarded_and_removed(hosts, lab):
         first100, last100 = statistics.median(took[:100]), statistics.median(took[-100:])
         print(f"\nscale: attach median first 100 {first100 * 1000:.1f} ms, last 100 {last100 * 1000:.1f} ms "
               f"(x{last100 / first100:.2f}); plugin RSS {rss_before:.1f} -> {rss_after:.1f} MiB "
-              f"({(rss_after - rss_before) * 1024 / COUNT:.1f} KiB per endpoint); removal of {COUNT} {removal:.1f} s")
+              f"({(rss_after - rss_before) * 1024 / COUNT:.1f} KiB per endpoint); removal of {COUNT} {removal:.1f} s; "
+              f"restart: leaf 2 repaired and reachable {restart:.1f} s, start-up reconciliation done {startup:.1f} s")
     finally:
         for host, name in made:
             host.run(["ip", "netns", "del", name], check=False)
         n1.endpoints.clear()
         n2.endpoints.clear()
         for net in (n1, n2):
-            answer(net.plugin, "DeleteNetwork", {"NetworkID": net.id})
+            if net.plugin.alive():  # else the hosts' teardown removes everything
+                answer(net.plugin, "DeleteNetwork", {"NetworkID": net.id})
 
 
 def static_fdb_remote(host, ns):
