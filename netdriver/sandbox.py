@@ -95,14 +95,12 @@ def fabric_differences(ports: Ports, static: Set[Tuple[str, str]]) -> List[Tuple
 
 
 class _Fabric:
-    """One namespace's placement as this process holds it (loaded from the kernel by ensure_network), under a
-    lock of its own: Joins of one network are placed one at a time, other networks' meanwhile."""
+    """One namespace's placement as this process holds it (loaded from the kernel by ensure_network)."""
 
     def __init__(self, placement: Placement):
         self.placement = placement
         self.macs: Dict[str, str] = {}  # port -> endpoint MAC, for the root's entry of an endpoint on a leaf
         self.leaves: Set[int] = set()  # leaves made whole (bridge and trunk) by this process
-        self.lock = threading.Lock()
 
 
 class DataPlane:
@@ -117,7 +115,15 @@ class DataPlane:
         self.vxlan_port = vxlan_port
         self.max_endpoints = max_endpoints
         self._fabrics: Dict[str, _Fabric] = {}  # namespace -> its placement, once loaded
-        self._fabrics_lock = threading.Lock()
+        # namespace -> the lock its placements, removals and (re)loads take, kept across reloads so that a Join
+        # placing on the old placement finishes before a rebuild reads the kernel: Joins of one network are
+        # placed one at a time, other networks' meanwhile. Reentrant: a placement may load the fabric first.
+        self._locks: Dict[str, threading.RLock] = {}
+        self._fabrics_lock = threading.Lock()  # guards the two dicts only
+
+    def _lock(self, ns: str) -> "threading.RLock":
+        with self._fabrics_lock:
+            return self._locks.setdefault(ns, threading.RLock())
 
     def ensure_network(self, network: Network) -> None:
         ns = names.netns(network.id)
@@ -152,14 +158,14 @@ class DataPlane:
         (its leaf deleted) placed again, a leaf with no endpoint left removed, stale root entries deleted.
         O(endpoints), at CreateNetwork, start-up and a rebuild only; afterwards each Join places in O(1)."""
         ns = names.netns(network.id)
-        ports = self.links.ports(ns)
-        wired = wired_ports(ports)
-        placement = Placement.of(self.max_endpoints, [(p, k) for p, k, _ in wired if k >= 0])
-        fabric = _Fabric(placement)
-        fabric.macs = {p: mac for p, _, mac in wired if mac}
-        with self._fabrics_lock:
-            self._fabrics[ns] = fabric
-        with fabric.lock:
+        with self._lock(ns):
+            ports = self.links.ports(ns)
+            wired = wired_ports(ports)
+            placement = Placement.of(self.max_endpoints, [(p, k) for p, k, _ in wired if k >= 0])
+            fabric = _Fabric(placement)
+            fabric.macs = {p: mac for p, _, mac in wired if mac}
+            with self._fabrics_lock:
+                self._fabrics[ns] = fabric
             for port, k, mac in wired:
                 if k < 0 and mac and placement.room() is not None:  # its bridge went, the veth stayed: placed
                     placement.place(port, network.id)            # again, wired below (else drift reports it)
@@ -187,6 +193,7 @@ class DataPlane:
                     self.links.del_static_fdb(ns, port, mac)
 
     def _fabric(self, network: Network) -> _Fabric:
+        """The namespace's fabric, loaded first if this process has none; call with its lock held."""
         ns = names.netns(network.id)
         with self._fabrics_lock:
             fabric = self._fabrics.get(ns)
@@ -229,11 +236,11 @@ class DataPlane:
         """The endpoint's veth on the lowest bridge with room (its own on a replay), its static entries, and, when
         it opens a leaf, the leaf's bridge and trunk. Exhausted past max_endpoints, before the kernel is touched.
         A kernel error takes back what this call made for the endpoint (veth, entries, its place) and leaves every
-        other endpoint as it was; a leaf it opened stays until it is found empty."""
+        other endpoint as it was; a leaf it opened goes again."""
         ns = names.netns(network.id)
         port, container_end = names.veth_bridge(endpoint.id), names.veth_container(endpoint.id)
-        fabric = self._fabric(network)
-        with fabric.lock:
+        with self._lock(ns):
+            fabric = self._fabric(network)
             placed = fabric.placement.bridge_of(port) is not None
             k = fabric.placement.place(port, network.id)
             try:
@@ -265,13 +272,13 @@ class DataPlane:
     def remove_endpoint(self, network_id: str, endpoint_id: str) -> None:
         ns = names.netns(network_id)
         port = names.veth_bridge(endpoint_id)
-        with self._fabrics_lock:
-            fabric = self._fabrics.get(ns)
-        if fabric is None:  # not loaded by this process: nothing placed to forget, the veth goes all the same
-            self.links.remove_link(ns, port)
-            self.links.remove_link(None, names.veth_container(endpoint_id))
-            return
-        with fabric.lock:
+        with self._lock(ns):
+            with self._fabrics_lock:
+                fabric = self._fabrics.get(ns)
+            if fabric is None:  # not loaded by this process: nothing placed to forget, the veth goes all the same
+                self.links.remove_link(ns, port)
+                self.links.remove_link(None, names.veth_container(endpoint_id))
+                return
             self._unplace(ns, fabric, port, fabric.macs.get(port))
 
     def sweep_host_links(self, endpoint_ids: Callable[[], Iterable[str]]) -> Tuple[List[str], List[str]]:
