@@ -25,9 +25,9 @@ ENCRYPTED_VXLAN_PORT = 4790
 # namespace), and the fail-closed table for encrypted networks (`inet vxnet_ipsec` on the host).
 ISOLATION_TABLE = "vxnet"
 IPSEC_TABLE = "vxnet_ipsec"
-# The policy table (netdriver/policy_nft.py): `inet vxnet_policy` inside the namespace of each network whose mode is
-# not open. Its own name, not `inet vxnet`: that is the host's isolation table, and the drift checks and counters
-# read each table by name.
+# The policy table (netdriver/policy_nft.py): `bridge vxnet_policy` inside the namespace of each network whose mode
+# is not open. Its own name, not `bridge vxnet`: that is the namespace's anti-spoofing table, and the drift checks
+# and counters read each table by name.
 POLICY_TABLE = "vxnet_policy"
 # The NFLOG group the policy table sends its verdicts to (kernel/nflog.py reads it). nfnetlink_log's groups are per
 # network namespace (one instance per (namespace, group)), so every network uses the same 16-bit number: 0x7678,

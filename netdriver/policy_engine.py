@@ -1,4 +1,4 @@
-"""From etcd to the kernel for policies: PolicyEngine keeps each local policy network's `inet vxnet_policy` table
+"""From etcd to the kernel for policies: PolicyEngine keeps each local policy network's `bridge vxnet_policy` table
 (netdriver/policy_nft.py) equal to what its mode, its rules and the network's members compile to
 (netdriver/policy.py).
 

@@ -1,67 +1,146 @@
-"""Policy enforcement inside a network's namespace: the `inet vxnet_policy` table (kernel/names.py POLICY_TABLE),
-written as nftables JSON batches, and br_netfilter's switch that makes bridged traffic reach it.
+"""Policy enforcement inside a network's namespace: the `bridge vxnet_policy` table (kernel/names.py POLICY_TABLE),
+written as nftables JSON batches, on the bridge's own forward hook: no br_netfilter, no connection tracking.
 
-Why the inet family with br_netfilter, not the bridge family: a policy has to accept replies and refuse only new
-connections, which takes connection tracking, and this kernel has no conntrack in the bridge family
-(CONFIG_NF_CONNTRACK_BRIDGE unset). br_netfilter (built in) sends the IPv4 and IPv6 frames a bridge forwards
-through the inet hooks, conntrack included, in each namespace where its two sysctls are 1
-(Links.set_bridge_netfilter). Measured on this kernel (6.18) in a network namespace with a bridge, three ports
-and a VXLAN device: bridged TCP between two ports and between a port and the VXLAN device, IPv4 and IPv6, reaches
-the forward hook with `ct state new` on the SYN and `established` after it; iifname and oifname are the bridge
-(br0) there, not the ports, and `meta ibrname` is refused outside the bridge family, so the rules match
-addresses only (anti-spoofing, netdriver/isolation.py, makes the source address trustworthy). Only a network
-with a policy turns br_netfilter on; its per-namespace default is on, so Links.ensure_netns turns it off in every
-namespace it makes and an open network pays nothing.
+Why the bridge family and no conntrack: this kernel has no conntrack in the bridge family
+(CONFIG_NF_CONNTRACK_BRIDGE unset), so conntrack was reachable only by sending bridged frames through the inet
+hooks (br_netfilter), which cost 3.5 us per round trip between two containers of one bridge (ping -f, 30,000
+echoes: 7.7 us without a policy, 11.2 us with br_netfilter and a `ct state` table, 8.8 us with a bridge-family
+table of stateless rules and one dynamic set). br_netfilter stays off in every namespace vxnet makes
+(Links.ensure_netns). What conntrack gave, "new connections refused unless allowed, replies to allowed ones always
+pass", is kept by judging only what can open a connection, per protocol:
 
-The table, whatever the number of rules and members (sets only: the cost per packet does not grow with them):
+  TCP     a segment with SYN and without ACK (`tcp flags & (syn|ack) == syn`) is a new connection and is judged;
+          every other segment passes, as the table's first rule. A peer cannot open a connection without a SYN
+          the destination accepted (the handshake needs the destination's SYN-ACK, RFC 9293 3.5), so this refuses
+          exactly what conntrack's `ct state new` refused. What it lets through: a segment without SYN to a port
+          it never connected to (an ACK or FIN probe) reaches the destination's kernel, which answers it with a
+          RST (RFC 9293 3.10.7.1); a port scan by ACKs learns that the address is up, not which ports are open.
+          It is no barrier to data injected into an open connection, and conntrack was none either (it passes
+          any segment inside the window): the sequence numbers are the destination kernel's check (RFC 9293
+          3.10.7.4, RFC 5961), and the source address anti-spoofing's, so a member can send segments only as
+          itself, never into a connection between two others.
+  UDP     a datagram to a guarded member is judged unless it is the reverse of a recorded one. A record (set udp4
+          or udp6: saddr . daddr . sport . dport) is made when a datagram from a local member (its source in
+          guarded4/6, vetted by anti-spoofing) is accepted by this table, so a datagram the destination refused
+          on the same host records nothing; a datagram matching the reverse of a record passes, refreshes it,
+          and is recorded in turn when its sender is local, so once a reply was seen both directions pass (as
+          conntrack's UDP entries do once they have seen a reply), and every datagram either way refreshes.
+          Timeout UDP_TIMEOUT, conntrack's nf_conntrack_udp_timeout_stream (120 s), not its unreplied 30 s: one
+          set cannot tell replied from unreplied, and a reply window shorter than a stream's would cut streams
+          that are quiet for 30-120 s (keepalives of 25-60 s, RFC 4787 REQ-5 asks NATs for 2 minutes), while the
+          longer window opens nothing but the exact 4-tuple the member itself sent to. Bounded at UDP_SIZE
+          records per family: when full, a new record is not made (the datagram still passes) and its replies
+          are judged as new datagrams until records expire; records made already keep working (conntrack's full
+          table drops new flows instead). Nothing of it is written by the plugin: the packet path fills it, a
+          plugin restart leaves it (see ensure_policy) and the drift check never reads it.
+  SCTP    a packet with verification tag 0 is judged (RFC 9260 8.5.1: only a packet carrying an INIT has tag 0;
+          Linux answers an INIT with any other tag with an ABORT, sctp_sf_do_5_1B_init), every other packet
+          passes: without an INIT the destination accepted, a sender has no tag the destination's association
+          takes (it silently discards a packet whose tag is not its own, RFC 9260 8.5), which is the same
+          guarantee as TCP's SYN rule, with a 32-bit random tag instead of a sequence number.
+  ICMP    echo-request (and every type not listed here) is judged by address pair; echo-reply and the errors
+          (destination-unreachable, time-exceeded, parameter-problem; ICMPv6's packet-too-big too) pass, so path
+          MTU discovery and traceroute work; neighbour solicitations and advertisements pass (anti-spoofing vets
+          them). An error passes whatever connection it quotes: the destination's kernel matches the quoted
+          header against its own sockets (a TCP error must quote a sequence number in flight, RFC 5927) as it
+          does for errors from any router. Echo is not tracked: each echo-request is judged (and, if allowed,
+          counted and logged as allowed), where conntrack judged the first of a `ping` run.
+  fragments a non-first fragment (IPv4 fragment offset != 0, IPv6 fragment header with offset != 0) passes: it
+          carries no transport header, and its first fragment, which does, was judged; a lone later fragment
+          reaches nothing (the destination's reassembly times out without the first).
+  others  every other protocol (GRE, ESP inside the overlay, ...) is judged packet by packet by address pair:
+          a rule without ports allows one direction, replies need a rule of their own. Frames that are not IPv4
+          or IPv6 (ARP) pass, as they did not reach the inet hooks before. A frame with one 802.1Q tag is judged
+          by the IP packet inside it; one with two tags (its IP header out of every rule's reach) is judged as a
+          packet nothing allows (br_netfilter let tagged frames pass unjudged: bridge-nf-filter-vlan-tagged 0).
 
-  chain forward (hook forward)
-    ct state established,related accept          replies and the rest of allowed connections: one rule
-    icmpv6 type {nd-neighbor-solicit, nd-neighbor-advert} accept   neighbour discovery (unicast NA and NUD
-                                                  probes go to guarded addresses; anti-spoofing vets them)
-    ip daddr != @guarded4 accept                  destinations that are not local members: another host's
-    ip6 daddr != @guarded6 accept                 policy decides for its own (enforced at the destination)
+Why a priority after anti-spoofing (netdriver/isolation.py, `bridge vxnet` at -10): a drop in any table is final,
+an accept is not, so the order changes no verdict; but a record made by a frame that anti-spoofing then drops
+would open a reply path to a forged source. At PRIORITY only vetted frames are judged and recorded.
+
+The table, whatever the number of rules and members (sets and one verdict map: the cost per packet does not
+grow with them):
+
+  chain forward (hook forward, priority PRIORITY)
+    tcp flags & (syn|ack) != syn accept            the rest of a TCP connection: the most frequent packet first
+    meta l4proto vmap { udp: jump udp-reply, sctp: jump sctp-association, icmp: jump icmp-pass,
+                        ipv6-icmp: jump icmpv6-pass }          what passes without a judgment, per protocol
+    ip daddr != @guarded4 goto accepted            destinations that are not local members: another host's
+    ip6 daddr != @guarded6 goto accepted           policy decides for its own (enforced at the destination)
     ip saddr . ip daddr @allow_all4 jump allow-all            a rule without ports
     ip saddr . ip daddr . meta l4proto . th dport @allow4 jump allow
     ip daddr . meta l4proto . th dport @exposed4 jump exposed    (mode exposed only)
     (the same three for IPv6)
-    limit rate R log group G prefix "vxnet:drop"  a new connection nothing allows: logged, rate-limited ...
-    counter drop comment "vxnet:policy:no-rule"   ... and dropped, counted exactly (audit: accepted instead,
-                                                  comment "vxnet:policy-audit:no-rule", log prefix "vxnet:audit")
-  chain allow-all / allow / exposed: limit rate R log group G prefix "vxnet:allow:<set>"; counter accept
+    meta protocol != { ip, ip6, 8021q, 8021ad } accept   not IP (ARP), and not IP behind a second VLAN tag
+    ip frag-off & 0x1fff != 0 accept               a later fragment (and its IPv6 twin, `frag frag-off != 0`)
+    limit rate R log group G prefix "vxnet:drop"   a new connection nothing allows: logged, rate-limited ...
+    counter drop comment "vxnet:policy:no-rule"    ... and dropped, counted exactly (audit: accepted, through
+                                                   chain accepted, comment "vxnet:policy-audit:no-rule", log
+                                                   prefix "vxnet:audit")
+  chain udp-reply
+    ip daddr . ip saddr . udp dport . udp sport @udp4 update @udp4 { <the same> } goto accepted  (and IPv6)
+  chain sctp-association:  sctp vtag != 0 accept
+  chain icmp-pass / icmpv6-pass:  icmp(v6) type { echo-reply, the errors (, nd-neighbor-solicit/advert) } accept
+  chain allow-all / allow / exposed: limit rate R log group G prefix "vxnet:allow:<set>"; counter goto accepted
+  chain accepted
+    ip saddr @guarded4 update @udp4 { ip saddr . ip daddr . udp sport . udp dport }   a local member's datagram
+    (the same for IPv6)                                                              recorded; no verdict, so a
+    accept                                                                           full set stops nothing
 
 The limit stops only its own rule (an nft `limit` over its rate ends the rule's evaluation, verdict included), so
 it sits on a rule that logs and nothing else; the counter and the verdict are on the next one and see every
-packet. A reader compares the records it got for a prefix with that verdict's counter (LOGGED) to tell how many
+packet. A set update that fails (the set full) ends its rule the same way, hence a rule of its own before the
+accept. A reader compares the records it got for a prefix with that verdict's counter (LOGGED) to tell how many
 the limit suppressed. NFLOG costs nothing when no reader has bound the group.
 
 Elements: netdriver/policy.py's Elements (guarded {daddr}, exposed {(daddr, proto, port)}, allow {(saddr, daddr,
 proto, port)}, allow_all {(saddr, daddr)}, addresses of either family, bare); any object with those four
 attributes will do. A diff (netdriver/policy.py Diff: .add and .remove, each an Elements) is applied as element
 adds and deletes in one transaction.
+
+Listing: the table with libnftables' terse output (`nft -t`: no set elements) for the rules, counters and set
+declarations, and the sets the plugin writes one by one, so neither the drift check nor the counters read the UDP
+records (up to 2 x UDP_SIZE).
 """
 
 import ipaddress
-from typing import Callable, Dict, List, Optional, Tuple
+import json
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from kernel import libnftables, names
-from netdriver.isolation import Shape, batch_shape, listing_shape, missing_table, shape_difference
+from netdriver.isolation import Shape, batch_shape, missing_table, shape_difference
 from wire.errors import InvalidRequest, KernelError
 
 TABLE = names.POLICY_TABLE
-FAMILY = "inet"
-# After conntrack (prerouting, -200) has labelled the packet; nothing else hooks the namespace's forward.
-PRIORITY = -10
+FAMILY = "bridge"
+# The table of the br_netfilter design (`inet vxnet_policy`): removed whenever the bridge table is made or removed,
+# so a namespace left by an earlier vxnet keeps no second policy.
+LEGACY_FAMILY = "inet"
+# After the anti-spoofing table (netdriver/isolation.py PRIORITY, -10): see the module docstring.
+PRIORITY = 0
 MODES = ("open", "exposed", "deny")
 PROTOCOLS = ("tcp", "udp", "sctp")
+
+# The UDP records (module docstring): conntrack's nf_conntrack_udp_timeout_stream, and a bound per family. 65536
+# records of ~100 bytes (a 16- or 40-byte key, its timeout and the hash table's node) is ~6 MiB per family at most.
+UDP_TIMEOUT = 120  # seconds
+UDP_SIZE = 65536
 
 # Rule comments: "vxnet:<reason>:<which>"; "vxnet:policy:..." is a drop (telemetry/metrics.py DROP_REASONS, counted
 # by netdriver/isolation.py drop_reason); the accepting rules carry reasons no drop counter takes.
 DROP = "vxnet:policy:no-rule"
 AUDIT = "vxnet:policy-audit:no-rule"
 ACCEPT_ESTABLISHED = "vxnet:policy-pass:established"
-ACCEPT_NDP = "vxnet:policy-pass:ndp"
+ACCEPT_BY_PROTOCOL = "vxnet:policy-pass:by-protocol"
+ACCEPT_UDP_REPLY = "vxnet:policy-pass:udp-reply"
+ACCEPT_SCTP = "vxnet:policy-pass:sctp-association"
+ACCEPT_ICMP = "vxnet:policy-pass:icmp"
+ACCEPT_ICMPV6 = "vxnet:policy-pass:icmpv6"
 ACCEPT_UNGUARDED = "vxnet:policy-pass:unguarded"
+ACCEPT_NOT_IP = "vxnet:policy-pass:not-ip"
+ACCEPT_FRAGMENT = "vxnet:policy-pass:fragment"
+ACCEPTED = "vxnet:policy-pass:accepted"
+RECORD_UDP = "vxnet:policy-record:udp"
 
 # NFLOG prefixes (what kernel/nflog.py reads in a record) and the verdict each stands for.
 LOG_DROP = "vxnet:drop"
@@ -69,6 +148,17 @@ LOG_AUDIT = "vxnet:audit"
 LOG_ALLOW = "vxnet:allow"
 # The three accepting sets, each with a chain of its own (its log prefix and counter name which one allowed).
 _ALLOWS = (("allow-all", "allow_all"), ("allow", "allow"), ("exposed", "exposed"))
+# The chains reached from forward's verdict map, and the one every accepted judgment goes through.
+_UDP, _SCTP, _ICMP, _ICMPV6, _ACCEPTED = "udp-reply", "sctp-association", "icmp-pass", "icmpv6-pass", "accepted"
+
+# What meta protocol (skb->protocol) is for the frames judged here: IPv4, IPv6, and a frame with a second VLAN tag
+# (802.1Q or 802.1ad inside the first), whose IP header no rule can see: it falls to the verdict (dropped, in
+# enforcing mode) instead of passing as "not IP".
+NOT_PASSING = ["ip", "ip6", "8021q", "8021ad"]
+# ICMP types that pass unjudged (RFC 792, RFC 4443; RFC 4861 for neighbour discovery), as nft names them.
+ICMP_PASS = ["echo-reply", "destination-unreachable", "time-exceeded", "parameter-problem"]
+ICMPV6_PASS = ["echo-reply", "destination-unreachable", "packet-too-big", "time-exceeded", "parameter-problem",
+               "nd-neighbor-solicit", "nd-neighbor-advert"]
 
 
 def _allow_comment(chain: str) -> str:
@@ -78,7 +168,6 @@ def _allow_comment(chain: str) -> str:
 # NFLOG prefix -> the comment of the rule whose counter counts every packet of that verdict (logged or not).
 LOGGED: Dict[str, str] = {LOG_DROP: DROP, LOG_AUDIT: AUDIT,
                           **{f"{LOG_ALLOW}:{chain}": _allow_comment(chain) for chain, _ in _ALLOWS}}
-
 
 
 def verdict(prefix: str) -> Optional[str]:
@@ -101,7 +190,7 @@ LOG_BURST = 50  # packets
 # options and an extension header). The reader's copy range (kernel/nflog.py) is the same.
 LOG_SNAPLEN = 128
 
-# Every set, (name, key type) per family: v4 and v6 are separate sets (a set's key has one type).
+# The sets the plugin writes, (name, key type) per family: v4 and v6 are separate sets (a set's key has one type).
 SETS = {
     "guarded4": "ipv4_addr", "guarded6": "ipv6_addr",
     "exposed4": ["ipv4_addr", "inet_proto", "inet_service"],
@@ -110,6 +199,11 @@ SETS = {
     "allow6": ["ipv6_addr", "ipv6_addr", "inet_proto", "inet_service"],
     "allow_all4": ["ipv4_addr", "ipv4_addr"],
     "allow_all6": ["ipv6_addr", "ipv6_addr"],
+}
+# The sets the packet path writes (the UDP records): saddr . daddr . sport . dport of a datagram a local member sent.
+FLOW_SETS = {
+    "udp4": ["ipv4_addr", "ipv4_addr", "inet_service", "inet_service"],
+    "udp6": ["ipv6_addr", "ipv6_addr", "inet_service", "inet_service"],
 }
 _FIELDS = ("guarded", "exposed", "allow", "allow_all")
 
@@ -188,11 +282,21 @@ def _payload(protocol: str, field: str) -> dict:
 
 _L4PROTO = {"meta": {"key": "l4proto"}}
 _DPORT = _payload("th", "dport")
+_ACCEPT = {"accept": None}
+_TO_ACCEPTED = {"goto": {"target": _ACCEPTED}}
+
+
+def _ip(version: int) -> str:
+    return "ip" if version == 4 else "ip6"
 
 
 def _rule(chain: str, comment: str, *expr: dict) -> dict:
     return {"add": {"rule": {"family": FAMILY, "table": TABLE, "chain": chain, "comment": comment,
                              "expr": list(expr)}}}
+
+
+def _chain(name: str) -> dict:
+    return {"add": {"chain": {"family": FAMILY, "table": TABLE, "name": name}}}
 
 
 def _log(prefix: str, rate: int, burst: int) -> List[dict]:
@@ -209,7 +313,7 @@ def _elements(name: str, elems: list, op: str = "add") -> List[dict]:
 
 def _lookups(version: int, mode: str) -> List[Tuple[str, dict]]:
     """(chain to jump to, match) for one family's accepting sets, in the order they are tried."""
-    ip = "ip" if version == 4 else "ip6"
+    ip = _ip(version)
     saddr, daddr = _payload(ip, "saddr"), _payload(ip, "daddr")
     out = [("allow-all", _match({"concat": [saddr, daddr]}, f"@allow_all{version}")),
            ("allow", _match({"concat": [saddr, daddr, _L4PROTO, _DPORT]}, f"@allow{version}"))]
@@ -218,11 +322,58 @@ def _lookups(version: int, mode: str) -> List[Tuple[str, dict]]:
     return out
 
 
+def _udp_key(version: int, reverse: bool) -> dict:
+    """saddr . daddr . sport . dport of a datagram, or (reverse) of the datagram it answers."""
+    ip = _ip(version)
+    fields = [_payload(ip, "saddr"), _payload(ip, "daddr"), _payload("udp", "sport"), _payload("udp", "dport")]
+    if reverse:
+        fields = [fields[1], fields[0], fields[3], fields[2]]
+    return {"concat": fields}
+
+
+def _update(version: int, reverse: bool) -> dict:
+    """Add the datagram's record (reverse: its reply's) to the family's UDP set, or refresh its timeout."""
+    return {"set": {"op": "update", "elem": _udp_key(version, reverse), "set": f"@udp{version}"}}
+
+
+def _flow_sets() -> List[dict]:
+    return [{"add": {"set": {"family": FAMILY, "table": TABLE, "name": name, "type": kind,
+                             "flags": ["timeout"], "timeout": UDP_TIMEOUT, "size": UDP_SIZE}}}
+            for name, kind in FLOW_SETS.items()]
+
+
+def _protocol_chains() -> List[dict]:
+    """The rules of the chains forward's verdict map jumps to: what passes unjudged, per protocol (module
+    docstring)."""
+    batch = []
+    for version, suffix in ((4, ""), (6, "-v6")):
+        batch.append(_rule(_UDP, ACCEPT_UDP_REPLY + suffix, _match(_udp_key(version, True), f"@udp{version}"),
+                           _update(version, True), _TO_ACCEPTED))
+    batch += [
+        _rule(_SCTP, ACCEPT_SCTP, _match(_payload("sctp", "vtag"), 0, "!="), _ACCEPT),
+        _rule(_ICMP, ACCEPT_ICMP, _match(_payload("icmp", "type"), {"set": ICMP_PASS}), _ACCEPT),
+        _rule(_ICMPV6, ACCEPT_ICMPV6, _match(_payload("icmpv6", "type"), {"set": ICMPV6_PASS}), _ACCEPT),
+    ]
+    return batch
+
+
+def _accepted_chain() -> List[dict]:
+    """Every judgment that accepts ends here: a local member's datagram is recorded, then accepted. The record is
+    a rule of its own (a failed update, the set full, ends its rule: the accept must not be in it)."""
+    batch = []
+    for version, suffix in ((4, ""), (6, "-v6")):
+        batch.append(_rule(_ACCEPTED, RECORD_UDP + suffix, _match(_L4PROTO, "udp"),
+                           _match(_payload(_ip(version), "saddr"), f"@guarded{version}"), _update(version, False)))
+    batch.append(_rule(_ACCEPTED, ACCEPTED, _ACCEPT))
+    return batch
+
+
 def replace_batch(mode: str, audit: bool, elements, log_rate: int = LOG_RATE, log_burst: int = LOG_BURST
                   ) -> List[dict]:
     """The whole policy table for a network of this mode ("exposed" or "deny"), as one transaction that replaces
-    whatever table of that name was there (add, delete, add: the delete cannot fail on a missing table). A replay
-    changes nothing. InvalidRequest naming the part for a bad mode or element (nothing is applied then)."""
+    whatever table of that name was there (add, delete, add: the delete cannot fail on a missing table), the UDP
+    records included, and removes the br_netfilter design's `inet` table if one is left. A replay changes nothing.
+    InvalidRequest naming the part for a bad mode or element (nothing is applied then)."""
     if mode not in ("exposed", "deny"):
         raise InvalidRequest(f"policy mode {mode!r}: a table is made only for exposed or deny (open has none)")
     for what, value in (("log rate", log_rate), ("log burst", log_burst)):
@@ -230,31 +381,47 @@ def replace_batch(mode: str, audit: bool, elements, log_rate: int = LOG_RATE, lo
             raise InvalidRequest(f"policy {what} {value!r}: a positive integer")
     elems = set_elements(elements)
     table = {"table": {"family": FAMILY, "name": TABLE}}
-    batch: List[dict] = [{"add": table}, {"delete": table}, {"add": table}]
+    legacy = {"table": {"family": LEGACY_FAMILY, "name": TABLE}}
+    batch: List[dict] = [{"add": legacy}, {"delete": legacy}, {"add": table}, {"delete": table}, {"add": table}]
     batch += [{"add": {"set": {"family": FAMILY, "table": TABLE, "name": name, "type": kind}}}
               for name, kind in SETS.items()]
+    batch += _flow_sets()
     batch.append({"add": {"chain": {"family": FAMILY, "table": TABLE, "name": "forward", "type": "filter",
                                     "hook": "forward", "prio": PRIORITY, "policy": "accept"}}})
+    # Every chain before any rule: a jump or goto names a chain that must exist.
+    batch += [_chain(name) for name in (_UDP, _SCTP, _ICMP, _ICMPV6, _ACCEPTED) + tuple(c for c, _ in _ALLOWS)]
+    batch += _protocol_chains() + _accepted_chain()
     for chain, _ in _ALLOWS:
-        batch.append({"add": {"chain": {"family": FAMILY, "table": TABLE, "name": chain}}})
         batch.append(_rule(chain, f"vxnet:policy-log:{chain}", *_log(f"{LOG_ALLOW}:{chain}", log_rate, log_burst)))
-        batch.append(_rule(chain, _allow_comment(chain), {"counter": None}, {"accept": None}))
+        batch.append(_rule(chain, _allow_comment(chain), {"counter": None}, _TO_ACCEPTED))
+    by_protocol = {"vmap": {"key": _L4PROTO, "data": {"set": [
+        ["udp", {"jump": {"target": _UDP}}], ["sctp", {"jump": {"target": _SCTP}}],
+        ["icmp", {"jump": {"target": _ICMP}}], ["ipv6-icmp", {"jump": {"target": _ICMPV6}}]]}}}
     batch += [
+        # SYN set, ACK clear: a new connection. Everything else of TCP passes here, first (module docstring).
         _rule("forward", ACCEPT_ESTABLISHED,
-              _match({"ct": {"key": "state"}}, {"set": ["established", "related"]}, "in"), {"accept": None}),
-        _rule("forward", ACCEPT_NDP,
-              _match(_payload("icmpv6", "type"), {"set": ["nd-neighbor-solicit", "nd-neighbor-advert"]}),
-              {"accept": None}),
-        _rule("forward", ACCEPT_UNGUARDED, _match(_payload("ip", "daddr"), "@guarded4", "!="), {"accept": None}),
+              _match({"&": [_payload("tcp", "flags"), {"|": ["syn", "ack"]}]}, "syn", "!="), _ACCEPT),
+        _rule("forward", ACCEPT_BY_PROTOCOL, by_protocol),
+        _rule("forward", ACCEPT_UNGUARDED, _match(_payload("ip", "daddr"), "@guarded4", "!="), _TO_ACCEPTED),
         _rule("forward", ACCEPT_UNGUARDED + "-v6", _match(_payload("ip6", "daddr"), "@guarded6", "!="),
-              {"accept": None}),
+              _TO_ACCEPTED),
     ]
     for version in (4, 6):
         for chain, match in _lookups(version, mode):
             batch.append(_rule("forward", f"vxnet:policy-pass:{chain}-v{version}", match, {"jump": {"target": chain}}))
+    batch += [
+        # Not IPv4 or IPv6 (ARP): passes. skb->protocol (meta protocol) is the IP inside one 802.1Q tag (the
+        # receive path moves a tag out of the frame), judged above; a second tag hides it, so it stays here.
+        _rule("forward", ACCEPT_NOT_IP, _match({"meta": {"key": "protocol"}}, {"set": NOT_PASSING}, "!="), _ACCEPT),
+        # The fragment offset: the low 13 bits of IPv4's flags/offset word (RFC 791), IPv6's fragment header's
+        # (RFC 8200 4.5); 0 in the first fragment, which carries the transport header and was judged.
+        _rule("forward", ACCEPT_FRAGMENT, _match({"&": [_payload("ip", "frag-off"), 0x1FFF]}, 0, "!="), _ACCEPT),
+        _rule("forward", ACCEPT_FRAGMENT + "-v6", _match({"exthdr": {"name": "frag", "field": "frag-off"}}, 0, "!="),
+              _ACCEPT),
+    ]
     if audit:
         batch += [_rule("forward", "vxnet:policy-log:audit", *_log(LOG_AUDIT, log_rate, log_burst)),
-                  _rule("forward", AUDIT, {"counter": None}, {"accept": None})]
+                  _rule("forward", AUDIT, {"counter": None}, _TO_ACCEPTED)]
     else:
         batch += [_rule("forward", "vxnet:policy-log:drop", *_log(LOG_DROP, log_rate, log_burst)),
                   _rule("forward", DROP, {"counter": None}, {"drop": None})]
@@ -269,23 +436,36 @@ def update_batch(diff) -> List[dict]:
     same transaction: the batch succeeds whether or not it was there, and a replay changes nothing. The adds come
     first, so an element in both (which netdriver/policy.py diff never gives) ends up removed. A missing table is
     an error (the caller replaces the table whole)."""
-    add, remove = set_elements(diff.add), set_elements(diff.remove)
+    return _element_ops(set_elements(diff.add), set_elements(diff.remove))
+
+
+def _element_ops(add: Dict[str, List], remove: Dict[str, List]) -> List[dict]:
     batch: List[dict] = []
     for name in SETS:
-        batch += _elements(name, add[name])
+        batch += _elements(name, add.get(name, []))
     for name in SETS:
-        batch += _elements(name, remove[name]) + _elements(name, remove[name], "delete")
+        gone = remove.get(name, [])
+        batch += _elements(name, gone) + _elements(name, gone, "delete")
     return batch
 
 
 def delete_batch() -> List[dict]:
-    """The table gone; no error if it was not there (added first, in the same transaction)."""
-    table = {"table": {"family": FAMILY, "name": TABLE}}
-    return [{"add": table}, {"delete": table}]
+    """The table gone, and the br_netfilter design's `inet` one if left; no error if either was not there (each
+    added first, in the same transaction)."""
+    return [op for family in (FAMILY, LEGACY_FAMILY)
+            for op in ({"add": {"table": {"family": family, "name": TABLE}}},
+                       {"delete": {"table": {"family": family, "name": TABLE}}})]
 
 
 def list_command() -> List[dict]:
+    """The table; run with terse output (no set elements): its rules, counters and set declarations."""
     return [{"list": {"table": {"family": FAMILY, "name": TABLE}}}]
+
+
+def list_set_command(name: str) -> List[dict]:
+    """One set with its elements. One set per command: nftables 1.0.6 answers a second `list set` of the same
+    JSON batch from the cache it filtered for the first, and fails with ENOENT."""
+    return [{"list": {"set": {"family": FAMILY, "table": TABLE, "name": name}}}]
 
 
 def list_chain_command(chain: str = "forward") -> List[dict]:
@@ -309,34 +489,99 @@ def shape_text(name: str, elem) -> str:
     return _canonical(name, element_text(elem))
 
 
+def _declaration(body: dict) -> str:
+    """A set as declared (batch) or listed: name, key type, and for the UDP records their timeout and size."""
+    kind = body.get("type")
+    kind = " . ".join(kind) if isinstance(kind, list) else str(kind)
+    extra = f" timeout {body.get('timeout')}s size {body.get('size')}" if body["name"] in FLOW_SETS else ""
+    return f"{body['name']}: {kind}{extra}"
+
+
+class Structure(NamedTuple):
+    """What a table is made of, apart from its elements: rule comments and set declarations, each sorted."""
+    rules: Tuple[str, ...]
+    sets: Tuple[str, ...]
+
+
+def batch_structure(batch: List[dict]) -> Structure:
+    rules = sorted(c["add"]["rule"]["comment"] for c in batch if "rule" in c.get("add", {}))
+    sets = sorted(_declaration(c["add"]["set"]) for c in batch if "set" in c.get("add", {}))
+    return Structure(tuple(rules), tuple(sets))
+
+
+def _items(output: str) -> List[dict]:
+    """Every item of a `list` answer: nft prints one JSON document per list command, one after the other."""
+    decoder, text, at, out = json.JSONDecoder(), output or "", 0, []
+    while True:
+        while at < len(text) and text[at].isspace():
+            at += 1
+        if at >= len(text):
+            return out
+        document, at = decoder.raw_decode(text, at)
+        out += document.get("nftables", [])
+
+
+def listing_structure(output: str) -> Structure:
+    items = _items(output)
+    rules = sorted(i["rule"].get("comment", "") for i in items if "rule" in i)
+    sets = sorted(_declaration(i["set"]) for i in items if "set" in i)
+    return Structure(tuple(rules), tuple(sets))
+
+
+def listed_elements(output: str) -> Dict[str, Dict[str, object]]:
+    """A list_set_command answer -> {set name: {element text (shape_text): the element as listed}}."""
+    out: Dict[str, Dict[str, object]] = {}
+    for item in _items(output):
+        found = item.get("set")
+        if found is not None and found.get("name") in SETS:
+            elems = found.get("elem", [])
+            out[found["name"]] = {shape_text(found["name"], e): e
+                                  for e in (elems if isinstance(elems, list) else [elems])}
+    return out
+
+
 class PolicyFirewall:
-    """The policy table of each network namespace, and br_netfilter's switch there.
+    """The policy table of each network namespace.
 
-    apply(ns, commands, what): run nftables JSON commands as one transaction inside namespace ns (Links.nft);
-    bridge_netfilter(ns, on): set br_netfilter's sysctls there (Links.set_bridge_netfilter);
-    read_bridge_netfilter(ns) -> (v4, v6) (Links.bridge_netfilter). Every method is idempotent.
+    apply(ns, commands, what, terse=False): run nftables JSON commands as one transaction inside namespace ns
+    (Links.nft); terse: list without set elements. Every method is idempotent.
 
-      ensure_policy(ns, mode, audit, elements)   mode open: the same as remove_policy; else the whole table
-                                                 replaced (start-up, network creation, repair), then br_netfilter on
+      ensure_policy(ns, mode, audit, elements)   mode open: the same as remove_policy; else the table made what
+                                                 the mode, audit flag and elements give: replaced whole if it is
+                                                 missing or made differently, else changed by element adds and
+                                                 deletes only, so a restart keeps the UDP records
       update_policy(ns, diff)                    the diff's element adds/deletes, one transaction (KernelError if
                                                  the table is missing: the caller calls ensure_policy)
-      remove_policy(ns)                          br_netfilter off, then the table gone (no error if absent)
+      remove_policy(ns)                          the table gone (no error if absent)
       policy_drift(ns, mode, audit, elements)    None if the kernel holds what ensure_policy makes, else what differs
+                                                 (the UDP records are the packet path's: never compared)
       counters(ns)                               {rule comment: (packets, bytes)} of the table's rules ({} if none)
     """
 
-    def __init__(self, apply: Callable[[Optional[str], List[dict], str], object],
-                 bridge_netfilter: Callable[[str, bool], None],
-                 read_bridge_netfilter: Callable[[str], Tuple[bool, bool]],
-                 log_rate: int = LOG_RATE, log_burst: int = LOG_BURST):
+    def __init__(self, apply: Callable[..., object], log_rate: int = LOG_RATE, log_burst: int = LOG_BURST):
         self._apply = apply
-        self._switch = bridge_netfilter
-        self._read_switch = read_bridge_netfilter
         self.log_rate = log_rate
         self.log_burst = log_burst
 
     def _batch(self, mode: str, audit: bool, elements) -> List[dict]:
         return replace_batch(mode, audit, elements, self.log_rate, self.log_burst)
+
+    def _structure(self, ns: str, what: str) -> Optional[Tuple[Structure, str]]:
+        """The table's structure and its terse listing; None if there is no table."""
+        try:
+            text = str(self._apply(ns, list_command(), what, terse=True) or "")
+        except KernelError as exc:
+            if not missing_table(exc):
+                raise
+            return None
+        return listing_structure(text), text
+
+    def _elements(self, ns: str, what: str) -> Dict[str, Dict[str, object]]:
+        """The sets the plugin writes, their elements read one set at a time (the UDP records never)."""
+        out: Dict[str, Dict[str, object]] = {}
+        for name in SETS:
+            out.update(listed_elements(str(self._apply(ns, list_set_command(name), what) or "")))
+        return out
 
     def ensure_policy(self, ns: str, mode: str, audit: bool, elements) -> None:
         if mode not in MODES:
@@ -344,9 +589,20 @@ class PolicyFirewall:
         if mode == "open":
             self.remove_policy(ns)
             return
-        # The table first, then the switch: traffic reaches the hook only when every rule is there.
-        self._apply(ns, self._batch(mode, audit, elements), f"policy table ({mode}) in {ns}")
-        self._switch(ns, True)
+        batch = self._batch(mode, audit, elements)  # checks everything before the kernel is read or written
+        found = self._structure(ns, f"read the policy table in {ns}")
+        if found is None or found[0] != batch_structure(batch):
+            self._apply(ns, batch, f"policy table ({mode}) in {ns}")
+            return
+        # Made as this mode makes it: only the elements can differ. Replacing it would also empty the UDP
+        # records, and every reply in flight to a local member would be refused until its sender spoke again.
+        have = self._elements(ns, f"read the policy sets in {ns}")
+        want = {name: {shape_text(name, e): e for e in elems} for name, elems in set_elements(elements).items()}
+        add = {name: [e for text, e in want[name].items() if text not in have.get(name, {})] for name in SETS}
+        remove = {name: [e for text, e in have.get(name, {}).items() if text not in want[name]] for name in SETS}
+        changes = _element_ops(add, remove)
+        if changes:
+            self._apply(ns, changes, f"policy elements in {ns}")
 
     def update_policy(self, ns: str, diff) -> None:
         batch = update_batch(diff)
@@ -354,38 +610,31 @@ class PolicyFirewall:
             self._apply(ns, batch, f"policy elements in {ns}")
 
     def remove_policy(self, ns: str) -> None:
-        # The switch first: while the table goes, nothing reaches a half-empty hook.
-        self._switch(ns, False)
         self._apply(ns, delete_batch(), f"removing the policy table in {ns}")
 
     def policy_drift(self, ns: str, mode: str, audit: bool, elements) -> Optional[str]:
-        """Reads only (a list changes nothing). Also checks br_netfilter's switch: on with a table, off without."""
-        want_on = mode != "open"
+        """Reads only (a list changes nothing, and sends no notification)."""
+        found = self._structure(ns, f"read the policy table in {ns}")
+        if mode == "open":
+            return "policy table present on an open network" if found is not None else None
+        batch = self._batch(mode, audit, elements)
+        if found is None:
+            return "table missing"
+        structure, want = found[0], batch_structure(batch)
         problems = []
-        if self._read_switch(ns) != (want_on, want_on):
-            problems.append(f"bridge netfilter {'off' if want_on else 'on'}")
-        try:
-            text = self._apply(ns, list_command(), f"read the policy table in {ns}")
-            have: Optional[Shape] = listing_shape(str(text or ""), shape_text)
-        except KernelError as exc:
-            if not missing_table(exc):
-                raise
-            have = None
-        if not want_on:
-            if have is not None:
-                problems.append("policy table present on an open network")
-        else:
-            difference = shape_difference(have, batch_shape(self._batch(mode, audit, elements), shape_text))
+        if structure.rules != want.rules:
+            problems.append(f"rules {list(structure.rules)} instead of {list(want.rules)}")
+        if structure.sets != want.sets:
+            problems.append(f"sets {list(structure.sets)} instead of {list(want.sets)}")
+        if not problems:
+            have: Shape = ((), {name: frozenset(elems) for name, elems in
+                                self._elements(ns, f"read the policy sets in {ns}").items()})
+            wanted = batch_shape(batch, shape_text)
+            difference = shape_difference(have, ((), {n: e for n, e in wanted[1].items() if n in SETS}))
             if difference:
                 problems.append(difference)
         return "; ".join(problems) or None
 
     def counters(self, ns: str) -> Dict[str, Tuple[int, int]]:
-        try:
-            text = self._apply(ns, list_command(), f"read the policy counters in {ns}")
-        except KernelError as exc:
-            if missing_table(exc):
-                return {}
-            raise
-        return libnftables.rule_counters(str(text or ""))
-
+        found = self._structure(ns, f"read the policy counters in {ns}")
+        return libnftables.rule_counters(found[1]) if found is not None else {}
