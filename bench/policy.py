@@ -43,6 +43,7 @@ from bench.common import BenchError, fmt, median, netns_of, percentile, ping_onc
 from bench.datapath import IPERF_PORT, _iperf, _ping
 from bench.lab import BenchLab, log
 from kernel import names
+from netdriver import policy_nft
 from tests.harness.containers import addresses, run_sleeper
 from tests.harness.plugin import REPO
 from tests.harness.proc import wait_until
@@ -83,8 +84,8 @@ def _probe(host, plugin, *args: str, stdin: Optional[object] = None, timeout: fl
 
 
 def _set_len(host, ns: str, name: str) -> Optional[int]:
-    out = host.run(["ip", "netns", "exec", ns, "nft", "-j", "list", "set", "inet", names.POLICY_TABLE, name],
-                   check=False, timeout=30)
+    out = host.run(["ip", "netns", "exec", ns, "nft", "-j", "list", "set", policy_nft.FAMILY, names.POLICY_TABLE,
+                    name], check=False, timeout=30)
     if out.returncode:
         return None
     for item in json.loads(out.stdout)["nftables"]:

@@ -23,7 +23,7 @@ class FakePolicyFirewall:
 
     # -- what a test does to the "kernel" ------------------------------------------------------------------------
     def lose(self, ns: str) -> None:
-        """Someone ran `nft delete table inet vxnet_policy` in ns."""
+        """Someone ran `nft delete table bridge vxnet_policy` in ns."""
         self.tables.pop(ns, None)
 
     def elements(self, ns: str) -> Elements:
