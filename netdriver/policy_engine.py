@@ -11,7 +11,7 @@ networks of a standalone `-o overlay=NAME`, one ID per host, share them):
                        The driver also hands over this host's record at Join (member_here) before dockerd gets
                        the interface, so a new local destination is guarded without waiting for the watch.
   the rules            PolicyWatcher (netdriver/policy_store.py), the policy/ prefix: resync, put, delete.
-  the local networks   network_up (a namespace made or rebuilt: the full compile replaces the table) and
+  the local networks   network_up (a namespace made or rebuilt: the full compile, ensure_policy) and
                        network_down (the table goes; the namespace goes anyway), through PeerSync.
 
 Each event applies only what it changed (PolicyState's diff, PolicyFirewall.update_policy: O(change)); a
@@ -21,8 +21,11 @@ missing by an update (someone deleted it) is replaced whole at once.
 Nothing is applied before both full reads (peers and rules) have been made: until then the tables are empty,
 not known to be empty, and compiling them would open every guarded address and drop every allowed connection
 of a restarted plugin. At that first read each table is compared with the full compile (policy_drift, a read)
-and replaced only if it differs: a plugin restart writes nothing when nothing changed, and the kernel keeps the
-tables while the plugin is down (nothing removes them at shut-down). An etcd outage stops the watches, not the
+and written only if it differs: a plugin restart writes nothing when nothing changed, and the kernel keeps the
+tables while the plugin is down (nothing removes them at shut-down). Writing the full compile (ensure_policy)
+replaces a table only if it is made for another mode or audit flag (or by an older vxnet); else it changes the
+elements that differ, so the UDP records the packet path keeps there (netdriver/policy_nft.py) survive a
+restart, a repair and a namespace made up again. An etcd outage stops the watches, not the
 kernel: the tables stay as they are until the next full read, whose difference is applied then.
 
 Locks: one RLock around everything here, taken after PeerSync's (PeerSync calls in under its own lock, as the
