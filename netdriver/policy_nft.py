@@ -21,11 +21,12 @@ to allowed ones always pass", is kept by judging only what can open a connection
           3.10.7.4, RFC 5961), and the source address anti-spoofing's, so a member can send segments only as
           itself, never into a connection between two others.
   UDP     a datagram to a guarded member is judged unless it is the reverse of a recorded one. A record (set udp4
-          or udp6: saddr . daddr . sport . dport) is made when a datagram from a local member (its source in
-          guarded4/6, vetted by anti-spoofing) is accepted by this table, so a datagram the destination refused
-          on the same host records nothing; a datagram matching the reverse of a record passes, refreshes it,
-          and is recorded in turn when its sender is local, so once a reply was seen both directions pass (as
-          conntrack's UDP entries do once they have seen a reply), and every datagram either way refreshes.
+          or udp6 of the table UDP_TABLE: saddr . daddr . sport . dport) is made when a datagram from a local
+          member (one that came in on a container's port, its source vetted by anti-spoofing) has passed this
+          table, so a datagram the destination refused on the same host records nothing; a datagram matching the
+          reverse of a record passes, refreshes it, and is recorded in turn when its sender is local, so once a
+          reply was seen both directions pass (as conntrack's UDP entries do once they have seen a reply), and
+          every datagram either way refreshes.
           Timeout UDP_TIMEOUT, conntrack's nf_conntrack_udp_timeout_stream (120 s), not its unreplied 30 s: one
           set cannot tell replied from unreplied, and a reply window shorter than a stream's would cut streams
           that are quiet for 30-120 s (keepalives of 25-60 s, RFC 4787 REQ-5 asks NATs for 2 minutes), while the
@@ -33,7 +34,7 @@ to allowed ones always pass", is kept by judging only what can open a connection
           records per family: when full, a new record is not made (the datagram still passes) and its replies
           are judged as new datagrams until records expire; records made already keep working (conntrack's full
           table drops new flows instead). Nothing of it is written by the plugin: the packet path fills it, a
-          plugin restart leaves it (see ensure_policy) and the drift check never reads it.
+          plugin restart leaves it (see ensure_policy) and the plugin never reads it.
   SCTP    a packet with verification tag 0 is judged (RFC 9260 8.5.1: only a packet carrying an INIT has tag 0;
           Linux answers an INIT with any other tag with an ABORT, sctp_sf_do_5_1B_init), every other packet
           passes: without an INIT the destination accepted, a sender has no tag the destination's association
@@ -55,19 +56,35 @@ to allowed ones always pass", is kept by judging only what can open a connection
           by the IP packet inside it; one with two tags (its IP header out of every rule's reach) is judged as a
           packet nothing allows (br_netfilter let tagged frames pass unjudged: bridge-nf-filter-vlan-tagged 0).
 
-Why a priority after anti-spoofing (netdriver/isolation.py, `bridge vxnet` at -10): a drop in any table is final,
-an accept is not, so the order changes no verdict; but a record made by a frame that anti-spoofing then drops
-would open a reply path to a forged source. At PRIORITY only vetted frames are judged and recorded.
+Why the UDP records are a table of their own (UDP_TABLE): nftables 1.0.6 reads every element of every set of a
+table to list any of its rules or counters (even `list chain`, even terse), and the plugin lists the policy table
+for its drift check, its counters and the drop metrics. With 65,536 records in it each of those reads took 0.8 s
+here; in a table of their own the records cost the plugin nothing, and their table is read only by `list chains`
+(which fetches no set). The records table's chains sit on either side of the policy table on the same hook: one
+before it (REPLY_PRIORITY) marks a datagram that answers a record (names.POLICY_REPLY_MARK; an accept is not
+final across tables, so it cannot pass the datagram itself), the policy table accepts what carries the mark, and
+one after it (RECORD_PRIORITY) records what came in on a container's port and was not dropped.
 
-The table, whatever the number of rules and members (sets and one verdict map: the cost per packet does not
+Why every priority is after anti-spoofing (netdriver/isolation.py, `bridge vxnet` at -10): a drop in any table is
+final, an accept is not, so the order changes no verdict; but a record made by a frame that anti-spoofing then
+drops would open a reply path to a forged source. After it, only vetted frames are judged and recorded.
+
+The tables, whatever the number of rules and members (sets and one verdict map: the cost per packet does not
 grow with them):
 
+table bridge vxnet_policy_udp (UDP_TABLE)
+  chain replies (hook forward, priority REPLY_PRIORITY)
+    ip daddr . ip saddr . udp dport . udp sport @udp4 update @udp4 { <the same> } meta mark set MARK  (and IPv6)
+  chain record (hook forward, priority RECORD_PRIORITY): what passed the policy table
+    iifname != "vxlan0" update @udp4 { ip saddr . ip daddr . udp sport . udp dport }   (and IPv6; no verdict, so
+                                                                                       a full set stops nothing)
+table bridge vxnet_policy (TABLE)
   chain forward (hook forward, priority PRIORITY)
     tcp flags & (syn|ack) != syn accept            the rest of a TCP connection: the most frequent packet first
     meta l4proto vmap { udp: jump udp-reply, sctp: jump sctp-association, icmp: jump icmp-pass,
                         ipv6-icmp: jump icmpv6-pass }          what passes without a judgment, per protocol
-    ip daddr != @guarded4 goto accepted            destinations that are not local members: another host's
-    ip6 daddr != @guarded6 goto accepted           policy decides for its own (enforced at the destination)
+    ip daddr != @guarded4 accept                   destinations that are not local members: another host's
+    ip6 daddr != @guarded6 accept                  policy decides for its own (enforced at the destination)
     ip saddr . ip daddr @allow_all4 jump allow-all            a rule without ports
     ip saddr . ip daddr . meta l4proto . th dport @allow4 jump allow
     ip daddr . meta l4proto . th dport @exposed4 jump exposed    (mode exposed only)
@@ -75,23 +92,17 @@ grow with them):
     meta protocol != { ip, ip6, 8021q, 8021ad } accept   not IP (ARP), and not IP behind a second VLAN tag
     ip frag-off & 0x1fff != 0 accept               a later fragment (and its IPv6 twin, `frag frag-off != 0`)
     limit rate R log group G prefix "vxnet:drop"   a new connection nothing allows: logged, rate-limited ...
-    counter drop comment "vxnet:policy:no-rule"    ... and dropped, counted exactly (audit: accepted, through
-                                                   chain accepted, comment "vxnet:policy-audit:no-rule", log
-                                                   prefix "vxnet:audit")
-  chain udp-reply
-    ip daddr . ip saddr . udp dport . udp sport @udp4 update @udp4 { <the same> } goto accepted  (and IPv6)
+    counter drop comment "vxnet:policy:no-rule"    ... and dropped, counted exactly (audit: accepted instead,
+                                                   comment "vxnet:policy-audit:no-rule", log prefix "vxnet:audit")
+  chain udp-reply:  meta mark MARK accept          a datagram the records' table found to be a reply
   chain sctp-association:  sctp vtag != 0 accept
   chain icmp-pass / icmpv6-pass:  icmp(v6) type { echo-reply, the errors (, nd-neighbor-solicit/advert) } accept
-  chain allow-all / allow / exposed: limit rate R log group G prefix "vxnet:allow:<set>"; counter goto accepted
-  chain accepted
-    ip saddr @guarded4 update @udp4 { ip saddr . ip daddr . udp sport . udp dport }   a local member's datagram
-    (the same for IPv6)                                                              recorded; no verdict, so a
-    accept                                                                           full set stops nothing
+  chain allow-all / allow / exposed: limit rate R log group G prefix "vxnet:allow:<set>"; counter accept
 
 The limit stops only its own rule (an nft `limit` over its rate ends the rule's evaluation, verdict included), so
 it sits on a rule that logs and nothing else; the counter and the verdict are on the next one and see every
-packet. A set update that fails (the set full) ends its rule the same way, hence a rule of its own before the
-accept. A reader compares the records it got for a prefix with that verdict's counter (LOGGED) to tell how many
+packet. A set update that fails (the set full) ends its rule the same way, hence records in rules without a
+verdict. A reader compares the records it got for a prefix with that verdict's counter (LOGGED) to tell how many
 the limit suppressed. NFLOG costs nothing when no reader has bound the group.
 
 Elements: netdriver/policy.py's Elements (guarded {daddr}, exposed {(daddr, proto, port)}, allow {(saddr, daddr,
@@ -99,9 +110,8 @@ proto, port)}, allow_all {(saddr, daddr)}, addresses of either family, bare); an
 attributes will do. A diff (netdriver/policy.py Diff: .add and .remove, each an Elements) is applied as element
 adds and deletes in one transaction.
 
-Listing: the table with libnftables' terse output (`nft -t`: no set elements) for the rules, counters and set
-declarations, and the sets the plugin writes one by one, so neither the drift check nor the counters read the UDP
-records (up to 2 x UDP_SIZE).
+Listing: the policy table with libnftables' terse output (`nft -t`: no set elements printed) for its rules,
+counters and set declarations, the sets the plugin writes one by one, and of the records' table its chains only.
 """
 
 import ipaddress
@@ -113,12 +123,19 @@ from netdriver.isolation import Shape, batch_shape, missing_table, shape_differe
 from wire.errors import InvalidRequest, KernelError
 
 TABLE = names.POLICY_TABLE
+UDP_TABLE = names.POLICY_UDP_TABLE
 FAMILY = "bridge"
 # The table of the br_netfilter design (`inet vxnet_policy`): removed whenever the bridge table is made or removed,
 # so a namespace left by an earlier vxnet keeps no second policy.
 LEGACY_FAMILY = "inet"
-# After the anti-spoofing table (netdriver/isolation.py PRIORITY, -10): see the module docstring.
+# After the anti-spoofing table (netdriver/isolation.py PRIORITY, -10), and the records' chains on either side of
+# the policy table: see the module docstring.
+REPLY_PRIORITY = -5
 PRIORITY = 0
+RECORD_PRIORITY = 5
+# The records' table is compared by its chains alone (its rules cannot be listed without reading every record): a
+# change to its rules goes with new chain names, so that a table made by another version is made again.
+UDP_CHAINS = {"replies": REPLY_PRIORITY, "record": RECORD_PRIORITY}
 MODES = ("open", "exposed", "deny")
 PROTOCOLS = ("tcp", "udp", "sctp")
 
@@ -142,8 +159,8 @@ ACCEPT_ICMPV6 = "vxnet:policy-pass:icmpv6"
 ACCEPT_UNGUARDED = "vxnet:policy-pass:unguarded"
 ACCEPT_NOT_IP = "vxnet:policy-pass:not-ip"
 ACCEPT_FRAGMENT = "vxnet:policy-pass:fragment"
-ACCEPTED = "vxnet:policy-pass:accepted"
-RECORD_UDP = "vxnet:policy-record:udp"
+UDP_REPLY = "vxnet:policy-udp:reply"
+UDP_RECORD = "vxnet:policy-udp:record"
 
 # NFLOG prefixes (what kernel/nflog.py reads in a record) and the verdict each stands for.
 LOG_DROP = "vxnet:drop"
@@ -151,8 +168,8 @@ LOG_AUDIT = "vxnet:audit"
 LOG_ALLOW = "vxnet:allow"
 # The three accepting sets, each with a chain of its own (its log prefix and counter name which one allowed).
 _ALLOWS = (("allow-all", "allow_all"), ("allow", "allow"), ("exposed", "exposed"))
-# The chains reached from forward's verdict map, and the one every accepted judgment goes through.
-_UDP, _SCTP, _ICMP, _ICMPV6, _ACCEPTED = "udp-reply", "sctp-association", "icmp-pass", "icmpv6-pass", "accepted"
+# The chains reached from forward's verdict map.
+_UDP, _SCTP, _ICMP, _ICMPV6 = "udp-reply", "sctp-association", "icmp-pass", "icmpv6-pass"
 
 # What meta protocol (skb->protocol) is for the frames judged here: IPv4, IPv6, and a frame with a second VLAN tag
 # (802.1Q or 802.1ad inside the first), whose IP header no rule can see: it falls to the verdict (dropped, in
@@ -203,7 +220,8 @@ SETS = {
     "allow_all4": ["ipv4_addr", "ipv4_addr"],
     "allow_all6": ["ipv6_addr", "ipv6_addr"],
 }
-# The sets the packet path writes (the UDP records): saddr . daddr . sport . dport of a datagram a local member sent.
+# The sets the packet path writes (the UDP records, in UDP_TABLE): saddr . daddr . sport . dport of a datagram a local
+# member sent.
 FLOW_SETS = {
     "udp4": ["ipv4_addr", "ipv4_addr", "inet_service", "inet_service"],
     "udp6": ["ipv6_addr", "ipv6_addr", "inet_service", "inet_service"],
@@ -286,7 +304,6 @@ def _payload(protocol: str, field: str) -> dict:
 _L4PROTO = {"meta": {"key": "l4proto"}}
 _DPORT = _payload("th", "dport")
 _ACCEPT = {"accept": None}
-_TO_ACCEPTED = {"goto": {"target": _ACCEPTED}}
 
 
 def _ip(version: int) -> str:
@@ -339,19 +356,36 @@ def _update(version: int, reverse: bool) -> dict:
     return {"set": {"op": "update", "elem": _udp_key(version, reverse), "set": f"@udp{version}"}}
 
 
-def _flow_sets() -> List[dict]:
-    return [{"add": {"set": {"family": FAMILY, "table": TABLE, "name": name, "type": kind,
-                             "flags": ["timeout"], "timeout": UDP_TIMEOUT, "size": UDP_SIZE}}}
-            for name, kind in FLOW_SETS.items()]
+def udp_batch() -> List[dict]:
+    """The records' table (UDP_TABLE, module docstring), made anew (add, delete, add): its sets empty."""
+    table = {"table": {"family": FAMILY, "name": UDP_TABLE}}
+    batch: List[dict] = [{"add": table}, {"delete": table}, {"add": table}]
+    batch += [{"add": {"set": {"family": FAMILY, "table": UDP_TABLE, "name": name, "type": kind,
+                               "flags": ["timeout"], "timeout": UDP_TIMEOUT, "size": UDP_SIZE}}}
+              for name, kind in FLOW_SETS.items()]
+    batch += [{"add": {"chain": {"family": FAMILY, "table": UDP_TABLE, "name": name, "type": "filter",
+                                 "hook": "forward", "prio": prio, "policy": "accept"}}}
+              for name, prio in UDP_CHAINS.items()]
+    for version, suffix in ((4, ""), (6, "-v6")):
+        batch.append({"add": {"rule": {"family": FAMILY, "table": UDP_TABLE, "chain": "replies",
+                                       "comment": UDP_REPLY + suffix, "expr": [
+                                           _match(_udp_key(version, True), f"@udp{version}"), _update(version, True),
+                                           {"mangle": {"key": {"meta": {"key": "mark"}},
+                                                       "value": names.POLICY_REPLY_MARK}}]}}})
+        # A datagram that came in on a container's port: the VXLAN device's come from other hosts, whose own
+        # tables record them. Anti-spoofing has vetted its source; the policy table did not drop it.
+        batch.append({"add": {"rule": {"family": FAMILY, "table": UDP_TABLE, "chain": "record",
+                                       "comment": UDP_RECORD + suffix, "expr": [
+                                           _match(_L4PROTO, "udp"), _match({"meta": {"key": "protocol"}}, _ip(version)),
+                                           _match({"meta": {"key": "iifname"}}, names.VXLAN, "!="),
+                                           _update(version, False)]}}})
+    return batch
 
 
 def _protocol_chains() -> List[dict]:
     """The rules of the chains forward's verdict map jumps to: what passes unjudged, per protocol (module
     docstring)."""
-    batch = []
-    for version, suffix in ((4, ""), (6, "-v6")):
-        batch.append(_rule(_UDP, ACCEPT_UDP_REPLY + suffix, _match(_udp_key(version, True), f"@udp{version}"),
-                           _update(version, True), _TO_ACCEPTED))
+    batch = [_rule(_UDP, ACCEPT_UDP_REPLY, _match({"meta": {"key": "mark"}}, names.POLICY_REPLY_MARK), _ACCEPT)]
     batch += [
         _rule(_SCTP, ACCEPT_SCTP, _match(_payload("sctp", "vtag"), 0, "!="), _ACCEPT),
         _rule(_ICMP, ACCEPT_ICMP, _match(_payload("icmp", "type"), {"set": ICMP_PASS}), _ACCEPT),
@@ -360,23 +394,12 @@ def _protocol_chains() -> List[dict]:
     return batch
 
 
-def _accepted_chain() -> List[dict]:
-    """Every judgment that accepts ends here: a local member's datagram is recorded, then accepted. The record is
-    a rule of its own (a failed update, the set full, ends its rule: the accept must not be in it)."""
-    batch = []
-    for version, suffix in ((4, ""), (6, "-v6")):
-        batch.append(_rule(_ACCEPTED, RECORD_UDP + suffix, _match(_L4PROTO, "udp"),
-                           _match(_payload(_ip(version), "saddr"), f"@guarded{version}"), _update(version, False)))
-    batch.append(_rule(_ACCEPTED, ACCEPTED, _ACCEPT))
-    return batch
-
-
 def replace_batch(mode: str, audit: bool, elements, log_rate: int = LOG_RATE, log_burst: int = LOG_BURST
                   ) -> List[dict]:
     """The whole policy table for a network of this mode ("exposed" or "deny"), as one transaction that replaces
-    whatever table of that name was there (add, delete, add: the delete cannot fail on a missing table), the UDP
-    records included, and removes the br_netfilter design's `inet` table if one is left. A replay changes nothing.
-    InvalidRequest naming the part for a bad mode or element (nothing is applied then)."""
+    whatever table of that name was there (add, delete, add: the delete cannot fail on a missing table), and removes
+    the br_netfilter design's `inet` table if one is left (the UDP records' table is udp_batch's). A replay changes
+    nothing. InvalidRequest naming the part for a bad mode or element (nothing is applied then)."""
     if mode not in ("exposed", "deny"):
         raise InvalidRequest(f"policy mode {mode!r}: a table is made only for exposed or deny (open has none)")
     for what, value in (("log rate", log_rate), ("log burst", log_burst)):
@@ -388,15 +411,14 @@ def replace_batch(mode: str, audit: bool, elements, log_rate: int = LOG_RATE, lo
     batch: List[dict] = [{"add": legacy}, {"delete": legacy}, {"add": table}, {"delete": table}, {"add": table}]
     batch += [{"add": {"set": {"family": FAMILY, "table": TABLE, "name": name, "type": kind}}}
               for name, kind in SETS.items()]
-    batch += _flow_sets()
     batch.append({"add": {"chain": {"family": FAMILY, "table": TABLE, "name": "forward", "type": "filter",
                                     "hook": "forward", "prio": PRIORITY, "policy": "accept"}}})
     # Every chain before any rule: a jump or goto names a chain that must exist.
-    batch += [_chain(name) for name in (_UDP, _SCTP, _ICMP, _ICMPV6, _ACCEPTED) + tuple(c for c, _ in _ALLOWS)]
-    batch += _protocol_chains() + _accepted_chain()
+    batch += [_chain(name) for name in (_UDP, _SCTP, _ICMP, _ICMPV6) + tuple(c for c, _ in _ALLOWS)]
+    batch += _protocol_chains()
     for chain, _ in _ALLOWS:
         batch.append(_rule(chain, f"vxnet:policy-log:{chain}", *_log(f"{LOG_ALLOW}:{chain}", log_rate, log_burst)))
-        batch.append(_rule(chain, _allow_comment(chain), {"counter": None}, _TO_ACCEPTED))
+        batch.append(_rule(chain, _allow_comment(chain), {"counter": None}, _ACCEPT))
     by_protocol = {"vmap": {"key": _L4PROTO, "data": {"set": [
         ["udp", {"jump": {"target": _UDP}}], ["sctp", {"jump": {"target": _SCTP}}],
         ["icmp", {"jump": {"target": _ICMP}}], ["ipv6-icmp", {"jump": {"target": _ICMPV6}}]]}}}
@@ -405,9 +427,8 @@ def replace_batch(mode: str, audit: bool, elements, log_rate: int = LOG_RATE, lo
         _rule("forward", ACCEPT_ESTABLISHED,
               _match({"&": [_payload("tcp", "flags"), {"|": ["syn", "ack"]}]}, "syn", "!="), _ACCEPT),
         _rule("forward", ACCEPT_BY_PROTOCOL, by_protocol),
-        _rule("forward", ACCEPT_UNGUARDED, _match(_payload("ip", "daddr"), "@guarded4", "!="), _TO_ACCEPTED),
-        _rule("forward", ACCEPT_UNGUARDED + "-v6", _match(_payload("ip6", "daddr"), "@guarded6", "!="),
-              _TO_ACCEPTED),
+        _rule("forward", ACCEPT_UNGUARDED, _match(_payload("ip", "daddr"), "@guarded4", "!="), _ACCEPT),
+        _rule("forward", ACCEPT_UNGUARDED + "-v6", _match(_payload("ip6", "daddr"), "@guarded6", "!="), _ACCEPT),
     ]
     for version in (4, 6):
         for chain, match in _lookups(version, mode):
@@ -424,7 +445,7 @@ def replace_batch(mode: str, audit: bool, elements, log_rate: int = LOG_RATE, lo
     ]
     if audit:
         batch += [_rule("forward", "vxnet:policy-log:audit", *_log(LOG_AUDIT, log_rate, log_burst)),
-                  _rule("forward", AUDIT, {"counter": None}, _TO_ACCEPTED)]
+                  _rule("forward", AUDIT, {"counter": None}, _ACCEPT)]
     else:
         batch += [_rule("forward", "vxnet:policy-log:drop", *_log(LOG_DROP, log_rate, log_burst)),
                   _rule("forward", DROP, {"counter": None}, {"drop": None})]
@@ -453,11 +474,11 @@ def _element_ops(add: Dict[str, List], remove: Dict[str, List]) -> List[dict]:
 
 
 def delete_batch() -> List[dict]:
-    """The table gone, and the br_netfilter design's `inet` one if left; no error if either was not there (each
-    added first, in the same transaction)."""
-    return [op for family in (FAMILY, LEGACY_FAMILY)
-            for op in ({"add": {"table": {"family": family, "name": TABLE}}},
-                       {"delete": {"table": {"family": family, "name": TABLE}}})]
+    """The policy table gone, the UDP records' table, and the br_netfilter design's `inet` one if left; no error if
+    one was not there (each added first, in the same transaction)."""
+    return [op for family, name in ((FAMILY, TABLE), (FAMILY, UDP_TABLE), (LEGACY_FAMILY, TABLE))
+            for op in ({"add": {"table": {"family": family, "name": name}}},
+                       {"delete": {"table": {"family": family, "name": name}}})]
 
 
 def list_command() -> List[dict]:
@@ -469,6 +490,11 @@ def list_set_command(name: str) -> List[dict]:
     """One set with its elements. One set per command: nftables 1.0.6 answers a second `list set` of the same
     JSON batch from the cache it filtered for the first, and fails with ENOENT."""
     return [{"list": {"set": {"family": FAMILY, "table": TABLE, "name": name}}}]
+
+
+def list_chains_command() -> List[dict]:
+    """Every chain of the namespace's bridge family, without rules: nftables fetches no set for it."""
+    return [{"list": {"chains": {"family": FAMILY}}}]
 
 
 def list_chain_command(chain: str = "forward") -> List[dict]:
@@ -493,11 +519,9 @@ def shape_text(name: str, elem) -> str:
 
 
 def _declaration(body: dict) -> str:
-    """A set as declared (batch) or listed: name, key type, and for the UDP records their timeout and size."""
+    """A set as declared (batch) or listed: its name and key type."""
     kind = body.get("type")
-    kind = " . ".join(kind) if isinstance(kind, list) else str(kind)
-    extra = f" timeout {body.get('timeout')}s size {body.get('size')}" if body["name"] in FLOW_SETS else ""
-    return f"{body['name']}: {kind}{extra}"
+    return f"{body['name']}: {' . '.join(kind) if isinstance(kind, list) else kind}"
 
 
 class Structure(NamedTuple):
@@ -543,22 +567,31 @@ def listed_elements(output: str) -> Dict[str, Dict[str, object]]:
     return out
 
 
+def udp_chains_in_place(output: str) -> bool:
+    """Whether a list_chains_command answer has the records' table with its chains as udp_batch makes them."""
+    found = {(c.get("name"), c.get("hook"), c.get("prio")) for c in (i.get("chain") for i in _items(output))
+             if c is not None and c.get("table") == UDP_TABLE}
+    return found == {(name, "forward", prio) for name, prio in UDP_CHAINS.items()}
+
+
 class PolicyFirewall:
-    """The policy table of each network namespace.
+    """The policy table of each network namespace, and the table of its UDP records.
 
     apply(ns, commands, what, terse=False): run nftables JSON commands as one transaction inside namespace ns
     (Links.nft); terse: list without set elements. Every method is idempotent.
 
-      ensure_policy(ns, mode, audit, elements)   mode open: the same as remove_policy; else the table made what
-                                                 the mode, audit flag and elements give: replaced whole if it is
-                                                 missing or made differently, else changed by element adds and
-                                                 deletes only, so a restart keeps the UDP records
+      ensure_policy(ns, mode, audit, elements)   mode open: the same as remove_policy; else the policy table made
+                                                 what the mode, audit flag and elements give: replaced whole if it
+                                                 is missing or made differently, else changed by element adds and
+                                                 deletes only; the records' table made if missing or made
+                                                 differently, else left as it is (a restart keeps the records)
       update_policy(ns, diff)                    the diff's element adds/deletes, one transaction (KernelError if
                                                  the table is missing: the caller calls ensure_policy)
-      remove_policy(ns)                          the table gone (no error if absent)
+      remove_policy(ns)                          both tables gone (no error if absent)
       policy_drift(ns, mode, audit, elements)    None if the kernel holds what ensure_policy makes, else what differs
-                                                 (the UDP records are the packet path's: never compared)
-      counters(ns)                               {rule comment: (packets, bytes)} of the table's rules ({} if none)
+                                                 (the records' table by its chains: its records are the packet
+                                                 path's, never read)
+      counters(ns)                               {rule comment: (packets, bytes)} of the policy table ({} if none)
     """
 
     def __init__(self, apply: Callable[..., object], log_rate: int = LOG_RATE, log_burst: int = LOG_BURST):
@@ -570,7 +603,7 @@ class PolicyFirewall:
         return replace_batch(mode, audit, elements, self.log_rate, self.log_burst)
 
     def _structure(self, ns: str, what: str) -> Optional[Tuple[Structure, str]]:
-        """The table's structure and its terse listing; None if there is no table."""
+        """The policy table's structure and its terse listing; None if there is no table."""
         try:
             text = str(self._apply(ns, list_command(), what, terse=True) or "")
         except KernelError as exc:
@@ -580,11 +613,14 @@ class PolicyFirewall:
         return listing_structure(text), text
 
     def _elements(self, ns: str, what: str) -> Dict[str, Dict[str, object]]:
-        """The sets the plugin writes, their elements read one set at a time (the UDP records never)."""
+        """The sets the plugin writes, their elements read one set at a time."""
         out: Dict[str, Dict[str, object]] = {}
         for name in SETS:
             out.update(listed_elements(str(self._apply(ns, list_set_command(name), what) or "")))
         return out
+
+    def _udp_in_place(self, ns: str) -> bool:
+        return udp_chains_in_place(str(self._apply(ns, list_chains_command(), f"read the chains in {ns}") or ""))
 
     def ensure_policy(self, ns: str, mode: str, audit: bool, elements) -> None:
         if mode not in MODES:
@@ -593,17 +629,19 @@ class PolicyFirewall:
             self.remove_policy(ns)
             return
         batch = self._batch(mode, audit, elements)  # checks everything before the kernel is read or written
+        # The records' table first in the transaction: a policy table made with it finds its replies marked.
+        changes = [] if self._udp_in_place(ns) else udp_batch()
         found = self._structure(ns, f"read the policy table in {ns}")
         if found is None or found[0] != batch_structure(batch):
-            self._apply(ns, batch, f"policy table ({mode}) in {ns}")
+            self._apply(ns, changes + batch, f"policy tables ({mode}) in {ns}")
             return
-        # Made as this mode makes it: only the elements can differ. Replacing it would also empty the UDP
-        # records, and every reply in flight to a local member would be refused until its sender spoke again.
+        # Made as this mode makes it: only the elements can differ (replacing it would cost nothing but writes,
+        # the records are in the other table; an element diff is O(change) all the same).
         have = self._elements(ns, f"read the policy sets in {ns}")
         want = {name: {shape_text(name, e): e for e in elems} for name, elems in set_elements(elements).items()}
         add = {name: [e for text, e in want[name].items() if text not in have.get(name, {})] for name in SETS}
         remove = {name: [e for text, e in have.get(name, {}).items() if text not in want[name]] for name in SETS}
-        changes = _element_ops(add, remove)
+        changes += _element_ops(add, remove)
         if changes:
             self._apply(ns, changes, f"policy elements in {ns}")
 
@@ -613,27 +651,28 @@ class PolicyFirewall:
             self._apply(ns, batch, f"policy elements in {ns}")
 
     def remove_policy(self, ns: str) -> None:
-        self._apply(ns, delete_batch(), f"removing the policy table in {ns}")
+        self._apply(ns, delete_batch(), f"removing the policy tables in {ns}")
 
     def policy_drift(self, ns: str, mode: str, audit: bool, elements) -> Optional[str]:
         """Reads only (a list changes nothing, and sends no notification)."""
         found = self._structure(ns, f"read the policy table in {ns}")
         if mode == "open":
-            return "policy table present on an open network" if found is not None else None
+            if found is not None:
+                return "policy table present on an open network"
+            return "UDP records table present on an open network" if self._udp_in_place(ns) else None
         batch = self._batch(mode, audit, elements)
+        problems = [] if self._udp_in_place(ns) else ["UDP records table missing or made otherwise"]
         if found is None:
-            return "table missing"
+            return "; ".join(problems + ["table missing"])
         structure, want = found[0], batch_structure(batch)
-        problems = []
         if structure.rules != want.rules:
             problems.append(f"rules {list(structure.rules)} instead of {list(want.rules)}")
         if structure.sets != want.sets:
             problems.append(f"sets {list(structure.sets)} instead of {list(want.sets)}")
-        if not problems:
+        if structure == want:
             have: Shape = ((), {name: frozenset(elems) for name, elems in
                                 self._elements(ns, f"read the policy sets in {ns}").items()})
-            wanted = batch_shape(batch, shape_text)
-            difference = shape_difference(have, ((), {n: e for n, e in wanted[1].items() if n in SETS}))
+            difference = shape_difference(have, ((), batch_shape(batch, shape_text)[1]))
             if difference:
                 problems.append(difference)
         return "; ".join(problems) or None

@@ -18,7 +18,8 @@ class FakeNftables:
     them: a JSON number up to 64 bits, above that a "0x..." string without leading zeros.
 
     `list table` with terse (libnftables' terse output, `nft -t`) leaves the sets' elements out; `list set` answers
-    that one set with its elements; `list chain` that chain's rules. A set is listed as declared (its type, and
+    that one set with its elements; `list chain` that chain's rules; `list chains` every chain of the family (base
+    chains with their hook and priority), of every table. A set is listed as declared (its type, and
     its timeout and size if it has them). `record` adds an element as the packet path's set updates do.
 
     `refuse`: a reason every batch fails with (a kernel without the feature); `calls`: (namespace, what) of each
@@ -41,9 +42,13 @@ class FakeNftables:
         for command in commands:
             (verb, body), = command.items()
             (kind, obj), = body.items()
+            if kind == "chains" and verb == "list":
+                out += [{"chain": dict(chain)} for (family, _), table in tables.items() if family == obj["family"]
+                        for chain in table["chains"].values()]
+                continue
             key = (obj.get("family"), obj.get("name") if kind == "table" else obj.get("table"))
             if kind == "table" and verb == "add":
-                tables.setdefault(key, {"sets": {}, "types": {}, "decl": {}, "rules": []})
+                tables.setdefault(key, {"sets": {}, "types": {}, "decl": {}, "chains": {}, "rules": []})
                 continue
             if key not in tables:
                 raise KernelError(f"{what}: {ENOENT}")
@@ -64,6 +69,8 @@ class FakeNftables:
             elif kind == "chain" and verb == "list":
                 out += [{"rule": self._counted(key, rule, hits)} for rule in table["rules"]
                         if rule.get("chain") == obj["name"]]
+            elif kind == "chain" and verb == "add":
+                table["chains"].setdefault(obj["name"], {k: v for k, v in obj.items() if k != "policy"})
             elif kind == "set":
                 table["sets"].setdefault(obj["name"], set())
                 table["types"].setdefault(obj["name"], obj["type"])
@@ -113,7 +120,7 @@ class FakeNftables:
         before = self.hits.get((*key, comment), (0, 0))
         self.hits[(*key, comment)] = (before[0] + packets, before[1] + octets)
 
-    def record(self, elem, name, family="bridge", table="vxnet_policy"):
+    def record(self, elem, name, family="bridge", table="vxnet_policy_udp"):
         """The packet path adding an element to a set (a dynamic set's `update`): no batch, no call recorded."""
         self.tables[(family, table)]["sets"][name].add(json.dumps(elem, sort_keys=True))
 

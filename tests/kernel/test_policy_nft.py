@@ -20,6 +20,7 @@ from typing import FrozenSet, List
 
 import pytest
 
+from kernel import libnftables, names
 from kernel.links import Links
 from kernel.nflog import Accounting, Reader
 from netdriver import policy_nft as pn
@@ -29,6 +30,7 @@ from tests.harness.proc import wait_until
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces")
 
 PROBE_TIMEOUT = 1.0  # a TCP connect within a namespace's bridge answers in well under a millisecond
+MARK = f"0x{names.POLICY_REPLY_MARK:x}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -329,7 +331,8 @@ def test_the_table_is_the_bridge_familys_and_br_netfilter_stays_off(net):
     ns = net["ns"]
     net["fw"].ensure_policy(ns["n1"], "deny", False, Elements(guarded=guarded(net)))
     tables = json.loads(sh("ip", "netns", "exec", ns["n1"], "nft", "-j", "list", "tables").stdout)["nftables"]
-    assert [(t["table"]["family"], t["table"]["name"]) for t in tables if "table" in t] == [("bridge", "vxnet_policy")]
+    assert {(t["table"]["family"], t["table"]["name"]) for t in tables if "table" in t} == {
+        ("bridge", "vxnet_policy"), ("bridge", "vxnet_policy_udp")}
     assert bridge_netfilter(ns["n1"]) == ["0", "0"] and bridge_netfilter(ns["n2"]) == ["0", "0"]
     host_now = open("/proc/sys/net/bridge/bridge-nf-call-iptables").read(), \
         open("/proc/sys/net/bridge/bridge-nf-call-ip6tables").read()
@@ -531,6 +534,12 @@ def test_udp_replies_pass_after_an_allowed_datagram_and_unsolicited_ones_do_not(
     peers, n1 = net["peers"], net["ns"]["n1"]
     c1s, c2s, c4s = ends(net, "c1"), ends(net, "c2"), ends(net, "c4")
     s, s2, p = UDP_PORTS[1], UDP_PORTS[2], UDP_PORTS[3]
+    # Where the reply mark would show if it left the network's namespace: a marked datagram answers a record, so
+    # its destination is a member here (c1), which counts the datagrams it gets and those of them with the mark.
+    subprocess.run(["ip", "netns", "exec", net["c1"].ns, "nft", "-f", "-"], check=True, text=True, timeout=30, input=(
+        f"table inet markcheck {{\n chain c {{\n  type filter hook input priority 0; policy accept;\n"
+        f"  udp dport {s} meta mark {MARK} counter comment \"marked\"\n  udp dport {s} counter comment \"all\"\n"
+        " }\n}\n"))
     # Positive controls: before the policy, everything of each probe arrives.
     for c1, c2, c4 in zip(c1s, c2s, c4s):
         assert unsolicited(peers, c2, c1, p, s2) and unsolicited(peers, c4, c1, p, s2)
@@ -550,6 +559,11 @@ def test_udp_replies_pass_after_an_allowed_datagram_and_unsolicited_ones_do_not(
         assert not unsolicited(peers, c4, c1, p, s)
         assert udp_exchange(peers, c1, c4, s, p) == (True, True)
         assert not unsolicited(peers, c4, c1, p, s2)
+    # The replies (c2's, and c4's through VXLAN) were marked in n1 to pass, and the mark stayed there.
+    counted = libnftables.rule_counters(sh("ip", "netns", "exec", net["c1"].ns, "nft", "-j", "list", "table", "inet",
+                                           "markcheck").stdout)
+    assert counted["all"][0] >= 4 and counted["marked"][0] == 0, counted
+    sh("ip", "netns", "exec", net["c1"].ns, "nft", "delete", "table", "inet", "markcheck")
     # A datagram refused on this host records nothing: c1 -> c2 on a port no rule allows, then the reverse.
     refused = UDP_PORTS[4]
     for c1, c2 in zip(c1s, c2s):
@@ -559,7 +573,7 @@ def test_udp_replies_pass_after_an_allowed_datagram_and_unsolicited_ones_do_not(
     key = f"{net['c1'].ip} . {net['c2'].ip} . {s} . {p}"
 
     def expires():
-        listed = json.loads(sh("ip", "netns", "exec", n1, "nft", "-j", "list", "set", "bridge", pn.TABLE,
+        listed = json.loads(sh("ip", "netns", "exec", n1, "nft", "-j", "list", "set", "bridge", pn.UDP_TABLE,
                                "udp4").stdout)["nftables"]
         elems = next(i["set"] for i in listed if "set" in i).get("elem", [])
         return {pn.element_text(e): e["elem"]["expires"] for e in elems}.get(key)
@@ -796,10 +810,10 @@ def test_frames_with_two_vlan_tags_are_judged_not_waved_through(net):
         capture.stop()
 
 
-def test_a_restart_keeps_a_udp_reply_flow_passing_and_a_replaced_table_does_not(net):
-    """ensure_policy on a table made as the mode makes it (a plugin restart, a repair) changes its elements only:
-    the UDP records stay, and a reply to a datagram sent before still passes. Replacing the table whole (the
-    positive control of the probe) loses them, and the same reply is refused."""
+def test_a_restart_keeps_a_udp_reply_flow_passing_and_new_records_do_not(net):
+    """ensure_policy on tables made as the mode makes them (a plugin restart, a repair) changes the policy table's
+    elements only and leaves the UDP records' table: a reply to a datagram sent before still passes. The records'
+    table made anew (the positive control of the probe) loses them, and the same reply is refused."""
     peers, links, n1 = net["peers"], net["links"], net["ns"]["n1"]
     c1, c2 = ends(net, "c1")[0], ends(net, "c2")[0]
     s, p = UDP_PORTS[9], UDP_PORTS[10]
@@ -816,5 +830,8 @@ def test_a_restart_keeps_a_udp_reply_flow_passing_and_a_replaced_table_does_not(
     assert unsolicited(peers, c2, c1, p, s)  # c2's datagram to c1, the reverse of c1's: still passes
     assert net["c3"].reaches(c2.addr, PORTS[13])  # and the added element is in force
     assert udp_exchange(peers, c1, c2, UDP_PORTS[11], p) == (False, False)  # the removed one is not
-    links.nft(n1, pn.replace_batch("deny", False, more), "the table replaced whole")
+    # The policy table replaced whole (another mode, an older vxnet's table) keeps them too: a table of their own.
+    links.nft(n1, pn.replace_batch("deny", False, more), "the policy table replaced whole")
+    assert unsolicited(peers, c2, c1, p, s)
+    links.nft(n1, pn.udp_batch(), "the records' table made anew")
     assert not unsolicited(peers, c2, c1, p, s)

@@ -1,8 +1,9 @@
 """netdriver/policy_nft.py's batches without a kernel: the rules per mode, the order that keeps counters exact and
-established traffic cheap, the UDP records (made only where a judgment accepted, never written or compared by the
-plugin), validation that names the part, and PolicyFirewall over a fake nftables that models the tables: a table
-made as the mode makes it is changed by its elements only (a restart keeps the UDP records), one made otherwise is
-replaced. The kernel's verdicts are tests/kernel/test_policy_nft.py's."""
+established traffic cheap, the UDP records (a table of their own around the policy table: a reply marked before
+it, a record made after it, never written, listed or compared by the plugin), validation that names the part, and
+PolicyFirewall over a fake nftables that models the tables: a policy table made as the mode makes it is changed by
+its elements only, one made otherwise is replaced, and the records' table is made only when missing (a restart
+keeps the records). The kernel's verdicts are tests/kernel/test_policy_nft.py's."""
 
 import dataclasses
 import json
@@ -67,7 +68,7 @@ def test_established_tcp_first_then_the_protocols_then_the_verdict_last_in_each_
         assert {k: v["jump"]["target"] for k, v in vmap["data"]["set"]} == {
             "udp": "udp-reply", "sctp": "sctp-association", "icmp": "icmp-pass", "ipv6-icmp": "icmpv6-pass"}
         assert forward[-1]["comment"] == (pn.AUDIT if audit else pn.DROP)
-        assert forward[-1]["expr"][1] == ({"goto": {"target": "accepted"}} if audit else {"drop": None})
+        assert forward[-1]["expr"][1] == ({"accept": None} if audit else {"drop": None})
         assert kinds(forward[-2]) == ["limit", "log"]
         # A later fragment and what is not IP pass only after every lookup: allowed packets never pay for them.
         assert [r["comment"] for r in forward[-5:-2]] == [pn.ACCEPT_NOT_IP, pn.ACCEPT_FRAGMENT,
@@ -89,43 +90,48 @@ def test_the_rules_do_not_grow_with_the_elements():
             [c for c in big if "element" not in c.get("add", {})]
 
 
-def test_every_accepting_judgment_goes_through_the_chain_that_records_udp():
-    batch = pn.replace_batch("exposed", True, SAMPLE)
-    accepted = rules(batch, "accepted")
-    # The records first, each a rule without a verdict (a full set ends only that rule), then the accept.
-    assert [r["comment"] for r in accepted] == [pn.RECORD_UDP, pn.RECORD_UDP + "-v6", pn.ACCEPTED]
-    for rule, ip, version in ((accepted[0], "ip", 4), (accepted[1], "ip6", 6)):
-        assert rule["expr"][:2] == [
-            {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "udp"}},
-            {"match": {"op": "==", "left": {"payload": {"protocol": ip, "field": "saddr"}},
-                       "right": f"@guarded{version}"}}]  # a local member's datagram only
-        assert rule["expr"][2]["set"]["op"] == "update" and len(rule["expr"]) == 3
-    assert accepted[2]["expr"] == [{"accept": None}]
-    # Every other way to accept a judged packet goes there: unguarded destinations, the three allows, audit,
-    # and a UDP reply (so a local member's reply is recorded in turn).
-    gotos = [r["comment"] for c in ("forward", "udp-reply", "allow-all", "allow", "exposed") for r in rules(batch, c)
-             if {"goto": {"target": "accepted"}} in r["expr"]]
-    assert sorted(gotos) == sorted([pn.ACCEPT_UNGUARDED, pn.ACCEPT_UNGUARDED + "-v6", pn.AUDIT,
-                                    pn.ACCEPT_UDP_REPLY, pn.ACCEPT_UDP_REPLY + "-v6",
-                                    "vxnet:policy-allowed:allow-all", "vxnet:policy-allowed:allow",
-                                    "vxnet:policy-allowed:exposed"])
-    assert not [r for c in ("allow-all", "allow", "exposed") for r in rules(batch, c) if "accept" in kinds(r)]
+def table_rules(batch, table, chain):
+    return [c["add"]["rule"] for c in batch if "rule" in c.get("add", {}) and c["add"]["rule"]["table"] == table
+            and c["add"]["rule"]["chain"] == chain]
 
 
-def test_a_udp_reply_is_looked_up_by_the_reverse_of_the_recorded_key():
-    batch = pn.replace_batch("deny", False, SAMPLE)
-    for rule, version in zip(rules(batch, "udp-reply"), (4, 6)):
-        looked_up = rule["expr"][0]["match"]["left"]["concat"]
-        refreshed = rule["expr"][1]["set"]["elem"]["concat"]
-        recorded = rules(batch, "accepted")[version // 6]["expr"][2]["set"]["elem"]["concat"]
-        assert looked_up == refreshed == [recorded[1], recorded[0], recorded[3], recorded[2]]
-        assert rule["expr"][0]["match"]["right"] == f"@udp{version}" and rule["expr"][2] == {
-            "goto": {"target": "accepted"}}
-    declared = {c["add"]["set"]["name"]: c["add"]["set"] for c in batch if "set" in c.get("add", {})}
+def test_the_udp_records_are_a_table_around_the_policy_table():
+    """A reply is marked before the policy table (which passes the mark), a record made after it (so only what it
+    did not drop), in a table the plugin never lists: nftables reads a table's every element to list its rules."""
+    udp = pn.udp_batch()
+    chains = {c["add"]["chain"]["name"]: c["add"]["chain"] for c in udp if "chain" in c.get("add", {})}
+    assert {n: (c["hook"], c["prio"]) for n, c in chains.items()} == {"replies": ("forward", -5),
+                                                                     "record": ("forward", 5)}
+    assert -10 < chains["replies"]["prio"] < pn.PRIORITY < chains["record"]["prio"]  # all after anti-spoofing
+    declared = {c["add"]["set"]["name"]: c["add"]["set"] for c in udp if "set" in c.get("add", {})}
+    assert set(declared) == set(pn.FLOW_SETS)
     for name in pn.FLOW_SETS:
         assert declared[name]["timeout"] == pn.UDP_TIMEOUT == 120 and declared[name]["size"] == pn.UDP_SIZE
-        assert "timeout" in declared[name]["flags"]
-    assert not [c for c in batch if "element" in c.get("add", {}) and c["add"]["element"]["name"] in pn.FLOW_SETS]
+        assert declared[name]["flags"] == ["timeout"]
+    assert not [c for c in udp if "element" in c.get("add", {})]
+    assert not [r for c in ("replies", "record") for r in table_rules(udp, pn.UDP_TABLE, c)
+                if {"accept", "drop", "jump", "goto"} & set(kinds(r))]  # no verdicts: the policy table decides
+    for version, rule, record in zip((4, 6), table_rules(udp, pn.UDP_TABLE, "replies"),
+                                     table_rules(udp, pn.UDP_TABLE, "record")):
+        looked_up = rule["expr"][0]["match"]["left"]["concat"]
+        refreshed = rule["expr"][1]["set"]["elem"]["concat"]
+        recorded = record["expr"][-1]["set"]["elem"]["concat"]
+        assert looked_up == refreshed == [recorded[1], recorded[0], recorded[3], recorded[2]]
+        assert rule["expr"][0]["match"]["right"] == f"@udp{version}"
+        assert rule["expr"][2] == {"mangle": {"key": {"meta": {"key": "mark"}}, "value": 0x7678}}
+        # Recorded: UDP of this family that came in on a container's port (not the VXLAN device).
+        assert record["expr"][:3] == [
+            {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "udp"}},
+            {"match": {"op": "==", "left": {"meta": {"key": "protocol"}}, "right": "ip" if version == 4 else "ip6"}},
+            {"match": {"op": "!=", "left": {"meta": {"key": "iifname"}}, "right": "vxlan0"}}]
+        assert record["expr"][-1]["set"]["op"] == "update" and len(record["expr"]) == 4
+    # The policy table passes the mark, and has no UDP set of its own.
+    batch = pn.replace_batch("exposed", True, SAMPLE)
+    (reply,) = rules(batch, "udp-reply")
+    assert reply["expr"] == [{"match": {"op": "==", "left": {"meta": {"key": "mark"}}, "right": 0x7678}},
+                             {"accept": None}]
+    assert not [c for c in batch if "set" in c.get("add", {}) and c["add"]["set"]["name"] in pn.FLOW_SETS]
+    assert {c["add"]["rule"]["table"] for c in batch if "rule" in c.get("add", {})} == {pn.TABLE}
 
 
 def test_what_passes_unjudged_per_protocol():
@@ -152,7 +158,7 @@ def test_a_limit_never_shares_a_rule_with_a_counter_or_a_verdict():
             assert kinds(rule) == ["limit", "log"]
             assert rule["expr"][1]["log"]["group"] == 0x7678
     for chain in ("allow-all", "allow", "exposed"):
-        assert [kinds(r) for r in rules(batch, chain)] == [["limit", "log"], ["counter", "goto"]]
+        assert [kinds(r) for r in rules(batch, chain)] == [["limit", "log"], ["counter", "accept"]]
 
 
 def test_every_logged_prefix_has_an_exact_counter():
@@ -235,7 +241,7 @@ def test_the_shape_of_a_batch_is_what_it_lists(guarded, exposed):
     shape = pn.batch_shape(batch, pn.shape_text)
     assert shape[1]["guarded4"] == frozenset(guarded)
     assert shape[1]["exposed6"] == frozenset(f"{a} . {p} . {n}" for a, p, n in exposed)
-    assert set(shape[1]) == set(pn.SETS) | set(pn.FLOW_SETS)
+    assert set(shape[1]) == set(pn.SETS)
 
 
 def firewall(**kwargs):
@@ -256,34 +262,47 @@ def writes(calls):
 UDP4 = {"concat": ["10.0.0.2", "10.0.0.9", 40000, 53]}
 
 
-def test_a_table_in_place_is_changed_by_its_elements_and_keeps_its_udp_records():
+def test_a_table_in_place_is_changed_by_its_elements_and_the_udp_records_are_kept():
     nft, fw, calls = firewall()
     fw.ensure_policy("vxnet-a", "deny", False, SAMPLE)
-    assert writes(calls) == ["policy table (deny) in vxnet-a"]
+    assert writes(calls) == ["policy tables (deny) in vxnet-a"]  # both, in one transaction
     nft.record(UDP4, "udp4")  # the packet path records a datagram
     calls.clear()
     fw.ensure_policy("vxnet-a", "deny", False, SAMPLE)  # a restart, a repair, a namespace made up again
     assert writes(calls) == []  # the same: nothing written
-    # The listings never read the UDP records: the table terse, the plugin's sets one by one.
-    assert [(terse, verbs) for _what, terse, verbs in calls] == [(True, ["list"])] + [(False, ["list"])] * 8
+    # What is read: the chains (the records' table by its chains alone), the policy table terse, its sets one by
+    # one; never the records' table's sets or rules.
+    assert [(terse, verbs) for _what, terse, verbs in calls] == [(False, ["list"]), (True, ["list"])] + \
+        [(False, ["list"])] * 8
     smaller = dataclasses.replace(SAMPLE, guarded=frozenset({"10.0.0.2"}), allow=frozenset())
     calls.clear()
     fw.ensure_policy("vxnet-a", "deny", False, smaller)
     assert writes(calls) == ["policy elements in vxnet-a"]
     sets = nft.sets("bridge", "vxnet_policy")
-    assert sets["udp4"] == [json.dumps(UDP4, sort_keys=True)]  # kept
     assert sets["guarded4"] == ['"10.0.0.2"'] and sets["guarded6"] == [] and sets["allow4"] == []
-    assert fw.policy_drift("vxnet-a", "deny", False, smaller) is None  # the records are not compared
-    # Another verdict (audit) is another table: replaced whole, records gone.
+    assert fw.policy_drift("vxnet-a", "deny", False, smaller) is None
+    # Another verdict (audit) is another policy table, replaced whole; the records' table is left alone.
     fw.ensure_policy("vxnet-a", "deny", True, smaller)
-    assert nft.sets("bridge", "vxnet_policy")["udp4"] == []
     assert fw.policy_drift("vxnet-a", "deny", True, smaller) is None
+    assert nft.sets("bridge", "vxnet_policy_udp")["udp4"] == [json.dumps(UDP4, sort_keys=True)]  # kept throughout
+
+
+def test_a_lost_records_table_is_made_again_and_the_policy_table_left():
+    nft, fw, calls = firewall()
+    fw.ensure_policy("vxnet-a", "deny", False, SAMPLE)
+    nft("vxnet-a", [{"delete": {"table": {"family": "bridge", "name": "vxnet_policy_udp"}}}], "someone")
+    assert fw.policy_drift("vxnet-a", "deny", False, SAMPLE) == "UDP records table missing or made otherwise"
+    calls.clear()
+    fw.ensure_policy("vxnet-a", "deny", False, SAMPLE)
+    assert writes(calls) == ["policy elements in vxnet-a"]  # the records' table, and no element change
+    assert fw.policy_drift("vxnet-a", "deny", False, SAMPLE) is None
 
 
 def test_drift_names_what_differs_and_ignores_the_udp_records():
     nft, fw, _ = firewall()
     assert fw.policy_drift("vxnet-a", "open", False, SAMPLE) is None
-    assert fw.policy_drift("vxnet-a", "deny", False, SAMPLE) == "table missing"
+    assert fw.policy_drift("vxnet-a", "deny", False, SAMPLE) == \
+        "UDP records table missing or made otherwise; table missing"
     assert fw.counters("vxnet-a") == {}
     fw.ensure_policy("vxnet-a", "exposed", False, SAMPLE)
     nft.record(UDP4, "udp4")
@@ -293,13 +312,16 @@ def test_drift_names_what_differs_and_ignores_the_udp_records():
         "set guarded4 has extra 10.0.0.2; set guarded6 has extra fd00::2"
     assert fw.policy_drift("vxnet-a", "open", False, SAMPLE) == "policy table present on an open network"
     assert pn.DROP in fw.counters("vxnet-a")
+    nft("vxnet-a", [{"delete": {"table": {"family": "bridge", "name": "vxnet_policy"}}}], "someone")
+    assert fw.policy_drift("vxnet-a", "open", False, SAMPLE) == "UDP records table present on an open network"
 
 
-def test_removal_takes_the_table_and_a_leftover_of_the_br_netfilter_design():
+def test_removal_takes_both_tables_and_a_leftover_of_the_br_netfilter_design():
     nft, fw, _ = firewall()
     nft("vxnet-a", [{"add": {"table": {"family": "inet", "name": "vxnet_policy"}}}], "an earlier vxnet's table")
     fw.ensure_policy("vxnet-a", "deny", False, SAMPLE)
-    assert set(nft.tables) == {("bridge", "vxnet_policy")}  # made: the inet one went in the same transaction
+    # Made: the inet one went in the same transaction.
+    assert set(nft.tables) == {("bridge", "vxnet_policy"), ("bridge", "vxnet_policy_udp")}
     fw.remove_policy("vxnet-a")
     fw.remove_policy("vxnet-a")  # a replay is no error
     assert nft.tables == {}
