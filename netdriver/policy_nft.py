@@ -6,7 +6,7 @@ Why the bridge family and no conntrack: this kernel has no conntrack in the brid
 hooks (br_netfilter), which cost 3.5 us per round trip between two containers of one bridge (ping -f, 30,000
 echoes: 7.7 us without a policy, 11.2 us with br_netfilter and a `ct state` table, 8.8 us with a bridge-family
 table of stateless rules and one dynamic set); side by side, with an echo loop of its own (docs/policy.md,
-Enforcement), the table made here adds 0.93 us and br_netfilter with conntrack 2.08 us. br_netfilter stays off in every
+Enforcement), the tables made here add 0.93 us and br_netfilter with conntrack 2.05 us. br_netfilter stays off in every
 namespace vxnet makes (Links.ensure_netns). What conntrack gave, "new connections refused unless allowed, replies
 to allowed ones always pass", is kept by judging only what can open a connection, per protocol:
 
@@ -110,8 +110,8 @@ proto, port)}, allow_all {(saddr, daddr)}, addresses of either family, bare); an
 attributes will do. A diff (netdriver/policy.py Diff: .add and .remove, each an Elements) is applied as element
 adds and deletes in one transaction.
 
-Listing: the policy table with libnftables' terse output (`nft -t`: no set elements printed) for its rules,
-counters and set declarations, the sets the plugin writes one by one, and of the records' table its chains only.
+Listing: the policy table whole for the drift check, with libnftables' terse output (`nft -t`: no set elements
+printed) for its counters, and of the records' table its chains only.
 """
 
 import ipaddress
@@ -482,14 +482,8 @@ def delete_batch() -> List[dict]:
 
 
 def list_command() -> List[dict]:
-    """The table; run with terse output (no set elements): its rules, counters and set declarations."""
+    """The policy table: its sets (with their elements, unless listed terse), rules and counters."""
     return [{"list": {"table": {"family": FAMILY, "name": TABLE}}}]
-
-
-def list_set_command(name: str) -> List[dict]:
-    """One set with its elements. One set per command: nftables 1.0.6 answers a second `list set` of the same
-    JSON batch from the cache it filtered for the first, and fails with ENOENT."""
-    return [{"list": {"set": {"family": FAMILY, "table": TABLE, "name": name}}}]
 
 
 def list_chains_command() -> List[dict]:
@@ -556,7 +550,8 @@ def listing_structure(output: str) -> Structure:
 
 
 def listed_elements(output: str) -> Dict[str, Dict[str, object]]:
-    """A list_set_command answer -> {set name: {element text (shape_text): the element as listed}}."""
+    """A list answer -> {set name: {element text (shape_text): the element as listed}} for the sets the plugin
+    writes."""
     out: Dict[str, Dict[str, object]] = {}
     for item in _items(output):
         found = item.get("set")
@@ -602,22 +597,14 @@ class PolicyFirewall:
     def _batch(self, mode: str, audit: bool, elements) -> List[dict]:
         return replace_batch(mode, audit, elements, self.log_rate, self.log_burst)
 
-    def _structure(self, ns: str, what: str) -> Optional[Tuple[Structure, str]]:
-        """The policy table's structure and its terse listing; None if there is no table."""
+    def _listing(self, ns: str, what: str, terse: bool = False) -> Optional[str]:
+        """The policy table as listed (terse: without set elements); None if there is no table."""
         try:
-            text = str(self._apply(ns, list_command(), what, terse=True) or "")
+            return str(self._apply(ns, list_command(), what, terse=terse) or "")
         except KernelError as exc:
             if not missing_table(exc):
                 raise
             return None
-        return listing_structure(text), text
-
-    def _elements(self, ns: str, what: str) -> Dict[str, Dict[str, object]]:
-        """The sets the plugin writes, their elements read one set at a time."""
-        out: Dict[str, Dict[str, object]] = {}
-        for name in SETS:
-            out.update(listed_elements(str(self._apply(ns, list_set_command(name), what) or "")))
-        return out
 
     def _udp_in_place(self, ns: str) -> bool:
         return udp_chains_in_place(str(self._apply(ns, list_chains_command(), f"read the chains in {ns}") or ""))
@@ -631,13 +618,13 @@ class PolicyFirewall:
         batch = self._batch(mode, audit, elements)  # checks everything before the kernel is read or written
         # The records' table first in the transaction: a policy table made with it finds its replies marked.
         changes = [] if self._udp_in_place(ns) else udp_batch()
-        found = self._structure(ns, f"read the policy table in {ns}")
-        if found is None or found[0] != batch_structure(batch):
+        listing = self._listing(ns, f"read the policy table in {ns}")
+        if listing is None or listing_structure(listing) != batch_structure(batch):
             self._apply(ns, changes + batch, f"policy tables ({mode}) in {ns}")
             return
-        # Made as this mode makes it: only the elements can differ (replacing it would cost nothing but writes,
-        # the records are in the other table; an element diff is O(change) all the same).
-        have = self._elements(ns, f"read the policy sets in {ns}")
+        # Made as this mode makes it: only the elements can differ, and an element diff is O(change) where a
+        # replacement writes every element again (and restarts the counters).
+        have = listed_elements(listing)
         want = {name: {shape_text(name, e): e for e in elems} for name, elems in set_elements(elements).items()}
         add = {name: [e for text, e in want[name].items() if text not in have.get(name, {})] for name in SETS}
         remove = {name: [e for text, e in have.get(name, {}).items() if text not in want[name]] for name in SETS}
@@ -655,28 +642,27 @@ class PolicyFirewall:
 
     def policy_drift(self, ns: str, mode: str, audit: bool, elements) -> Optional[str]:
         """Reads only (a list changes nothing, and sends no notification)."""
-        found = self._structure(ns, f"read the policy table in {ns}")
+        listing = self._listing(ns, f"read the policy table in {ns}")
         if mode == "open":
-            if found is not None:
+            if listing is not None:
                 return "policy table present on an open network"
             return "UDP records table present on an open network" if self._udp_in_place(ns) else None
         batch = self._batch(mode, audit, elements)
         problems = [] if self._udp_in_place(ns) else ["UDP records table missing or made otherwise"]
-        if found is None:
+        if listing is None:
             return "; ".join(problems + ["table missing"])
-        structure, want = found[0], batch_structure(batch)
+        structure, want = listing_structure(listing), batch_structure(batch)
         if structure.rules != want.rules:
             problems.append(f"rules {list(structure.rules)} instead of {list(want.rules)}")
         if structure.sets != want.sets:
             problems.append(f"sets {list(structure.sets)} instead of {list(want.sets)}")
         if structure == want:
-            have: Shape = ((), {name: frozenset(elems) for name, elems in
-                                self._elements(ns, f"read the policy sets in {ns}").items()})
+            have: Shape = ((), {name: frozenset(elems) for name, elems in listed_elements(listing).items()})
             difference = shape_difference(have, ((), batch_shape(batch, shape_text)[1]))
             if difference:
                 problems.append(difference)
         return "; ".join(problems) or None
 
     def counters(self, ns: str) -> Dict[str, Tuple[int, int]]:
-        found = self._structure(ns, f"read the policy counters in {ns}")
-        return libnftables.rule_counters(found[1]) if found is not None else {}
+        listing = self._listing(ns, f"read the policy counters in {ns}", terse=True)
+        return libnftables.rule_counters(listing) if listing is not None else {}
