@@ -24,8 +24,8 @@ of a restarted plugin. At that first read each table is compared with the full c
 and written only if it differs: a plugin restart writes nothing when nothing changed, and the kernel keeps the
 tables while the plugin is down (nothing removes them at shut-down). Writing the full compile (ensure_policy)
 replaces a table only if it is made for another mode or audit flag (or by an older vxnet); else it changes the
-elements that differ, so the UDP records the packet path keeps there (netdriver/policy_nft.py) survive a
-restart, a repair and a namespace made up again. An etcd outage stops the watches, not the
+elements that differ. The UDP records the packet path keeps (netdriver/policy_nft.py, a table of their own) are
+left alone either way: a restart, a repair and a namespace made up again keep them. An etcd outage stops the watches, not the
 kernel: the tables stay as they are until the next full read, whose difference is applied then.
 
 Locks: one RLock around everything here, taken after PeerSync's (PeerSync calls in under its own lock, as the
