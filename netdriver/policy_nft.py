@@ -12,8 +12,8 @@ to allowed ones always pass", is kept by judging only what can open a connection
 
   TCP     a segment with SYN and without ACK (`tcp flags & (syn|ack) == syn`) is a new connection and is judged;
           every other segment passes, as the table's first rule. A peer cannot open a connection without a SYN
-          the destination accepted (the handshake needs the destination's SYN-ACK, RFC 9293 3.5), so this refuses
-          exactly what conntrack's `ct state new` refused. What it lets through: a segment without SYN to a port
+          this table let through (the handshake needs the destination's SYN-ACK, RFC 9293 3.5), so this refuses
+          the connections conntrack's `ct state new` refused. What it lets through: a segment without SYN to a port
           it never connected to (an ACK or FIN probe) reaches the destination's kernel, which answers it with a
           RST (RFC 9293 3.10.7.1); a port scan by ACKs learns that the address is up, not which ports are open.
           It is no barrier to data injected into an open connection, and conntrack was none either (it passes
