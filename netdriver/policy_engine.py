@@ -25,8 +25,8 @@ and written only if it differs: a plugin restart writes nothing when nothing cha
 tables while the plugin is down (nothing removes them at shut-down). Writing the full compile (ensure_policy)
 replaces a table only if it is made for another mode or audit flag (or by an older vxnet); else it changes the
 elements that differ. The UDP records the packet path keeps (netdriver/policy_nft.py, a table of their own) are
-left alone either way: a restart, a repair and a namespace made up again keep them. An etcd outage stops the watches, not the
-kernel: the tables stay as they are until the next full read, whose difference is applied then.
+left alone either way: a restart, a repair and a namespace made up again keep them. An etcd outage stops the
+watches, not the kernel: the tables stay as they are until the next full read, whose difference is applied then.
 
 Locks: one RLock around everything here, taken after PeerSync's (PeerSync calls in under its own lock, as the
 reconciler's PeerSync.repair does) and never the other way round; the reconciler's repair() takes this one
