@@ -43,6 +43,7 @@ from bench.common import BenchError, fmt, median, netns_of, percentile, ping_onc
 from bench.datapath import IPERF_PORT, _iperf, _ping
 from bench.lab import BenchLab, log
 from kernel import names
+from netdriver import policy_nft
 from tests.harness.containers import addresses, run_sleeper
 from tests.harness.plugin import REPO
 from tests.harness.proc import wait_until
@@ -50,7 +51,7 @@ from tests.harness.proc import wait_until
 OPEN_NET, OPEN_SUBNET, OPEN_OVERLAY = "bench-pol-open", "10.200.48.0/22", "polopen"
 DENY_NET, DENY_SUBNET, DENY_OVERLAY = "bench-pol-deny", "10.200.52.0/22", "poldeny"
 # deny0: a deny network with only the pair's rule, and the same synthetic endpoints with no identities (guarded,
-# selected by nothing): the fixed cost of a policy (br_netfilter and conntrack on the path), apart from what the
+# selected by nothing): the fixed cost of a policy (the policy table's hook on the bridge path), apart from what the
 # rules and their 7,800 elements per host could add.
 BARE_NET, BARE_SUBNET, BARE_OVERLAY = "bench-pol-deny0", "10.200.56.0/22", "poldeny0"
 NETS = {"open": (OPEN_NET, OPEN_SUBNET, OPEN_OVERLAY), "deny": (DENY_NET, DENY_SUBNET, DENY_OVERLAY),
@@ -83,8 +84,8 @@ def _probe(host, plugin, *args: str, stdin: Optional[object] = None, timeout: fl
 
 
 def _set_len(host, ns: str, name: str) -> Optional[int]:
-    out = host.run(["ip", "netns", "exec", ns, "nft", "-j", "list", "set", "inet", names.POLICY_TABLE, name],
-                   check=False, timeout=30)
+    out = host.run(["ip", "netns", "exec", ns, "nft", "-j", "list", "set", policy_nft.FAMILY, names.POLICY_TABLE,
+                    name], check=False, timeout=30)
     if out.returncode:
         return None
     for item in json.loads(out.stdout)["nftables"]:
