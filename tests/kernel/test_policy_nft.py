@@ -16,7 +16,7 @@ import select
 import subprocess
 import sys
 import time
-from typing import FrozenSet, List
+from typing import List
 
 import pytest
 
@@ -25,6 +25,7 @@ from kernel.links import Links
 from kernel.nflog import Accounting, Reader
 from netdriver import policy_nft as pn
 from netdriver.isolation import Firewall
+from netdriver.policy import Diff, Elements
 from tests.harness.proc import wait_until
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces")
@@ -32,20 +33,6 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namesp
 PROBE_TIMEOUT = 1.0  # a TCP connect within a namespace's bridge answers in well under a millisecond
 MARK = f"0x{names.POLICY_REPLY_MARK:x}"
 
-
-@dataclasses.dataclass(frozen=True)
-class Elements:
-    """Stand-in for netdriver/policy.py's Elements (same field names and shapes) until that module is on main."""
-    guarded: FrozenSet = frozenset()
-    exposed: FrozenSet = frozenset()
-    allow: FrozenSet = frozenset()
-    allow_all: FrozenSet = frozenset()
-
-
-@dataclasses.dataclass(frozen=True)
-class Diff:
-    add: Elements = Elements()
-    remove: Elements = Elements()
 
 
 def sh(*argv, check=True):

@@ -7,7 +7,6 @@ keeps the records). The kernel's verdicts are tests/kernel/test_policy_nft.py's.
 
 import dataclasses
 import json
-from typing import FrozenSet
 
 import pytest
 from hypothesis import given, settings
@@ -15,25 +14,10 @@ from hypothesis import strategies as st
 
 from netdriver import policy_nft as pn
 from netdriver.isolation import drop_reason
+from netdriver.policy import Diff, Elements
 from telemetry.metrics import DROP_REASONS
 from tests.fakes import FakeNftables
 from wire.errors import InvalidRequest
-
-
-@dataclasses.dataclass(frozen=True)
-class Elements:
-    """Stand-in for netdriver/policy.py's Elements (same field names and shapes) until that module is on main."""
-    guarded: FrozenSet = frozenset()
-    exposed: FrozenSet = frozenset()
-    allow: FrozenSet = frozenset()
-    allow_all: FrozenSet = frozenset()
-
-
-@dataclasses.dataclass(frozen=True)
-class Diff:
-    add: Elements = Elements()
-    remove: Elements = Elements()
-
 
 SAMPLE = Elements(guarded=frozenset({"10.0.0.2", "fd00::2"}),
                   exposed=frozenset({("10.0.0.2", "tcp", 80), ("fd00::2", "udp", 53)}),
