@@ -57,6 +57,11 @@ class PeerSync:
         # Until the first full read of etcd the table is empty, not known to be empty: applying it then would
         # wipe the entries a restarted plugin finds in the kernel and cut running containers off.
         self._loaded = False
+        self._resynced = threading.Event()  # set once a first full read has been applied
+
+    def wait_loaded(self, timeout: float) -> bool:
+        """Wait until the first full read of etcd has been applied (start-up is over); False on time-out."""
+        return self._resynced.wait(timeout)
 
     def _sync(self, segment: str, full: bool = False, change: Optional[Change] = None) -> Tuple[int, int]:
         """Make the segment's VXLAN device hold the table: only `change` (one event's keys, O(1) in the peers)
@@ -145,6 +150,7 @@ class PeerSync:
                 self._sync(segment, full=True)
             if self.policy is not None:
                 self.policy.resync_peers(records)
+        self._resynced.set()
 
     def put(self, segment: str, revision: int, record: PeerRecord) -> None:
         with self._lock:

@@ -1,0 +1,272 @@
+"""The scale part (issue 14): per-event cost and restart at 1,000 local endpoints (the bridge's limit today; an
+argument, so 4,000 once a network spans several bridges) and 10,000 remote peers.
+
+No dockerd: one simulated host in this process, the driver and the peer watch over the real kernel (a namespace
+folder of its own) and a real etcd on loopback, as the plugin composes them (plugin/main.py), each endpoint made
+by CreateEndpoint + Join as dockerd would call them. Remote peers are synthetic records written straight into
+etcd through the store's schema (what other hosts' Joins write), in transactions of 128 puts (etcd's default
+--max-txn-ops). No packet leaves the machine: the VXLAN devices send from 127.0.0.1 and nothing sends to a peer.
+
+Measured:
+  attach        CreateEndpoint + Join, each timed; the median of the last 100 over that of the first 100
+  peers         10,000 peer records -> programmed (one full read and sync), and the peer table's memory
+  convergence   one peer record put in etcd -> its FDB and neighbour entries written (the netlink calls acked)
+                with 10,000 peers present, p50/p99 over --scale-probes puts
+  restart       the plugin stopped (its netlink sockets and the watch closed) and made again: start-up
+                reconciliation + the first full peer read applied, timed; the kernel writes it made counted
+                (0 when everything was right)
+  removal       Leave + DeleteEndpoint of every endpoint, total seconds
+"""
+
+import os
+import secrets
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+import tracemalloc
+from typing import Callable, Dict, List, Optional
+
+from kernel import names
+from kernel.links import Links
+from netdriver.driver import NetworkDriver
+from netdriver.isolation import Firewall
+from netdriver.models import PeerRecord
+from netdriver.peerdb import PeerDB
+from netdriver.sandbox import DataPlane
+from netdriver.store import NetworkStore, segment_of
+from netdriver.underlay import Underlay
+from netdriver.watcher import PeerSync, PeerWatcher
+from store.kvstore import EtcdKV
+from wire import protocol as p
+
+# etcd's default --max-txn-ops: a transaction of more puts is refused.
+TXN_PUTS = 128
+WRITES = ("set_fdb", "del_fdb", "set_neigh", "del_neigh", "ensure_veth", "remove_link", "ensure_bridge",
+          "ensure_vxlan", "remove_netns")
+
+
+def rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+class Node:
+    """One simulated host's plugin, in this process: start() composes it (and reconciles), stop() drops it with
+    its kernel handles, leaving the kernel as a stopped plugin leaves it."""
+
+    def __init__(self, etcd_url: str, prefix: str, netns_dir: str, host_id: str = "h1",
+                 vtep: str = "127.0.0.1"):
+        self.kv = EtcdKV([etcd_url])
+        self.prefix, self.netns_dir, self.host_id, self.vtep = prefix, netns_dir, host_id, vtep
+        self.store = NetworkStore(self.kv, prefix)
+        self.writes: Dict[str, int] = {}
+        self.nft_writes = 0
+        self.on_update: Optional[Callable[[dict, dict], None]] = None  # (before fdb, after fdb) per peer event
+        self.links: Optional[Links] = None
+
+    def start(self) -> float:
+        """Compose and reconcile as plugin/main.py does; returns the seconds until the kernel matches etcd."""
+        self.links = Links(self.netns_dir)
+        self._count_writes(self.links)
+        underlay = Underlay(lambda a: 1500, self.vtep)
+        self.plane = DataPlane(self.links, underlay, Firewall(self.links.nft))
+        plane_update = self.plane.update_peers
+
+        def update_peers(network, before, after):
+            changed = plane_update(network, before, after)
+            if self.on_update is not None:
+                self.on_update(before[0], after[0])
+            return changed
+        self.plane.update_peers = update_peers
+        self.sync = PeerSync(PeerDB(self.host_id), self.plane)
+        self.driver = NetworkDriver(self.store, self.plane, self.host_id, "local", underlay, peers=self.sync)
+        self.watcher = PeerWatcher(self.kv, self.store, self.sync)
+        started = time.monotonic()
+        self.driver.reconcile()
+        self.watcher.start()
+        if not self.sync.wait_loaded(120):
+            raise RuntimeError("the peer watch did not read etcd within 120 s")
+        return time.monotonic() - started
+
+    def _count_writes(self, links: Links) -> None:
+        for name in WRITES:
+            method = getattr(links, name)
+
+            def counted(*args, _method=method, _name=name, **kwargs):
+                self.writes[_name] = self.writes.get(_name, 0) + 1
+                return _method(*args, **kwargs)
+            setattr(links, name, counted)
+        nft = links.nft
+
+        def nft_counted(ns, commands, what):
+            if any(next(iter(c)) != "list" for c in commands):
+                self.nft_writes += 1
+            return nft(ns, commands, what)
+        links.nft = nft_counted
+
+    def stop(self) -> None:
+        self.watcher.stop()
+        self.links.close()
+        self.links = None
+
+    # -- what dockerd and other hosts would do ---------------------------------------------------------------
+    def create_network(self, nid: str, vni: int, subnet: str) -> None:
+        self.driver.create_network(p.CreateNetworkRequest.decode({
+            "NetworkID": nid, "Options": {"com.docker.network.generic": {"vni": str(vni)}},
+            "IPv4Data": [{"AddressSpace": "bench", "Pool": subnet, "Gateway": ""}], "IPv6Data": None}))
+
+    def attach(self, nid: str, eid: str, address: str) -> float:
+        started = time.monotonic()
+        self.driver.create_endpoint(p.CreateEndpointRequest.decode({
+            "NetworkID": nid, "EndpointID": eid, "Interface": {"Address": address, "MacAddress": ""}}))
+        self.driver.join(p.JoinRequest.decode({"NetworkID": nid, "EndpointID": eid,
+                                               "SandboxKey": "/var/run/docker/netns/vxscale"}))
+        return time.monotonic() - started
+
+    def detach(self, nid: str, eid: str) -> None:
+        req = p.EndpointRequest.decode({"NetworkID": nid, "EndpointID": eid})
+        self.driver.leave(req)
+        self.driver.delete_endpoint(req)
+
+    def delete_network(self, nid: str) -> None:
+        self.driver.delete_network(p.NetworkIDRequest.decode({"NetworkID": nid}))
+
+
+def peer_record(nid: str, i: int, vtep: str) -> PeerRecord:
+    """The i-th synthetic remote endpoint (i < 2**16) of a network on 10.128.0.0/9-style addresses: 10.x.y.z."""
+    ip = f"10.{200 + (i >> 16)}.{i >> 8 & 255}.{i & 255}"
+    mac = "02:43:" + ":".join(f"{int(o):02x}" for o in ip.split("."))
+    return PeerRecord(network_id=nid, endpoint_id=f"{0xbe000000 + i:064x}", ip=ip, mac=mac, vtep=vtep,
+                      host=f"remote{i % 20}")
+
+
+def write_peers(node: Node, nid: str, records: List[PeerRecord]) -> None:
+    segment = segment_of(nid, None)
+    for start in range(0, len(records), TXN_PUTS):
+        puts = {node.store.keys.peer(segment, r.endpoint_id): r.to_json() for r in records[start:start + TXN_PUTS]}
+        node.kv.commit(puts=puts)
+
+
+def wait_for(check: Callable[[], bool], timeout: float, what: str, step: float = 0.01) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what}: not within {timeout:.0f} s")
+        time.sleep(step)
+
+
+def measure(etcd_url: str, endpoints: int = 1000, peers: int = 10000, probes: int = 200,
+            log: Callable[[str], None] = print) -> dict:
+    """One run; everything it made is removed before it returns."""
+    workdir = tempfile.mkdtemp(prefix="vxnet-scale-")
+    prefix = f"/vxnet-scale-{secrets.token_hex(4)}"
+    node = Node(etcd_url, prefix, os.path.join(workdir, "netns"))
+    nid = secrets.token_hex(32)
+    ns = names.netns(nid)
+    out: dict = {"endpoints": endpoints, "peers": peers}
+    try:
+        node.start()
+        node.create_network(nid, 9100000 + secrets.randbelow(100000), "10.0.0.0/8")
+        # -- attach
+        rss0 = rss_kib()
+        eids = [secrets.token_hex(32) for _ in range(endpoints)]
+        times = [node.attach(nid, eid, f"10.{1 + (i >> 16)}.{i >> 8 & 255}.{(i & 255) or 1}/8")
+                 for i, eid in enumerate(eids)]
+        first, last = statistics.median(times[:100]), statistics.median(times[-100:])
+        out["attach_first100_ms"], out["attach_last100_ms"] = round(first * 1e3, 2), round(last * 1e3, 2)
+        out["attach_ratio"] = round(last / first, 2)
+        out["rss_per_endpoint_kib"] = round((rss_kib() - rss0) / endpoints, 1)
+        log(f"attached {endpoints}: first 100 median {first * 1e3:.1f} ms, last 100 {last * 1e3:.1f} ms")
+        # -- peers
+        records = [peer_record(nid, i, f"127.1.{i % 20}.1") for i in range(1, peers + 1)]
+        rss0 = rss_kib()
+        tracemalloc.start()
+        snapshot0 = tracemalloc.take_snapshot()
+        write_peers(node, nid, records)
+        wait_for(lambda: node.sync.peerdb.count(segment_of(nid, None)) >= peers, 120, "peers read")
+        snapshot1 = tracemalloc.take_snapshot()
+        tracemalloc.stop()
+        # Everything still allocated once the table is built (the etcd reply and its parse are freed by then).
+        grown = sum(s.size_diff for s in snapshot1.compare_to(snapshot0, "filename"))
+        out["peer_table_bytes_per_peer"] = round(grown / peers)
+        out["rss_per_peer_kib"] = round((rss_kib() - rss0) / peers, 2)
+        wait_for(lambda: len(node.links.fdb(ns, names.VXLAN)) >= peers, 120, "peers programmed", step=0.2)
+        log(f"{peers} peers programmed; peer table {grown / peers:.0f} bytes per peer")
+        # -- convergence: one more peer at a time, put -> entry written
+        seen: Dict[str, float] = {}
+        ready = threading.Event()
+
+        def on_update(before: dict, after: dict) -> None:
+            for mac in after.keys() - before.keys():
+                seen[mac] = time.monotonic()
+            ready.set()
+        node.on_update = on_update
+        lags = []
+        for i in range(peers + 1, peers + 1 + probes):
+            record = peer_record(nid, i, "127.1.99.1")
+            ready.clear()
+            put = time.monotonic()
+            node.store.put_peer(segment_of(nid, None), record)
+            wait_for(lambda: record.mac in seen, 10, f"peer {record.ip} programmed", step=0.0005)
+            lags.append(seen[record.mac] - put)
+        node.on_update = None
+        lags.sort()
+        out["convergence_p50_ms"] = round(statistics.median(lags) * 1e3, 2)
+        out["convergence_p99_ms"] = round(lags[int(0.99 * (len(lags) - 1))] * 1e3, 2)
+        log(f"convergence over {probes} puts with {peers} peers: p50 {out['convergence_p50_ms']} ms, "
+            f"p99 {out['convergence_p99_ms']} ms")
+        # -- restart
+        fdb_before = node.links.fdb(ns, names.VXLAN)
+        links_before = node.links.list_links(ns)
+        node.stop()
+        node.writes, node.nft_writes = {}, 0
+        out["restart_s"] = round(node.start(), 2)
+        out["restart_kernel_writes"] = sum(node.writes.values())
+        out["restart_nft_writes"] = node.nft_writes
+        out["restart_fdb_equal"] = node.links.fdb(ns, names.VXLAN) == fdb_before
+        out["restart_links_equal"] = node.links.list_links(ns) == links_before
+        log(f"restart with {endpoints} endpoints and {peers + probes} peers: {out['restart_s']} s, "
+            f"{out['restart_kernel_writes']} netlink writes {node.writes}, {node.nft_writes} nft batches")
+        # -- removal
+        started = time.monotonic()
+        for eid in eids:
+            node.detach(nid, eid)
+        out["removal_s"] = round(time.monotonic() - started, 1)
+        log(f"removed {endpoints} endpoints in {out['removal_s']} s")
+    finally:
+        try:
+            if node.links is not None:
+                node.delete_network(nid)
+                node.stop()
+        finally:
+            node.kv.delete_prefix(prefix + "/")
+            cleaner = Links(os.path.join(workdir, "netns"))
+            cleaner.remove_netns(ns)
+            cleaner.close()
+            shutil.rmtree(workdir, ignore_errors=True)
+    return out
+
+
+def run_part(etcd_url: str, endpoints: int, peers: int, probes: int, log: Callable[[str], None]) -> dict:
+    return measure(etcd_url, endpoints, peers, probes, log)
+
+
+def report(out: dict) -> List[str]:
+    return [
+        f"scale: {out['endpoints']} endpoints on one network of one host, {out['peers']} remote peers",
+        f"  attach median first 100 / last 100: {out['attach_first100_ms']} / {out['attach_last100_ms']} ms, "
+        f"ratio {out['attach_ratio']} (target <= 1.2)",
+        f"  peer convergence (etcd put -> entries written) with {out['peers']} peers: p50 "
+        f"{out['convergence_p50_ms']} ms, p99 {out['convergence_p99_ms']} ms (target p99 < 20 ms)",
+        f"  restart reconcile: {out['restart_s']} s (target < 10 s); {out['restart_kernel_writes']} netlink writes,"
+        f" {out['restart_nft_writes']} nft batches; FDB unchanged {out['restart_fdb_equal']}, links unchanged "
+        f"{out['restart_links_equal']}",
+        f"  memory: {out['peer_table_bytes_per_peer']} B per peer in the peer table (tracemalloc), RSS "
+        f"{out['rss_per_peer_kib']} KiB per peer, {out['rss_per_endpoint_kib']} KiB per endpoint",
+        f"  removal of every endpoint: {out['removal_s']} s",
+    ]
