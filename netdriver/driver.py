@@ -557,18 +557,21 @@ class NetworkDriver:
             self.peers.network_up(network)
 
     def _publish(self, network: Network, endpoint: Endpoint, known: Optional[PeerRecord] = None) -> PeerRecord:
-        """Write the endpoint's peer record (and return it); its identity and the exposed ports read with it are
-        the ones published already (by this process, or `known`: the record an earlier process wrote), none yet
-        else."""
+        """Write the endpoint's peer record (and return it)."""
+        record = self._peer_record(network, endpoint, known)
+        self.store.put_peer(segment_of(network.id, network.overlay), record, lease=self.lease_id())
+        return record
+
+    def _peer_record(self, network: Network, endpoint: Endpoint, known: Optional[PeerRecord] = None) -> PeerRecord:
+        """The endpoint's peer record; its identity and the exposed ports read with it are the ones published
+        already (by this process, or `known`: the record an earlier process wrote), none yet else."""
         with self._identity_lock:
             identity = self._identities.get(endpoint.id, known.identity if known is not None else None)
             read = self._exposed.get(endpoint.id, known.exposed if known is not None else [])
-        record = PeerRecord(
+        return PeerRecord(
             network_id=network.id, endpoint_id=endpoint.id, ip=endpoint.ip.split("/")[0], mac=endpoint.mac,
             vtep=self.underlay.require(), host=self.host_id, ip6=endpoint.ip6.split("/")[0],
             exposed=merge_exposed(endpoint.exposed, read), identity=identity)
-        self.store.put_peer(segment_of(network.id, network.overlay), record, lease=self.lease_id())
-        return record
 
     # -- what the reconciler (netdriver/reconciler.py) asks -------------------------------------------------------
     @contextlib.contextmanager
@@ -698,9 +701,9 @@ class NetworkDriver:
                     raise
                 on_kernel_error(f"cannot republish the peers of network nid={network.id[:12]}: {exc}")
                 continue
+            # In batched transactions: at start-up with 4,000 endpoints, one round trip per 128 records.
+            self.store.put_peers(segment, [self._peer_record(network, e, mine.get(e.id))
+                                           for e in endpoints if e.id in wired], lease=self.lease_id())
             for endpoint in endpoints:
-                if endpoint.id in wired:
-                    known = mine.get(endpoint.id)
-                    self._publish(network, endpoint, known)
-                elif endpoint.id in mine:
+                if endpoint.id not in wired and endpoint.id in mine:
                     self.store.delete_peer(segment, endpoint.id)
