@@ -98,10 +98,10 @@ def measure(etcd_url: str, endpoints: int = 1000, peers: int = 10000, probes: in
         fdb_before = node.links.fdb(ns, names.VXLAN)
         links_before = node.links.list_links(ns)
         node.stop()
-        node.writes, node.nft_writes = {}, 0
+        node.writes, node.nft_writes = {}, {}
         out["restart_s"] = round(node.start(), 2)
         out["restart_kernel_writes"] = sum(node.writes.values())
-        out["restart_nft_writes"] = node.nft_writes
+        out["restart_nft_writes"] = node.nft_writes.get(ns, 0)
         out["restart_fdb_equal"] = node.links.fdb(ns, names.VXLAN) == fdb_before
         out["restart_links_equal"] = node.links.list_links(ns) == links_before
         log(f"restart with {endpoints} endpoints and {peers + probes} peers: {out['restart_s']} s, "

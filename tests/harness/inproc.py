@@ -42,7 +42,7 @@ class Node:
         self.prefix, self.netns_dir, self.host_id, self.vtep = prefix, netns_dir, host_id, vtep
         self.store = NetworkStore(self.kv, prefix)
         self.writes: Dict[str, int] = {}
-        self.nft_writes = 0
+        self.nft_writes: Dict[Optional[str], int] = {}  # namespace (None: the host's) -> nft batches that write
         self.on_update: Optional[Callable[[dict, dict], None]] = None  # (before fdb, after fdb) per peer event
         self.links: Optional[Links] = None
 
@@ -82,7 +82,7 @@ class Node:
 
         def nft_counted(ns, commands, what):
             if any(next(iter(c)) != "list" for c in commands):
-                self.nft_writes += 1
+                self.nft_writes[ns] = self.nft_writes.get(ns, 0) + 1
             return nft(ns, commands, what)
         links.nft = nft_counted
 
