@@ -3,9 +3,13 @@
 namespace folder of the caller's) and a real etcd, composed as plugin/main.py composes them, with the kernel
 writes counted; and synthetic remote peers written straight into etcd through the store's schema."""
 
+import os
 import time
 from typing import Callable, Dict, List, Optional
 
+from pyroute2 import IPRoute
+
+from kernel import names
 from kernel.links import Links
 from netdriver.driver import NetworkDriver
 from netdriver.isolation import Firewall
@@ -30,6 +34,21 @@ def rss_kib() -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     return 0
+
+
+_host_netlink: Optional[IPRoute] = None
+
+
+def move_link(name: str, netns_path: str) -> None:
+    """Move a link of the host namespace into the namespace mounted at netns_path (dockerd's part at Join)."""
+    global _host_netlink
+    if _host_netlink is None:
+        _host_netlink = IPRoute()
+    fd = os.open(netns_path, os.O_RDONLY)
+    try:
+        _host_netlink.link("set", index=_host_netlink.link_lookup(ifname=name)[0], net_ns_fd=fd)
+    finally:
+        os.close(fd)
 
 
 class Node:
@@ -97,13 +116,20 @@ class Node:
             "NetworkID": nid, "Options": {"com.docker.network.generic": {"vni": str(vni)}},
             "IPv4Data": [{"AddressSpace": "bench", "Pool": subnet, "Gateway": ""}], "IPv6Data": None}))
 
-    def attach(self, nid: str, eid: str, address: str) -> float:
+    def attach(self, nid: str, eid: str, address: str, holder: Optional[str] = None) -> float:
+        """CreateEndpoint + Join, timed (seconds); holder: then move the container end into the namespace at
+        that path, as dockerd moves it into the container (not timed). Left in the host namespace, the end is
+        what any vxnet start-up on this machine (another test's plugin) sweeps as a leftover it does not know,
+        taking the pair with it."""
         started = time.monotonic()
         self.driver.create_endpoint(p.CreateEndpointRequest.decode({
             "NetworkID": nid, "EndpointID": eid, "Interface": {"Address": address, "MacAddress": ""}}))
         self.driver.join(p.JoinRequest.decode({"NetworkID": nid, "EndpointID": eid,
                                                "SandboxKey": "/var/run/docker/netns/vxscale"}))
-        return time.monotonic() - started
+        took = time.monotonic() - started
+        if holder is not None:
+            move_link(names.veth_container(eid), holder)
+        return took
 
     def detach(self, nid: str, eid: str) -> None:
         req = p.EndpointRequest.decode({"NetworkID": nid, "EndpointID": eid})

@@ -44,8 +44,8 @@ def guard_sets(node, ns) -> dict:
 
 @pytest.fixture
 def containers():
-    """Two namespaces standing for containers, removed afterwards."""
-    made = [f"vxtest-{secrets.token_hex(4)}" for _ in range(2)]
+    """Namespaces standing for containers, removed afterwards."""
+    made = [f"vxtest-{secrets.token_hex(4)}" for _ in range(3)]  # two pinging, one holding the other ends
     for name in made:
         ip("netns", "add", name)
     yield made
@@ -63,9 +63,9 @@ def test_a_restart_with_2000_peers_rewrites_nothing_and_a_ping_loses_nothing(etc
         node.start()
         node.create_network(nid, 9200000 + secrets.randbelow(100000), "10.0.0.0/8")
         eids = [secrets.token_hex(32) for _ in range(LOCAL)]
-        for i, eid in enumerate(eids):
-            node.attach(nid, eid, f"10.1.0.{10 + i}/8")
-        for i, container in enumerate(containers):  # dockerd's part: move the container end in, address it
+        for i, eid in enumerate(eids):  # the two pinging containers' ends are moved below, the others into one
+            node.attach(nid, eid, f"10.1.0.{10 + i}/8", None if i < 2 else f"/run/netns/{containers[2]}")
+        for i, container in enumerate(containers[:2]):  # dockerd's part: move the container end in, address it
             ifname = names.veth_container(eids[i])
             ip("link", "set", ifname, "netns", container)
             ip("addr", "add", f"10.1.0.{10 + i}/8", "dev", ifname, ns=container)
