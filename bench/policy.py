@@ -19,7 +19,8 @@ host1's, the same ping the other way succeeds; on the open network both succeed)
               order reversed every round, so drift in the machine's load hits all alike; deny/open ratios, and
               the RTT's also paired by round (the median of each round's deny/open). deny0 is a third network,
               -o policy=deny with only the pair's rule and the same synthetic endpoints without identities:
-              deny0/open is what any policy costs a packet, deny/deny0 what the rules and their elements add to it (the issue: nothing; sets, not rules per pair).
+              deny0/open is what any policy costs a packet, deny/deny0 what the rules and their elements add to it
+              (the issue: nothing; sets, not rules per pair).
   rule change --policy-changes changes (allow, rm, allow, ...: bench-client -> group=g<n>, no ports), each
               timed from the policy store's write (etcd has it) to its element present (gone) in the
               allow_all4 set on both hosts, polled every 1 ms (bench/policy_probe.py, inside host1; host2's
