@@ -14,11 +14,13 @@ port 6000+k/tcp (80 allow4 elements each per host with 200 endpoints: about 7,80
 until both hosts' kernels hold every element, and checks the deny network denies (host2's sleeper cannot ping
 host1's, the same ping the other way succeeds; on the open network both succeed).
 
-  data path   iperf3 (--runs x --duration per block) and ping host1 -> host2 on each network in ABBA blocks
-              (open, deny0, deny, deny, deny0, open), so drift in the machine's load hits all alike; deny/open
-              ratios. deny0 is a third network, -o policy=deny with only the pair's rule and the same synthetic
-              endpoints without identities: deny0/open is what any policy costs a packet, deny/deny0 what the
-              rules and their elements add to it (the issue: nothing; sets, not rules per pair).
+  data path   iperf3 (--runs x --duration per block) host1 -> host2 on each network in ABBA blocks (open, deny0,
+              deny, deny, deny0, open), then ping (--pings per network) in rounds of PING_ROUND per network, the
+              order reversed every round, so drift in the machine's load hits all alike; deny/open ratios, and
+              the RTT's also paired by round (the median of each round's deny/open). deny0 is a third network,
+              -o policy=deny with only the pair's rule and the same synthetic endpoints without identities:
+              deny0/open is what any policy costs a packet, deny/deny0 what the rules and their elements add to it
+              (the issue: nothing; sets, not rules per pair).
   rule change --policy-changes changes (allow, rm, allow, ...: bench-client -> group=g<n>, no ports), each
               timed from the policy store's write (etcd has it) to its element present (gone) in the
               allow_all4 set on both hosts, polled every 1 ms (bench/policy_probe.py, inside host1; host2's
@@ -43,6 +45,7 @@ from bench.common import BenchError, fmt, median, netns_of, percentile, ping_onc
 from bench.datapath import IPERF_PORT, _iperf, _ping
 from bench.lab import BenchLab, log
 from kernel import names
+from netdriver import policy_nft
 from tests.harness.containers import addresses, run_sleeper
 from tests.harness.plugin import REPO
 from tests.harness.proc import wait_until
@@ -50,7 +53,7 @@ from tests.harness.proc import wait_until
 OPEN_NET, OPEN_SUBNET, OPEN_OVERLAY = "bench-pol-open", "10.200.48.0/22", "polopen"
 DENY_NET, DENY_SUBNET, DENY_OVERLAY = "bench-pol-deny", "10.200.52.0/22", "poldeny"
 # deny0: a deny network with only the pair's rule, and the same synthetic endpoints with no identities (guarded,
-# selected by nothing): the fixed cost of a policy (br_netfilter and conntrack on the path), apart from what the
+# selected by nothing): the fixed cost of a policy (the policy table's hook on the bridge path), apart from what the
 # rules and their 7,800 elements per host could add.
 BARE_NET, BARE_SUBNET, BARE_OVERLAY = "bench-pol-deny0", "10.200.56.0/22", "poldeny0"
 NETS = {"open": (OPEN_NET, OPEN_SUBNET, OPEN_OVERLAY), "deny": (DENY_NET, DENY_SUBNET, DENY_OVERLAY),
@@ -58,6 +61,7 @@ NETS = {"open": (OPEN_NET, OPEN_SUBNET, OPEN_OVERLAY), "deny": (DENY_NET, DENY_S
 MODES = ("open", "deny0", "deny")
 CROWDED = MODES  # the same endpoints on all three: only the policy differs
 ORDER = ("open", "deny0", "deny", "deny", "deny0", "open")  # ABBA over three: each mode once in each half
+PING_ROUND = 20  # pings per mode per round of the RTT phase
 # Synthetic endpoints take addresses from the subnet's second /24 up (dockerd's IPAM gives the sleepers and the
 # probes theirs from the first).
 CROWD_FIRST = 256
@@ -83,8 +87,8 @@ def _probe(host, plugin, *args: str, stdin: Optional[object] = None, timeout: fl
 
 
 def _set_len(host, ns: str, name: str) -> Optional[int]:
-    out = host.run(["ip", "netns", "exec", ns, "nft", "-j", "list", "set", "inet", names.POLICY_TABLE, name],
-                   check=False, timeout=30)
+    out = host.run(["ip", "netns", "exec", ns, "nft", "-j", "list", "set", policy_nft.FAMILY, names.POLICY_TABLE,
+                    name], check=False, timeout=30)
     if out.returncode:
         return None
     for item in json.loads(out.stdout)["nftables"]:
@@ -118,16 +122,34 @@ def _expected_allow4(rules: List[list], count: int, hosts: int) -> int:
     return total
 
 
-def _block(paths: Dict[str, dict], mode: str, runs: int, duration: int, pings: int, interval: float,
-           results: Dict[str, dict]) -> None:
+def _block(paths: Dict[str, dict], mode: str, runs: int, duration: int, results: Dict[str, dict]) -> None:
     p = paths[mode]
     got = [_iperf(p["client"], p["target"], duration)["gbps"] for _ in range(runs)]
-    rtts = _ping(p["client"], p["target"], pings, interval)
     results[mode]["gbps"] += got
-    results[mode]["rtts_ms"] += rtts["rtts_ms"]
-    results[mode]["lost"] += rtts["lost"]
-    log(f"policy data path {mode:4s}: {', '.join(f'{g:.2f}' for g in got)} Gbit/s, RTT median "
-        f"{fmt(median(rtts['rtts_ms']), '.3f')} ms")
+    log(f"policy data path {mode:4s}: {', '.join(f'{g:.2f}' for g in got)} Gbit/s")
+
+
+def _ping_rounds(paths: Dict[str, dict], pings: int, interval: float, results: Dict[str, dict]) -> None:
+    """The RTT, apart from iperf3 (a ping right after a 5 s stream meets a machine still busy with it): `pings`
+    per mode in rounds of PING_ROUND pings, the modes' order reversed every round, so a change of the machine's
+    load during the part reaches every mode alike. Each round's median per mode is kept for a paired ratio."""
+    rounds = max(1, pings // PING_ROUND)
+    for i in range(rounds):
+        for mode in (MODES if i % 2 == 0 else MODES[::-1]):
+            p = paths[mode]
+            got = _ping(p["client"], p["target"], PING_ROUND, interval)
+            results[mode]["rtts_ms"] += got["rtts_ms"]
+            results[mode]["lost"] += got["lost"]
+            results[mode]["round_medians"].append(median(got["rtts_ms"]))
+    log("policy RTT medians: " + ", ".join(f"{m} {fmt(median(results[m]['rtts_ms']), '.3f')} ms" for m in MODES)
+        + f" ({rounds} rounds of {PING_ROUND} pings per mode)")
+
+
+def _paired(results: Dict[str, dict], a: str, b: str) -> Optional[float]:
+    """The median over rounds of a's round median / b's round median (same round: same load)."""
+    pairs = [x / y for x, y in zip(results[a]["round_medians"], results[b]["round_medians"])
+             if x is not None and y]
+    return median(pairs) if pairs else None
 
 
 def _published(log_path: str, wanted: List[str]) -> Dict[str, tuple]:
@@ -241,9 +263,10 @@ def run_part(bl: BenchLab, runs: int, duration: int, pings: int, interval: float
             wait_reachable(p["client"], p["target"], f"{mode}: host1 -> host2")
             proc = bl.bg.spawn(netns_of(p["server"]) + ["iperf3", "-s", "-p", str(IPERF_PORT)], f"iperf3-pol-{mode}")
             servers.append(proc)
-        results = {mode: {"gbps": [], "rtts_ms": [], "lost": 0} for mode in MODES}
+        results = {mode: {"gbps": [], "rtts_ms": [], "lost": 0, "round_medians": []} for mode in MODES}
         for mode in ORDER:
-            _block(paths, mode, runs, duration, max(1, pings // 2), interval, results)
+            _block(paths, mode, runs, duration, results)
+        _ping_rounds(paths, pings, interval, results)
         summary["datapath"] = {
             mode: {"gbps_runs": [round(g, 3) for g in r["gbps"]], "gbps_median": median(r["gbps"]),
                    "rtt_median_ms": median(r["rtts_ms"]), "rtt_p99_ms": percentile(r["rtts_ms"], 99),
@@ -256,6 +279,8 @@ def run_part(bl: BenchLab, runs: int, duration: int, pings: int, interval: float
         summary["rtt_deny0_open"] = ratio(b["rtt_median_ms"], o["rtt_median_ms"])
         summary["throughput_deny_deny0"] = ratio(d["gbps_median"], b["gbps_median"])
         summary["rtt_deny_deny0"] = ratio(d["rtt_median_ms"], b["rtt_median_ms"])
+        summary["rtt_paired_deny_open"] = _paired(results, "deny", "open")
+        summary["rtt_paired_deny0_open"] = _paired(results, "deny0", "open")
         for proc in servers:
             bl.bg.stop(proc)
         servers = []
@@ -374,6 +399,9 @@ def report(s: Dict[str, object]) -> List[str]:
         f"  deny/open throughput {fmt(tput)}x (target >= 0.95x), RTT median {fmt(rtt)}x (target <= 1.05x), "
         f"p99 {fmt(s['rtt_p99_deny_open'])}x; run-to-run spread of all runs "
         f"{fmt(noise * 100 if noise is not None else None, '.0f')}%",
+        f"  RTT paired by round (median of each round's deny/open, {PING_ROUND} pings a mode a round, the modes "
+        f"interleaved): deny/open {fmt(s.get('rtt_paired_deny_open'))}x, deny0/open "
+        f"{fmt(s.get('rtt_paired_deny0_open'))}x",
         f"  enforced: {s['enforced']}",
     ]
     c = s["changes"]

@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Set, Tuple
 
 from kernel import names
 from kernel.links import Links
+from netdriver import policy_nft
 from netdriver.driver import NetworkDriver
 from netdriver.policy import Rule, parse_port, parse_selector
 from netdriver.policy_store import PolicyStore
@@ -44,8 +45,8 @@ def _kv() -> EtcdKV:
 def allow_all(links: Links, ns: str) -> Optional[Set[Tuple[str, str]]]:
     """The (saddr, daddr) elements of the namespace's allow_all4 set; None while the table or set is not there."""
     try:
-        out = links.nft(ns, [{"list": {"set": {"family": "inet", "table": names.POLICY_TABLE, "name": SET}}}],
-                        f"list {SET}")
+        out = links.nft(ns, [{"list": {"set": {"family": policy_nft.FAMILY, "table": names.POLICY_TABLE,
+                                               "name": SET}}}], f"list {SET}")
     except Exception:
         return None
     for item in json.loads(out).get("nftables", []):

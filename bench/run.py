@@ -8,6 +8,8 @@ Parts (all by default, in this order):
   policy       data path on a -o policy=deny network (rules, endpoints) vs an open one; rule change and identity
                to in force on every host
   startup      `docker run --rm --network N busybox true`: vxnet vs Docker's overlay
+  scale        issue 14, no dockerd: --scale-endpoints on one network of one host and --scale-peers remote peers;
+               attach median last 100 / first 100, peer convergence p99, restart reconcile time, memory
 
 Everything is bounded: each command has a time-out and the whole run a deadline (--deadline, default 540 s),
 after which it stops, tears down and exits 3. SIGTERM and Ctrl-C tear down too. A part that fails is reported
@@ -24,14 +26,14 @@ import time
 import traceback
 from typing import Dict, List
 
-from bench import convergence, datapath, healing, policy, startup
+from bench import convergence, datapath, healing, policy, scale, startup
 from bench.common import load
 from bench.lab import BenchLab, log
 from tests.harness.plugin import REPO
 
 # In this order: startup's managed form stops the host-process plugins the others run on (and its managed plugin,
 # in the host's network namespace, holds the metrics port a host-process plugin restarted after it would need).
-PARTS = ("datapath", "convergence", "healing", "policy", "startup")
+PARTS = ("datapath", "convergence", "healing", "policy", "startup", "scale")
 
 
 class Deadline(BaseException):
@@ -87,13 +89,20 @@ def main(argv=None) -> int:
                         help="policy: rule changes timed to in force on both hosts (30)")
     parser.add_argument("--policy-probes", type=int, default=10,
                         help="policy: containers started to time the identity window (10)")
+    parser.add_argument("--scale-endpoints", type=int, default=1000,
+                        help="scale: local endpoints on the one network (default 1000: what one bridge takes "
+                             "today; 4000 once a network spans several bridges)")
+    parser.add_argument("--scale-peers", type=int, default=10000, help="scale: remote peers (default 10000)")
+    parser.add_argument("--scale-probes", type=int, default=200,
+                        help="scale: peer records put one at a time to time convergence (default 200)")
     parser.add_argument("--wait-load", type=float, default=1.0, metavar="LOAD",
                         help="before starting, wait while the 1-minute load average is >= LOAD (default 1.0; "
                              "0: do not wait)")
     parser.add_argument("--wait-max", type=float, default=60,
                         help="wait at most this long (seconds, default 60) for --wait-load, then run anyway")
-    parser.add_argument("--deadline", type=int, default=840,
-                        help="seconds for the run after the wait (default 840; a default run takes about 8 min)")
+    parser.add_argument("--deadline", type=int, default=1080,
+                        help="seconds for the run after the wait (default 1080; a default run takes about 11 "
+                             "min)")
     parser.add_argument("--json", default=os.path.join(REPO, "build", "bench", "results.json"),
                         help="write the results here (default build/bench/results.json; '' for none)")
     args = parser.parse_args(argv)
@@ -128,8 +137,9 @@ def main(argv=None) -> int:
     status = 0
     bl = BenchLab(quiet_plugin=not args.plugin_timings)
     try:
-        bl.start()
-        log(f"two simulated hosts up ({time.monotonic() - started:.0f} s)")
+        if set(parts) - {"scale"}:  # the scale part runs its own in-process host and etcd
+            bl.start()
+            log(f"two simulated hosts up ({time.monotonic() - started:.0f} s)")
         for part in PARTS:
             if part not in parts:
                 continue
@@ -148,6 +158,8 @@ def main(argv=None) -> int:
                 elif part == "healing":
                     out = healing.run_part(bl, args.runs, args.duration, args.pings, args.interval,
                                            args.deletions)
+                elif part == "scale":
+                    out = scale.run_part(args.scale_endpoints, args.scale_peers, args.scale_probes, log)
                 else:
                     out = startup.run_part(bl, args.docker_runs, args.startup_plugin, args.startup_host)
                 out["seconds"] = round(time.monotonic() - t, 1)
@@ -193,7 +205,7 @@ def _print_report(results: Dict[str, object]) -> None:
     if float(results["load_at_start"].split()[0]) >= 1.0:
         print("    (load >= 1.0 at start: something else shares the CPUs, the figures are noisier than usual)")
     reporters = {"datapath": datapath.report, "convergence": convergence.report, "startup": startup.report,
-                 "healing": healing.report, "policy": policy.report}
+                 "healing": healing.report, "policy": policy.report, "scale": scale.report}
     for part, out in results["parts"].items():
         print()
         if "error" in out:

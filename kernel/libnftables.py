@@ -17,10 +17,12 @@ import json
 from typing import Dict, Optional, Tuple
 
 SONAME = "libnftables.so.1"
-# <nftables/libnftables.h>: NFT_CTX_DEFAULT, NFT_CTX_OUTPUT_JSON. JSON output also makes
-# nft_run_cmd_from_buffer read its input as JSON (it falls back to the nft syntax if that fails).
+# <nftables/libnftables.h>: NFT_CTX_DEFAULT, NFT_CTX_OUTPUT_JSON, NFT_CTX_OUTPUT_TERSE. JSON output also makes
+# nft_run_cmd_from_buffer read its input as JSON (it falls back to the nft syntax if that fails); terse output
+# (`nft -t`) lists sets without their elements.
 _CTX_DEFAULT = 0
 _OUTPUT_JSON = 1 << 4
+_OUTPUT_TERSE = 1 << 11
 
 _lib = None
 
@@ -75,14 +77,21 @@ class Context:
         self._lib = lib
         self._ctx: Optional[int] = ctx
 
-    def run(self, commands: list) -> str:
+    def run(self, commands: list, terse: bool = False) -> str:
         """Apply a list of JSON commands (`{"add": ...}`, `{"list": ...}`) as one transaction: all or nothing.
-        Returns the JSON output (for list commands); NftablesError with nft's own message if refused."""
+        Returns the JSON output (for list commands: one JSON document per command, one after the other);
+        terse: sets are listed without their elements. NftablesError with nft's own message if refused."""
         if not self._ctx:
             raise NftablesError("libnftables context already closed")
         text = (to_nft_syntax(commands) if _declares_typeof(commands)
                 else json.dumps({"nftables": commands})).encode()
-        rc = self._lib.nft_run_cmd_from_buffer(self._ctx, text)
+        if terse:
+            self._lib.nft_ctx_output_set_flags(self._ctx, _OUTPUT_JSON | _OUTPUT_TERSE)
+        try:
+            rc = self._lib.nft_run_cmd_from_buffer(self._ctx, text)
+        finally:
+            if terse:
+                self._lib.nft_ctx_output_set_flags(self._ctx, _OUTPUT_JSON)
         out = (self._lib.nft_ctx_get_output_buffer(self._ctx) or b"").decode(errors="replace")
         if rc != 0:
             err = (self._lib.nft_ctx_get_error_buffer(self._ctx) or b"").decode(errors="replace")

@@ -25,10 +25,19 @@ ENCRYPTED_VXLAN_PORT = 4790
 # namespace), and the fail-closed table for encrypted networks (`inet vxnet_ipsec` on the host).
 ISOLATION_TABLE = "vxnet"
 IPSEC_TABLE = "vxnet_ipsec"
-# The policy table (netdriver/policy_nft.py): `inet vxnet_policy` inside the namespace of each network whose mode is
-# not open. Its own name, not `inet vxnet`: that is the host's isolation table, and the drift checks and counters
-# read each table by name.
+# The policy table (netdriver/policy_nft.py): `bridge vxnet_policy` inside the namespace of each network whose mode
+# is not open. Its own name, not `bridge vxnet`: that is the namespace's anti-spoofing table, and the drift checks
+# and counters read each table by name.
 POLICY_TABLE = "vxnet_policy"
+# The policy's UDP records (netdriver/policy_nft.py): `bridge vxnet_policy_udp` beside it, the only table the packet
+# path writes. A table of its own because nftables 1.0.6 reads every element of a table's sets to list any of its
+# rules or counters: 65,536 records made each read of the policy table cost 0.8 s here.
+POLICY_UDP_TABLE = "vxnet_policy_udp"
+# The skb mark the UDP records' table gives a datagram that answers a record, for the policy table to pass it
+# ("vx"). Nothing else marks packets in a network namespace, and the mark never leaves it: a marked datagram
+# answers a record, so it goes to a member on this host, and the kernel clears the mark as the frame crosses into
+# the container's namespace (veth, skb_scrub_packet; the VXLAN device's socket in the host's clears it the same).
+POLICY_REPLY_MARK = 0x7678
 # The NFLOG group the policy table sends its verdicts to (kernel/nflog.py reads it). nfnetlink_log's groups are per
 # network namespace (one instance per (namespace, group)), so every network uses the same 16-bit number: 0x7678,
 # "vx".

@@ -583,11 +583,14 @@ class NetworkDriver:
             self.dataplane.remove_network(network_id, vni)
 
     def _guard(self, network: Network) -> None:
-        """The whole anti-spoofing table, from this host's endpoint records whose veth is in the namespace."""
+        """The whole anti-spoofing table, from this host's endpoint records whose veth is in the namespace. A
+        table that already holds exactly that is left alone (one listing to compare): a restart with 4,000
+        endpoints rewrites nothing that is right."""
         with self._guard_lock:
             mine, wired = self._endpoints_here(network)
             guarded = [e for e in mine if e.id in wired]
-            self.dataplane.guard_endpoints(network, guarded)
+            if self.dataplane.guard_drift(network, guarded) is not None:
+                self.dataplane.guard_endpoints(network, guarded)
             with self._joined_lock:
                 self._joined[network.id] = {e.id for e in guarded}
 
@@ -609,25 +612,30 @@ class NetworkDriver:
 
     def _guard_host(self) -> None:
         with self._guard_lock:
-            self.dataplane.guard_host(self.store.member_networks(self.host_id))
+            networks = self.store.member_networks(self.host_id)
+            if self.dataplane.host_guard_drift(networks) is not None:
+                self.dataplane.guard_host(networks)
 
     def _network_up(self, network: Network) -> None:
         if self.peers is not None:
             self.peers.network_up(network)
 
     def _publish(self, network: Network, endpoint: Endpoint, known: Optional[PeerRecord] = None) -> PeerRecord:
-        """Write the endpoint's peer record (and return it); its identity and the exposed ports read with it are
-        the ones published already (by this process, or `known`: the record an earlier process wrote), none yet
-        else."""
+        """Write the endpoint's peer record (and return it)."""
+        record = self._peer_record(network, endpoint, known)
+        self.store.put_peer(segment_of(network.id, network.overlay), record, lease=self.lease_id())
+        return record
+
+    def _peer_record(self, network: Network, endpoint: Endpoint, known: Optional[PeerRecord] = None) -> PeerRecord:
+        """The endpoint's peer record; its identity and the exposed ports read with it are the ones published
+        already (by this process, or `known`: the record an earlier process wrote), none yet else."""
         with self._identity_lock:
             identity = self._identities.get(endpoint.id, known.identity if known is not None else None)
             read = self._exposed.get(endpoint.id, known.exposed if known is not None else [])
-        record = PeerRecord(
+        return PeerRecord(
             network_id=network.id, endpoint_id=endpoint.id, ip=endpoint.ip.split("/")[0], mac=endpoint.mac,
             vtep=self.underlay.require(), host=self.host_id, ip6=endpoint.ip6.split("/")[0],
             exposed=merge_exposed(endpoint.exposed, read), identity=identity)
-        self.store.put_peer(segment_of(network.id, network.overlay), record, lease=self.lease_id())
-        return record
 
     # -- what the reconciler (netdriver/reconciler.py) asks -------------------------------------------------------
     @contextlib.contextmanager
@@ -757,9 +765,9 @@ class NetworkDriver:
                     raise
                 on_kernel_error(f"cannot republish the peers of network nid={network.id[:12]}: {exc}")
                 continue
+            # In batched transactions: at start-up with 4,000 endpoints, one round trip per 128 records.
+            self.store.put_peers(segment, [self._peer_record(network, e, mine.get(e.id))
+                                           for e in endpoints if e.id in wired], lease=self.lease_id())
             for endpoint in endpoints:
-                if endpoint.id in wired:
-                    known = mine.get(endpoint.id)
-                    self._publish(network, endpoint, known)
-                elif endpoint.id in mine:
+                if endpoint.id not in wired and endpoint.id in mine:
                     self.store.delete_peer(segment, endpoint.id)

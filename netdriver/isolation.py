@@ -52,7 +52,7 @@ PRIORITY = -10
 # "vxnet:<reason>:<which rule>".
 ANTI_SPOOFING = "anti-spoofing"
 ISOLATION = "isolation"
-# The policy table in a network's namespace (netdriver/policy_nft.py, `inet vxnet_policy`) drops for this reason:
+# The policy table in a network's namespace (netdriver/policy_nft.py, `bridge vxnet_policy`) drops for this reason:
 # a new connection to a local member that no rule, and (mode exposed) no exposed port, allows.
 POLICY = "policy"
 
@@ -390,8 +390,9 @@ class Firewall:
         out = self._dropped(ns, list_table_command(family),
                             f"read the {family} {TABLE} table in {ns or 'the host namespace'}")
         if ns is not None:
-            # Only the chain with the drop rule: listing the table would also dump every policy set element.
-            chain = [{"list": {"chain": {"family": "inet", "table": names.POLICY_TABLE, "name": "forward"}}}]
+            # Only the chain with the drop rule: listing the table would also dump every policy set element (and
+            # the UDP records), netdriver/policy_nft.py.
+            chain = [{"list": {"chain": {"family": "bridge", "table": names.POLICY_TABLE, "name": "forward"}}}]
             out.update(self._dropped(ns, chain, f"read the policy drops in {ns}"))
         return out
 

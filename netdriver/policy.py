@@ -4,7 +4,7 @@ A network's mode is fixed at creation (`-o policy=open|exposed|deny`, netdriver/
   open     nothing is guarded (today's behaviour); rules are stored but compile to nothing
   exposed  a local member accepts new connections on the ports it exposes, and what a rule allows
   deny     a local member accepts only what a rule allows
-Replies always pass (conntrack, netdriver/policy_nft.py); rules are additive allows.
+Replies always pass (only what opens a connection is judged: netdriver/policy_nft.py); rules are additive allows.
 
 A rule, stored at policy/<segment>/<rule> (store/schema.py) as
     {"id": "1a2b3c4d5e6f", "segment": "...", "from": "label=role=client", "to": "service=db",

@@ -1,4 +1,4 @@
-"""From etcd to the kernel for policies: PolicyEngine keeps each local policy network's `inet vxnet_policy` table
+"""From etcd to the kernel for policies: PolicyEngine keeps each local policy network's `bridge vxnet_policy` table
 (netdriver/policy_nft.py) equal to what its mode, its rules and the network's members compile to
 (netdriver/policy.py).
 
@@ -11,7 +11,7 @@ networks of a standalone `-o overlay=NAME`, one ID per host, share them):
                        The driver also hands over this host's record at Join (member_here) before dockerd gets
                        the interface, so a new local destination is guarded without waiting for the watch.
   the rules            PolicyWatcher (netdriver/policy_store.py), the policy/ prefix: resync, put, delete.
-  the local networks   network_up (a namespace made or rebuilt: the full compile replaces the table) and
+  the local networks   network_up (a namespace made or rebuilt: the full compile, ensure_policy) and
                        network_down (the table goes; the namespace goes anyway), through PeerSync.
 
 Each event applies only what it changed (PolicyState's diff, PolicyFirewall.update_policy: O(change)); a
@@ -21,9 +21,12 @@ missing by an update (someone deleted it) is replaced whole at once.
 Nothing is applied before both full reads (peers and rules) have been made: until then the tables are empty,
 not known to be empty, and compiling them would open every guarded address and drop every allowed connection
 of a restarted plugin. At that first read each table is compared with the full compile (policy_drift, a read)
-and replaced only if it differs: a plugin restart writes nothing when nothing changed, and the kernel keeps the
-tables while the plugin is down (nothing removes them at shut-down). An etcd outage stops the watches, not the
-kernel: the tables stay as they are until the next full read, whose difference is applied then.
+and written only if it differs: a plugin restart writes nothing when nothing changed, and the kernel keeps the
+tables while the plugin is down (nothing removes them at shut-down). Writing the full compile (ensure_policy)
+replaces a table only if it is made for another mode or audit flag (or by an older vxnet); else it changes the
+elements that differ. The UDP records the packet path keeps (netdriver/policy_nft.py, a table of their own) are
+left alone either way: a restart, a repair and a namespace made up again keep them. An etcd outage stops the
+watches, not the kernel: the tables stay as they are until the next full read, whose difference is applied then.
 
 Locks: one RLock around everything here, taken after PeerSync's (PeerSync calls in under its own lock, as the
 reconciler's PeerSync.repair does) and never the other way round; the reconciler's repair() takes this one

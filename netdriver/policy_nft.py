@@ -1,67 +1,166 @@
-"""Policy enforcement inside a network's namespace: the `inet vxnet_policy` table (kernel/names.py POLICY_TABLE),
-written as nftables JSON batches, and br_netfilter's switch that makes bridged traffic reach it.
+"""Policy enforcement inside a network's namespace: the `bridge vxnet_policy` table (kernel/names.py POLICY_TABLE),
+written as nftables JSON batches, on the bridge's own forward hook: no br_netfilter, no connection tracking.
 
-Why the inet family with br_netfilter, not the bridge family: a policy has to accept replies and refuse only new
-connections, which takes connection tracking, and this kernel has no conntrack in the bridge family
-(CONFIG_NF_CONNTRACK_BRIDGE unset). br_netfilter (built in) sends the IPv4 and IPv6 frames a bridge forwards
-through the inet hooks, conntrack included, in each namespace where its two sysctls are 1
-(Links.set_bridge_netfilter). Measured on this kernel (6.18) in a network namespace with a bridge, three ports
-and a VXLAN device: bridged TCP between two ports and between a port and the VXLAN device, IPv4 and IPv6, reaches
-the forward hook with `ct state new` on the SYN and `established` after it; iifname and oifname are the bridge
-(br0) there, not the ports, and `meta ibrname` is refused outside the bridge family, so the rules match
-addresses only (anti-spoofing, netdriver/isolation.py, makes the source address trustworthy). Only a network
-with a policy turns br_netfilter on; its per-namespace default is on, so Links.ensure_netns turns it off in every
-namespace it makes and an open network pays nothing.
+Why the bridge family and no conntrack: this kernel has no conntrack in the bridge family
+(CONFIG_NF_CONNTRACK_BRIDGE unset), so conntrack was reachable only by sending bridged frames through the inet
+hooks (br_netfilter), which cost 3.5 us per round trip between two containers of one bridge (ping -f, 30,000
+echoes: 7.7 us without a policy, 11.2 us with br_netfilter and a `ct state` table, 8.8 us with a bridge-family
+table of stateless rules and one dynamic set); side by side, with an echo loop of its own (docs/policy.md,
+Enforcement), the tables made here add 0.93 us and br_netfilter with conntrack 2.05 us. br_netfilter stays off in every
+namespace vxnet makes (Links.ensure_netns). What conntrack gave, "new connections refused unless allowed, replies
+to allowed ones always pass", is kept by judging only what can open a connection, per protocol:
 
-The table, whatever the number of rules and members (sets only: the cost per packet does not grow with them):
+  TCP     a segment with SYN and without ACK (`tcp flags & (syn|ack) == syn`) is a new connection and is judged;
+          every other segment passes, as the table's first rule. A peer cannot open a connection without a SYN
+          this table let through (the handshake needs the destination's SYN-ACK, RFC 9293 3.5), so this refuses
+          the connections conntrack's `ct state new` refused. What it lets through: a segment without SYN to a port
+          it never connected to (an ACK or FIN probe) reaches the destination's kernel, which answers it with a
+          RST (RFC 9293 3.10.7.1); a port scan by ACKs learns that the address is up, not which ports are open.
+          It is no barrier to data injected into an open connection, and conntrack was none either (it passes
+          any segment inside the window): the sequence numbers are the destination kernel's check (RFC 9293
+          3.10.7.4, RFC 5961), and the source address anti-spoofing's, so a member can send segments only as
+          itself, never into a connection between two others.
+  UDP     a datagram to a guarded member is judged unless it is the reverse of a recorded one. A record (set udp4
+          or udp6 of the table UDP_TABLE: saddr . daddr . sport . dport) is made when a datagram from a local
+          member (one that came in on a container's port, its source vetted by anti-spoofing) has passed this
+          table, so a datagram the destination refused on the same host records nothing; a datagram matching the
+          reverse of a record passes, refreshes it, and is recorded in turn when its sender is local, so once a
+          reply was seen both directions pass (as conntrack's UDP entries do once they have seen a reply), and
+          every datagram either way refreshes.
+          Timeout UDP_TIMEOUT, conntrack's nf_conntrack_udp_timeout_stream (120 s), not its unreplied 30 s: one
+          set cannot tell replied from unreplied, and a reply window shorter than a stream's would cut streams
+          that are quiet for 30-120 s (keepalives of 25-60 s, RFC 4787 REQ-5 asks NATs for 2 minutes), while the
+          longer window opens nothing but the exact 4-tuple the member itself sent to. Bounded at UDP_SIZE
+          records per family: when full, a new record is not made (the datagram still passes) and its replies
+          are judged as new datagrams until records expire; records made already keep working (conntrack's full
+          table drops new flows instead). Nothing of it is written by the plugin: the packet path fills it, a
+          plugin restart leaves it (see ensure_policy) and the plugin never reads it.
+  SCTP    a packet with verification tag 0 is judged (RFC 9260 8.5.1: only a packet carrying an INIT has tag 0;
+          Linux answers an INIT with any other tag with an ABORT, sctp_sf_do_5_1B_init), every other packet
+          passes: without an INIT the destination accepted, a sender has no tag the destination's association
+          takes (it silently discards a packet whose tag is not its own, RFC 9260 8.5), which is the same
+          guarantee as TCP's SYN rule, with a 32-bit random tag instead of a sequence number.
+  ICMP    echo-request (and every type not listed here) is judged by address pair; echo-reply and the errors
+          (destination-unreachable, time-exceeded, parameter-problem; ICMPv6's packet-too-big too) pass, so path
+          MTU discovery and traceroute work; neighbour solicitations and advertisements pass (anti-spoofing vets
+          them). An error passes whatever connection it quotes: the destination's kernel matches the quoted
+          header against its own sockets (a TCP error must quote a sequence number in flight, RFC 5927) as it
+          does for errors from any router. Echo is not tracked: each echo-request is judged (and, if allowed,
+          counted and logged as allowed), where conntrack judged the first of a `ping` run.
+  fragments a non-first fragment (IPv4 fragment offset != 0, IPv6 fragment header with offset != 0) passes: it
+          carries no transport header, and its first fragment, which does, was judged; a lone later fragment
+          reaches nothing (the destination's reassembly times out without the first).
+  others  every other protocol (GRE, ESP inside the overlay, ...) is judged packet by packet by address pair:
+          a rule without ports allows one direction, replies need a rule of their own. Frames that are not IPv4
+          or IPv6 (ARP) pass, as they did not reach the inet hooks before. A frame with one 802.1Q tag is judged
+          by the IP packet inside it; one with two tags (its IP header out of every rule's reach) is judged as a
+          packet nothing allows (br_netfilter let tagged frames pass unjudged: bridge-nf-filter-vlan-tagged 0).
 
-  chain forward (hook forward)
-    ct state established,related accept          replies and the rest of allowed connections: one rule
-    icmpv6 type {nd-neighbor-solicit, nd-neighbor-advert} accept   neighbour discovery (unicast NA and NUD
-                                                  probes go to guarded addresses; anti-spoofing vets them)
-    ip daddr != @guarded4 accept                  destinations that are not local members: another host's
-    ip6 daddr != @guarded6 accept                 policy decides for its own (enforced at the destination)
+Why the UDP records are a table of their own (UDP_TABLE): nftables 1.0.6 reads every element of every set of a
+table to list any of its rules or counters (even `list chain`, even terse), and the plugin lists the policy table
+for its drift check, its counters and the drop metrics. With 65,536 records in it each of those reads took 0.8 s
+here; in a table of their own the records cost the plugin nothing, and their table is read only by `list chains`
+(which fetches no set). The records table's chains sit on either side of the policy table on the same hook: one
+before it (REPLY_PRIORITY) marks a datagram that answers a record (names.POLICY_REPLY_MARK; an accept is not
+final across tables, so it cannot pass the datagram itself), the policy table accepts what carries the mark, and
+one after it (RECORD_PRIORITY) records what came in on a container's port and was not dropped.
+
+Why every priority is after anti-spoofing (netdriver/isolation.py, `bridge vxnet` at -10): a drop in any table is
+final, an accept is not, so the order changes no verdict; but a record made by a frame that anti-spoofing then
+drops would open a reply path to a forged source. After it, only vetted frames are judged and recorded.
+
+The tables, whatever the number of rules and members (sets and one verdict map: the cost per packet does not
+grow with them):
+
+table bridge vxnet_policy_udp (UDP_TABLE)
+  chain replies (hook forward, priority REPLY_PRIORITY)
+    ip daddr . ip saddr . udp dport . udp sport @udp4 update @udp4 { <the same> } meta mark set MARK  (and IPv6)
+  chain record (hook forward, priority RECORD_PRIORITY): what passed the policy table
+    iifname != "vxlan0" update @udp4 { ip saddr . ip daddr . udp sport . udp dport }   (and IPv6; no verdict, so
+                                                                                       a full set stops nothing)
+table bridge vxnet_policy (TABLE)
+  chain forward (hook forward, priority PRIORITY)
+    tcp flags & (syn|ack) != syn accept            the rest of a TCP connection: the most frequent packet first
+    meta l4proto vmap { udp: jump udp-reply, sctp: jump sctp-association, icmp: jump icmp-pass,
+                        ipv6-icmp: jump icmpv6-pass }          what passes without a judgment, per protocol
+    ip daddr != @guarded4 accept                   destinations that are not local members: another host's
+    ip6 daddr != @guarded6 accept                  policy decides for its own (enforced at the destination)
     ip saddr . ip daddr @allow_all4 jump allow-all            a rule without ports
     ip saddr . ip daddr . meta l4proto . th dport @allow4 jump allow
     ip daddr . meta l4proto . th dport @exposed4 jump exposed    (mode exposed only)
     (the same three for IPv6)
-    limit rate R log group G prefix "vxnet:drop"  a new connection nothing allows: logged, rate-limited ...
-    counter drop comment "vxnet:policy:no-rule"   ... and dropped, counted exactly (audit: accepted instead,
-                                                  comment "vxnet:policy-audit:no-rule", log prefix "vxnet:audit")
+    meta protocol != { ip, ip6, 8021q, 8021ad } accept   not IP (ARP), and not IP behind a second VLAN tag
+    ip frag-off & 0x1fff != 0 accept               a later fragment (and its IPv6 twin, `frag frag-off != 0`)
+    limit rate R log group G prefix "vxnet:drop"   a new connection nothing allows: logged, rate-limited ...
+    counter drop comment "vxnet:policy:no-rule"    ... and dropped, counted exactly (audit: accepted instead,
+                                                   comment "vxnet:policy-audit:no-rule", log prefix "vxnet:audit")
+  chain udp-reply:  meta mark MARK accept          a datagram the records' table found to be a reply
+  chain sctp-association:  sctp vtag != 0 accept
+  chain icmp-pass / icmpv6-pass:  icmp(v6) type { echo-reply, the errors (, nd-neighbor-solicit/advert) } accept
   chain allow-all / allow / exposed: limit rate R log group G prefix "vxnet:allow:<set>"; counter accept
 
 The limit stops only its own rule (an nft `limit` over its rate ends the rule's evaluation, verdict included), so
 it sits on a rule that logs and nothing else; the counter and the verdict are on the next one and see every
-packet. A reader compares the records it got for a prefix with that verdict's counter (LOGGED) to tell how many
+packet. A set update that fails (the set full) ends its rule the same way, hence records in rules without a
+verdict. A reader compares the records it got for a prefix with that verdict's counter (LOGGED) to tell how many
 the limit suppressed. NFLOG costs nothing when no reader has bound the group.
 
 Elements: netdriver/policy.py's Elements (guarded {daddr}, exposed {(daddr, proto, port)}, allow {(saddr, daddr,
 proto, port)}, allow_all {(saddr, daddr)}, addresses of either family, bare); any object with those four
 attributes will do. A diff (netdriver/policy.py Diff: .add and .remove, each an Elements) is applied as element
 adds and deletes in one transaction.
+
+Listing: the policy table whole for the drift check, with libnftables' terse output (`nft -t`: no set elements
+printed) for its counters, and of the records' table its chains only.
 """
 
 import ipaddress
-from typing import Callable, Dict, List, Optional, Tuple
+import json
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from kernel import libnftables, names
-from netdriver.isolation import Shape, batch_shape, listing_shape, missing_table, shape_difference
+from netdriver.isolation import Shape, batch_shape, missing_table, shape_difference
 from wire.errors import InvalidRequest, KernelError
 
 TABLE = names.POLICY_TABLE
-FAMILY = "inet"
-# After conntrack (prerouting, -200) has labelled the packet; nothing else hooks the namespace's forward.
-PRIORITY = -10
+UDP_TABLE = names.POLICY_UDP_TABLE
+FAMILY = "bridge"
+# The table of the br_netfilter design (`inet vxnet_policy`): removed whenever the bridge table is made or removed,
+# so a namespace left by an earlier vxnet keeps no second policy.
+LEGACY_FAMILY = "inet"
+# After the anti-spoofing table (netdriver/isolation.py PRIORITY, -10), and the records' chains on either side of
+# the policy table: see the module docstring.
+REPLY_PRIORITY = -5
+PRIORITY = 0
+RECORD_PRIORITY = 5
+# The records' table is compared by its chains alone (its rules cannot be listed without reading every record): a
+# change to its rules goes with new chain names, so that a table made by another version is made again.
+UDP_CHAINS = {"replies": REPLY_PRIORITY, "record": RECORD_PRIORITY}
 MODES = ("open", "exposed", "deny")
 PROTOCOLS = ("tcp", "udp", "sctp")
+
+# The UDP records (module docstring): conntrack's nf_conntrack_udp_timeout_stream, and a bound per family: 65536
+# records hold 546 new 4-tuples a second for the whole 120 s, far more than service-to-service UDP makes, and take
+# 8.2 MiB of kernel memory when full (measured here: the slab grew by 8.3 MiB filling one set, either family; an
+# add beyond the size fails with ENFILE, a packet path update just makes no record).
+UDP_TIMEOUT = 120  # seconds
+UDP_SIZE = 65536
 
 # Rule comments: "vxnet:<reason>:<which>"; "vxnet:policy:..." is a drop (telemetry/metrics.py DROP_REASONS, counted
 # by netdriver/isolation.py drop_reason); the accepting rules carry reasons no drop counter takes.
 DROP = "vxnet:policy:no-rule"
 AUDIT = "vxnet:policy-audit:no-rule"
 ACCEPT_ESTABLISHED = "vxnet:policy-pass:established"
-ACCEPT_NDP = "vxnet:policy-pass:ndp"
+ACCEPT_BY_PROTOCOL = "vxnet:policy-pass:by-protocol"
+ACCEPT_UDP_REPLY = "vxnet:policy-pass:udp-reply"
+ACCEPT_SCTP = "vxnet:policy-pass:sctp-association"
+ACCEPT_ICMP = "vxnet:policy-pass:icmp"
+ACCEPT_ICMPV6 = "vxnet:policy-pass:icmpv6"
 ACCEPT_UNGUARDED = "vxnet:policy-pass:unguarded"
+ACCEPT_NOT_IP = "vxnet:policy-pass:not-ip"
+ACCEPT_FRAGMENT = "vxnet:policy-pass:fragment"
+UDP_REPLY = "vxnet:policy-udp:reply"
+UDP_RECORD = "vxnet:policy-udp:record"
 
 # NFLOG prefixes (what kernel/nflog.py reads in a record) and the verdict each stands for.
 LOG_DROP = "vxnet:drop"
@@ -69,6 +168,17 @@ LOG_AUDIT = "vxnet:audit"
 LOG_ALLOW = "vxnet:allow"
 # The three accepting sets, each with a chain of its own (its log prefix and counter name which one allowed).
 _ALLOWS = (("allow-all", "allow_all"), ("allow", "allow"), ("exposed", "exposed"))
+# The chains reached from forward's verdict map.
+_UDP, _SCTP, _ICMP, _ICMPV6 = "udp-reply", "sctp-association", "icmp-pass", "icmpv6-pass"
+
+# What meta protocol (skb->protocol) is for the frames judged here: IPv4, IPv6, and a frame with a second VLAN tag
+# (802.1Q or 802.1ad inside the first), whose IP header no rule can see: it falls to the verdict (dropped, in
+# enforcing mode) instead of passing as "not IP".
+NOT_PASSING = ["ip", "ip6", "8021q", "8021ad"]
+# ICMP types that pass unjudged (RFC 792, RFC 4443; RFC 4861 for neighbour discovery), as nft names them.
+ICMP_PASS = ["echo-reply", "destination-unreachable", "time-exceeded", "parameter-problem"]
+ICMPV6_PASS = ["echo-reply", "destination-unreachable", "packet-too-big", "time-exceeded", "parameter-problem",
+               "nd-neighbor-solicit", "nd-neighbor-advert"]
 
 
 def _allow_comment(chain: str) -> str:
@@ -78,7 +188,6 @@ def _allow_comment(chain: str) -> str:
 # NFLOG prefix -> the comment of the rule whose counter counts every packet of that verdict (logged or not).
 LOGGED: Dict[str, str] = {LOG_DROP: DROP, LOG_AUDIT: AUDIT,
                           **{f"{LOG_ALLOW}:{chain}": _allow_comment(chain) for chain, _ in _ALLOWS}}
-
 
 
 def verdict(prefix: str) -> Optional[str]:
@@ -101,7 +210,7 @@ LOG_BURST = 50  # packets
 # options and an extension header). The reader's copy range (kernel/nflog.py) is the same.
 LOG_SNAPLEN = 128
 
-# Every set, (name, key type) per family: v4 and v6 are separate sets (a set's key has one type).
+# The sets the plugin writes, (name, key type) per family: v4 and v6 are separate sets (a set's key has one type).
 SETS = {
     "guarded4": "ipv4_addr", "guarded6": "ipv6_addr",
     "exposed4": ["ipv4_addr", "inet_proto", "inet_service"],
@@ -110,6 +219,12 @@ SETS = {
     "allow6": ["ipv6_addr", "ipv6_addr", "inet_proto", "inet_service"],
     "allow_all4": ["ipv4_addr", "ipv4_addr"],
     "allow_all6": ["ipv6_addr", "ipv6_addr"],
+}
+# The sets the packet path writes (the UDP records, in UDP_TABLE): saddr . daddr . sport . dport of a datagram a local
+# member sent.
+FLOW_SETS = {
+    "udp4": ["ipv4_addr", "ipv4_addr", "inet_service", "inet_service"],
+    "udp6": ["ipv6_addr", "ipv6_addr", "inet_service", "inet_service"],
 }
 _FIELDS = ("guarded", "exposed", "allow", "allow_all")
 
@@ -188,11 +303,20 @@ def _payload(protocol: str, field: str) -> dict:
 
 _L4PROTO = {"meta": {"key": "l4proto"}}
 _DPORT = _payload("th", "dport")
+_ACCEPT = {"accept": None}
+
+
+def _ip(version: int) -> str:
+    return "ip" if version == 4 else "ip6"
 
 
 def _rule(chain: str, comment: str, *expr: dict) -> dict:
     return {"add": {"rule": {"family": FAMILY, "table": TABLE, "chain": chain, "comment": comment,
                              "expr": list(expr)}}}
+
+
+def _chain(name: str) -> dict:
+    return {"add": {"chain": {"family": FAMILY, "table": TABLE, "name": name}}}
 
 
 def _log(prefix: str, rate: int, burst: int) -> List[dict]:
@@ -209,7 +333,7 @@ def _elements(name: str, elems: list, op: str = "add") -> List[dict]:
 
 def _lookups(version: int, mode: str) -> List[Tuple[str, dict]]:
     """(chain to jump to, match) for one family's accepting sets, in the order they are tried."""
-    ip = "ip" if version == 4 else "ip6"
+    ip = _ip(version)
     saddr, daddr = _payload(ip, "saddr"), _payload(ip, "daddr")
     out = [("allow-all", _match({"concat": [saddr, daddr]}, f"@allow_all{version}")),
            ("allow", _match({"concat": [saddr, daddr, _L4PROTO, _DPORT]}, f"@allow{version}"))]
@@ -218,11 +342,64 @@ def _lookups(version: int, mode: str) -> List[Tuple[str, dict]]:
     return out
 
 
+def _udp_key(version: int, reverse: bool) -> dict:
+    """saddr . daddr . sport . dport of a datagram, or (reverse) of the datagram it answers."""
+    ip = _ip(version)
+    fields = [_payload(ip, "saddr"), _payload(ip, "daddr"), _payload("udp", "sport"), _payload("udp", "dport")]
+    if reverse:
+        fields = [fields[1], fields[0], fields[3], fields[2]]
+    return {"concat": fields}
+
+
+def _update(version: int, reverse: bool) -> dict:
+    """Add the datagram's record (reverse: its reply's) to the family's UDP set, or refresh its timeout."""
+    return {"set": {"op": "update", "elem": _udp_key(version, reverse), "set": f"@udp{version}"}}
+
+
+def udp_batch() -> List[dict]:
+    """The records' table (UDP_TABLE, module docstring), made anew (add, delete, add): its sets empty."""
+    table = {"table": {"family": FAMILY, "name": UDP_TABLE}}
+    batch: List[dict] = [{"add": table}, {"delete": table}, {"add": table}]
+    batch += [{"add": {"set": {"family": FAMILY, "table": UDP_TABLE, "name": name, "type": kind,
+                               "flags": ["timeout"], "timeout": UDP_TIMEOUT, "size": UDP_SIZE}}}
+              for name, kind in FLOW_SETS.items()]
+    batch += [{"add": {"chain": {"family": FAMILY, "table": UDP_TABLE, "name": name, "type": "filter",
+                                 "hook": "forward", "prio": prio, "policy": "accept"}}}
+              for name, prio in UDP_CHAINS.items()]
+    for version, suffix in ((4, ""), (6, "-v6")):
+        batch.append({"add": {"rule": {"family": FAMILY, "table": UDP_TABLE, "chain": "replies",
+                                       "comment": UDP_REPLY + suffix, "expr": [
+                                           _match(_udp_key(version, True), f"@udp{version}"), _update(version, True),
+                                           {"mangle": {"key": {"meta": {"key": "mark"}},
+                                                       "value": names.POLICY_REPLY_MARK}}]}}})
+        # A datagram that came in on a container's port: the VXLAN device's come from other hosts, whose own
+        # tables record them. Anti-spoofing has vetted its source; the policy table did not drop it.
+        batch.append({"add": {"rule": {"family": FAMILY, "table": UDP_TABLE, "chain": "record",
+                                       "comment": UDP_RECORD + suffix, "expr": [
+                                           _match(_L4PROTO, "udp"), _match({"meta": {"key": "protocol"}}, _ip(version)),
+                                           _match({"meta": {"key": "iifname"}}, names.VXLAN, "!="),
+                                           _update(version, False)]}}})
+    return batch
+
+
+def _protocol_chains() -> List[dict]:
+    """The rules of the chains forward's verdict map jumps to: what passes unjudged, per protocol (module
+    docstring)."""
+    batch = [_rule(_UDP, ACCEPT_UDP_REPLY, _match({"meta": {"key": "mark"}}, names.POLICY_REPLY_MARK), _ACCEPT)]
+    batch += [
+        _rule(_SCTP, ACCEPT_SCTP, _match(_payload("sctp", "vtag"), 0, "!="), _ACCEPT),
+        _rule(_ICMP, ACCEPT_ICMP, _match(_payload("icmp", "type"), {"set": ICMP_PASS}), _ACCEPT),
+        _rule(_ICMPV6, ACCEPT_ICMPV6, _match(_payload("icmpv6", "type"), {"set": ICMPV6_PASS}), _ACCEPT),
+    ]
+    return batch
+
+
 def replace_batch(mode: str, audit: bool, elements, log_rate: int = LOG_RATE, log_burst: int = LOG_BURST
                   ) -> List[dict]:
     """The whole policy table for a network of this mode ("exposed" or "deny"), as one transaction that replaces
-    whatever table of that name was there (add, delete, add: the delete cannot fail on a missing table). A replay
-    changes nothing. InvalidRequest naming the part for a bad mode or element (nothing is applied then)."""
+    whatever table of that name was there (add, delete, add: the delete cannot fail on a missing table), and removes
+    the br_netfilter design's `inet` table if one is left (the UDP records' table is udp_batch's). A replay changes
+    nothing. InvalidRequest naming the part for a bad mode or element (nothing is applied then)."""
     if mode not in ("exposed", "deny"):
         raise InvalidRequest(f"policy mode {mode!r}: a table is made only for exposed or deny (open has none)")
     for what, value in (("log rate", log_rate), ("log burst", log_burst)):
@@ -230,31 +407,45 @@ def replace_batch(mode: str, audit: bool, elements, log_rate: int = LOG_RATE, lo
             raise InvalidRequest(f"policy {what} {value!r}: a positive integer")
     elems = set_elements(elements)
     table = {"table": {"family": FAMILY, "name": TABLE}}
-    batch: List[dict] = [{"add": table}, {"delete": table}, {"add": table}]
+    legacy = {"table": {"family": LEGACY_FAMILY, "name": TABLE}}
+    batch: List[dict] = [{"add": legacy}, {"delete": legacy}, {"add": table}, {"delete": table}, {"add": table}]
     batch += [{"add": {"set": {"family": FAMILY, "table": TABLE, "name": name, "type": kind}}}
               for name, kind in SETS.items()]
     batch.append({"add": {"chain": {"family": FAMILY, "table": TABLE, "name": "forward", "type": "filter",
                                     "hook": "forward", "prio": PRIORITY, "policy": "accept"}}})
+    # Every chain before any rule: a jump or goto names a chain that must exist.
+    batch += [_chain(name) for name in (_UDP, _SCTP, _ICMP, _ICMPV6) + tuple(c for c, _ in _ALLOWS)]
+    batch += _protocol_chains()
     for chain, _ in _ALLOWS:
-        batch.append({"add": {"chain": {"family": FAMILY, "table": TABLE, "name": chain}}})
         batch.append(_rule(chain, f"vxnet:policy-log:{chain}", *_log(f"{LOG_ALLOW}:{chain}", log_rate, log_burst)))
-        batch.append(_rule(chain, _allow_comment(chain), {"counter": None}, {"accept": None}))
+        batch.append(_rule(chain, _allow_comment(chain), {"counter": None}, _ACCEPT))
+    by_protocol = {"vmap": {"key": _L4PROTO, "data": {"set": [
+        ["udp", {"jump": {"target": _UDP}}], ["sctp", {"jump": {"target": _SCTP}}],
+        ["icmp", {"jump": {"target": _ICMP}}], ["ipv6-icmp", {"jump": {"target": _ICMPV6}}]]}}}
     batch += [
+        # SYN set, ACK clear: a new connection. Everything else of TCP passes here, first (module docstring).
         _rule("forward", ACCEPT_ESTABLISHED,
-              _match({"ct": {"key": "state"}}, {"set": ["established", "related"]}, "in"), {"accept": None}),
-        _rule("forward", ACCEPT_NDP,
-              _match(_payload("icmpv6", "type"), {"set": ["nd-neighbor-solicit", "nd-neighbor-advert"]}),
-              {"accept": None}),
-        _rule("forward", ACCEPT_UNGUARDED, _match(_payload("ip", "daddr"), "@guarded4", "!="), {"accept": None}),
-        _rule("forward", ACCEPT_UNGUARDED + "-v6", _match(_payload("ip6", "daddr"), "@guarded6", "!="),
-              {"accept": None}),
+              _match({"&": [_payload("tcp", "flags"), {"|": ["syn", "ack"]}]}, "syn", "!="), _ACCEPT),
+        _rule("forward", ACCEPT_BY_PROTOCOL, by_protocol),
+        _rule("forward", ACCEPT_UNGUARDED, _match(_payload("ip", "daddr"), "@guarded4", "!="), _ACCEPT),
+        _rule("forward", ACCEPT_UNGUARDED + "-v6", _match(_payload("ip6", "daddr"), "@guarded6", "!="), _ACCEPT),
     ]
     for version in (4, 6):
         for chain, match in _lookups(version, mode):
             batch.append(_rule("forward", f"vxnet:policy-pass:{chain}-v{version}", match, {"jump": {"target": chain}}))
+    batch += [
+        # Not IPv4 or IPv6 (ARP): passes. skb->protocol (meta protocol) is the IP inside one 802.1Q tag (the
+        # receive path moves a tag out of the frame), judged above; a second tag hides it, so it stays here.
+        _rule("forward", ACCEPT_NOT_IP, _match({"meta": {"key": "protocol"}}, {"set": NOT_PASSING}, "!="), _ACCEPT),
+        # The fragment offset: the low 13 bits of IPv4's flags/offset word (RFC 791), IPv6's fragment header's
+        # (RFC 8200 4.5); 0 in the first fragment, which carries the transport header and was judged.
+        _rule("forward", ACCEPT_FRAGMENT, _match({"&": [_payload("ip", "frag-off"), 0x1FFF]}, 0, "!="), _ACCEPT),
+        _rule("forward", ACCEPT_FRAGMENT + "-v6", _match({"exthdr": {"name": "frag", "field": "frag-off"}}, 0, "!="),
+              _ACCEPT),
+    ]
     if audit:
         batch += [_rule("forward", "vxnet:policy-log:audit", *_log(LOG_AUDIT, log_rate, log_burst)),
-                  _rule("forward", AUDIT, {"counter": None}, {"accept": None})]
+                  _rule("forward", AUDIT, {"counter": None}, _ACCEPT)]
     else:
         batch += [_rule("forward", "vxnet:policy-log:drop", *_log(LOG_DROP, log_rate, log_burst)),
                   _rule("forward", DROP, {"counter": None}, {"drop": None})]
@@ -269,23 +460,35 @@ def update_batch(diff) -> List[dict]:
     same transaction: the batch succeeds whether or not it was there, and a replay changes nothing. The adds come
     first, so an element in both (which netdriver/policy.py diff never gives) ends up removed. A missing table is
     an error (the caller replaces the table whole)."""
-    add, remove = set_elements(diff.add), set_elements(diff.remove)
+    return _element_ops(set_elements(diff.add), set_elements(diff.remove))
+
+
+def _element_ops(add: Dict[str, List], remove: Dict[str, List]) -> List[dict]:
     batch: List[dict] = []
     for name in SETS:
-        batch += _elements(name, add[name])
+        batch += _elements(name, add.get(name, []))
     for name in SETS:
-        batch += _elements(name, remove[name]) + _elements(name, remove[name], "delete")
+        gone = remove.get(name, [])
+        batch += _elements(name, gone) + _elements(name, gone, "delete")
     return batch
 
 
 def delete_batch() -> List[dict]:
-    """The table gone; no error if it was not there (added first, in the same transaction)."""
-    table = {"table": {"family": FAMILY, "name": TABLE}}
-    return [{"add": table}, {"delete": table}]
+    """The policy table gone, the UDP records' table, and the br_netfilter design's `inet` one if left; no error if
+    one was not there (each added first, in the same transaction)."""
+    return [op for family, name in ((FAMILY, TABLE), (FAMILY, UDP_TABLE), (LEGACY_FAMILY, TABLE))
+            for op in ({"add": {"table": {"family": family, "name": name}}},
+                       {"delete": {"table": {"family": family, "name": name}}})]
 
 
 def list_command() -> List[dict]:
+    """The policy table: its sets (with their elements, unless listed terse), rules and counters."""
     return [{"list": {"table": {"family": FAMILY, "name": TABLE}}}]
+
+
+def list_chains_command() -> List[dict]:
+    """Every chain of the namespace's bridge family, without rules: nftables fetches no set for it."""
+    return [{"list": {"chains": {"family": FAMILY}}}]
 
 
 def list_chain_command(chain: str = "forward") -> List[dict]:
@@ -309,34 +512,102 @@ def shape_text(name: str, elem) -> str:
     return _canonical(name, element_text(elem))
 
 
+def _declaration(body: dict) -> str:
+    """A set as declared (batch) or listed: its name and key type."""
+    kind = body.get("type")
+    return f"{body['name']}: {' . '.join(kind) if isinstance(kind, list) else kind}"
+
+
+class Structure(NamedTuple):
+    """What a table is made of, apart from its elements: rule comments and set declarations, each sorted."""
+    rules: Tuple[str, ...]
+    sets: Tuple[str, ...]
+
+
+def batch_structure(batch: List[dict]) -> Structure:
+    rules = sorted(c["add"]["rule"]["comment"] for c in batch if "rule" in c.get("add", {}))
+    sets = sorted(_declaration(c["add"]["set"]) for c in batch if "set" in c.get("add", {}))
+    return Structure(tuple(rules), tuple(sets))
+
+
+def _items(output: str) -> List[dict]:
+    """Every item of a `list` answer: nft prints one JSON document per list command, one after the other."""
+    decoder, text, at, out = json.JSONDecoder(), output or "", 0, []
+    while True:
+        while at < len(text) and text[at].isspace():
+            at += 1
+        if at >= len(text):
+            return out
+        document, at = decoder.raw_decode(text, at)
+        out += document.get("nftables", [])
+
+
+def listing_structure(output: str) -> Structure:
+    items = _items(output)
+    rules = sorted(i["rule"].get("comment", "") for i in items if "rule" in i)
+    sets = sorted(_declaration(i["set"]) for i in items if "set" in i)
+    return Structure(tuple(rules), tuple(sets))
+
+
+def listed_elements(output: str) -> Dict[str, Dict[str, object]]:
+    """A list answer -> {set name: {element text (shape_text): the element as listed}} for the sets the plugin
+    writes."""
+    out: Dict[str, Dict[str, object]] = {}
+    for item in _items(output):
+        found = item.get("set")
+        if found is not None and found.get("name") in SETS:
+            elems = found.get("elem", [])
+            out[found["name"]] = {shape_text(found["name"], e): e
+                                  for e in (elems if isinstance(elems, list) else [elems])}
+    return out
+
+
+def udp_chains_in_place(output: str) -> bool:
+    """Whether a list_chains_command answer has the records' table with its chains as udp_batch makes them."""
+    found = {(c.get("name"), c.get("hook"), c.get("prio")) for c in (i.get("chain") for i in _items(output))
+             if c is not None and c.get("table") == UDP_TABLE}
+    return found == {(name, "forward", prio) for name, prio in UDP_CHAINS.items()}
+
+
 class PolicyFirewall:
-    """The policy table of each network namespace, and br_netfilter's switch there.
+    """The policy table of each network namespace, and the table of its UDP records.
 
-    apply(ns, commands, what): run nftables JSON commands as one transaction inside namespace ns (Links.nft);
-    bridge_netfilter(ns, on): set br_netfilter's sysctls there (Links.set_bridge_netfilter);
-    read_bridge_netfilter(ns) -> (v4, v6) (Links.bridge_netfilter). Every method is idempotent.
+    apply(ns, commands, what, terse=False): run nftables JSON commands as one transaction inside namespace ns
+    (Links.nft); terse: list without set elements. Every method is idempotent.
 
-      ensure_policy(ns, mode, audit, elements)   mode open: the same as remove_policy; else the whole table
-                                                 replaced (start-up, network creation, repair), then br_netfilter on
+      ensure_policy(ns, mode, audit, elements)   mode open: the same as remove_policy; else the policy table made
+                                                 what the mode, audit flag and elements give: replaced whole if it
+                                                 is missing or made differently, else changed by element adds and
+                                                 deletes only; the records' table made if missing or made
+                                                 differently, else left as it is (a restart keeps the records)
       update_policy(ns, diff)                    the diff's element adds/deletes, one transaction (KernelError if
                                                  the table is missing: the caller calls ensure_policy)
-      remove_policy(ns)                          br_netfilter off, then the table gone (no error if absent)
+      remove_policy(ns)                          both tables gone (no error if absent)
       policy_drift(ns, mode, audit, elements)    None if the kernel holds what ensure_policy makes, else what differs
-      counters(ns)                               {rule comment: (packets, bytes)} of the table's rules ({} if none)
+                                                 (the records' table by its chains: its records are the packet
+                                                 path's, never read)
+      counters(ns)                               {rule comment: (packets, bytes)} of the policy table ({} if none)
     """
 
-    def __init__(self, apply: Callable[[Optional[str], List[dict], str], object],
-                 bridge_netfilter: Callable[[str, bool], None],
-                 read_bridge_netfilter: Callable[[str], Tuple[bool, bool]],
-                 log_rate: int = LOG_RATE, log_burst: int = LOG_BURST):
+    def __init__(self, apply: Callable[..., object], log_rate: int = LOG_RATE, log_burst: int = LOG_BURST):
         self._apply = apply
-        self._switch = bridge_netfilter
-        self._read_switch = read_bridge_netfilter
         self.log_rate = log_rate
         self.log_burst = log_burst
 
     def _batch(self, mode: str, audit: bool, elements) -> List[dict]:
         return replace_batch(mode, audit, elements, self.log_rate, self.log_burst)
+
+    def _listing(self, ns: str, what: str, terse: bool = False) -> Optional[str]:
+        """The policy table as listed (terse: without set elements); None if there is no table."""
+        try:
+            return str(self._apply(ns, list_command(), what, terse=terse) or "")
+        except KernelError as exc:
+            if not missing_table(exc):
+                raise
+            return None
+
+    def _udp_in_place(self, ns: str) -> bool:
+        return udp_chains_in_place(str(self._apply(ns, list_chains_command(), f"read the chains in {ns}") or ""))
 
     def ensure_policy(self, ns: str, mode: str, audit: bool, elements) -> None:
         if mode not in MODES:
@@ -344,9 +615,22 @@ class PolicyFirewall:
         if mode == "open":
             self.remove_policy(ns)
             return
-        # The table first, then the switch: traffic reaches the hook only when every rule is there.
-        self._apply(ns, self._batch(mode, audit, elements), f"policy table ({mode}) in {ns}")
-        self._switch(ns, True)
+        batch = self._batch(mode, audit, elements)  # checks everything before the kernel is read or written
+        # The records' table first in the transaction: a policy table made with it finds its replies marked.
+        changes = [] if self._udp_in_place(ns) else udp_batch()
+        listing = self._listing(ns, f"read the policy table in {ns}")
+        if listing is None or listing_structure(listing) != batch_structure(batch):
+            self._apply(ns, changes + batch, f"policy tables ({mode}) in {ns}")
+            return
+        # Made as this mode makes it: only the elements can differ, and an element diff is O(change) where a
+        # replacement writes every element again (and restarts the counters).
+        have = listed_elements(listing)
+        want = {name: {shape_text(name, e): e for e in elems} for name, elems in set_elements(elements).items()}
+        add = {name: [e for text, e in want[name].items() if text not in have.get(name, {})] for name in SETS}
+        remove = {name: [e for text, e in have.get(name, {}).items() if text not in want[name]] for name in SETS}
+        changes += _element_ops(add, remove)
+        if changes:
+            self._apply(ns, changes, f"policy elements in {ns}")
 
     def update_policy(self, ns: str, diff) -> None:
         batch = update_batch(diff)
@@ -354,38 +638,31 @@ class PolicyFirewall:
             self._apply(ns, batch, f"policy elements in {ns}")
 
     def remove_policy(self, ns: str) -> None:
-        # The switch first: while the table goes, nothing reaches a half-empty hook.
-        self._switch(ns, False)
-        self._apply(ns, delete_batch(), f"removing the policy table in {ns}")
+        self._apply(ns, delete_batch(), f"removing the policy tables in {ns}")
 
     def policy_drift(self, ns: str, mode: str, audit: bool, elements) -> Optional[str]:
-        """Reads only (a list changes nothing). Also checks br_netfilter's switch: on with a table, off without."""
-        want_on = mode != "open"
-        problems = []
-        if self._read_switch(ns) != (want_on, want_on):
-            problems.append(f"bridge netfilter {'off' if want_on else 'on'}")
-        try:
-            text = self._apply(ns, list_command(), f"read the policy table in {ns}")
-            have: Optional[Shape] = listing_shape(str(text or ""), shape_text)
-        except KernelError as exc:
-            if not missing_table(exc):
-                raise
-            have = None
-        if not want_on:
-            if have is not None:
-                problems.append("policy table present on an open network")
-        else:
-            difference = shape_difference(have, batch_shape(self._batch(mode, audit, elements), shape_text))
+        """Reads only (a list changes nothing, and sends no notification)."""
+        listing = self._listing(ns, f"read the policy table in {ns}")
+        if mode == "open":
+            if listing is not None:
+                return "policy table present on an open network"
+            return "UDP records table present on an open network" if self._udp_in_place(ns) else None
+        batch = self._batch(mode, audit, elements)
+        problems = [] if self._udp_in_place(ns) else ["UDP records table missing or made otherwise"]
+        if listing is None:
+            return "; ".join(problems + ["table missing"])
+        structure, want = listing_structure(listing), batch_structure(batch)
+        if structure.rules != want.rules:
+            problems.append(f"rules {list(structure.rules)} instead of {list(want.rules)}")
+        if structure.sets != want.sets:
+            problems.append(f"sets {list(structure.sets)} instead of {list(want.sets)}")
+        if structure == want:
+            have: Shape = ((), {name: frozenset(elems) for name, elems in listed_elements(listing).items()})
+            difference = shape_difference(have, ((), batch_shape(batch, shape_text)[1]))
             if difference:
                 problems.append(difference)
         return "; ".join(problems) or None
 
     def counters(self, ns: str) -> Dict[str, Tuple[int, int]]:
-        try:
-            text = self._apply(ns, list_command(), f"read the policy counters in {ns}")
-        except KernelError as exc:
-            if missing_table(exc):
-                return {}
-            raise
-        return libnftables.rule_counters(str(text or ""))
-
+        listing = self._listing(ns, f"read the policy counters in {ns}", terse=True)
+        return libnftables.rule_counters(listing) if listing is not None else {}

@@ -17,10 +17,11 @@ What a pass compares and repairs, per network this process made whole (NetworkDr
                 the kernel, under PeerSync's lock);
   anti-spoofing the namespace's nft table against the endpoints wired here (NetworkDriver.repair_guard, under the
                 driver's anti-spoofing lock, skipped while a Join or DeleteEndpoint of the network is under way);
-  network-policy  a policy network's `inet vxnet_policy` table and br_netfilter switch against the policy
-                engine's state (PolicyEngine.repair: policy_drift, then the full compile replaces the table; under
-                the engine's lock, so no event's update is half seen; nothing before the engine has read its
-                inputs);
+  network-policy  a policy network's `bridge vxnet_policy` table against the policy engine's state
+                (PolicyEngine.repair: policy_drift, then the full compile: the table replaced if it is made
+                differently, else its elements changed; the UDP records' table made again only if it is gone;
+                under the engine's lock, so no event's update is half seen; nothing before the engine has read
+                its inputs);
 and in the host namespace:
   isolation     the host table against this host's networks (NetworkDriver.repair_host_guard);
   sa/policy/ipsec-firewall   through the EncryptionManager (repair()).

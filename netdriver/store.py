@@ -17,6 +17,8 @@ from wire.errors import Conflict, Exhausted
 log = logging.getLogger(__name__)
 
 _RETRIES = 32
+# etcd's default --max-txn-ops: a transaction with more operations is refused ("too many operations in txn").
+TXN_PUTS = 128
 VERSION = "0.1.0"
 
 
@@ -234,6 +236,13 @@ class NetworkStore:
     # -- peers -------------------------------------------------------------------------------------------------
     def put_peer(self, segment: str, peer: PeerRecord, lease: int = 0) -> None:
         self.kv.put(self.keys.peer(segment, peer.endpoint_id), peer.to_json(), lease=lease)
+
+    def put_peers(self, segment: str, peers: Sequence[PeerRecord], lease: int = 0) -> None:
+        """Many peer records of one segment (a republish), in transactions of at most TXN_PUTS puts: one round
+        trip per 128 records instead of one each (1,000 endpoints: 8 instead of 1,000)."""
+        for start in range(0, len(peers), TXN_PUTS):
+            self.kv.commit(puts={self.keys.peer(segment, r.endpoint_id): r.to_json()
+                                 for r in peers[start:start + TXN_PUTS]}, lease=lease)
 
     def set_peer_identity(self, segment: str, endpoint_id: str, host: str, identity: dict, lease: int,
                           exposed: Sequence[str] = ()) -> str:

@@ -2,18 +2,19 @@
 PeerWatcher feeds the table from etcd (a full read, then a watch from the next revision; a fresh full read after
 a compaction, a broken stream or an etcd outage).
 
-Both start-up and every event go through the same path: update PeerDB, then `sync_peers` for the segment. The
+Both start-up and every event go through the same path: update PeerDB, then bring the segment's VXLAN device to
+the table (a full `sync_peers` at start-up and resync; an event's own change, `update_peers`, otherwise). The
 same records, this host's included, and the same network_up/network_down reach the policy engine
 (netdriver/policy_engine.py), under PeerSync's lock (taken before the engine's): one watch of peers/ feeds both.
 """
 
 import logging
 import threading
-from typing import Dict, Iterable, Optional, Protocol, Tuple
+from typing import Dict, Iterable, Optional, Protocol, Set, Tuple
 
 from netdriver.contracts import DataPlane, Encryption
 from netdriver.models import Network, PeerRecord
-from netdriver.peerdb import PeerDB
+from netdriver.peerdb import Change, PeerDB
 from netdriver.store import NetworkStore, segment_of
 from store.kv import WatchableKV
 from store.watchloop import WatchLoop
@@ -48,38 +49,47 @@ class PeerSync:
         self.dataplane = dataplane
         self.encryption = encryption
         self._local: Dict[str, Network] = {}
-        # segment -> (fdb, neigh) as last programmed: watch events apply only their difference from it. Missing
-        # (first sync, or a failed one): the next sync reads the kernel and repairs it whole.
-        self._applied: Dict[str, tuple] = {}
+        # Segments whose VXLAN device was last made to hold exactly the table (a full sync, then each event's
+        # change): an event applies only its own change there. Missing (first sync, or a failed one): the next
+        # sync reads the kernel and repairs it whole.
+        self._applied: Set[str] = set()
         self._lock = threading.RLock()
         # Until the first full read of etcd the table is empty, not known to be empty: applying it then would
         # wipe the entries a restarted plugin finds in the kernel and cut running containers off.
         self._loaded = False
+        self._resynced = threading.Event()  # set once a first full read has been applied
 
-    def _sync(self, segment: str, full: bool = False) -> Tuple[int, int]:
-        """Returns how many (FDB, neighbour) entries the kernel needed changed."""
+    def wait_loaded(self, timeout: float) -> bool:
+        """Wait until the first full read of etcd has been applied (start-up is over); False on time-out."""
+        return self._resynced.wait(timeout)
+
+    def _sync(self, segment: str, full: bool = False, change: Optional[Change] = None) -> Tuple[int, int]:
+        """Make the segment's VXLAN device hold the table: only `change` (one event's keys, O(1) in the peers)
+        when the device held the table before it, else a full sync that reads the kernel. Returns how many (FDB,
+        neighbour) entries the kernel needed changed."""
         network = self._local.get(segment)
         if network is None or not self._loaded:
             return 0, 0  # no namespace here (the table keeps the records until one is created), or nothing read yet
-        fdb, neigh = self.peerdb.entries(segment)
-        before = None if full else self._applied.get(segment)
+        incremental = change is not None and not full and segment in self._applied
         if network.encrypted and self.encryption is not None:
             # SAs before FDB entries, so the first packet to a new peer finds its SA. Without one (the key ring
             # not read yet, a kernel error) packets are dropped, never sent in clear: the FDB is programmed all
             # the same, and the manager, which keeps the wanted peers, programs them when the ring comes or with
-            # the next change.
+            # the next change. One VTEP per remote host: O(hosts), not O(peers).
             try:
-                self.encryption.set_peers(segment, set(fdb.values()))
+                self.encryption.set_peers(segment, self.peerdb.vteps(segment))
             except VxnetError as exc:
                 log.error("encryption not in place seg=%s nid=%s (its traffic is dropped until it is): %s",
                           segment, network.id[:12], exc)
-        self._applied.pop(segment, None)
+        self._applied.discard(segment)
         try:
-            if before is None:
-                changed = self.dataplane.sync_peers(network, fdb, neigh)
+            if incremental:
+                before, after = change
+                changed = self.dataplane.update_peers(network, before, after)
             else:
-                changed = self.dataplane.update_peers(network, before, (fdb, neigh))
-            self._applied[segment] = (fdb, neigh)
+                fdb, neigh = self.peerdb.entries(segment)
+                changed = self.dataplane.sync_peers(network, fdb, neigh)
+            self._applied.add(segment)
             return changed
         except VxnetError as exc:
             # Left for the next event or resync to retry; the error is logged, never swallowed silently.
@@ -114,7 +124,7 @@ class PeerSync:
         with self._lock:
             segment = segment_of(network.id, network.overlay)
             self._local.pop(segment, None)
-            self._applied.pop(segment, None)
+            self._applied.discard(segment)
             if self.policy is not None:
                 self.policy.network_down(network)
             if network.encrypted and self.encryption is not None:
@@ -130,7 +140,7 @@ class PeerSync:
                 # The whole desired state at once: SAs and policies of ours that no local encrypted segment needs
                 # any more (peers gone while the plugin was down) are removed.
                 holders: Dict[str, Iterable[str]] = {
-                    segment: set(self.peerdb.entries(segment)[0].values())
+                    segment: self.peerdb.vteps(segment)
                     for segment, network in self._local.items() if network.encrypted}
                 try:
                     self.encryption.sync_all(holders)
@@ -140,18 +150,21 @@ class PeerSync:
                 self._sync(segment, full=True)
             if self.policy is not None:
                 self.policy.resync_peers(records)
+        self._resynced.set()
 
     def put(self, segment: str, revision: int, record: PeerRecord) -> None:
         with self._lock:
-            if self.peerdb.put(segment, revision, record):
-                self._sync(segment)
+            change = self.peerdb.put(segment, revision, record)
+            if change is not None:
+                self._sync(segment, change=change)
             if self.policy is not None:  # this host's records too: its endpoints are sources and destinations
                 self.policy.put_peer(segment, record)
 
     def delete(self, segment: str, endpoint_id: str) -> None:
         with self._lock:
-            if self.peerdb.delete(segment, endpoint_id):
-                self._sync(segment)
+            change = self.peerdb.delete(segment, endpoint_id)
+            if change is not None:
+                self._sync(segment, change=change)
             if self.policy is not None:
                 self.policy.delete_peer(segment, endpoint_id)
 

@@ -212,8 +212,7 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
                 rotator = KeyRotator(keystore, settings.key_rotation_seconds)
         # Policies: the tables stay in the kernel when the plugin stops (nothing here removes them), so a restart
         # or an etcd outage changes nothing in force; the engine compares them with its first full read.
-        policy = PolicyEngine(PolicyFirewall(links.nft, links.set_bridge_netfilter, links.bridge_netfilter), me.id,
-                              dataplane.wired_endpoints)
+        policy = PolicyEngine(PolicyFirewall(links.nft), me.id, dataplane.wired_endpoints)
         sync = PeerSync(PeerDB(me.id), dataplane, encryption, policy=policy)
         watcher = PeerWatcher(kv, store, sync)
         rules = PolicyWatcher(kv, PolicyStore(kv, settings.key_prefix), policy)

@@ -60,5 +60,5 @@ IPSEC_KEY_AGE = ("ipsec_key_age_seconds", "Seconds since the primary ESP key bec
 # isolation: between networks through the host (inet vxnet); anti-spoofing: a frame from a container with an
 # address or MAC not its own (bridge vxnet in each network's namespace); cleartext: VXLAN of an encrypted network
 # without IPsec (inet vxnet_ipsec); policy: a new connection to a local member that a network's policy does not
-# allow (inet vxnet_policy in its namespace; audit mode drops nothing and counts nothing here).
+# allow (bridge vxnet_policy in its namespace; audit mode drops nothing and counts nothing here).
 DROP_REASONS = ("isolation", "anti-spoofing", "cleartext", "policy")

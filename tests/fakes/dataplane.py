@@ -179,9 +179,26 @@ here as it would there.
         return None if self.host_subnets == want else f"subnets {self.host_subnets} not {want}"
 
     def update_peers(self, network, before, after):
-        have = {ip: (mac, before[0].get(mac)) for ip, mac in before[1].items()}
-        assert self.peers.get(network.id, {}) == have, "incremental update from a state the kernel is not in"
-        fdb, neigh = after
-        self.peers[network.id] = {ip: (mac, fdb.get(mac)) for ip, mac in neigh.items()}
-        return (len({m for m in set(before[0]) | set(fdb) if before[0].get(m) != fdb.get(m)}),
-                len({i for i in set(before[1]) | set(neigh) if before[1].get(i) != neigh.get(i)}))
+        """Only the keys in before/after (one event's), as the real DataPlane: one netlink call per entry that
+        differs, counted in entry_writes. The touched keys must be in the state `before` says."""
+        have_fdb, have_neigh = self.kernel_peers(network.id)
+        (old_fdb, old_neigh), (fdb, neigh) = before, after
+        for mac in set(old_fdb) | set(fdb):
+            assert have_fdb.get(mac) == old_fdb.get(mac), f"incremental update of FDB {mac} from a state the " \
+                "kernel is not in"
+        for ip in set(old_neigh) | set(neigh):
+            assert have_neigh.get(ip) == old_neigh.get(ip), f"incremental update of neighbour {ip} from a state " \
+                "the kernel is not in"
+        changed = (len({m for m in set(old_fdb) | set(fdb) if old_fdb.get(m) != fdb.get(m)}),
+                   len({i for i in set(old_neigh) | set(neigh) if old_neigh.get(i) != neigh.get(i)}))
+        for mac in set(old_fdb) | set(fdb):
+            have_fdb.pop(mac, None)
+            if mac in fdb:
+                have_fdb[mac] = fdb[mac]
+        for ip in set(old_neigh) | set(neigh):
+            have_neigh.pop(ip, None)
+            if ip in neigh:
+                have_neigh[ip] = neigh[ip]
+        self.peers[network.id] = {ip: (mac, have_fdb.get(mac)) for ip, mac in have_neigh.items()}
+        self.entry_writes = getattr(self, "entry_writes", 0) + sum(changed)
+        return changed

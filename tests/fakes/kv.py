@@ -38,6 +38,7 @@ class FakeKV:
         self.cut_in: Optional[Callable[[], None]] = None
         self.endpoints = (URL,)
         self.round_trips = 0  # calls that would each be one request to etcd
+        self.records_read = 0  # entries those reads returned (what a call costs in etcd's reply)
         self.leases: Dict[int, int] = {}  # lease id -> seconds left
         self.granted_ttls: Dict[int, int] = {}
         self.granted = 1000  # the last lease id handed out
@@ -79,20 +80,26 @@ class FakeKV:
     def get(self, key: str) -> Optional[Entry]:
         with self._lock:
             self._check()
+            self.records_read += key in self.data
             return self.data.get(key)
 
     def get_prefix(self, prefix: str) -> Tuple[List[Entry], int]:
         with self._lock:
             self._check()
-            return sorted((e for k, e in self.data.items() if k.startswith(prefix)), key=lambda e: e.key), self.rev
+            found = sorted((e for k, e in self.data.items() if k.startswith(prefix)), key=lambda e: e.key)
+            self.records_read += len(found)
+            return found, self.rev
 
     def read(self, keys: Iterable[str] = (), prefixes: Iterable[str] = ()) -> Snapshot:
         with self._lock:
             self._check()
-            return Snapshot(entries={k: self.data.get(k) for k in keys},
-                            ranges={p: sorted((e for k, e in self.data.items() if k.startswith(p)),
-                                              key=lambda e: e.key) for p in prefixes},
-                            revision=self.rev)
+            snapshot = Snapshot(entries={k: self.data.get(k) for k in keys},
+                                ranges={p: sorted((e for k, e in self.data.items() if k.startswith(p)),
+                                                  key=lambda e: e.key) for p in prefixes},
+                                revision=self.rev)
+            self.records_read += sum(e is not None for e in snapshot.entries.values())
+            self.records_read += sum(len(r) for r in snapshot.ranges.values())
+            return snapshot
 
     def revision(self) -> int:
         with self._lock:

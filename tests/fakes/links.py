@@ -19,6 +19,10 @@ KernelError."""
         self.fdbs: Dict[Tuple[str, str], Dict[str, str]] = {}
         self.neighs: Dict[Tuple[str, str], Dict[str, str]] = {}
         self.refuse = set()
+        self.calls: Dict[str, int] = {}  # operation -> calls: dumps (fdb, neighbours) and entry writes
+
+    def _count(self, op: str) -> None:
+        self.calls[op] = self.calls.get(op, 0) + 1
 
     def _check(self, op: str) -> None:
         if op in self.refuse:
@@ -61,22 +65,28 @@ KernelError."""
                                             "up": True, "mac": device.get("mac"), "vni": device["vni"]}
 
     def fdb(self, ns, dev) -> Dict[str, str]:
+        self._count("fdb")
         return dict(self.fdbs.get((ns, dev), {}))
 
     def neighbours(self, ns, dev) -> Dict[str, str]:
+        self._count("neighbours")
         return dict(self.neighs.get((ns, dev), {}))
 
     def set_fdb(self, ns, dev, mac, vtep) -> None:
+        self._count("set_fdb")
         self._check("set_fdb")
         self.fdbs[(ns, dev)][mac] = vtep
 
     def del_fdb(self, ns, dev, mac, vtep) -> None:
+        self._count("del_fdb")
         self.fdbs.get((ns, dev), {}).pop(mac, None)
 
     def set_neigh(self, ns, dev, ip, mac) -> None:
+        self._count("set_neigh")
         self.neighs[(ns, dev)][_address(ip)] = mac
 
     def del_neigh(self, ns, dev, ip) -> None:
+        self._count("del_neigh")
         self.neighs.get((ns, dev), {}).pop(_address(ip), None)
 
 

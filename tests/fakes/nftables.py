@@ -17,6 +17,11 @@ class FakeNftables:
     it since its table was made. Raw integers in a `typeof` set's elements are listed as nftables 1.0.6 lists
     them: a JSON number up to 64 bits, above that a "0x..." string without leading zeros.
 
+    `list table` with terse (libnftables' terse output, `nft -t`) leaves the sets' elements out; `list set` answers
+    that one set with its elements; `list chain` that chain's rules; `list chains` every chain of the family (base
+    chains with their hook and priority), of every table. A set is listed as declared (its type, and
+    its timeout and size if it has them). `record` adds an element as the packet path's set updates do.
+
     `refuse`: a reason every batch fails with (a kernel without the feature); `calls`: (namespace, what) of each
     batch, to check which namespace it went to.
     """
@@ -27,7 +32,7 @@ class FakeNftables:
         self.calls = []
         self.refuse = refuse
 
-    def __call__(self, ns, commands, what):
+    def __call__(self, ns, commands, what, terse=False):
         self.calls.append((ns, what))
         if self.refuse:
             raise KernelError(f"{what}: {self.refuse}")
@@ -37,9 +42,13 @@ class FakeNftables:
         for command in commands:
             (verb, body), = command.items()
             (kind, obj), = body.items()
+            if kind == "chains" and verb == "list":
+                out += [{"chain": dict(chain)} for (family, _), table in tables.items() if family == obj["family"]
+                        for chain in table["chains"].values()]
+                continue
             key = (obj.get("family"), obj.get("name") if kind == "table" else obj.get("table"))
             if kind == "table" and verb == "add":
-                tables.setdefault(key, {"sets": {}, "types": {}, "rules": []})
+                tables.setdefault(key, {"sets": {}, "types": {}, "decl": {}, "chains": {}, "rules": []})
                 continue
             if key not in tables:
                 raise KernelError(f"{what}: {ENOENT}")
@@ -48,12 +57,24 @@ class FakeNftables:
                 del tables[key]
                 hits = {k: v for k, v in hits.items() if k[:2] != key}  # counters go with their rules
             elif kind == "table" and verb == "list":
-                out += [{"set": self._listed_set(key, name, elems, table["types"][name])}
+                out += [{"set": self._listed_set(key, name, set() if terse else elems, table["types"][name],
+                                                 table["decl"].get(name, {}))}
                         for name, elems in table["sets"].items()]
                 out += [{"rule": self._counted(key, rule, hits)} for rule in table["rules"]]
+            elif kind == "set" and verb == "list":
+                if obj["name"] not in table["sets"]:
+                    raise KernelError(f"{what}: {ENOENT}")
+                out.append({"set": self._listed_set(key, obj["name"], set() if terse else table["sets"][obj["name"]],
+                                                    table["types"][obj["name"]], table["decl"].get(obj["name"], {}))})
+            elif kind == "chain" and verb == "list":
+                out += [{"rule": self._counted(key, rule, hits)} for rule in table["rules"]
+                        if rule.get("chain") == obj["name"]]
+            elif kind == "chain" and verb == "add":
+                table["chains"].setdefault(obj["name"], {k: v for k, v in obj.items() if k != "policy"})
             elif kind == "set":
                 table["sets"].setdefault(obj["name"], set())
                 table["types"].setdefault(obj["name"], obj["type"])
+                table["decl"].setdefault(obj["name"], {k: obj[k] for k in ("timeout", "size") if k in obj})
             elif kind == "rule":
                 table["rules"].append(dict(obj, expr=[dict(e) if "counter" not in e else {"counter": {"packets": 0}}
                                                       for e in obj["expr"]]))
@@ -71,7 +92,7 @@ class FakeNftables:
         return json.dumps({"nftables": out}) if out else ""
 
     @staticmethod
-    def _listed_set(key, name, elems, kind):
+    def _listed_set(key, name, elems, kind, declared=None):
         def shown(value):
             if isinstance(value, dict) and "concat" in value:
                 return {"concat": [shown(v) for v in value["concat"]]}
@@ -81,7 +102,7 @@ class FakeNftables:
             return value
 
         listed = {"family": key[0], "table": key[1], "name": name,
-                  "type": ["ifname", "integer"] if isinstance(kind, dict) else kind}
+                  "type": ["ifname", "integer"] if isinstance(kind, dict) else kind, **(declared or {})}
         if elems:
             listed["elem"] = [shown(json.loads(e)) for e in sorted(elems)]
         return listed
@@ -98,6 +119,10 @@ class FakeNftables:
         assert any(r.get("comment") == comment for r in self.tables[key]["rules"]), comment
         before = self.hits.get((*key, comment), (0, 0))
         self.hits[(*key, comment)] = (before[0] + packets, before[1] + octets)
+
+    def record(self, elem, name, family="bridge", table="vxnet_policy_udp"):
+        """The packet path adding an element to a set (a dynamic set's `update`): no batch, no call recorded."""
+        self.tables[(family, table)]["sets"][name].add(json.dumps(elem, sort_keys=True))
 
     def sets(self, family="bridge", table="vxnet"):
         """A table's sets' elements (as sorted JSON text)."""

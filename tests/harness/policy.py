@@ -1,6 +1,6 @@
 """What the policy tests (tests/e2e/test_policy*.py) do to containers and read from hosts: TCP probes with
 busybox's nc, servers that answer on several ports, probe loops that run inside a container across a plugin
-restart, a long-lived connection, the `inet vxnet_policy` table of a network's namespace, `vxnet` commands run
+restart, a long-lived connection, the `bridge vxnet_policy` table of a network's namespace, `vxnet` commands run
 in a host against the test etcd.
 
 Every probe is bounded by its own short time-out (nc -w); waiting for a probe to change polls with a deadline.
@@ -16,6 +16,7 @@ import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from kernel import names
+from netdriver import policy_nft
 from store import schema
 from tests.harness.hosts import Host
 from tests.harness.plugin import REPO
@@ -111,11 +112,11 @@ def stream_ticks(host: Host, container: str) -> Tuple[int, bool]:
 
 # --- the kernel and etcd side -----------------------------------------------------------------------------------------
 def policy_table(host: Host, network_id: str) -> Optional[dict]:
-    """The network namespace's `inet vxnet_policy` table as `nft -j list table` gives it, None when absent (or the
+    """The network namespace's `bridge vxnet_policy` table as `nft -j list table` gives it, None when absent (or the
     namespace is)."""
     ns = names.netns(network_id)
-    proc = host.run(["ip", "netns", "exec", ns, "nft", "-j", "list", "table", "inet", names.POLICY_TABLE],
-                    check=False, timeout=30)
+    proc = host.run(["ip", "netns", "exec", ns, "nft", "-j", "list", "table", policy_nft.FAMILY,
+                     names.POLICY_TABLE], check=False, timeout=30)
     return json.loads(proc.stdout) if proc.returncode == 0 else None
 
 

@@ -3,7 +3,6 @@ fires the callback with the namespace and the kind; an XFRM policy added fires i
 unwatched namespace fires nothing for the same deletion (each negative with its positive, same probe, same
 timeout); a receive buffer overrun is reported as 'overrun'."""
 
-import dataclasses
 import queue
 import secrets
 import subprocess
@@ -18,6 +17,7 @@ from kernel.netns import run_inside
 from netdriver import policy_nft as pn
 from netdriver.isolation import Firewall
 from netdriver.models import Endpoint, Network, Subnet
+from netdriver.policy import Diff, Elements
 from netdriver.sandbox import DataPlane
 from netdriver.underlay import Underlay
 
@@ -179,20 +179,6 @@ def test_the_reads_the_reconciler_compares_see_what_was_deleted(network):
     assert plane.sync_peers(net, {PEER_MAC: PEER_VTEP}, {PEER_IP: PEER_MAC}) == (0, 0)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Elements:
-    """netdriver/policy.py's Elements' shape (what policy_nft reads of it)."""
-    guarded: frozenset = frozenset()
-    exposed: frozenset = frozenset()
-    allow: frozenset = frozenset()
-    allow_all: frozenset = frozenset()
-
-
-@dataclasses.dataclass(frozen=True)
-class _Diff:
-    add: _Elements = _Elements()
-    remove: _Elements = _Elements()
-
 
 def test_our_own_policy_commits_wake_nothing_and_each_asks_libnftables_for_its_change_only(network):
     """The bench's rule changes slowed from about the 10th on (0.2-0.8 s each instead of 1-3 ms): every update's own
@@ -204,13 +190,13 @@ def test_our_own_policy_commits_wake_nothing_and_each_asks_libnftables_for_its_c
     ns = names.netns(net.id)
     asked = []
 
-    def apply(ns_, commands, what):
+    def apply(ns_, commands, what, terse=False):
         asked.append(commands)
-        return links.nft(ns_, commands, what)
+        return links.nft(ns_, commands, what, terse=terse)
 
-    firewall = pn.PolicyFirewall(apply, lambda ns_, on: None, lambda ns_: (True, True))
+    firewall = pn.PolicyFirewall(apply)
     bulk = frozenset((f"10.79.{i // 250}.{i % 250 + 1}", "10.78.0.5", "tcp", 6000 + i % 100) for i in range(2000))
-    firewall.ensure_policy(ns, "deny", False, _Elements(guarded=frozenset({"10.78.0.5"}), allow=bulk))
+    firewall.ensure_policy(ns, "deny", False, Elements(guarded=frozenset({"10.78.0.5"}), allow=bulk))
     seen = Seen()
     listener = ev.KernelEvents(links.netns_path, seen, host=False, own_committer=links.nft_committer)
     listener.start()
@@ -218,8 +204,8 @@ def test_our_own_policy_commits_wake_nothing_and_each_asks_libnftables_for_its_c
         listener.watch(ns)
         asked.clear()
         for i in range(50):
-            pair = _Elements(allow_all=frozenset({(f"10.78.1.{i // 2 + 1}", "10.78.0.5")}))
-            firewall.update_policy(ns, _Diff(add=pair) if i % 2 == 0 else _Diff(remove=pair))
+            pair = Elements(allow_all=frozenset({(f"10.78.1.{i // 2 + 1}", "10.78.0.5")}))
+            firewall.update_policy(ns, Diff(add=pair) if i % 2 == 0 else Diff(remove=pair))
         assert not seen.fired(ns, "nft")
         # What libnftables was asked, per change: one add for an allow, an add and a delete for a removal, each of
         # the one element; never a listing, whatever the 2,000 elements beside them.
@@ -227,12 +213,12 @@ def test_our_own_policy_commits_wake_nothing_and_each_asks_libnftables_for_its_c
                   for batch in asked}
         assert len(asked) == 50 and shapes == {(("add", 1),), (("add", 1), ("delete", 1))}
 
-        sh("ip", "netns", "exec", ns, "nft", "add", "element", "inet", names.POLICY_TABLE, "allow_all4",
+        sh("ip", "netns", "exec", ns, "nft", "add", "element", pn.FAMILY, names.POLICY_TABLE, "allow_all4",
            "{ 10.78.2.1 . 10.78.0.5 }")
         assert seen.fired(ns, "nft")
         # and a commit of this process's own made again after it: still nothing (the filter is per commit)
         seen.drain()
-        firewall.update_policy(ns, _Diff(remove=_Elements(allow_all=frozenset({("10.78.2.1", "10.78.0.5")}))))
+        firewall.update_policy(ns, Diff(remove=Elements(allow_all=frozenset({("10.78.2.1", "10.78.0.5")}))))
         assert not seen.fired(ns, "nft")
     finally:
         listener.stop()

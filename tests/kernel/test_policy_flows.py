@@ -28,7 +28,7 @@ from tests.kernel.test_policy_nft import PORTS, SYN_BURST, Elements, guarded, la
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces")
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-PORT = PORTS[20]  # not one test_policy_nft.py uses (conntrack remembers connections that passed)
+PORT = PORTS[20]  # not one test_policy_nft.py uses
 DEADLINE = 10.0
 
 
@@ -133,7 +133,7 @@ def test_the_log_says_when_it_is_rate_limited(served):
     port = PORTS[21]
     assert c1.reaches(c2.ip, port)  # positive control of the burst's first probe
     links = hosts["links"]
-    slow = pn.PolicyFirewall(links.nft, links.set_bridge_netfilter, links.bridge_netfilter, log_rate=1, log_burst=3)
+    slow = pn.PolicyFirewall(links.nft, log_rate=1, log_burst=3)
     slow.ensure_policy(n1, "deny", False, Elements(guarded=guarded(hosts)))
     served["engine"].up(served["network"], n1)
     wait_until(lambda: served["log"].networks()[0]["running"], DEADLINE, "the verdict log reading")

@@ -68,7 +68,7 @@ def test_vxnet_flows_shows_the_plugins_verdicts_with_names_and_audit_drops_nothi
         assert any(r["reason"] == "rule-any-port" and r["dport"] == 5433 and r["src"]["ip"] == client.ip4
                    for r in allowed), allowed
         cli(plugin, "rm", deny.id, everything)
-        # The same probe refused once the rule is gone (port 5432: no conntrack entry of an allowed one).
+        # The same probe refused once the rule is gone (a new connection: its SYN is judged again).
         assert within(lambda: not client.connects(db, 5432), DEADLINE), "refused probe"
 
         def refused():

@@ -7,8 +7,8 @@ No dockerd here: identities are published the way plugin/endpoint_identity.py pu
 NetworkDriver.publish_identity, run inside the host against the same etcd (IDENTITY below).
 
 Every refused probe is the same probe, with the same timeout, as one that succeeds in the same test (an allow of
-everything is given, checked and removed again). Ports differ between checks where conntrack could carry an
-earlier connection."""
+everything is given, checked and removed again). Ports differ between checks, so that no check rides on an
+earlier one's connection or UDP record."""
 
 import json
 import os
@@ -19,6 +19,7 @@ import time
 import pytest
 
 from kernel import names
+from netdriver import policy_nft
 from tests.harness.plugin import Plugin
 from tests.harness.unixhttp import request
 
@@ -190,8 +191,8 @@ class Container:
 
 def policy_set(host, ns, name):
     """The elements of one set of the policy table in a network namespace, as nft lists them."""
-    out = host.run(["ip", "netns", "exec", ns, "nft", "-j", "list", "set", "inet", names.POLICY_TABLE, name],
-                   check=False)
+    out = host.run(["ip", "netns", "exec", ns, "nft", "-j", "list", "set", policy_nft.FAMILY, names.POLICY_TABLE,
+                    name], check=False)
     if out.returncode:
         return None
     for item in json.loads(out.stdout)["nftables"]:
@@ -287,7 +288,7 @@ def test_deny_and_exposed_across_two_hosts_rules_restart_and_ipv6(hosts, lab):
         assert not other2.connects(db, 5436) and not client.connects(db, 5436)
         flow.stop()
 
-        # Removed: refused again within 2 s (a new connection; the old one's conntrack entry is its own).
+        # Removed: refused again within 2 s (a new connection: its SYN is judged; the old one goes on).
         cli(p1, "rm", d1.id, rule_id)
         removed_at = time.monotonic()
         assert within(lambda: not client.connects(db, 5432), REMOVAL_DEADLINE + PROBE)

@@ -84,7 +84,7 @@ def test_nothing_is_applied_before_both_full_reads_then_the_full_compile():
     rig.records = {r.endpoint_id: r for r in (record(2, ME, DB), record(3, OTHER, CLIENT))}
     rig.rules = {CLIENT_TO_DB.id: CLIENT_TO_DB}
     rig.engine.resync([CLIENT_TO_DB])
-    assert rig.fw.writes == [("ensure", NS)] and rig.fw.switch[NS] is True
+    assert rig.fw.writes == [("ensure", NS)] and rig.fw.replaced[NS] == 1
     assert rig.fw.elements(NS) == rig.reference()
     assert ("10.0.0.3", "10.0.0.2", "tcp", 5432) in rig.fw.elements(NS).allow  # the remote client to the local db
 
@@ -137,7 +137,7 @@ def test_a_restart_that_finds_its_tables_in_place_writes_nothing():
     assert rig.fw.writes == [("update", NS)] and rig.fw.elements(NS).allow == frozenset()
 
 
-def test_a_restart_that_finds_a_different_table_replaces_it():
+def test_a_restart_that_finds_other_elements_changes_them_and_one_that_finds_another_mode_replaces_it():
     rig = Rig()
     rig.load(network(), [record(2, ME, DB)], [])
     rig.fw.tables[NS] = ("deny", False, dataclasses.replace(rig.fw.elements(NS), guarded=frozenset()))
@@ -146,6 +146,13 @@ def test_a_restart_that_finds_a_different_table_replaces_it():
     restarted.resync_peers([(NID, 1, r) for r in rig.records.values()])
     restarted.resync([])
     assert rig.fw.writes[-1] == ("ensure", NS) and rig.fw.elements(NS) == rig.reference()
+    assert rig.fw.replaced[NS] == 1  # made once, by the first process: its UDP records are kept
+    rig.fw.tables[NS] = ("deny", True, rig.fw.elements(NS))  # made with another verdict
+    again = PolicyEngine(rig.fw, ME, lambda nid, ids: set(ids))
+    again.network_up(network())
+    again.resync_peers([(NID, 1, r) for r in rig.records.values()])
+    again.resync([])
+    assert rig.fw.tables[NS][:2] == ("deny", False) and rig.fw.replaced[NS] == 2
 
 
 def test_a_lost_table_is_replaced_whole_by_the_next_update_and_by_repair():
@@ -158,8 +165,6 @@ def test_a_lost_table_is_replaced_whole_by_the_next_update_and_by_repair():
     rig.fw.lose(NS)
     assert rig.engine.repair(network()) == "policy table missing"
     assert rig.fw.elements(NS) == rig.reference()
-    rig.fw.switch[NS] = False  # br_netfilter turned off by hand
-    assert rig.engine.repair(network()) == "bridge netfilter off" and rig.fw.switch[NS] is True
 
 
 def test_open_networks_get_no_table_and_a_deleted_network_loses_its_table_and_state():
@@ -176,7 +181,7 @@ def test_open_networks_get_no_table_and_a_deleted_network_loses_its_table_and_st
     rig.engine.network_up(network("exposed"))  # (a test shortcut: the mode is fixed at creation)
     assert rig.fw.tables[NS][0] == "exposed" and ups == [(NID, NS, True)]  # one up: the table's
     rig.engine.network_down(network("exposed"))
-    assert NS not in rig.fw.tables and rig.fw.switch[NS] is False and ups[-1] == (NID, NS, False)
+    assert NS not in rig.fw.tables and ups[-1] == (NID, NS, False)
     assert rig.engine.policy_networks() == [] and rig.engine.repair(network("exposed")) is None
     rig.put(record(5, OTHER, CLIENT))  # events for it change nothing now
     assert NS not in rig.fw.tables

@@ -1,9 +1,12 @@
 """netdriver/policy_nft.py's batches without a kernel: the rules per mode, the order that keeps counters exact and
-established traffic cheap, validation that names the part, and the order of table and br_netfilter switch. The
-kernel's verdicts are tests/kernel/test_policy_nft.py's."""
+established traffic cheap, the UDP records (a table of their own around the policy table: a reply marked before
+it, a record made after it, never written, listed or compared by the plugin), validation that names the part, and
+PolicyFirewall over a fake nftables that models the tables: a policy table made as the mode makes it is changed by
+its elements only, one made otherwise is replaced, and the records' table is made only when missing (a restart
+keeps the records). The kernel's verdicts are tests/kernel/test_policy_nft.py's."""
 
 import dataclasses
-from typing import FrozenSet
+import json
 
 import pytest
 from hypothesis import given, settings
@@ -11,24 +14,10 @@ from hypothesis import strategies as st
 
 from netdriver import policy_nft as pn
 from netdriver.isolation import drop_reason
+from netdriver.policy import Diff, Elements
 from telemetry.metrics import DROP_REASONS
-from wire.errors import InvalidRequest, KernelError
-
-
-@dataclasses.dataclass(frozen=True)
-class Elements:
-    """Stand-in for netdriver/policy.py's Elements (same field names and shapes) until that module is on main."""
-    guarded: FrozenSet = frozenset()
-    exposed: FrozenSet = frozenset()
-    allow: FrozenSet = frozenset()
-    allow_all: FrozenSet = frozenset()
-
-
-@dataclasses.dataclass(frozen=True)
-class Diff:
-    add: Elements = Elements()
-    remove: Elements = Elements()
-
+from tests.fakes import FakeNftables
+from wire.errors import InvalidRequest
 
 SAMPLE = Elements(guarded=frozenset({"10.0.0.2", "fd00::2"}),
                   exposed=frozenset({("10.0.0.2", "tcp", 80), ("fd00::2", "udp", 53)}),
@@ -44,18 +33,104 @@ def kinds(rule):
     return [next(iter(e)) for e in rule["expr"]]
 
 
-def test_established_first_then_the_verdict_last_in_each_mode():
+def chains(batch):
+    return {c["add"]["chain"]["name"]: c["add"]["chain"] for c in batch if "chain" in c.get("add", {})}
+
+
+def test_established_tcp_first_then_the_protocols_then_the_verdict_last_in_each_mode():
     for mode, audit in (("deny", False), ("exposed", False), ("deny", True), ("exposed", True)):
-        forward = rules(pn.replace_batch(mode, audit, SAMPLE))
+        batch = pn.replace_batch(mode, audit, SAMPLE)
+        forward = rules(batch)
+        assert chains(batch)["forward"]["hook"] == "forward" and chains(batch)["forward"]["prio"] == 0
+        # The first rule: TCP without (SYN and not ACK) passes; nothing else is looked at for those segments.
         assert forward[0]["comment"] == pn.ACCEPT_ESTABLISHED
+        assert forward[0]["expr"] == [{"match": {"op": "!=", "left": {"&": [
+            {"payload": {"protocol": "tcp", "field": "flags"}}, {"|": ["syn", "ack"]}]}, "right": "syn"}},
+            {"accept": None}]
+        vmap = forward[1]["expr"][0]["vmap"]
+        assert vmap["key"] == {"meta": {"key": "l4proto"}}
+        assert {k: v["jump"]["target"] for k, v in vmap["data"]["set"]} == {
+            "udp": "udp-reply", "sctp": "sctp-association", "icmp": "icmp-pass", "ipv6-icmp": "icmpv6-pass"}
         assert forward[-1]["comment"] == (pn.AUDIT if audit else pn.DROP)
-        assert kinds(forward[-1]) == ["counter", "accept" if audit else "drop"]
+        assert forward[-1]["expr"][1] == ({"accept": None} if audit else {"drop": None})
         assert kinds(forward[-2]) == ["limit", "log"]
+        # A later fragment and what is not IP pass only after every lookup: allowed packets never pay for them.
+        assert [r["comment"] for r in forward[-5:-2]] == [pn.ACCEPT_NOT_IP, pn.ACCEPT_FRAGMENT,
+                                                          pn.ACCEPT_FRAGMENT + "-v6"]
         jumps = [r["comment"] for r in forward if "jump" in kinds(r)]
         exposed = [c for c in jumps if "exposed" in c]
         assert exposed == (["vxnet:policy-pass:exposed-v4", "vxnet:policy-pass:exposed-v6"] if mode == "exposed"
                            else [])
         assert len(jumps) - len(exposed) == 4  # allow-all and allow, per family
+
+
+def test_the_rules_do_not_grow_with_the_elements():
+    """Sets and one verdict map: the same rules for 200 members and a few thousand allows as for none."""
+    many = Elements(guarded=frozenset(f"10.1.{i // 250}.{i % 250 + 1}" for i in range(200)),
+                    allow=frozenset((f"10.1.0.{i % 250 + 1}", "10.1.0.1", "tcp", 1000 + i) for i in range(3000)))
+    for mode in ("deny", "exposed"):
+        small, big = pn.replace_batch(mode, False, Elements()), pn.replace_batch(mode, False, many)
+        assert [c for c in small if "element" not in c.get("add", {})] == \
+            [c for c in big if "element" not in c.get("add", {})]
+
+
+def table_rules(batch, table, chain):
+    return [c["add"]["rule"] for c in batch if "rule" in c.get("add", {}) and c["add"]["rule"]["table"] == table
+            and c["add"]["rule"]["chain"] == chain]
+
+
+def test_the_udp_records_are_a_table_around_the_policy_table():
+    """A reply is marked before the policy table (which passes the mark), a record made after it (so only what it
+    did not drop), in a table the plugin never lists: nftables reads a table's every element to list its rules."""
+    udp = pn.udp_batch()
+    chains = {c["add"]["chain"]["name"]: c["add"]["chain"] for c in udp if "chain" in c.get("add", {})}
+    assert {n: (c["hook"], c["prio"]) for n, c in chains.items()} == {"replies": ("forward", -5),
+                                                                     "record": ("forward", 5)}
+    assert -10 < chains["replies"]["prio"] < pn.PRIORITY < chains["record"]["prio"]  # all after anti-spoofing
+    declared = {c["add"]["set"]["name"]: c["add"]["set"] for c in udp if "set" in c.get("add", {})}
+    assert set(declared) == set(pn.FLOW_SETS)
+    for name in pn.FLOW_SETS:
+        assert declared[name]["timeout"] == pn.UDP_TIMEOUT == 120 and declared[name]["size"] == pn.UDP_SIZE
+        assert declared[name]["flags"] == ["timeout"]
+    assert not [c for c in udp if "element" in c.get("add", {})]
+    assert not [r for c in ("replies", "record") for r in table_rules(udp, pn.UDP_TABLE, c)
+                if {"accept", "drop", "jump", "goto"} & set(kinds(r))]  # no verdicts: the policy table decides
+    for version, rule, record in zip((4, 6), table_rules(udp, pn.UDP_TABLE, "replies"),
+                                     table_rules(udp, pn.UDP_TABLE, "record")):
+        looked_up = rule["expr"][0]["match"]["left"]["concat"]
+        refreshed = rule["expr"][1]["set"]["elem"]["concat"]
+        recorded = record["expr"][-1]["set"]["elem"]["concat"]
+        assert looked_up == refreshed == [recorded[1], recorded[0], recorded[3], recorded[2]]
+        assert rule["expr"][0]["match"]["right"] == f"@udp{version}"
+        assert rule["expr"][2] == {"mangle": {"key": {"meta": {"key": "mark"}}, "value": 0x7678}}
+        # Recorded: UDP of this family that came in on a container's port (not the VXLAN device).
+        assert record["expr"][:3] == [
+            {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "udp"}},
+            {"match": {"op": "==", "left": {"meta": {"key": "protocol"}}, "right": "ip" if version == 4 else "ip6"}},
+            {"match": {"op": "!=", "left": {"meta": {"key": "iifname"}}, "right": "vxlan0"}}]
+        assert record["expr"][-1]["set"]["op"] == "update" and len(record["expr"]) == 4
+    # The policy table passes the mark, and has no UDP set of its own.
+    batch = pn.replace_batch("exposed", True, SAMPLE)
+    (reply,) = rules(batch, "udp-reply")
+    assert reply["expr"] == [{"match": {"op": "==", "left": {"meta": {"key": "mark"}}, "right": 0x7678}},
+                             {"accept": None}]
+    assert not [c for c in batch if "set" in c.get("add", {}) and c["add"]["set"]["name"] in pn.FLOW_SETS]
+    assert {c["add"]["rule"]["table"] for c in batch if "rule" in c.get("add", {})} == {pn.TABLE}
+
+
+def test_what_passes_unjudged_per_protocol():
+    batch = pn.replace_batch("deny", False, SAMPLE)
+    (sctp,) = rules(batch, "sctp-association")
+    assert sctp["expr"][0]["match"] == {"op": "!=", "left": {"payload": {"protocol": "sctp", "field": "vtag"}},
+                                        "right": 0}
+    (icmp,) = rules(batch, "icmp-pass")
+    (icmpv6,) = rules(batch, "icmpv6-pass")
+    assert "echo-request" not in icmp["expr"][0]["match"]["right"]["set"]
+    assert set(icmpv6["expr"][0]["match"]["right"]["set"]) == {
+        "echo-reply", "destination-unreachable", "packet-too-big", "time-exceeded", "parameter-problem",
+        "nd-neighbor-solicit", "nd-neighbor-advert"}
+    assert {c["add"]["table"]["family"] for c in batch if "table" in c.get("add", {})} == {"bridge", "inet"}
+    assert [c["delete"]["table"]["family"] for c in batch if "delete" in c] == ["inet", "bridge"]
 
 
 def test_a_limit_never_shares_a_rule_with_a_counter_or_a_verdict():
@@ -120,7 +195,7 @@ def test_bad_mode_and_rate_are_refused():
     with pytest.raises(InvalidRequest, match="log rate 0"):
         pn.replace_batch("deny", False, SAMPLE, log_rate=0)
     with pytest.raises(InvalidRequest, match="policy mode 'closed'"):
-        pn.PolicyFirewall(None, None, None).ensure_policy("ns", "closed", False, SAMPLE)
+        pn.PolicyFirewall(None).ensure_policy("ns", "closed", False, SAMPLE)
 
 
 def test_update_adds_then_deletes_removed_elements_in_one_batch():
@@ -153,39 +228,104 @@ def test_the_shape_of_a_batch_is_what_it_lists(guarded, exposed):
     assert set(shape[1]) == set(pn.SETS)
 
 
-class Recorder:
-    def __init__(self, missing=False):
-        self.calls = []
-        self.missing = missing
+def firewall(**kwargs):
+    nft = FakeNftables()
+    calls = []
 
-    def apply(self, ns, commands, what):
-        self.calls.append(("nft", ns, commands[0]))
-        if self.missing and "list" in commands[0]:
-            raise KernelError(f"{what}: No such file or directory")
-        return ""
+    def apply(ns, commands, what, terse=False):
+        calls.append((what, terse, [next(iter(c)) for c in commands]))
+        return nft(ns, commands, what, terse)
 
-    def switch(self, ns, on):
-        self.calls.append(("switch", ns, on))
-
-    def read(self, ns):
-        return (False, False)
+    return nft, pn.PolicyFirewall(apply, **kwargs), calls
 
 
-def test_table_before_switch_on_and_switch_off_before_table_goes():
-    rec = Recorder()
-    fw = pn.PolicyFirewall(rec.apply, rec.switch, rec.read)
+def writes(calls):
+    return [what for what, _terse, verbs in calls if set(verbs) != {"list"}]
+
+
+UDP4 = {"concat": ["10.0.0.2", "10.0.0.9", 40000, 53]}
+
+
+def test_a_table_in_place_is_changed_by_its_elements_and_the_udp_records_are_kept():
+    nft, fw, calls = firewall()
     fw.ensure_policy("vxnet-a", "deny", False, SAMPLE)
-    assert [c[0] for c in rec.calls] == ["nft", "switch"] and rec.calls[1] == ("switch", "vxnet-a", True)
-    rec.calls.clear()
-    fw.remove_policy("vxnet-a")
-    assert rec.calls[0] == ("switch", "vxnet-a", False) and rec.calls[1][0] == "nft"
-    rec.calls.clear()
-    fw.ensure_policy("vxnet-a", "open", False, SAMPLE)  # open: the same as remove
-    assert rec.calls[0] == ("switch", "vxnet-a", False)
+    assert writes(calls) == ["policy tables (deny) in vxnet-a"]  # both, in one transaction
+    nft.record(UDP4, "udp4")  # the packet path records a datagram
+    calls.clear()
+    fw.ensure_policy("vxnet-a", "deny", False, SAMPLE)  # a restart, a repair, a namespace made up again
+    assert writes(calls) == []  # the same: nothing written
+    # What is read: the chains (the records' table by its chains alone) and the policy table; never the records'
+    # table's sets or rules.
+    assert [(what, verbs) for what, _terse, verbs in calls] == [("read the chains in vxnet-a", ["list"]),
+                                                                ("read the policy table in vxnet-a", ["list"])]
+    assert fw.counters("vxnet-a") and calls[-1][1] is True  # the counters: listed terse
+    smaller = dataclasses.replace(SAMPLE, guarded=frozenset({"10.0.0.2"}), allow=frozenset())
+    calls.clear()
+    fw.ensure_policy("vxnet-a", "deny", False, smaller)
+    assert writes(calls) == ["policy elements in vxnet-a"]
+    sets = nft.sets("bridge", "vxnet_policy")
+    assert sets["guarded4"] == ['"10.0.0.2"'] and sets["guarded6"] == [] and sets["allow4"] == []
+    assert fw.policy_drift("vxnet-a", "deny", False, smaller) is None
+    # Another verdict (audit) is another policy table, replaced whole; the records' table is left alone.
+    fw.ensure_policy("vxnet-a", "deny", True, smaller)
+    assert fw.policy_drift("vxnet-a", "deny", True, smaller) is None
+    assert nft.sets("bridge", "vxnet_policy_udp")["udp4"] == [json.dumps(UDP4, sort_keys=True)]  # kept throughout
 
 
-def test_drift_on_an_open_network_and_a_missing_table():
-    fw = pn.PolicyFirewall(Recorder(missing=True).apply, lambda ns, on: None, lambda ns: (False, False))
+def test_a_lost_records_table_is_made_again_and_the_policy_table_left():
+    nft, fw, calls = firewall()
+    fw.ensure_policy("vxnet-a", "deny", False, SAMPLE)
+    nft("vxnet-a", [{"delete": {"table": {"family": "bridge", "name": "vxnet_policy_udp"}}}], "someone")
+    assert fw.policy_drift("vxnet-a", "deny", False, SAMPLE) == "UDP records table missing or made otherwise"
+    calls.clear()
+    fw.ensure_policy("vxnet-a", "deny", False, SAMPLE)
+    assert writes(calls) == ["policy elements in vxnet-a"]  # the records' table, and no element change
+    assert fw.policy_drift("vxnet-a", "deny", False, SAMPLE) is None
+
+
+def test_drift_names_what_differs_and_ignores_the_udp_records():
+    nft, fw, _ = firewall()
     assert fw.policy_drift("vxnet-a", "open", False, SAMPLE) is None
-    assert fw.policy_drift("vxnet-a", "deny", False, SAMPLE) == "bridge netfilter off; table missing"
+    assert fw.policy_drift("vxnet-a", "deny", False, SAMPLE) == \
+        "UDP records table missing or made otherwise; table missing"
     assert fw.counters("vxnet-a") == {}
+    fw.ensure_policy("vxnet-a", "exposed", False, SAMPLE)
+    nft.record(UDP4, "udp4")
+    assert fw.policy_drift("vxnet-a", "exposed", False, SAMPLE) is None
+    assert "exposed-v4" in fw.policy_drift("vxnet-a", "deny", False, SAMPLE)  # the rules differ
+    assert fw.policy_drift("vxnet-a", "exposed", False, dataclasses.replace(SAMPLE, guarded=frozenset())) == \
+        "set guarded4 has extra 10.0.0.2; set guarded6 has extra fd00::2"
+    assert fw.policy_drift("vxnet-a", "open", False, SAMPLE) == "policy table present on an open network"
+    assert pn.DROP in fw.counters("vxnet-a")
+    nft("vxnet-a", [{"delete": {"table": {"family": "bridge", "name": "vxnet_policy"}}}], "someone")
+    assert fw.policy_drift("vxnet-a", "open", False, SAMPLE) == "UDP records table present on an open network"
+
+
+def test_removal_takes_both_tables_and_a_leftover_of_the_br_netfilter_design():
+    nft, fw, _ = firewall()
+    nft("vxnet-a", [{"add": {"table": {"family": "inet", "name": "vxnet_policy"}}}], "an earlier vxnet's table")
+    fw.ensure_policy("vxnet-a", "deny", False, SAMPLE)
+    # Made: the inet one went in the same transaction.
+    assert set(nft.tables) == {("bridge", "vxnet_policy"), ("bridge", "vxnet_policy_udp")}
+    fw.remove_policy("vxnet-a")
+    fw.remove_policy("vxnet-a")  # a replay is no error
+    assert nft.tables == {}
+    fw.ensure_policy("vxnet-a", "deny", False, SAMPLE)
+    fw.ensure_policy("vxnet-a", "open", False, SAMPLE)  # open: the same as remove
+    assert nft.tables == {}
+
+
+def test_bad_input_reaches_neither_read_nor_write():
+    nft, fw, calls = firewall()
+    with pytest.raises(InvalidRequest, match="guarded: '10.0.0.300'"):
+        fw.ensure_policy("vxnet-a", "deny", False, Elements(guarded=frozenset({"10.0.0.300"})))
+    assert calls == [] and nft.tables == {}
+
+
+def test_a_list_answer_of_several_documents_is_read_whole():
+    """nft prints one JSON document per list command."""
+    one = {"nftables": [{"set": {"name": "guarded4", "elem": ["10.0.0.2"]}}]}
+    two = {"nftables": [{"set": {"name": "allow4", "elem": [{"concat": ["10.0.0.1", "10.0.0.2", 6, 80]}]}}]}
+    got = pn.listed_elements(json.dumps(one) + "\n" + json.dumps(two) + "\n")
+    assert {n: set(e) for n, e in got.items()} == {"guarded4": {"10.0.0.2"},
+                                                   "allow4": {"10.0.0.1 . 10.0.0.2 . tcp . 80"}}
