@@ -26,7 +26,7 @@ import secrets
 import socket
 import tempfile
 import threading
-from typing import ContextManager, Dict, List, Optional
+from typing import ContextManager, Dict, List, Optional, Set, Tuple
 
 from pyroute2 import IPRoute
 from pyroute2 import netns as pr_netns
@@ -405,15 +405,38 @@ class Links:
             if (address, prefixlen) not in have:
                 ipr.addr("add", index=idx, address=address, prefixlen=prefixlen)
 
+    # Bridge port flags (IFLA_BRPORT_*) and static FDB entries: netdriver/sandbox.py says which port gets which and
+    # why. NUD_NOARP is iproute2's `static` (forwarded to the port, never aged; NUD_PERMANENT would be `permanent`,
+    # a local address delivered to the bridge itself); NTF_MASTER puts the entry in the bridge's table, not the
+    # port's own.
+    _STATIC = 0x40
+    _NTF_MASTER = 0x04
+
+    def _port_flags(self, ns: str, idx: int, flood: bool) -> None:
+        """Learning off (every forwarding entry is static), unknown-unicast flooding as given; broadcast and
+        multicast are flooded to every port as before (ARP, neighbour discovery)."""
+        self._ipr(ns).brport("set", index=idx, learning=0, unicast_flood=1 if flood else 0)
+
     @_netlink_thread
     def ensure_veth(self, ns: str, bridge_end: str, container_end: str, master: str, mtu: int,
                     mac: Optional[str]) -> None:
         """A veth pair: `bridge_end` enslaved to `master` inside ns, `container_end` left in the host namespace
-        for dockerd to move into the container. Replays with the bridge end in place change nothing."""
+        for dockerd to move into the container. With mac (the container end's address), the bridge end is an
+        endpoint's port: learning and unknown-unicast flooding off, a static FDB entry mac -> the port on master,
+        and mac kept as the bridge end's alias, so the kernel alone says which endpoint MAC each port carries.
+        Replays with the bridge end in place change nothing. A bridge end name held by anything but a veth is
+        refused (KernelError) and left alone."""
         with kernel_errors(f"create veth {container_end} for {ns}"):
             ipr = self._ipr(ns)
             host = self._ipr(None)
-            if self._index(ns, bridge_end) is None:
+            idx = self._index(ns, bridge_end)
+            if idx is not None:
+                info = ipr.get_links(idx)[0].get_attr("IFLA_LINKINFO")
+                kind = info.get_attr("IFLA_INFO_KIND") if info else None
+                if kind != "veth":
+                    raise KernelError(f"create veth {container_end} for {ns}: {bridge_end} is already taken there "
+                                      f"by a {kind or 'device'} vxnet did not make")
+            else:
                 stale = self._index(None, container_end)
                 if stale is not None:
                     host.link("del", index=stale)
@@ -428,8 +451,83 @@ class Links:
                               peer={"ifname": bridge_end, "net_ns_fd": fd, "mtu": mtu}, **args)
                 finally:
                     os.close(fd)
-            ipr.link("set", index=self._index(ns, bridge_end), mtu=mtu, master=self._index(ns, master),
-                     state="up")
+                idx = self._index(ns, bridge_end)
+            settings = {"mtu": mtu, "master": self._index(ns, master), "state": "up"}
+            if mac:
+                settings["ifalias"] = mac
+            ipr.link("set", index=idx, **settings)
+            if mac:
+                self._port_flags(ns, idx, flood=False)
+                ipr.fdb("replace", ifindex=idx, lladdr=mac, state=self._STATIC, flags=self._NTF_MASTER)
+
+    @_netlink_thread
+    def ensure_trunk(self, ns: str, root_end: str, leaf_end: str, root: str, leaf: str, mtu: int) -> None:
+        """A veth pair inside ns joining bridge `root` (end root_end: unknown unicast not flooded into the leaf)
+        to bridge `leaf` (end leaf_end: unknown unicast flooded up to the root); learning off on both. Replays
+        change nothing; an end found alone (its peer deleted takes it along, so only a foreign device of that
+        name) is refused."""
+        with kernel_errors(f"create trunk {root_end} in {ns}"):
+            ipr = self._ipr(ns)
+            if self._index(ns, root_end) is None and self._index(ns, leaf_end) is None:
+                ipr.link("add", ifname=root_end, kind="veth", peer={"ifname": leaf_end, "mtu": mtu}, mtu=mtu)
+            for end, master, flood in ((root_end, root, False), (leaf_end, leaf, True)):
+                idx = self._index(ns, end)
+                if idx is None:
+                    raise KernelError(f"create trunk {root_end} in {ns}: {end} is missing while its peer exists")
+                ipr.link("set", index=idx, mtu=mtu, master=self._index(ns, master), state="up")
+                self._port_flags(ns, idx, flood)
+
+    @_netlink_thread
+    def set_port_flags(self, ns: str, port: str, flood: bool) -> None:
+        """Learning off and unknown-unicast flooding as given on one bridge port (the VXLAN device's)."""
+        with kernel_errors(f"set the bridge port flags of {port} in {ns}"):
+            self._port_flags(ns, self._index(ns, port), flood)
+
+    @_netlink_thread
+    def set_static_fdb(self, ns: str, port: str, mac: str) -> None:
+        """A static entry mac -> port in the table of the bridge port belongs to. Idempotent."""
+        with kernel_errors(f"add bridge FDB {mac} -> {port} in {ns}"):
+            self._ipr(ns).fdb("replace", ifindex=self._index(ns, port), lladdr=mac, state=self._STATIC,
+                              flags=self._NTF_MASTER)
+
+    @_netlink_thread
+    def del_static_fdb(self, ns: str, port: str, mac: str) -> None:
+        """Take the entry mac -> port out; nothing to do when it, the port or the namespace is gone."""
+        with kernel_errors(f"delete bridge FDB {mac} -> {port} in {ns}"):
+            idx = self._device(ns, port)
+            if idx is not None:
+                self._ignore_missing(lambda: self._ipr(ns).fdb("del", ifindex=idx, lladdr=mac,
+                                                                flags=self._NTF_MASTER))
+
+    @_netlink_thread
+    def ports(self, ns: str) -> Dict[str, Tuple[Optional[str], Optional[str], Optional[str]]]:
+        """Every link of ns from one dump: name -> (kind, master's name or None, alias or None)."""
+        with kernel_errors(f"list links in {ns}"):
+            links = self._ipr(ns).get_links()
+            by_index = {link["index"]: link.get_attr("IFLA_IFNAME") for link in links}
+            out = {}
+            for link in links:
+                info = link.get_attr("IFLA_LINKINFO")
+                out[link.get_attr("IFLA_IFNAME")] = (info.get_attr("IFLA_INFO_KIND") if info else None,
+                                                     by_index.get(link.get_attr("IFLA_MASTER")),
+                                                     link.get_attr("IFLA_IFALIAS"))
+            return out
+
+    @_netlink_thread
+    def static_fdb(self, ns: str) -> Set[Tuple[str, str]]:
+        """The static entries of every bridge of ns, from one dump: (port name, mac). Not the VXLAN device's own
+        table (Links.fdb), nor the entries the kernel makes for the ports' own addresses."""
+        out = set()
+        with kernel_errors(f"read the bridge FDB of {ns}"):
+            if not self.netns_exists(ns):
+                return out
+            ipr = self._ipr(ns)
+            names_of = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+            for entry in ipr.get_neighbours(family=self._AF_BRIDGE):
+                # A bridge's own entries carry NDA_MASTER (the bridge), not the NTF_MASTER flag, in a dump.
+                if entry.get_attr("NDA_MASTER") and entry["state"] == self._STATIC:
+                    out.add((names_of.get(entry["ifindex"], ""), entry.get_attr("NDA_LLADDR")))
+        return out
 
     # -- host facts --------------------------------------------------------------------------------------------
     @_netlink_thread

@@ -73,6 +73,57 @@ NETNS_PREFIX = "vxnet-"
 # Inside a network's own namespace the names need not be unique across networks.
 BRIDGE = "br0"
 VXLAN = "vxlan0"
+
+# The forwarding fabric of a network namespace (netdriver/sandbox.py says how frames cross it): the root bridge
+# BRIDGE (bridge 0) holds the VXLAN device, the first endpoints and one trunk port per leaf; leaf k (br<k>, k >= 1)
+# holds its trunk's other end and further endpoints. A Linux bridge takes at most BR_MAX_PORTS = 1024 ports
+# (net/bridge/br_private.h: port numbers are 10 bits, and 0 is reserved), so 1023 of them: the 1023rd veth on one
+# bridge beside the VXLAN device was refused with EXFULL ("Exchange full").
+BR_MAX_PORTS = 1024
+BRIDGE_PORTS = BR_MAX_PORTS - 1
+# Endpoints per bridge, the same on the root and on every leaf: a round figure under what a bridge takes, so the
+# root keeps room for the VXLAN device and every trunk (1 + MAX_LEAVES + 1000 <= 1023) and a leaf for its trunk.
+ENDPOINTS_PER_BRIDGE = 1000
+MAX_LEAVES = BRIDGE_PORTS - 1 - ENDPOINTS_PER_BRIDGE  # 22: the root's ports left for trunks
+# The most endpoints one network can hold on one host, whatever the setting (plugin/config.py VXNET_MAX_ENDPOINTS).
+MAX_BRIDGED_ENDPOINTS = ENDPOINTS_PER_BRIDGE * (1 + MAX_LEAVES)
+# Trunk ends: vxtr<k> on the root, vxtl<k> on leaf k. The prefix tells a trunk hop from an endpoint's port (vxp...)
+# and the VXLAN device in any rule judging by interface name (`iifname`/`oifname "vxt*"`).
+TRUNK_PREFIX = "vxt"
+_LEAF_BRIDGE = re.compile(r"br([1-9][0-9]?)")
+
+
+def _leaf_index(k: int) -> int:
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_LEAVES:
+        raise ValueError(f"leaf {k!r}: leaves are numbered 1..{MAX_LEAVES}")
+    return k
+
+
+def bridge(k: int) -> str:
+    """Bridge k of a network namespace: 0 is the root (BRIDGE), 1..MAX_LEAVES the leaves (br<k>)."""
+    return BRIDGE if k == 0 else f"br{_leaf_index(k)}"
+
+
+def bridge_index(name: str) -> int:
+    """bridge()'s inverse: 0 for the root, k for leaf k, -1 for any other name."""
+    if name == BRIDGE:
+        return 0
+    found = _LEAF_BRIDGE.fullmatch(name)
+    return int(found.group(1)) if found and int(found.group(1)) <= MAX_LEAVES else -1
+
+
+def trunk_root(k: int) -> str:
+    """The root bridge's end of leaf k's trunk."""
+    return f"{TRUNK_PREFIX}r{_leaf_index(k)}"
+
+
+def trunk_leaf(k: int) -> str:
+    """Leaf k's end of its trunk to the root bridge."""
+    return f"{TRUNK_PREFIX}l{_leaf_index(k)}"
+
+
+def is_trunk(name: str) -> bool:
+    return name.startswith(TRUNK_PREFIX)
 # Docker's sandbox code renames our container-side veth to DstPrefix + index (eth0, eth1, ...).
 CONTAINER_PREFIX = "eth"
 

@@ -3,7 +3,8 @@ differences, one line each. Pure: the desired side comes from records (etcd), th
 reader of the kernel (cli/status.py); nothing here does I/O.
 
 A difference names the network (12-character ID, or "host" for the host namespace), the kind of kernel object
-(namespace, bridge, vxlan, fdb, neighbour, anti-spoofing, isolation, sa), the object (a MAC, an address, a set
+(namespace, bridge, vxlan, fabric: leaves, trunks and their static entries, fdb, neighbour,
+anti-spoofing, isolation, sa), the object (a MAC, an address, a set
 element, a VTEP pair) and what is wanted and what is there (None: absent).
 """
 
@@ -47,6 +48,9 @@ class NetworkKernel:
     neigh: Dict[str, str] = dataclasses.field(default_factory=dict)
     guard: Set[Tuple[str, str]] = dataclasses.field(default_factory=set)
     wired: Set[str] = dataclasses.field(default_factory=set)  # endpoint IDs whose bridge-side veth is here
+    # What the leaves, trunks and static bridge entries lack (netdriver/sandbox.py fabric_differences):
+    # (object, wanted, what is there or None).
+    fabric: List[Tuple[str, str, Optional[str]]] = dataclasses.field(default_factory=list)
 
 
 def guard_elements(endpoints: Sequence[Guarded], ipv6: bool = False) -> Set[Tuple[str, str]]:
@@ -91,6 +95,7 @@ def network_differences(network: Network, host_id: str, endpoints: Iterable[Endp
             out.append(Difference(nid, "vxlan", "vni", str(network.vni), str(kernel.vxlan.get("vni"))))
         if not kernel.vxlan.get("up"):
             out.append(Difference(nid, "vxlan", "state", "up", "down"))
+    out += [Difference(nid, "fabric", obj, want, have) for obj, want, have in kernel.fabric]
     fdb, neigh = desired_peers(host_id, peers, segment_of(network.id, network.overlay))
     out += _entries(nid, "fdb", fdb, kernel.fdb)
     out += _entries(nid, "neighbour", neigh, kernel.neigh)

@@ -17,10 +17,11 @@ from kernel import mtu as mtu_of
 from kernel import names
 from netdriver import contracts, options
 from netdriver.models import Endpoint, Network, PeerRecord, Subnet, merge_exposed
+from netdriver.placement import limit_message
 from netdriver.store import NetworkStore, segment_of
 from store.schema import SWARM_HOLDER
 from wire import protocol as p
-from wire.errors import Conflict, InvalidOption, InvalidRequest, KernelError
+from wire.errors import Conflict, Exhausted, InvalidOption, InvalidRequest, KernelError
 
 log = logging.getLogger(__name__)
 
@@ -151,13 +152,17 @@ class NetworkDriver:
     def __init__(self, store: NetworkStore, dataplane: contracts.DataPlane, host_id: str, scope: str,
                  underlay: contracts.Underlay, peers: Optional[contracts.NamespaceEvents] = None,
                  lease_id: Callable[[], int] = lambda: 0, on_vtep_change: Callable[[], None] = lambda: None,
-                 encryption: Optional[contracts.Encryption] = None, policy: Optional[contracts.PolicyEvents] = None):
+                 encryption: Optional[contracts.Encryption] = None, policy: Optional[contracts.PolicyEvents] = None,
+                 max_endpoints: int = names.MAX_BRIDGED_ENDPOINTS):
         """underlay: this host's VTEP (address, mtu, discovered());
         peers: told when a network's namespace comes and goes (None: single host, no peers);
         lease_id: the host lease that this host's peer records live under;
         on_vtep_change: called after Swarm's DiscoverNew moved the VTEP (re-register the host);
         encryption: the ESP manager (None: no cluster secret, `-o encrypted` refused);
-        policy: given this host's record at each Join before dockerd gets the interface (the policy engine)."""
+        policy: given this host's record at each Join before dockerd gets the interface (the policy engine);
+        max_endpoints: how many endpoints one network may have on this host (VXNET_MAX_ENDPOINTS), refused past it
+        at CreateEndpoint and Join in vxnet's words (netdriver/placement.py limit_message)."""
+        self.max_endpoints = max_endpoints
         self.policy = policy
         self.store = store
         self.encryption = encryption
@@ -201,6 +206,11 @@ class NetworkDriver:
         self._exposed: Dict[str, List[str]] = {}
         self._joined_at: Dict[str, float] = {}
         self._identity_lock = threading.Lock()
+        # This host's endpoint records per network (network id -> endpoint ids), for the limit: read from etcd at
+        # a network's first CreateEndpoint in this process, then kept by CreateEndpoint and DeleteEndpoint, so the
+        # check costs no round trip. A create reserves its place before its record is written.
+        self._here: Dict[str, Set[str]] = {}
+        self._here_lock = threading.Lock()
 
     def local_endpoints(self) -> Dict[str, int]:
         """network id -> this host's endpoints on it, for each network whose namespace this process has made."""
@@ -346,9 +356,36 @@ class NetworkDriver:
             raise InvalidRequest(f"Interface.Address: {iface.ip} is outside the network's subnets")
         ip6 = _address6(network, req.interface.address_ipv6)
         mac = _unicast_mac(req.interface.mac_address) if req.interface.mac_address else mac_for(str(iface.ip))
-        self.store.put_endpoint(Endpoint(network_id=network.id, id=req.endpoint_id, ip=str(iface), mac=mac,
-                                         host=self.host_id, ip6=ip6, exposed=[str(x) for x in req.exposed]))
+        reserved = self._reserve(network, req.endpoint_id)
+        try:
+            self.store.put_endpoint(Endpoint(network_id=network.id, id=req.endpoint_id, ip=str(iface), mac=mac,
+                                             host=self.host_id, ip6=ip6, exposed=[str(x) for x in req.exposed]))
+        except BaseException:
+            if reserved:
+                self._release(network.id, req.endpoint_id)
+            raise
         return {} if req.interface.mac_address else {"Interface": {"MacAddress": mac}}
+
+    def _reserve(self, network: Network, endpoint_id: str) -> bool:
+        """A place for this endpoint among the network's on this host (True: newly taken, False: it had one), or
+        Exhausted naming the limit. Nothing is written or made before it."""
+        with self._here_lock:
+            here = self._here.get(network.id)
+        if here is None:
+            found = {e.id for e in self.store.list_endpoints(network.id) if e.host == self.host_id}
+            with self._here_lock:
+                here = self._here.setdefault(network.id, found)
+        with self._here_lock:
+            if endpoint_id in here:
+                return False
+            if len(here) >= self.max_endpoints:
+                raise Exhausted(limit_message(network.id, self.max_endpoints))
+            here.add(endpoint_id)
+            return True
+
+    def _release(self, network_id: str, endpoint_id: str) -> None:
+        with self._here_lock:
+            self._here.get(network_id, set()).discard(endpoint_id)
 
     def endpoint_oper_info(self, req: p.EndpointRequest) -> dict:
         """`{"NetworkID","EndpointID"}` -> `{"Value":{...}}`: shown by `docker inspect` under the endpoint."""
@@ -390,6 +427,7 @@ class NetworkDriver:
         else:
             self._guard(network)  # no record to name its elements, or a table this process has not made
         self.store.delete_endpoint(network.id, req.endpoint_id, segment_of(network.id, network.overlay))
+        self._release(network.id, req.endpoint_id)
         self._forget_identity(req.endpoint_id)
         return {}
 
@@ -405,16 +443,27 @@ class NetworkDriver:
         if endpoint is None:
             raise Conflict(f"EndpointID: endpoint {req.endpoint_id[:12]} was never created on network "
                            f"{network.id[:12]}")
+        with self._joined_lock:
+            joined = self._joined.get(network.id, set())
+            if endpoint.id not in joined and len(joined) >= self.max_endpoints:
+                raise Exhausted(limit_message(network.id, self.max_endpoints))
         ready = network.id in self._ready
         with self._changing(network.id):
             try:
                 ifname = self._wire(network, endpoint, whole=not ready)
             except KernelError as exc:
-                self._ready.pop(network.id, None)
                 if not ready:
+                    self._ready.pop(network.id, None)
                     raise
-                # The namespace or its table changed behind our back (removed by hand, say): rebuild them, once.
-                log.warning("network nid=%s rebuilt for Join eid=%s: %s", network.id[:12], endpoint.id[:12], exc)
+                # _wire took back what it made for this endpoint. The others are untouched and keep working, so
+                # nothing is rebuilt under them unless the namespace itself is broken (removed by hand, say: the
+                # bridge, the VXLAN device or a trunk gone), where they are not working anyway.
+                problems = self.dataplane.network_problems(network)
+                if not problems:
+                    raise
+                self._ready.pop(network.id, None)
+                log.warning("network nid=%s rebuilt for Join eid=%s (%s): %s", network.id[:12], endpoint.id[:12],
+                            "; ".join(problems), exc)
                 ifname = self._wire(network, endpoint, whole=True)
         with self._identity_lock:
             self._joined_at.setdefault(endpoint.id, time.monotonic())
@@ -431,7 +480,19 @@ class NetworkDriver:
             undo.push(lambda: self.dataplane.remove_endpoint(network.id, endpoint.id))
             ifname = self.dataplane.ensure_endpoint(network, endpoint)
             with self._guard_lock:  # before dockerd gets the interface: no window without anti-spoofing
-                self.dataplane.guard_endpoint(network, endpoint)
+                try:
+                    self.dataplane.guard_endpoint(network, endpoint)
+                except KernelError as exc:
+                    # The table is gone or not the one we made (someone else's change): replaced whole, in one
+                    # atomic batch holding every wired endpoint's elements (this one's too: its veth is wired),
+                    # so no other endpoint is unguarded or disturbed meanwhile.
+                    log.warning("anti-spoofing of nid=%s rebuilt whole for Join eid=%s: %s", network.id[:12],
+                                endpoint.id[:12], exc)
+                    mine, wired = self._endpoints_here(network)
+                    guarded = [e for e in mine if e.id in wired]
+                    self.dataplane.guard_endpoints(network, guarded)
+                    with self._joined_lock:
+                        self._joined[network.id] = {e.id for e in guarded}
                 with self._joined_lock:
                     self._joined.setdefault(network.id, set()).add(endpoint.id)
             undo.push(lambda: self._unwire(network, endpoint))
@@ -516,6 +577,9 @@ class NetworkDriver:
             with self._joined_lock:
                 for known in [n for n in self._joined if n[:12] == network_id[:12]]:
                     self._joined.pop(known, None)
+            with self._here_lock:
+                for known in [n for n in self._here if n[:12] == network_id[:12]]:
+                    self._here.pop(known, None)
             self.dataplane.remove_network(network_id, vni)
 
     def _guard(self, network: Network) -> None:

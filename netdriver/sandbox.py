@@ -1,11 +1,33 @@
-"""The per-network data plane: one namespace per network holding a bridge and a VXLAN device, and one veth
+"""The per-network data plane: one namespace per network holding its bridges and a VXLAN device, and one veth
 pair per endpoint. Kernel objects only: what should exist is decided by the driver and the stores.
 
 Implements netdriver.contracts.DataPlane, whose docstring lists what each method promises.
+
+The forwarding fabric. A Linux bridge takes 1023 ports (kernel/names.py BR_MAX_PORTS), so a network holds its
+endpoints on several bridges: the root (br0) with the VXLAN device, the first ENDPOINTS_PER_BRIDGE endpoints and
+a trunk port per leaf; leaves br1, br2, ... each with the other end of its trunk (a veth pair) and up to
+ENDPOINTS_PER_BRIDGE endpoints. An endpoint goes to the lowest bridge with room (netdriver/placement.py), a leaf
+is made when the one below is full and goes when its last endpoint does; a network of up to 1000 endpoints is one
+bridge, as before, with no trunk hop. Nothing is learnt and nothing is flooded where it cannot belong:
+- learning off on every port: the forwarding entries are static, one on the endpoint's own bridge (mac -> its
+  port) and, for an endpoint on a leaf, one on the root (mac -> that leaf's trunk). A Join or a removal costs
+  those one or two entries whatever the number of endpoints; no leaf hears of another leaf's endpoints, and a
+  frame with a forged source MAC (dropped by anti-spoofing at the forward hook, after the bridge would have learnt
+  it) can no longer move another endpoint's entry.
+- unknown unicast is flooded only towards the VXLAN device: up a leaf's trunk (its flood flag on), and on the root
+  to the VXLAN device alone (flood off on the endpoints' ports and the root's trunk ends). The VXLAN device's own
+  table (remote MAC -> VTEP, static from etcd) takes it from there, as before. So an unknown destination costs one
+  copy, not one per endpoint on the bridge.
+- broadcast and multicast (ARP, neighbour discovery) are flooded to every port of every bridge as before: the
+  VXLAN device's proxy answers for the remote addresses, a local endpoint on any bridge answers for its own.
+- anti-spoofing (the `bridge vxnet` table, keyed by the input port) judges a frame where it enters the fabric
+  from an endpoint's port; a trunk hop enters from a vxt* port, in no set, and passes. A rule that must judge a
+  packet once (the policy table) matches the hop that delivers it: `oifname != "vxt*"` (names.TRUNK_PREFIX).
 """
 
 import errno
 import logging
+import threading
 from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 from kernel import names
@@ -15,6 +37,7 @@ from netdriver.drift import NetworkKernel
 from netdriver.isolation import ANTI_SPOOFING_SETS, Guarded, list_table_command, listed_sets
 from netdriver.models import Endpoint, Network
 from netdriver.peerdb import Entries
+from netdriver.placement import Placement
 from wire.errors import Conflict, KernelError
 
 log = logging.getLogger(__name__)
@@ -31,15 +54,76 @@ def _subnets(networks: List[Network]) -> List[str]:
     return [s.pool for n in networks for s in n.subnets + n.subnets6]
 
 
+Ports = Dict[str, Tuple[Optional[str], Optional[str], Optional[str]]]  # Links.ports: name -> (kind, master, alias)
+
+
+def wired_ports(ports: Ports) -> List[Tuple[str, int, Optional[str]]]:
+    """(port, bridge index or -1 when on none of ours, endpoint MAC from its alias) of every endpoint port."""
+    out = []
+    for name, (_, master, alias) in ports.items():
+        if names.bridge_port_endpoint(name):
+            out.append((name, names.bridge_index(master) if master else -1, alias))
+    return sorted(out)
+
+
+def fabric_differences(ports: Ports, static: Set[Tuple[str, str]]) -> List[Tuple[str, str, Optional[str]]]:
+    """What the bridges, trunks and static entries of a namespace lack against the endpoint ports it holds:
+    (object, wanted, what is there or None). Pure: the ports and static entries come from Links.ports and
+    Links.static_fdb."""
+    out: List[Tuple[str, str, Optional[str]]] = []
+    used = set()
+    for port, k, mac in wired_ports(ports):
+        if k < 0:
+            out.append((f"port {port}", "on a bridge", ports[port][1]))
+            continue
+        used.add(k)
+        if mac and (port, mac) not in static:
+            out.append((f"fdb {mac} on {port}", "static", None))
+        if k and mac and (names.trunk_root(k), mac) not in static:
+            out.append((f"fdb {mac} on {names.trunk_root(k)}", "static", None))
+    for k in sorted(used - {0}):
+        bridge = names.bridge(k)
+        if ports.get(bridge, (None,))[0] != "bridge":
+            out.append((f"bridge {bridge}", "present", None))
+        for end, master in ((names.trunk_root(k), names.BRIDGE), (names.trunk_leaf(k), bridge)):
+            have = ports.get(end)
+            if have is None:
+                out.append((f"trunk {end}", f"on {master}", None))
+            elif have[1] != master:
+                out.append((f"trunk {end}", f"on {master}", f"on {have[1]}"))
+    return out
+
+
+class _Fabric:
+    """One namespace's placement as this process holds it (loaded from the kernel by ensure_network)."""
+
+    def __init__(self, placement: Placement):
+        self.placement = placement
+        self.macs: Dict[str, str] = {}  # port -> endpoint MAC, for the root's entry of an endpoint on a leaf
+        self.leaves: Set[int] = set()  # leaves made whole (bridge and trunk) by this process
+
+
 class DataPlane:
     def __init__(self, links: Links, underlay: Underlay, firewall: Optional[Firewall] = None,
-                 vxlan_port: int = names.VXLAN_PORT):
+                 vxlan_port: int = names.VXLAN_PORT, max_endpoints: int = names.MAX_BRIDGED_ENDPOINTS):
         """underlay: `.require()` -> the VTEP address VXLAN devices send from;
-        firewall: the anti-spoofing and isolation rules (None: none)."""
+        firewall: the anti-spoofing and isolation rules (None: none);
+        max_endpoints: how many endpoints one network holds on this host (plugin/config.py VXNET_MAX_ENDPOINTS)."""
         self.links = links
         self.underlay = underlay
         self.firewall = firewall
         self.vxlan_port = vxlan_port
+        self.max_endpoints = max_endpoints
+        self._fabrics: Dict[str, _Fabric] = {}  # namespace -> its placement, once loaded
+        # namespace -> the lock its placements, removals and (re)loads take, kept across reloads so that a Join
+        # placing on the old placement finishes before a rebuild reads the kernel: Joins of one network are
+        # placed one at a time, other networks' meanwhile. Reentrant: a placement may load the fabric first.
+        self._locks: Dict[str, threading.RLock] = {}
+        self._fabrics_lock = threading.Lock()  # guards the two dicts only
+
+    def _lock(self, ns: str) -> "threading.RLock":
+        with self._fabrics_lock:
+            return self._locks.setdefault(ns, threading.RLock())
 
     def ensure_network(self, network: Network) -> None:
         ns = names.netns(network.id)
@@ -60,13 +144,83 @@ class DataPlane:
                     raise
                 raise Conflict(f"option vni: VNI {network.vni} is already used by another VXLAN device on this "
                                f"host (UDP port {port}); choose another with -o vni=N") from exc
+            # Unknown unicast leaves the root through the VXLAN device alone (module docstring).
+            self.links.set_port_flags(ns, names.VXLAN, flood=True)
+            self._load_fabric(network)
         except BaseException:
             if fresh:  # no half-built namespace: what this call started, it takes back
                 self.remove_network(network.id, network.vni)
             raise
 
+    def _load_fabric(self, network: Network) -> None:
+        """Read the namespace's ports (one dump) and static entries (one dump) and make the fabric whole: a leaf
+        bridge or trunk someone removed is made again, its endpoints' entries put back, a port left on no bridge
+        (its leaf deleted) placed again, a leaf with no endpoint left removed, stale root entries deleted.
+        O(endpoints), at CreateNetwork, start-up and a rebuild only; afterwards each Join places in O(1)."""
+        ns = names.netns(network.id)
+        with self._lock(ns):
+            ports = self.links.ports(ns)
+            wired = wired_ports(ports)
+            placement = Placement.of(self.max_endpoints, [(p, k) for p, k, _ in wired if k >= 0])
+            fabric = _Fabric(placement)
+            fabric.macs = {p: mac for p, _, mac in wired if mac}
+            with self._fabrics_lock:
+                self._fabrics[ns] = fabric
+            for port, k, mac in wired:
+                if k < 0 and mac and placement.room() is not None:  # its bridge went, the veth stayed: placed
+                    placement.place(port, network.id)            # again, wired below (else drift reports it)
+            static = self.links.static_fdb(ns)
+            for k in placement.used():
+                self._ensure_leaf(ns, network, fabric, k)
+            for name, (kind, _, _) in ports.items():
+                k = names.bridge_index(name)
+                if k > 0 and kind == "bridge" and not placement.count(k):
+                    self._remove_leaf(ns, k)
+            for port, k, mac in wired:
+                k = placement.bridge_of(port)
+                if mac is None or k is None:
+                    continue
+                if ports[port][1] != names.bridge(k) or (port, mac) not in static:
+                    self.links.ensure_veth(ns, port, names.veth_container(names.bridge_port_endpoint(port)),
+                                           names.bridge(k), network.mtu, mac)
+                if k and (names.trunk_root(k), mac) not in static:
+                    self.links.set_static_fdb(ns, names.trunk_root(k), mac)
+            leaf_macs = {(names.trunk_root(placement.bridge_of(p)), m) for p, m in fabric.macs.items()
+                         if placement.bridge_of(p)}
+            root_ends = {names.trunk_root(k) for k in range(1, names.MAX_LEAVES + 1)}
+            for port, mac in static:
+                if port in root_ends and (port, mac) not in leaf_macs:
+                    self.links.del_static_fdb(ns, port, mac)
+
+    def _fabric(self, network: Network) -> _Fabric:
+        """The namespace's fabric, loaded first if this process has none; call with its lock held."""
+        ns = names.netns(network.id)
+        with self._fabrics_lock:
+            fabric = self._fabrics.get(ns)
+        if fabric is None:
+            self._load_fabric(network)
+            with self._fabrics_lock:
+                fabric = self._fabrics[ns]
+        return fabric
+
+    def _ensure_leaf(self, ns: str, network: Network, fabric: _Fabric, k: int) -> None:
+        """Leaf k's bridge and trunk (nothing for the root); once per process and leaf unless a rebuild asks."""
+        if k == 0 or k in fabric.leaves:
+            return
+        self.links.ensure_bridge(ns, names.bridge(k), network.mtu)
+        self.links.ensure_trunk(ns, names.trunk_root(k), names.trunk_leaf(k), names.BRIDGE, names.bridge(k),
+                                network.mtu)
+        fabric.leaves.add(k)
+
+    def _remove_leaf(self, ns: str, k: int) -> None:
+        """Leaf k's trunk (the root's entries on it go with its port) and bridge."""
+        self.links.remove_link(ns, names.trunk_root(k))
+        self.links.remove_link(ns, names.bridge(k))
+
     def remove_network(self, network_id: str, vni: Optional[int] = None) -> None:
         ns = names.netns(network_id)
+        with self._fabrics_lock:
+            self._fabrics.pop(ns, None)
         if self.links.netns_exists(ns):
             # The kernel dismantles a dropped namespace later, in a work queue; until then its VXLAN device still
             # holds the VNI on the shared UDP socket and a new network given the same VNI fails with EEXIST.
@@ -79,16 +233,53 @@ class DataPlane:
             self.links.remove_link(None, names.vxlan_staging(vni))
 
     def ensure_endpoint(self, network: Network, endpoint: Endpoint) -> str:
+        """The endpoint's veth on the lowest bridge with room (its own on a replay), its static entries, and, when
+        it opens a leaf, the leaf's bridge and trunk. Exhausted past max_endpoints, before the kernel is touched.
+        A kernel error takes back what this call made for the endpoint (veth, entries, its place) and leaves every
+        other endpoint as it was; a leaf it opened goes again."""
         ns = names.netns(network.id)
-        container_end = names.veth_container(endpoint.id)
-        self.links.ensure_veth(ns, names.veth_bridge(endpoint.id), container_end, names.BRIDGE, network.mtu,
-                               endpoint.mac)
+        port, container_end = names.veth_bridge(endpoint.id), names.veth_container(endpoint.id)
+        with self._lock(ns):
+            fabric = self._fabric(network)
+            placed = fabric.placement.bridge_of(port) is not None
+            k = fabric.placement.place(port, network.id)
+            try:
+                self._ensure_leaf(ns, network, fabric, k)
+                self.links.ensure_veth(ns, port, container_end, names.bridge(k), network.mtu, endpoint.mac)
+                if k:
+                    self.links.set_static_fdb(ns, names.trunk_root(k), endpoint.mac)
+            except BaseException:
+                if not placed:
+                    self._unplace(ns, fabric, port, endpoint.mac)
+                raise
+            fabric.macs[port] = endpoint.mac
         return container_end
 
+    def _unplace(self, ns: str, fabric: _Fabric, port: str, mac: Optional[str]) -> None:
+        """Take a port out: its veth (either end deleted deletes the pair, and its own entry with its port), the
+        root's entry for it, its place; a leaf left empty goes too."""
+        self.links.remove_link(ns, port)
+        self.links.remove_link(None, names.veth_container(names.bridge_port_endpoint(port)))
+        k = fabric.placement.free(port)
+        fabric.macs.pop(port, None)
+        if k:
+            if mac:
+                self.links.del_static_fdb(ns, names.trunk_root(k), mac)
+            if not fabric.placement.count(k):
+                self._remove_leaf(ns, k)
+                fabric.leaves.discard(k)
+
     def remove_endpoint(self, network_id: str, endpoint_id: str) -> None:
-        # Deleting either end deletes the pair; the container end may already sit in a container namespace.
-        self.links.remove_link(names.netns(network_id), names.veth_bridge(endpoint_id))
-        self.links.remove_link(None, names.veth_container(endpoint_id))
+        ns = names.netns(network_id)
+        port = names.veth_bridge(endpoint_id)
+        with self._lock(ns):
+            with self._fabrics_lock:
+                fabric = self._fabrics.get(ns)
+            if fabric is None:  # not loaded by this process: nothing placed to forget, the veth goes all the same
+                self.links.remove_link(ns, port)
+                self.links.remove_link(None, names.veth_container(endpoint_id))
+                return
+            self._unplace(ns, fabric, port, fabric.macs.get(port))
 
     def sweep_host_links(self, endpoint_ids: Callable[[], Iterable[str]]) -> Tuple[List[str], List[str]]:
         """Delete leftovers of ours in the host namespace: VXLAN devices still under their staging name (a create
@@ -182,6 +373,31 @@ class DataPlane:
                                      ("port", vxlan.get("port", port), port)):
                 if have != want:
                     problems.append(f"VXLAN device {names.VXLAN} {what} {have} instead of {want}")
+        problems += self._leaf_problems(network)
+        return problems
+
+    def _leaf_problems(self, network: Network) -> List[str]:
+        """The leaves this process placed endpoints on, each without its bridge or a trunk end on the right bridge:
+        three lookups per leaf, whatever the number of endpoints (the reconciler asks on every pass)."""
+        with self._fabrics_lock:
+            fabric = self._fabrics.get(names.netns(network.id))
+        if fabric is None:
+            return []
+        ns = names.netns(network.id)
+        problems = []
+        for k in fabric.placement.used():
+            if not k:
+                continue
+            bridge = self.links.link_info(ns, names.bridge(k))
+            if bridge is None or bridge["kind"] != "bridge":
+                problems.append(f"leaf bridge {names.bridge(k)} missing")
+                continue
+            for end, master in ((names.trunk_root(k), names.BRIDGE), (names.trunk_leaf(k), names.bridge(k))):
+                info = self.links.link_info(ns, end)
+                if info is None:
+                    problems.append(f"trunk {end} missing")
+                elif info["master"] != master:
+                    problems.append(f"trunk {end} on {info['master']} instead of {master}")
         return problems
 
     def guard_endpoints(self, network: Network, endpoints: List[Endpoint]) -> None:
@@ -232,10 +448,11 @@ class DataPlane:
         ns = names.netns(network.id)
         if not self.links.netns_exists(ns):
             return NetworkKernel(namespace=False)
-        have = set(self.links.list_links(ns))
-        state = NetworkKernel(namespace=True, bridge=names.BRIDGE in have,
+        ports = self.links.ports(ns)
+        state = NetworkKernel(namespace=True, bridge=names.BRIDGE in ports,
                               vxlan=self.links.link_info(ns, names.VXLAN),
-                              wired={e for e in endpoint_ids if names.veth_bridge(e) in have})
+                              wired={e for e in endpoint_ids if names.veth_bridge(e) in ports},
+                              fabric=fabric_differences(ports, self.links.static_fdb(ns)))
         if state.vxlan is not None:
             state.fdb, state.neigh = self.peers(network.id)
         try:

@@ -11,6 +11,7 @@ import socket
 from typing import Mapping, Optional, Tuple
 from urllib.parse import urlsplit
 
+from kernel import names
 from plugin.identity import HOST_ID_RULE, valid_host_id
 from store import schema
 from wire.errors import ConfigError
@@ -58,6 +59,11 @@ class Settings:
     # as a host process sees it (the managed plugin's config.json sets the path it mounts, /host/run/docker.sock).
     # "off": no identities (rules by service, label or container then never apply: fail closed).
     docker_host: Optional[str] = "unix:///run/docker.sock"
+    # VXNET_MAX_ENDPOINTS: endpoints one network may have on this host (netdriver/placement.py); past it
+    # CreateEndpoint and Join are refused in vxnet's words. 4000 by default: four bridges of 1000
+    # (kernel/names.py says why a bridge holds 1000), what tests/kernel/test_scale.py and the benchmark attach.
+    # At most names.MAX_BRIDGED_ENDPOINTS (23 bridges); a smaller value lets a test reach the limit quickly.
+    max_endpoints: int = 4000
 
     @property
     def embedded(self) -> bool:
@@ -183,6 +189,10 @@ def load(environ: Mapping[str, str]) -> Settings:
     if not reconcile.isdigit() or int(reconcile) > 86400:
         raise ConfigError(f"VXNET_RECONCILE_SECONDS: {reconcile!r} must be a whole number of seconds from 0 (no "
                           "self-healing) to 86400")
+    max_endpoints = get("VXNET_MAX_ENDPOINTS", str(Settings.max_endpoints))
+    if not max_endpoints.isdigit() or not 1 <= int(max_endpoints) <= names.MAX_BRIDGED_ENDPOINTS:
+        raise ConfigError(f"VXNET_MAX_ENDPOINTS: {max_endpoints!r} must be a whole number from 1 to "
+                          f"{names.MAX_BRIDGED_ENDPOINTS} (endpoints per network on this host)")
     docker_field = next((name for name in ("VXNET_DOCKER_HOST", "DOCKER_HOST") if get(name)), "")
     docker_host = (parse_docker_host(docker_field, get(docker_field)) if docker_field else Settings.docker_host)
     return Settings(
@@ -204,6 +214,7 @@ def load(environ: Mapping[str, str]) -> Settings:
         encryption_secret_file=secret_file,
         key_rotation_seconds=int(rotation),
         reconcile_seconds=int(reconcile),
+        max_endpoints=int(max_endpoints),
         **tls,
     )
 

@@ -194,7 +194,7 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
         except libnftables.NftablesError as exc:
             raise ConfigError(f"nftables: {exc}") from None
         isolation = Firewall(links.nft)
-        dataplane = DataPlane(links, underlay, isolation)
+        dataplane = DataPlane(links, underlay, isolation, max_endpoints=settings.max_endpoints)
         # VXNET_SCOPE=auto becomes local or global here, once: dockerd reads the capabilities only at enable.
         choice = scope.choose(settings.scope, settings.swarm_state_dir)
         monitor = scope.ScopeMonitor(choice, settings.swarm_state_dir)
@@ -236,7 +236,7 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
         tap = NamespaceTap(sync)  # PeerSync, and the event listener told which namespaces to watch
         net = NetworkDriver(store, dataplane, me.id, choice.scope, underlay,
                             peers=tap, lease_id=lambda: lease.id, on_vtep_change=vtep_changed,
-                            encryption=encryption, policy=policy)
+                            encryption=encryption, policy=policy, max_endpoints=settings.max_endpoints)
         if settings.reconcile_seconds:
             # Our own nftables commits wake no pass (kernel/events.py): they are the desired state already.
             events = KernelEvents(links.netns_path, lambda ns, kind: healing.notify(ns, kind) if healing else None,

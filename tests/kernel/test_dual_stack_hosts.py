@@ -8,95 +8,18 @@ reported by `vxnet status` and put back by start-up reconciliation; everything g
 import json
 import os
 import secrets
-import time
 
 import pytest
 
 from kernel import names
+from tests.harness.driver_calls import Container, Net, within
 from tests.harness.plugin import Plugin
 from tests.harness.proc import wait_until
-from tests.harness.unixhttp import request
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces")
 
-TIMEOUT = 5.0  # every probe, positive or negative, waits this long at most
 A4, A6 = "10.200.96", "fd00:96::"
 B4, B6 = "10.200.97", "fd00:97::"
-
-
-def within(predicate, timeout=TIMEOUT):
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.1)
-
-
-def call(plugin, method, body):
-    status, raw = request(plugin.socket_path, "POST", f"/NetworkDriver.{method}", body=body, timeout=30)
-    reply = json.loads(raw or b"{}")
-    assert status == 200 and not reply.get("Err"), (method, status, reply)
-    return reply
-
-
-class Net:
-    """One dual-stack network as a host's dockerd would have it: its own ID, the overlay shared by name."""
-
-    def __init__(self, plugin, overlay, v4, v6):
-        self.plugin, self.host, self.v4, self.v6 = plugin, plugin.host, v4, v6
-        self.id = secrets.token_hex(32)
-        self.ns = names.netns(self.id)
-        self.endpoints = []
-        call(plugin, "CreateNetwork", {
-            "NetworkID": self.id,
-            "Options": {"com.docker.network.generic": {"overlay": overlay}, "com.docker.network.enable_ipv6": True},
-            "IPv4Data": [{"AddressSpace": "t", "Pool": f"{v4}.0/24", "Gateway": f"{v4}.1/24"}],
-            "IPv6Data": [{"AddressSpace": "t", "Pool": f"{v6}/64", "Gateway": f"{v6}1/64"}]})
-
-    def container(self, name, last):
-        """CreateEndpoint and Join, then what dockerd does with the interface: into the container namespace,
-        as eth0, with both addresses (DAD off: it only delays the addresses)."""
-        eid = secrets.token_hex(32)
-        ip4, ip6 = f"{self.v4}.{last}", f"{self.v6}{last:x}"
-        mac = call(self.plugin, "CreateEndpoint", {"NetworkID": self.id, "EndpointID": eid, "Interface": {
-            "Address": f"{ip4}/24", "AddressIPv6": f"{ip6}/64"}})["Interface"]["MacAddress"]
-        ifname = call(self.plugin, "Join", {"NetworkID": self.id, "EndpointID": eid,
-                                            "SandboxKey": f"/var/run/docker/netns/{name}"})["InterfaceName"]["SrcName"]
-        self.endpoints.append(eid)
-        run = self.host.run
-        run(["ip", "netns", "add", name])
-        run(["ip", "netns", "exec", name, "sysctl", "-q", "-w", "net.ipv6.conf.default.accept_dad=0"])
-        run(["ip", "link", "set", ifname, "netns", name])
-        run(["ip", "-n", name, "link", "set", ifname, "name", "eth0"])
-        run(["ip", "-n", name, "addr", "add", f"{ip4}/24", "dev", "eth0"])
-        run(["ip", "-n", name, "addr", "add", f"{ip6}/64", "dev", "eth0", "nodad"])
-        run(["ip", "-n", name, "link", "set", "eth0", "up"])
-        return Container(self.host, name, ip6, mac)
-
-    def remove(self):
-        for eid in self.endpoints:
-            call(self.plugin, "Leave", {"NetworkID": self.id, "EndpointID": eid})
-            call(self.plugin, "DeleteEndpoint", {"NetworkID": self.id, "EndpointID": eid})
-        call(self.plugin, "DeleteNetwork", {"NetworkID": self.id})
-
-
-class Container:
-    def __init__(self, host, name, ip6, mac):
-        self.host, self.name, self.ip6, self.mac = host, name, ip6, mac
-
-    def ping6(self, target, source=None):
-        argv = ["ip", "netns", "exec", self.name, "ping", "-6", "-c", "1", "-W", "1"] + (
-            ["-I", source] if source else []) + [target.ip6]
-        return within(lambda: self.host.run(argv, check=False).returncode == 0)
-
-    def aim(self, target, prefix):
-        """A route and a permanent neighbour entry straight to target's MAC, as a container with NET_ADMIN can
-        set: the frame goes onto the overlay with no neighbour discovery to stop it."""
-        self.host.run(["ip", "-n", self.name, "-6", "route", "replace", prefix, "dev", "eth0"])
-        self.host.run(["ip", "-n", self.name, "-6", "neigh", "replace", target.ip6, "lladdr", target.mac, "dev",
-                       "eth0", "nud", "permanent"])
 
 
 def vxlan_neighbours6(host, ns):

@@ -133,3 +133,11 @@ def test_listed_sets_reads_back_the_dual_stack_sets():
     sets = listed_sets(_as_listing(endpoint_guard_batch(endpoints, ipv6=True)))
     assert {(name, e) for name in ANTI_SPOOFING_SETS for e in sets[name]} == drift.guard_elements(endpoints, True)
     assert listed_sets(_as_listing(host_guard_batch(["fd00:1::/64"])))["subnets6"] == {"fd00:1::/64"}
+
+
+def test_what_the_fabric_lacks_is_a_difference_of_its_own_kind():
+    k = synced()
+    k.fabric = [("trunk vxtr2", "on br0", None), (f"fdb {MINE.mac} on vxtr2", "static", None)]
+    found = [(d.kind, d.object, d.want, d.have) for d in diffs(k)]
+    assert found == [("fabric", "trunk vxtr2", "on br0", None), ("fabric", f"fdb {MINE.mac} on vxtr2", "static", None)]
+    assert diffs(k)[0].text() == f"{NID[:12]} fabric trunk vxtr2: missing (want on br0)"

@@ -11,6 +11,7 @@ from tests.fakes import FakeDataPlane, FakeKV
 from wire import protocol as p
 from wire.errors import (
     Conflict,
+    Exhausted,
     InvalidOption,
     InvalidRequest,
     KernelError,
@@ -23,10 +24,11 @@ EID = "e" * 64
 SANDBOX = "/var/run/docker/netns/0123456789ab"  # what dockerd sends: its sandbox's namespace path
 
 
-def make(kv=None, host="h1", plane=None):
+def make(kv=None, host="h1", plane=None, **options):
     kv = kv or FakeKV()
     plane = plane or FakeDataPlane()
-    return NetworkDriver(NetworkStore(kv), plane, host, "local", Underlay(lambda a: 1500, "192.0.2.1")), kv, plane
+    return NetworkDriver(NetworkStore(kv), plane, host, "local", Underlay(lambda a: 1500, "192.0.2.1"),
+                         **options), kv, plane
 
 
 def create_req(nid=NID, generic=None, pool="10.1.0.0/24", gateway="10.1.0.1/24", **extra):
@@ -543,3 +545,67 @@ def test_records_with_malformed_ids_left_by_older_versions_do_not_stop_start_up(
     restarted.reconcile()
     assert set(plane.networks) == {NID} and plane.guarded[NID] == []
     assert [e.id for e in restarted.store.list_endpoints(NID)] == [EID]
+
+
+def _join(drv, eid):
+    return drv.join(p.JoinRequest.decode({"NetworkID": NID, "EndpointID": eid, "SandboxKey": SANDBOX}))
+
+
+def test_past_the_endpoint_limit_create_endpoint_is_refused_in_vxnets_words_and_writes_nothing():
+    drv, kv, plane = make(max_endpoints=2)
+    drv.create_network(create_req())
+    for i in (1, 2):
+        drv.create_endpoint(endpoint_req(eid=_eid(i), address=f"10.1.0.{10 + i}/24"))
+    drv.create_endpoint(endpoint_req(eid=_eid(2), address="10.1.0.12/24"))  # a replay takes no second place
+    before = dict(kv.data)
+    with pytest.raises(Exhausted, match=rf"^network {NID[:12]} holds at most 2 endpoints on this host"):
+        drv.create_endpoint(endpoint_req(eid=_eid(3), address="10.1.0.13/24"))
+    assert kv.data == before
+    drv.delete_endpoint(p.EndpointRequest.decode({"NetworkID": NID, "EndpointID": _eid(1)}))
+    drv.create_endpoint(endpoint_req(eid=_eid(3), address="10.1.0.13/24"))  # the freed place is taken again
+    assert drv.store.get_endpoint(NID, _eid(3)) is not None
+
+
+def test_the_limit_counts_records_an_earlier_process_wrote():
+    kv = FakeKV()
+    drv, _, _ = make(kv, max_endpoints=5)
+    drv.create_network(create_req())
+    for i in (1, 2):
+        drv.create_endpoint(endpoint_req(eid=_eid(i), address=f"10.1.0.{10 + i}/24"))
+    again, _, _ = make(kv, max_endpoints=2)  # a restart with a smaller limit
+    with pytest.raises(Exhausted):
+        again.create_endpoint(endpoint_req(eid=_eid(3), address="10.1.0.13/24"))
+
+
+def test_past_the_limit_a_join_is_refused_before_the_kernel_is_touched():
+    kv = FakeKV()
+    drv, _, plane = make(kv)
+    drv.create_network(create_req())
+    for i in (1, 2, 3):
+        drv.create_endpoint(endpoint_req(eid=_eid(i), address=f"10.1.0.{10 + i}/24"))
+    small, _, _ = make(kv, plane=plane, max_endpoints=2)  # records made under a larger limit
+    small.reconcile()
+    for i in (1, 2):
+        _join(small, _eid(i))
+    _join(small, _eid(2))  # a replay is no new place
+    with pytest.raises(Exhausted, match="holds at most 2 endpoints"):
+        _join(small, _eid(3))
+    assert set(plane.endpoints[NID]) == {_eid(1), _eid(2)}
+
+
+def test_a_join_the_kernel_fails_rebuilds_nothing_and_leaves_nothing_of_its_own():
+    drv, kv, plane = make()
+    drv.create_network(create_req())
+    for i in (1, 2):
+        drv.create_endpoint(endpoint_req(eid=_eid(i), address=f"10.1.0.{10 + i}/24"))
+    _join(drv, _eid(1))
+    guarded, writes, syncs = list(plane.guarded[NID]), plane.writes, getattr(plane, "full_syncs", 0)
+    plane.fail_on.add("ensure_endpoint")
+    with pytest.raises(KernelError, match="injected"):
+        _join(drv, _eid(2))
+    assert plane.endpoints[NID] == {_eid(1): "vxc" + _eid(1)[:11]} and plane.guarded[NID] == guarded
+    assert (plane.writes, getattr(plane, "full_syncs", 0)) == (writes, syncs)  # nothing rebuilt under the others
+    assert [k for k in kv.keys(schema.PREFIX + "/peers/")] == [f"{schema.PREFIX}/peers/{NID}/{_eid(1)}"]
+    plane.fail_on.clear()
+    _join(drv, _eid(2))  # the next try wires it as any Join
+    assert set(plane.endpoints[NID]) == {_eid(1), _eid(2)}
