@@ -7,7 +7,6 @@ import os
 import secrets
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -21,6 +20,7 @@ from netdriver.sandbox import DataPlane
 from netdriver.store import NetworkStore
 from netdriver.underlay import Underlay
 from store.kvstore import EtcdKV
+from tests.harness.driver_calls import within as _within
 from wire import protocol as p
 
 
@@ -180,14 +180,8 @@ TIMEOUT = 3.0  # every positive and negative probe below waits this long at most
 
 
 def within(predicate, timeout=TIMEOUT):
-    """Poll until predicate() holds or the deadline passes; its last answer."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.05)
+    """driver_calls.within with this section's shorter deadline."""
+    return _within(predicate, timeout)
 
 
 def container(cns, ifname, v4, v6):

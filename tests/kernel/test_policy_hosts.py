@@ -20,13 +20,12 @@ import pytest
 
 from kernel import names
 from netdriver import policy_nft
+from tests.harness.driver_calls import call, within
 from tests.harness.plugin import Plugin
-from tests.harness.unixhttp import request
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces")
 
 PROBE = 1.0  # a TCP connect across the simulated underlay answers in milliseconds
-DEADLINE = 5.0
 REMOVAL_DEADLINE = 2.0  # the issue: a removed rule refuses again within 2 s
 V4, V6 = "10.200.98", "fd00:98::"
 E4, E6 = "10.200.99", "fd00:99::"
@@ -105,23 +104,6 @@ lease = kv.get(schema.Schema().peer(segment_of(net.id, net.overlay), eid)).lease
 driver = NetworkDriver(store, None, host, "local", None, lease_id=lambda: lease)
 print(driver.publish_identity(nid, eid, json.loads(identity)).outcome)
 """
-
-
-def within(predicate, timeout=DEADLINE):
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.05)
-
-
-def call(plugin, method, body):
-    status, raw = request(plugin.socket_path, "POST", f"/NetworkDriver.{method}", body=body, timeout=30)
-    reply = json.loads(raw or b"{}")
-    assert status == 200 and not reply.get("Err"), (method, status, reply)
-    return reply
 
 
 class Net:
