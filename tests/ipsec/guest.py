@@ -49,7 +49,8 @@ EXIT_MARKER = "VXNET-GUEST-EXIT"
 
 # Loaded in this order (each after its dependencies). 9p, virtio and overlay mount the host root; veth, bridge,
 # vxlan and nf_tables (whose libcrc32c wants crc32c; nft_meta_bridge for the anti-spoofing table's iifname in the
-# bridge family) build the simulated hosts; the rest is ESP with
+# bridge family; nft_limit, nft_log and nfnetlink_log for the drop chains' rate-limited NFLOG) build the simulated
+# hosts; the rest is ESP with
 # rfc4106(gcm(aes)) and the default RNG it needs (drbg's default is HMAC-SHA512, seeded by jitterentropy, which
 # hashes with SHA-3). The second half is dockerd with Swarm's VIP mode (tests/ipsec/inguest_vip.py): iptables-nft's
 # nft_compat with the matches and targets dockerd and libnetwork's load balancer use (nat, conntrack, addrtype,
@@ -57,7 +58,8 @@ EXIT_MARKER = "VXNET-GUEST-EXIT"
 # programs, and xt_u32/xt_REDIRECT that the embedded DNS and overlay rules name.
 MODULES = (
     "virtio_pci", "9pnet_virtio", "9p", "overlay",
-    "veth", "bridge", "vxlan", "crc32c_generic", "nf_tables", "nft_meta_bridge",
+    "veth", "bridge", "vxlan", "crc32c_generic", "nf_tables", "nft_meta_bridge", "nft_limit", "nft_log",
+    "nfnetlink_log",
     "xfrm_user", "esp4", "aead", "gf128mul", "ghash_generic", "ctr", "gcm", "seqiv",
     "sha512_generic", "sha3_generic", "jitterentropy_rng", "drbg",
     "br_netfilter", "nf_conntrack", "nf_nat", "nft_compat", "nft_chain_nat", "xt_conntrack", "xt_addrtype",
