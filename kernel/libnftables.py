@@ -160,8 +160,9 @@ def _statement(stmt: dict) -> str:
     if kind == "limit":
         return f"limit rate {int(body['rate'])}/{body['per']} burst {int(body['burst'])} packets"
     if kind == "log":
-        return (f"log prefix {_value(body['prefix'])} group {int(body['group'])} snaplen {int(body['snaplen'])} "
-                f"queue-threshold {int(body['queue-threshold'])}")
+        threshold = f" queue-threshold {int(body['queue-threshold'])}" if "queue-threshold" in body else ""
+        return (f"log prefix {_value(body['prefix'])} group {int(body['group'])} snaplen {int(body['snaplen'])}"
+                + threshold)
     raise NftablesError(f"cannot write statement {stmt!r} in nft syntax")
 
 

@@ -80,7 +80,8 @@ table bridge vxnet_policy_udp (UDP_TABLE)
                                                                                        a full set stops nothing)
 table bridge vxnet_policy (TABLE)
   chain forward (hook forward, priority PRIORITY)
-    tcp flags & (syn|ack) != syn accept            the rest of a TCP connection: the most frequent packet first
+    oifname "vxlan0" accept                        leaving for another host, whose table judges it
+    tcp flags & (syn|ack) != syn accept            the rest of a TCP connection: the most frequent packet next
     meta l4proto vmap { udp: jump udp-reply, sctp: jump sctp-association, icmp: jump icmp-pass,
                         ipv6-icmp: jump icmpv6-pass }          what passes without a judgment, per protocol
     ip daddr != @guarded4 accept                   destinations that are not local members: another host's
@@ -98,6 +99,8 @@ table bridge vxnet_policy (TABLE)
   chain sctp-association:  sctp vtag != 0 accept
   chain icmp-pass / icmpv6-pass:  icmp(v6) type { echo-reply, the errors (, nd-neighbor-solicit/advert) } accept
   chain allow-all / allow / exposed: limit rate R log group G prefix "vxnet:allow:<set>"; counter accept
+    (the allowed records wait for the reader's batch, kernel/nflog.py BATCH; the drop and audit logs carry
+    queue-threshold 1 and are sent at once)
 
 The limit stops only its own rule (an nft `limit` over its rate ends the rule's evaluation, verdict included), so
 it sits on a rule that logs and nothing else; the counter and the verdict are on the next one and see every
@@ -150,6 +153,7 @@ UDP_SIZE = 65536
 # by netdriver/isolation.py drop_reason); the accepting rules carry reasons no drop counter takes.
 DROP = "vxnet:policy:no-rule"
 AUDIT = "vxnet:policy-audit:no-rule"
+ACCEPT_TO_OTHER_HOSTS = "vxnet:policy-pass:to-other-hosts"
 ACCEPT_ESTABLISHED = "vxnet:policy-pass:established"
 ACCEPT_BY_PROTOCOL = "vxnet:policy-pass:by-protocol"
 ACCEPT_UDP_REPLY = "vxnet:policy-pass:udp-reply"
@@ -319,12 +323,14 @@ def _chain(name: str) -> dict:
     return {"add": {"chain": {"family": FAMILY, "table": TABLE, "name": name}}}
 
 
-def _log(prefix: str, rate: int, burst: int) -> List[dict]:
-    """A rate limit and an NFLOG statement: the limit ends the rule when over, so nothing may follow them."""
-    return [{"limit": {"rate": rate, "per": "second", "burst": burst}},
-            {"log": {"prefix": prefix, "group": names.POLICY_NFLOG_GROUP, "snaplen": LOG_SNAPLEN,
-                     # deliver each record at once (nfnetlink_log batches 100 by default, or waits a second)
-                     "queue-threshold": 1}}]
+def _log(prefix: str, rate: int, burst: int, at_once: bool) -> List[dict]:
+    """A rate limit and an NFLOG statement: the limit ends the rule when over, so nothing may follow them.
+    at_once: the record is sent alone, now (queue-threshold 1: drops and audit verdicts); else with the reader's
+    batch (kernel/nflog.py BATCH: allowed connections, at most 0.25 s later, without waking the reader for each)."""
+    log = {"prefix": prefix, "group": names.POLICY_NFLOG_GROUP, "snaplen": LOG_SNAPLEN}
+    if at_once:
+        log["queue-threshold"] = 1
+    return [{"limit": {"rate": rate, "per": "second", "burst": burst}}, {"log": log}]
 
 
 def _elements(name: str, elems: list, op: str = "add") -> List[dict]:
@@ -417,13 +423,17 @@ def replace_batch(mode: str, audit: bool, elements, log_rate: int = LOG_RATE, lo
     batch += [_chain(name) for name in (_UDP, _SCTP, _ICMP, _ICMPV6) + tuple(c for c, _ in _ALLOWS)]
     batch += _protocol_chains()
     for chain, _ in _ALLOWS:
-        batch.append(_rule(chain, f"vxnet:policy-log:{chain}", *_log(f"{LOG_ALLOW}:{chain}", log_rate, log_burst)))
+        batch.append(_rule(chain, f"vxnet:policy-log:{chain}",
+                           *_log(f"{LOG_ALLOW}:{chain}", log_rate, log_burst, False)))
         batch.append(_rule(chain, _allow_comment(chain), {"counter": None}, _ACCEPT))
     by_protocol = {"vmap": {"key": _L4PROTO, "data": {"set": [
         ["udp", {"jump": {"target": _UDP}}], ["sctp", {"jump": {"target": _SCTP}}],
         ["icmp", {"jump": {"target": _ICMP}}], ["ipv6-icmp", {"jump": {"target": _ICMPV6}}]]}}}
     batch += [
-        # SYN set, ACK clear: a new connection. Everything else of TCP passes here, first (module docstring).
+        # Leaving for another host: its own table judges the frame at the destination, so none of the rules below
+        # need run on the way out (one of a round trip's two bridge crossings per host).
+        _rule("forward", ACCEPT_TO_OTHER_HOSTS, _match({"meta": {"key": "oifname"}}, names.VXLAN), _ACCEPT),
+        # SYN set, ACK clear: a new connection. Everything else of TCP passes here (module docstring).
         _rule("forward", ACCEPT_ESTABLISHED,
               _match({"&": [_payload("tcp", "flags"), {"|": ["syn", "ack"]}]}, "syn", "!="), _ACCEPT),
         _rule("forward", ACCEPT_BY_PROTOCOL, by_protocol),
@@ -444,10 +454,10 @@ def replace_batch(mode: str, audit: bool, elements, log_rate: int = LOG_RATE, lo
               _ACCEPT),
     ]
     if audit:
-        batch += [_rule("forward", "vxnet:policy-log:audit", *_log(LOG_AUDIT, log_rate, log_burst)),
+        batch += [_rule("forward", "vxnet:policy-log:audit", *_log(LOG_AUDIT, log_rate, log_burst, True)),
                   _rule("forward", AUDIT, {"counter": None}, _ACCEPT)]
     else:
-        batch += [_rule("forward", "vxnet:policy-log:drop", *_log(LOG_DROP, log_rate, log_burst)),
+        batch += [_rule("forward", "vxnet:policy-log:drop", *_log(LOG_DROP, log_rate, log_burst, True)),
                   _rule("forward", DROP, {"counter": None}, {"drop": None})]
     for name, items in elems.items():
         batch += _elements(name, items)

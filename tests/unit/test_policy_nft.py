@@ -42,12 +42,16 @@ def test_established_tcp_first_then_the_protocols_then_the_verdict_last_in_each_
         batch = pn.replace_batch(mode, audit, SAMPLE)
         forward = rules(batch)
         assert chains(batch)["forward"]["hook"] == "forward" and chains(batch)["forward"]["prio"] == 0
-        # The first rule: TCP without (SYN and not ACK) passes; nothing else is looked at for those segments.
-        assert forward[0]["comment"] == pn.ACCEPT_ESTABLISHED
-        assert forward[0]["expr"] == [{"match": {"op": "!=", "left": {"&": [
+        # The first rule: a frame leaving for another host passes (that host's table judges it there).
+        assert forward[0]["comment"] == pn.ACCEPT_TO_OTHER_HOSTS
+        assert forward[0]["expr"] == [{"match": {"op": "==", "left": {"meta": {"key": "oifname"}},
+                                                 "right": "vxlan0"}}, {"accept": None}]
+        # Then TCP without (SYN and not ACK) passes; nothing else is looked at for those segments.
+        assert forward[1]["comment"] == pn.ACCEPT_ESTABLISHED
+        assert forward[1]["expr"] == [{"match": {"op": "!=", "left": {"&": [
             {"payload": {"protocol": "tcp", "field": "flags"}}, {"|": ["syn", "ack"]}]}, "right": "syn"}},
             {"accept": None}]
-        vmap = forward[1]["expr"][0]["vmap"]
+        vmap = forward[2]["expr"][0]["vmap"]
         assert vmap["key"] == {"meta": {"key": "l4proto"}}
         assert {k: v["jump"]["target"] for k, v in vmap["data"]["set"]} == {
             "udp": "udp-reply", "sctp": "sctp-association", "icmp": "icmp-pass", "ipv6-icmp": "icmpv6-pass"}
@@ -329,3 +333,17 @@ def test_a_list_answer_of_several_documents_is_read_whole():
     got = pn.listed_elements(json.dumps(one) + "\n" + json.dumps(two) + "\n")
     assert {n: set(e) for n, e in got.items()} == {"guarded4": {"10.0.0.2"},
                                                    "allow4": {"10.0.0.1 . 10.0.0.2 . tcp . 80"}}
+
+
+def test_drops_and_audit_are_logged_at_once_and_allowed_connections_in_the_readers_batch():
+    """queue-threshold 1 sends a record alone, now; without it the record waits for kernel/nflog.py's batch
+    (the instance's threshold, buffer or 0.25 s flush timer), so an allowed connection does not wake the reader."""
+    for audit in (False, True):
+        batch = pn.replace_batch("exposed", audit, SAMPLE)
+        logs = {c["add"]["rule"]["comment"]: e["log"] for c in batch if "rule" in c.get("add", {})
+                for e in c["add"]["rule"]["expr"] if "log" in e}
+        verdict = "vxnet:policy-log:audit" if audit else "vxnet:policy-log:drop"
+        assert logs[verdict]["queue-threshold"] == 1
+        allowed = {c: log for c, log in logs.items() if log["prefix"].startswith(pn.LOG_ALLOW)}
+        assert sorted(allowed) == ["vxnet:policy-log:allow", "vxnet:policy-log:allow-all", "vxnet:policy-log:exposed"]
+        assert all("queue-threshold" not in log for log in allowed.values())
