@@ -82,22 +82,22 @@ table bridge vxnet_policy (TABLE)
   chain forward (hook forward, priority PRIORITY)
     oifname "vxlan0" accept                        leaving for another host, whose table judges it
     tcp flags & (syn|ack) != syn accept            the rest of a TCP connection: the most frequent packet next
-    meta l4proto vmap { udp: jump udp-reply, sctp: jump sctp-association, icmp: jump icmp-pass,
-                        ipv6-icmp: jump icmpv6-pass }          what passes without a judgment, per protocol
+    meta l4proto udp meta mark MARK accept         a datagram the records' table found to be a reply
+    icmp type { echo-reply, the errors } accept    what passes without a judgment, per protocol
+    icmpv6 type { echo-reply, the errors, nd-neighbor-solicit/advert } accept
+    sctp vtag != 0 accept
+    ip saddr . ip daddr @allow_all4 jump allow-all  a rule without ports: the pair may do anything
+    ip6 saddr . ip6 daddr @allow_all6 jump allow-all
     ip daddr != @guarded4 accept                   destinations that are not local members: another host's
     ip6 daddr != @guarded6 accept                  policy decides for its own (enforced at the destination)
-    ip saddr . ip daddr @allow_all4 jump allow-all            a rule without ports
     ip saddr . ip daddr . meta l4proto . th dport @allow4 jump allow
     ip daddr . meta l4proto . th dport @exposed4 jump exposed    (mode exposed only)
-    (the same three for IPv6)
+    (the same two for IPv6)
     meta protocol != { ip, ip6, 8021q, 8021ad } accept   not IP (ARP), and not IP behind a second VLAN tag
     ip frag-off & 0x1fff != 0 accept               a later fragment (and its IPv6 twin, `frag frag-off != 0`)
     limit rate R log group G prefix "vxnet:drop"   a new connection nothing allows: logged, rate-limited ...
     counter drop comment "vxnet:policy:no-rule"    ... and dropped, counted exactly (audit: accepted instead,
                                                    comment "vxnet:policy-audit:no-rule", log prefix "vxnet:audit")
-  chain udp-reply:  meta mark MARK accept          a datagram the records' table found to be a reply
-  chain sctp-association:  sctp vtag != 0 accept
-  chain icmp-pass / icmpv6-pass:  icmp(v6) type { echo-reply, the errors (, nd-neighbor-solicit/advert) } accept
   chain allow-all / allow / exposed: limit rate R log group G prefix "vxnet:allow:<set>"; counter accept
     (the allowed records wait for the reader's batch, kernel/nflog.py BATCH; the drop and audit logs carry
     queue-threshold 1 and are sent at once)
@@ -155,7 +155,6 @@ DROP = "vxnet:policy:no-rule"
 AUDIT = "vxnet:policy-audit:no-rule"
 ACCEPT_TO_OTHER_HOSTS = "vxnet:policy-pass:to-other-hosts"
 ACCEPT_ESTABLISHED = "vxnet:policy-pass:established"
-ACCEPT_BY_PROTOCOL = "vxnet:policy-pass:by-protocol"
 ACCEPT_UDP_REPLY = "vxnet:policy-pass:udp-reply"
 ACCEPT_SCTP = "vxnet:policy-pass:sctp-association"
 ACCEPT_ICMP = "vxnet:policy-pass:icmp"
@@ -173,7 +172,6 @@ LOG_ALLOW = "vxnet:allow"
 # The three accepting sets, each with a chain of its own (its log prefix and counter name which one allowed).
 _ALLOWS = (("allow-all", "allow_all"), ("allow", "allow"), ("exposed", "exposed"))
 # The chains reached from forward's verdict map.
-_UDP, _SCTP, _ICMP, _ICMPV6 = "udp-reply", "sctp-association", "icmp-pass", "icmpv6-pass"
 
 # What meta protocol (skb->protocol) is for the frames judged here: IPv4, IPv6, and a frame with a second VLAN tag
 # (802.1Q or 802.1ad inside the first), whose IP header no rule can see: it falls to the verdict (dropped, in
@@ -388,16 +386,21 @@ def udp_batch() -> List[dict]:
     return batch
 
 
-def _protocol_chains() -> List[dict]:
-    """The rules of the chains forward's verdict map jumps to: what passes unjudged, per protocol (module
-    docstring)."""
-    batch = [_rule(_UDP, ACCEPT_UDP_REPLY, _match({"meta": {"key": "mark"}}, names.POLICY_REPLY_MARK), _ACCEPT)]
-    batch += [
-        _rule(_SCTP, ACCEPT_SCTP, _match(_payload("sctp", "vtag"), 0, "!="), _ACCEPT),
-        _rule(_ICMP, ACCEPT_ICMP, _match(_payload("icmp", "type"), {"set": ICMP_PASS}), _ACCEPT),
-        _rule(_ICMPV6, ACCEPT_ICMPV6, _match(_payload("icmpv6", "type"), {"set": ICMPV6_PASS}), _ACCEPT),
+def _unjudged() -> List[dict]:
+    """What passes without a judgment, per protocol (module docstring), as rules of forward. Direct rules rather
+    than a verdict map on l4proto into a chain per protocol: each rule's protocol test is one comparison of the
+    packet's parsed l4proto, where the map cost a lookup and a jump for every packet that reached it. Measured
+    across two simulated hosts (bench --parts policy, ping every 20 ms, cold caches): the judged round trip of an
+    allowed pair was 1.08-1.10x an open network's with the map and the pair's lookup after the guarded test."""
+    return [
+        # The mark is set only by the records' table's replies chain, for UDP; the test of l4proto keeps any other
+        # packet that carries the same mark value from passing here.
+        _rule("forward", ACCEPT_UDP_REPLY, _match(_L4PROTO, "udp"),
+              _match({"meta": {"key": "mark"}}, names.POLICY_REPLY_MARK), _ACCEPT),
+        _rule("forward", ACCEPT_ICMP, _match(_payload("icmp", "type"), {"set": ICMP_PASS}), _ACCEPT),
+        _rule("forward", ACCEPT_ICMPV6, _match(_payload("icmpv6", "type"), {"set": ICMPV6_PASS}), _ACCEPT),
+        _rule("forward", ACCEPT_SCTP, _match(_payload("sctp", "vtag"), 0, "!="), _ACCEPT),
     ]
-    return batch
 
 
 def replace_batch(mode: str, audit: bool, elements, log_rate: int = LOG_RATE, log_burst: int = LOG_BURST
@@ -420,15 +423,11 @@ def replace_batch(mode: str, audit: bool, elements, log_rate: int = LOG_RATE, lo
     batch.append({"add": {"chain": {"family": FAMILY, "table": TABLE, "name": "forward", "type": "filter",
                                     "hook": "forward", "prio": PRIORITY, "policy": "accept"}}})
     # Every chain before any rule: a jump or goto names a chain that must exist.
-    batch += [_chain(name) for name in (_UDP, _SCTP, _ICMP, _ICMPV6) + tuple(c for c, _ in _ALLOWS)]
-    batch += _protocol_chains()
+    batch += [_chain(name) for name, _ in _ALLOWS]
     for chain, _ in _ALLOWS:
         batch.append(_rule(chain, f"vxnet:policy-log:{chain}",
                            *_log(f"{LOG_ALLOW}:{chain}", log_rate, log_burst, False)))
         batch.append(_rule(chain, _allow_comment(chain), {"counter": None}, _ACCEPT))
-    by_protocol = {"vmap": {"key": _L4PROTO, "data": {"set": [
-        ["udp", {"jump": {"target": _UDP}}], ["sctp", {"jump": {"target": _SCTP}}],
-        ["icmp", {"jump": {"target": _ICMP}}], ["ipv6-icmp", {"jump": {"target": _ICMPV6}}]]}}}
     batch += [
         # Leaving for another host: its own table judges the frame at the destination, so none of the rules below
         # need run on the way out (one of a round trip's two bridge crossings per host).
@@ -436,12 +435,19 @@ def replace_batch(mode: str, audit: bool, elements, log_rate: int = LOG_RATE, lo
         # SYN set, ACK clear: a new connection. Everything else of TCP passes here (module docstring).
         _rule("forward", ACCEPT_ESTABLISHED,
               _match({"&": [_payload("tcp", "flags"), {"|": ["syn", "ack"]}]}, "syn", "!="), _ACCEPT),
-        _rule("forward", ACCEPT_BY_PROTOCOL, by_protocol),
+    ] + _unjudged()
+    lookups = {version: _lookups(version, mode) for version in (4, 6)}
+    # A pair with a rule without ports may do anything: its lookup before the guarded test decides an allowed
+    # pair's packet in one lookup (an element's destination is a local member, so it is guarded anyway).
+    for version in (4, 6):
+        chain, match = lookups[version][0]
+        batch.append(_rule("forward", f"vxnet:policy-pass:{chain}-v{version}", match, {"jump": {"target": chain}}))
+    batch += [
         _rule("forward", ACCEPT_UNGUARDED, _match(_payload("ip", "daddr"), "@guarded4", "!="), _ACCEPT),
         _rule("forward", ACCEPT_UNGUARDED + "-v6", _match(_payload("ip6", "daddr"), "@guarded6", "!="), _ACCEPT),
     ]
     for version in (4, 6):
-        for chain, match in _lookups(version, mode):
+        for chain, match in lookups[version][1:]:
             batch.append(_rule("forward", f"vxnet:policy-pass:{chain}-v{version}", match, {"jump": {"target": chain}}))
     batch += [
         # Not IPv4 or IPv6 (ARP): passes. skb->protocol (meta protocol) is the IP inside one 802.1Q tag (the

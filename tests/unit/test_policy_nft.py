@@ -51,10 +51,13 @@ def test_established_tcp_first_then_the_protocols_then_the_verdict_last_in_each_
         assert forward[1]["expr"] == [{"match": {"op": "!=", "left": {"&": [
             {"payload": {"protocol": "tcp", "field": "flags"}}, {"|": ["syn", "ack"]}]}, "right": "syn"}},
             {"accept": None}]
-        vmap = forward[2]["expr"][0]["vmap"]
-        assert vmap["key"] == {"meta": {"key": "l4proto"}}
-        assert {k: v["jump"]["target"] for k, v in vmap["data"]["set"]} == {
-            "udp": "udp-reply", "sctp": "sctp-association", "icmp": "icmp-pass", "ipv6-icmp": "icmpv6-pass"}
+        # Then what passes unjudged, one direct rule per protocol (no verdict map, no chain per protocol), then
+        # the pair's own rule without ports (one lookup decides an allowed pair), then the guarded test.
+        assert [r["comment"] for r in forward[2:10]] == [
+            pn.ACCEPT_UDP_REPLY, pn.ACCEPT_ICMP, pn.ACCEPT_ICMPV6, pn.ACCEPT_SCTP, "vxnet:policy-pass:allow-all-v4",
+            "vxnet:policy-pass:allow-all-v6", pn.ACCEPT_UNGUARDED, pn.ACCEPT_UNGUARDED + "-v6"]
+        assert not [r for r in forward if "vmap" in kinds(r)]
+        assert set(chains(batch)) == {"forward", "allow-all", "allow", "exposed"}
         assert forward[-1]["comment"] == (pn.AUDIT if audit else pn.DROP)
         assert forward[-1]["expr"][1] == ({"accept": None} if audit else {"drop": None})
         assert kinds(forward[-2]) == ["limit", "log"]
@@ -115,8 +118,9 @@ def test_the_udp_records_are_a_table_around_the_policy_table():
         assert record["expr"][-1]["set"]["op"] == "update" and len(record["expr"]) == 4
     # The policy table passes the mark, and has no UDP set of its own.
     batch = pn.replace_batch("exposed", True, SAMPLE)
-    (reply,) = rules(batch, "udp-reply")
-    assert reply["expr"] == [{"match": {"op": "==", "left": {"meta": {"key": "mark"}}, "right": 0x7678}},
+    (reply,) = [r for r in rules(batch) if r["comment"] == pn.ACCEPT_UDP_REPLY]
+    assert reply["expr"] == [{"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "udp"}},
+                             {"match": {"op": "==", "left": {"meta": {"key": "mark"}}, "right": 0x7678}},
                              {"accept": None}]
     assert not [c for c in batch if "set" in c.get("add", {}) and c["add"]["set"]["name"] in pn.FLOW_SETS]
     assert {c["add"]["rule"]["table"] for c in batch if "rule" in c.get("add", {})} == {pn.TABLE}
@@ -124,11 +128,11 @@ def test_the_udp_records_are_a_table_around_the_policy_table():
 
 def test_what_passes_unjudged_per_protocol():
     batch = pn.replace_batch("deny", False, SAMPLE)
-    (sctp,) = rules(batch, "sctp-association")
+    by_comment = {r["comment"]: r for r in rules(batch)}
+    sctp = by_comment[pn.ACCEPT_SCTP]
     assert sctp["expr"][0]["match"] == {"op": "!=", "left": {"payload": {"protocol": "sctp", "field": "vtag"}},
                                         "right": 0}
-    (icmp,) = rules(batch, "icmp-pass")
-    (icmpv6,) = rules(batch, "icmpv6-pass")
+    icmp, icmpv6 = by_comment[pn.ACCEPT_ICMP], by_comment[pn.ACCEPT_ICMPV6]
     assert "echo-request" not in icmp["expr"][0]["match"]["right"]["set"]
     assert set(icmpv6["expr"][0]["match"]["right"]["set"]) == {
         "echo-reply", "destination-unreachable", "packet-too-big", "time-exceeded", "parameter-problem",
