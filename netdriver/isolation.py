@@ -55,6 +55,8 @@ ISOLATION = "isolation"
 # The policy table in a network's namespace (netdriver/policy_nft.py, `bridge vxnet_policy`) drops for this reason:
 # a new connection to a local member that no rule, and (mode exposed) no exposed port, allows.
 POLICY = "policy"
+# The anti-spoofing table's one accepting rule, first: what did not come in on an endpoint's port.
+NOT_A_PORT = f"vxnet:{ANTI_SPOOFING}-pass:not-a-port"
 
 # The drop log (module docstring): the policy table's rate and burst (netdriver/policy_nft.py LOG_RATE, LOG_BURST,
 # LOG_SNAPLEN; that module imports this one, so they are repeated here and a unit test holds them equal).
@@ -199,13 +201,12 @@ def endpoint_guard_batch(endpoints: Sequence[Guarded], ipv6: bool = False) -> Li
     router advertisements and redirects are dropped (no container is a router: they would move others' routes).
     Fragmented neighbour discovery needs no rule: receivers drop it (RFC 6980, Linux suppress_frag_ndisc)."""
     endpoints = sorted(Guarded(*e) for e in endpoints)
-    guarded = _match({"meta": {"key": "iifname"}}, "@ports")
 
     def pair(protocol: str, field: str) -> dict:
         return {"concat": [{"meta": {"key": "iifname"}}, _payload(protocol, field)]}
 
     def rule(name: str, *expr: dict) -> List[dict]:
-        return _rule("bridge", "forward", f"vxnet:{ANTI_SPOOFING}:{name}", guarded, *expr)
+        return _rule("bridge", "forward", f"vxnet:{ANTI_SPOOFING}:{name}", *expr)
 
     sets = [_set("bridge", "ports", "ifname"),
             _set("bridge", "macs", ["ifname", "ether_addr"]),
@@ -234,7 +235,12 @@ def endpoint_guard_batch(endpoints: Sequence[Guarded], ipv6: bool = False) -> Li
             rule("na-target", _match(icmp6_type, _NA), _match(target, "@targets", "!=")),
             rule("router", _match(icmp6_type, {"set": _ROUTER_ONLY})),
         ]
-    return (_replace_table("bridge") + sets + [_chain("bridge", "forward", "forward")] +
+    # What did not come in on an endpoint's port (the VXLAN device: another host's table vetted it; a trunk
+    # between this network's bridges: vetted on the bridge it entered) passes at once, with one lookup, so the
+    # rules below need no port test of their own (a lookup each, for every frame).
+    from_elsewhere = _plain_rule("bridge", "forward", NOT_A_PORT,
+                                 [_match({"meta": {"key": "iifname"}}, "@ports", "!="), {"accept": None}])
+    return (_replace_table("bridge") + sets + [_chain("bridge", "forward", "forward"), from_elsewhere] +
             [op for r in rules for op in r] +
             [op for name, elems in endpoint_elements(endpoints, ipv6) for op in _elements("bridge", name, elems)])
 

@@ -17,9 +17,15 @@ HOOKED = ("forward", "input")  # the base chains: what every frame or packet is 
 
 
 def _hooked(batch):
-    """The rules of the base chains (the log chains' rules are reached by a drop only)."""
+    """The drop rules of the base chains (the log chains' rules are reached by a drop only; the anti-spoofing
+    table's first rule accepts what did not come in on a port)."""
     return [op["add"]["rule"] for op in batch if "rule" in op.get("add", {}) and
-            op["add"]["rule"]["chain"] in HOOKED]
+            op["add"]["rule"]["chain"] in HOOKED and op["add"]["rule"]["comment"] != isolation.NOT_A_PORT]
+
+
+def _forward(batch):
+    return [op["add"]["rule"] for op in batch if "rule" in op.get("add", {}) and
+            op["add"]["rule"]["chain"] == "forward"]
 
 
 def test_endpoint_batch_replaces_the_table_and_keeps_rules_fixed_as_endpoints_grow():
@@ -36,6 +42,12 @@ def test_endpoint_batch_replaces_the_table_and_keeps_rules_fixed_as_endpoints_gr
                         "ips": [{"concat": ["vxpa", "10.0.0.5"]}, {"concat": ["vxpb", "10.0.0.6"]}]}
     many = endpoint_guard_batch([(f"vxp{i}", f"10.0.0.{i}", f"02:00:00:00:00:{i:02x}") for i in range(50)])
     assert len(_hooked(many)) == 5
+    # First, one lookup passes what did not come in on a port: the drop rules test no port of their own.
+    first = _forward(batch)[0]
+    assert first["comment"] == isolation.NOT_A_PORT and first["expr"] == [
+        {"match": {"op": "!=", "left": {"meta": {"key": "iifname"}}, "right": "@ports"}}, {"accept": None}]
+    assert isolation.drop_reason(first["comment"]) is None
+    assert all("@ports" not in str(r["expr"]) for r in rules)
 
 
 @pytest.mark.parametrize("batch, group", [
@@ -96,13 +108,13 @@ def test_endpoint_add_and_remove_change_exactly_its_elements_and_replay_safely()
     fw.guard_endpoint("ns", b)
     fw.guard_endpoint("ns", b)  # a replay
     assert nft.sets() == _whole([a, b])
-    assert len([r for r in nft.tables[("bridge", "vxnet")]["rules"] if r["chain"] == "forward"]) == 5
+    assert len([r for r in nft.tables[("bridge", "vxnet")]["rules"] if r["chain"] == "forward"]) == 6
     fw.unguard_endpoint("ns", a)
     fw.unguard_endpoint("ns", a)  # a replay: the elements are gone, the batch still succeeds
     assert nft.sets() == _whole([b])
     fw.unguard_endpoint("ns", b)
     assert nft.sets() == _whole([])
-    assert len([r for r in nft.tables[("bridge", "vxnet")]["rules"] if r["chain"] == "forward"]) == 5
+    assert len([r for r in nft.tables[("bridge", "vxnet")]["rules"] if r["chain"] == "forward"]) == 6
 
 
 def test_a_refused_batch_is_a_kernel_error_naming_the_namespace():
@@ -148,7 +160,7 @@ def test_a_dual_stack_table_guards_v6_sources_nd_targets_and_router_messages_wit
     assert "add set bridge vxnet targets { typeof meta iifname . @th,64,128; }" in text
     assert ('meta iifname . @th,64,128 != @targets counter jump drop-na-target comment '
             '"vxnet:anti-spoofing:na-target"') in text
-    assert '"vxpa" . 0xfd000001000000000000000000000005' in text and 'meta iifname @ports' in text
+    assert '"vxpa" . 0xfd000001000000000000000000000005' in text and 'meta iifname != @ports accept' in text
 
 
 def test_nft_syntax_refuses_what_it_cannot_quote():
