@@ -30,7 +30,7 @@ def log(msg: str) -> None:
 
 
 class BenchLab:
-    def __init__(self, quiet_plugin: bool = True):
+    def __init__(self, quiet_plugin: bool = True, underlay_mtu: int = 1500):
         """quiet_plugin: the plugins log at info level (debug logs every call with its duration, which costs a
         little; bench --plugin-timings turns it on to read those durations)."""
         self.lab: Optional[Lab] = None
@@ -41,6 +41,7 @@ class BenchLab:
         self.swarm = False
         self.networks: List[tuple] = []  # (host, name) made here, removed at teardown
         self.quiet_plugin = quiet_plugin
+        self.underlay_mtu = underlay_mtu  # vxnet's networks take theirs from it; Docker's overlay stays at 1450
 
     @property
     def plugin_log_level(self) -> str:
@@ -51,7 +52,7 @@ class BenchLab:
         return [self.h1, self.h2]
 
     def start(self) -> "BenchLab":
-        self.lab = Lab().start()
+        self.lab = Lab(underlay_mtu=self.underlay_mtu).start()
         self.bg = Background(os.path.join(REPO, "build", "bench", "logs"))
         self.h1, self.h2 = self.lab.add_hosts(2)
         return self

@@ -67,6 +67,11 @@ def main(argv=None) -> int:
     parser.add_argument("--interval", type=float, default=0.05, help="seconds between pings (default 0.05)")
     parser.add_argument("--crowd", type=int, default=50,
                         help="datapath: measure again with this many more endpoints on each host (0: skip; 50)")
+    parser.add_argument("--streams", type=int, default=4,
+                        help="datapath: parallel TCP streams of the second iperf3 rounds (default 4; 1: none)")
+    parser.add_argument("--underlay-mtu", type=int, default=1500,
+                        help="MTU of the simulated underlay (default 1500; 9000: a jumbo underlay, where vxnet's "
+                             "automatic MTU is 8950 and Docker's overlay stays at 1450)")
     parser.add_argument("--endpoints", type=int, default=200, help="synthetic endpoints for convergence (200)")
     parser.add_argument("--gap", type=float, default=0.0,
                         help="seconds between two Joins in the convergence part (default 0: back to back)")
@@ -135,7 +140,11 @@ def main(argv=None) -> int:
     log(f"vxnet bench: parts {', '.join(parts)}; load average {results['load_at_start']} ({os.cpu_count()} CPUs)")
     failed: List[str] = []
     status = 0
-    bl = BenchLab(quiet_plugin=not args.plugin_timings)
+    if not 1280 <= args.underlay_mtu <= 65535:
+        parser.error(f"--underlay-mtu {args.underlay_mtu}: from 1280 to 65535")
+    if args.streams < 1:
+        parser.error(f"--streams {args.streams}: at least 1")
+    bl = BenchLab(quiet_plugin=not args.plugin_timings, underlay_mtu=args.underlay_mtu)
     try:
         if set(parts) - {"scale"}:  # the scale part runs its own in-process host and etcd
             bl.start()
@@ -148,7 +157,7 @@ def main(argv=None) -> int:
             try:
                 if part == "datapath":
                     out = datapath.run_part(bl, args.runs, args.duration, args.pings, args.interval,
-                                            args.crowd)
+                                            args.crowd, args.streams)
                 elif part == "convergence":
                     out = convergence.run_part(bl, args.endpoints, args.gap)
                 elif part == "policy":
