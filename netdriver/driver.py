@@ -758,16 +758,21 @@ class NetworkDriver:
         for network in networks if networks is not None else self.store.member_networks(self.host_id):
             segment = segment_of(network.id, network.overlay)
             mine = {r.endpoint_id: r for r in self.store.list_peers(segment) if r.host == self.host_id}
+            read = [(e, rev) for e, rev in self.store.list_endpoints_revisions(network.id) if e.host == self.host_id]
+            endpoints = [e for e, _ in read]
             try:
-                endpoints, wired = self._endpoints_here(network)
+                wired = self.dataplane.wired_endpoints(network.id, [e.id for e in endpoints])
             except KernelError as exc:
                 if on_kernel_error is None:
                     raise
                 on_kernel_error(f"cannot republish the peers of network nid={network.id[:12]}: {exc}")
                 continue
-            # In batched transactions: at start-up with 4,000 endpoints, one round trip per 128 records.
+            # In batched transactions: at start-up with 4,000 endpoints, one round trip per 128 records; each
+            # record only while its endpoint's record is as read (store.put_peers: a DeleteEndpoint meanwhile
+            # must not get its peer record back).
             self.store.put_peers(segment, [self._peer_record(network, e, mine.get(e.id))
-                                           for e in endpoints if e.id in wired], lease=self.lease_id())
+                                           for e in endpoints if e.id in wired], lease=self.lease_id(),
+                                 network_id=network.id, endpoint_revisions={e.id: rev for e, rev in read})
             for endpoint in endpoints:
                 if endpoint.id not in wired and endpoint.id in mine:
                     self.store.delete_peer(segment, endpoint.id)

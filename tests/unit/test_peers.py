@@ -155,3 +155,40 @@ def test_a_dual_stack_peer_gives_a_neighbour_entry_for_each_family_and_takes_bot
     assert plane.kernel_peers(net.id)[1] == {"10.0.0.2": "m2", "fd00::2": "m2"}
     sync.delete(net.id, "e1")
     assert plane.kernel_peers(net.id) == ({}, {})
+
+
+def test_a_republish_never_writes_back_the_peer_record_of_an_endpoint_deleted_meanwhile():
+    """Start-up (or a new lease) republishes from what it read; a Leave and DeleteEndpoint between that read and
+    the write remove the endpoint and its peer record, and the write must not bring the record back (every host
+    would keep a path to the departed endpoint while this host's lease lives). The other endpoint's record is
+    written by the same republish: the positive control."""
+    kv = FakeKV()
+    store = NetworkStore(kv)
+    plane = FakeDataPlane()
+    lease = {"id": kv.lease_grant(10)}
+    drv = NetworkDriver(store, plane, "h1", "local", Underlay(lambda a: 1500, "192.0.2.1"),
+                        lease_id=lambda: lease["id"])
+    nid, gone, stays = "a" * 64, "e" * 64, "f" * 64
+    drv.create_network(p.CreateNetworkRequest.decode({
+        "NetworkID": nid, "Options": {}, "IPv4Data": [{"Pool": "10.1.0.0/24", "Gateway": "10.1.0.1/24"}]}))
+    for eid, ip in ((gone, "10.1.0.5/24"), (stays, "10.1.0.6/24")):
+        drv.create_endpoint(p.CreateEndpointRequest.decode({"NetworkID": nid, "EndpointID": eid,
+                                                            "Interface": {"Address": ip}}))
+        drv.join(p.JoinRequest.decode({"NetworkID": nid, "EndpointID": eid,
+                                       "SandboxKey": "/var/run/docker/netns/1"}))
+    kv.expire(lease["id"])  # both peer records gone with the old lease: the republish must write `stays` again
+    lease["id"] = kv.lease_grant(10)
+    assert store.list_peers(nid) == []
+    real = plane.wired_endpoints
+
+    def racing(network_id, endpoint_ids):
+        wired = real(network_id, endpoint_ids)  # read while `gone` is still wired ...
+        request = p.EndpointRequest.decode({"NetworkID": nid, "EndpointID": gone})
+        drv.leave(request)  # ... then it leaves and is deleted
+        drv.delete_endpoint(request)
+        return wired
+
+    plane.wired_endpoints = racing
+    drv.republish_peers()
+    assert [r.endpoint_id for r in store.list_peers(nid)] == [stays]
+    assert [e.id for e in store.list_endpoints(nid)] == [stays]
