@@ -39,9 +39,9 @@ def call(plugin, method, body):
 class Net:
     """One network as a host's dockerd would have it: its own ID, the overlay shared by name. v4: the first three
     octets of a /24, or a whole IPv4 prefix ("10.1.0.0/20"); v6: a /64's first half ("fd00:96::"), None for an
-    IPv4-only network."""
+    IPv4-only network; generic: more `-o` options ({"policy": "deny"})."""
 
-    def __init__(self, plugin, overlay, v4, v6=None):
+    def __init__(self, plugin, overlay, v4, v6=None, generic=None):
         self.plugin, self.host, self.v4, self.v6 = plugin, plugin.host, v4, v6
         self.pool = v4 if "/" in v4 else f"{v4}.0/24"
         self.prefixlen = int(self.pool.split("/")[1])
@@ -49,7 +49,8 @@ class Net:
         self.ns = names.netns(self.id)
         self.endpoints = []
         gateway = self.address(1)
-        body = {"NetworkID": self.id, "Options": {"com.docker.network.generic": {"overlay": overlay}},
+        body = {"NetworkID": self.id, "Options": {"com.docker.network.generic": {"overlay": overlay,
+                                                                                 **(generic or {})}},
                 "IPv4Data": [{"AddressSpace": "t", "Pool": self.pool, "Gateway": f"{gateway}/{self.prefixlen}"}]}
         if v6:
             body["Options"]["com.docker.network.enable_ipv6"] = True
@@ -62,14 +63,18 @@ class Net:
         value = (base[0] << 24 | base[1] << 16 | base[2] << 8 | base[3]) + n
         return ".".join(str(value >> shift & 255) for shift in (24, 16, 8, 0))
 
-    def endpoint(self, last, sandbox="x"):
-        """CreateEndpoint and Join as dockerd calls them: (endpoint id, MAC, the container end's name)."""
+    def endpoint(self, last, sandbox="x", exposed=()):
+        """CreateEndpoint (with the exposed TCP ports as dockerd sends them) and Join as dockerd calls them:
+        (endpoint id, MAC, the container end's name)."""
         eid = secrets.token_hex(32)
         iface = {"Address": f"{self.address(last)}/{self.prefixlen}"}
         if self.v6:
             iface["AddressIPv6"] = f"{self.v6}{last:x}/64"
-        mac = call(self.plugin, "CreateEndpoint", {"NetworkID": self.id, "EndpointID": eid,
-                                                    "Interface": iface})["Interface"]["MacAddress"]
+        body = {"NetworkID": self.id, "EndpointID": eid, "Interface": iface}
+        if exposed:
+            body["Options"] = {"com.docker.network.endpoint.exposedports": [{"Proto": 6, "Port": p}
+                                                                            for p in exposed]}
+        mac = call(self.plugin, "CreateEndpoint", body)["Interface"]["MacAddress"]
         self.endpoints.append(eid)
         joined = call(self.plugin, "Join", {"NetworkID": self.id, "EndpointID": eid,
                                             "SandboxKey": f"/var/run/docker/netns/{sandbox}"})

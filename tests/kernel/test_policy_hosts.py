@@ -20,7 +20,8 @@ import pytest
 
 from kernel import names
 from netdriver import policy_nft
-from tests.harness.driver_calls import call, within
+from tests.harness import driver_calls
+from tests.harness.driver_calls import within
 from tests.harness.plugin import Plugin
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces")
@@ -106,57 +107,24 @@ print(driver.publish_identity(nid, eid, json.loads(identity)).outcome)
 """
 
 
-class Net:
-    """One network as a host's dockerd would have it: its own ID, the overlay shared by name, a policy mode."""
+class Net(driver_calls.Net):
+    """driver_calls.Net of a policy mode, dual stack; its containers publish their identities."""
 
     def __init__(self, plugin, overlay, mode, v4, v6):
-        self.plugin, self.host, self.v4, self.v6 = plugin, plugin.host, v4, v6
-        self.id = secrets.token_hex(32)
-        self.ns = names.netns(self.id)
-        self.endpoints = []
-        call(plugin, "CreateNetwork", {
-            "NetworkID": self.id,
-            "Options": {"com.docker.network.generic": {"overlay": overlay, "policy": mode},
-                        "com.docker.network.enable_ipv6": True},
-            "IPv4Data": [{"AddressSpace": "t", "Pool": f"{v4}.0/24", "Gateway": f"{v4}.1/24"}],
-            "IPv6Data": [{"AddressSpace": "t", "Pool": f"{v6}/64", "Gateway": f"{v6}1/64"}]})
+        super().__init__(plugin, overlay, v4, v6, generic={"policy": mode})
 
     def container(self, name, last, identity, exposed=()):
-        """CreateEndpoint (with its exposed ports as dockerd sends them) and Join, then what dockerd does with
-        the interface; then its identity published, as the identity writer would."""
-        eid = secrets.token_hex(32)
-        ip4, ip6 = f"{self.v4}.{last}", f"{self.v6}{last:x}"
-        call(self.plugin, "CreateEndpoint", {
-            "NetworkID": self.id, "EndpointID": eid,
-            "Interface": {"Address": f"{ip4}/24", "AddressIPv6": f"{ip6}/64"},
-            "Options": {"com.docker.network.endpoint.exposedports": [{"Proto": 6, "Port": p} for p in exposed]}})
-        ifname = call(self.plugin, "Join", {"NetworkID": self.id, "EndpointID": eid,
-                                            "SandboxKey": f"/var/run/docker/netns/{name}"})["InterfaceName"]["SrcName"]
-        self.endpoints.append(eid)
-        run = self.host.run
-        run(["ip", "netns", "add", name])
-        run(["ip", "netns", "exec", name, "sysctl", "-q", "-w", "net.ipv6.conf.default.accept_dad=0"])
-        run(["ip", "link", "set", ifname, "netns", name])
-        run(["ip", "-n", name, "link", "set", ifname, "name", "eth0"])
-        run(["ip", "-n", name, "addr", "add", f"{ip4}/24", "dev", "eth0"])
-        run(["ip", "-n", name, "addr", "add", f"{ip6}/64", "dev", "eth0", "nodad"])
-        run(["ip", "-n", name, "link", "set", "eth0", "up"])
+        """An endpoint and what dockerd does with its interface (driver_calls.Net), then its identity published,
+        as the identity writer would."""
+        eid, mac, ifname = self.endpoint(last, name, exposed)
+        moved = self.move_in(name, ifname, last, mac)
         done = self.host.run([sys.executable, "-c", IDENTITY, self.id, eid, self.host.name, json.dumps(identity)],
                              env=self.plugin.env, cwd=self.plugin.root)
         assert done.stdout.split() == ["written"], done.stdout + done.stderr
-        return Container(self.host, name, ip4, ip6)
-
-    def remove(self):
-        for eid in self.endpoints:
-            call(self.plugin, "Leave", {"NetworkID": self.id, "EndpointID": eid})
-            call(self.plugin, "DeleteEndpoint", {"NetworkID": self.id, "EndpointID": eid})
-        call(self.plugin, "DeleteNetwork", {"NetworkID": self.id})
+        return Container(self.host, name, moved.ip6, mac, moved.ip4)
 
 
-class Container:
-    def __init__(self, host, name, ip4, ip6):
-        self.host, self.name, self.ip4, self.ip6 = host, name, ip4, ip6
-
+class Container(driver_calls.Container):
     def serve(self, *ports):
         proc = self.host.spawn(["ip", "netns", "exec", self.name, sys.executable, "-c", SERVER,
                                 *map(str, ports)], f"server-{self.name}")
