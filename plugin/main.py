@@ -48,8 +48,10 @@ from plugin.embedded_etcd import EmbeddedEtcd
 from plugin.endpoint_identity import DockerEngine, IdentityWriter
 from plugin.http import make_app
 from plugin.routes import IPAM, NETWORK
+from store import compat, schema
 from store.kvstore import EtcdKV
-from wire.errors import ConfigError, HostIdConflict, StoreUnavailable, VxnetError
+from wire import version
+from wire.errors import ConfigError, HostIdConflict, SchemaTooNew, StoreUnavailable, VxnetError
 
 log = logging.getLogger("vxnet")
 
@@ -81,16 +83,19 @@ def _start_control_plane(driver: NetworkDriver, lease: HostLease, watcher: PeerW
                          rotator: Optional[Background] = None, collector: Optional[Background] = None,
                          on_fatal: Callable[[Exception], None] = lambda exc: None,
                          health: Optional[HealthOverlay] = None, healing: Optional[Background] = None,
-                         rules: Optional[Background] = None) -> None:
+                         rules: Optional[Background] = None,
+                         layout: Callable[[], object] = lambda: None) -> None:
     """Once etcd answers: reconcile the kernel, then keep the host lease and the peer watch running (after the
     key ring watcher and the rotator, so the ring is usually read before peers arrive; with the policy rule
     watch, rules, beside it: the policy engine applies nothing before both have been read). Keeps trying while etcd
     is still starting or down; then the self-healing reconciler (healing), once the kernel is right; stops at once,
     through on_fatal, if another live host holds this host's ID
-    (retrying cannot fix that, and serving would act as the other host)."""
+    (retrying cannot fix that, and serving would act as the other host), or if layout() (store/compat.py check:
+    before anything is read or written) finds a store of a schema this version cannot read."""
     delay = 0.2
     while not stop.is_set():
         try:
+            layout()
             lease.acquire()
             problems = driver.reconcile()
             if problems:
@@ -112,7 +117,7 @@ def _start_control_plane(driver: NetworkDriver, lease: HostLease, watcher: PeerW
             if healing is not None:
                 healing.start()
             return
-        except HostIdConflict as exc:
+        except (HostIdConflict, SchemaTooNew) as exc:
             log.error("%s", exc)
             on_fatal(exc)
             return
@@ -266,6 +271,7 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
             metrics.start()
         server = waitress.create_server(make_app({NETWORK: net, IPAM: ipam}), unix_socket=settings.socket_path,
                                         unix_socket_perms="660", threads=8, ident="vxnet")
+        log.info("vxnet %s (etcd schema %d.%d)", version.current(), schema.SCHEMA_MAJOR, schema.SCHEMA_MINOR)
         log.info("listening on %s host=%s id-from=%s vtep=%s underlay-mtu=%d scope=%s etcd=%s", settings.socket_path,
                  me, me.source, underlay.address, underlay.mtu, choice.scope, ",".join(kv.endpoints) +
                  (" (embedded)" if embedded else ""))
@@ -289,7 +295,8 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
             embedded.start()
         threading.Thread(target=_start_control_plane, name="start-up", daemon=True,
                          args=(net, lease, watcher, stop, keyring, rotator, collector, on_fatal, health,
-                               healing, rules)).start()
+                               healing, rules,
+                               lambda: compat.check(kv, version.current(), settings.key_prefix))).start()
         server.run()
     except ConfigError as exc:
         print(f"vxnet: {exc}", file=sys.stderr)
