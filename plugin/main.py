@@ -131,13 +131,30 @@ def _start_control_plane(driver: NetworkDriver, lease: HostLease, watcher: PeerW
         delay = min(delay * 2, 5.0)
 
 
+def _refuse(exc: ConfigError) -> int:
+    """A setting the plugin cannot run with: one line naming it and why, on stderr (dockerd logs a managed plugin's
+    stderr at level=error, with plugin=<id>), and no socket, so that `docker plugin enable` fails and leaves the
+    plugin disabled (dockerd 20.10 marks a plugin enabled as soon as its socket accepts, whatever it answers:
+    docs/install.md). Exit status 2.
+
+    As a managed plugin (PID 1 of its container) it first waits for dockerd's SIGTERM: dockerd restarts a plugin
+    that exits while `enable` still waits for its socket (moby v20.10 plugin/manager.go HandleExitEvent: restart
+    is set from the start of enable), which would start it again, and log the same line again, for the 12.5 s
+    that wait lasts."""
+    print(f"vxnet: {exc}", file=sys.stderr, flush=True)
+    if os.getpid() == 1:
+        stop = {signal.SIGTERM, signal.SIGINT}
+        signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+        signal.sigwait(stop)
+    return 2
+
+
 def main(environ: Optional[Mapping[str, str]] = None) -> int:
     environ = os.environ if environ is None else environ
     try:
         settings = config.load(environ)
     except ConfigError as exc:
-        print(f"vxnet: {exc}", file=sys.stderr)
-        return 2
+        return _refuse(exc)
     # stdout: dockerd logs a managed plugin's stderr at level=error, so info lines there would read as errors.
     logging.basicConfig(level=settings.log_level_number, stream=sys.stdout,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -299,8 +316,7 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
                                lambda: compat.check(kv, version.current(), settings.key_prefix))).start()
         server.run()
     except ConfigError as exc:
-        print(f"vxnet: {exc}", file=sys.stderr)
-        return 2
+        return _refuse(exc)
     except SystemExit:
         if fatal:
             log.error("stopping: %s", fatal[0])
