@@ -117,10 +117,9 @@ def all_talk(swarm: Swarm, placed: Dict[str, tuple]) -> None:
                 wait_ping(src, placed[src.name][0], ip, timeout=30)
 
 
-def test_install_from_a_registry_then_a_rolling_upgrade_loses_no_flow(hosts, etcd, registry, request):
+def test_install_from_a_registry_then_a_rolling_upgrade_loses_no_flow(hosts, etcd, registry):
     h1, h2, h3 = hosts(3)
     nodes = [h1, h2, h3]
-    request.node.vxnet_hosts = nodes
 
     # -- push x and x+1 (one build, two version files) ---------------------------------------------------------
     push_x = push(h1, X)
@@ -132,7 +131,33 @@ def test_install_from_a_registry_then_a_rolling_upgrade_loses_no_flow(hosts, etc
     with open(os.path.join(REPO, "build", f"plugin-{Y}", "rootfs", "opt", "vxnet", "VERSION")) as f:
         assert f.read().strip() == Y
 
-    # -- install on every node, settings on the command line -----------------------------------------------------
+    # -- a Swarm first (as an operator would: the nodes exist), then the plugin on every node ---------------------
+    swarm = Swarm(h1, [h2, h3], plugin=REF_X).init()
+    try:
+        upgrade_a_swarm(swarm, etcd, registry, rootfs_bytes, push_x, push_y)
+    except BaseException:
+        swarm.failed = True
+        swarm.teardown()
+        raise
+    wait_clean(nodes, etcd)
+    for host in nodes:
+        host.docker("plugin", "disable", REF_X, timeout=60)
+        host.docker("plugin", "rm", REF_X, timeout=60)
+        assert host.docker("plugin", "ls", "-q").stdout.split() == []
+        plugins_dir = host.path("/var/lib/docker/plugins")
+        left = [name for name in os.listdir(plugins_dir) if name not in ("storage", "tmp")]
+        assert left == [], f"{host.name}: {plugins_dir} still holds {left}"
+        mounts = host.run(["cat", "/proc/self/mountinfo"]).stdout
+        assert "/var/lib/docker/plugins/" not in mounts, mounts
+    wait_clean(nodes, etcd)
+
+
+def upgrade_a_swarm(swarm: Swarm, etcd, registry, rootfs_bytes: int, push_x: float, push_y: float) -> None:
+    """Install x everywhere, a network and a service, upgrade node by node to x+1 under ping, a mixed cluster's
+    new tasks, then the service and the network gone and every node out of the Swarm."""
+    nodes = swarm.hosts
+    h1, h2, h3 = nodes
+
     def timed_install(host: Host) -> float:
         started = time.monotonic()
         install(host, REF_X, *plugin_settings(host, etcd.url, "VXNET_SCOPE=global"))
@@ -158,81 +183,64 @@ def test_install_from_a_registry_then_a_rolling_upgrade_loses_no_flow(hosts, etc
     assert (record["major"], record["minor"]) == (schema.SCHEMA_MAJOR, schema.SCHEMA_MINOR)
 
     # -- a Swarm network by the plugin's full reference, a 3-replica service across the nodes --------------------
-    swarm = Swarm(h1, [h2, h3], plugin=REF_X).init()
-    try:
-        swarm.create_network("net", "--subnet", "10.200.90.0/24")
-        swarm.wait_network("net")
-        swarm.create_service("svc", "--network", "net", "--replicas", "3", "--replicas-max-per-node", "1",
-                             *SLEEPER)
-        placed = tasks_ips(swarm, "svc", "net")
-        all_talk(swarm, placed)
+    swarm.create_network("net", "--subnet", "10.200.90.0/24")
+    swarm.wait_network("net")
+    swarm.create_service("svc", "--network", "net", "--replicas", "3", "--replicas-max-per-node", "1",
+                         *SLEEPER)
+    placed = tasks_ips(swarm, "svc", "net")
+    all_talk(swarm, placed)
 
-        # -- upgrade node by node while a cross-host ping runs through the node being upgraded ------------------
-        for i, node in enumerate(nodes):
-            peer = nodes[(i + 1) % len(nodes)]
-            cid = placed[node.name][0]
-            log = f"/tmp/ping-{node.name}.log"
-            start_ping(node, cid, placed[peer.name][1], log)
-            started = time.monotonic()
-            node.docker("plugin", "disable", "-f", REF_X, timeout=60)
-            # --skip-remote-check: the remote (x+1) is not the reference the plugin was installed from (x), and
-            # the CLI would otherwise ask for a confirmation on its standard input.
-            node.docker("plugin", "upgrade", "--grant-all-permissions", "--skip-remote-check", REF_X, REF_Y,
-                        timeout=300)
-            node.docker("plugin", "enable", REF_X, timeout=120)
-            took = time.monotonic() - started
-            wait_until(lambda node=node: host_record(etcd, node).get("version") == Y, 30,
-                       f"{node.name}'s host record to carry version {Y}")
-            wait_ping(node, cid, placed[peer.name][1], timeout=30)
-            sent, received = stop_ping(node, cid, log)
-            lost = (sent - received) * PING_INTERVAL
-            print(f"upgrade {node.name}: disable, upgrade, enable in {took:.1f} s; ping {received}/{sent}, "
-                  f"{lost:.1f} s lost")
-            # Positive control: the ping ran across the whole upgrade and was answered.
-            assert sent >= took / PING_INTERVAL * 0.8 and received > 0, (sent, received, took)
-            assert lost <= MAX_LOST_SECONDS, f"{node.name}: {sent - received} of {sent} pings lost across upgrade"
+    # -- upgrade node by node while a cross-host ping runs through the node being upgraded ------------------
+    for i, node in enumerate(nodes):
+        peer = nodes[(i + 1) % len(nodes)]
+        cid = placed[node.name][0]
+        log = f"/tmp/ping-{node.name}.log"
+        start_ping(node, cid, placed[peer.name][1], log)
+        started = time.monotonic()
+        node.docker("plugin", "disable", "-f", REF_X, timeout=60)
+        # --skip-remote-check: the remote (x+1) is not the reference the plugin was installed from (x), and
+        # the CLI would otherwise ask for a confirmation on its standard input.
+        node.docker("plugin", "upgrade", "--grant-all-permissions", "--skip-remote-check", REF_X, REF_Y,
+                    timeout=300)
+        node.docker("plugin", "enable", REF_X, timeout=120)
+        took = time.monotonic() - started
+        wait_until(lambda node=node: host_record(etcd, node).get("version") == Y, 30,
+                   f"{node.name}'s host record to carry version {Y}")
+        wait_ping(node, cid, placed[peer.name][1], timeout=30)
+        sent, received = stop_ping(node, cid, log)
+        lost = (sent - received) * PING_INTERVAL
+        print(f"upgrade {node.name}: disable, upgrade, enable in {took:.1f} s; ping {received}/{sent}, "
+              f"{lost:.1f} s lost")
+        # Positive control: the ping ran across the whole upgrade and was answered.
+        assert sent >= took / PING_INTERVAL * 0.8 and received > 0, (sent, received, took)
+        assert lost <= MAX_LOST_SECONDS, f"{node.name}: {sent - received} of {sent} pings lost across upgrade"
 
-            plugin = inspect(node, REF_X)
-            # dockerd keeps the plugin's name (and so every network's driver name) and its settings; only the
-            # reference it came from changes.
-            assert plugin["Name"] == REF_X and plugin["PluginReference"] == REF_Y and plugin["Enabled"] is True
-            assert f"ETCD_ENDPOINTS={etcd.url}" in plugin["Settings"]["Env"]
-            # Peers and addresses kept: the same task, the same address.
-            assert addresses(node, cid)["net"] == placed[node.name][1]
+        plugin = inspect(node, REF_X)
+        # dockerd keeps the plugin's name (and so every network's driver name) and its settings; only the
+        # reference it came from changes.
+        assert plugin["Name"] == REF_X and plugin["PluginReference"] == REF_Y and plugin["Enabled"] is True
+        assert f"ETCD_ENDPOINTS={etcd.url}" in plugin["Settings"]["Env"]
+        # Peers and addresses kept: the same task, the same address.
+        assert addresses(node, cid)["net"] == placed[node.name][1]
 
-            if i == 0:
-                # -- the mixed cluster (this node on x+1, the others on x) attaches new tasks that talk ---------
-                swarm.create_service("late", "--network", "net", "--replicas", "3", "--replicas-max-per-node",
-                                     "1", *SLEEPER)
-                all_talk(swarm, tasks_ips(swarm, "late", "net"))
-                swarm.remove_services("late")
+        if i == 0:
+            # -- the mixed cluster (this node on x+1, the others on x) attaches new tasks that talk ---------
+            swarm.create_service("late", "--network", "net", "--replicas", "3", "--replicas-max-per-node",
+                                 "1", *SLEEPER)
+            all_talk(swarm, tasks_ips(swarm, "late", "net"))
+            swarm.remove_services("late")
 
-        all_talk(swarm, placed)
-        for host in nodes:
-            assert build_version(host) == Y
-            reported = vxnet_version(host)
-            assert reported["command"] == X and [p["version"] for p in reported["plugins"]] == [Y], reported
-
-        # -- networks gone, then `docker plugin rm` leaves nothing ------------------------------------------------
-        swarm.remove_services("svc")
-        swarm.remove_network("net")
-        errors = swarm.teardown()
-        assert not errors, errors
-    except BaseException:
-        swarm.failed = True
-        swarm.teardown()
-        raise
-    wait_clean(nodes, etcd)
+    all_talk(swarm, placed)
     for host in nodes:
-        host.docker("plugin", "disable", REF_X, timeout=60)
-        host.docker("plugin", "rm", REF_X, timeout=60)
-        assert host.docker("plugin", "ls", "-q").stdout.split() == []
-        plugins_dir = host.path("/var/lib/docker/plugins")
-        left = [name for name in os.listdir(plugins_dir) if name not in ("storage", "tmp")]
-        assert left == [], f"{host.name}: {plugins_dir} still holds {left}"
-        mounts = host.run(["cat", "/proc/self/mountinfo"]).stdout
-        assert "/var/lib/docker/plugins/" not in mounts, mounts
-    wait_clean(nodes, etcd)
+        assert build_version(host) == Y
+        reported = vxnet_version(host)
+        assert reported["command"] == X and [p["version"] for p in reported["plugins"]] == [Y], reported
+
+    # -- networks gone, then `docker plugin rm` leaves nothing ------------------------------------------------
+    swarm.remove_services("svc")
+    swarm.remove_network("net")
+    errors = swarm.teardown()
+    assert not errors, errors
 
 
 def vxnet_settings(host: Host) -> dict:
