@@ -285,3 +285,11 @@ def test_a_bad_setting_leaves_the_plugin_disabled_and_is_named(hosts, registry):
     host.docker("network", "rm", "ok")
     host.docker("plugin", "disable", REF_X, timeout=60)
     host.docker("plugin", "rm", REF_X, timeout=60)
+    # The README's advice: `--alias vxnet` keeps the version out of the name networks use.
+    host.docker("plugin", "install", "--grant-all-permissions", "--alias", "vxnet", REF_X, *base, timeout=300)
+    assert inspect(host, "vxnet")["Name"] == "vxnet:latest"
+    host.docker("network", "create", "-d", "vxnet", "--ipam-driver", "vxnet", "--subnet", "10.200.91.0/24", "ok")
+    assert host.docker("network", "inspect", "--format", "{{.Driver}}", "ok").stdout.strip() == "vxnet"
+    host.docker("network", "rm", "ok")
+    host.docker("plugin", "disable", "vxnet", timeout=60)
+    host.docker("plugin", "rm", "vxnet", timeout=60)
