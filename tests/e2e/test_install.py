@@ -288,8 +288,12 @@ def test_a_bad_setting_leaves_the_plugin_disabled_and_is_named(hosts, registry):
     # The README's advice: `--alias vxnet` keeps the version out of the name networks use.
     host.docker("plugin", "install", "--grant-all-permissions", "--alias", "vxnet", REF_X, *base, timeout=300)
     assert inspect(host, "vxnet")["Name"] == "vxnet:latest"
-    host.docker("network", "create", "-d", "vxnet", "--ipam-driver", "vxnet", "--subnet", "10.200.91.0/24", "ok")
-    assert host.docker("network", "inspect", "--format", "{{.Driver}}", "ok").stdout.strip() == "vxnet"
+    # The full reference, even here: `vxnet` is not `vxnet:latest` to libnetwork (the README says so).
+    refused = host.docker("network", "create", "-d", "vxnet", "--subnet", "10.200.91.0/24", "no", check=False)
+    assert refused.returncode != 0 and "could not resolve driver vxnet" in refused.stderr, refused.stderr
+    host.docker("network", "create", "-d", "vxnet:latest", "--ipam-driver", "vxnet:latest", "--subnet",
+                "10.200.91.0/24", "ok")
+    assert host.docker("network", "inspect", "--format", "{{.Driver}}", "ok").stdout.strip() == "vxnet:latest"
     host.docker("network", "rm", "ok")
-    host.docker("plugin", "disable", "vxnet", timeout=60)
-    host.docker("plugin", "rm", "vxnet", timeout=60)
+    host.docker("plugin", "disable", "vxnet:latest", timeout=60)
+    host.docker("plugin", "rm", "vxnet:latest", timeout=60)
