@@ -131,6 +131,25 @@ def _start_control_plane(driver: NetworkDriver, lease: HostLease, watcher: PeerW
         delay = min(delay * 2, 5.0)
 
 
+# The schema asked before the socket opens: dockerd gives the socket 12.5 s, so one short round, no more.
+LAYOUT_PRECHECK_TIMEOUT = 1.0
+
+
+def _layout_before_socket(settings: config.Settings) -> None:
+    """A shared etcd holding a store of a schema this vxnet cannot read: refuse like a bad setting (no socket,
+    the plugin left disabled, the reason in dockerd's log once) rather than serve and then stop, which dockerd
+    answers by starting the plugin again and again. An etcd that does not answer yet is the start-up thread's
+    to wait for (it checks again before anything else: _start_control_plane)."""
+    kv = EtcdKV(settings.etcd_endpoints, ca=settings.etcd_ca, cert=settings.etcd_cert, key=settings.etcd_key,
+                timeout=LAYOUT_PRECHECK_TIMEOUT)
+    try:
+        compat.check(kv, version.current(), settings.key_prefix)
+    except SchemaTooNew as exc:
+        raise ConfigError(str(exc)) from None
+    except VxnetError as exc:
+        log.info("store schema not checked before the socket (%s): checked once etcd answers", exc)
+
+
 def _refuse(exc: ConfigError) -> int:
     """A setting the plugin cannot run with: one line naming it and why, on stderr (dockerd logs a managed plugin's
     stderr at level=error, with plugin=<id>), and no socket, so that `docker plugin enable` fails and leaves the
@@ -211,6 +230,8 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
         kv = EtcdKV(endpoints or (f"http://127.0.0.1:{settings.embedded_etcd_port}",), ca=settings.etcd_ca,
                     cert=settings.etcd_cert, key=settings.etcd_key)
         store = NetworkStore(kv, settings.key_prefix)
+        if not settings.embedded:
+            _layout_before_socket(settings)
         try:
             libnftables.require()  # without it no anti-spoofing or isolation: refuse to start, saying why
         except libnftables.NftablesError as exc:

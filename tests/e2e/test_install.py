@@ -297,3 +297,31 @@ def test_a_bad_setting_leaves_the_plugin_disabled_and_is_named(hosts, registry):
     host.docker("network", "rm", "ok")
     host.docker("plugin", "disable", "vxnet:latest", timeout=60)
     host.docker("plugin", "rm", "vxnet:latest", timeout=60)
+
+
+def test_a_store_of_a_newer_schema_major_is_refused_naming_both_versions(hosts, registry, etcd):
+    (host,) = hosts(1)
+    push(host, X, "--no-latest")
+    key = schema.Schema().schema_record()
+    newer = schema.SCHEMA_MAJOR + 1
+    etcd.put(key, json.dumps({"major": newer, "minor": 0, "written_by": f"{newer}.0.0"}))
+    settings = plugin_settings(host, etcd.url, "VXNET_SCOPE=local")
+    proc = install(host, REF_X, *settings, check=False)
+    assert proc.returncode != 0 and inspect(host, REF_X)["Enabled"] is False, proc.stderr
+    line = (f"vxnet: the etcd store under {schema.PREFIX} is schema {newer}.0 (written by vxnet {newer}.0.0); "
+            f"this plugin, vxnet {X}, reads schema {schema.SCHEMA_MAJOR}.x only")
+    logged = [entry for entry in open(os.path.join(host.dir, "logs", "dockerd.log"), errors="replace")
+              if line in entry]
+    assert len(logged) == 1, logged
+    assert not etcd.keys(schema.PREFIX + "/hosts/")  # it wrote nothing
+    assert json.loads(etcd.get(key))["major"] == newer
+    # Positive control: the same plugin against a store of its own major enables and registers.
+    etcd.put(key, json.dumps({"major": schema.SCHEMA_MAJOR, "minor": 0, "written_by": "0.0.1"}))
+    host.docker("plugin", "enable", REF_X, timeout=120)
+    assert inspect(host, REF_X)["Enabled"] is True
+    wait_until(lambda: host_record(etcd, host).get("version") == X, 30, f"{host.name}'s host record")
+    # An older minor of the same major is read, and raised to this plugin's.
+    assert json.loads(etcd.get(key)) == {"major": schema.SCHEMA_MAJOR, "minor": schema.SCHEMA_MINOR,
+                                         "written_by": X}
+    host.docker("plugin", "disable", REF_X, timeout=60)
+    host.docker("plugin", "rm", REF_X, timeout=60)
