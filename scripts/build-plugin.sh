@@ -245,4 +245,4 @@ fi
 if [ "$enable" = 1 ] && ! docker plugin enable "$NAME" >/dev/null; then
   die "$NAME did not start: its output is in dockerd's log, on lines with plugin=$(docker plugin inspect --format '{{.Id}}' "$NAME")"
 fi
-say "done in $(since "$started")s: $NAME (vxnet $VERSION) $(docker plugin inspect --format '{{if .Enabled}}enabled{{else}}disabled{{end}} (id {{printf "%.12s" .Id}})' "$NAME")"
+say "done in $(since "$started")s: $NAME $(docker plugin inspect --format '{{if .Enabled}}enabled{{else}}disabled{{end}} (id {{printf "%.12s" .Id}}' "$NAME"), vxnet $VERSION)"
