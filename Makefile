@@ -6,7 +6,7 @@ N ?= 3
 # Every test layer; tests/ipsec joins when it exists.
 TEST_DIRS := tests/unit tests/kernel tests/e2e $(wildcard tests/ipsec)
 
-.PHONY: deps lint test test-unit test-kernel test-scale test-e2e test-ipsec run clean-run hosts-up hosts-down plugin bench
+.PHONY: deps lint test test-unit test-kernel test-scale test-e2e test-ipsec run clean-run hosts-up hosts-down plugin push bench
 
 deps:
 	scripts/install-deps.sh
@@ -42,10 +42,20 @@ test-ipsec: deps
 bench: deps
 	$(PYTHON) -m bench $(BENCH_ARGS)
 
-# The managed plugin: build/plugin/ (config.json + rootfs/), installed and enabled as vxnet:latest on the engine
-# of DOCKER_HOST. Settings: make plugin PLUGIN_SETTINGS="VXNET_SCOPE=local"
+# The managed plugin: build/plugin-<version>/ (config.json + rootfs/), installed and enabled as vxnet:latest on the
+# engine of DOCKER_HOST. Settings: make plugin PLUGIN_SETTINGS="VXNET_SCOPE=local". The version is pyproject.toml's
+# [project] version unless VERSION=x.y.z is given (the tree is not changed; build/plugin-x.y.z/ differs from the
+# others only in its /opt/vxnet/VERSION).
+VERSION ?=
 plugin: deps
-	scripts/build-plugin.sh $(PLUGIN_SETTINGS)
+	VXNET_VERSION=$(VERSION) scripts/build-plugin.sh $(PLUGIN_SETTINGS)
+
+# Push it to a registry as PLUGIN_REPO:<version> and PLUGIN_REPO:latest (docker plugin push from the engine of
+# DOCKER_HOST, which keeps no copy): make push PLUGIN_REPO=host:port/vxnet [VERSION=x.y.z]. Then on each node:
+# docker plugin install --grant-all-permissions PLUGIN_REPO:<version> ETCD_ENDPOINTS=... (README, Swarm).
+push: deps
+	@test -n "$(PLUGIN_REPO)" || { echo "make push: give PLUGIN_REPO=host:port/vxnet (or USER/vxnet)" >&2; exit 2; }
+	VXNET_VERSION=$(VERSION) scripts/push-plugin.sh $(PLUGIN_REPO)
 
 # The demo on this machine (not in a simulated host): dockerd if none answers, the plugin with its embedded
 # etcd, network vxnet-demo with two containers, the vxnet command in /usr/local/bin. `make clean-run` removes

@@ -239,7 +239,9 @@ def etcd_results(answers) -> Tuple[List[Result], bool]:
 
 
 # -- the plugin's socket ----------------------------------------------------------------------------------------
-class _UnixConnection(http.client.HTTPConnection):
+class UnixConnection(http.client.HTTPConnection):
+    """HTTP over a unix socket (the plugin's): `vxnet doctor` and `vxnet version` ask on it."""
+
     def __init__(self, path: str, timeout: float):
         super().__init__("localhost", timeout=timeout)
         self._path = path
@@ -272,7 +274,7 @@ def check_socket(configured: str, timeout: float = SOCKET_TIMEOUT, managed_dir: 
                     "socket: VXNET_SOCKET=PATH")
     errors = []
     for path in found:
-        conn = _UnixConnection(path, timeout)
+        conn = UnixConnection(path, timeout)
         started = time.monotonic()
         try:
             conn.request("POST", "/Plugin.Activate", body=b"{}", headers={"Content-Type": "application/json"})

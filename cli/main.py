@@ -8,6 +8,8 @@ flows`, whose log only the running plugin holds).
     vxnet keys status|rotate|prune the IPsec key ring
     vxnet policy allow|ls|rm       allow rules inside a network
     vxnet flows NETWORK            the verdicts of its policy on this host (asks the plugin: VXNET_METRICS_ADDR)
+    vxnet settings [--json]        the vxnet plugins on this engine, their settings checked as the plugin does
+    vxnet version [--json]         this command's version and the plugin's (asked on its socket)
 
 Exit status: 0 healthy, 1 a problem found, 2 could not run.
 """
@@ -22,7 +24,7 @@ from cli import context
 from wire.errors import ConfigError, VxnetError
 
 # Each is a module of this package with register(subparsers, common) (cli/context.py).
-COMMANDS: Sequence[str] = ("status", "doctor", "gc", "keys", "policy", "flows")
+COMMANDS: Sequence[str] = ("status", "doctor", "gc", "keys", "policy", "flows", "settings", "version")
 
 
 def parser() -> argparse.ArgumentParser:

@@ -11,7 +11,7 @@ from netdriver.options import VNI_AUTO_BASE, VNI_MAX
 from store import schema
 from store.kv import KV, NO_GUARD, Guard
 from store.schema import SWARM_HOLDER
-from wire import protocol
+from wire import protocol, version
 from wire.errors import Conflict, Exhausted
 
 log = logging.getLogger(__name__)
@@ -19,7 +19,6 @@ log = logging.getLogger(__name__)
 _RETRIES = 32
 # etcd's default --max-txn-ops: a transaction with more operations is refused ("too many operations in txn").
 TXN_PUTS = 128
-VERSION = "0.1.0"
 
 
 def _well_formed(network_id: str, endpoint_id: Optional[str] = None) -> bool:
@@ -326,12 +325,13 @@ class NetworkStore:
         return self.kv.get(self.keys.host(host))
 
     def register_host(self, host: str, record: dict, lease: int, expect_revision: int) -> bool:
-        """Write hosts/<host> = record + version under lease, only if the key is still at expect_revision (0: absent):
-        the compare makes two hosts claiming one ID at once unable to both win. False: it changed meanwhile.
+        """Write hosts/<host> = record + this plugin's version (wire/version.py) under lease, only if the key is
+        still at expect_revision (0: absent): the compare makes two hosts claiming one ID at once unable to both
+        win. False: it changed meanwhile.
         departed/<host> goes in the same transaction: a host that is back is no longer gone, and what it holds is
         no longer the garbage collector's (netdriver/gc.py)."""
         return self.kv.commit(revisions={self.keys.host(host): expect_revision},
-                              puts={self.keys.host(host): json.dumps({**record, "version": VERSION})},
+                              puts={self.keys.host(host): json.dumps({**record, "version": version.current()})},
                               deletes=[self.keys.departed(host)], lease=lease)
 
     def hosts(self) -> dict:

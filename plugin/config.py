@@ -242,6 +242,9 @@ class ClientSettings:
     # plugin reads it (None: set empty, the plugin serves neither). 0.0.0.0 or :: (every address) is asked on
     # loopback.
     metrics_addr: Optional[Tuple[str, int]] = Settings.metrics_addr
+    # The Docker engine of this host (`vxnet settings` lists the plugins installed there): DOCKER_HOST, as the
+    # docker CLI reads it, else the engine's default socket.
+    engine: str = "unix:///run/docker.sock"
 
 
 def _is_ipv4(text: str) -> bool:
@@ -270,7 +273,9 @@ def load_client(environ: Mapping[str, str]) -> ClientSettings:
     if get("VXNET_ADVERTISE_ADDR") and not _is_ipv4(get("VXNET_ADVERTISE_ADDR")):
         raise ConfigError(f"VXNET_ADVERTISE_ADDR: {get('VXNET_ADVERTISE_ADDR')!r} is not an IPv4 address")
     metrics = environ.get("VXNET_METRICS_ADDR")
+    engine = parse_docker_host("DOCKER_HOST", get("DOCKER_HOST")) if get("DOCKER_HOST") else ClientSettings.engine
     return ClientSettings(
+        engine=engine or ClientSettings.engine,
         metrics_addr=(Settings.metrics_addr if metrics is None
                       else parse_listen_address("VXNET_METRICS_ADDR", metrics.strip())),
         etcd_endpoints=endpoints,

@@ -15,12 +15,15 @@ from typing import Mapping
 from flask import Flask, Response, request
 
 from plugin.routes import ROUTES
+from store.schema import SCHEMA_MAJOR, SCHEMA_MINOR
 from telemetry.metrics import PLUGIN_CALL_SECONDS, PLUGIN_CALLS
+from wire import version
 from wire.errors import InvalidRequest, VxnetError
 
 log = logging.getLogger(__name__)
 
 CONTENT_TYPE = "application/vnd.docker.plugins.v1+json"
+VERSION_PATH = "/vxnet/version"  # GET; outside the protocol's /<Receiver>.<Method> names, so it can clash with none
 
 
 def _reply(body: dict, status: int = 200) -> Response:
@@ -38,6 +41,12 @@ def make_app(drivers: Mapping[str, object]) -> Flask:
     @app.post("/Plugin.Activate")
     def activate():
         return _reply({"Implements": [name for name in drivers]})
+
+    @app.get(VERSION_PATH)
+    def version_info():
+        """Not a call dockerd makes: `vxnet version` asks which vxnet answers on this socket.
+        Reply: {"Version": "0.2.0", "Schema": "1.1"} (wire/version.py, store/schema.py SCHEMA_MAJOR/MINOR)."""
+        return _reply({"Version": version.current(), "Schema": f"{SCHEMA_MAJOR}.{SCHEMA_MINOR}"})
 
     @app.route("/<path:call>", methods=["GET", "POST", "PUT", "DELETE"])
     def dispatch(call: str):

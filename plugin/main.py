@@ -48,8 +48,10 @@ from plugin.embedded_etcd import EmbeddedEtcd
 from plugin.endpoint_identity import DockerEngine, IdentityWriter
 from plugin.http import make_app
 from plugin.routes import IPAM, NETWORK
+from store import compat, schema
 from store.kvstore import EtcdKV
-from wire.errors import ConfigError, HostIdConflict, StoreUnavailable, VxnetError
+from wire import version
+from wire.errors import ConfigError, HostIdConflict, SchemaTooNew, StoreUnavailable, VxnetError
 
 log = logging.getLogger("vxnet")
 
@@ -81,16 +83,19 @@ def _start_control_plane(driver: NetworkDriver, lease: HostLease, watcher: PeerW
                          rotator: Optional[Background] = None, collector: Optional[Background] = None,
                          on_fatal: Callable[[Exception], None] = lambda exc: None,
                          health: Optional[HealthOverlay] = None, healing: Optional[Background] = None,
-                         rules: Optional[Background] = None) -> None:
+                         rules: Optional[Background] = None,
+                         layout: Callable[[], object] = lambda: None) -> None:
     """Once etcd answers: reconcile the kernel, then keep the host lease and the peer watch running (after the
     key ring watcher and the rotator, so the ring is usually read before peers arrive; with the policy rule
     watch, rules, beside it: the policy engine applies nothing before both have been read). Keeps trying while etcd
     is still starting or down; then the self-healing reconciler (healing), once the kernel is right; stops at once,
     through on_fatal, if another live host holds this host's ID
-    (retrying cannot fix that, and serving would act as the other host)."""
+    (retrying cannot fix that, and serving would act as the other host), or if layout() (store/compat.py check:
+    before anything is read or written) finds a store of a schema this version cannot read."""
     delay = 0.2
     while not stop.is_set():
         try:
+            layout()
             lease.acquire()
             problems = driver.reconcile()
             if problems:
@@ -112,7 +117,7 @@ def _start_control_plane(driver: NetworkDriver, lease: HostLease, watcher: PeerW
             if healing is not None:
                 healing.start()
             return
-        except HostIdConflict as exc:
+        except (HostIdConflict, SchemaTooNew) as exc:
             log.error("%s", exc)
             on_fatal(exc)
             return
@@ -126,13 +131,49 @@ def _start_control_plane(driver: NetworkDriver, lease: HostLease, watcher: PeerW
         delay = min(delay * 2, 5.0)
 
 
+# The schema asked before the socket opens: dockerd gives the socket 12.5 s, so one short round, no more.
+LAYOUT_PRECHECK_TIMEOUT = 1.0
+
+
+def _layout_before_socket(settings: config.Settings) -> None:
+    """A shared etcd holding a store of a schema this vxnet cannot read: refuse like a bad setting (no socket,
+    the plugin left disabled, the reason in dockerd's log once) rather than serve and then stop, which dockerd
+    answers by starting the plugin again and again. An etcd that does not answer yet is the start-up thread's
+    to wait for (it checks again before anything else: _start_control_plane)."""
+    kv = EtcdKV(settings.etcd_endpoints, ca=settings.etcd_ca, cert=settings.etcd_cert, key=settings.etcd_key,
+                timeout=LAYOUT_PRECHECK_TIMEOUT)
+    try:
+        compat.check(kv, version.current(), settings.key_prefix)
+    except SchemaTooNew as exc:
+        raise ConfigError(str(exc)) from None
+    except VxnetError as exc:
+        log.info("store schema not checked before the socket (%s): checked once etcd answers", exc)
+
+
+def _refuse(exc: ConfigError) -> int:
+    """A setting the plugin cannot run with: one line naming it and why, on stderr (dockerd logs a managed plugin's
+    stderr at level=error, with plugin=<id>), and no socket, so that `docker plugin enable` fails and leaves the
+    plugin disabled (dockerd 20.10 marks a plugin enabled as soon as its socket accepts, whatever it answers:
+    docs/install.md). Exit status 2.
+
+    As a managed plugin (PID 1 of its container) it first waits for dockerd's SIGTERM: dockerd restarts a plugin
+    that exits while `enable` still waits for its socket (moby v20.10 plugin/manager.go HandleExitEvent restarts
+    when the controller's restart flag is set, and enable sets it before starting the plugin), which would start
+    it again, and log the same line again, for the 12.5 s that wait lasts (0.5 s, then four dials 3 s apart)."""
+    print(f"vxnet: {exc}", file=sys.stderr, flush=True)
+    if os.getpid() == 1:
+        stop = {signal.SIGTERM, signal.SIGINT}
+        signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+        signal.sigwait(stop)
+    return 2
+
+
 def main(environ: Optional[Mapping[str, str]] = None) -> int:
     environ = os.environ if environ is None else environ
     try:
         settings = config.load(environ)
     except ConfigError as exc:
-        print(f"vxnet: {exc}", file=sys.stderr)
-        return 2
+        return _refuse(exc)
     # stdout: dockerd logs a managed plugin's stderr at level=error, so info lines there would read as errors.
     logging.basicConfig(level=settings.log_level_number, stream=sys.stdout,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -189,6 +230,8 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
         kv = EtcdKV(endpoints or (f"http://127.0.0.1:{settings.embedded_etcd_port}",), ca=settings.etcd_ca,
                     cert=settings.etcd_cert, key=settings.etcd_key)
         store = NetworkStore(kv, settings.key_prefix)
+        if not settings.embedded:
+            _layout_before_socket(settings)
         try:
             libnftables.require()  # without it no anti-spoofing or isolation: refuse to start, saying why
         except libnftables.NftablesError as exc:
@@ -266,6 +309,7 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
             metrics.start()
         server = waitress.create_server(make_app({NETWORK: net, IPAM: ipam}), unix_socket=settings.socket_path,
                                         unix_socket_perms="660", threads=8, ident="vxnet")
+        log.info("vxnet %s (etcd schema %d.%d)", version.current(), schema.SCHEMA_MAJOR, schema.SCHEMA_MINOR)
         log.info("listening on %s host=%s id-from=%s vtep=%s underlay-mtu=%d scope=%s etcd=%s", settings.socket_path,
                  me, me.source, underlay.address, underlay.mtu, choice.scope, ",".join(kv.endpoints) +
                  (" (embedded)" if embedded else ""))
@@ -289,11 +333,11 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
             embedded.start()
         threading.Thread(target=_start_control_plane, name="start-up", daemon=True,
                          args=(net, lease, watcher, stop, keyring, rotator, collector, on_fatal, health,
-                               healing, rules)).start()
+                               healing, rules,
+                               lambda: compat.check(kv, version.current(), settings.key_prefix))).start()
         server.run()
     except ConfigError as exc:
-        print(f"vxnet: {exc}", file=sys.stderr)
-        return 2
+        return _refuse(exc)
     except SystemExit:
         if fatal:
             log.error("stopping: %s", fatal[0])

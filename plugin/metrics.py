@@ -38,8 +38,8 @@ from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
 
 from kernel import names
 from netdriver.isolation import ANTI_SPOOFING, ISOLATION
-from netdriver.store import VERSION
 from telemetry import metrics as m
+from wire import version
 from wire.errors import ConfigError, KernelError
 
 log = logging.getLogger(__name__)
@@ -181,7 +181,7 @@ class Collector:
 
 
 def set_build_info() -> None:
-    m.BUILD_INFO.info({"version": VERSION, "python": platform.python_version()})
+    m.BUILD_INFO.info({"version": version.current(), "python": platform.python_version()})
 
 
 class _Quiet(WSGIRequestHandler):

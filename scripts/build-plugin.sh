@@ -4,25 +4,33 @@
 #   1. the rootfs image from ./Dockerfile: on debian:bookworm-slim when the engine has it, else on a base made
 #      here with debootstrap (cached in build/plugin-base/); Python dependencies from wheels downloaded here
 #      (build/plugin-wheels/), so nothing inside the build needs Docker Hub, Debian's mirror or PyPI;
-#   2. build/plugin/ = config.json + rootfs/ (docker export of the image): `docker plugin create NAME build/plugin`
-#      installs it on any other engine;
-#   3. docker plugin rm -f NAME (if present), create, set KEY=VALUE..., enable.
+#   2. build/plugin/ = config.json + rootfs/ (docker export of the image), the same for every version;
+#   3. build/plugin-<version>/ = config.json + the same rootfs as hard links, with its own /opt/vxnet/VERSION (the
+#      only file two versions of one tree differ in; wire/version.py reads it): `docker plugin create NAME
+#      build/plugin-<version>` installs it on any other engine, scripts/push-plugin.sh pushes it;
+#   4. docker plugin rm -f NAME (if present), create, set KEY=VALUE..., enable.
 # A re-run whose inputs (code, Dockerfile, requirements, base) did not change skips 1-2 and only re-installs.
+# The version: pyproject.toml's [project] version, or VXNET_VERSION (`make plugin VERSION=0.2.0`); pyproject.toml
+# itself is never changed.
 #
 # Usage: scripts/build-plugin.sh [--rebuild] [--no-install] [--no-enable] [KEY=VALUE ...]
 #   KEY=VALUE    plugin settings (config.json env) applied before enabling, e.g. VXNET_SCOPE=local
 #   --rebuild    build and export even if build/plugin/ is up to date
-#   --no-install only build build/plugin/
+#   --no-install only build build/plugin/ and build/plugin-<version>/
 #   --no-enable  create (and set) the plugin, leave it disabled
-# Environment: DOCKER_HOST; VXNET_PLUGIN_NAME (default vxnet:latest); VXNET_PLUGIN_BASE (base image; default
-# debian:bookworm-slim if the engine has it, else the local debootstrap one); VXNET_DEBIAN_MIRROR (for
-# debootstrap; default http://deb.debian.org/debian).
+# Environment: DOCKER_HOST; VXNET_VERSION (default: pyproject's); VXNET_PLUGIN_NAME (default vxnet:latest);
+# VXNET_PLUGIN_BASE (base image; default debian:bookworm-slim if the engine has it, else the local debootstrap
+# one); VXNET_DEBIAN_MIRROR (for debootstrap; default http://deb.debian.org/debian).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 NAME=${VXNET_PLUGIN_NAME:-vxnet:latest}
 IMAGE=vxnet-plugin-rootfs:latest
 OUT=build/plugin
+PYTHON=${PYTHON:-python3}
+# wire/version.py checks it (MAJOR.MINOR.PATCH[-PRERELEASE]: it becomes a Docker tag) and says why not.
+VERSION=$("$PYTHON" -m wire.version "${VXNET_VERSION:-}") || exit 2
+VOUT=build/plugin-$VERSION
 STAMP=build/plugin.inputs # digest of what build/plugin/rootfs was built from
 WHEELS=build/plugin-wheels
 BASE_DIR=build/plugin-base
@@ -32,7 +40,6 @@ PYVER=3.11 # bookworm's python3: the wheels must match it
 # The Dockerfile's APT_PACKAGES, put into the local base so that its apt step has nothing to fetch.
 BASE_PACKAGES=$(sed -n 's/^ARG APT_PACKAGES="\(.*\)"$/\1/p' Dockerfile)
 BASE_RECIPE=1 # bump when the base's recipe below changes
-PYTHON=${PYTHON:-python3}
 export DOCKER_BUILDKIT=0 # docker.io 20.10 has no buildx; the Dockerfile needs nothing newer
 
 rebuild=0 install=1 enable=1
@@ -199,9 +206,27 @@ else
   say "$OUT/rootfs is up to date ($(du -sh "$OUT/rootfs" | cut -f1))"
 fi
 cp config.json "$OUT/config.json"
+# The tree's own version in build/plugin/ (rm first: build/plugin-<version>/ may hold a hard link to the old one).
+rm -f "$OUT/rootfs/opt/vxnet/VERSION"
+"$PYTHON" -m wire.version >"$OUT/rootfs/opt/vxnet/VERSION"
+
+# build/plugin-<version>/: hard links (no second copy of the rootfs), its own VERSION file and config.json.
+want="$digest $VERSION $(sha256sum config.json | cut -c1-16)"
+if [ ! -d "$VOUT/rootfs" ] || [ "$(cat "$VOUT.inputs" 2>/dev/null || true)" != "$want" ]; then
+  rm -rf "$VOUT.new"
+  mkdir -p "$VOUT.new"
+  cp -al "$OUT/rootfs" "$VOUT.new/rootfs"
+  rm -f "$VOUT.new/rootfs/opt/vxnet/VERSION"
+  printf '%s\n' "$VERSION" >"$VOUT.new/rootfs/opt/vxnet/VERSION"
+  cp config.json "$VOUT.new/config.json"
+  rm -rf "$VOUT" "$VOUT.inputs"
+  mv "$VOUT.new" "$VOUT"
+  echo "$want" >"$VOUT.inputs"
+  say "$VOUT: vxnet $VERSION"
+fi
 flock -u 9
 
-[ "$install" = 1 ] || { say "done in $(since "$started")s: $OUT"; exit 0; }
+[ "$install" = 1 ] || { say "done in $(since "$started")s: $VOUT"; exit 0; }
 
 # --- install on the engine ------------------------------------------------------------------------------------
 if docker plugin inspect "$NAME" >/dev/null 2>&1; then
@@ -212,7 +237,7 @@ if docker plugin inspect "$NAME" >/dev/null 2>&1; then
   docker plugin rm -f "$NAME" >/dev/null
 fi
 t=$(now)
-docker plugin create "$NAME" "$OUT" >/dev/null
+docker plugin create "$NAME" "$VOUT" >/dev/null
 say "docker plugin create $NAME in $(since "$t")s"
 if [ ${#settings[@]} -gt 0 ]; then
   docker plugin set "$NAME" "${settings[@]}"
@@ -220,4 +245,4 @@ fi
 if [ "$enable" = 1 ] && ! docker plugin enable "$NAME" >/dev/null; then
   die "$NAME did not start: its output is in dockerd's log, on lines with plugin=$(docker plugin inspect --format '{{.Id}}' "$NAME")"
 fi
-say "done in $(since "$started")s: $NAME $(docker plugin inspect --format '{{if .Enabled}}enabled{{else}}disabled{{end}} (id {{printf "%.12s" .Id}})' "$NAME")"
+say "done in $(since "$started")s: $NAME $(docker plugin inspect --format '{{if .Enabled}}enabled{{else}}disabled{{end}} (id {{printf "%.12s" .Id}}' "$NAME"), vxnet $VERSION)"

@@ -9,9 +9,10 @@ set -euo pipefail
 # qemu-system-x86: tests/ipsec boots Debian's stock kernel (it has ESP, this machine's may not) under TCG; the kernel
 # package itself is fetched by the test with `apt-get download` into build/ipsec-guest/.
 # debootstrap: the managed plugin's base image where no registry serves one. docker-compose: the Compose tests.
+# docker-registry: the distribution registry tests/e2e/test_install.py pushes the plugin to and installs it from.
 APT_PACKAGES=(
   docker.io etcd-server etcd-client busybox-static iproute2 nftables iptables iperf3 tcpdump iputils-ping
-  netcat-openbsd util-linux procps make debootstrap docker-compose qemu-system-x86
+  netcat-openbsd util-linux procps make debootstrap docker-compose qemu-system-x86 docker-registry
 )
 # PyPI name -> import name, in pairs.
 PIP_PACKAGES=(

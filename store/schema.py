@@ -2,6 +2,12 @@
 
 The tree, under PREFIX (`/vxnet/v1`; VXNET_KEY_PREFIX in plugin/config.py may move it, the tree stays):
 
+  schema                              {"major": M, "minor": m, "written_by": "0.2.0"}: the layout of this tree
+                                      (store/compat.py). Written by the first plugin (create-if-absent), minor
+                                      raised by newer plugins of the same major; a plugin refuses a major newer
+                                      than its SCHEMA_MAJOR. The prefix's "v1" is a name, not this number: a
+                                      major that moves the tree elsewhere still writes its major here first, so
+                                      that older plugins stop instead of serving an empty tree
   networks/<network>                  Network (netdriver/models.py): one docker network as this plugin knows it
   segments/<segment>                  {"vni": N, "encrypted": bool}: one overlay. Every network on a segment
                                       shares its VNI and its encryption
@@ -22,8 +28,9 @@ The tree, under PREFIX (`/vxnet/v1`; VXNET_KEY_PREFIX in plugin/config.py may mo
                                       the engine's services (netdriver/service_ports.py) and merged into its
                                       tasks' exposed ports on every host; removed with the service
   hosts/<host>                        {"vtep", "version", "name", "instance", "health"} under the host's lease:
-                                      who is alive (netdriver/hosts.py); name is for people, instance tells a
-                                      restart from a copy, health is its address on the health overlay
+                                      who is alive (netdriver/hosts.py); version is its plugin's (wire/
+                                      version.py), name is for people, instance tells a restart from a copy,
+                                      health is its address on the health overlay
   departed/<host>                     {"since": unix time, "name", "vtep"}: when a live plugin first saw
                                       hosts/<host> gone (create-if-absent); deleted when the host registers
                                       again, or once `vxnet gc` has collected what it held (netdriver/gc.py)
@@ -65,7 +72,14 @@ PREFIX = "/vxnet/v1"
 # manager's hold on a network's segment, and the Swarm allocator's holds on pools and addresses.
 SWARM_HOLDER = "@swarm"
 
+# The layout of the tree, in its schema record (store/compat.py). MAJOR: a change older plugins cannot read
+# (a key moved, a value's meaning changed); MINOR: additions older plugins ignore. 1.0: every store before the
+# record existed (it reads as 1.0); 1.1: the record itself, and the plugin's version in hosts/<host>.
+SCHEMA_MAJOR = 1
+SCHEMA_MINOR = 1
+
 # The tree, as listed above and in the README's "Looking inside" (tests/unit/test_schema.py compares the three).
+SCHEMA_RECORD = "schema"
 NETWORK = "networks/<network>"
 SEGMENT = "segments/<segment>"
 VNI = "vnis/<vni>"
@@ -80,8 +94,8 @@ HEALTH = "health/<address>"
 POOL = "ipam/pools/<space>/<pool>"
 ADDRESS = "ipam/addresses/<space>/<pool>/<address>"
 KEYRING = "encryption/keyring"
-TEMPLATES = (NETWORK, SEGMENT, VNI, MEMBER, ENDPOINT, POLICY, PEER, SERVICE, HOST, DEPARTED, HEALTH, POOL, ADDRESS,
-             KEYRING)
+TEMPLATES = (SCHEMA_RECORD, NETWORK, SEGMENT, VNI, MEMBER, ENDPOINT, POLICY, PEER, SERVICE, HOST, DEPARTED, HEALTH,
+             POOL, ADDRESS, KEYRING)
 
 _KEY_PART = re.compile(r"[A-Za-z0-9@_.:-]+")
 _PLACEHOLDER = re.compile(r"<([a-z]+)>")
@@ -149,6 +163,10 @@ class Schema:
             else:
                 parts[placeholder.group(1)] = value
         return parts
+
+    # -- the layout of the tree (store/compat.py) -------------------------------------------------------------
+    def schema_record(self) -> str:
+        return self.key(SCHEMA_RECORD)
 
     # -- the network driver (netdriver/store.py) ---------------------------------------------------------------
     def network(self, network: str) -> str:

@@ -76,3 +76,8 @@ class EncryptionUnavailable(KernelError):
 
 class ConfigError(VxnetError):
     """A setting read at start-up is invalid: the daemon stops with this one line."""
+
+
+class SchemaTooNew(VxnetError):
+    """The etcd store was written by a vxnet whose schema major version this plugin does not know
+    (store/compat.py): serving would misread it. Not retried: the message names both versions and the remedy."""

@@ -36,6 +36,7 @@ from tests.harness.images import IMAGE
 from tests.harness.plugin import REPO
 from tests.harness.proc import HarnessError, wait_until
 from tests.harness.swarm import (
+    KEPT_KEYS,
     PLUGIN,
     Swarm,
     install_everywhere,
@@ -59,7 +60,7 @@ SUB4_E = "10.200.57.0/24"
 # The vxnet IPAM's automatic v6 pools (ipam_driver/pools.py DEFAULT_RANGE6), and its automatic v4 ones.
 DEFAULT_RANGE6 = ipaddress.ip_network("fd69:c281:134c::/48")
 DEFAULT_RANGE4 = ipaddress.ip_network("10.213.0.0/16")
-HOST_KEYS = (schema.PREFIX + "/hosts/", schema.PREFIX + "/health/")  # each host's own, while its plugin runs
+HOST_KEYS = KEPT_KEYS  # each host's own while its plugin runs, and the schema record
 
 
 # --- helpers ----------------------------------------------------------------------------------------------------------

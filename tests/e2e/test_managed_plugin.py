@@ -23,7 +23,7 @@ from tests.harness.containers import (
 from tests.harness.metrics import get, scrape
 from tests.harness.plugin import REPO
 from tests.harness.proc import run, wait_until
-from tests.harness.swarm import clear_host
+from tests.harness.swarm import KEPT_KEYS, clear_host
 
 PLUGIN = "vxnet:latest"
 SUBNET = "10.200.31.0/24"
@@ -138,9 +138,8 @@ def test_an_unknown_option_is_refused_and_the_error_names_it(host, etcd):
     # The plugin runs against the shared etcd it was given: its host record is there, and no network is.
     wait_until(lambda: [k for k in etcd.keys(schema.PREFIX + "/hosts/") if host.name in k], 20,
                f"{host.name}'s host record in the test etcd")
-    wait_until(lambda: not [k for k in etcd.keys(schema.PREFIX + "/")
-                            if not k.startswith((schema.PREFIX + "/hosts/", schema.PREFIX + "/health/"))], 10,
-               "nothing in the test etcd but host records and health overlay addresses")
+    wait_until(lambda: not [k for k in etcd.keys(schema.PREFIX + "/") if not k.startswith(KEPT_KEYS)], 10,
+               "nothing in the test etcd but host records, health overlay addresses and the schema record")
 
 
 def test_vxnet_doctor_finds_the_managed_plugins_socket_and_health_overlay(host):

@@ -9,11 +9,11 @@ with its own address is answered, and not counted."""
 import os
 import platform
 
-from netdriver.store import VERSION
 from tests.harness.containers import addresses, network_id, pings, run_sleeper, wait_ping
 from tests.harness.metrics import get, scrape
 from tests.harness.plugin import Plugin
 from tests.harness.proc import wait_until
+from wire.version import current as vxnet_version
 
 SUBNET = "10.200.46.0/24"
 SUBNET_B = "10.200.47.0/24"
@@ -99,7 +99,7 @@ def test_a_metrics_port_already_taken_stops_the_start_naming_the_setting(hosts, 
     exits at once with the setting named, and the first one goes on serving its metrics."""
     (host,) = hosts(1, docker=False)
     first = vxnet_plugin(host)
-    assert get(scrape(host), "vxnet_build_info", python=platform.python_version(), version=VERSION) == 1
+    assert get(scrape(host), "vxnet_build_info", python=platform.python_version(), version=vxnet_version()) == 1
     second = Plugin(host, etcd.url, {"VXNET_HOST_ID": "second",
                                      "VXNET_STATE_DIR": os.path.join(host.dir, "vxnet-second")},
                     socket="/run/docker/plugins/vxnet-second.sock")
@@ -113,7 +113,7 @@ def test_a_metrics_port_already_taken_stops_the_start_naming_the_setting(hosts, 
     finally:
         second.stop()
     assert first.alive() and first.answers()
-    assert get(scrape(host), "vxnet_build_info", python=platform.python_version(), version=VERSION) == 1
+    assert get(scrape(host), "vxnet_build_info", python=platform.python_version(), version=vxnet_version()) == 1
 
 
 SUBNET_X = "10.200.48.0/24"

@@ -13,11 +13,12 @@ from tests.harness.containers import (
     wait_ping,
 )
 from tests.harness.proc import wait_until
+from tests.harness.swarm import KEPT_KEYS
 
 SUBNET_A = "10.200.1.0/24"
 SUBNET_B = "10.200.2.0/24"
 # What a host keeps in etcd for itself, networks or not: its record and its health overlay address.
-HOST_KEYS = (schema.PREFIX + "/hosts/", schema.PREFIX + "/health/")
+HOST_KEYS = KEPT_KEYS  # each host's own while its plugin runs, and the schema record
 
 
 @pytest.fixture

@@ -49,6 +49,10 @@ UNDERLAY_GW = "192.168.251.1"  # the bridge's own address: etcd listens here, re
 HOST_OFFSET = 10  # host N is 192.168.251.(10 + N)
 ETCD_CLIENT_PORT = 2379
 ETCD_PEER_PORT = 2380
+# Where tests run a distribution registry (tests/harness/registry.py), on the underlay's own address like etcd.
+# Every dockerd trusts it over plain HTTP (--insecure-registry); nothing listens there unless a test starts it.
+REGISTRY_PORT = 5000
+REGISTRY_ADDR = f"{UNDERLAY_GW}:{REGISTRY_PORT}"
 # dockerd's own pools (docker0, docker_gwbridge, local networks) and a Swarm pool for `docker swarm init
 # --default-addr-pool`: 10.128.0.0-10.191.255.255 between them, so tests' vxnet subnets go in 10.200.0.0/13
 # (10.200-10.207) and nothing they make can overlap the underlay or each other.
@@ -254,7 +258,8 @@ class Host:
                "DOCKER_SERVICE_PREFER_OFFLINE_IMAGE": "1"}
         argv = self.nsenter + ["--", DOCKERD, "--host", "unix:///run/docker.sock", "--pidfile", "/run/docker.pid",
                                "--data-root", "/var/lib/docker", "--exec-root", "/run/docker",
-                               "--default-address-pool", f"base={LOCAL_ADDR_POOL},size=24"]
+                               "--default-address-pool", f"base={LOCAL_ADDR_POOL},size=24",
+                               "--insecure-registry", REGISTRY_ADDR]
         # nsenter without --fork execs dockerd: the PID we hold is dockerd's own.
         self.dockerd = Proc.spawn(argv, f"{self.name} dockerd", os.path.join(self.dir, "logs", "dockerd.log"),
                                   env=env)

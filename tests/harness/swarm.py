@@ -24,6 +24,9 @@ from tests.harness.proc import HarnessError, run, wait_until
 PLUGIN = "vxnet:latest"
 BUILD = os.path.join(REPO, "scripts", "build-plugin.sh")
 SERVICE_LABEL = "com.docker.swarm.service.name"
+# etcd keys that outlive every network: each host's own (its record, which lives as long as its plugin runs, and its
+# health overlay address), and the tree's schema record (store/compat.py), written once and kept.
+KEPT_KEYS = (schema.PREFIX + "/hosts/", schema.PREFIX + "/health/", schema.PREFIX + "/" + schema.SCHEMA_RECORD)
 _IPV4 = re.compile(r"^Address:\s+(\d+\.\d+\.\d+\.\d+)\s*$", re.M)  # busybox nslookup answer lines
 
 
@@ -71,14 +74,12 @@ def clear_host(host: Host) -> None:
 # --- what is left behind ----------------------------------------------------------------------------------------------
 def leftovers(hosts: Sequence[Host], etcd) -> List[str]:
     """Everything vxnet made that is still there: vxnet-* namespaces and vx* links in each host, and etcd keys other
-    than what each host keeps for itself (its record, which lives as long as the plugin runs, and its health overlay
-    address). Empty when clean."""
+    than KEPT_KEYS. Empty when clean."""
     found = []
     for host in hosts:
         found += [f"{host.name}: namespace {ns}" for ns in host.netns() if ns.startswith("vxnet-")]
         found += [f"{host.name}: link {link}" for link in host.links() if link.startswith("vx")]
-    per_host = (schema.PREFIX + "/hosts/", schema.PREFIX + "/health/")
-    found += [f"etcd: {key}" for key in etcd.keys("/vxnet/") if not key.startswith(per_host)]
+    found += [f"etcd: {key}" for key in etcd.keys("/vxnet/") if not key.startswith(KEPT_KEYS)]
     return found
 
 
@@ -123,7 +124,11 @@ def ping_summary(host: Host, container: str, log: str = "/tmp/ping.log"):
 
 # --- the Swarm ------------------------------------------------------------------------------------------------------
 class Swarm:
-    def __init__(self, manager: Host, workers: Sequence[Host]):
+    """plugin: the network driver's name as dockerd knows it (vxnet:latest from build-plugin.sh; a registry
+    reference, host:port/vxnet:0.1.0, for a `docker plugin install`)."""
+
+    def __init__(self, manager: Host, workers: Sequence[Host], plugin: str = PLUGIN):
+        self.plugin = plugin
         self.manager = manager
         self.workers = list(workers)
         self.node_ids: Dict[str, str] = {}  # host name -> Swarm node ID
@@ -213,9 +218,10 @@ class Swarm:
 
     # -- networks ------------------------------------------------------------------------------------------------
     def create_network(self, name: str, *args: str, check: bool = True):
-        """docker network create -d vxnet:latest --scope swarm ... on the manager; remembered for teardown."""
+        """docker network create -d <plugin> --scope swarm ... on the manager; remembered for teardown."""
         self.networks.append(name)
-        return self.manager.docker("network", "create", "-d", PLUGIN, "--scope", "swarm", *args, name, check=check)
+        return self.manager.docker("network", "create", "-d", self.plugin, "--scope", "swarm", *args, name,
+                                   check=check)
 
     def network(self, name: str) -> Optional[dict]:
         proc = self.manager.docker("network", "inspect", "--format", "{{json .}}", name, check=False)
@@ -225,7 +231,7 @@ class Swarm:
         """The network once Swarm has allocated it (driver state set: AllocateNetwork answered with its VNI)."""
         def allocated() -> Optional[dict]:
             net = self.network(name)
-            return net if net and net.get("Driver") == PLUGIN and (net.get("Options") or {}).get("vni") else None
+            return net if net and net.get("Driver") == self.plugin and (net.get("Options") or {}).get("vni") else None
 
         return wait_until(allocated, timeout, f"Swarm to allocate network {name}", interval=0.2)
 

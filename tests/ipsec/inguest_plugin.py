@@ -658,7 +658,8 @@ def removing_everything_leaves_nothing(world: World) -> str:
     # What a live host keeps whatever its networks: its record and health-overlay address (under its lease), and
     # the cluster's key ring.
     keys = [k for k in world.lab.etcd.keys("/vxnet/v1/")
-            if not k.startswith(("/vxnet/v1/hosts/", "/vxnet/v1/health/", "/vxnet/v1/encryption/"))]
+            if not k.startswith(("/vxnet/v1/hosts/", "/vxnet/v1/health/", "/vxnet/v1/encryption/",
+                                 "/vxnet/v1/schema"))]
     assert not keys, f"etcd keys left: {keys}"
     return "no SA, no policy, no namespace, no etcd key of the networks on either host"
 

@@ -23,7 +23,7 @@ from netdriver import isolation
 from netdriver.driver import NetworkDriver
 from netdriver.models import PeerRecord
 from netdriver.peerdb import PeerDB
-from netdriver.store import VERSION, NetworkStore
+from netdriver.store import NetworkStore
 from netdriver.underlay import Underlay
 from netdriver.watcher import PeerSync
 from plugin import metrics as pm
@@ -33,6 +33,7 @@ from telemetry import metrics as m
 from tests.fakes import FakeDataPlane, FakeKV, FakeNftables, FakeXfrm
 from wire import protocol as p
 from wire.errors import ConfigError, Conflict, KernelError
+from wire.version import current as _version
 
 NID, NID2 = "a" * 64, "b" * 64
 EID, EID2 = "e" * 64, "f" * 64
@@ -347,4 +348,4 @@ def test_the_readme_says_what_every_metric_means():
 def test_build_info_carries_the_version_pyproject_declares():
     with open(os.path.join(os.path.dirname(__file__), "..", "..", "pyproject.toml")) as f:
         declared = re.search(r'^version = "([^"]+)"$', f.read(), re.M).group(1)  # [project]'s, the only one
-    assert declared == VERSION
+    assert declared == _version()

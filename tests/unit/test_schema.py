@@ -78,6 +78,7 @@ BUILDERS = {
     schema.POOL: lambda k: k.pool("vxnet-local", "10.1.0.0/24"),
     schema.ADDRESS: lambda k: k.address("vxnet-local", "10.1.0.0/24", "10.1.0.5"),
     schema.KEYRING: lambda k: k.keyring(),
+    schema.SCHEMA_RECORD: lambda k: k.schema_record(),
 }
 
 
