@@ -529,6 +529,63 @@ class Links:
                     out.add((names_of.get(entry["ifindex"], ""), entry.get_attr("NDA_LLADDR")))
         return out
 
+    # One entry at a time (RTM_GETNEIGH without NLM_F_DUMP: the kernel's rtnl_fdb_get and neigh_get, since 5.0),
+    # for the reconciler's look at what one notification named: O(1) whatever the size of the tables.
+    def _get_one(self, ns: str, **request) -> Optional[object]:
+        try:
+            found = self._ipr(ns).neigh("get", **request)
+        except NetlinkError as exc:
+            if exc.code in (errno.ENOENT, errno.ENODEV, errno.EINVAL):  # no such entry (or device)
+                return None
+            raise
+        for entry in found:
+            return entry
+        return None
+
+    @_netlink_thread
+    def static_port(self, ns: str, bridge: str, mac: str) -> Optional[str]:
+        """The port a static entry for mac points at in bridge's table (one entry read); None when there is
+        none, when it is not static, or when the namespace or bridge is missing."""
+        with kernel_errors(f"read bridge FDB {mac} on {bridge} in {ns}"):
+            idx = self._device(ns, bridge)
+            if idx is None:
+                return None
+            entry = self._get_one(ns, family=self._AF_BRIDGE, lladdr=mac, master=idx)
+            if entry is None or entry["state"] != self._STATIC or entry["ifindex"] == idx:
+                return None
+            links = self._ipr(ns).get_links(entry["ifindex"])
+            return links[0].get_attr("IFLA_IFNAME") if links else None
+
+    @_netlink_thread
+    def fdb_entry(self, ns: str, dev: str, mac: str) -> Optional[str]:
+        """The remote VTEP of a VXLAN device's entry for mac (one entry read); None when there is none."""
+        with kernel_errors(f"read FDB {mac} of {dev} in {ns}"):
+            idx = self._device(ns, dev)
+            if idx is None:
+                return None
+            entry = self._get_one(ns, family=self._AF_BRIDGE, lladdr=mac, ifindex=idx, flags=self._NTF_SELF)
+            return None if entry is None else entry.get_attr("NDA_DST")
+
+    @_netlink_thread
+    def neighbour(self, ns: str, dev: str, ip: str) -> Optional[str]:
+        """The MAC of the permanent neighbour entry for ip on dev (one entry read); None when there is none (or
+        it is not permanent, as neighbours() leaves those out)."""
+        family = _family(ip)
+        with kernel_errors(f"read neighbour {ip} of {dev} in {ns}"):
+            idx = self._device(ns, dev)
+            if idx is None:
+                return None
+            entry = self._get_one(ns, family=family, dst=ip, ifindex=idx)
+            if entry is None or not entry["state"] & self._PERMANENT:
+                return None
+            return entry.get_attr("NDA_LLADDR")
+
+    @_netlink_thread
+    def link_index(self, ns: str, name: str) -> Optional[int]:
+        """The index of a link of ns; None when it or the namespace is missing."""
+        with kernel_errors(f"look up {name} in {ns}"):
+            return self._device(ns, name)
+
     # -- host facts --------------------------------------------------------------------------------------------
     @_netlink_thread
     def default_route_address(self) -> Optional[str]:

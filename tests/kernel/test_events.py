@@ -30,13 +30,15 @@ def sh(*argv, check=True):
 
 
 class Seen:
-    """The callback, as a queue of (namespace, kind)."""
+    """The callback, as a queue of (namespace, kind); the objects each call named are kept in `named`."""
 
     def __init__(self):
         self.q = queue.Queue()
+        self.named = queue.Queue()
 
-    def __call__(self, ns, kind):
+    def __call__(self, ns, kind, objects=None):
         self.q.put((ns, kind))
+        self.named.put((ns, kind, objects))
 
     def fired(self, ns, kind, timeout=PROBE_SECONDS) -> bool:
         """True once (ns, kind) arrives within timeout (the one probe of every check here)."""
@@ -143,8 +145,8 @@ def test_an_overrun_is_reported(network, monkeypatch):
     held = threading.Event()
     seen = Seen()
 
-    def slow(ns_, kind):
-        seen(ns_, kind)
+    def slow(ns_, kind, objects=None):
+        seen(ns_, kind, objects)
         held.wait(10)  # the listener reads nothing while the burst below overflows its buffer
 
     listener = ev.KernelEvents(links.netns_path, slow, host=False)
