@@ -117,7 +117,8 @@ class NamespaceTap:
 
 class Reconciler:
     """A thread that runs passes on events and periodically. driver: NetworkDriver (ready_networks, rebuild,
-    repair_guard, repair_host_guard); peers: PeerSync (repair); encryption: the EncryptionManager or None;
+    repair_guard, repair_host_guard, and its dataplane's network_problems, repair_ports, vxlan_index); peers:
+    PeerSync (repair, repair_entries); encryption: the EncryptionManager or None;
     interval: seconds between full passes (0: none); watch(ns): start listening in a namespace (the tap's);
     listener: the kernel event listener whose callback is notify() (started and stopped with the reconciler;
     None: periodic passes only)."""
