@@ -269,19 +269,44 @@ class Reconciler:
 
     def _network(self, network: Network, ns: str, kinds: Dict[str, Objects], trigger: str,
                  repaired: Dict[str, int]) -> None:
-        """The checks of one network: each kind whose objects are not named in whole, then those named one by
-        one (module docstring)."""
+        """The checks of one network (module docstring): the namespace's structure first when the link check is
+        whole (a rebuild makes everything else right), then the objects named one by one, then the tables of the
+        kinds not named. The named ports come before the anti-spoofing comparison: a port made again is wired
+        again, and so keeps its elements."""
         whole = {kind for kind, objects in kinds.items() if objects is None}
         if kinds.get("link") and any(self._structural(change) for change in kinds["link"]):
             whole.add("link")
+        why = self._why(trigger, whole)
+        where = f"{ns} nid={network.id[:12]}"
         try:
-            if whole and not self._whole(network, ns, whole, trigger, repaired):
-                return
-            named = {kind: objects for kind, objects in kinds.items() if kind not in whole and objects}
-            if named:
-                self._named(network, ns, named, trigger, repaired)
+            if "link" in whole:
+                problems = self.driver.dataplane.network_problems(network)
+                # rebuild(): bridge, VXLAN, peers and anti-spoofing, all of it; False: deleted meanwhile
+                if problems and self.driver.rebuild(network):
+                    self._record(repaired, "link", 1, where, "; ".join(problems) + ": namespace rebuilt", why)
+                    return
+                if problems:
+                    return
+            # the ports a link event named are looked at even when another link made the link check whole:
+            # network_problems does not look at endpoint ports
+            named = {kind: objects for kind, objects in kinds.items() if objects}
+            if named and self._named(network, ns, named, trigger, repaired):
+                # A port made again: its anti-spoofing elements compared too, whole (a full pass in between may
+                # have taken them out while it was missing). Only after a repair, which someone else caused.
+                whole.add("nft")
+            if whole & {"fdb", "neighbour", "link"}:
+                fdb, neigh = self.peers.repair(network)
+                self._peer_records(repaired, fdb, neigh, where, why)
+            if whole & {"nft", "link"}:
+                drift = self.driver.repair_guard(network)
+                if drift is not None:
+                    self._record(repaired, "anti-spoofing", 1, where, f"{drift}: table rebuilt", why)
+                if self.policy is not None:
+                    drift = self.policy.repair(network)
+                    if drift is not None:
+                        self._record(repaired, "network-policy", 1, where, f"{drift}: policy table replaced", why)
         except VxnetError as exc:
-            log.error("reconcile pass (%s) could not repair %s nid=%s: %s", trigger, ns, network.id[:12], exc)
+            log.error("reconcile pass (%s) could not repair %s: %s", trigger, where, exc)
 
     @staticmethod
     def _structural(change) -> bool:
@@ -290,40 +315,16 @@ class Reconciler:
         name = change.ifname
         return name is None or name == names.VXLAN or names.bridge_index(name) >= 0 or names.is_trunk(name)
 
-    def _whole(self, network: Network, ns: str, kinds: Set[str], trigger: str, repaired: Dict[str, int]) -> bool:
-        """Today's checks of whole kinds; False when the namespace was rebuilt (or could not be): nothing else to
-        look at in this pass."""
-        why = self._why(trigger, kinds)
-        where = f"{ns} nid={network.id[:12]}"
-        if "link" in kinds:
-            problems = self.driver.dataplane.network_problems(network)
-            # rebuild(): bridge, VXLAN, peers and anti-spoofing, all of it; False: deleted meanwhile
-            if problems and self.driver.rebuild(network):
-                self._record(repaired, "link", 1, where, "; ".join(problems) + ": namespace rebuilt", why)
-                return False
-            if problems:
-                return False
-        if kinds & {"fdb", "neighbour", "link"}:
-            fdb, neigh = self.peers.repair(network)
-            self._peer_records(repaired, fdb, neigh, where, why)
-        if kinds & {"nft", "link"}:
-            drift = self.driver.repair_guard(network)
-            if drift is not None:
-                self._record(repaired, "anti-spoofing", 1, where, f"{drift}: table rebuilt", why)
-            if self.policy is not None:
-                drift = self.policy.repair(network)
-                if drift is not None:
-                    self._record(repaired, "network-policy", 1, where, f"{drift}: policy table replaced", why)
-        return True
-
     def _named(self, network: Network, ns: str, kinds: Dict[str, FrozenSet], trigger: str,
-               repaired: Dict[str, int]) -> None:
-        """The objects the events named, each against its desired state in O(1)."""
+               repaired: Dict[str, int]) -> bool:
+        """The objects the events named, each against its desired state in O(1). True if a port was made
+        again."""
         why = self._why(trigger, set(kinds), named=True)
         where = f"{ns} nid={network.id[:12]}"
-        ports = {c.ifname for c in kinds.get("link", ()) if names.bridge_port_endpoint(c.ifname)}
+        ports = {c.ifname for c in kinds.get("link", ()) if c.ifname and names.bridge_port_endpoint(c.ifname)}
         bridged = {c.mac for c in kinds.get("fdb", ()) if c.master and c.mac}
         own = [c for kind in ("fdb", "neighbour") for c in kinds.get(kind, ()) if not c.master]
+        fixed = []
         if ports or bridged:
             fixed = self.driver.dataplane.repair_ports(network, ports, bridged)
             if fixed:
@@ -335,6 +336,7 @@ class Reconciler:
             if vxlan is not None and (macs or ips):
                 fdb, neigh = self.peers.repair_entries(network, macs, ips)
                 self._peer_records(repaired, fdb, neigh, where, why)
+        return bool(fixed)
 
     def _peer_records(self, repaired: Dict[str, int], fdb: int, neigh: int, where: str, why: str) -> None:
         if fdb:

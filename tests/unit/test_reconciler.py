@@ -249,10 +249,13 @@ def test_a_deleted_port_is_made_again_by_the_narrow_check_alone():
     rec, drv, plane, _ = build()
     plane.lose_port(NID, EID)
     assert EID not in plane.endpoints[NID]  # the loss is real in the model (control)
-    reads = plane.whole_reads
+    reads, guarded = plane.whole_reads, list(plane.guarded[NID])
     assert rec.run_pass("event", named("link", LinkChange(11, PORT, True))) == {"port": 1}
-    assert EID in plane.endpoints[NID] and plane.whole_reads == reads  # nothing read whole
+    # nothing read whole but the anti-spoofing table, compared once after a repair (the port keeps its elements)
+    assert EID in plane.endpoints[NID] and plane.whole_reads == reads + 1 and plane.guarded[NID] == guarded
+    reads = plane.whole_reads
     assert rec.run_pass("event", named("link", LinkChange(11, PORT, False))) == {}  # its own event: quiet
+    assert plane.whole_reads == reads  # and narrow
 
 
 def test_a_deleted_static_entry_is_put_back_from_the_mac_its_notification_names():
@@ -263,8 +266,9 @@ def test_a_deleted_static_entry_is_put_back_from_the_mac_its_notification_names(
     other = NeighChange(11, "9a:00:00:00:00:01", None, True, True)
     assert rec.run_pass("event", named("fdb", other)) == {}
     assert plane.lost_ports[NID] == {EID: "static"}  # not looked at: still lost (control for the next)
+    assert plane.whole_reads == reads
     assert rec.run_pass("event", named("fdb", NeighChange(11, MY_MAC, None, True, True))) == {"port": 1}
-    assert plane.lost_ports[NID] == {} and plane.whole_reads == reads
+    assert plane.lost_ports[NID] == {} and plane.whole_reads == reads + 1  # the anti-spoofing comparison
 
 
 def test_a_changed_remote_entry_is_corrected_by_its_key_alone():
@@ -351,3 +355,14 @@ def test_a_named_pass_through_the_thread_repairs_and_ends_quiet():
         assert passes[:2] == [{"port": 1}, {}] and EID in plane.endpoints[NID]
     finally:
         rec.stop()
+
+
+def test_a_port_named_beside_the_bridge_is_still_looked_at():
+    """The bridge named makes the link check whole (network_problems), which does not look at endpoint ports:
+    the port named in the same batch still gets its own check."""
+    rec, drv, plane, _ = build()
+    plane.lose_port(NID, EID)
+    both = named("link", LinkChange(2, names.BRIDGE, False), LinkChange(11, PORT, True))
+    reads = plane.whole_reads
+    assert rec.run_pass("event", both) == {"port": 1}
+    assert plane.whole_reads > reads and EID in plane.endpoints[NID]
