@@ -110,7 +110,8 @@ def test_deletions_by_hand_fire_the_callback_in_a_watched_namespace_only(network
         assert ev.NeighChange(vxlan, PEER_MAC, PEER_VTEP, False, True) in seen.objects(ns, "fdb")
         sh("ip", "netns", "exec", ns, "ip", "neigh", "del", PEER_IP, "dev", names.VXLAN)
         assert seen.fired(ns, "neighbour")
-        assert ev.NeighChange(vxlan, PEER_MAC, PEER_IP, False, True) in seen.objects(ns, "neighbour")
+        # (no MAC: the kernel sends NDA_LLADDR only for an entry in a valid state, neigh_fill_info)
+        assert ev.NeighChange(vxlan, None, PEER_IP, False, True) in seen.objects(ns, "neighbour")
         port, mac = names.veth_bridge(ep.id), ep.mac
         sh("ip", "netns", "exec", ns, "bridge", "fdb", "del", mac, "dev", port, "master")
         assert seen.fired(ns, "fdb")
