@@ -100,18 +100,31 @@ class _Fabric:
     def __init__(self, placement: Placement):
         self.placement = placement
         self.macs: Dict[str, str] = {}  # port -> endpoint MAC, for the root's entry of an endpoint on a leaf
-        self.ports: Dict[str, str] = {}  # endpoint MAC -> port: which endpoint an FDB notification names
+        # endpoint MAC -> the ports carrying it, oldest first (almost always one): which endpoint an FDB
+        # notification names. Two endpoints given one MAC (--mac-address twice) want one static entry each for the
+        # same key, which the bridge holds once: the newest wins, as its Join's `fdb replace` made it, and only
+        # that one's entries are compared (owner), so a check never moves the entry back and forth.
+        self.ports: Dict[str, List[str]] = {}
         self.leaves: Set[int] = set()  # leaves made whole (bridge and trunk) by this process
 
     def remember(self, port: str, mac: str) -> None:
         self.forget(port)
         self.macs[port] = mac
-        self.ports[mac] = port
+        self.ports.setdefault(mac, []).append(port)
 
     def forget(self, port: str) -> None:
         mac = self.macs.pop(port, None)
-        if mac is not None and self.ports.get(mac) == port:
-            del self.ports[mac]
+        if mac is not None:
+            holders = self.ports.get(mac, [])
+            if port in holders:
+                holders.remove(port)
+            if not holders:
+                self.ports.pop(mac, None)
+
+    def owner(self, mac: str) -> Optional[str]:
+        """The port whose static entries a MAC's key should hold (the newest of those carrying it)."""
+        holders = self.ports.get(mac)
+        return holders[-1] if holders else None
 
 
 class DataPlane:
@@ -389,24 +402,25 @@ class DataPlane:
                 fabric = self._fabrics.get(ns)
             if fabric is None:
                 return []
-            named = set(ports) | {fabric.ports[m] for m in macs if m in fabric.ports}
+            named = set(ports) | {port for port in map(fabric.owner, macs) if port is not None}
             repaired = []
             for port in sorted(named):
                 k, mac = fabric.placement.bridge_of(port), fabric.macs.get(port)
                 if k is None or mac is None:
                     continue
-                problem = self._port_problem(ns, port, k, mac)
+                problem = self._port_problem(ns, port, k, mac, entries=fabric.owner(mac) == port)
                 if problem is None:
                     continue
                 self.links.ensure_veth(ns, port, names.veth_container(names.bridge_port_endpoint(port)),
                                        names.bridge(k), network.mtu, mac)
-                if k:
+                if k and fabric.owner(mac) == port:
                     self.links.set_static_fdb(ns, names.trunk_root(k), mac)
                 repaired.append(problem)
             return repaired
 
-    def _port_problem(self, ns: str, port: str, k: int, mac: str) -> Optional[str]:
-        """What differs for one placed port (None: nothing). Reads only."""
+    def _port_problem(self, ns: str, port: str, k: int, mac: str, entries: bool) -> Optional[str]:
+        """What differs for one placed port (None: nothing); entries: its static entries too (it owns its MAC's
+        key). Reads only."""
         info = self.links.link_info(ns, port)
         bridge = names.bridge(k)
         if info is None:
@@ -415,6 +429,8 @@ class DataPlane:
             return f"port {port} on {info['master']} instead of {bridge}"
         if not info["up"]:
             return f"port {port} down"
+        if not entries:
+            return None
         have = self.links.static_port(ns, bridge, mac)
         if have != port:
             return f"fdb {mac} on {bridge} {'missing' if have is None else f'towards {have}'} instead of {port}"
