@@ -26,7 +26,7 @@ import secrets
 import socket
 import tempfile
 import threading
-from typing import ContextManager, Dict, List, Optional, Set, Tuple
+from typing import ContextManager, Dict, Iterable, List, Optional, Set, Tuple
 
 from pyroute2 import IPRoute
 from pyroute2 import netns as pr_netns
@@ -557,28 +557,38 @@ class Links:
             return links[0].get_attr("IFLA_IFNAME") if links else None
 
     @_netlink_thread
+    def fdb_entries(self, ns: str, dev: str, macs: Iterable[str]) -> Dict[str, str]:
+        """The remote VTEPs of a VXLAN device's entries for these MACs alone (one entry read each): mac -> vtep,
+        the MACs without an entry left out."""
+        out = {}
+        with kernel_errors(f"read FDB entries of {dev} in {ns}"):
+            idx = self._device(ns, dev)
+            if idx is None:
+                return out
+            for mac in macs:
+                entry = self._get_one(ns, family=self._AF_BRIDGE, lladdr=mac, ifindex=idx, flags=self._NTF_SELF)
+                if entry is not None and entry.get_attr("NDA_DST"):
+                    out[mac] = entry.get_attr("NDA_DST")
+        return out
+
     def fdb_entry(self, ns: str, dev: str, mac: str) -> Optional[str]:
         """The remote VTEP of a VXLAN device's entry for mac (one entry read); None when there is none."""
-        with kernel_errors(f"read FDB {mac} of {dev} in {ns}"):
-            idx = self._device(ns, dev)
-            if idx is None:
-                return None
-            entry = self._get_one(ns, family=self._AF_BRIDGE, lladdr=mac, ifindex=idx, flags=self._NTF_SELF)
-            return None if entry is None else entry.get_attr("NDA_DST")
+        return self.fdb_entries(ns, dev, [mac]).get(mac)
 
     @_netlink_thread
-    def neighbour(self, ns: str, dev: str, ip: str) -> Optional[str]:
-        """The MAC of the permanent neighbour entry for ip on dev (one entry read); None when there is none (or
-        it is not permanent, as neighbours() leaves those out)."""
-        family = _family(ip)
-        with kernel_errors(f"read neighbour {ip} of {dev} in {ns}"):
+    def neighbour_entries(self, ns: str, dev: str, ips: Iterable[str]) -> Dict[str, str]:
+        """The MACs of the permanent neighbour entries for these addresses alone on dev (one entry read each):
+        ip -> mac, the addresses without a permanent entry left out (as neighbours() leaves them out)."""
+        out = {}
+        with kernel_errors(f"read neighbour entries of {dev} in {ns}"):
             idx = self._device(ns, dev)
             if idx is None:
-                return None
-            entry = self._get_one(ns, family=family, dst=ip, ifindex=idx)
-            if entry is None or not entry["state"] & self._PERMANENT:
-                return None
-            return entry.get_attr("NDA_LLADDR")
+                return out
+            for ip in ips:
+                entry = self._get_one(ns, family=_family(ip), dst=ip, ifindex=idx)
+                if entry is not None and entry["state"] & self._PERMANENT and entry.get_attr("NDA_LLADDR"):
+                    out[ip] = entry.get_attr("NDA_LLADDR")
+        return out
 
     @_netlink_thread
     def link_index(self, ns: str, name: str) -> Optional[int]:

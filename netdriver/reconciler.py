@@ -34,9 +34,9 @@ wait about 1 s for the pass its predecessor had woken). So, per object named:
   link, an endpoint's port (vxp*)   the port against what the driver placed (DataPlane.repair_ports: on its bridge,
                 up, its static entries), made again if it differs, under the fabric lock a Join takes; a port the
                 driver did not place (another tool's, one just removed) is not looked at;
-  link, the bridge, the VXLAN device, a leaf bridge or a trunk, or a link without a name
-                the whole link check above (they change rarely: the root bridge whenever its smallest port MAC
-                changes, a leaf when it opens or closes);
+  link, the bridge, the VXLAN device, a leaf bridge or a trunk
+                changed: network_problems (rebuilt if it differs); deleted, or a link without a name: the whole
+                link check above (Reconciler._structural says why a change alone needs no more);
   link, any other name              nothing (not vxnet's);
   fdb, a bridge's entry (master)    the endpoint whose MAC it is, as for its port; no endpoint's MAC: nothing;
   fdb/neighbour on the VXLAN device those keys against the peer table (PeerSync.repair_entries: one entry read
@@ -274,12 +274,16 @@ class Reconciler:
         kinds not named. The named ports come before the anti-spoofing comparison: a port made again is wired
         again, and so keeps its elements."""
         whole = {kind for kind, objects in kinds.items() if objects is None}
-        if kinds.get("link") and any(self._structural(change) for change in kinds["link"]):
-            whole.add("link")
-        why = self._why(trigger, whole)
+        structure = "link" in whole
+        for change in kinds.get("link") or ():
+            if self._structural(change):
+                structure = True
+                if change.deleted or change.ifname is None:
+                    whole.add("link")
+        why = self._why(trigger, whole | ({"link"} if structure else set()))
         where = f"{ns} nid={network.id[:12]}"
         try:
-            if "link" in whole:
+            if structure:
                 problems = self.driver.dataplane.network_problems(network)
                 # rebuild(): bridge, VXLAN, peers and anti-spoofing, all of it; False: deleted meanwhile
                 if problems and self.driver.rebuild(network):
@@ -310,8 +314,14 @@ class Reconciler:
 
     @staticmethod
     def _structural(change) -> bool:
-        """A link whose change the whole link check looks at: the bridges, the VXLAN device, the trunks, or one
-        the notification did not name."""
+        """A link of the namespace's structure: the bridges, the VXLAN device, the trunks, or one the
+        notification did not name. Changed, it gets network_problems (a rebuild if it is not as
+        ensure_network makes it); deleted or unnamed, the whole link check. A change alone cannot have lost
+        what the whole check compares besides (a device set down loses its neighbour entries, each of which
+        is notified and named), and the root bridge changes with every new smallest port MAC (the kernel
+        gives a bridge without an address of its own the smallest of its ports', br_stp_recalculate_bridge_id):
+        a whole check each time would read every peer entry and anti-spoofing element some dozen times per
+        thousand Joins."""
         name = change.ifname
         return name is None or name == names.VXLAN or names.bridge_index(name) >= 0 or names.is_trunk(name)
 

@@ -378,9 +378,9 @@ class DataPlane:
         """(fdb, neigh) of the VXLAN device for these keys alone, as the kernel holds them (one entry read per
         key, not a dump): the `before` of update_peers for a repair of what a notification named."""
         ns = names.netns(network.id)
-        fdb = {mac: vtep for mac in macs for vtep in (self.links.fdb_entry(ns, names.VXLAN, mac),) if vtep}
-        neigh = {ip: mac for ip in ips for mac in (self.links.neighbour(ns, names.VXLAN, ip),) if mac}
-        return fdb, neigh
+        macs, ips = list(macs), list(ips)
+        return (self.links.fdb_entries(ns, names.VXLAN, macs) if macs else {},
+                self.links.neighbour_entries(ns, names.VXLAN, ips) if ips else {})
 
     def vxlan_index(self, network: Network) -> Optional[int]:
         """The VXLAN device's index in the network's namespace (notifications name devices by index)."""

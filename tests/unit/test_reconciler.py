@@ -366,3 +366,16 @@ def test_a_port_named_beside_the_bridge_is_still_looked_at():
     reads = plane.whole_reads
     assert rec.run_pass("event", both) == {"port": 1}
     assert plane.whole_reads > reads and EID in plane.endpoints[NID]
+
+
+def test_the_bridge_changed_gets_network_problems_alone_and_deleted_the_whole_check():
+    """The root bridge is notified whenever its smallest port MAC changes (every few Joins): a change reads
+    network_problems only; a deletion (or a link without a name) the whole link check, peers included."""
+    rec, drv, plane, _ = build()
+    plane.lose_fdb(NID, PEER_IP)
+    reads = plane.whole_reads
+    assert rec.run_pass("event", named("link", LinkChange(2, names.BRIDGE, False))) == {}
+    assert plane.whole_reads == reads + 1 and plane.kernel_peers(NID)[0] == {}  # network_problems only
+    assert rec.run_pass("event", named("link", LinkChange(2, names.BRIDGE, True))) == {"fdb": 1}  # control
+    plane.lose_fdb(NID, PEER_IP)
+    assert rec.run_pass("event", named("link", LinkChange(2, None, False))) == {"fdb": 1}
