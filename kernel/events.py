@@ -12,9 +12,20 @@ set of sockets is opened per namespace, by a thread that goes in, creates them a
 
 One thread waits in select() on all the sockets and a wake-up pipe (sockets are added and removed from other
 threads as namespaces come and go). What it reads from all the ready sockets at once is one batch; for each
-(namespace, kind) in it the callback is called once. Kinds: "link", "fdb", "neighbour", "nft", "sa", "policy",
-and "overrun": the socket's receive buffer overflowed (recv fails with ENOBUFS, netlink(7)), notifications were
-lost, and the only safe reading is "anything may have changed here".
+(namespace, kind) in it the callback is called once, callback(namespace, kind, objects). Kinds: "link", "fdb",
+"neighbour", "nft", "sa", "policy", and "overrun": the socket's receive buffer overflowed (recv fails with
+ENOBUFS, netlink(7)), notifications were lost, and the only safe reading is "anything may have changed here".
+
+What a notification names travels with it, so that a reader can look at that object alone instead of the whole
+namespace (one Join's veth, bridge port and static entries would otherwise make a reader compare every link and
+entry of a network of 4,000 endpoints):
+  link       LinkChange(ifindex, ifname, deleted): struct ifinfomsg's ifi_index, IFLA_IFNAME, RTM_DELLINK;
+  fdb        NeighChange(ifindex, mac, ip, master, deleted): struct ndmsg's ndm_ifindex (the port of a bridge
+  neighbour  entry, the device of a VXLAN or neighbour entry), NDA_LLADDR, NDA_DST (a VXLAN entry's remote
+             VTEP; a neighbour's address), master: a bridge's entry (NDA_MASTER, or NTF_MASTER), RTM_DELNEIGH.
+objects is a frozenset of those, or None for "the whole kind": always for nft, sa and policy, and for link, fdb
+and neighbour once a batch holds more than MAX_OBJECTS of one kind in one namespace (a namespace torn down or
+rebuilt: looking at everything is then the cheaper reading) or a message that cannot be read whole.
 
 nf_tables commits of this process are not reported. Every batch vxnet writes (anti-spoofing, isolation, policy,
 fail-closed) is made on its netlink thread (kernel/links.py), which carries a name of its own
@@ -42,7 +53,7 @@ import socket
 import struct
 import threading
 import time
-from typing import Callable, Dict, List, Optional, Set, Tuple
+from typing import Callable, Dict, FrozenSet, List, NamedTuple, Optional, Set, Tuple, Union
 
 from kernel.netns import run_inside
 
@@ -62,6 +73,16 @@ RTNLGRP_NEIGH = 3
 RTM_NEWLINK, RTM_DELLINK = 16, 17
 RTM_NEWNEIGH, RTM_DELNEIGH = 28, 29
 AF_BRIDGE = 7
+# struct ifinfomsg (family, pad, type, index, flags, change) and struct ndmsg (family, pad1, pad2, ifindex, state,
+# flags, type), each followed by its attributes; linux/if_link.h IFLA_IFNAME, linux/neighbour.h NDA_*, NTF_MASTER
+IFINFOMSG = struct.Struct("=BxHiII")
+NDMSG = struct.Struct("=BxxxiHBB")
+IFLA_IFNAME = 3
+NDA_DST, NDA_LLADDR, NDA_MASTER = 1, 2, 9
+NTF_MASTER = 0x04
+# Past this many objects of one kind in one namespace in one batch, the batch says "the whole kind" instead:
+# checking 256 objects one by one costs about what one full comparison of a network does.
+MAX_OBJECTS = 256
 # linux/netfilter/nfnetlink.h: NFNLGRP_NFTABLES; nf_tables messages are (NFNL_SUBSYS_NFTABLES << 8) | msg
 NFNLGRP_NFTABLES = 7
 NFNL_SUBSYS_NFTABLES = 10
@@ -84,16 +105,114 @@ _XFRM_POLICY_TYPES = {19, 20, 25, 29, 21}  # NEWPOLICY, DELPOLICY, UPDPOLICY, FL
 # handled (a full pass), so this only makes it rarer.
 RCVBUF = 1 << 20
 
-Callback = Callable[[Optional[str], str], None]  # (namespace name or None for the host, kind)
 
 
-def _kinds_route(data: bytes) -> Set[str]:
-    out = set()
+class LinkChange(NamedTuple):
+    """An RTM_NEWLINK or RTM_DELLINK: the link's index in its namespace, its name (None if the message had
+    none), and whether it is gone."""
+    ifindex: int
+    ifname: Optional[str]
+    deleted: bool
+
+
+class NeighChange(NamedTuple):
+    """An RTM_NEWNEIGH or RTM_DELNEIGH: the device (ndm_ifindex), the MAC (NDA_LLADDR, lowercase, colons), the IP
+    (NDA_DST: a neighbour's address, a VXLAN entry's VTEP), whether it is a bridge's entry (master) rather than
+    the device's own table, and whether it is gone."""
+    ifindex: int
+    mac: Optional[str]
+    ip: Optional[str]
+    master: bool
+    deleted: bool
+
+
+Objects = Optional[FrozenSet[Union[LinkChange, NeighChange]]]  # None: the whole kind
+Callback = Callable[[Optional[str], str, Objects], None]  # (namespace name or None for the host, kind, objects)
+Found = Dict[str, Optional[Set]]  # kind -> the objects named, None: the whole kind
+
+
+def _attributes(payload: bytes, offset: int) -> Dict[int, bytes]:
+    """type -> value of the netlink attributes from offset on (the last of a repeated type wins)."""
+    out = {}
+    while offset + NLA_HDR.size <= len(payload):
+        length, kind = NLA_HDR.unpack_from(payload, offset)
+        if length < NLA_HDR.size:
+            break
+        out[kind & NLA_TYPE_MASK] = payload[offset + NLA_HDR.size:offset + length]
+        offset += (length + NLMSG_ALIGNTO - 1) & ~(NLMSG_ALIGNTO - 1)
+    return out
+
+
+def _address(raw: Optional[bytes]) -> Optional[str]:
+    if raw is None:
+        return None
+    if len(raw) in (4, 16):
+        return socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, raw)
+    return None
+
+
+def _mac(raw: Optional[bytes]) -> Optional[str]:
+    return ":".join(f"{b:02x}" for b in raw) if raw is not None and len(raw) == 6 else None
+
+
+def link_change(msg_type: int, payload: bytes) -> Optional[LinkChange]:
+    """What an RTM_NEWLINK/RTM_DELLINK payload names; None if it is too short to say."""
+    if len(payload) < IFINFOMSG.size:
+        return None
+    _, _, index, _, _ = IFINFOMSG.unpack_from(payload)
+    name = _attributes(payload, IFINFOMSG.size).get(IFLA_IFNAME)
+    return LinkChange(index, name.split(b"\0", 1)[0].decode(errors="replace") if name is not None else None,
+                      msg_type == RTM_DELLINK)
+
+
+def neigh_change(msg_type: int, payload: bytes) -> Optional[Tuple[str, NeighChange]]:
+    """(kind, change) of an RTM_NEWNEIGH/RTM_DELNEIGH payload: "fdb" for family AF_BRIDGE, else "neighbour";
+    None if it is too short to say."""
+    if len(payload) < NDMSG.size:
+        return None
+    family, ifindex, _, flags, _ = NDMSG.unpack_from(payload)
+    attrs = _attributes(payload, NDMSG.size)
+    change = NeighChange(ifindex, _mac(attrs.get(NDA_LLADDR)), _address(attrs.get(NDA_DST)),
+                         NDA_MASTER in attrs or bool(flags & NTF_MASTER), msg_type == RTM_DELNEIGH)
+    return ("fdb" if family == AF_BRIDGE else "neighbour"), change
+
+
+def _add(found: Found, kind: str, obj) -> None:
+    """Add one object (None: the whole kind) to what a batch found, degrading past MAX_OBJECTS."""
+    if kind in found and found[kind] is None:
+        return
+    if obj is None:
+        found[kind] = None
+        return
+    objects = found.setdefault(kind, set())
+    objects.add(obj)
+    if len(objects) > MAX_OBJECTS:
+        found[kind] = None
+
+
+def merge(into: Found, found: Found) -> None:
+    """Add what one read found to a batch's (the bound applies to the sum)."""
+    for kind, objects in found.items():
+        if objects is None:
+            _add(into, kind, None)
+        else:
+            for obj in objects:
+                _add(into, kind, obj)
+                if into[kind] is None:
+                    break
+
+
+def _kinds_route(data: bytes) -> Found:
+    out: Found = {}
     for msg_type, payload in _messages(data):
         if msg_type in (RTM_NEWLINK, RTM_DELLINK):
-            out.add("link")
+            _add(out, "link", link_change(msg_type, payload))
         elif msg_type in (RTM_NEWNEIGH, RTM_DELNEIGH) and payload:
-            out.add("fdb" if payload[0] == AF_BRIDGE else "neighbour")  # ndmsg.ndm_family
+            named = neigh_change(msg_type, payload)
+            if named is None:
+                _add(out, "fdb" if payload[0] == AF_BRIDGE else "neighbour", None)  # ndmsg.ndm_family
+            else:
+                _add(out, *named)
     return out
 
 
@@ -193,7 +312,8 @@ def _open(protocol: int, groups) -> socket.socket:
 
 
 class KernelEvents:
-    """One thread, select() over the sockets of every watched namespace; callback(namespace, kind) per batch.
+    """One thread, select() over the sockets of every watched namespace; callback(namespace, kind, objects) per
+    batch (objects: the module docstring).
 
     netns_path(name) -> the path the namespace is mounted at (Links.netns_path). `watch(name)` (re)opens a
     namespace's sockets (again after the namespace was made anew under the same name), `unwatch(name)` closes them
@@ -210,7 +330,7 @@ class KernelEvents:
         self._own_committer = own_committer
         self._clock = clock
         self._lock = threading.Lock()
-        self._sockets: Dict[Optional[str], List[Tuple[socket.socket, Callable[[bytes], Set[str]]]]] = {}
+        self._sockets: Dict[Optional[str], List[Tuple[socket.socket, Callable[[bytes], object]]]] = {}
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -309,7 +429,7 @@ class KernelEvents:
                 ready, _, _ = select.select([self._wake_r, *owners], [], [], timeout)
             except (OSError, ValueError):  # a socket closed by unwatch() meanwhile: take the new set
                 continue
-            batch: Set[Tuple[Optional[str], str]] = set()
+            batch: Dict[Optional[str], Found] = {}
             for fd in ready:
                 if fd == self._wake_r:
                     try:
@@ -318,37 +438,41 @@ class KernelEvents:
                         pass
                     continue
                 ns, sock, parse = owners[fd]
+                found = batch.setdefault(ns, {})
                 try:
-                    batch |= {(ns, kind) for kind in self._drain(sock, parse)}
+                    self._drain(sock, parse, found)
                 except OSError as exc:  # not an overrun: say so, and treat it as one (something may be lost)
                     log.error("reading kernel events of %s failed: %s", ns or "host", exc)
-                    batch.add((ns, "overrun"))
+                    found["overrun"] = None
             now = self._clock()  # after the reads: a NEWGEN just read has resolved its commit
             for ns, _, parse in owners.values():
                 if isinstance(parse, NftCommits):
-                    batch |= {(ns, kind) for kind in parse.overdue(now)}
-            for ns, kind in sorted(batch, key=lambda item: (item[0] or "", item[1])):
-                try:
-                    self._callback(ns, kind)
-                except Exception:  # the listener must outlive a failing callback
-                    log.exception("kernel event callback failed ns=%s kind=%s", ns or "host", kind)
+                    for kind in parse.overdue(now):
+                        batch.setdefault(ns, {})[kind] = None
+            for ns in sorted(batch, key=lambda n: n or ""):
+                for kind, objects in sorted(batch[ns].items()):
+                    try:
+                        self._callback(ns, kind, None if objects is None else frozenset(objects))
+                    except Exception:  # the listener must outlive a failing callback
+                        log.exception("kernel event callback failed ns=%s kind=%s", ns or "host", kind)
 
     @staticmethod
-    def _drain(sock: socket.socket, parse) -> Set[str]:
-        """Everything queued on the socket now, as kinds."""
-        kinds: Set[str] = set()
+    def _drain(sock: socket.socket, parse, found: Found) -> None:
+        """Everything queued on the socket now, added to found (kind -> objects, None: the whole kind)."""
         while True:
             try:
                 data = sock.recv(1 << 16)
             except BlockingIOError:
-                return kinds
+                return
             except OSError as exc:
                 if exc.errno == errno.ENOBUFS:
-                    kinds.add("overrun")
+                    found["overrun"] = None
                     continue  # the socket works again after reporting the overrun once
                 if exc.errno == errno.EBADF:  # closed by unwatch() meanwhile
-                    return kinds
+                    return
                 raise
             if not data:
-                return kinds
-            kinds |= parse(data)
+                return
+            result = parse(data)
+            # NftCommits and the XFRM parser say kinds only: each is the whole kind
+            merge(found, result if isinstance(result, dict) else dict.fromkeys(result))

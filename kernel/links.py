@@ -26,7 +26,7 @@ import secrets
 import socket
 import tempfile
 import threading
-from typing import ContextManager, Dict, List, Optional, Set, Tuple
+from typing import ContextManager, Dict, Iterable, List, Optional, Set, Tuple
 
 from pyroute2 import IPRoute
 from pyroute2 import netns as pr_netns
@@ -528,6 +528,73 @@ class Links:
                 if entry.get_attr("NDA_MASTER") and entry["state"] == self._STATIC:
                     out.add((names_of.get(entry["ifindex"], ""), entry.get_attr("NDA_LLADDR")))
         return out
+
+    # One entry at a time (RTM_GETNEIGH without NLM_F_DUMP: the kernel's rtnl_fdb_get and neigh_get, since 5.0),
+    # for the reconciler's look at what one notification named: O(1) whatever the size of the tables.
+    def _get_one(self, ns: str, **request) -> Optional[object]:
+        try:
+            found = self._ipr(ns).neigh("get", **request)
+        except NetlinkError as exc:
+            if exc.code in (errno.ENOENT, errno.ENODEV, errno.EINVAL):  # no such entry (or device)
+                return None
+            raise
+        for entry in found:
+            return entry
+        return None
+
+    @_netlink_thread
+    def static_port(self, ns: str, bridge: str, mac: str) -> Optional[str]:
+        """The port a static entry for mac points at in bridge's table (one entry read); None when there is
+        none, when it is not static, or when the namespace or bridge is missing."""
+        with kernel_errors(f"read bridge FDB {mac} on {bridge} in {ns}"):
+            idx = self._device(ns, bridge)
+            if idx is None:
+                return None
+            entry = self._get_one(ns, family=self._AF_BRIDGE, lladdr=mac, master=idx)
+            if entry is None or entry["state"] != self._STATIC or entry["ifindex"] == idx:
+                return None
+            links = self._ipr(ns).get_links(entry["ifindex"])
+            return links[0].get_attr("IFLA_IFNAME") if links else None
+
+    @_netlink_thread
+    def fdb_entries(self, ns: str, dev: str, macs: Iterable[str]) -> Dict[str, str]:
+        """The remote VTEPs of a VXLAN device's entries for these MACs alone (one entry read each): mac -> vtep,
+        the MACs without an entry left out."""
+        out = {}
+        with kernel_errors(f"read FDB entries of {dev} in {ns}"):
+            idx = self._device(ns, dev)
+            if idx is None:
+                return out
+            for mac in macs:
+                entry = self._get_one(ns, family=self._AF_BRIDGE, lladdr=mac, ifindex=idx, flags=self._NTF_SELF)
+                if entry is not None and entry.get_attr("NDA_DST"):
+                    out[mac] = entry.get_attr("NDA_DST")
+        return out
+
+    def fdb_entry(self, ns: str, dev: str, mac: str) -> Optional[str]:
+        """The remote VTEP of a VXLAN device's entry for mac (one entry read); None when there is none."""
+        return self.fdb_entries(ns, dev, [mac]).get(mac)
+
+    @_netlink_thread
+    def neighbour_entries(self, ns: str, dev: str, ips: Iterable[str]) -> Dict[str, str]:
+        """The MACs of the permanent neighbour entries for these addresses alone on dev (one entry read each):
+        ip -> mac, the addresses without a permanent entry left out (as neighbours() leaves them out)."""
+        out = {}
+        with kernel_errors(f"read neighbour entries of {dev} in {ns}"):
+            idx = self._device(ns, dev)
+            if idx is None:
+                return out
+            for ip in ips:
+                entry = self._get_one(ns, family=_family(ip), dst=ip, ifindex=idx)
+                if entry is not None and entry["state"] & self._PERMANENT and entry.get_attr("NDA_LLADDR"):
+                    out[ip] = entry.get_attr("NDA_LLADDR")
+        return out
+
+    @_netlink_thread
+    def link_index(self, ns: str, name: str) -> Optional[int]:
+        """The index of a link of ns; None when it or the namespace is missing."""
+        with kernel_errors(f"look up {name} in {ns}"):
+            return self._device(ns, name)
 
     # -- host facts --------------------------------------------------------------------------------------------
     @_netlink_thread

@@ -26,6 +26,10 @@ class DataPlane(Protocol):
       sync_peers(network, fdb, neigh) -> (fdb changes, neighbour changes)   the VXLAN device holds exactly these
                                           remote entries (reads the kernel, so it repairs what others changed)
       update_peers(network, before, after) -> the same counts   apply the difference between two tables
+      peer_entries(network, macs, ips) -> (fdb, neigh)   the VXLAN device's entries of these keys alone (reads)
+      vxlan_index(network) -> int or None     the VXLAN device's ifindex (notifications name devices by index)
+      repair_ports(network, ports, macs) -> [what was put right]   the endpoint ports named (or whose endpoint
+                                          MACs are named) made as ensure_endpoint made them; O(ports named)
       network_problems(network) -> [reason]   what differs from what ensure_network makes (reads only)
       guard_drift(network, endpoints) -> reason or None   the anti-spoofing table against guard_endpoints'
       host_guard_drift(networks) -> reason or None        the isolation table against guard_host's
@@ -54,6 +58,12 @@ class DataPlane(Protocol):
     def sync_peers(self, network: Network, fdb: Dict[str, str], neigh: Dict[str, str]) -> Tuple[int, int]: ...
 
     def update_peers(self, network: Network, before: Entries, after: Entries) -> Tuple[int, int]: ...
+
+    def peer_entries(self, network: Network, macs: Iterable[str], ips: Iterable[str]) -> Entries: ...
+
+    def vxlan_index(self, network: Network) -> Optional[int]: ...
+
+    def repair_ports(self, network: Network, ports: Iterable[str] = (), macs: Iterable[str] = ()) -> List[str]: ...
 
     def network_problems(self, network: Network) -> List[str]: ...
 

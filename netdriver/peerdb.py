@@ -161,6 +161,15 @@ class PeerDB:
             seg = self._segments.get(segment)
             return (dict(seg.fdb), dict(seg.neigh)) if seg is not None else ({}, {})
 
+    def lookup(self, segment: str, macs: Iterable[str], ips: Iterable[str]) -> Entries:
+        """The entries of these keys alone (fdb mac -> vtep, neigh ip -> mac; keys the table does not hold are
+        left out): O(keys), whatever the number of peers."""
+        with self._lock:
+            seg = self._segments.get(segment)
+            if seg is None:
+                return {}, {}
+            return ({m: seg.fdb[m] for m in macs if m in seg.fdb}, {i: seg.neigh[i] for i in ips if i in seg.neigh})
+
     def vteps(self, segment: str) -> Set[str]:
         """The remote VTEPs the segment's FDB points at (one per remote host, not per peer)."""
         with self._lock:

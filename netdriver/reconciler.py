@@ -3,9 +3,10 @@
 Start-up reconciliation (NetworkDriver.reconcile) makes the kernel right once; after that someone else can still
 change it: `bridge fdb del`, `ip neigh flush`, `nft flush ruleset`, `ip xfrm state flush`, a link deleted. The
 Reconciler finds and repairs that:
-  - on kernel events (kernel/events.py tells, without polling, which namespace changed and what kind of object):
-    a pass of that namespace alone, for those kinds, after a short debounce (DEBOUNCE_SECONDS) that gathers a
-    burst into one pass;
+  - on kernel events (kernel/events.py tells, without polling, which namespace changed, what kind of object and
+    which objects): a pass of that namespace alone, for those kinds, after a short debounce (DEBOUNCE_SECONDS)
+    that gathers a burst into one pass; where the events named their objects, the pass looks at those alone
+    (below);
   - on a periodic full pass (every `interval` seconds, VXNET_RECONCILE_SECONDS; 0: none), which also catches what
     sends no event (a namespace unmounted by `ip netns del` while our socket keeps it alive);
   - on an overrun of an event socket (notifications lost): a full pass.
@@ -26,6 +27,24 @@ and in the host namespace:
   isolation     the host table against this host's networks (NetworkDriver.repair_host_guard);
   sa/policy/ipsec-firewall   through the EncryptionManager (repair()).
 
+An event pass that knows the objects looks at each in O(1), whatever the number of endpoints and peers: a Join
+makes a veth, a bridge port and its static entries, and their notifications must not make the pass compare every
+link, entry and anti-spoofing element of the network (past 1,500 endpoints on one network that made each Join
+wait about 1 s for the pass its predecessor had woken). So, per object named:
+  link, an endpoint's port (vxp*)   the port against what the driver placed (DataPlane.repair_ports: on its bridge,
+                up, its static entries), made again if it differs, under the fabric lock a Join takes; a port the
+                driver did not place (another tool's, one just removed) is not looked at;
+  link, the bridge, the VXLAN device, a leaf bridge or a trunk
+                changed: network_problems (rebuilt if it differs); deleted, or a link without a name: the whole
+                link check above (Reconciler._structural says why a change alone needs no more);
+  link, any other name              nothing (not vxnet's);
+  fdb, a bridge's entry (master)    the endpoint whose MAC it is, as for its port; no endpoint's MAC: nothing;
+  fdb/neighbour on the VXLAN device those keys against the peer table (PeerSync.repair_entries: one entry read
+                per key, put back, corrected or removed, under PeerSync's lock);
+  fdb/neighbour on another device   nothing (no other device of ours holds remote entries).
+A kind whose objects the events could not name (kernel/events.py: past MAX_OBJECTS in one batch, or a message it
+could not read) gets the whole check above, as do an overrun and the periodic and start-up passes.
+
 It never fights itself: every comparison is with the same desired state the driver and PeerSync apply, under the
 same locks, so a change they make (or a repair the pass makes) is seen as equal by the pass its own events trigger,
 which then changes nothing and sends no event: at most one quiet pass, never a loop. Reads (netlink dumps, nft
@@ -43,7 +62,7 @@ counted in telemetry.metrics.REPAIRS{kind}; each pass in RECONCILE_PASSES{trigge
 import logging
 import threading
 import time
-from typing import Callable, Dict, Iterable, Optional, Set
+from typing import Callable, Dict, FrozenSet, Iterable, Mapping, Optional, Set, Union
 
 from kernel import names
 from netdriver.contracts import Encryption, NamespaceEvents
@@ -60,6 +79,12 @@ DEBOUNCE_SECONDS = 0.1
 NETWORK_KINDS = frozenset({"link", "fdb", "neighbour", "nft"})
 HOST_KINDS = frozenset({"nft", "sa", "policy"})
 FULL = None  # a pass over everything
+# Objects gathered for one kind of one namespace over a debounce, past which the pass checks the whole kind: the
+# listener's bound per batch (kernel/events.py MAX_OBJECTS), kept over the batches one debounce gathers.
+MAX_OBJECTS = 256
+
+Objects = Optional[FrozenSet]  # what the events named (kernel/events.py LinkChange, NeighChange); None: everything
+Targets = Mapping[Optional[str], Union[Iterable[str], Mapping[str, Objects]]]  # ns -> kinds, or kind -> objects
 
 
 class NamespaceTap:
@@ -92,7 +117,8 @@ class NamespaceTap:
 
 class Reconciler:
     """A thread that runs passes on events and periodically. driver: NetworkDriver (ready_networks, rebuild,
-    repair_guard, repair_host_guard); peers: PeerSync (repair); encryption: the EncryptionManager or None;
+    repair_guard, repair_host_guard, and its dataplane's network_problems, repair_ports, vxlan_index); peers:
+    PeerSync (repair, repair_entries); encryption: the EncryptionManager or None;
     interval: seconds between full passes (0: none); watch(ns): start listening in a namespace (the tap's);
     listener: the kernel event listener whose callback is notify() (started and stopped with the reconciler;
     None: periodic passes only)."""
@@ -111,20 +137,28 @@ class Reconciler:
         self.listener = listener
         self._clock = clock
         self._cond = threading.Condition()
-        self._pending: Dict[Optional[str], Set[str]] = {}  # namespace (None: host) -> kinds
+        self._pending: Dict[Optional[str], Dict[str, Optional[Set]]] = {}  # ns (None: host) -> kind -> objects
         self._full_owed = False
         self._due: Optional[float] = None
         self._stopping = False
         self._thread: Optional[threading.Thread] = None
 
     # -- triggers --------------------------------------------------------------------------------------------
-    def notify(self, ns: Optional[str], kind: str) -> None:
-        """A kernel event (kernel/events.py callback): queue a pass for it and return at once."""
+    def notify(self, ns: Optional[str], kind: str, objects: Objects = None) -> None:
+        """A kernel event (kernel/events.py callback): queue a pass for it and return at once. objects: what the
+        event named (None: anything of that kind may have changed)."""
         with self._cond:
             if kind == "overrun":
                 self._full_owed = True
             else:
-                self._pending.setdefault(ns, set()).add(kind)
+                kinds = self._pending.setdefault(ns, {})
+                if objects is None or (kind in kinds and kinds[kind] is None):
+                    kinds[kind] = None
+                else:
+                    gathered = kinds.setdefault(kind, set())
+                    gathered |= objects
+                    if len(gathered) > MAX_OBJECTS:
+                        kinds[kind] = None
             if self._due is None:
                 self._due = self._clock() + self.debounce
             self._cond.notify()
@@ -181,23 +215,29 @@ class Reconciler:
                 self.run_pass("event", pending)
 
     # -- a pass ----------------------------------------------------------------------------------------------
-    def run_pass(self, trigger: str, targets: Optional[Dict[Optional[str], Iterable[str]]] = FULL) -> Dict[str, int]:
-        """One pass: targets namespace (None: the host) -> kinds to check, or FULL for everything. Returns kind ->
-        objects repaired. Errors are logged, and the rest of the pass goes on (one stuck network does not keep the
-        others from being repaired); the next event or period tries again."""
+    def run_pass(self, trigger: str, targets: Optional[Targets] = FULL) -> Dict[str, int]:
+        """One pass: targets namespace (None: the host) -> the kinds to check whole, or kind -> the objects named
+        (None: whole), or FULL for everything. Returns kind -> objects repaired. Errors are logged, and the rest of
+        the pass goes on (one stuck network does not keep the others from being repaired); the next event or
+        period tries again."""
         RECONCILE_PASSES.labels(trigger).inc()
         repaired: Dict[str, int] = {}
         if targets is FULL:
             self._forget_removed()
 
-        def wanted(ns: Optional[str], kinds: Iterable[str]) -> Set[str]:
+        def named(ns: Optional[str], kinds: Iterable[str]) -> Dict[str, Objects]:
             if targets is FULL:
-                return set(kinds)
-            return set(targets.get(ns, ())) & set(kinds)
+                return dict.fromkeys(kinds)
+            asked = targets.get(ns, ())
+            asked = asked if isinstance(asked, Mapping) else dict.fromkeys(asked)
+            return {k: (None if v is None else frozenset(v)) for k, v in asked.items() if k in kinds}
+
+        def wanted(ns: Optional[str], kinds: Iterable[str]) -> Set[str]:
+            return set(named(ns, kinds))
 
         for network in self.driver.ready_networks():
             ns = names.netns(network.id)
-            kinds = wanted(ns, NETWORK_KINDS)
+            kinds = named(ns, NETWORK_KINDS)
             if kinds:
                 self._network(network, ns, kinds, trigger, repaired)
         host = wanted(None, HOST_KINDS)
@@ -227,11 +267,23 @@ class Reconciler:
         except VxnetError as exc:
             log.warning("cannot list the namespaces to stop listening in removed ones: %s", exc)
 
-    def _network(self, network: Network, ns: str, kinds: Set[str], trigger: str, repaired: Dict[str, int]) -> None:
-        why = self._why(trigger, kinds)
+    def _network(self, network: Network, ns: str, kinds: Dict[str, Objects], trigger: str,
+                 repaired: Dict[str, int]) -> None:
+        """The checks of one network (module docstring): the namespace's structure first when the link check is
+        whole (a rebuild makes everything else right), then the objects named one by one, then the tables of the
+        kinds not named. The named ports come before the anti-spoofing comparison: a port made again is wired
+        again, and so keeps its elements."""
+        whole = {kind for kind, objects in kinds.items() if objects is None}
+        structure = "link" in whole
+        for change in kinds.get("link") or ():
+            if self._structural(change):
+                structure = True
+                if change.deleted or change.ifname is None:
+                    whole.add("link")
+        why = self._why(trigger, whole | ({"link"} if structure else set()))
         where = f"{ns} nid={network.id[:12]}"
         try:
-            if "link" in kinds:
+            if structure:
                 problems = self.driver.dataplane.network_problems(network)
                 # rebuild(): bridge, VXLAN, peers and anti-spoofing, all of it; False: deleted meanwhile
                 if problems and self.driver.rebuild(network):
@@ -239,15 +291,17 @@ class Reconciler:
                     return
                 if problems:
                     return
-            if kinds & {"fdb", "neighbour", "link"}:
+            # the ports a link event named are looked at even when another link made the link check whole:
+            # network_problems does not look at endpoint ports
+            named = {kind: objects for kind, objects in kinds.items() if objects}
+            if named and self._named(network, ns, named, trigger, repaired):
+                # A port made again: its anti-spoofing elements compared too, whole (a full pass in between may
+                # have taken them out while it was missing). Only after a repair, which someone else caused.
+                whole.add("nft")
+            if whole & {"fdb", "neighbour", "link"}:
                 fdb, neigh = self.peers.repair(network)
-                if fdb:
-                    self._record(repaired, "fdb", fdb, where, f"{fdb} FDB entr{'y' if fdb == 1 else 'ies'} put back "
-                                 "or corrected", why)
-                if neigh:
-                    self._record(repaired, "neighbour", neigh, where, f"{neigh} neighbour entr"
-                                 f"{'y' if neigh == 1 else 'ies'} put back or corrected", why)
-            if kinds & {"nft", "link"}:
+                self._peer_records(repaired, fdb, neigh, where, why)
+            if whole & {"nft", "link"}:
                 drift = self.driver.repair_guard(network)
                 if drift is not None:
                     self._record(repaired, "anti-spoofing", 1, where, f"{drift}: table rebuilt", why)
@@ -257,6 +311,50 @@ class Reconciler:
                         self._record(repaired, "network-policy", 1, where, f"{drift}: policy table replaced", why)
         except VxnetError as exc:
             log.error("reconcile pass (%s) could not repair %s: %s", trigger, where, exc)
+
+    @staticmethod
+    def _structural(change) -> bool:
+        """A link of the namespace's structure: the bridges, the VXLAN device, the trunks, or one the
+        notification did not name. Changed, it gets network_problems (a rebuild if it is not as
+        ensure_network makes it); deleted or unnamed, the whole link check. A change alone cannot have lost
+        what the whole check compares besides (a device set down loses its neighbour entries, each of which
+        is notified and named), and the root bridge changes with every new smallest port MAC (the kernel
+        gives a bridge without an address of its own the smallest of its ports', br_stp_recalculate_bridge_id):
+        a whole check each time would read every peer entry and anti-spoofing element some dozen times per
+        thousand Joins."""
+        name = change.ifname
+        return name is None or name == names.VXLAN or names.bridge_index(name) >= 0 or names.is_trunk(name)
+
+    def _named(self, network: Network, ns: str, kinds: Dict[str, FrozenSet], trigger: str,
+               repaired: Dict[str, int]) -> bool:
+        """The objects the events named, each against its desired state in O(1). True if a port was made
+        again."""
+        why = self._why(trigger, set(kinds), named=True)
+        where = f"{ns} nid={network.id[:12]}"
+        ports = {c.ifname for c in kinds.get("link", ()) if c.ifname and names.bridge_port_endpoint(c.ifname)}
+        bridged = {c.mac for c in kinds.get("fdb", ()) if c.master and c.mac}
+        own = [c for kind in ("fdb", "neighbour") for c in kinds.get(kind, ()) if not c.master]
+        fixed = []
+        if ports or bridged:
+            fixed = self.driver.dataplane.repair_ports(network, ports, bridged)
+            if fixed:
+                self._record(repaired, "port", len(fixed), where, "; ".join(fixed) + ": made again", why)
+        if own:
+            vxlan = self.driver.dataplane.vxlan_index(network)
+            macs = {c.mac for c in kinds.get("fdb", ()) if not c.master and c.ifindex == vxlan and c.mac}
+            ips = {c.ip for c in kinds.get("neighbour", ()) if c.ifindex == vxlan and c.ip}
+            if vxlan is not None and (macs or ips):
+                fdb, neigh = self.peers.repair_entries(network, macs, ips)
+                self._peer_records(repaired, fdb, neigh, where, why)
+        return bool(fixed)
+
+    def _peer_records(self, repaired: Dict[str, int], fdb: int, neigh: int, where: str, why: str) -> None:
+        if fdb:
+            self._record(repaired, "fdb", fdb, where, f"{fdb} FDB entr{'y' if fdb == 1 else 'ies'} put back "
+                         "or corrected", why)
+        if neigh:
+            self._record(repaired, "neighbour", neigh, where, f"{neigh} neighbour entr"
+                         f"{'y' if neigh == 1 else 'ies'} put back or corrected", why)
 
     def _host(self, kinds: Set[str], trigger: str, repaired: Dict[str, int]) -> None:
         why = self._why(trigger, kinds)
@@ -275,8 +373,10 @@ class Reconciler:
                 log.error("reconcile pass (%s) could not repair IPsec: %s", trigger, exc)
 
     @staticmethod
-    def _why(trigger: str, kinds: Set[str]) -> str:
-        return f"{trigger} pass" + (f" after {'/'.join(sorted(kinds))} events" if trigger == "event" else "")
+    def _why(trigger: str, kinds: Set[str], named: bool = False) -> str:
+        if trigger != "event":
+            return f"{trigger} pass"
+        return f"event pass after {'/'.join(sorted(kinds))} events" + (" naming them" if named else "")
 
     @staticmethod
     def _record(repaired: Dict[str, int], kind: str, count: int, where: str, what: str, why: str) -> None:

@@ -100,7 +100,31 @@ class _Fabric:
     def __init__(self, placement: Placement):
         self.placement = placement
         self.macs: Dict[str, str] = {}  # port -> endpoint MAC, for the root's entry of an endpoint on a leaf
+        # endpoint MAC -> the ports carrying it, oldest first (almost always one): which endpoint an FDB
+        # notification names. Two endpoints given one MAC (--mac-address twice) want one static entry each for the
+        # same key, which the bridge holds once: the newest wins, as its Join's `fdb replace` made it, and only
+        # that one's entries are compared (owner), so a check never moves the entry back and forth.
+        self.ports: Dict[str, List[str]] = {}
         self.leaves: Set[int] = set()  # leaves made whole (bridge and trunk) by this process
+
+    def remember(self, port: str, mac: str) -> None:
+        self.forget(port)
+        self.macs[port] = mac
+        self.ports.setdefault(mac, []).append(port)
+
+    def forget(self, port: str) -> None:
+        mac = self.macs.pop(port, None)
+        if mac is not None:
+            holders = self.ports.get(mac, [])
+            if port in holders:
+                holders.remove(port)
+            if not holders:
+                self.ports.pop(mac, None)
+
+    def owner(self, mac: str) -> Optional[str]:
+        """The port whose static entries a MAC's key should hold (the newest of those carrying it)."""
+        holders = self.ports.get(mac)
+        return holders[-1] if holders else None
 
 
 class DataPlane:
@@ -163,7 +187,9 @@ class DataPlane:
             wired = wired_ports(ports)
             placement = Placement.of(self.max_endpoints, [(p, k) for p, k, _ in wired if k >= 0])
             fabric = _Fabric(placement)
-            fabric.macs = {p: mac for p, _, mac in wired if mac}
+            for p, _, mac in wired:
+                if mac:
+                    fabric.remember(p, mac)
             with self._fabrics_lock:
                 self._fabrics[ns] = fabric
             for port, k, mac in wired:
@@ -252,7 +278,7 @@ class DataPlane:
                 if not placed:
                     self._unplace(ns, fabric, port, endpoint.mac)
                 raise
-            fabric.macs[port] = endpoint.mac
+            fabric.remember(port, endpoint.mac)
         return container_end
 
     def _unplace(self, ns: str, fabric: _Fabric, port: str, mac: Optional[str]) -> None:
@@ -261,7 +287,7 @@ class DataPlane:
         self.links.remove_link(ns, port)
         self.links.remove_link(None, names.veth_container(names.bridge_port_endpoint(port)))
         k = fabric.placement.free(port)
-        fabric.macs.pop(port, None)
+        fabric.forget(port)
         if k:
             if mac:
                 self.links.del_static_fdb(ns, names.trunk_root(k), mac)
@@ -347,6 +373,73 @@ class DataPlane:
                 self.links.set_neigh(ns, names.VXLAN, ip, mac)
                 changed_neigh += 1
         return changed_fdb, changed_neigh
+
+    def peer_entries(self, network: Network, macs: Iterable[str], ips: Iterable[str]) -> Entries:
+        """(fdb, neigh) of the VXLAN device for these keys alone, as the kernel holds them (one entry read per
+        key, not a dump): the `before` of update_peers for a repair of what a notification named."""
+        ns = names.netns(network.id)
+        macs, ips = list(macs), list(ips)
+        return (self.links.fdb_entries(ns, names.VXLAN, macs) if macs else {},
+                self.links.neighbour_entries(ns, names.VXLAN, ips) if ips else {})
+
+    def vxlan_index(self, network: Network) -> Optional[int]:
+        """The VXLAN device's index in the network's namespace (notifications name devices by index)."""
+        return self.links.link_index(names.netns(network.id), names.VXLAN)
+
+    def repair_ports(self, network: Network, ports: Iterable[str] = (), macs: Iterable[str] = ()) -> List[str]:
+        """The endpoint ports named (by port name, or by an endpoint MAC an FDB notification carried) against
+        what ensure_endpoint made for them: the veth on its bridge, up, its static entry there and, on a leaf,
+        the root's entry towards the leaf's trunk. What differs is made again through ensure_endpoint's own
+        calls (ensure_veth, set_static_fdb); a port deleted whole is made again with its pair, whose container
+        end comes back in the host namespace (the one dockerd had moved into the container went with the pair,
+        so that container stays without its interface until dockerd joins it again, which finds this port).
+        Ports this process did not place (another tool's links, an endpoint left meanwhile) are not looked at.
+        Under the namespace's lock, as a Join's placement and a removal: never half of either. Returns one line
+        per port put right; O(ports named), a handful of single-object reads each."""
+        ns = names.netns(network.id)
+        with self._lock(ns):
+            with self._fabrics_lock:
+                fabric = self._fabrics.get(ns)
+            if fabric is None:
+                return []
+            named = set(ports) | {port for port in map(fabric.owner, macs) if port is not None}
+            repaired = []
+            for port in sorted(named):
+                k, mac = fabric.placement.bridge_of(port), fabric.macs.get(port)
+                if k is None or mac is None:
+                    continue
+                problem = self._port_problem(ns, port, k, mac, entries=fabric.owner(mac) == port)
+                if problem is None:
+                    continue
+                self.links.ensure_veth(ns, port, names.veth_container(names.bridge_port_endpoint(port)),
+                                       names.bridge(k), network.mtu, mac)
+                if k and fabric.owner(mac) == port:
+                    self.links.set_static_fdb(ns, names.trunk_root(k), mac)
+                repaired.append(problem)
+            return repaired
+
+    def _port_problem(self, ns: str, port: str, k: int, mac: str, entries: bool) -> Optional[str]:
+        """What differs for one placed port (None: nothing); entries: its static entries too (it owns its MAC's
+        key). Reads only."""
+        info = self.links.link_info(ns, port)
+        bridge = names.bridge(k)
+        if info is None:
+            return f"port {port} missing"
+        if info["master"] != bridge:
+            return f"port {port} on {info['master']} instead of {bridge}"
+        if not info["up"]:
+            return f"port {port} down"
+        if not entries:
+            return None
+        have = self.links.static_port(ns, bridge, mac)
+        if have != port:
+            return f"fdb {mac} on {bridge} {'missing' if have is None else f'towards {have}'} instead of {port}"
+        if k:
+            have = self.links.static_port(ns, names.BRIDGE, mac)
+            if have != names.trunk_root(k):
+                return (f"fdb {mac} on {names.BRIDGE} {'missing' if have is None else f'towards {have}'} instead "
+                        f"of {names.trunk_root(k)}")
+        return None
 
     def network_problems(self, network: Network) -> List[str]:
         """What is wrong with the network's namespace, bridge and VXLAN device against what ensure_network makes

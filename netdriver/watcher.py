@@ -8,6 +8,7 @@ same records, this host's included, and the same network_up/network_down reach t
 (netdriver/policy_engine.py), under PeerSync's lock (taken before the engine's): one watch of peers/ feeds both.
 """
 
+import ipaddress
 import logging
 import threading
 from typing import Dict, Iterable, Optional, Protocol, Set, Tuple
@@ -105,6 +106,28 @@ class PeerSync:
             if segment not in self._local:
                 return 0, 0
             return self._sync(segment, full=True)
+
+    def repair_entries(self, network: Network, macs: Iterable[str] = (), ips: Iterable[str] = ()) -> Tuple[int, int]:
+        """The VXLAN device's entries of these keys alone (FDB: macs, neighbours: ips) against the peer table, for
+        what a kernel notification named (netdriver/reconciler.py): each key read from the kernel and put back,
+        corrected or removed where it differs, O(keys) whatever the number of peers. Under the lock the full
+        repair takes; a segment whose last sync failed gets the full one instead. Returns (FDB, neighbour)
+        entries changed."""
+        with self._lock:
+            segment = segment_of(network.id, network.overlay)
+            if segment not in self._local or not self._loaded:
+                return 0, 0
+            if segment not in self._applied:
+                return self._sync(segment, full=True)
+            macs, ips = set(macs), {str(ipaddress.ip_address(ip)) for ip in ips}
+            network = self._local[segment]
+            want = self.peerdb.lookup(segment, macs, ips)
+            try:
+                have = self.dataplane.peer_entries(network, macs, ips)
+                return self.dataplane.update_peers(network, have, want)
+            except VxnetError:
+                self._applied.discard(segment)  # half applied: the next sync reads the kernel whole
+                raise
 
     def peer_counts(self) -> Dict[str, int]:
         """network id -> remote endpoints in the peer table, for each network with a namespace here (what the

@@ -282,7 +282,8 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
                             encryption=encryption, policy=policy, max_endpoints=settings.max_endpoints)
         if settings.reconcile_seconds:
             # Our own nftables commits wake no pass (kernel/events.py): they are the desired state already.
-            events = KernelEvents(links.netns_path, lambda ns, kind: healing.notify(ns, kind) if healing else None,
+            events = KernelEvents(links.netns_path,
+                                  lambda ns, kind, objects: healing.notify(ns, kind, objects) if healing else None,
                                   own_committer=links.nft_committer)
             tap.attach(events.watch, events.unwatch)
             healing = Reconciler(net, sync, encryption, settings.reconcile_seconds, watch=events.watch,

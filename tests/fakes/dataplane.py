@@ -3,6 +3,8 @@
 from kernel import names
 from wire.errors import KernelError
 
+VXLAN_INDEX = 3  # the VXLAN device's ifindex in every modelled namespace
+
 
 def _guarded(endpoint):
     return endpoint.id, endpoint.ip, endpoint.mac, endpoint.ip6
@@ -17,9 +19,11 @@ here as it would there.
     `stuck` holds network ids and host link names the kernel refuses to remove.
 
     Removed by someone else (what the reconciler repairs): `lose_fdb`, `lose_neigh` (one peer's entry),
-    `lose_guard` (an endpoint's anti-spoofing elements), `lose_host_guard` (the isolation table), `lose_link` (the
-    VXLAN device); `writes` counts every change made to the modelled kernel, so a test can tell a pass that
-    changed nothing.
+    `move_fdb` (one peer's entry pointed at another VTEP), `lose_guard` (an endpoint's anti-spoofing elements),
+    `lose_host_guard` (the isolation table), `lose_link` (the VXLAN device), `lose_port` (an endpoint's veth:
+    no longer wired), `lose_static` (an endpoint's static bridge entry); `writes` counts every change made to
+    the modelled kernel, so a test can tell a pass that changed nothing, and `whole_reads` every read of a
+    whole table or namespace (network_problems, sync_peers, guard_drift), so it can tell a narrow pass.
     """
 
     def __init__(self):
@@ -38,6 +42,9 @@ here as it would there.
         self.broken = {}  # network id -> problem with its bridge or VXLAN device
         self.host_guard_lost = False
         self.writes = 0
+        self.whole_reads = 0
+        self.placed = {}  # network id -> {endpoint id: mac}: ports ensure_endpoint made (the fabric's placement)
+        self.lost_ports = {}  # network id -> {endpoint id: "port" | "static"}: what someone removed of a port
 
     # -- someone else -------------------------------------------------------------------------------------------
     def lose_fdb(self, network_id, ip):
@@ -54,6 +61,18 @@ here as it would there.
 
     def lose_link(self, network_id):
         self.broken[network_id] = "VXLAN device vxlan0 missing"
+
+    def move_fdb(self, network_id, ip, vtep):
+        mac, _ = self.peers[network_id][ip]
+        self.peers[network_id][ip] = (mac, vtep)
+
+    def lose_port(self, network_id, endpoint_id):
+        """The bridge end deleted: the pair goes, the endpoint is no longer wired."""
+        self.endpoints[network_id].pop(endpoint_id)
+        self.lost_ports.setdefault(network_id, {})[endpoint_id] = "port"
+
+    def lose_static(self, network_id, endpoint_id):
+        self.lost_ports.setdefault(network_id, {}).setdefault(endpoint_id, "static")
 
     def kernel_peers(self, network_id):
         """(fdb mac -> vtep, neigh ip -> mac) as the modelled kernel holds them."""
@@ -91,11 +110,37 @@ here as it would there.
             raise KernelError(f"namespace of {network.id[:12]} does not exist")
         ifname = names.veth_container(endpoint.id)
         self.endpoints[network.id][endpoint.id] = ifname
+        self.placed.setdefault(network.id, {})[endpoint.id] = endpoint.mac
+        self.lost_ports.get(network.id, {}).pop(endpoint.id, None)
         return ifname
 
     def remove_endpoint(self, network_id, endpoint_id):
         names.netns(network_id), names.veth_bridge(endpoint_id)
         self.endpoints.get(network_id, {}).pop(endpoint_id, None)
+        self.placed.get(network_id, {}).pop(endpoint_id, None)
+        self.lost_ports.get(network_id, {}).pop(endpoint_id, None)
+
+    def repair_ports(self, network, ports=(), macs=()):
+        """As the real one: only ports ensure_endpoint placed, named by port name or endpoint MAC."""
+        ports, macs = set(ports), set(macs)
+        fixed = []
+        for eid, mac in sorted(self.placed.get(network.id, {}).items()):
+            port = names.veth_bridge(eid)
+            if port not in ports and mac not in macs:
+                continue
+            lost = self.lost_ports.get(network.id, {}).pop(eid, None)
+            if lost is not None:
+                self.endpoints[network.id][eid] = names.veth_container(eid)
+                self.writes += 1
+                fixed.append(f"port {port} missing" if lost == "port" else f"fdb {mac} on br0 missing")
+        return fixed
+
+    def peer_entries(self, network, macs, ips):
+        have_fdb, have_neigh = self.kernel_peers(network.id)
+        return ({m: have_fdb[m] for m in macs if m in have_fdb}, {i: have_neigh[i] for i in ips if i in have_neigh})
+
+    def vxlan_index(self, network):
+        return VXLAN_INDEX if network.id in self.networks else None
 
     def network_ids(self):
         return [n[:12] for n in self.networks]
@@ -146,6 +191,7 @@ here as it would there.
 
     def sync_peers(self, network, fdb, neigh):
         self.full_syncs = getattr(self, "full_syncs", 0) + 1
+        self.whole_reads += 1
         if network.id not in self.networks:
             return 0, 0
         have_fdb, have_neigh = self.kernel_peers(network.id)
@@ -158,11 +204,13 @@ here as it would there.
         return changed
 
     def network_problems(self, network):
+        self.whole_reads += 1
         if network.id not in self.networks:
             return [f"namespace {names.netns(network.id)} missing"]
         return [self.broken[network.id]] if network.id in self.broken else []
 
     def guard_drift(self, network, endpoints):
+        self.whole_reads += 1
         if network.id not in self.networks:
             return None
         if network.id not in self.guarded:
@@ -200,5 +248,10 @@ here as it would there.
             if ip in neigh:
                 have_neigh[ip] = neigh[ip]
         self.peers[network.id] = {ip: (mac, have_fdb.get(mac)) for ip, mac in have_neigh.items()}
+        # the keys written are the kernel's now: no longer lost
+        self.no_neigh.get(network.id, set()).difference_update(set(old_neigh) | set(neigh))
+        written = set(old_fdb) | set(fdb)
+        self.no_fdb.get(network.id, set()).difference_update(
+            {ip for ip, (mac, _) in self.peers[network.id].items() if mac in written})
         self.entry_writes = getattr(self, "entry_writes", 0) + sum(changed)
         return changed

@@ -10,11 +10,13 @@ from typing import Callable, Dict, List, Optional
 from pyroute2 import IPRoute
 
 from kernel import names
+from kernel.events import KernelEvents
 from kernel.links import Links
 from netdriver.driver import NetworkDriver
 from netdriver.isolation import Firewall
 from netdriver.models import PeerRecord
 from netdriver.peerdb import PeerDB
+from netdriver.reconciler import NamespaceTap, Reconciler
 from netdriver.sandbox import DataPlane
 from netdriver.store import NetworkStore, segment_of
 from netdriver.underlay import Underlay
@@ -53,10 +55,15 @@ def move_link(name: str, netns_path: str) -> None:
 
 class Node:
     """One simulated host's plugin, in this process: start() composes it (and reconciles), stop() drops it with
-    its kernel handles, leaving the kernel as a stopped plugin leaves it."""
+    its kernel handles, leaving the kernel as a stopped plugin leaves it. reconcile_seconds: the self-healing
+    reconciler's period as VXNET_RECONCILE_SECONDS sets it (30 by default, as the plugin's; 0: no reconciler), with
+    its netlink listener in the networks' namespaces (not the host's: this machine's own nftables and XFRM changes
+    are no part of the simulated host)."""
 
     def __init__(self, etcd_url: str, prefix: str, netns_dir: str, host_id: str = "h1",
-                 vtep: str = "127.0.0.1"):
+                 vtep: str = "127.0.0.1", reconcile_seconds: float = 30.0):
+        self.reconcile_seconds = reconcile_seconds
+        self.healing: Optional[Reconciler] = None
         self.kv = EtcdKV([etcd_url])
         self.prefix, self.netns_dir, self.host_id, self.vtep = prefix, netns_dir, host_id, vtep
         self.store = NetworkStore(self.kv, prefix)
@@ -80,14 +87,27 @@ class Node:
             return changed
         self.plane.update_peers = update_peers
         self.sync = PeerSync(PeerDB(self.host_id), self.plane)
-        self.driver = NetworkDriver(self.store, self.plane, self.host_id, "local", underlay, peers=self.sync)
+        tap = NamespaceTap(self.sync)
+        self.driver = NetworkDriver(self.store, self.plane, self.host_id, "local", underlay, peers=tap)
         self.watcher = PeerWatcher(self.kv, self.store, self.sync)
+        healing = None
+        if self.reconcile_seconds:
+            events = KernelEvents(self.links.netns_path,
+                                  lambda ns, kind, objects: healing.notify(ns, kind, objects) if healing else None,
+                                  host=False, own_committer=self.links.nft_committer)
+            tap.attach(events.watch, events.unwatch)
+            healing = Reconciler(self.driver, self.sync, None, self.reconcile_seconds, watch=events.watch,
+                                 listener=events)
         started = time.monotonic()
         self.driver.reconcile()
         self.watcher.start()
         if not self.sync.wait_loaded(120):
             raise RuntimeError("the peer watch did not read etcd within 120 s")
-        return time.monotonic() - started
+        took = time.monotonic() - started
+        if healing is not None:  # as plugin/main.py: once the kernel is right
+            healing.start()
+            self.healing = healing
+        return took
 
     def _count_writes(self, links: Links) -> None:
         for name in WRITES:
@@ -106,6 +126,9 @@ class Node:
         links.nft = nft_counted
 
     def stop(self) -> None:
+        if self.healing is not None:
+            self.healing.stop()
+            self.healing = None
         self.watcher.stop()
         self.links.close()
         self.links = None

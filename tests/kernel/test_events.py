@@ -30,12 +30,14 @@ def sh(*argv, check=True):
 
 
 class Seen:
-    """The callback, as a queue of (namespace, kind)."""
+    """The callback, as a queue of (namespace, kind); the objects each call named are kept in `named`."""
 
     def __init__(self):
         self.q = queue.Queue()
+        self.named = queue.Queue()
 
-    def __call__(self, ns, kind):
+    def __call__(self, ns, kind, objects=None):
+        self.named.put((ns, kind, objects))  # first: whoever sees (ns, kind) in q finds its objects here
         self.q.put((ns, kind))
 
     def fired(self, ns, kind, timeout=PROBE_SECONDS) -> bool:
@@ -57,6 +59,17 @@ class Seen:
     def drain(self):
         while not self.q.empty():
             self.q.get_nowait()
+        while not self.named.empty():
+            self.named.get_nowait()
+
+    def objects(self, ns, kind) -> set:
+        """Every object the calls so far named for (ns, kind); None among them if one call said "whole"."""
+        out = set()
+        while not self.named.empty():
+            got_ns, got_kind, objects = self.named.get_nowait()
+            if (got_ns, got_kind) == (ns, kind):
+                out |= {None} if objects is None else set(objects)
+        return out
 
 
 @pytest.fixture
@@ -90,15 +103,25 @@ def test_deletions_by_hand_fire_the_callback_in_a_watched_namespace_only(network
     listener.start()
     try:
         listener.watch(ns)
+        vxlan = links.link_index(ns, names.VXLAN)
         _fdb_del(ns)
         assert seen.fired(ns, "fdb")
+        # What the notification named travels with it: the device, the MAC, the VTEP, a deletion of its own table
+        assert ev.NeighChange(vxlan, PEER_MAC, PEER_VTEP, False, True) in seen.objects(ns, "fdb")
         sh("ip", "netns", "exec", ns, "ip", "neigh", "del", PEER_IP, "dev", names.VXLAN)
         assert seen.fired(ns, "neighbour")
+        # (no MAC: the kernel sends NDA_LLADDR only for an entry in a valid state, neigh_fill_info)
+        assert ev.NeighChange(vxlan, None, PEER_IP, False, True) in seen.objects(ns, "neighbour")
+        port, mac = names.veth_bridge(ep.id), ep.mac
+        sh("ip", "netns", "exec", ns, "bridge", "fdb", "del", mac, "dev", port, "master")
+        assert seen.fired(ns, "fdb")
+        assert ev.NeighChange(links.link_index(ns, port), mac, None, True, True) in seen.objects(ns, "fdb")
         sh("ip", "netns", "exec", ns, "nft", "delete", "element", "bridge", "vxnet", "ports",
            "{", names.veth_bridge(ep.id), "}")
         assert seen.fired(ns, "nft")
         sh("ip", "netns", "exec", ns, "ip", "link", "set", names.BRIDGE, "down")
         assert seen.fired(ns, "link")
+        assert ev.LinkChange(links.link_index(ns, names.BRIDGE), names.BRIDGE, False) in seen.objects(ns, "link")
 
         # Negative, same probe: the same deletion in the namespace once unwatched fires nothing.
         plane.sync_peers(net, {PEER_MAC: PEER_VTEP}, {PEER_IP: PEER_MAC})
@@ -143,8 +166,8 @@ def test_an_overrun_is_reported(network, monkeypatch):
     held = threading.Event()
     seen = Seen()
 
-    def slow(ns_, kind):
-        seen(ns_, kind)
+    def slow(ns_, kind, objects=None):
+        seen(ns_, kind, objects)
         held.wait(10)  # the listener reads nothing while the burst below overflows its buffer
 
     listener = ev.KernelEvents(links.netns_path, slow, host=False)

@@ -231,3 +231,151 @@ def test_the_health_overlay_is_repaired_by_full_passes_and_its_own_events():
     assert health.calls == calls  # an event in a network's namespace does not touch the health overlay
     health.pending = 1
     assert rec.run_pass("event", {names.HEALTH_NETNS: {"fdb"}}).get("health") == 1
+
+
+# -- passes that know what the events named (kernel/events.py objects) -------------------------------------------
+from kernel.events import LinkChange, NeighChange  # noqa: E402
+from tests.fakes.dataplane import VXLAN_INDEX  # noqa: E402
+
+MY_MAC = "02:42:0a:01:00:05"  # EID's, derived from 10.1.0.5
+PORT = names.veth_bridge(EID)
+
+
+def named(kind, *objects):
+    return {names.netns(NID): {kind: frozenset(objects)}}
+
+
+def test_a_deleted_port_is_made_again_by_the_narrow_check_alone():
+    rec, drv, plane, _ = build()
+    plane.lose_port(NID, EID)
+    assert EID not in plane.endpoints[NID]  # the loss is real in the model (control)
+    reads, guarded = plane.whole_reads, list(plane.guarded[NID])
+    assert rec.run_pass("event", named("link", LinkChange(11, PORT, True))) == {"port": 1}
+    # nothing read whole but the anti-spoofing table, compared once after a repair (the port keeps its elements)
+    assert EID in plane.endpoints[NID] and plane.whole_reads == reads + 1 and plane.guarded[NID] == guarded
+    reads = plane.whole_reads
+    assert rec.run_pass("event", named("link", LinkChange(11, PORT, False))) == {}  # its own event: quiet
+    assert plane.whole_reads == reads  # and narrow
+
+
+def test_a_deleted_static_entry_is_put_back_from_the_mac_its_notification_names():
+    rec, drv, plane, _ = build()
+    plane.lose_static(NID, EID)
+    reads = plane.whole_reads
+    # an entry of another bridge port (the port's own address), then the endpoint's: only the second is ours
+    other = NeighChange(11, "9a:00:00:00:00:01", None, True, True)
+    assert rec.run_pass("event", named("fdb", other)) == {}
+    assert plane.lost_ports[NID] == {EID: "static"}  # not looked at: still lost (control for the next)
+    assert plane.whole_reads == reads
+    assert rec.run_pass("event", named("fdb", NeighChange(11, MY_MAC, None, True, True))) == {"port": 1}
+    assert plane.lost_ports[NID] == {} and plane.whole_reads == reads + 1  # the anti-spoofing comparison
+
+
+def test_a_changed_remote_entry_is_corrected_by_its_key_alone():
+    rec, drv, plane, _ = build()
+    plane.move_fdb(NID, PEER_IP, "192.0.2.77")
+    reads, syncs = plane.whole_reads, plane.full_syncs
+    change = NeighChange(VXLAN_INDEX, PEER_MAC, "192.0.2.77", False, False)
+    assert rec.run_pass("event", named("fdb", change)) == {"fdb": 1}
+    assert plane.kernel_peers(NID) == ({PEER_MAC: PEER_VTEP}, {PEER_IP: PEER_MAC})
+    assert plane.whole_reads == reads and plane.full_syncs == syncs
+    plane.lose_neigh(NID, PEER_IP)
+    gone = NeighChange(VXLAN_INDEX, PEER_MAC, PEER_IP, False, True)
+    assert rec.run_pass("event", named("neighbour", gone)) == {"neighbour": 1}
+    assert plane.kernel_peers(NID)[1] == {PEER_IP: PEER_MAC}
+    # the same notification again, with the kernel right now: quiet, and still nothing read whole
+    assert rec.run_pass("event", named("neighbour", gone)) == {} and plane.whole_reads == reads
+
+
+def test_named_objects_that_are_not_vxnets_are_not_looked_at():
+    rec, drv, plane, _ = build()
+    plane.move_fdb(NID, PEER_IP, "192.0.2.77")
+    reads = plane.whole_reads
+    on_a_port = NeighChange(VXLAN_INDEX + 1, PEER_MAC, "192.0.2.77", False, False)  # not the VXLAN device
+    assert rec.run_pass("event", named("fdb", on_a_port)) == {}
+    assert rec.run_pass("event", named("link", LinkChange(40, "eth7", False))) == {}
+    assert plane.kernel_peers(NID)[0] == {PEER_MAC: "192.0.2.77"} and plane.whole_reads == reads
+    change = NeighChange(VXLAN_INDEX, PEER_MAC, "192.0.2.77", False, False)  # control: on the VXLAN device
+    assert rec.run_pass("event", named("fdb", change)) == {"fdb": 1}
+
+
+def test_the_bridge_or_vxlan_device_named_or_a_kind_not_named_means_the_whole_check():
+    rec, drv, plane, _ = build()
+    plane.lose_link(NID)
+    reads = plane.whole_reads
+    assert rec.run_pass("event", named("link", LinkChange(2, names.BRIDGE, False))) == {"link": 1}
+    assert plane.whole_reads > reads
+    plane.lose_link(NID)
+    assert rec.run_pass("event", named("link", LinkChange(2, names.trunk_root(1), True))) == {"link": 1}
+    plane.lose_fdb(NID, PEER_IP)
+    reads = plane.whole_reads
+    assert rec.run_pass("event", {names.netns(NID): {"fdb": None}}) == {"fdb": 1}  # degraded: the full sync
+    assert plane.whole_reads == reads + 1
+
+
+def test_notify_gathers_objects_over_a_debounce_and_degrades_past_the_bound():
+    rec, *_ = build()
+    ns = names.netns(NID)
+    first, second = LinkChange(11, PORT, False), LinkChange(11, PORT, True)
+    rec.notify(ns, "link", frozenset({first}))
+    rec.notify(ns, "link", frozenset({second}))
+    rec.notify(ns, "nft", None)
+    assert rec._pending == {ns: {"link": {first, second}, "nft": None}}
+    from netdriver import reconciler
+    many = frozenset(NeighChange(3, f"02:43:00:00:{i >> 8:02x}:{i & 255:02x}", None, False, False)
+                     for i in range(reconciler.MAX_OBJECTS + 1))
+    rec.notify(ns, "fdb", many)
+    assert rec._pending[ns]["fdb"] is None
+    rec.notify(ns, "fdb", frozenset({NeighChange(3, PEER_MAC, None, False, False)}))
+    assert rec._pending[ns]["fdb"] is None  # whole stays whole
+    rec.notify(ns, "link", None)
+    assert rec._pending[ns]["link"] is None
+
+
+def test_a_named_pass_through_the_thread_repairs_and_ends_quiet():
+    """notify() with objects, as the listener calls it: the narrow repair, then (its own notification) one
+    quiet pass."""
+    rec, drv, plane, _ = build()
+    passes = []
+    real = rec.run_pass
+
+    def counted(trigger, targets=None):
+        result = real(trigger, targets)
+        passes.append(result)
+        if result:  # the port made again: the kernel tells of it
+            rec.notify(names.netns(NID), "link", frozenset({LinkChange(12, PORT, False)}))
+        return result
+
+    rec.run_pass = counted
+    rec.start()
+    try:
+        plane.lose_port(NID, EID)
+        rec.notify(names.netns(NID), "link", frozenset({LinkChange(11, PORT, True)}))
+        wait_until(lambda: len(passes) >= 2, 5, "the repair pass and the quiet pass after it")
+        assert passes[:2] == [{"port": 1}, {}] and EID in plane.endpoints[NID]
+    finally:
+        rec.stop()
+
+
+def test_a_port_named_beside_the_bridge_is_still_looked_at():
+    """The bridge named makes the link check whole (network_problems), which does not look at endpoint ports:
+    the port named in the same batch still gets its own check."""
+    rec, drv, plane, _ = build()
+    plane.lose_port(NID, EID)
+    both = named("link", LinkChange(2, names.BRIDGE, False), LinkChange(11, PORT, True))
+    reads = plane.whole_reads
+    assert rec.run_pass("event", both) == {"port": 1}
+    assert plane.whole_reads > reads and EID in plane.endpoints[NID]
+
+
+def test_the_bridge_changed_gets_network_problems_alone_and_deleted_the_whole_check():
+    """The root bridge is notified whenever its smallest port MAC changes (every few Joins): a change reads
+    network_problems only; a deletion (or a link without a name) the whole link check, peers included."""
+    rec, drv, plane, _ = build()
+    plane.lose_fdb(NID, PEER_IP)
+    reads = plane.whole_reads
+    assert rec.run_pass("event", named("link", LinkChange(2, names.BRIDGE, False))) == {}
+    assert plane.whole_reads == reads + 1 and plane.kernel_peers(NID)[0] == {}  # network_problems only
+    assert rec.run_pass("event", named("link", LinkChange(2, names.BRIDGE, True))) == {"fdb": 1}  # control
+    plane.lose_fdb(NID, PEER_IP)
+    assert rec.run_pass("event", named("link", LinkChange(2, None, False))) == {"fdb": 1}
