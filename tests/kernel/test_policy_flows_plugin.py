@@ -11,9 +11,9 @@ import secrets
 
 import pytest
 
-from kernel import names
+from tests.harness.driver_calls import within
 from tests.harness.plugin import Plugin
-from tests.kernel.test_policy_hosts import Net, call, cli, within
+from tests.kernel.test_policy_hosts import Net, cli
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces")
 
@@ -23,19 +23,8 @@ A4, A6 = "10.200.97", "fd00:97::"
 
 
 def audit_net(plugin, overlay, v4, v6) -> Net:
-    """A deny network with -o policy-audit=true: Net's CreateNetwork with the audit option."""
-    net = Net.__new__(Net)
-    net.plugin, net.host, net.v4, net.v6 = plugin, plugin.host, v4, v6
-    net.id = secrets.token_hex(32)
-    net.ns = names.netns(net.id)
-    net.endpoints = []
-    call(plugin, "CreateNetwork", {
-        "NetworkID": net.id,
-        "Options": {"com.docker.network.generic": {"overlay": overlay, "policy": "deny", "policy-audit": "true"},
-                    "com.docker.network.enable_ipv6": True},
-        "IPv4Data": [{"AddressSpace": "t", "Pool": f"{v4}.0/24", "Gateway": f"{v4}.1/24"}],
-        "IPv6Data": [{"AddressSpace": "t", "Pool": f"{v6}/64", "Gateway": f"{v6}1/64"}]})
-    return net
+    """A deny network with -o policy-audit=true."""
+    return Net(plugin, overlay, "deny", v4, v6, generic={"policy-audit": "true"})
 
 
 def flows(plugin, *args):

@@ -110,8 +110,8 @@ print(driver.publish_identity(nid, eid, json.loads(identity)).outcome)
 class Net(driver_calls.Net):
     """driver_calls.Net of a policy mode, dual stack; its containers publish their identities."""
 
-    def __init__(self, plugin, overlay, mode, v4, v6):
-        super().__init__(plugin, overlay, v4, v6, generic={"policy": mode})
+    def __init__(self, plugin, overlay, mode, v4, v6, generic=None):
+        super().__init__(plugin, overlay, v4, v6, generic={"policy": mode, **(generic or {})})
 
     def container(self, name, last, identity, exposed=()):
         """An endpoint and what dockerd does with its interface (driver_calls.Net), then its identity published,
