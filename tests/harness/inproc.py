@@ -163,6 +163,22 @@ class Node:
         self.driver.delete_network(p.NetworkIDRequest.decode({"NetworkID": nid}))
 
 
+def remove_all(node: Node, nid: str, eids: List[str], prefix: str, netns_dir: str, ns: str) -> None:
+    """What a test made through node, gone: its endpoints, network and node (if it started), then whatever is left
+    of it in etcd (under prefix) and its namespace, even when the node never started or broke half-way."""
+    try:
+        if node.links is not None:
+            for eid in eids:
+                node.detach(nid, eid)
+            node.delete_network(nid)
+            node.stop()
+    finally:
+        node.kv.delete_prefix(prefix + "/")
+        cleaner = Links(netns_dir)
+        cleaner.remove_netns(ns)
+        cleaner.close()
+
+
 def peer_record(nid: str, i: int, vtep: str) -> PeerRecord:
     """The i-th synthetic remote endpoint (i < 2**16) of a network on 10.128.0.0/9-style addresses: 10.x.y.z."""
     ip = f"10.{200 + (i >> 16)}.{i >> 8 & 255}.{i & 255}"

@@ -17,9 +17,8 @@ import time
 import pytest
 
 from kernel import names
-from kernel.links import Links
 from netdriver.driver import mac_for
-from tests.harness.inproc import Node, peer_record, wait_for, write_peers
+from tests.harness.inproc import Node, peer_record, remove_all, wait_for, write_peers
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces")
 
@@ -173,14 +172,6 @@ def test_a_static_entry_a_port_and_a_peer_entry_are_repaired_through_the_named_c
         assert len(rec.repairs()) == 3, rec.passes
     finally:
         try:
-            if node.links is not None:
-                for eid in eids:
-                    node.detach(nid, eid)
-                node.delete_network(nid)
-                node.stop()
+            remove_all(node, nid, eids, prefix, netns_dir, ns)
         finally:
-            node.kv.delete_prefix(prefix + "/")
-            cleaner = Links(netns_dir)
-            cleaner.remove_netns(ns)
-            cleaner.close()
             subprocess.run(["ip", "netns", "del", holder], timeout=30)

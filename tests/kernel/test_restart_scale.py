@@ -13,11 +13,10 @@ import subprocess
 import pytest
 
 from kernel import names
-from kernel.links import Links
 from netdriver.driver import mac_for
 from netdriver.isolation import list_table_command, listed_sets
 from netdriver.store import segment_of
-from tests.harness.inproc import Node, peer_record, wait_for, write_peers
+from tests.harness.inproc import Node, peer_record, remove_all, wait_for, write_peers
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces")
 
@@ -116,17 +115,7 @@ def test_a_restart_with_2000_peers_rewrites_nothing_and_a_ping_loses_nothing(etc
         if ping is not None:
             ping.kill()
             ping.wait(10)
-        try:
-            if node.links is not None:
-                for eid in eids:
-                    node.detach(nid, eid)
-                node.delete_network(nid)
-                node.stop()
-        finally:
-            node.kv.delete_prefix(prefix + "/")
-            cleaner = Links(netns_dir)
-            cleaner.remove_netns(ns)
-            cleaner.close()
+        remove_all(node, nid, eids, prefix, netns_dir, ns)
 
 
 _seen = {}

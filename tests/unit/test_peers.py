@@ -71,13 +71,20 @@ def test_host_lease_is_reused_after_restart_and_replaced_after_expiry(tmp_path):
     assert later.acquire() is True and later.id != first.id and "h1" in store.hosts()
 
 
-def test_peers_live_under_the_lease_and_republish_restores_them():
+def leased_driver():
+    """A driver over fakes whose peer records live under a host lease: (kv, store, plane, lease, driver); lease
+    ["id"] is the lease the driver writes under (replace it to give the host a new one)."""
     kv = FakeKV()
     store = NetworkStore(kv)
     plane = FakeDataPlane()
     lease = {"id": kv.lease_grant(10)}
     drv = NetworkDriver(store, plane, "h1", "local", Underlay(lambda a: 1500, "192.0.2.1"),
                         lease_id=lambda: lease["id"])
+    return kv, store, plane, lease, drv
+
+
+def test_peers_live_under_the_lease_and_republish_restores_them():
+    kv, store, plane, lease, drv = leased_driver()
     nid, eid = "a" * 64, "e" * 64
     drv.create_network(p.CreateNetworkRequest.decode({
         "NetworkID": nid, "Options": {}, "IPv4Data": [{"Pool": "10.1.0.0/24", "Gateway": "10.1.0.1/24"}]}))
@@ -162,12 +169,7 @@ def test_a_republish_never_writes_back_the_peer_record_of_an_endpoint_deleted_me
     the write remove the endpoint and its peer record, and the write must not bring the record back (every host
     would keep a path to the departed endpoint while this host's lease lives). The other endpoint's record is
     written by the same republish: the positive control."""
-    kv = FakeKV()
-    store = NetworkStore(kv)
-    plane = FakeDataPlane()
-    lease = {"id": kv.lease_grant(10)}
-    drv = NetworkDriver(store, plane, "h1", "local", Underlay(lambda a: 1500, "192.0.2.1"),
-                        lease_id=lambda: lease["id"])
+    kv, store, plane, lease, drv = leased_driver()
     nid, gone, stays = "a" * 64, "e" * 64, "f" * 64
     drv.create_network(p.CreateNetworkRequest.decode({
         "NetworkID": nid, "Options": {}, "IPv4Data": [{"Pool": "10.1.0.0/24", "Gateway": "10.1.0.1/24"}]}))
