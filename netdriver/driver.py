@@ -770,9 +770,9 @@ class NetworkDriver:
             # In batched transactions: at start-up with 4,000 endpoints, one round trip per 128 records; each
             # record only while its endpoint's record is as read (store.put_peers: a DeleteEndpoint meanwhile
             # must not get its peer record back).
-            self.store.put_peers(segment, [self._peer_record(network, e, mine.get(e.id))
-                                           for e in endpoints if e.id in wired], lease=self.lease_id(),
-                                 network_id=network.id, endpoint_revisions={e.id: rev for e, rev in read})
+            self.store.put_peers(segment, network.id, [self._peer_record(network, e, mine.get(e.id))
+                                                       for e in endpoints if e.id in wired],
+                                 {e.id: rev for e, rev in read}, lease=self.lease_id())
             for endpoint in endpoints:
                 if endpoint.id not in wired and endpoint.id in mine:
                     self.store.delete_peer(segment, endpoint.id)

@@ -241,36 +241,28 @@ class NetworkStore:
     def put_peer(self, segment: str, peer: PeerRecord, lease: int = 0) -> None:
         self.kv.put(self.keys.peer(segment, peer.endpoint_id), peer.to_json(), lease=lease)
 
-    def put_peers(self, segment: str, peers: Sequence[PeerRecord], lease: int = 0,
-                  network_id: Optional[str] = None, endpoint_revisions: Optional[Dict[str, int]] = None) -> int:
+    def put_peers(self, segment: str, network_id: str, peers: Sequence[PeerRecord],
+                  endpoint_revisions: Dict[str, int], lease: int = 0) -> None:
         """Many peer records of one segment (a republish), in transactions of at most TXN_PUTS puts: one round
-        trip per 128 records instead of one each (1,000 endpoints: 8 instead of 1,000). -> records written.
+        trip per 128 records instead of one each (1,000 endpoints: 8 instead of 1,000).
 
-        endpoint_revisions (endpoint id -> the mod_revision its record was read at, with network_id): each record
-        is written only while its endpoint's record is still at that revision. A DeleteEndpoint between the read
-        and this write removes the endpoint and its peer record together; without the guard the republish would
-        write the peer record back, and every host would keep a path to an endpoint that is gone for as long as
-        this host's lease lives. A transaction whose guard fails is retried record by record, and a record whose
-        own guard fails is skipped (a changed endpoint record was Joined again, and that Join writes its own)."""
-        written = 0
+        endpoint_revisions: endpoint id -> the mod_revision its record (in network_id) was read at. Each record is
+        written only while its endpoint's record is still at that revision. A DeleteEndpoint between the read and
+        this write removes the endpoint and its peer record together; without the guard the republish would write
+        the peer record back, and every host would keep a path to an endpoint that is gone for as long as this
+        host's lease lives. A transaction whose guard fails is retried record by record, and a record whose own
+        guard fails is skipped (a changed endpoint record was Joined again, and that Join writes its own)."""
+        def commit(records: Sequence[PeerRecord]) -> bool:
+            return self.kv.commit(
+                revisions={self.keys.endpoint(network_id, r.endpoint_id): endpoint_revisions[r.endpoint_id]
+                           for r in records},
+                puts={self.keys.peer(segment, r.endpoint_id): r.to_json() for r in records}, lease=lease)
+
         for start in range(0, len(peers), TXN_PUTS):
             batch = peers[start:start + TXN_PUTS]
-            guards = self._endpoint_guards(network_id, endpoint_revisions, batch)
-            if self.kv.commit(revisions=guards, lease=lease,
-                              puts={self.keys.peer(segment, r.endpoint_id): r.to_json() for r in batch}):
-                written += len(batch)
-                continue
-            for record in batch:
-                guard = self._endpoint_guards(network_id, endpoint_revisions, [record])
-                written += self.kv.commit(revisions=guard, lease=lease,
-                                          puts={self.keys.peer(segment, record.endpoint_id): record.to_json()})
-        return written
-
-    def _endpoint_guards(self, network_id: Optional[str], revisions: Optional[Dict[str, int]],
-                         records: Sequence[PeerRecord]) -> Dict[str, int]:
-        if revisions is None or network_id is None:
-            return {}
-        return {self.keys.endpoint(network_id, r.endpoint_id): revisions[r.endpoint_id] for r in records}
+            if not commit(batch):
+                for record in batch:
+                    commit([record])
 
     def set_peer_identity(self, segment: str, endpoint_id: str, host: str, identity: dict, lease: int,
                           exposed: Sequence[str] = ()) -> str:
